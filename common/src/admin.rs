@@ -1,0 +1,109 @@
+//! The admin HTTP endpoints every service serves: `/healthz` (the process is alive),
+//! `/readyz` (it can do its work: Kafka reachable, state open) and `/metrics`
+//! (Prometheus text). Each service merges these routes into its own HTTP server.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Readiness, flipped by the service.
+#[derive(Debug, Default)]
+pub struct Health {
+    ready: AtomicBool,
+}
+
+impl Health {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone)]
+pub struct Admin {
+    pub registry: Registry,
+    pub health: Arc<Health>,
+}
+
+impl Admin {
+    pub fn new() -> Admin {
+        Admin {
+            registry: Registry::new(),
+            health: Arc::new(Health::default()),
+        }
+    }
+
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/healthz", get(|| async { (StatusCode::OK, "ok\n") }))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics))
+            .with_state(self.clone())
+    }
+
+    /// Registers a collector; names are static per service, so a clash is a bug.
+    pub fn register<C: prometheus::core::Collector + Clone + 'static>(&self, c: &C) -> C {
+        self.registry
+            .register(Box::new(c.clone()))
+            .expect("metric registered twice");
+        c.clone()
+    }
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+async fn readyz(State(admin): State<Admin>) -> impl IntoResponse {
+    if admin.health.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn metrics(State(admin): State<Admin>) -> impl IntoResponse {
+    let mut buf = Vec::new();
+    let encoder = TextEncoder::new();
+    match encoder.encode(&admin.registry.gather(), &mut buf) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, encoder.format_type().to_string())],
+            buf,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain".to_string())],
+            e.to_string().into_bytes(),
+        ),
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled, then lets in-flight
+/// requests finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// Binds the configured address (`host:port`; port 0 picks a free one).
+pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

@@ -1,0 +1,45 @@
+use thiserror::Error;
+
+/// The shared crate's error. `is_retryable` tells a caller whether trying again can help.
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("kafka producer queue is full")]
+    QueueFull,
+    #[error("state store: {0}")]
+    Store(#[from] rocksdb::Error),
+    #[error("avro: {0}")]
+    Avro(String),
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Error {
+    /// Whether the same operation may succeed later (broker down, queue full) rather
+    /// than being wrong in itself (bad config, corrupt record).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Kafka(_) | Error::QueueFull | Error::Io(_) => true,
+            Error::Config(_)
+            | Error::Store(_)
+            | Error::Avro(_)
+            | Error::Json(_)
+            | Error::Invalid(_) => false,
+        }
+    }
+}
+
+impl From<apache_avro::Error> for Error {
+    fn from(e: apache_avro::Error) -> Self {
+        Error::Avro(e.to_string())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

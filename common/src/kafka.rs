@@ -1,0 +1,209 @@
+//! Kafka clients, configured once: the idempotent producer every service uses (rebuilt
+//! after a fatal error), consumer settings, and topic creation.
+
+use std::sync::RwLock;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use tracing::{info, warn};
+
+use crate::config::{KafkaConfig, TopicsConfig};
+use crate::{Error, Result};
+
+/// Settings shared by every client: bootstrap servers, client id, and the extra
+/// librdkafka properties from configuration (TLS, SASL, ...).
+pub fn client_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.bootstrap)
+        .set("client.id", client_id);
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Consumer settings: manual offsets (the runner decides when work is durable),
+/// earliest reset, and the fetch wait from configuration.
+pub fn consumer_config(cfg: &KafkaConfig, client_id: &str, group_id: &str) -> ClientConfig {
+    let mut c = client_config(cfg, client_id);
+    c.set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", cfg.fetch_wait_max_ms.to_string())
+        .set("fetch.min.bytes", "1")
+        .set("partition.assignment.strategy", "range")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("statistics.interval.ms", "5000");
+    c
+}
+
+/// Producer settings: idempotent, acks from all in-sync replicas, the configured
+/// linger and delivery timeout.
+pub fn producer_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
+    let mut c = client_config(cfg, client_id);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", cfg.linger_ms.to_string())
+        .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "200000");
+    c
+}
+
+/// Why a produce did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    /// The local queue is full: back off (HTTP 429).
+    #[error("producer queue is full")]
+    QueueFull,
+    /// Not acknowledged by the broker (down, timed out, fatal producer error): HTTP 503.
+    #[error("not acknowledged by kafka: {0}")]
+    Unavailable(String),
+}
+
+/// The idempotent producer. After a fatal error (for instance a broken idempotence
+/// sequence) librdkafka refuses every further send; this wrapper then builds a fresh
+/// producer. Records the old one had not delivered fail back to their callers, which
+/// answer 503 or retry: never reported as delivered.
+pub struct Producer {
+    config: ClientConfig,
+    inner: RwLock<FutureProducer>,
+}
+
+impl Producer {
+    pub fn new(cfg: &KafkaConfig, client_id: &str) -> Result<Producer> {
+        let config = producer_config(cfg, client_id);
+        let inner = RwLock::new(config.create()?);
+        Ok(Producer { config, inner })
+    }
+
+    fn current(&self) -> FutureProducer {
+        self.inner.read().expect("producer lock").clone()
+    }
+
+    /// Sends one record and waits for the broker's acknowledgement.
+    /// Returns (partition, offset).
+    pub async fn send(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+    ) -> Result<(i32, i64), ProduceError> {
+        let producer = self.current();
+        let record = FutureRecord::to(topic).key(key).payload(payload);
+        let delivery = match producer.send_result(record) {
+            Ok(d) => d,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                return Err(ProduceError::QueueFull);
+            }
+            Err((e, _)) => {
+                self.rebuild_if_fatal(&producer);
+                return Err(ProduceError::Unavailable(e.to_string()));
+            }
+        };
+        match delivery.await {
+            Ok(Ok(d)) => Ok((d.partition, d.offset)),
+            Ok(Err((e, _))) => {
+                self.rebuild_if_fatal(&producer);
+                Err(ProduceError::Unavailable(e.to_string()))
+            }
+            Err(_canceled) => Err(ProduceError::Unavailable("producer was dropped".into())),
+        }
+    }
+
+    fn rebuild_if_fatal(&self, failed: &FutureProducer) {
+        let Some((code, reason)) = failed.client().fatal_error() else {
+            return;
+        };
+        let mut guard = self.inner.write().expect("producer lock");
+        // Another caller may have rebuilt it already.
+        if guard.client().fatal_error().is_none() {
+            return;
+        }
+        warn!(?code, %reason, "kafka producer hit a fatal error, building a new one");
+        match self.config.create::<FutureProducer>() {
+            Ok(p) => *guard = p,
+            Err(e) => warn!(error = %e, "could not rebuild the kafka producer"),
+        }
+    }
+
+    /// Waits for queued records to be delivered (used at shutdown).
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(e) = self.current().flush(timeout) {
+            warn!(error = %e, "kafka producer flush at shutdown did not complete");
+        }
+    }
+
+    /// True when the brokers answer a metadata request.
+    pub fn broker_reachable(&self, timeout: Duration) -> bool {
+        self.current()
+            .client()
+            .fetch_metadata(None, timeout)
+            .is_ok()
+    }
+}
+
+/// What a topic holds, which decides its retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicKind {
+    /// Event logs: kept `events_retention_ms`.
+    Events,
+}
+
+/// Creates the topics that do not exist yet (partitions, replication and retention
+/// from configuration). Existing topics are left as they are.
+pub async fn ensure_topics(
+    kafka: &KafkaConfig,
+    cfg: &TopicsConfig,
+    names: &[(String, TopicKind)],
+) -> Result<()> {
+    if !cfg.create || names.is_empty() {
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(kafka, "tessera-admin").create()?;
+    let retention = cfg.events_retention_ms.to_string();
+    let new: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|(name, kind)| {
+            let t = NewTopic::new(
+                name,
+                cfg.partitions,
+                TopicReplication::Fixed(cfg.replication_factor),
+            );
+            match kind {
+                TopicKind::Events => t.set("retention.ms", &retention),
+            }
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let mut last_err = None;
+    for attempt in 0..10 {
+        match admin.create_topics(new.iter(), &opts).await {
+            Ok(results) => {
+                for r in results {
+                    match r {
+                        Ok(name) => info!(topic = %name, "created topic"),
+                        Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                        Err((name, code)) => {
+                            return Err(Error::Invalid(format!("creating topic {name}: {code}")));
+                        }
+                    }
+                }
+                return Ok(());
+            }
+            Err(e) => {
+                warn!(attempt, error = %e, "creating topics failed, retrying");
+                last_err = Some(e);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    Err(Error::Kafka(last_err.expect("at least one attempt failed")))
+}

@@ -1,0 +1,27 @@
+//! Shared plumbing for the Tessera services. Each piece exists once, here:
+//! configuration ([`config`]), topic names ([`topics`]), the RocksDB store ([`store`]),
+//! the Avro codec and record types ([`avro`], [`records`]), the Kafka producer and the
+//! consume→process→produce runner ([`kafka`], [`runner`]), the admin HTTP server with
+//! `/healthz`, `/readyz` and `/metrics` ([`admin`]), tracing ([`telemetry`]) and
+//! shutdown handling ([`shutdown`]).
+
+pub mod admin;
+pub mod avro;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod ids;
+pub mod kafka;
+pub mod records;
+pub mod runner;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+pub mod topics;
+
+pub use error::{Error, Result};
+
+/// Milliseconds since the Unix epoch, the time unit of every record.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

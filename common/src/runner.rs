@@ -1,0 +1,499 @@
+//! The one Kafka consume → process → produce → commit loop every service uses.
+//!
+//! A batch is what the consumer has ready (up to `max_batch` records). For each batch:
+//! 1. the [`Processor`] handles each record in order against a [`Txn`] (its writes are
+//!    buffered) and pushes [`Output`] records;
+//! 2. every output is produced and acknowledged by Kafka (retrying until it is, or until
+//!    shutdown, in which case nothing of the batch is committed and it is replayed);
+//! 3. the buffered state and the next offsets are written to RocksDB in one write batch
+//!    ([`OffsetStorage::State`]), or the offsets are committed to Kafka
+//!    ([`OffsetStorage::Kafka`], for stateless processors).
+//!
+//! A crash anywhere before step 3 replays the batch against the old state, producing the
+//! same outputs with the same deterministic ids: at-least-once output, exactly-once state.
+//! On partition assignment the consumer starts from the offsets stored with the state.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
+use rdkafka::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::message::Message as _;
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::KafkaConfig;
+use crate::kafka::{ProduceError, Producer, consumer_config};
+use crate::store::{SharedStore, Txn, WriteBatch};
+use crate::{Error, Result};
+
+/// One consumed record, owned.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    /// The record's Kafka timestamp (create or append time), when it has one.
+    pub timestamp_ms: Option<i64>,
+}
+
+/// A record to produce.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub topic: String,
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+/// A service's logic. It must be deterministic in its inputs and state: a replayed batch
+/// must give the same outputs. A record it cannot use (undecodable, invalid) is its own
+/// business (dead-letter it, count it); an `Err` means the service cannot go on.
+pub trait Processor: Send + 'static {
+    fn process(&mut self, msg: &Message, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()>;
+
+    /// Called every `tick_every` with the wall clock, for timers and expiry.
+    fn tick(&mut self, _now_ms: i64, _txn: &mut Txn<'_>, _out: &mut Vec<Output>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Where consumed offsets live.
+#[derive(Clone)]
+pub enum OffsetStorage {
+    /// In the state store, in the same write batch as the state (stateful services).
+    State,
+    /// Committed to the consumer group in Kafka after the outputs are acknowledged.
+    Kafka,
+}
+
+pub struct RunnerSpec {
+    /// `tessera_<service>_...` metric names.
+    pub service: &'static str,
+    pub group_id: String,
+    pub topics: Vec<String>,
+    pub offsets: OffsetStorage,
+    pub max_batch: usize,
+    pub tick_every: Option<Duration>,
+}
+
+const OFFSET_PREFIX: &str = "~offset/";
+
+fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
+    format!("{OFFSET_PREFIX}{topic}/{partition}").into_bytes()
+}
+
+/// The next offset to consume for a partition, as stored with the state.
+pub fn stored_offset(store: &SharedStore, topic: &str, partition: i32) -> Result<Option<i64>> {
+    Ok(store.get(&offset_key(topic, partition))?.map(|v| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&v[..8]);
+        i64::from_be_bytes(b)
+    }))
+}
+
+#[derive(Clone)]
+struct RunnerMetrics {
+    consumed: IntCounterVec,
+    produced: IntCounterVec,
+    produce_retries: IntCounterVec,
+    batch_seconds: Histogram,
+    lag: IntGaugeVec,
+}
+
+impl RunnerMetrics {
+    fn new(registry: &Registry, service: &str) -> Result<Self> {
+        let reg = |e: prometheus::Error| Error::Invalid(format!("metrics: {e}"));
+        let consumed = IntCounterVec::new(
+            Opts::new(
+                format!("tessera_{service}_consumed_records_total"),
+                "Records consumed from Kafka",
+            ),
+            &["topic"],
+        )
+        .map_err(reg)?;
+        let produced = IntCounterVec::new(
+            Opts::new(
+                format!("tessera_{service}_produced_records_total"),
+                "Records produced and acknowledged",
+            ),
+            &["topic"],
+        )
+        .map_err(reg)?;
+        let produce_retries = IntCounterVec::new(
+            Opts::new(
+                format!("tessera_{service}_produce_retries_total"),
+                "Produce attempts that failed and were retried",
+            ),
+            &["topic"],
+        )
+        .map_err(reg)?;
+        let batch_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                format!("tessera_{service}_batch_duration_seconds"),
+                "Time to process, produce and commit one consumed batch",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )
+        .map_err(reg)?;
+        let lag = IntGaugeVec::new(
+            Opts::new(
+                format!("tessera_{service}_consumer_lag_records"),
+                "Records behind the partition's end",
+            ),
+            &["topic", "partition"],
+        )
+        .map_err(reg)?;
+        registry.register(Box::new(consumed.clone())).map_err(reg)?;
+        registry.register(Box::new(produced.clone())).map_err(reg)?;
+        registry
+            .register(Box::new(produce_retries.clone()))
+            .map_err(reg)?;
+        registry
+            .register(Box::new(batch_seconds.clone()))
+            .map_err(reg)?;
+        registry.register(Box::new(lag.clone())).map_err(reg)?;
+        Ok(RunnerMetrics {
+            consumed,
+            produced,
+            produce_retries,
+            batch_seconds,
+            lag,
+        })
+    }
+}
+
+/// Seeks assigned partitions to the offsets stored with the state, and turns
+/// librdkafka statistics into the lag gauge.
+struct RunnerContext {
+    store: Option<SharedStore>,
+    lag: IntGaugeVec,
+}
+
+impl ClientContext for RunnerContext {
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                if *partition < 0 || p.hi_offset < 0 {
+                    continue;
+                }
+                let position = if p.app_offset >= 0 {
+                    p.app_offset
+                } else {
+                    p.committed_offset
+                };
+                if position >= 0 {
+                    self.lag
+                        .with_label_values(&[topic.as_str(), &partition.to_string()])
+                        .set((p.hi_offset - position).max(0));
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for RunnerContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if let Some(store) = &self.store {
+                    let parts: Vec<(String, i32)> = tpl
+                        .elements()
+                        .iter()
+                        .map(|e| (e.topic().to_string(), e.partition()))
+                        .collect();
+                    for (topic, partition) in parts {
+                        match stored_offset(store, &topic, partition) {
+                            Ok(Some(next)) => {
+                                if let Err(e) = tpl.set_partition_offset(
+                                    &topic,
+                                    partition,
+                                    Offset::Offset(next),
+                                ) {
+                                    error!(%topic, partition, error = %e, "cannot set the stored offset");
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                error!(%topic, partition, error = %e, "cannot read the stored offset")
+                            }
+                        }
+                    }
+                }
+                info!(partitions = tpl.count(), "partitions assigned");
+                if let Err(e) = consumer.assign(tpl) {
+                    error!(error = %e, "assigning partitions failed");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                info!(partitions = tpl.count(), "partitions revoked");
+                self.lag.reset();
+                if let Err(e) = consumer.unassign() {
+                    error!(error = %e, "unassigning partitions failed");
+                }
+            }
+            other => {
+                error!(error = ?other, "rebalance error");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+/// Runs `processor` over `spec.topics` until `shutdown` is cancelled. `store` holds the
+/// processor's state (and the offsets, with [`OffsetStorage::State`]).
+pub async fn run<P: Processor>(
+    kafka: &KafkaConfig,
+    spec: RunnerSpec,
+    mut processor: P,
+    store: SharedStore,
+    producer: Arc<Producer>,
+    registry: &Registry,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let metrics = RunnerMetrics::new(registry, spec.service)?;
+    let context = RunnerContext {
+        store: matches!(spec.offsets, OffsetStorage::State).then(|| store.clone()),
+        lag: metrics.lag.clone(),
+    };
+    let client_id = format!("tessera-{}", spec.service);
+    let consumer: StreamConsumer<RunnerContext> =
+        consumer_config(kafka, &client_id, &spec.group_id).create_with_context(context)?;
+    let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    info!(service = spec.service, topics = ?spec.topics, group = %spec.group_id, "consuming");
+
+    let mut ticker = spec.tick_every.map(tokio::time::interval);
+    // Offsets of work that is durable, for a final synchronous commit in Kafka mode.
+    let mut done: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    loop {
+        let mut batch: Vec<Message> = Vec::new();
+        let mut tick_now = false;
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = async { ticker.as_mut().unwrap().tick().await }, if ticker.is_some() => tick_now = true,
+            msg = consumer.recv() => {
+                match msg {
+                    Ok(m) => batch.push(owned(m)),
+                    Err(e) => {
+                        // Transport errors and the like: librdkafka recovers by itself.
+                        warn!(service = spec.service, error = %e, "consume error");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                }
+                // Take what else is ready now, without waiting.
+                while batch.len() < spec.max_batch {
+                    match consumer.recv().now_or_never() {
+                        Some(Ok(m)) => batch.push(owned(m)),
+                        Some(Err(e)) => {
+                            warn!(service = spec.service, error = %e, "consume error");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            }
+        }
+        let started = Instant::now();
+        let mut next_offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        for m in &batch {
+            metrics
+                .consumed
+                .with_label_values(&[m.topic.as_str()])
+                .inc();
+            next_offsets.insert((m.topic.clone(), m.partition), m.offset + 1);
+        }
+
+        // 1. Process (RocksDB reads and CPU work) off the async threads.
+        let st = store.clone();
+        let (p, result) = tokio::task::spawn_blocking(move || {
+            let mut txn = Txn::new(st.as_ref());
+            let mut out = Vec::new();
+            let r = (|| {
+                for m in &batch {
+                    processor.process(m, &mut txn, &mut out)?;
+                }
+                if tick_now {
+                    processor.tick(crate::now_ms(), &mut txn, &mut out)?;
+                }
+                Ok::<_, Error>(())
+            })();
+            let r = r.map(|()| (txn.into_batch(), out));
+            (processor, r)
+        })
+        .await
+        .map_err(|e| Error::Invalid(format!("processor panicked: {e}")))?;
+        processor = p;
+        let (mut write, outputs) = result?;
+
+        // 2. Produce and wait for every acknowledgement.
+        if !produce_all(&producer, &outputs, &metrics, &shutdown).await {
+            warn!(
+                service = spec.service,
+                "shutdown while producing: the batch will be replayed"
+            );
+            break;
+        }
+
+        // 3. Commit state and offsets together (or offsets to Kafka).
+        match spec.offsets {
+            OffsetStorage::State => {
+                for ((topic, partition), next) in &next_offsets {
+                    write.put(offset_key(topic, *partition), next.to_be_bytes().to_vec());
+                }
+                commit_state(&store, write).await?;
+                // Also tell the group, so external lag tools see progress. Best effort:
+                // the offsets in the store are the truth.
+                commit_kafka(&consumer, &next_offsets, CommitMode::Async);
+            }
+            OffsetStorage::Kafka => {
+                if !write.is_empty() {
+                    commit_state(&store, write).await?;
+                }
+                commit_kafka(&consumer, &next_offsets, CommitMode::Async);
+            }
+        }
+        done.extend(next_offsets.iter().map(|(k, v)| (k.clone(), *v)));
+        if !next_offsets.is_empty() || !outputs.is_empty() {
+            metrics
+                .batch_seconds
+                .observe(started.elapsed().as_secs_f64());
+            debug!(
+                records = next_offsets.len(),
+                outputs = outputs.len(),
+                "batch committed"
+            );
+        }
+    }
+    if matches!(spec.offsets, OffsetStorage::Kafka) {
+        // Make sure the last processed offsets land before leaving the group (never the
+        // consumer's position: it may be ahead of what was processed).
+        commit_kafka(&consumer, &done, CommitMode::Sync);
+    }
+    info!(service = spec.service, "consumer stopped");
+    Ok(())
+}
+
+/// A record a service cannot decode goes to the dead-letter topic with its position
+/// and original bytes, so nothing is silently dropped.
+pub fn dead_letter(topics: &crate::topics::Topics, msg: &Message, reason: &str) -> Result<Output> {
+    use crate::records::{AvroRecord, DeadLetter};
+    let d = DeadLetter {
+        origin: "kafka".into(),
+        source: None,
+        reason: format!("undecodable: {reason}"),
+        received_at: msg.timestamp_ms.unwrap_or_else(crate::now_ms),
+        batch_index: None,
+        input_topic: Some(msg.topic.clone()),
+        input_partition: Some(msg.partition),
+        input_offset: Some(msg.offset),
+        original: msg.payload.clone().unwrap_or_default(),
+    };
+    Ok(Output {
+        topic: topics.deadletter(),
+        key: msg.topic.clone().into_bytes(),
+        payload: d.to_avro()?,
+    })
+}
+
+fn owned(m: rdkafka::message::BorrowedMessage<'_>) -> Message {
+    Message {
+        topic: m.topic().to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().map(<[u8]>::to_vec),
+        timestamp_ms: m.timestamp().to_millis(),
+    }
+}
+
+/// Produces every output and waits for all acknowledgements, retrying failures with
+/// backoff. Returns false if shutdown came first (nothing may then be committed).
+async fn produce_all(
+    producer: &Producer,
+    outputs: &[Output],
+    metrics: &RunnerMetrics,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut pending: Vec<&Output> = outputs.iter().collect();
+    let mut backoff = Duration::from_millis(50);
+    while !pending.is_empty() {
+        let results = futures::future::join_all(
+            pending
+                .iter()
+                .map(|o| producer.send(&o.topic, &o.key, &o.payload)),
+        )
+        .await;
+        let mut failed = Vec::new();
+        for (o, r) in pending.into_iter().zip(results) {
+            match r {
+                Ok(_) => metrics
+                    .produced
+                    .with_label_values(&[o.topic.as_str()])
+                    .inc(),
+                Err(e) => {
+                    metrics
+                        .produce_retries
+                        .with_label_values(&[o.topic.as_str()])
+                        .inc();
+                    if !matches!(e, ProduceError::QueueFull) {
+                        warn!(topic = %o.topic, error = %e, "produce failed, retrying");
+                    }
+                    failed.push(o);
+                }
+            }
+        }
+        pending = failed;
+        if !pending.is_empty() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+    true
+}
+
+async fn commit_state(store: &SharedStore, write: WriteBatch) -> Result<()> {
+    let st = store.clone();
+    tokio::task::spawn_blocking(move || st.write(write))
+        .await
+        .map_err(|e| Error::Invalid(format!("state write panicked: {e}")))?
+}
+
+fn commit_kafka(
+    consumer: &StreamConsumer<RunnerContext>,
+    next: &BTreeMap<(String, i32), i64>,
+    mode: CommitMode,
+) {
+    if next.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in next {
+        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
+            warn!(error = %e, "cannot build the offset commit");
+            return;
+        }
+    }
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        debug!(error = %e, "offset commit to the group failed");
+    }
+}

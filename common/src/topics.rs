@@ -1,0 +1,60 @@
+//! Every topic name, in one place. Names are `<prefix><name>`; the prefix comes from
+//! configuration (default `tessera.`). `schemas/<default name>.avsc` describes each.
+
+use crate::config::TopicsConfig;
+
+pub const EVENTS_RAW: &str = "events.raw";
+pub const EVENTS_INGESTED: &str = "events.ingested";
+pub const EVENTS_DEADLETTER: &str = "events.deadletter";
+pub const EVENTS_RESOLVED: &str = "events.resolved";
+pub const IDENTITY_MERGES: &str = "identity.merges";
+pub const PROFILES_TRANSFERS: &str = "profiles.transfers";
+pub const SEGMENTS_MEMBERSHIP: &str = "segments.membership";
+/// Destination topics are `activation.<destination id>`.
+pub const ACTIVATION_PREFIX: &str = "activation.";
+
+/// Resolved topic names for one deployment.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub prefix: String,
+}
+
+impl Topics {
+    pub fn new(cfg: &TopicsConfig) -> Self {
+        Topics {
+            prefix: cfg.prefix.clone(),
+        }
+    }
+    pub fn name(&self, base: &str) -> String {
+        format!("{}{}", self.prefix, base)
+    }
+    pub fn raw(&self) -> String {
+        self.name(EVENTS_RAW)
+    }
+    pub fn ingested(&self) -> String {
+        self.name(EVENTS_INGESTED)
+    }
+    pub fn deadletter(&self) -> String {
+        self.name(EVENTS_DEADLETTER)
+    }
+    pub fn resolved(&self) -> String {
+        self.name(EVENTS_RESOLVED)
+    }
+    pub fn merges(&self) -> String {
+        self.name(IDENTITY_MERGES)
+    }
+    pub fn transfers(&self) -> String {
+        self.name(PROFILES_TRANSFERS)
+    }
+    pub fn membership(&self) -> String {
+        self.name(SEGMENTS_MEMBERSHIP)
+    }
+    /// Consumer group of a service, under the same prefix, so one prefix isolates a
+    /// whole deployment (several can share a cluster).
+    pub fn group(&self, service: &str) -> String {
+        format!("{}{}", self.prefix, service)
+    }
+    pub fn activation(&self, destination: &str) -> String {
+        format!("{}{}{}", self.prefix, ACTIVATION_PREFIX, destination)
+    }
+}

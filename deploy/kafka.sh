@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Apache Kafka for Tessera, assembled from Maven Central and run in KRaft mode on loopback.
+#
+#   deploy/kafka.sh install                      fetch the broker's jars (cached, keyed by version)
+#   deploy/kafka.sh start --data DIR [--port P] [--controller-port C] [--watch-pid PID]
+#                                                format DIR once, start a single-node broker+controller,
+#                                                wait until it answers; prints the bootstrap address
+#   deploy/kafka.sh stop --data DIR              stop the broker started with that data folder
+#
+# Cache: $TESSERA_CACHE (default ~/.cache/tessera)/kafka-<version>/libs, outside the clone.
+# --watch-pid stops the broker when that process exits (the test harness uses it).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cache="${TESSERA_CACHE:-$HOME/.cache/tessera}"
+version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/kafka/pom.xml")"
+libs="$cache/kafka-$version/libs"
+
+log() { echo "kafka.sh: $*" >&2; }
+
+ensure_java() {
+  if command -v java >/dev/null 2>&1 && command -v mvn >/dev/null 2>&1; then return; fi
+  log "installing Java 17 and Maven from Debian"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
+}
+
+install() {
+  ensure_java
+  if [ -f "$libs/kafka_2.13-$version.jar" ]; then echo "$libs"; return; fi
+  log "assembling Apache Kafka $version from Maven Central into $libs"
+  local tmp
+  tmp="$(mktemp -d "$cache/kafka-tmp.XXXXXX")"
+  (cd "$here/kafka" && mvn -q -B dependency:copy-dependencies -DincludeScope=runtime \
+    -DoutputDirectory="$tmp/libs" >&2)
+  mkdir -p "$cache/kafka-$version"
+  rm -rf "$libs"
+  mv "$tmp/libs" "$libs"
+  rm -rf "$tmp"
+  echo "$libs"
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+start() {
+  local data="" port="" cport="" watch=""
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --data) data="$2"; shift 2 ;;
+      --port) port="$2"; shift 2 ;;
+      --controller-port) cport="$2"; shift 2 ;;
+      --watch-pid) watch="$2"; shift 2 ;;
+      *) log "unknown option $1"; exit 2 ;;
+    esac
+  done
+  [ -n "$data" ] || { log "start needs --data DIR"; exit 2; }
+  mkdir -p "$data"
+  data="$(cd "$data" && pwd)"
+  install >/dev/null
+  if [ -f "$data/kafka.pid" ] && kill -0 "$(cat "$data/kafka.pid")" 2>/dev/null; then
+    log "a broker already runs on $data (pid $(cat "$data/kafka.pid"))"
+    cat "$data/bootstrap"
+    return
+  fi
+  # Ports are kept with the data so a restarted broker keeps its address.
+  if [ -z "$port" ] && [ -f "$data/ports" ]; then read -r port cport < "$data/ports"; fi
+  [ -n "$port" ] || port="$(free_port)"
+  [ -n "$cport" ] || cport="$(free_port)"
+  echo "$port $cport" > "$data/ports"
+
+  cat > "$data/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+controller.quorum.voters=1@127.0.0.1:$cport
+log.dirs=$data/logs
+num.partitions=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+log.retention.hours=168
+PROPS
+
+  local cp="$libs/*"
+  local java_opts=(-Xmx512m -Xms256m -XX:+UseG1GC -Dlog4j2.configurationFile="$here/kafka/log4j2.yaml")
+  if [ ! -f "$data/logs/meta.properties" ]; then
+    local cluster_id
+    cluster_id="$(java -cp "$cp" "${java_opts[@]}" kafka.tools.StorageTool random-uuid)"
+    java -cp "$cp" "${java_opts[@]}" kafka.tools.StorageTool format -t "$cluster_id" \
+      -c "$data/server.properties" >/dev/null
+  fi
+
+  nohup java -cp "$cp" "${java_opts[@]}" kafka.Kafka "$data/server.properties" \
+    >> "$data/kafka.log" 2>&1 &
+  local pid=$!
+  echo "$pid" > "$data/kafka.pid"
+  echo "127.0.0.1:$port" > "$data/bootstrap"
+  if [ -n "$watch" ]; then
+    # Stop the broker when the process that asked for it goes away.
+    ( while kill -0 "$watch" 2>/dev/null && kill -0 "$pid" 2>/dev/null; do sleep 1; done
+      kill "$pid" 2>/dev/null || true ) >/dev/null 2>&1 &
+  fi
+
+  local deadline=$((SECONDS + 90))
+  until grep -q "Kafka Server started" "$data/kafka.log" 2>/dev/null; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      log "the broker exited; its log:"; tail -30 "$data/kafka.log" >&2; exit 1
+    fi
+    if [ $SECONDS -ge $deadline ]; then
+      log "the broker did not start within 90 s; its log:"; tail -30 "$data/kafka.log" >&2; exit 1
+    fi
+    sleep 0.3
+  done
+  log "Apache Kafka $version up on 127.0.0.1:$port (pid $pid, data $data)"
+  echo "127.0.0.1:$port"
+}
+
+stop() {
+  local data=""
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --data) data="$2"; shift 2 ;;
+      *) log "unknown option $1"; exit 2 ;;
+    esac
+  done
+  [ -f "$data/kafka.pid" ] || return 0
+  local pid
+  pid="$(cat "$data/kafka.pid")"
+  if kill "$pid" 2>/dev/null; then
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$data/kafka.pid"
+}
+
+cmd="${1:-}"; shift || true
+case "$cmd" in
+  install) install ;;
+  start) start "$@" ;;
+  stop) stop "$@" ;;
+  *) sed -n '2,12p' "$0"; exit 2 ;;
+esac

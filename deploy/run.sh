@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# README command 1: runs Tessera locally.
+# Installs what is missing, builds, starts Apache Kafka (data kept in .tessera/kafka)
+# unless KAFKA_BOOTSTRAP names an existing cluster, starts ingest, identity, profiles and
+# activation on the embedded default configuration with the example definitions in
+# deploy/definitions, waits until they are ready and prints where to look.
+# Ctrl-C stops everything it started.
+#
+# Options through the environment: KAFKA_BOOTSTRAP=host:port (use that Kafka),
+# TESSERA_CONFIG=file.toml (layered over the defaults), TESSERA_PROFILE=release.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+export TESSERA_CACHE="${TESSERA_CACHE:-$HOME/.cache/tessera}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TESSERA_CACHE/target}"
+profile="${TESSERA_PROFILE:-dev}"
+bindir="$CARGO_TARGET_DIR/$([ "$profile" = dev ] && echo debug || echo "$profile")"
+work="$root/.tessera"
+mkdir -p "$work/logs" "$work/state"
+
+bash deploy/setup.sh
+echo "run: building the services ($profile profile; the first build takes ~25 min on 2 cores)" >&2
+cargo build --locked --profile "$profile" --workspace --bins
+
+pids=()
+kafka_started=""
+stop_all() {
+  trap - INT TERM EXIT
+  echo >&2
+  echo "run: stopping" >&2
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ -n "$kafka_started" ]; then bash deploy/kafka.sh stop --data "$work/kafka"; fi
+  echo "run: stopped" >&2
+}
+trap stop_all INT TERM EXIT
+
+if [ -z "${KAFKA_BOOTSTRAP:-}" ]; then
+  KAFKA_BOOTSTRAP="$(bash deploy/kafka.sh start --data "$work/kafka")"
+  kafka_started=1
+fi
+export KAFKA_BOOTSTRAP
+export TESSERA__PROFILES__DEFINITIONS_DIR="${TESSERA__PROFILES__DEFINITIONS_DIR:-$root/deploy/definitions/segments}"
+export TESSERA__IDENTITY__STATE_DIR="${TESSERA__IDENTITY__STATE_DIR:-$work/state/identity}"
+export TESSERA__PROFILES__STATE_DIR="${TESSERA__PROFILES__STATE_DIR:-$work/state/profiles}"
+export TESSERA__ACTIVATION__STATE_DIR="${TESSERA__ACTIVATION__STATE_DIR:-$work/state/activation}"
+
+for svc in ingest identity profiles activation; do
+  "$bindir/tessera-$svc" >>"$work/logs/$svc.log" 2>&1 &
+  pids+=($!)
+done
+
+declare -A ports=([ingest]=8080 [identity]=8081 [profiles]=8082 [activation]=8083)
+for svc in ingest identity profiles activation; do
+  url="http://127.0.0.1:${ports[$svc]}/readyz"
+  for _ in $(seq 1 120); do
+    curl -fsS "$url" >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  curl -fsS "$url" >/dev/null 2>&1 || { echo "run: $svc did not become ready; see $work/logs/$svc.log" >&2; exit 1; }
+done
+
+cat <<INFO
+
+Tessera is running on Apache Kafka at $KAFKA_BOOTSTRAP.
+
+  ingest      http://127.0.0.1:8080   Segment HTTP API (write key: demo-write-key)
+  identity    http://127.0.0.1:8081   /metrics /healthz /readyz
+  profiles    http://127.0.0.1:8082   /v1/profiles/{id}  /v1/profiles/lookup  /v1/segments
+  activation  http://127.0.0.1:8083   /metrics; records on topic tessera.activation.email-demo
+  logs        $work/logs/
+  segments    $TESSERA__PROFILES__DEFINITIONS_DIR
+
+Try it:
+
+  curl -u demo-write-key: -H 'Content-Type: application/json' http://127.0.0.1:8080/v1/batch -d '{"batch":[
+    {"type":"identify","userId":"ada","anonymousId":"a-1","traits":{"email":"ada@example.com","first_name":"Ada"}},
+    {"type":"track","userId":"ada","event":"Order Completed","properties":{"total":42}}]}'
+  curl 'http://127.0.0.1:8082/v1/profiles/lookup?type=email&value=ada@example.com'
+  curl http://127.0.0.1:8082/v1/segments
+
+Press Ctrl-C to stop.
+INFO
+wait -n "${pids[@]}" || true
+echo "run: a service exited; see $work/logs/" >&2

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# README command 2: installs what is missing, starts one fresh Apache Kafka on free
+# loopback ports for the whole run (unless KAFKA_BOOTSTRAP names one), builds the
+# service binaries and runs every unit and end-to-end test.
+#
+# Caches outside the clone, reused when present: $TESSERA_CACHE (default
+# ~/.cache/tessera) holds the Kafka jars, the Python SDK's venv and the cargo target
+# directory (CARGO_TARGET_DIR, if you set one, wins).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+export TESSERA_CACHE="${TESSERA_CACHE:-$HOME/.cache/tessera}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TESSERA_CACHE/target}"
+mkdir -p "$TESSERA_CACHE"
+
+bash deploy/setup.sh
+
+if [ -z "${KAFKA_BOOTSTRAP:-}" ]; then
+  data="$(mktemp -d "${TMPDIR:-/tmp}/tessera-test-kafka.XXXXXX")"
+  cleanup() { bash deploy/kafka.sh stop --data "$data" || true; rm -rf "$data"; }
+  trap cleanup EXIT
+  KAFKA_BOOTSTRAP="$(bash deploy/kafka.sh start --data "$data" --watch-pid $$)"
+  export KAFKA_BOOTSTRAP
+fi
+echo "test: Apache Kafka at $KAFKA_BOOTSTRAP" >&2
+
+# The end-to-end tests run the real service binaries too.
+cargo build --locked --workspace --bins
+cargo test --locked --workspace "$@"

@@ -1,0 +1,463 @@
+//! The Segment HTTP Tracking API: `POST /v1/{identify,track,page,screen,group,alias,batch}`
+//! (and `/v1/import`, an alias of batch). A 200 means every accepted event is
+//! acknowledged by Kafka; refusals are JSON `{error, reason}` with a 4xx status.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::{Body, to_bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use base64::Engine;
+use serde_json::{Value, json};
+use tracing::{debug, warn};
+
+use tessera_common::kafka::{ProduceError, Producer};
+use tessera_common::records::{AvroRecord, DeadLetter, IngestedEvent};
+use tessera_common::topics::Topics;
+
+use crate::metrics::IngestMetrics;
+use crate::validate::{self, Envelope, Limits, Reject};
+
+pub struct AppState {
+    pub producer: Arc<Producer>,
+    pub topics: Topics,
+    pub metrics: IngestMetrics,
+    pub limits: Limits,
+    pub max_request_bytes: usize,
+    pub max_batch_events: usize,
+    /// write key → source name
+    pub sources: HashMap<String, String>,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/{kind}", post(handle))
+        .with_state(state)
+}
+
+/// A refusal as HTTP: status + `{error, reason}`.
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    reason: String,
+    extra: Option<Value>,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, code: &'static str, reason: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            code,
+            reason: reason.into(),
+            extra: None,
+        }
+    }
+    fn from_reject(status: StatusCode, r: Reject) -> Refusal {
+        Refusal::new(status, r.code, r.reason)
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": self.code, "reason": self.reason});
+        if let Some(extra) = self.extra {
+            body["rejected"] = extra;
+        }
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE
+            || self.status == StatusCode::TOO_MANY_REQUESTS
+        {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+async fn handle(
+    State(st): State<Arc<AppState>>,
+    Path(kind): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let endpoint: &'static str = match kind.as_str() {
+        "batch" | "import" => "batch",
+        k => match validate::TYPES.iter().find(|t| **t == k) {
+            Some(t) => t,
+            None => {
+                return Refusal::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_endpoint",
+                    format!("no endpoint /v1/{kind}"),
+                )
+                .into_response();
+            }
+        },
+    };
+    let resp = match accept(&st, endpoint, &headers, body).await {
+        Ok(r) => r,
+        Err(refusal) => {
+            st.metrics
+                .rejected
+                .with_label_values(&["http", refusal.code])
+                .inc();
+            refusal.into_response()
+        }
+    };
+    st.metrics
+        .requests
+        .with_label_values(&[endpoint, resp.status().as_str()])
+        .inc();
+    st.metrics
+        .request_seconds
+        .with_label_values(&[endpoint])
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// The write key: HTTP Basic user name (password empty), else `writeKey` in the body.
+fn basic_user(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = v
+        .strip_prefix("Basic ")
+        .or_else(|| v.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    Some(
+        text.split_once(':')
+            .map_or(text.clone(), |(user, _)| user.to_string()),
+    )
+}
+
+/// Reads the body within the limit, undoing gzip whatever the Content-Type says.
+async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Vec<u8>, Refusal> {
+    let limit = st.max_request_bytes;
+    let too_large = || {
+        Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            format!("request body is larger than {limit} bytes"),
+        )
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        && len > limit
+    {
+        return Err(too_large());
+    }
+    let raw = to_bytes(body, limit).await.map_err(|_| too_large())?;
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    match encoding.as_deref() {
+        None | Some("") | Some("identity") => Ok(raw.to_vec()),
+        Some("gzip") | Some("x-gzip") => {
+            // Stop reading one byte past the limit: a decompression bomb costs at most that.
+            let mut out = Vec::with_capacity(raw.len() * 4);
+            flate2::read::MultiGzDecoder::new(&raw[..])
+                .take(limit as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| {
+                    Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_gzip",
+                        format!("body is not valid gzip: {e}"),
+                    )
+                })?;
+            if out.len() > limit {
+                return Err(Refusal::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request_too_large",
+                    format!("decompressed body is larger than {limit} bytes"),
+                ));
+            }
+            Ok(out)
+        }
+        Some(other) => Err(Refusal::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_encoding",
+            format!("Content-Encoding {other:?} is not supported (use gzip or none)"),
+        )),
+    }
+}
+
+async fn accept(
+    st: &AppState,
+    endpoint: &'static str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, Refusal> {
+    // A key in the header is checked before any body work.
+    let header_key = basic_user(headers).filter(|k| !k.is_empty());
+    if let Some(k) = &header_key
+        && !st.sources.contains_key(k)
+    {
+        return Err(Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "unknown write key",
+        ));
+    }
+    let bytes = read_body(st, headers, body).await?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("body is not valid JSON: {e}"),
+        )
+    })?;
+    let Value::Object(mut root) = value else {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "not_an_object",
+            "body must be a JSON object",
+        ));
+    };
+    let key = match header_key {
+        Some(k) => k,
+        None => match root.get("writeKey") {
+            Some(Value::String(k)) if !k.is_empty() => k.clone(),
+            _ => {
+                return Err(Refusal::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "a write key is required (HTTP Basic user name or writeKey)",
+                ));
+            }
+        },
+    };
+    let Some(source) = st.sources.get(&key).cloned() else {
+        return Err(Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "unknown write key",
+        ));
+    };
+    let received_at = tessera_common::now_ms();
+    let new_id = || uuid::Uuid::new_v4().to_string();
+
+    if endpoint != "batch" {
+        if bytes.len() > st.limits.max_event_bytes {
+            return Err(Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "event_too_large",
+                format!("event is larger than {} bytes", st.limits.max_event_bytes),
+            ));
+        }
+        let event = validate::normalise(
+            Value::Object(root),
+            Some(endpoint),
+            &Envelope::default(),
+            &source,
+            received_at,
+            &st.limits,
+            new_id,
+        )
+        .map_err(|r| {
+            let status = if r.code == "event_too_large" {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            Refusal::from_reject(status, r)
+        })?;
+        produce(st, vec![event], vec![]).await?;
+        st.metrics
+            .accepted
+            .with_label_values(&["http", &source])
+            .inc();
+        return Ok((
+            StatusCode::OK,
+            axum::Json(json!({"success": true, "accepted": 1, "rejected": []})),
+        )
+            .into_response());
+    }
+
+    let items = match root.remove("batch") {
+        Some(Value::Array(items)) => items,
+        Some(_) => {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_batch",
+                "batch must be an array",
+            ));
+        }
+        None => {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_batch",
+                "batch is missing",
+            ));
+        }
+    };
+    if items.len() > st.max_batch_events {
+        return Err(Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            format!(
+                "a batch holds at most {} events, got {}",
+                st.max_batch_events,
+                items.len()
+            ),
+        ));
+    }
+    if items.is_empty() {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_batch",
+            "batch is empty",
+        ));
+    }
+    let envelope = Envelope {
+        sent_at: root.get("sentAt"),
+        context: root.get("context").and_then(Value::as_object),
+    };
+    let mut accepted = Vec::with_capacity(items.len());
+    let mut dead = Vec::new();
+    let mut rejected = Vec::new();
+    for (index, item) in items.into_iter().enumerate() {
+        let original = serde_json::to_vec(&item).unwrap_or_default();
+        match validate::normalise(
+            item,
+            None,
+            &envelope,
+            &source,
+            received_at,
+            &st.limits,
+            new_id,
+        ) {
+            Ok(e) => accepted.push(e),
+            Err(r) => {
+                st.metrics
+                    .rejected
+                    .with_label_values(&["http", r.code])
+                    .inc();
+                rejected.push(json!({"index": index, "error": r.code, "reason": r.reason}));
+                dead.push(DeadLetter {
+                    origin: "http".into(),
+                    source: Some(source.clone()),
+                    reason: format!("{}: {}", r.code, r.reason),
+                    received_at,
+                    batch_index: Some(index as i32),
+                    input_topic: None,
+                    input_partition: None,
+                    input_offset: None,
+                    original,
+                });
+            }
+        }
+    }
+    let n = accepted.len();
+    produce(st, accepted, dead).await?;
+    st.metrics
+        .accepted
+        .with_label_values(&["http", &source])
+        .inc_by(n as u64);
+    if n == 0 {
+        return Err(Refusal {
+            extra: Some(Value::Array(rejected)),
+            ..Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_batch",
+                "no event in the batch is valid",
+            )
+        });
+    }
+    debug!(accepted = n, rejected = rejected.len(), "batch accepted");
+    Ok((
+        StatusCode::OK,
+        axum::Json(json!({"success": true, "accepted": n, "rejected": rejected})),
+    )
+        .into_response())
+}
+
+/// Produces the accepted events and the dead letters, and waits for every
+/// acknowledgement. Any failure answers 429 (queue full) or 503: the client retries
+/// and the messageIds let the pipeline drop what did get through.
+async fn produce(
+    st: &AppState,
+    events: Vec<IngestedEvent>,
+    dead: Vec<DeadLetter>,
+) -> Result<(), Refusal> {
+    let ingested = st.topics.ingested();
+    let deadletter = st.topics.deadletter();
+    let mut records: Vec<(&str, Vec<u8>, Vec<u8>)> = Vec::with_capacity(events.len() + dead.len());
+    for e in &events {
+        let payload = e.to_avro().map_err(internal)?;
+        records.push((
+            &ingested,
+            validate::partition_key(e).as_bytes().to_vec(),
+            payload,
+        ));
+    }
+    for d in &dead {
+        let payload = d.to_avro().map_err(internal)?;
+        records.push((
+            &deadletter,
+            d.source.clone().unwrap_or_default().into_bytes(),
+            payload,
+        ));
+    }
+    let started = Instant::now();
+    let results =
+        futures::future::join_all(records.iter().map(|(t, k, p)| st.producer.send(t, k, p))).await;
+    st.metrics
+        .produce_seconds
+        .observe(started.elapsed().as_secs_f64());
+    let mut queue_full = false;
+    let mut failed = 0usize;
+    for r in results {
+        match r {
+            Ok(_) => {}
+            Err(ProduceError::QueueFull) => {
+                queue_full = true;
+                failed += 1;
+            }
+            Err(ProduceError::Unavailable(e)) => {
+                failed += 1;
+                debug!(error = %e, "produce failed");
+            }
+        }
+    }
+    if failed == 0 {
+        return Ok(());
+    }
+    st.metrics.unavailable.inc();
+    warn!(
+        failed,
+        total = records.len(),
+        "events not acknowledged by kafka, answering with a retry"
+    );
+    if queue_full {
+        Err(Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "overloaded",
+            "ingest is at capacity, retry later",
+        ))
+    } else {
+        Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "events could not be stored in Kafka, retry later",
+        ))
+    }
+}
+
+fn internal(e: tessera_common::Error) -> Refusal {
+    Refusal::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        format!("encoding failed: {e}"),
+    )
+}

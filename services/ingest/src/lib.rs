@@ -1,0 +1,137 @@
+//! # tessera-ingest
+//!
+//! Takes Segment-spec events over HTTP ([`http`]) and from a raw Kafka topic
+//! ([`raw`]), validates and normalises them ([`validate`]) and produces them to
+//! `events.ingested`; refused input goes to `events.deadletter` with its reason.
+//! Stateless: scale it as a Deployment.
+
+pub mod http;
+pub mod metrics;
+pub mod raw;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use tessera_common::Result;
+use tessera_common::admin::{self, Admin};
+use tessera_common::config::Config;
+use tessera_common::kafka::{self, Producer, TopicKind};
+use tessera_common::runner::{self, OffsetStorage, RunnerSpec};
+use tessera_common::store::MemStore;
+use tessera_common::topics::Topics;
+
+/// Runs ingest on the configured address until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    let listener = admin::bind(&config.ingest.http_listen).await?;
+    run_with_listener(config, listener, shutdown).await
+}
+
+/// Runs ingest on an already bound listener (tests bind port 0).
+pub async fn run_with_listener(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let topics = Topics::new(&config.topics);
+    kafka::ensure_topics(
+        &config.kafka,
+        &config.topics,
+        &[
+            (topics.raw(), TopicKind::Events),
+            (topics.ingested(), TopicKind::Events),
+            (topics.deadletter(), TopicKind::Events),
+        ],
+    )
+    .await?;
+    let producer = Arc::new(Producer::new(&config.kafka, "tessera-ingest")?);
+    let admin = Admin::new();
+    let metrics = metrics::IngestMetrics::new(&admin);
+    let limits = validate::Limits::from(&config.ingest);
+    let state = Arc::new(http::AppState {
+        producer: producer.clone(),
+        topics: topics.clone(),
+        metrics: metrics.clone(),
+        limits: limits.clone(),
+        max_request_bytes: config.ingest.max_request_bytes,
+        max_batch_events: config.ingest.max_batch_events,
+        sources: config
+            .ingest
+            .sources
+            .iter()
+            .map(|s| (s.write_key.clone(), s.name.clone()))
+            .collect(),
+    });
+    let router = http::router(state).merge(admin.router());
+
+    let raw_task = config.ingest.consume_raw_topic.then(|| {
+        let spec = RunnerSpec {
+            service: "ingest",
+            group_id: topics.group("ingest-raw"),
+            topics: vec![topics.raw()],
+            offsets: OffsetStorage::Kafka,
+            max_batch: 500,
+            tick_every: None,
+        };
+        let processor = raw::RawProcessor::new(
+            topics.clone(),
+            config.ingest.raw_topic_source.clone(),
+            limits,
+            metrics,
+        );
+        let (kafka_cfg, producer, registry, token) = (
+            config.kafka.clone(),
+            producer.clone(),
+            admin.registry.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            // Stateless: an empty in-memory store, offsets committed to the group.
+            let r = runner::run(
+                &kafka_cfg,
+                spec,
+                processor,
+                Arc::new(MemStore::default()),
+                producer,
+                &registry,
+                token.clone(),
+            )
+            .await;
+            if r.is_err() {
+                token.cancel();
+            }
+            r
+        })
+    });
+
+    // Ready while the brokers answer.
+    let health = admin.health.clone();
+    let (probe_producer, probe_token) = (producer.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        loop {
+            let p = probe_producer.clone();
+            let ok =
+                tokio::task::spawn_blocking(move || p.broker_reachable(Duration::from_secs(2)))
+                    .await
+                    .unwrap_or(false);
+            health.set_ready(ok);
+            tokio::select! {
+                _ = probe_token.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
+    });
+
+    info!(addr = %listener.local_addr()?, "ingest listening");
+    admin::serve(listener, router, shutdown.clone()).await?;
+    if let Some(task) = raw_task {
+        task.await
+            .map_err(|e| tessera_common::Error::Invalid(format!("raw consumer task: {e}")))??;
+    }
+    producer.flush(tessera_common::shutdown::GRACE);
+    Ok(())
+}

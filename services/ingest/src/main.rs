@@ -1,0 +1,5 @@
+//! The ingest service binary: see the crate documentation in lib.rs.
+
+fn main() -> anyhow::Result<()> {
+    tessera_common::cli::service_main("ingest", tessera_ingest::run)
+}

@@ -1,0 +1,274 @@
+//! The profile: identifiers, traits (latest by event time, with provenance), event
+//! counts, first/last seen, a bounded recent-events timeline and segment memberships.
+//! Applying an event and merging two profiles are pure functions of the state, so any
+//! replay gives the same result.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use tessera_common::records::{Identifier, ResolvedEvent};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TraitValue {
+    pub value: Value,
+    pub event_time: i64,
+    pub message_id: String,
+    pub source: String,
+}
+
+impl TraitValue {
+    /// Latest by event time; ties by message id, so the order of arrival never matters.
+    fn newer_than(&self, other: &TraitValue) -> bool {
+        (self.event_time, &self.message_id) > (other.event_time, &other.message_id)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventSummary {
+    pub message_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub event: Option<String>,
+    pub event_time: i64,
+    pub received_at: i64,
+    pub source: String,
+    pub properties: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Membership {
+    pub version: i32,
+    pub entered_at: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    pub id: String,
+    pub identifiers: BTreeSet<Identifier>,
+    pub traits: BTreeMap<String, TraitValue>,
+    /// Track events by name.
+    pub event_counts: BTreeMap<String, u64>,
+    pub events_total: u64,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    /// Newest first, at most the configured number.
+    pub recent_events: Vec<EventSummary>,
+    pub segments: BTreeMap<String, Membership>,
+    /// Profiles merged into this one.
+    pub merged_from: Vec<String>,
+}
+
+impl Profile {
+    pub fn new(id: &str) -> Profile {
+        Profile {
+            id: id.to_string(),
+            first_seen: i64::MAX,
+            last_seen: i64::MIN,
+            ..Default::default()
+        }
+    }
+
+    pub fn exists(&self) -> bool {
+        self.events_total > 0 || !self.identifiers.is_empty()
+    }
+
+    /// Applies one resolved event.
+    pub fn apply(&mut self, r: &ResolvedEvent, recent_limit: usize) {
+        let e = &r.event;
+        self.identifiers.extend(r.identifiers.iter().cloned());
+        let payload: Value = serde_json::from_str(&e.payload).unwrap_or(Value::Null);
+        let provenance = |v: &Value| TraitValue {
+            value: v.clone(),
+            event_time: e.event_time,
+            message_id: e.message_id.clone(),
+            source: e.source.clone(),
+        };
+        // Traits SDKs put in context on every call, and an identify's own traits.
+        let mut trait_sources = vec![&payload["context"]["traits"]];
+        if e.kind == "identify" {
+            trait_sources.push(&payload["traits"]);
+        }
+        for traits in trait_sources.into_iter().filter_map(Value::as_object) {
+            for (k, v) in traits {
+                self.set_trait(k, provenance(v));
+            }
+        }
+        if e.kind == "track"
+            && let Some(name) = &e.event
+        {
+            *self.event_counts.entry(name.clone()).or_default() += 1;
+        }
+        self.events_total += 1;
+        self.first_seen = self.first_seen.min(e.event_time);
+        self.last_seen = self.last_seen.max(e.event_time);
+        let properties = match &payload["properties"] {
+            Value::Object(m) => Value::Object(m.clone()),
+            _ => Value::Object(Map::new()),
+        };
+        self.push_recent(
+            EventSummary {
+                message_id: e.message_id.clone(),
+                kind: e.kind.clone(),
+                event: e.event.clone(),
+                event_time: e.event_time,
+                received_at: e.received_at,
+                source: e.source.clone(),
+                properties,
+            },
+            recent_limit,
+        );
+    }
+
+    fn set_trait(&mut self, name: &str, v: TraitValue) {
+        match self.traits.get(name) {
+            Some(old) if !v.newer_than(old) => {}
+            _ => {
+                self.traits.insert(name.to_string(), v);
+            }
+        }
+    }
+
+    fn push_recent(&mut self, s: EventSummary, limit: usize) {
+        if self
+            .recent_events
+            .iter()
+            .any(|x| x.message_id == s.message_id)
+        {
+            return;
+        }
+        self.recent_events.push(s);
+        self.recent_events
+            .sort_by(|a, b| (b.event_time, &b.message_id).cmp(&(a.event_time, &a.message_id)));
+        self.recent_events.truncate(limit);
+    }
+
+    /// Folds another profile's state into this one (after an identity merge).
+    /// Memberships are not moved: they are re-evaluated on the merged state.
+    pub fn absorb(&mut self, other: &Profile, recent_limit: usize) {
+        self.identifiers.extend(other.identifiers.iter().cloned());
+        for (k, v) in &other.traits {
+            self.set_trait(k, v.clone());
+        }
+        for (k, n) in &other.event_counts {
+            *self.event_counts.entry(k.clone()).or_default() += n;
+        }
+        self.events_total += other.events_total;
+        self.first_seen = self.first_seen.min(other.first_seen);
+        self.last_seen = self.last_seen.max(other.last_seen);
+        for s in &other.recent_events {
+            self.push_recent(s.clone(), recent_limit);
+        }
+        if !self.merged_from.contains(&other.id) {
+            self.merged_from.push(other.id.clone());
+        }
+        for m in &other.merged_from {
+            if !self.merged_from.contains(m) {
+                self.merged_from.push(m.clone());
+            }
+        }
+    }
+
+    /// Identifiers and trait values flat, for destination payloads:
+    /// `{"user_id": ..., "email": ..., "<trait>": ...}`. Identifier kinds win over traits of
+    /// the same name; with several values of a kind, the smallest.
+    pub fn flat_fields(&self) -> Map<String, Value> {
+        let mut m: Map<String, Value> = self
+            .traits
+            .iter()
+            .map(|(k, v)| (k.clone(), v.value.clone()))
+            .collect();
+        for i in self.identifiers.iter().rev() {
+            m.insert(i.kind.clone(), Value::String(i.value.clone()));
+        }
+        m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use tessera_common::records::IngestedEvent;
+
+    fn ev(mid: &str, kind: &str, name: Option<&str>, t: i64, payload: Value) -> ResolvedEvent {
+        ResolvedEvent {
+            profile_id: "p".into(),
+            identifiers: vec![Identifier {
+                kind: "user_id".into(),
+                value: "u".into(),
+            }],
+            event: IngestedEvent {
+                message_id: mid.into(),
+                source: "web".into(),
+                kind: kind.into(),
+                user_id: Some("u".into()),
+                anonymous_id: None,
+                event: name.map(Into::into),
+                received_at: t,
+                event_time: t,
+                payload: payload.to_string(),
+            },
+        }
+    }
+
+    #[test]
+    fn traits_resolve_by_event_time_whatever_the_arrival_order() {
+        let newer = ev(
+            "b",
+            "identify",
+            None,
+            20,
+            json!({"traits": {"plan": "pro"}}),
+        );
+        let older = ev(
+            "a",
+            "identify",
+            None,
+            10,
+            json!({"traits": {"plan": "free", "name": "Ann"}}),
+        );
+        let mut p1 = Profile::new("p");
+        p1.apply(&newer, 10);
+        p1.apply(&older, 10);
+        let mut p2 = Profile::new("p");
+        p2.apply(&older, 10);
+        p2.apply(&newer, 10);
+        assert_eq!(p1, p2);
+        assert_eq!(p1.traits["plan"].value, json!("pro"));
+        assert_eq!(p1.traits["plan"].message_id, "b", "provenance kept");
+        assert_eq!(p1.traits["name"].value, json!("Ann"));
+        assert_eq!((p1.first_seen, p1.last_seen), (10, 20));
+    }
+
+    #[test]
+    fn counts_timeline_and_absorb() {
+        let mut p = Profile::new("k");
+        for i in 0..5 {
+            p.apply(
+                &ev(
+                    &format!("m{i}"),
+                    "track",
+                    Some("Order Completed"),
+                    i,
+                    json!({"properties": {"total": i}}),
+                ),
+                3,
+            );
+        }
+        assert_eq!(p.event_counts["Order Completed"], 5);
+        assert_eq!(p.recent_events.len(), 3, "bounded timeline");
+        assert_eq!(p.recent_events[0].message_id, "m4", "newest first");
+        let mut a = Profile::new("a");
+        a.apply(
+            &ev("x", "track", Some("Order Completed"), 100, json!({})),
+            3,
+        );
+        p.absorb(&a, 3);
+        assert_eq!(p.event_counts["Order Completed"], 6);
+        assert_eq!(p.recent_events[0].message_id, "x");
+        assert_eq!(p.merged_from, vec!["a".to_string()]);
+        assert_eq!(p.flat_fields()["user_id"], json!("u"));
+    }
+}

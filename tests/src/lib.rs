@@ -1,0 +1,426 @@
+//! The end-to-end test harness, shared by every end-to-end test and the load program.
+//!
+//! - [`bootstrap`]: the real Apache Kafka for this test run: `KAFKA_BOOTSTRAP` when set
+//!   (`deploy/test.sh` starts one broker for the whole run), otherwise one started once
+//!   per test binary with `deploy/kafka.sh`, stopped when the binary exits.
+//! - [`Platform`]: the four services started in-process through their
+//!   `run_with_listener` functions on port 0, isolated by a unique topic prefix (topics
+//!   and consumer groups), so tests run in parallel on one broker.
+//! - [`ServiceProcess`]: a service as a real child process (for SIGKILL tests).
+//! - [`read_topic`], [`eventually`], HTTP helpers.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message as _;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use tessera_common::config::Config;
+
+pub use tessera_common;
+
+pub const WRITE_KEY: &str = "test-write-key";
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Where caches live outside the clone (the Kafka jars, the Python SDK's venv).
+pub fn cache_dir() -> PathBuf {
+    match std::env::var_os("TESSERA_CACHE") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
+            .join(".cache/tessera"),
+    }
+}
+
+/// The bootstrap servers of this run's broker.
+pub fn bootstrap() -> &'static str {
+    static BOOTSTRAP: OnceLock<String> = OnceLock::new();
+    BOOTSTRAP.get_or_init(|| {
+        if let Ok(b) = std::env::var("KAFKA_BOOTSTRAP")
+            && !b.is_empty()
+        {
+            return b;
+        }
+        // No broker given: start one for this test binary; it stops when we exit.
+        let data = std::env::temp_dir().join(format!("tessera-test-kafka-{}", std::process::id()));
+        let out = Command::new("bash")
+            .arg(repo_root().join("deploy/kafka.sh"))
+            .args(["start", "--data"])
+            .arg(&data)
+            .args(["--watch-pid", &std::process::id().to_string()])
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running deploy/kafka.sh");
+        assert!(
+            out.status.success(),
+            "deploy/kafka.sh could not start a broker"
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("kafka.sh prints the bootstrap")
+            .trim()
+            .to_string()
+    })
+}
+
+/// A configuration for one isolated platform: unique topic prefix, state in `dir`,
+/// the example segment definitions, ports chosen by the OS, one demo source.
+pub fn test_config(dir: &Path) -> Config {
+    let mut c = Config::load_without_env(None).expect("embedded defaults load");
+    let prefix = format!("t{}.", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    c.kafka.bootstrap = bootstrap().to_string();
+    c.kafka.fetch_wait_max_ms = 50;
+    c.topics.prefix = prefix;
+    c.topics.partitions = 3;
+    for listen in [
+        &mut c.ingest.http_listen,
+        &mut c.identity.http_listen,
+        &mut c.profiles.http_listen,
+        &mut c.activation.http_listen,
+    ] {
+        *listen = "127.0.0.1:0".into();
+    }
+    c.identity.state_dir = dir.join("identity");
+    c.profiles.state_dir = dir.join("profiles");
+    c.activation.state_dir = dir.join("activation");
+    c.profiles.definitions_dir = repo_root().join("deploy/definitions/segments");
+    c.ingest.sources = vec![tessera_common::config::SourceConfig {
+        name: "test".into(),
+        write_key: WRITE_KEY.into(),
+    }];
+    c
+}
+
+/// The four services, in-process, on a real broker.
+pub struct Platform {
+    pub config: Config,
+    pub ingest: String,
+    pub identity: String,
+    pub profiles: String,
+    pub activation: String,
+    shutdown: CancellationToken,
+    tasks: Vec<(&'static str, JoinHandle<tessera_common::Result<()>>)>,
+    _dir: tempfile::TempDir,
+}
+
+impl Platform {
+    pub async fn start() -> Platform {
+        Platform::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Platform {
+        tessera_common::telemetry::init();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = test_config(dir.path());
+        tweak(&mut config);
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let mut urls = Vec::new();
+        macro_rules! start {
+            ($name:literal, $krate:ident) => {{
+                let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                urls.push(format!("http://{}", l.local_addr().unwrap()));
+                let (c, t) = (config.clone(), shutdown.clone());
+                tasks.push((
+                    $name,
+                    tokio::spawn(async move { $krate::run_with_listener(c, l, t).await }),
+                ));
+            }};
+        }
+        start!("ingest", tessera_ingest);
+        start!("identity", tessera_identity);
+        start!("profiles", tessera_profiles);
+        start!("activation", tessera_activation);
+        let p = Platform {
+            config,
+            ingest: urls[0].clone(),
+            identity: urls[1].clone(),
+            profiles: urls[2].clone(),
+            activation: urls[3].clone(),
+            shutdown,
+            tasks,
+            _dir: dir,
+        };
+        for url in [&p.ingest, &p.identity, &p.profiles, &p.activation] {
+            wait_ready(url, Duration::from_secs(60)).await;
+        }
+        p
+    }
+
+    pub fn topics(&self) -> tessera_common::topics::Topics {
+        tessera_common::topics::Topics::new(&self.config.topics)
+    }
+
+    /// Stops every service and checks that each stopped cleanly.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for (name, task) in self.tasks {
+            let r = tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .unwrap_or_else(|_| panic!("{name} did not stop within 30 s"));
+            r.expect("service task panicked")
+                .unwrap_or_else(|e| panic!("{name} failed: {e}"));
+        }
+    }
+
+    /// The profile an identifier resolves to, once the predicate holds.
+    pub async fn wait_profile(
+        &self,
+        kind: &str,
+        value: &str,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        wait_profile(&self.profiles, kind, value, what, pred).await
+    }
+}
+
+pub async fn wait_profile(
+    profiles: &str,
+    kind: &str,
+    value: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let url = format!("{profiles}/v1/profiles/lookup");
+    let client = http();
+    let mut last = Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(r) = client
+            .get(&url)
+            .query(&[("type", kind), ("value", value)])
+            .send()
+            .await
+            && r.status().is_success()
+        {
+            last = r.json().await.unwrap_or(Value::Null);
+            if pred(&last) {
+                return last;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("profile {kind}={value} never showed {what}; last seen: {last}");
+}
+
+pub async fn wait_ready(base: &str, timeout: Duration) {
+    let client = http();
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{base} was not ready within {timeout:?}");
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client")
+}
+
+/// POSTs a JSON body to ingest with the test write key (HTTP Basic).
+pub async fn post(ingest: &str, path: &str, body: &Value) -> (u16, Value) {
+    let r = http()
+        .post(format!("{ingest}{path}"))
+        .basic_auth(WRITE_KEY, Some(""))
+        .json(body)
+        .send()
+        .await
+        .expect("ingest answers");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Reads records of `topic` from the beginning (a fresh group) until `done` holds for
+/// what was read, or `timeout` passes. Returns the payloads.
+pub async fn read_topic(
+    topic: &str,
+    timeout: Duration,
+    done: impl Fn(&[Vec<u8>]) -> bool,
+) -> Vec<Vec<u8>> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "50")
+        .create()
+        .expect("reader consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while !done(&out) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match tokio::time::timeout(left.min(Duration::from_millis(500)), consumer.recv()).await {
+            Ok(Ok(m)) => out.push(m.payload().unwrap_or_default().to_vec()),
+            Ok(Err(e)) => panic!("reading {topic}: {e}"),
+            Err(_) => {}
+        }
+    }
+    out
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The path of a workspace binary built beside the test binary (target/<profile>/).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/..");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// A service run as its real binary, with a configuration file.
+pub struct ServiceProcess {
+    name: String,
+    config_file: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl ServiceProcess {
+    pub fn start(name: &str, config: &Config, dir: &Path) -> ServiceProcess {
+        let config_file = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config_file,
+            toml::to_string(config).expect("config serialises"),
+        )
+        .expect("write config");
+        let mut p = ServiceProcess {
+            name: name.to_string(),
+            config_file,
+            log: dir.join(format!("{name}.log")),
+            child: None,
+        };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(binary(&format!("tessera-{}", self.name)))
+            .arg("--config")
+            .arg(&self.config_file)
+            .env_remove("KAFKA_BOOTSTRAP")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn service");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no shutdown handler runs, nothing is flushed.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().expect("kill");
+            c.wait().expect("reap");
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A Python with the unmodified `segment-analytics-python` SDK from PyPI, in a virtual
+/// environment cached outside the clone.
+pub fn python_with_segment_sdk() -> PathBuf {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(|| {
+        let venv = cache_dir().join("venv-segment-sdk");
+        let py = venv.join("bin/python");
+        let ok = |py: &Path| {
+            Command::new(py)
+                .args(["-c", "import segment.analytics"])
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !ok(&py) {
+            let status = Command::new("python3")
+                .arg("-m")
+                .arg("venv")
+                .arg(&venv)
+                .status()
+                .expect("python3 -m venv");
+            assert!(status.success(), "creating the venv failed");
+            let status = Command::new(&py)
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "segment-analytics-python==2.4.0",
+                ])
+                .status()
+                .expect("pip install");
+            assert!(
+                status.success(),
+                "pip install segment-analytics-python failed"
+            );
+        }
+        py
+    })
+    .clone()
+}
