@@ -211,15 +211,17 @@ async fn every_bad_input_class_gets_its_status_and_reason() {
     let too_many: Vec<Value> = (0..2501)
         .map(|i| json!({"type": "track", "userId": "u", "event": format!("e{i}")}))
         .collect();
-    let cases: Vec<(
-        &str,
+    // (name, path, write key, headers, body, expected status, expected error code)
+    type Case = (
+        &'static str,
         &'static str,
         Option<&'static str>,
         Vec<(&'static str, &'static str)>,
         Vec<u8>,
         u16,
-        &str,
-    )> = vec![
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
         (
             "unknown key",
             "/v1/track",
@@ -681,43 +683,33 @@ async fn services_killed_with_sigkill_mid_stream_lose_and_double_count_nothing()
 
     const USERS: usize = 40;
     const PER_USER: usize = 12;
+    const CHUNK: usize = 10;
     let run = uid("kill");
-    let sender = tokio::spawn({
-        let ingest = ingest.clone();
-        let run = run.clone();
-        async move {
-            let mut sent = 0;
-            for round in 0..PER_USER {
-                for chunk in (0..USERS).collect::<Vec<_>>().chunks(10) {
-                    let batch: Vec<Value> = chunk
-                        .iter()
-                        .map(|u| json!({"type": "track", "userId": format!("{run}-u{u}"), "event": "Order Completed",
-                                         "messageId": format!("{run}-u{u}-r{round}"), "properties": {"round": round}}))
-                        .collect();
-                    // Ingest stays up; a non-200 would be retried by an SDK, so do the same.
-                    loop {
-                        let (status, _) =
-                            post(&ingest, "/v1/batch", &json!({"batch": batch})).await;
-                        if status == 200 {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    sent += chunk.len();
-                    tokio::time::sleep(Duration::from_millis(15)).await;
-                }
+    // 48 requests, 150 ms apart (about 7 s); the stateful services are killed at fixed
+    // points of the stream, so each kill lands while events are still flowing.
+    let kills = [(12, "profiles"), (24, "identity"), (36, "activation")];
+    let mut request = 0;
+    let mut sent_at_kill = Vec::new();
+    for round in 0..PER_USER {
+        for chunk in (0..USERS).collect::<Vec<_>>().chunks(CHUNK) {
+            if let Some((_, name)) = kills.iter().find(|(at, _)| *at == request) {
+                sent_at_kill.push((name.to_string(), request * CHUNK));
+                services.get_mut(name).unwrap().restart();
             }
-            sent
+            let batch: Vec<Value> = chunk
+                .iter()
+                .map(|u| json!({"type": "track", "userId": format!("{run}-u{u}"), "event": "Order Completed",
+                                 "messageId": format!("{run}-u{u}-r{round}"), "properties": {"round": round}}))
+                .collect();
+            // Ingest stays up, so every request is answered 200.
+            let (status, answer) = post(&ingest, "/v1/batch", &json!({"batch": batch})).await;
+            assert_eq!(status, 200, "{answer}");
+            request += 1;
+            tokio::time::sleep(Duration::from_millis(150)).await;
         }
-    });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    services.get_mut("profiles").unwrap().restart();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    services.get_mut("identity").unwrap().restart();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    services.get_mut("activation").unwrap().restart();
-    let sent = sender.await.unwrap();
-    assert_eq!(sent, USERS * PER_USER);
+    }
+    assert_eq!(request * CHUNK, USERS * PER_USER);
+    assert_eq!(sent_at_kill.len(), 3, "every kill happened mid-stream");
 
     for u in 0..USERS {
         let user = format!("{run}-u{u}");
@@ -763,11 +755,235 @@ async fn services_killed_with_sigkill_mid_stream_lose_and_double_count_nothing()
     }
     let duplicates = records.len() - USERS;
     eprintln!(
-        "sigkill test: {} activation records for {USERS} adds ({duplicates} replayed duplicates, same ids)",
+        "sigkill test: kills after {sent_at_kill:?} events sent; {} activation records for {USERS} adds ({duplicates} replayed duplicates, same ids)",
         records.len()
     );
-    assert!(
-        services["profiles"].log().contains("consuming"),
-        "profiles restarted and consumed again"
+    for name in ["profiles", "identity", "activation"] {
+        let log = services[name].log();
+        assert_eq!(
+            log.matches(" starting").count(),
+            2,
+            "{name} ran twice: {log}"
+        );
+    }
+}
+
+/// The runner's own guarantee, with no de-duplication to hide mistakes: a processor
+/// that counts records per key crashes in the middle of a batch; restarted on the same
+/// RocksDB, it resumes from the offsets stored with the state, and every count is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn runner_commits_state_and_offsets_together_across_a_crash() {
+    use std::sync::Arc;
+
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use tessera_common::kafka::{Producer, TopicKind, ensure_topics};
+    use tessera_common::runner::{self, Message, OffsetStorage, Output, Processor, RunnerSpec};
+    use tessera_common::store::{RocksStore, SharedStore, Txn};
+
+    struct Counter {
+        crash_at: Option<i64>,
+        out_topic: String,
+    }
+    impl Processor for Counter {
+        fn process(
+            &mut self,
+            msg: &Message,
+            txn: &mut Txn<'_>,
+            out: &mut Vec<Output>,
+        ) -> tessera_common::Result<()> {
+            if self.crash_at == Some(msg.offset) && msg.partition == 0 {
+                panic!("simulated crash in the middle of a batch");
+            }
+            let key = format!(
+                "count/{}",
+                String::from_utf8_lossy(msg.key.as_deref().unwrap_or_default())
+            );
+            let n: u64 = txn.get_json(key.as_bytes())?.unwrap_or(0);
+            txn.put_json(key.into_bytes(), &(n + 1))?;
+            out.push(Output {
+                topic: self.out_topic.clone(),
+                key: msg.key.clone().unwrap_or_default(),
+                payload: vec![1],
+            });
+            Ok(())
+        }
+    }
+
+    tessera_common::telemetry::init();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = test_config(dir.path());
+    let (input, output) = (
+        format!("{}runner-in", cfg.topics.prefix),
+        format!("{}runner-out", cfg.topics.prefix),
     );
+    ensure_topics(
+        &cfg.kafka,
+        &cfg.topics,
+        &[
+            (input.clone(), TopicKind::Events),
+            (output.clone(), TopicKind::Events),
+        ],
+    )
+    .await
+    .unwrap();
+    let source: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    const KEYS: usize = 10;
+    const PER_KEY: usize = 30;
+    for i in 0..KEYS * PER_KEY {
+        let key = format!("k{}", i % KEYS);
+        source
+            .send(
+                FutureRecord::to(&input).key(&key).payload("x"),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+    }
+    let store: SharedStore = Arc::new(RocksStore::open(&dir.path().join("runner")).unwrap());
+    let producer = Arc::new(Producer::new(&cfg.kafka, "runner-test").unwrap());
+    let spec = || RunnerSpec {
+        service: "runnertest",
+        group_id: format!("{}runner", cfg.topics.prefix),
+        topics: vec![input.clone()],
+        offsets: OffsetStorage::State,
+        max_batch: 7,
+        tick_every: None,
+    };
+    let total = |store: &SharedStore| -> u64 {
+        (0..KEYS)
+            .map(|k| {
+                store
+                    .get(format!("count/k{k}").as_bytes())
+                    .unwrap()
+                    .map_or(0, |b| serde_json::from_slice::<u64>(&b).unwrap())
+            })
+            .sum()
+    };
+
+    // First run: crashes when it reaches offset 40 of partition 0.
+    let crashed = runner::run(
+        &cfg.kafka,
+        spec(),
+        Counter {
+            crash_at: Some(40),
+            out_topic: output.clone(),
+        },
+        store.clone(),
+        producer.clone(),
+        &prometheus::Registry::new(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
+    assert!(crashed.is_err(), "the processor crashed");
+    let before = total(&store);
+    assert!(
+        before > 0 && before < (KEYS * PER_KEY) as u64,
+        "the crash came mid-stream ({before} counted)"
+    );
+
+    // Second run on the same store: resumes from the stored offsets.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn({
+        let (kafka, spec, store, producer, stop) = (
+            cfg.kafka.clone(),
+            spec(),
+            store.clone(),
+            producer.clone(),
+            stop.clone(),
+        );
+        let output = output.clone();
+        async move {
+            runner::run(
+                &kafka,
+                spec,
+                Counter {
+                    crash_at: None,
+                    out_topic: output,
+                },
+                store,
+                producer,
+                &prometheus::Registry::new(),
+                stop,
+            )
+            .await
+        }
+    });
+    eventually("every record counted", Duration::from_secs(60), || {
+        let store = store.clone();
+        async move { (total(&store) >= (KEYS * PER_KEY) as u64).then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    for k in 0..KEYS {
+        let n: u64 = serde_json::from_slice(
+            &store
+                .get(format!("count/k{k}").as_bytes())
+                .unwrap()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            n, PER_KEY as u64,
+            "key k{k} counted exactly once per record"
+        );
+    }
+    // Outputs are at-least-once: everything produced, replays allowed.
+    let outputs = read_topic(&output, Duration::from_secs(30), |rs| {
+        rs.len() >= KEYS * PER_KEY
+    })
+    .await;
+    assert!(outputs.len() >= KEYS * PER_KEY, "every output was produced");
+}
+
+/// With no broker to acknowledge, ingest never answers 200: it answers 503 with
+/// Retry-After, and says it is not ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ingest_answers_503_with_retry_after_when_kafka_does_not_acknowledge() {
+    tessera_common::telemetry::init();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    cfg.kafka.bootstrap = dead.to_string(); // nothing listens there once the socket is dropped
+    cfg.kafka.message_timeout_ms = 1500;
+    cfg.topics.create = false;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(tessera_ingest::run_with_listener(
+        cfg,
+        listener,
+        stop.clone(),
+    ));
+    let r = eventually("ingest answers", Duration::from_secs(10), || {
+        let url = url.clone();
+        async move {
+            http()
+                .post(format!("{url}/v1/track"))
+                .basic_auth(WRITE_KEY, Some(""))
+                .json(&json!({"userId": "u", "event": "e"}))
+                .send()
+                .await
+                .ok()
+        }
+    })
+    .await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "unavailable");
+    let ready = http().get(format!("{url}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503, "not ready without a broker");
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("stops")
+        .unwrap()
+        .unwrap();
 }
