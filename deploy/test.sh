@@ -27,4 +27,11 @@ echo "test: Apache Kafka at $KAFKA_BOOTSTRAP" >&2
 
 # The end-to-end tests run the real service binaries too.
 cargo build --locked --workspace --bins
-cargo test --locked --workspace "$@"
+log="$(mktemp "${TMPDIR:-/tmp}/tessera-test-log.XXXXXX")"
+status=0
+cargo test --locked --workspace --all-targets "$@" 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "\n%d passed, %d failed\n", p, f }' "$log"
+rm -f "$log"
+exit "$status"
