@@ -34,10 +34,17 @@ stop_all() {
   if [ -n "$kafka_started" ]; then bash deploy/kafka.sh stop --data "$work/kafka"; fi
   echo "run: stopped" >&2
 }
-trap stop_all INT TERM EXIT
+trap 'stop_all; exit 0' INT TERM
+trap stop_all EXIT
 
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 if [ -z "${KAFKA_BOOTSTRAP:-}" ]; then
-  KAFKA_BOOTSTRAP="$(bash deploy/kafka.sh start --data "$work/kafka")"
+  kafka_ports=()
+  # The usual ports when free on the first start; kafka.sh keeps them with the data.
+  if [ ! -f "$work/kafka/ports" ] && port_free 9092 && port_free 9093; then
+    kafka_ports=(--port 9092 --controller-port 9093)
+  fi
+  KAFKA_BOOTSTRAP="$(bash deploy/kafka.sh start --data "$work/kafka" "${kafka_ports[@]}")"
   kafka_started=1
 fi
 export KAFKA_BOOTSTRAP
@@ -83,4 +90,7 @@ Try it:
 Press Ctrl-C to stop.
 INFO
 wait -n "${pids[@]}" || true
-echo "run: a service exited; see $work/logs/" >&2
+# Ctrl-C reaches the services too; give the INT trap the chance to run first.
+sleep 1
+echo "run: a service exited unexpectedly; see $work/logs/" >&2
+exit 1

@@ -28,6 +28,7 @@ use rdkafka::types::RDKafkaRespErr;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::admin::Health;
 use crate::config::KafkaConfig;
 use crate::kafka::{ProduceError, Producer, consumer_config};
 use crate::store::{SharedStore, Txn, WriteBatch};
@@ -82,6 +83,8 @@ pub struct RunnerSpec {
     pub offsets: OffsetStorage,
     pub max_batch: usize,
     pub tick_every: Option<Duration>,
+    /// Set ready once the group has assigned this consumer its partitions.
+    pub ready: Option<Arc<Health>>,
 }
 
 const OFFSET_PREFIX: &str = "~offset/";
@@ -177,6 +180,7 @@ impl RunnerMetrics {
 struct RunnerContext {
     store: Option<SharedStore>,
     lag: IntGaugeVec,
+    ready: Option<Arc<Health>>,
 }
 
 impl ClientContext for RunnerContext {
@@ -235,8 +239,13 @@ impl ConsumerContext for RunnerContext {
                     }
                 }
                 info!(partitions = tpl.count(), "partitions assigned");
-                if let Err(e) = consumer.assign(tpl) {
-                    error!(error = %e, "assigning partitions failed");
+                match consumer.assign(tpl) {
+                    Ok(()) => {
+                        if let Some(h) = &self.ready {
+                            h.set_ready(true);
+                        }
+                    }
+                    Err(e) => error!(error = %e, "assigning partitions failed"),
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -269,6 +278,7 @@ pub async fn run<P: Processor>(
     let context = RunnerContext {
         store: matches!(spec.offsets, OffsetStorage::State).then(|| store.clone()),
         lag: metrics.lag.clone(),
+        ready: spec.ready.clone(),
     };
     let client_id = format!("tessera-{}", spec.service);
     let consumer: StreamConsumer<RunnerContext> =

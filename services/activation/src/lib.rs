@@ -61,9 +61,9 @@ pub async fn run_with_listener(
         offsets: OffsetStorage::State,
         max_batch: 500,
         tick_every: None,
+        ready: Some(admin.health.clone()),
     };
     let server = tokio::spawn(admin::serve(listener, admin.router(), shutdown.clone()));
-    admin.health.set_ready(true);
     info!(
         destinations = config.activation.destinations.len(),
         "activation running"
@@ -122,6 +122,11 @@ impl ActivationProcessor {
     }
 }
 
+/// What a destination last received for a profile in a segment.
+fn sent_key(destination: &str, segment: &str, profile: &str) -> Vec<u8> {
+    format!("sent/{destination}/{segment}/{profile}").into_bytes()
+}
+
 /// Only the fields a destination may receive.
 fn payload_for(d: &DestinationConfig, fields_json: &str) -> String {
     let all: Map<String, Value> = serde_json::from_str(fields_json).unwrap_or_default();
@@ -134,7 +139,7 @@ fn payload_for(d: &DestinationConfig, fields_json: &str) -> String {
 }
 
 impl Processor for ActivationProcessor {
-    fn process(&mut self, msg: &Message, _txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
+    fn process(&mut self, msg: &Message, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
         let change = match MembershipChange::from_avro(msg.payload.as_deref().unwrap_or_default()) {
             Ok(c) => c,
             Err(e) => {
@@ -143,24 +148,42 @@ impl Processor for ActivationProcessor {
                 return Ok(());
             }
         };
-        let action = match change.change.as_str() {
-            "enter" => "add",
-            "exit" => "remove",
-            other => {
-                warn!(change = other, "unknown membership change, dead-lettered");
-                out.push(runner::dead_letter(
-                    &self.topics,
-                    msg,
-                    &format!("unknown membership change {other:?}"),
-                )?);
-                return Ok(());
-            }
-        };
+        if !matches!(change.change.as_str(), "enter" | "exit" | "update") {
+            let other = change.change.as_str();
+            warn!(change = other, "unknown membership change, dead-lettered");
+            let reason = format!("unknown membership change {other:?}");
+            out.push(runner::dead_letter(&self.topics, msg, &reason)?);
+            return Ok(());
+        }
         for d in self
             .destinations
             .iter()
             .filter(|d| d.segments.contains(&change.segment_id))
         {
+            let payload = payload_for(d, &change.traits);
+            let sent = sent_key(&d.id, &change.segment_id, &change.profile_id);
+            let last = txn.get(&sent)?;
+            let action = match (change.change.as_str(), &last) {
+                ("exit", _) => {
+                    txn.delete(sent);
+                    "remove"
+                }
+                // An update of a member this destination never received is an add.
+                ("enter", _) | ("update", None) => {
+                    txn.put(sent, payload.clone().into_bytes());
+                    "add"
+                }
+                (_, Some(last)) if last.as_slice() == payload.as_bytes() => {
+                    self.activations
+                        .with_label_values(&[d.id.as_str(), "update", "unchanged"])
+                        .inc();
+                    continue;
+                }
+                _ => {
+                    txn.put(sent, payload.clone().into_bytes());
+                    "update"
+                }
+            };
             let a = Activation {
                 activation_id: deterministic_id("activation", &[&d.id, &change.record_id]),
                 destination: d.id.clone(),
@@ -174,7 +197,7 @@ impl Processor for ActivationProcessor {
                 ),
                 event_time: change.event_time,
                 received_at: change.received_at,
-                payload: payload_for(d, &change.traits),
+                payload,
             };
             out.push(Output {
                 topic: self.topics.activation(&d.id),
@@ -194,7 +217,7 @@ impl Processor for ActivationProcessor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_common::store::MemStore;
+    use tessera_common::store::{MemStore, Store};
 
     #[test]
     fn enter_becomes_add_with_only_allowed_fields_and_a_stable_id() {
@@ -225,7 +248,9 @@ mod tests {
         };
         let store = MemStore::default();
         let mut out = Vec::new();
-        p.process(&msg, &mut Txn::new(&store), &mut out).unwrap();
+        let mut txn = Txn::new(&store);
+        p.process(&msg, &mut txn, &mut out).unwrap();
+        store.write(txn.into_batch()).unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].topic, "tessera.activation.email-demo");
         let a = Activation::from_avro(&out[0].payload).unwrap();
@@ -243,6 +268,39 @@ mod tests {
                 .unwrap()
                 .activation_id,
             a.activation_id
+        );
+        // The member's email changes: an update. The same fields again: nothing.
+        let update = MembershipChange {
+            record_id: "r2".into(),
+            change: "update".into(),
+            traits: r#"{"email":"new@b.c","first_name":"Ann","phone":"+1"}"#.into(),
+            ..change.clone()
+        };
+        let umsg = Message {
+            payload: Some(update.to_avro().unwrap()),
+            ..msg.clone()
+        };
+        let mut txn = Txn::new(&store);
+        let mut out = Vec::new();
+        p.process(&umsg, &mut txn, &mut out).unwrap();
+        store.write(txn.into_batch()).unwrap();
+        let u = Activation::from_avro(&out[0].payload).unwrap();
+        assert_eq!(u.action, "update");
+        assert!(u.payload.contains("new@b.c"));
+        let same = MembershipChange {
+            record_id: "r3".into(),
+            traits: r#"{"email":"new@b.c","first_name":"Ann","phone":"+2"}"#.into(),
+            ..update.clone()
+        };
+        let mut out = Vec::new();
+        let smsg = Message {
+            payload: Some(same.to_avro().unwrap()),
+            ..msg.clone()
+        };
+        p.process(&smsg, &mut Txn::new(&store), &mut out).unwrap();
+        assert!(
+            out.is_empty(),
+            "a change the destination cannot see sends nothing"
         );
         // A segment no destination syncs produces nothing.
         let other = MembershipChange {

@@ -60,9 +60,9 @@ pub async fn run_with_listener(
         offsets: OffsetStorage::State,
         max_batch: 500,
         tick_every: None,
+        ready: Some(admin.health.clone()),
     };
     let server = tokio::spawn(admin::serve(listener, admin.router(), shutdown.clone()));
-    admin.health.set_ready(true);
     info!("identity running");
     let result = runner::run(
         &config.kafka,

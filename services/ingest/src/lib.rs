@@ -76,6 +76,8 @@ pub async fn run_with_listener(
             offsets: OffsetStorage::Kafka,
             max_batch: 500,
             tick_every: None,
+            // Ingest is ready while the brokers answer (below), whatever this consumer does.
+            ready: None,
         };
         let processor = raw::RawProcessor::new(
             topics.clone(),

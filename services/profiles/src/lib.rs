@@ -69,6 +69,7 @@ pub async fn run_with_listener(
         offsets: OffsetStorage::State,
         max_batch: 500,
         tick_every: Some(Duration::from_secs(10)),
+        ready: Some(admin.health.clone()),
     };
     let router = api::router(api::ApiState {
         store: store.clone(),
@@ -76,7 +77,6 @@ pub async fn run_with_listener(
     })
     .merge(admin.router());
     let server = tokio::spawn(admin::serve(listener, router, shutdown.clone()));
-    admin.health.set_ready(true);
     info!("profiles running");
     let result = runner::run(
         &config.kafka,

@@ -188,18 +188,24 @@ impl ProfilesProcessor {
             .get_json::<Profile>(&profile_key(id))?
             .unwrap_or_else(|| Profile::new(id));
         let before: Vec<Identifier> = p.identifiers.iter().cloned().collect();
+        let fields_before = p.flat_fields();
         change(&mut p);
         for i in p.identifiers.iter().filter(|i| !before.contains(i)) {
             txn.put(index_key(&i.kind, &i.value), id.as_bytes().to_vec());
         }
-        self.evaluate(txn, &mut p, cause, out)?;
+        let fields_changed = p.flat_fields() != fields_before;
+        self.evaluate(txn, &mut p, fields_changed, cause, out)?;
         txn.put_json(profile_key(id), &p)
     }
 
+    /// Enter and exit records for membership changes; with `fields_changed`, an
+    /// `update` record for each segment the profile stays in, so destinations keep
+    /// current identifiers and traits.
     fn evaluate(
         &self,
         txn: &mut Txn<'_>,
         p: &mut Profile,
+        fields_changed: bool,
         cause: &Cause<'_>,
         out: &mut Vec<Output>,
     ) -> Result<()> {
@@ -231,16 +237,26 @@ impl ProfilesProcessor {
                         seg.condition.describe(),
                     ));
                 }
-                (Some(m), true) if m.version != seg.version => {
-                    p.segments.insert(
-                        seg.id.clone(),
-                        Membership {
-                            version: seg.version,
-                            entered_at: m.entered_at,
-                        },
-                    );
+                (Some(m), true) => {
+                    if m.version != seg.version {
+                        p.segments.insert(
+                            seg.id.clone(),
+                            Membership {
+                                version: seg.version,
+                                entered_at: m.entered_at,
+                            },
+                        );
+                    }
+                    if fields_changed {
+                        changes.push((
+                            seg.id.clone(),
+                            seg.version,
+                            "update",
+                            "profile fields changed".into(),
+                        ));
+                    }
                 }
-                _ => {}
+                (None, false) => {}
             }
         }
         // Memberships of segments that are no longer defined end.
@@ -270,12 +286,16 @@ impl ProfilesProcessor {
         }
         let fields = serde_json::to_string(&p.flat_fields())?;
         for (segment, version, change, reason) in changes {
-            let size_key = segment_size_key(segment);
-            let size: i64 = txn.get_json(&size_key)?.unwrap_or(0);
-            txn.put_json(
-                size_key,
-                &(size + if *change == "enter" { 1 } else { -1 }).max(0),
-            )?;
+            let delta = match *change {
+                "enter" => 1,
+                "exit" => -1,
+                _ => 0,
+            };
+            if delta != 0 {
+                let size_key = segment_size_key(segment);
+                let size: i64 = txn.get_json(&size_key)?.unwrap_or(0);
+                txn.put_json(size_key, &(size + delta).max(0))?;
+            }
             self.metrics
                 .membership
                 .with_label_values(&[segment.as_str(), change])
