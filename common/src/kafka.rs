@@ -2,6 +2,7 @@
 //! after a fatal error), consumer settings, and topic creation.
 
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -74,13 +75,18 @@ pub enum ProduceError {
 pub struct Producer {
     config: ClientConfig,
     inner: RwLock<FutureProducer>,
+    rebuilds: AtomicU64,
 }
 
 impl Producer {
     pub fn new(cfg: &KafkaConfig, client_id: &str) -> Result<Producer> {
         let config = producer_config(cfg, client_id);
         let inner = RwLock::new(config.create()?);
-        Ok(Producer { config, inner })
+        Ok(Producer {
+            config,
+            inner,
+            rebuilds: AtomicU64::new(0),
+        })
     }
 
     fn current(&self) -> FutureProducer {
@@ -128,9 +134,17 @@ impl Producer {
         }
         warn!(?code, %reason, "kafka producer hit a fatal error, building a new one");
         match self.config.create::<FutureProducer>() {
-            Ok(p) => *guard = p,
+            Ok(p) => {
+                *guard = p;
+                self.rebuilds.fetch_add(1, Ordering::Relaxed);
+            }
             Err(e) => warn!(error = %e, "could not rebuild the kafka producer"),
         }
+    }
+
+    /// How many times a fatal error made this producer build a new client.
+    pub fn rebuilds(&self) -> u64 {
+        self.rebuilds.load(Ordering::Relaxed)
     }
 
     /// Waits for queued records to be delivered (used at shutdown).
@@ -206,4 +220,51 @@ pub async fn ensure_topics(
         }
     }
     Err(Error::Kafka(last_err.expect("at least one attempt failed")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    /// A fatal producer error (forced here with librdkafka's mock cluster and the
+    /// gapless guarantee) is never reported as delivered, and the next send goes
+    /// through a rebuilt producer.
+    #[tokio::test]
+    async fn a_fatal_error_fails_the_send_and_the_producer_is_rebuilt() {
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic("t", 1, 1).unwrap();
+        let cfg = KafkaConfig {
+            bootstrap: mock.bootstrap_servers(),
+            fetch_wait_max_ms: 10,
+            linger_ms: 0,
+            message_timeout_ms: 5000,
+            properties: [("enable.gapless.guarantee".to_string(), "true".to_string())].into(),
+        };
+        let producer = Producer::new(&cfg, "fatal-test").unwrap();
+        producer
+            .send("t", b"k", b"ok")
+            .await
+            .expect("the first send is delivered");
+
+        mock.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_PRODUCER_EPOCH],
+        );
+        let err = producer.send("t", b"k", b"lost?").await.unwrap_err();
+        assert!(matches!(err, ProduceError::Unavailable(_)), "{err:?}");
+        assert_eq!(
+            producer.rebuilds(),
+            1,
+            "the fatal error made it build a new producer"
+        );
+        assert!(producer.current().client().fatal_error().is_none());
+
+        mock.clear_request_errors(RDKafkaApiKey::Produce);
+        producer
+            .send("t", b"k", b"again")
+            .await
+            .expect("the rebuilt producer delivers");
+    }
 }
