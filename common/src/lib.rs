@@ -14,6 +14,7 @@ pub mod ids;
 pub mod kafka;
 pub mod records;
 pub mod runner;
+pub mod service;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

@@ -5,8 +5,7 @@
 //! only the fields the destination may receive. Every record has a deterministic
 //! `activation_id`, the same after any replay, so downstream systems can de-duplicate.
 
-use std::sync::Arc;
-
+use axum::Router;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
 use serde_json::{Map, Value};
 use tokio::net::TcpListener;
@@ -17,10 +16,10 @@ use tessera_common::Result;
 use tessera_common::admin::{self, Admin};
 use tessera_common::config::{Config, DestinationConfig};
 use tessera_common::ids::deterministic_id;
-use tessera_common::kafka::{self, Producer, TopicKind};
 use tessera_common::records::{Activation, AvroRecord, MembershipChange};
 use tessera_common::runner::{self, Message, OffsetStorage, Output, Processor, RunnerSpec};
-use tessera_common::store::{RocksStore, SharedStore, Txn};
+use tessera_common::service;
+use tessera_common::store::Txn;
 use tessera_common::topics::Topics;
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
@@ -34,26 +33,13 @@ pub async fn run_with_listener(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let topics = Topics::new(&config.topics);
-    let mut needed = vec![
-        (topics.membership(), TopicKind::Events),
-        (topics.deadletter(), TopicKind::Events),
-    ];
-    needed.extend(
-        config
-            .activation
-            .destinations
-            .iter()
-            .map(|d| (topics.activation(&d.id), TopicKind::Events)),
-    );
-    kafka::ensure_topics(&config.kafka, &config.topics, &needed).await?;
-    let store: SharedStore = Arc::new(RocksStore::open(&config.activation.state_dir)?);
-    let producer = Arc::new(Producer::new(&config.kafka, "tessera-activation")?);
-    let admin = Admin::new();
-    let processor = ActivationProcessor::new(
-        topics.clone(),
-        config.activation.destinations.clone(),
-        &admin,
-    );
+    let destinations = &config.activation.destinations;
+    let mut needed = vec![topics.membership(), topics.deadletter()];
+    needed.extend(destinations.iter().map(|d| topics.activation(&d.id)));
+    let parts =
+        service::prepare(&config, "activation", &config.activation.state_dir, &needed).await?;
+    info!(destinations = destinations.len(), "destinations configured");
+    let processor = ActivationProcessor::new(topics.clone(), destinations.clone(), &parts.admin);
     let spec = RunnerSpec {
         service: "activation",
         group_id: topics.group("activation"),
@@ -61,27 +47,18 @@ pub async fn run_with_listener(
         offsets: OffsetStorage::State,
         max_batch: 500,
         tick_every: None,
-        ready: Some(admin.health.clone()),
+        ready: None,
     };
-    let server = tokio::spawn(admin::serve(listener, admin.router(), shutdown.clone()));
-    info!(
-        destinations = config.activation.destinations.len(),
-        "activation running"
-    );
-    let result = runner::run(
-        &config.kafka,
+    service::run(
+        &config,
+        parts,
+        listener,
+        Router::new(),
         spec,
         processor,
-        store,
-        producer.clone(),
-        &admin.registry,
-        shutdown.clone(),
+        shutdown,
     )
-    .await;
-    shutdown.cancel();
-    let _ = server.await;
-    producer.flush(tessera_common::shutdown::GRACE);
-    result
+    .await
 }
 
 pub struct ActivationProcessor {

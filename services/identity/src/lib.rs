@@ -10,8 +10,7 @@
 
 pub mod graph;
 
-use std::sync::Arc;
-
+use axum::Router;
 use prometheus::{IntCounter, IntCounterVec, Opts};
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -21,10 +20,10 @@ use tracing::{info, warn};
 use tessera_common::Result;
 use tessera_common::admin::{self, Admin};
 use tessera_common::config::Config;
-use tessera_common::kafka::{self, Producer, TopicKind};
 use tessera_common::records::{AvroRecord, IngestedEvent, ResolvedEvent};
 use tessera_common::runner::{self, Message, OffsetStorage, Output, Processor, RunnerSpec};
-use tessera_common::store::{RocksStore, SharedStore, Txn};
+use tessera_common::service;
+use tessera_common::store::Txn;
 use tessera_common::topics::Topics;
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
@@ -38,21 +37,15 @@ pub async fn run_with_listener(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let topics = Topics::new(&config.topics);
-    kafka::ensure_topics(
-        &config.kafka,
-        &config.topics,
-        &[
-            (topics.ingested(), TopicKind::Events),
-            (topics.resolved(), TopicKind::Events),
-            (topics.merges(), TopicKind::Events),
-            (topics.deadletter(), TopicKind::Events),
-        ],
-    )
-    .await?;
-    let store: SharedStore = Arc::new(RocksStore::open(&config.identity.state_dir)?);
-    let producer = Arc::new(Producer::new(&config.kafka, "tessera-identity")?);
-    let admin = Admin::new();
-    let processor = IdentityProcessor::new(topics.clone(), &admin);
+    let produced = [
+        topics.ingested(),
+        topics.resolved(),
+        topics.merges(),
+        topics.deadletter(),
+    ];
+    let parts =
+        service::prepare(&config, "identity", &config.identity.state_dir, &produced).await?;
+    let processor = IdentityProcessor::new(topics.clone(), &parts.admin);
     let spec = RunnerSpec {
         service: "identity",
         group_id: topics.group("identity"),
@@ -60,24 +53,18 @@ pub async fn run_with_listener(
         offsets: OffsetStorage::State,
         max_batch: 500,
         tick_every: None,
-        ready: Some(admin.health.clone()),
+        ready: None,
     };
-    let server = tokio::spawn(admin::serve(listener, admin.router(), shutdown.clone()));
-    info!("identity running");
-    let result = runner::run(
-        &config.kafka,
+    service::run(
+        &config,
+        parts,
+        listener,
+        Router::new(),
         spec,
         processor,
-        store,
-        producer.clone(),
-        &admin.registry,
-        shutdown.clone(),
+        shutdown,
     )
-    .await;
-    shutdown.cancel();
-    let _ = server.await;
-    producer.flush(tessera_common::shutdown::GRACE);
-    result
+    .await
 }
 
 pub struct IdentityProcessor {
