@@ -190,16 +190,15 @@ impl ClientContext for RunnerContext {
                 if *partition < 0 || p.hi_offset < 0 {
                     continue;
                 }
-                let position = if p.app_offset >= 0 {
-                    p.app_offset
-                } else {
-                    p.committed_offset
-                };
-                if position >= 0 {
-                    self.lag
-                        .with_label_values(&[topic.as_str(), &partition.to_string()])
-                        .set((p.hi_offset - position).max(0));
-                }
+                // Where this consumer stands: what it consumed, else what the group
+                // committed, else the log start (auto.offset.reset is earliest).
+                let position = [p.app_offset, p.committed_offset, p.lo_offset]
+                    .into_iter()
+                    .find(|o| *o >= 0)
+                    .unwrap_or(p.hi_offset);
+                self.lag
+                    .with_label_values(&[topic.as_str(), &partition.to_string()])
+                    .set((p.hi_offset - position).max(0));
             }
         }
     }
