@@ -8,12 +8,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::body::{Body, to_bytes};
+use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine;
+use futures::StreamExt;
 use serde_json::{Value, json};
 use tracing::{debug, warn};
 
@@ -34,6 +35,9 @@ pub struct AppState {
     /// write key → source name
     pub sources: HashMap<String, String>,
 }
+
+/// How much of an oversized body is read (and thrown away) before answering 413.
+const DRAIN_CAP: usize = 8 * 1024 * 1024;
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -151,17 +155,40 @@ async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Vec
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-        && len > limit
+        && len > DRAIN_CAP
     {
+        // Far too large to bother reading: answer now and let the connection close.
         return Err(too_large());
     }
-    let raw = to_bytes(body, limit).await.map_err(|_| too_large())?;
+    // Read up to the limit; past it, read and discard up to DRAIN_CAP so the client,
+    // still sending, gets to read the 413 instead of a reset connection.
+    let mut stream = body.into_data_stream();
+    let mut raw: Vec<u8> = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "unreadable_body",
+                format!("request body could not be read: {e}"),
+            )
+        })?;
+        seen += chunk.len();
+        if seen <= limit {
+            raw.extend_from_slice(&chunk);
+        } else if seen > DRAIN_CAP {
+            break;
+        }
+    }
+    if seen > limit {
+        return Err(too_large());
+    }
     let encoding = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .map(|v| v.trim().to_ascii_lowercase());
     match encoding.as_deref() {
-        None | Some("") | Some("identity") => Ok(raw.to_vec()),
+        None | Some("") | Some("identity") => Ok(raw),
         Some("gzip") | Some("x-gzip") => {
             // Stop reading one byte past the limit: a decompression bomb costs at most that.
             let mut out = Vec::with_capacity(raw.len() * 4);
