@@ -424,3 +424,28 @@ pub fn python_with_segment_sdk() -> PathBuf {
     })
     .clone()
 }
+
+/// A folder whose `node_modules` holds the unmodified `@rudderstack/rudder-sdk-node`
+/// from npm, cached outside the clone. Run scripts with `NODE_PATH=<it>/node_modules`.
+pub fn node_with_rudderstack_sdk() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = cache_dir().join("node-rudderstack-sdk");
+        let marker = dir.join("node_modules/@rudderstack/rudder-sdk-node/package.json");
+        if !marker.exists() {
+            std::fs::create_dir_all(&dir).expect("cache dir");
+            let status = Command::new("npm")
+                .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+                .arg(&dir)
+                .arg("@rudderstack/rudder-sdk-node@3.0.13")
+                .status()
+                .expect("npm runs");
+            assert!(
+                status.success() && marker.exists(),
+                "npm install @rudderstack/rudder-sdk-node failed"
+            );
+        }
+        dir
+    })
+    .clone()
+}

@@ -194,6 +194,47 @@ async fn rudderstack_node_wire_form_gzip_with_a_form_content_type() {
     p.stop().await;
 }
 
+/// The real RudderStack Node SDK, unmodified: gzip bodies labelled as a form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rudderstack_node_sdk_events_reach_the_profile() {
+    let p = Platform::start().await;
+    let sdk = node_with_rudderstack_sdk();
+    let user = uid("grace");
+    let email = format!("{user}@example.org");
+    let out = tokio::process::Command::new("node")
+        .arg(repo_root().join("tests/sdk/rudderstack_node.js"))
+        .args([p.ingest.as_str(), WRITE_KEY, &user, &email])
+        .env("NODE_PATH", sdk.join("node_modules"))
+        .output()
+        .await
+        .expect("node runs");
+    assert!(
+        out.status.success(),
+        "the SDK reported errors: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let profile = p
+        .wait_profile("email", &email, "both SDK events", |v| {
+            v["events_total"] == 2
+        })
+        .await;
+    assert_eq!(profile["traits"]["first_name"], "Grace");
+    assert_eq!(profile["event_counts"]["Order Completed"], 1);
+    let metrics = http()
+        .get(format!("{}/metrics", p.ingest))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"tessera_ingest_http_requests_total{endpoint="batch",status="200"}"#),
+        "{metrics}"
+    );
+    p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_bad_input_class_gets_its_status_and_reason() {
     let p = Platform::start().await;
@@ -647,6 +688,34 @@ async fn health_readiness_and_metrics_are_served_by_every_service() {
     )
     .await;
     assert!(activation.contains(r#"tessera_activation_records_total{action="add",destination="email-demo",outcome="sent"} 1"#), "{activation}");
+    // Consumer lag comes from librdkafka statistics (every 5 s), per topic and partition.
+    // Labels are sorted by name, so the topic label ends the series name.
+    let resolved = p.topics().resolved();
+    let lag_gauges = eventually(
+        "a consumer lag gauge per partition",
+        Duration::from_secs(30),
+        || {
+            let url = format!("{}/metrics", p.profiles);
+            let topic_label = format!(r#"topic="{resolved}""#);
+            async move {
+                let text = http().get(url).send().await.ok()?.text().await.ok()?;
+                let gauges: Vec<String> = text
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("tessera_profiles_consumer_lag_records{")
+                            && l.contains(&topic_label)
+                    })
+                    .map(str::to_string)
+                    .collect();
+                (gauges.len() == 3).then_some(gauges)
+            }
+        },
+    )
+    .await;
+    assert!(
+        lag_gauges.iter().all(|l| l.ends_with(" 0")),
+        "caught up: {lag_gauges:?}"
+    );
     let segments: Value = http()
         .get(format!("{}/v1/segments", p.profiles))
         .send()
