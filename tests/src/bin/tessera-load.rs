@@ -9,19 +9,23 @@
 //! `tessera-load null --rate 200 --seconds 20 --hops 4` measures the same number of
 //! Kafka hops with plain rdkafka consume → produce relays and no Tessera logic, with the
 //! same producer and consumer settings: the floor the pipeline is compared with.
+//!
+//! Both first send `--warmup` seconds of traffic that is not measured (page views, which
+//! cause no activation; records the null reader ignores).
 
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use futures::FutureExt;
 use hdrhistogram::Histogram;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use tessera_common::config::Config;
-use tessera_common::kafka::{consumer_config, producer_config};
+use tessera_common::kafka::{TopicKind, consumer_config, ensure_topics, producer_config};
 use tessera_common::records::{Activation, AvroRecord};
 use tessera_tests::{Platform, WRITE_KEY, bootstrap};
 
@@ -39,6 +43,8 @@ enum Mode {
         rate: u64,
         #[arg(long, default_value_t = 20)]
         seconds: u64,
+        #[arg(long, default_value_t = 5)]
+        warmup: u64,
         /// Events per HTTP request (1 = /v1/track, more = /v1/batch).
         #[arg(long, default_value_t = 1)]
         batch: usize,
@@ -49,6 +55,8 @@ enum Mode {
         rate: u64,
         #[arg(long, default_value_t = 20)]
         seconds: u64,
+        #[arg(long, default_value_t = 5)]
+        warmup: u64,
         #[arg(long, default_value_t = 4)]
         hops: usize,
     },
@@ -61,7 +69,7 @@ fn now_us() -> i64 {
 fn report(name: &str, h: &Histogram<u64>, expected: u64, wall: Duration) {
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     println!(
-        "{name}: {} of {expected} records in {:.1} s ({:.0}/s); latency ms p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
+        "{name}: {} of {expected} in {:.1} s ({:.0}/s); latency ms p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
         h.len(),
         wall.as_secs_f64(),
         h.len() as f64 / wall.as_secs_f64(),
@@ -78,49 +86,42 @@ async fn main() -> anyhow::Result<()> {
         Mode::Pipeline {
             rate,
             seconds,
+            warmup,
             batch,
-        } => pipeline(rate, seconds, batch).await,
+        } => pipeline(rate, seconds, warmup, batch).await,
         Mode::Null {
             rate,
             seconds,
+            warmup,
             hops,
-        } => null(rate, seconds, hops).await,
+        } => null(rate, seconds, warmup, hops).await,
     }
 }
 
-async fn pipeline(rate: u64, seconds: u64, batch: usize) -> anyhow::Result<()> {
-    let platform = Platform::start().await;
-    let topic = platform.topics().activation("email-demo");
-    let total = rate * seconds;
-    let reader = tokio::spawn(read_latencies(
-        topic,
-        total,
-        Duration::from_secs(seconds + 30),
-        |payload| {
-            let a = Activation::from_avro(payload).ok()?;
-            Some(now_us() - a.received_at * 1000)
-        },
-    ));
+/// Sends `rate` events a second for `seconds` over HTTP, `batch` per request, each for a
+/// new user. Returns the request latencies and how many requests were not answered 200.
+async fn send_paced(
+    ingest: &str,
+    rate: u64,
+    seconds: u64,
+    batch: usize,
+    event: &str,
+) -> anyhow::Result<(Histogram<u64>, u64, Duration)> {
     let client = reqwest::Client::new();
-    let mut http_h = Histogram::<u64>::new(3)?;
     let run = uuid::Uuid::new_v4().simple().to_string();
-    let requests = total.div_ceil(batch as u64);
+    let requests = (rate * seconds).div_ceil(batch as u64);
     let interval = Duration::from_secs_f64(batch as f64 / rate as f64);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for r in 0..requests {
-        let due = started + interval.mul_f64(r as f64);
-        tokio::time::sleep_until(due.into()).await;
-        let events: Vec<_> = (0..batch as u64)
-            .map(|i| json!({"type": "track", "userId": format!("{run}-{}", r * batch as u64 + i), "event": "Order Completed"}))
+        tokio::time::sleep_until((started + interval.mul_f64(r as f64)).into()).await;
+        let events: Vec<Value> = (0..batch as u64)
+            .map(|i| json!({"type": "track", "userId": format!("{run}-{}", r * batch as u64 + i), "event": event}))
             .collect();
         let (url, body) = if batch == 1 {
-            (format!("{}/v1/track", platform.ingest), events[0].clone())
+            (format!("{ingest}/v1/track"), events[0].clone())
         } else {
-            (
-                format!("{}/v1/batch", platform.ingest),
-                json!({"batch": events}),
-            )
+            (format!("{ingest}/v1/batch"), json!({ "batch": events }))
         };
         let c = client.clone();
         tasks.push(tokio::spawn(async move {
@@ -135,31 +136,51 @@ async fn pipeline(rate: u64, seconds: u64, batch: usize) -> anyhow::Result<()> {
             (ok, t.elapsed())
         }));
     }
+    let mut h = Histogram::<u64>::new(3)?;
     let mut rejected = 0;
     for t in tasks {
         let (ok, took) = t.await?;
         if ok {
-            http_h.record(took.as_micros() as u64)?;
+            h.record(took.as_micros() as u64)?;
         } else {
             rejected += 1;
         }
     }
-    let (h, wall) = reader.await??;
+    Ok((h, rejected, started.elapsed()))
+}
+
+async fn pipeline(rate: u64, seconds: u64, warmup: u64, batch: usize) -> anyhow::Result<()> {
+    let platform = Platform::start().await;
+    send_paced(&platform.ingest, rate, warmup, batch, "Page Viewed").await?;
+    let total = rate * seconds;
+    let reader = tokio::spawn(read_latencies(
+        platform.topics().activation("email-demo"),
+        total,
+        Duration::from_secs(seconds + 30),
+        |payload| {
+            Activation::from_avro(payload)
+                .ok()
+                .map(|a| now_us() - a.received_at * 1000)
+        },
+    ));
+    let (http_h, rejected, wall) =
+        send_paced(&platform.ingest, rate, seconds, batch, "Order Completed").await?;
+    let (h, read_wall) = reader.await??;
     println!(
-        "pipeline: rate {rate}/s for {seconds} s, {batch} event(s) per request, {rejected} requests not answered 200"
+        "pipeline: {rate} events/s for {seconds} s after {warmup} s of warm-up, {batch} event(s) per request, {rejected} requests not answered 200"
     );
     report(
         "http request (send → 200)",
         &http_h,
-        requests,
-        started.elapsed(),
+        total.div_ceil(batch as u64),
+        wall,
     );
-    report("HTTP accept → activation record", &h, total, wall);
+    report("HTTP accept → activation record", &h, total, read_wall);
     platform.stop().await;
     Ok(())
 }
 
-/// Reads `topic` until `expected` latencies are in or `timeout` passes.
+/// Reads `topic` from the beginning until `expected` latencies are in or `timeout` passes.
 async fn read_latencies(
     topic: String,
     expected: u64,
@@ -185,7 +206,7 @@ async fn read_latencies(
     Ok((h, started.elapsed()))
 }
 
-async fn null(rate: u64, seconds: u64, hops: usize) -> anyhow::Result<()> {
+async fn null(rate: u64, seconds: u64, warmup: u64, hops: usize) -> anyhow::Result<()> {
     let cfg = Config::load_without_env(None)?;
     let mut kafka = cfg.kafka.clone();
     kafka.bootstrap = bootstrap().to_string();
@@ -193,16 +214,14 @@ async fn null(rate: u64, seconds: u64, hops: usize) -> anyhow::Result<()> {
     let topics: Vec<String> = (0..=hops).map(|i| format!("{prefix}hop{i}")).collect();
     let topics_cfg = tessera_common::config::TopicsConfig {
         prefix: prefix.clone(),
-        partitions: 6,
         ..cfg.topics.clone()
     };
     let names: Vec<_> = topics
         .iter()
-        .map(|t| (t.clone(), tessera_common::kafka::TopicKind::Events))
+        .map(|t| (t.clone(), TopicKind::Events))
         .collect();
-    tessera_common::kafka::ensure_topics(&kafka, &topics_cfg, &names).await?;
+    ensure_topics(&kafka, &topics_cfg, &names).await?;
 
-    // Relays hop i → i+1, each waiting for the produce acknowledgement like the services.
     for i in 0..hops {
         let consumer: StreamConsumer =
             consumer_config(&kafka, "null-relay", &format!("{prefix}relay{i}")).create()?;
@@ -211,17 +230,57 @@ async fn null(rate: u64, seconds: u64, hops: usize) -> anyhow::Result<()> {
         let out = topics[i + 1].clone();
         tokio::spawn(async move {
             loop {
-                let Ok(m) = consumer.recv().await else {
+                // Like any sensible relay (and Tessera's runner): take what is ready,
+                // send it all, wait for every acknowledgement.
+                let Ok(first) = consumer.recv().await else {
                     continue;
                 };
-                let rec = FutureRecord::to(&out)
-                    .key(m.key().unwrap_or_default())
-                    .payload(m.payload().unwrap_or_default());
-                let _ = producer.send(rec, Duration::from_secs(10)).await;
+                let mut batch = vec![first.detach()];
+                while batch.len() < 500 {
+                    match consumer.recv().now_or_never() {
+                        Some(Ok(m)) => batch.push(m.detach()),
+                        _ => break,
+                    }
+                }
+                let sends = batch.iter().map(|m| {
+                    let rec = FutureRecord::to(&out)
+                        .key(m.key().unwrap_or_default())
+                        .payload(m.payload().unwrap_or_default());
+                    producer.send(rec, Duration::from_secs(10))
+                });
+                futures::future::join_all(sends).await;
             }
         });
     }
-    tokio::time::sleep(Duration::from_secs(3)).await; // let the relays join their groups
+    let producer: FutureProducer = producer_config(&kafka, "null-source").create()?;
+    let produce_paced = |seconds: u64, measured: bool| {
+        let (producer, first) = (producer.clone(), topics[0].clone());
+        async move {
+            let interval = Duration::from_secs_f64(1.0 / rate as f64);
+            let started = Instant::now();
+            let mut pending = Vec::new();
+            for i in 0..rate * seconds {
+                tokio::time::sleep_until((started + interval.mul_f64(i as f64)).into()).await;
+                let (p, first) = (producer.clone(), first.clone());
+                pending.push(tokio::spawn(async move {
+                    let payload = if measured {
+                        now_us().to_string()
+                    } else {
+                        "warmup".to_string()
+                    };
+                    let key = i.to_string();
+                    p.send(
+                        FutureRecord::to(&first).key(&key).payload(&payload),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .is_ok()
+                }));
+            }
+            futures::future::join_all(pending).await;
+        }
+    };
+    produce_paced(warmup, false).await;
     let total = rate * seconds;
     let reader = tokio::spawn(read_latencies(
         topics[hops].clone(),
@@ -235,31 +294,10 @@ async fn null(rate: u64, seconds: u64, hops: usize) -> anyhow::Result<()> {
                 .map(|sent| now_us() - sent)
         },
     ));
-    let producer: FutureProducer = producer_config(&kafka, "null-source").create()?;
-    let interval = Duration::from_secs_f64(1.0 / rate as f64);
-    let started = Instant::now();
-    let mut pending = Vec::new();
-    for i in 0..total {
-        tokio::time::sleep_until((started + interval.mul_f64(i as f64)).into()).await;
-        let p = producer.clone();
-        let first = topics[0].clone();
-        pending.push(tokio::spawn(async move {
-            let payload = now_us().to_string();
-            let key = i.to_string();
-            p.send(
-                FutureRecord::to(&first).key(&key).payload(&payload),
-                Duration::from_secs(10),
-            )
-            .await
-            .is_ok()
-        }));
-    }
-    for p in pending {
-        p.await?;
-    }
+    produce_paced(seconds, true).await;
     let (h, wall) = reader.await??;
     println!(
-        "null pipeline: rate {rate}/s for {seconds} s, {hops} consume→produce hops, linger {} ms, fetch wait {} ms",
+        "null pipeline: {rate} records/s for {seconds} s after {warmup} s of warm-up, {hops} consume→produce hops, linger {} ms, fetch wait {} ms",
         kafka.linger_ms, kafka.fetch_wait_max_ms
     );
     report("produce → last hop consumed", &h, total, wall);
