@@ -95,11 +95,18 @@ fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
 
 /// The next offset to consume for a partition, as stored with the state.
 pub fn stored_offset(store: &SharedStore, topic: &str, partition: i32) -> Result<Option<i64>> {
-    Ok(store.get(&offset_key(topic, partition))?.map(|v| {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&v[..8]);
-        i64::from_be_bytes(b)
-    }))
+    match store.get(&offset_key(topic, partition))? {
+        None => Ok(None),
+        Some(v) => {
+            let bytes: [u8; 8] = v.as_slice().try_into().map_err(|_| {
+                Error::Invalid(format!(
+                    "stored offset of {topic}/{partition} is corrupt ({} bytes)",
+                    v.len()
+                ))
+            })?;
+            Ok(Some(i64::from_be_bytes(bytes)))
+        }
+    }
 }
 
 #[derive(Clone)]

@@ -459,6 +459,20 @@ async fn every_bad_input_class_gets_its_status_and_reason() {
             "{name} has a reason: {answer}"
         );
     }
+    // A browser SDK's CORS preflight is answered for any origin.
+    let preflight = client
+        .request(reqwest::Method::OPTIONS, url("/v1/batch"))
+        .header("Origin", "https://shop.example")
+        .header("Access-Control-Request-Method", "POST")
+        .header(
+            "Access-Control-Request-Headers",
+            "content-type,authorization",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    assert_eq!(preflight.headers()["access-control-allow-origin"], "*");
     // The write key may also come in the body.
     let (status, _, _) = send(
         "/v1/track",

@@ -5,17 +5,18 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine;
 use futures::StreamExt;
 use serde_json::{Value, json};
+use tower_http::cors::{Any, CorsLayer};
 use tracing::{debug, warn};
 
 use tessera_common::kafka::{ProduceError, Producer};
@@ -39,9 +40,22 @@ pub struct AppState {
 /// How much of an oversized body is read (and thrown away) before answering 413.
 const DRAIN_CAP: usize = 8 * 1024 * 1024;
 
+/// The tracking routes. Browser SDKs post from other origins, so preflights are
+/// answered for any origin (write keys are public in browsers by design; they only
+/// name a source).
 pub fn router(state: Arc<AppState>) -> Router {
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::POST, Method::OPTIONS])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::CONTENT_ENCODING,
+        ])
+        .max_age(Duration::from_secs(86_400));
     Router::new()
         .route("/v1/{kind}", post(handle))
+        .layer(cors)
         .with_state(state)
 }
 
