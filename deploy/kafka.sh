@@ -32,7 +32,7 @@ install() {
   log "assembling Apache Kafka $version from Maven Central into $libs"
   local tmp
   tmp="$(mktemp -d "$cache/kafka-tmp.XXXXXX")"
-  (cd "$here/kafka" && mvn -q -B dependency:copy-dependencies -DincludeScope=runtime \
+  (cd "$here/kafka" && mvn -q -B -Dstyle.color=never dependency:copy-dependencies -DincludeScope=runtime \
     -DoutputDirectory="$tmp/libs" >&2)
   mkdir -p "$cache/kafka-$version"
   rm -rf "$libs"

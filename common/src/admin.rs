@@ -48,6 +48,7 @@ impl Admin {
             .route("/healthz", get(|| async { (StatusCode::OK, "ok\n") }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
+            .fallback(not_found)
             .with_state(self.clone())
     }
 
@@ -64,6 +65,13 @@ impl Default for Admin {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Every unknown path, on every service: a JSON refusal like all the others.
+async fn not_found(uri: axum::http::Uri) -> impl IntoResponse {
+    let body =
+        serde_json::json!({"error": "not_found", "reason": format!("no route for {}", uri.path())});
+    (StatusCode::NOT_FOUND, axum::Json(body))
 }
 
 async fn readyz(State(admin): State<Admin>) -> impl IntoResponse {

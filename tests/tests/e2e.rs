@@ -459,6 +459,16 @@ async fn every_bad_input_class_gets_its_status_and_reason() {
             "{name} has a reason: {answer}"
         );
     }
+    // Wrong method and unknown paths are JSON refusals too.
+    let r = client.get(url("/v1/track")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "method_not_allowed"
+    );
+    let r = client.get(url("/nowhere")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "not_found");
     // A browser SDK's CORS preflight is answered for any origin.
     let preflight = client
         .request(reqwest::Method::OPTIONS, url("/v1/batch"))

@@ -54,7 +54,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         ])
         .max_age(Duration::from_secs(86_400));
     Router::new()
-        .route("/v1/{kind}", post(handle))
+        .route(
+            "/v1/{kind}",
+            post(handle).fallback(|| async {
+                Refusal::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    "use POST",
+                )
+            }),
+        )
         .layer(cors)
         .with_state(state)
 }
