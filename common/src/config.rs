@@ -31,6 +31,11 @@ pub struct KafkaConfig {
     pub fetch_wait_max_ms: u32,
     pub linger_ms: u32,
     pub message_timeout_ms: u32,
+    /// Static group membership: a stable name for this instance (a StatefulSet pod name).
+    /// A restarted instance with the same name gets its partitions back at once instead
+    /// of after the session timeout. Each service appends its own name. Unset: dynamic.
+    #[serde(default)]
+    pub group_instance_id: Option<String>,
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
 }

@@ -41,6 +41,9 @@ pub fn consumer_config(cfg: &KafkaConfig, client_id: &str, group_id: &str) -> Cl
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("statistics.interval.ms", "5000");
+    if let Some(instance) = &cfg.group_instance_id {
+        c.set("group.instance.id", format!("{instance}-{group_id}"));
+    }
     c
 }
 
@@ -240,6 +243,7 @@ mod tests {
             fetch_wait_max_ms: 10,
             linger_ms: 0,
             message_timeout_ms: 5000,
+            group_instance_id: None,
             properties: [("enable.gapless.guarantee".to_string(), "true".to_string())].into(),
         };
         let producer = Producer::new(&cfg, "fatal-test").unwrap();

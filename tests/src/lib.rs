@@ -353,6 +353,7 @@ impl ServiceProcess {
             .arg(&self.config_file)
             .env_remove("KAFKA_BOOTSTRAP")
             .env("RUST_LOG", "info")
+            .env("TESSERA_LOG_FORMAT", "json")
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
@@ -375,6 +376,27 @@ impl ServiceProcess {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Time from the last start of the process to its consumer's first partition
+    /// assignment after it, read from the JSON log; `None` if it has not happened.
+    pub fn recovery(&self) -> Option<Duration> {
+        let mut started = None;
+        let mut assigned = None;
+        for line in self.log().lines() {
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            let at = v["timestamp"]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+            match v["message"].as_str() {
+                Some("starting") => (started, assigned) = (at, None),
+                Some("partitions assigned") if assigned.is_none() => assigned = at,
+                _ => {}
+            }
+        }
+        (assigned? - started?).to_std().ok()
     }
 }
 

@@ -767,6 +767,9 @@ async fn services_killed_with_sigkill_mid_stream_lose_and_double_count_nothing()
     tessera_common::telemetry::init();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(dir.path());
+    // As in a StatefulSet: a restarted instance keeps its name and gets its partitions
+    // back at once.
+    cfg.kafka.group_instance_id = Some("pod-0".into());
     let mut ports = Vec::new();
     for listen in [
         &mut cfg.ingest.http_listen,
@@ -865,12 +868,21 @@ async fn services_killed_with_sigkill_mid_stream_lose_and_double_count_nothing()
         records.len()
     );
     for name in ["profiles", "identity", "activation"] {
+        eprintln!(
+            "sigkill test: {name} restart to partitions assigned: {:?}",
+            services[name].recovery()
+        );
         let log = services[name].log();
         assert_eq!(
-            log.matches(" starting").count(),
+            log.matches(r#""message":"starting""#).count(),
             2,
             "{name} ran twice: {log}"
         );
+        assert!(
+            services[name].recovery().is_some(),
+            "{name} consumed again after its restart"
+        );
+        assert!(!log.contains(&run), "{name} logged a user id");
     }
 }
 
