@@ -85,6 +85,8 @@ pub struct RunnerSpec {
     pub tick_every: Option<Duration>,
     /// Set ready once the group has assigned this consumer its partitions.
     pub ready: Option<Arc<Health>>,
+    /// Where records that make the processor panic go (`events.deadletter`).
+    pub dead_letter_topic: String,
 }
 
 const OFFSET_PREFIX: &str = "~offset/";
@@ -116,6 +118,7 @@ struct RunnerMetrics {
     produce_retries: IntCounterVec,
     batch_seconds: Histogram,
     lag: IntGaugeVec,
+    panics: prometheus::IntCounter,
 }
 
 impl RunnerMetrics {
@@ -172,12 +175,19 @@ impl RunnerMetrics {
             .register(Box::new(batch_seconds.clone()))
             .map_err(reg)?;
         registry.register(Box::new(lag.clone())).map_err(reg)?;
+        let panics = prometheus::IntCounter::new(
+            format!("tessera_{service}_processor_panics_total"),
+            "Records dead-lettered because the processor panicked on them",
+        )
+        .map_err(reg)?;
+        registry.register(Box::new(panics.clone())).map_err(reg)?;
         Ok(RunnerMetrics {
             consumed,
             produced,
             produce_retries,
             batch_seconds,
             lag,
+            panics,
         })
     }
 }
@@ -338,12 +348,30 @@ pub async fn run<P: Processor>(
 
         // 1. Process (RocksDB reads and CPU work) off the async threads.
         let st = store.clone();
+        let (dead_letter_topic, panics) = (spec.dead_letter_topic.clone(), metrics.panics.clone());
         let (p, result) = tokio::task::spawn_blocking(move || {
             let mut txn = Txn::new(st.as_ref());
             let mut out = Vec::new();
             let r = (|| {
                 for m in &batch {
-                    processor.process(m, &mut txn, &mut out)?;
+                    let (savepoint, produced) = (txn.savepoint(), out.len());
+                    let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        processor.process(m, &mut txn, &mut out)
+                    }));
+                    match attempt {
+                        Ok(r) => r?,
+                        Err(panic) => {
+                            // A record that makes the processor panic would do so on every
+                            // replay: undo what it did and dead-letter it, so the service
+                            // does not crash-loop on it.
+                            txn.rollback_to(savepoint);
+                            out.truncate(produced);
+                            let what = panic_message(&panic);
+                            error!(topic = %m.topic, partition = m.partition, offset = m.offset, panic = %what, "record dead-lettered: the processor panicked");
+                            panics.inc();
+                            out.push(dead_letter(&dead_letter_topic, m, &format!("processor panicked: {what}"))?);
+                        }
+                    }
                 }
                 if tick_now {
                     processor.tick(crate::now_ms(), &mut txn, &mut out)?;
@@ -408,7 +436,7 @@ pub async fn run<P: Processor>(
 
 /// A record a service cannot decode goes to the dead-letter topic with its position
 /// and original bytes, so nothing is silently dropped.
-pub fn dead_letter(topics: &crate::topics::Topics, msg: &Message, reason: &str) -> Result<Output> {
+pub fn dead_letter(topic: &str, msg: &Message, reason: &str) -> Result<Output> {
     use crate::records::{AvroRecord, DeadLetter};
     let d = DeadLetter {
         origin: "kafka".into(),
@@ -422,10 +450,18 @@ pub fn dead_letter(topics: &crate::topics::Topics, msg: &Message, reason: &str) 
         original: msg.payload.clone().unwrap_or_default(),
     };
     Ok(Output {
-        topic: topics.deadletter(),
+        topic: topic.to_string(),
         key: msg.topic.clone().into_bytes(),
         payload: d.to_avro()?,
     })
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 fn owned(m: rdkafka::message::BorrowedMessage<'_>) -> Message {

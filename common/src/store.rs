@@ -134,12 +134,17 @@ impl Store for MemStore {
     }
 }
 
+/// A buffered write: a value, or `None` for a delete.
+type Pending = Option<Vec<u8>>;
+
 /// Buffered writes over a store. Reads see the buffer first. Nothing reaches the store
 /// until the runner commits the batch together with the consumed offsets.
 pub struct Txn<'a> {
     store: &'a dyn Store,
     pending: HashMap<Vec<u8>, Option<Vec<u8>>>,
     order: Vec<Vec<u8>>,
+    /// Each write's key and what `pending` held for it before, for [`Txn::rollback_to`].
+    undo: Vec<(Vec<u8>, Option<Pending>)>,
 }
 
 impl<'a> Txn<'a> {
@@ -148,6 +153,7 @@ impl<'a> Txn<'a> {
             store,
             pending: HashMap::new(),
             order: Vec::new(),
+            undo: Vec::new(),
         }
     }
 
@@ -189,8 +195,32 @@ impl<'a> Txn<'a> {
     }
 
     fn set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
-        if self.pending.insert(key.clone(), value).is_none() {
-            self.order.push(key);
+        let before = self.pending.insert(key.clone(), value);
+        if before.is_none() {
+            self.order.push(key.clone());
+        }
+        self.undo.push((key, before));
+    }
+
+    /// A point to roll back to: the writes made so far.
+    pub fn savepoint(&self) -> usize {
+        self.undo.len()
+    }
+
+    /// Forgets every write made since `savepoint`.
+    pub fn rollback_to(&mut self, savepoint: usize) {
+        while self.undo.len() > savepoint {
+            let (key, before) = self.undo.pop().expect("undo is longer than the savepoint");
+            match before {
+                Some(v) => {
+                    self.pending.insert(key, v);
+                }
+                None => {
+                    // Its first write pushed it last onto `order` among what remains.
+                    self.pending.remove(&key);
+                    self.order.pop();
+                }
+            }
         }
     }
 
@@ -236,6 +266,25 @@ mod tests {
         store.write(txn.into_batch()).unwrap();
         assert_eq!(store.get(b"a/1").unwrap(), None);
         assert_eq!(store.get(b"a/3").unwrap(), Some(b"w".to_vec()));
+    }
+
+    #[test]
+    fn rollback_forgets_writes_since_the_savepoint() {
+        let store = MemStore::default();
+        let mut txn = Txn::new(&store);
+        txn.put(b"a".to_vec(), b"1".to_vec());
+        let sp = txn.savepoint();
+        txn.put(b"a".to_vec(), b"2".to_vec());
+        txn.put(b"b".to_vec(), b"x".to_vec());
+        txn.delete(b"a".to_vec());
+        txn.rollback_to(sp);
+        assert_eq!(txn.get(b"a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(txn.get(b"b").unwrap(), None);
+        txn.put(b"c".to_vec(), b"3".to_vec());
+        store.write(txn.into_batch()).unwrap();
+        assert_eq!(store.get(b"a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(store.get(b"b").unwrap(), None);
+        assert_eq!(store.get(b"c").unwrap(), Some(b"3".to_vec()));
     }
 
     #[test]

@@ -886,9 +886,10 @@ async fn services_killed_with_sigkill_mid_stream_lose_and_double_count_nothing()
     }
 }
 
-/// The runner's own guarantee, with no de-duplication to hide mistakes: a processor
-/// that counts records per key crashes in the middle of a batch; restarted on the same
+/// The runner's own guarantees, with no de-duplication to hide mistakes: a processor
+/// that counts records per key fails in the middle of a batch; restarted on the same
 /// RocksDB, it resumes from the offsets stored with the state, and every count is exact.
+/// A record that makes the processor panic is dead-lettered once, its writes undone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn runner_commits_state_and_offsets_together_across_a_crash() {
     use std::sync::Arc;
@@ -898,10 +899,14 @@ async fn runner_commits_state_and_offsets_together_across_a_crash() {
     use tessera_common::runner::{self, Message, OffsetStorage, Output, Processor, RunnerSpec};
     use tessera_common::store::{RocksStore, SharedStore, Txn};
 
+    /// Counts records per key. Fails (the service cannot go on) at `crash_at` of
+    /// partition 0; panics on `POISON` of partition 1 after writing, as a poison record
+    /// would on every replay.
     struct Counter {
         crash_at: Option<i64>,
         out_topic: String,
     }
+    const POISON: i64 = 3;
     impl Processor for Counter {
         fn process(
             &mut self,
@@ -910,7 +915,11 @@ async fn runner_commits_state_and_offsets_together_across_a_crash() {
             out: &mut Vec<Output>,
         ) -> tessera_common::Result<()> {
             if self.crash_at == Some(msg.offset) && msg.partition == 0 {
-                panic!("simulated crash in the middle of a batch");
+                return Err(tessera_common::Error::Invalid("simulated crash".into()));
+            }
+            if msg.offset == POISON && msg.partition == 1 {
+                txn.put(b"poison/written".to_vec(), b"x".to_vec());
+                panic!("poisoned record");
             }
             let key = format!(
                 "count/{}",
@@ -934,12 +943,14 @@ async fn runner_commits_state_and_offsets_together_across_a_crash() {
         format!("{}runner-in", cfg.topics.prefix),
         format!("{}runner-out", cfg.topics.prefix),
     );
+    let dead_letter_topic = format!("{}runner-dead", cfg.topics.prefix);
     ensure_topics(
         &cfg.kafka,
         &cfg.topics,
         &[
             (input.clone(), TopicKind::Events),
             (output.clone(), TopicKind::Events),
+            (dead_letter_topic.clone(), TopicKind::Events),
         ],
     )
     .await
@@ -970,6 +981,7 @@ async fn runner_commits_state_and_offsets_together_across_a_crash() {
         max_batch: 7,
         tick_every: None,
         ready: None,
+        dead_letter_topic: dead_letter_topic.clone(),
     };
     let total = |store: &SharedStore| -> u64 {
         (0..KEYS)
@@ -982,7 +994,7 @@ async fn runner_commits_state_and_offsets_together_across_a_crash() {
             .sum()
     };
 
-    // First run: crashes when it reaches offset 40 of partition 0.
+    // First run: fails when it reaches offset 40 of partition 0.
     let crashed = runner::run(
         &cfg.kafka,
         spec(),
@@ -996,7 +1008,7 @@ async fn runner_commits_state_and_offsets_together_across_a_crash() {
         tokio_util::sync::CancellationToken::new(),
     )
     .await;
-    assert!(crashed.is_err(), "the processor crashed");
+    assert!(crashed.is_err(), "the processor failed");
     let before = total(&store);
     assert!(
         before > 0 && before < (KEYS * PER_KEY) as u64,
@@ -1032,31 +1044,59 @@ async fn runner_commits_state_and_offsets_together_across_a_crash() {
     });
     eventually("every record counted", Duration::from_secs(60), || {
         let store = store.clone();
-        async move { (total(&store) >= (KEYS * PER_KEY) as u64).then_some(()) }
+        async move { (total(&store) + 1 >= (KEYS * PER_KEY) as u64).then_some(()) }
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.cancel();
     task.await.unwrap().unwrap();
-    for k in 0..KEYS {
-        let n: u64 = serde_json::from_slice(
-            &store
-                .get(format!("count/k{k}").as_bytes())
-                .unwrap()
-                .unwrap(),
-        )
-        .unwrap();
-        assert_eq!(
-            n, PER_KEY as u64,
-            "key k{k} counted exactly once per record"
-        );
-    }
-    // Outputs are at-least-once: everything produced, replays allowed.
-    let outputs = read_topic(&output, Duration::from_secs(30), |rs| {
-        rs.len() >= KEYS * PER_KEY
+    // Every record counted exactly once, except the poison record, counted never.
+    let counts: Vec<u64> = (0..KEYS)
+        .map(|k| {
+            serde_json::from_slice(
+                &store
+                    .get(format!("count/k{k}").as_bytes())
+                    .unwrap()
+                    .unwrap(),
+            )
+            .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        counts.iter().filter(|n| **n == PER_KEY as u64).count(),
+        KEYS - 1,
+        "{counts:?}"
+    );
+    assert_eq!(
+        counts.iter().filter(|n| **n == PER_KEY as u64 - 1).count(),
+        1,
+        "{counts:?}"
+    );
+    assert_eq!(
+        store.get(b"poison/written").unwrap(),
+        None,
+        "the poison record's writes were undone"
+    );
+    let dead = read_topic(&dead_letter_topic, Duration::from_secs(30), |rs| {
+        !rs.is_empty()
     })
     .await;
-    assert!(outputs.len() >= KEYS * PER_KEY, "every output was produced");
+    let d = DeadLetter::from_avro(&dead[0]).unwrap();
+    assert_eq!((d.input_partition, d.input_offset), (Some(1), Some(POISON)));
+    assert!(
+        d.reason.contains("processor panicked: poisoned record"),
+        "{}",
+        d.reason
+    );
+    // Outputs are at-least-once: everything produced, replays allowed.
+    let outputs = read_topic(&output, Duration::from_secs(30), |rs| {
+        rs.len() + 1 >= KEYS * PER_KEY
+    })
+    .await;
+    assert!(
+        outputs.len() + 1 >= KEYS * PER_KEY,
+        "every output was produced"
+    );
 }
 
 /// With no broker to acknowledge, ingest never answers 200: it answers 503 with

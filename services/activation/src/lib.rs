@@ -48,6 +48,7 @@ pub async fn run_with_listener(
         max_batch: 500,
         tick_every: None,
         ready: None,
+        dead_letter_topic: topics.deadletter(),
     };
     service::run(
         &config,
@@ -121,7 +122,11 @@ impl Processor for ActivationProcessor {
             Ok(c) => c,
             Err(e) => {
                 warn!(topic = %msg.topic, partition = msg.partition, offset = msg.offset, error = %e, "undecodable record, dead-lettered");
-                out.push(runner::dead_letter(&self.topics, msg, &e.to_string())?);
+                out.push(runner::dead_letter(
+                    &self.topics.deadletter(),
+                    msg,
+                    &e.to_string(),
+                )?);
                 return Ok(());
             }
         };
@@ -129,7 +134,11 @@ impl Processor for ActivationProcessor {
             let other = change.change.as_str();
             warn!(change = other, "unknown membership change, dead-lettered");
             let reason = format!("unknown membership change {other:?}");
-            out.push(runner::dead_letter(&self.topics, msg, &reason)?);
+            out.push(runner::dead_letter(
+                &self.topics.deadletter(),
+                msg,
+                &reason,
+            )?);
             return Ok(());
         }
         for d in self

@@ -182,12 +182,13 @@ pub fn resolve(
     let mut joinable: Vec<ProfileNode> = found.iter().filter(|n| compatible(n)).cloned().collect();
     if event_user.is_none() && joinable.iter().filter(|n| n.is_known()).count() > 1 {
         // Several known people share these identifiers: merge none; use the profile of
-        // the highest-priority identifier.
-        let first = linked
+        // the highest-priority identifier, or (when they were found only through an
+        // alias's previousId) the one the survivor rule picks.
+        let keep = linked
             .iter()
             .find_map(|(_, p)| p.clone())
-            .expect("found profiles come from links");
-        joinable.retain(|n| n.id == first);
+            .or_else(|| pick_survivor(&joinable).map(|n| n.id.clone()));
+        joinable.retain(|n| Some(&n.id) == keep.as_ref());
     }
 
     let mut res = Resolution::default();
@@ -362,6 +363,31 @@ mod tests {
         assert_eq!(r2.profile_id, r1.profile_id);
         assert!(
             is_blocked("0000") && is_blocked("--") && is_blocked(" NULL ") && !is_blocked("u-1")
+        );
+    }
+
+    #[test]
+    fn an_alias_whose_previous_id_is_ambiguous_merges_nobody() {
+        let s = MemStore::default();
+        // Two known people who share the anonymous id "shared" ...
+        let alice = apply(&s, &event("1", Some("alice"), Some("shared"), 1));
+        let _bob = apply(&s, &event("2", Some("bob"), Some("bob-device"), 2));
+        // ... and bob's user id is also an anonymous id somewhere: the alias below finds
+        // both known profiles through previousId alone.
+        let mut txn = Txn::new(&s);
+        let both = Identifier {
+            kind: ANONYMOUS_ID.into(),
+            value: "bob".into(),
+        };
+        txn.put(id_key(&both), alice.profile_id.clone());
+        s.write(txn.into_batch()).unwrap();
+        let alias = event("3", None, Some("new-visitor"), 3);
+        let ids = extract(&alias, &json!({}));
+        let mut txn = Txn::new(&s);
+        let r = resolve(&mut txn, &alias, &ids, Some("bob")).unwrap();
+        assert!(
+            r.merges.is_empty(),
+            "two known people are never merged: {r:?}"
         );
     }
 

@@ -54,6 +54,7 @@ pub async fn run_with_listener(
         max_batch: 500,
         tick_every: None,
         ready: None,
+        dead_letter_topic: topics.deadletter(),
     };
     service::run(
         &config,
@@ -124,7 +125,11 @@ impl Processor for IdentityProcessor {
                 self.undecodable
                     .with_label_values(&[msg.topic.as_str()])
                     .inc();
-                out.push(runner::dead_letter(&self.topics, msg, &e.to_string())?);
+                out.push(runner::dead_letter(
+                    &self.topics.deadletter(),
+                    msg,
+                    &e.to_string(),
+                )?);
                 return Ok(());
             }
         };

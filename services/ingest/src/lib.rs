@@ -78,6 +78,7 @@ pub async fn run_with_listener(
             tick_every: None,
             // Ingest is ready while the brokers answer (below), whatever this consumer does.
             ready: None,
+            dead_letter_topic: topics.deadletter(),
         };
         let processor = raw::RawProcessor::new(
             topics.clone(),

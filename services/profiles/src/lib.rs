@@ -62,6 +62,7 @@ pub async fn run_with_listener(
         max_batch: 500,
         tick_every: Some(Duration::from_secs(10)),
         ready: None,
+        dead_letter_topic: topics.deadletter(),
     };
     let routes = api::router(api::ApiState {
         store: parts.store.clone(),

@@ -429,7 +429,11 @@ impl Processor for ProfilesProcessor {
             Ok(applied) => applied,
             Err(e) => {
                 warn!(topic = %msg.topic, partition = msg.partition, offset = msg.offset, error = %e, "undecodable record, dead-lettered");
-                out.push(runner::dead_letter(&self.topics, msg, &e.to_string())?);
+                out.push(runner::dead_letter(
+                    &self.topics.deadletter(),
+                    msg,
+                    &e.to_string(),
+                )?);
                 Ok(())
             }
         }
