@@ -1146,3 +1146,119 @@ async fn ingest_answers_503_with_retry_after_when_kafka_does_not_acknowledge() {
         .unwrap()
         .unwrap();
 }
+
+/// An anonymous buyer and a known customer exist as two profiles; one event carrying
+/// both ids merges them through identity.merges and profiles.transfers. Every id then
+/// finds the survivor, the merged id's URL answers with it, counts add up, and the
+/// destination removes the merged profile and adds the survivor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_anonymous_profile_merges_into_the_known_one() {
+    let p = Platform::start().await;
+    let (anon, user) = (uid("visitor"), uid("customer"));
+    let (s, _) = post(
+        &p.ingest,
+        "/v1/track",
+        &json!({"anonymousId": anon, "event": "Order Completed"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let anon_profile = p
+        .wait_profile("anonymous_id", &anon, "the anonymous order", |v| {
+            v["events_total"] == 1
+        })
+        .await;
+    let (s, _) = post(
+        &p.ingest,
+        "/v1/identify",
+        &json!({"userId": user, "traits": {"email": format!("{user}@example.net")}}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let known = p
+        .wait_profile("user_id", &user, "the identify", |v| v["events_total"] == 1)
+        .await;
+    assert_ne!(
+        anon_profile["profile_id"], known["profile_id"],
+        "two profiles before the merge"
+    );
+
+    let (s, _) = post(
+        &p.ingest,
+        "/v1/track",
+        &json!({"userId": user, "anonymousId": anon, "event": "Cart Viewed"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let merged = p
+        .wait_profile("anonymous_id", &anon, "the merge", |v| {
+            v["profile_id"] == known["profile_id"] && v["events_total"] == 3
+        })
+        .await;
+    assert_eq!(
+        merged["event_counts"]["Order Completed"], 1,
+        "the anonymous order moved over"
+    );
+    assert_eq!(merged["merged_from"], json!([anon_profile["profile_id"]]));
+    assert!(
+        merged["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["id"] == "buyers")
+    );
+    let old_url: Value = http()
+        .get(format!(
+            "{}/v1/profiles/{}",
+            p.profiles,
+            anon_profile["profile_id"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        old_url["profile_id"], known["profile_id"],
+        "the merged id redirects"
+    );
+
+    let (anon_id, known_id) = (
+        anon_profile["profile_id"].as_str().unwrap().to_string(),
+        known["profile_id"].as_str().unwrap().to_string(),
+    );
+    let records = read_topic(
+        &p.topics().activation("email-demo"),
+        Duration::from_secs(30),
+        |rs| {
+            let acts: Vec<Activation> = rs
+                .iter()
+                .filter_map(|r| Activation::from_avro(r).ok())
+                .collect();
+            acts.iter()
+                .any(|a| a.profile_id == anon_id && a.action == "remove")
+                && acts
+                    .iter()
+                    .any(|a| a.profile_id == known_id && a.action == "add")
+        },
+    )
+    .await;
+    let acts: Vec<Activation> = records
+        .iter()
+        .filter_map(|r| Activation::from_avro(r).ok())
+        .collect();
+    let add = acts
+        .iter()
+        .find(|a| a.profile_id == known_id && a.action == "add")
+        .expect("the survivor is added");
+    assert_eq!(
+        serde_json::from_str::<Value>(&add.payload).unwrap()["email"],
+        format!("{user}@example.net")
+    );
+    assert!(
+        acts.iter()
+            .any(|a| a.profile_id == anon_id && a.action == "remove"),
+        "the merged profile is removed: {acts:?}"
+    );
+    p.stop().await;
+}
