@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what building, testing and running Tessera needs, when it is missing:
+# Installs what building, testing (--for-tests) and running Tessera needs, when missing:
 # Debian packages (libclang for RocksDB's bindgen, a C/C++ toolchain, OpenSSL and zlib
 # headers for librdkafka, Java 17 and Maven for the Kafka broker) and the Apache Kafka
 # jars (deploy/kafka.sh install). Safe to run again: it does nothing when all is there.
@@ -12,6 +12,11 @@ for p in libclang-dev pkg-config libssl-dev zlib1g-dev build-essential curl; do 
 command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
 command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-venv)
+# The tests also check the services' metrics with promtool (Debian's prometheus package).
+if [ "${1:-}" = "--for-tests" ]; then
+  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+  command -v npm >/dev/null 2>&1 || missing+=(npm)
+fi
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
@@ -19,7 +24,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -14,7 +14,7 @@ export TESSERA_CACHE="${TESSERA_CACHE:-$HOME/.cache/tessera}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TESSERA_CACHE/target}"
 mkdir -p "$TESSERA_CACHE"
 
-bash deploy/setup.sh
+bash deploy/setup.sh --for-tests
 
 if [ -z "${KAFKA_BOOTSTRAP:-}" ]; then
   data="$(mktemp -d "${TMPDIR:-/tmp}/tessera-test-kafka.XXXXXX")"
