@@ -89,6 +89,27 @@ pub struct RunnerSpec {
     pub dead_letter_topic: String,
 }
 
+impl RunnerSpec {
+    /// A consumer of `inputs` with the defaults: offsets kept with the state, group and
+    /// dead-letter topic under the deployment's prefix, batches of up to 500, no tick.
+    pub fn new(
+        service: &'static str,
+        topics: &crate::topics::Topics,
+        inputs: Vec<String>,
+    ) -> RunnerSpec {
+        RunnerSpec {
+            service,
+            group_id: topics.group(service),
+            topics: inputs,
+            offsets: OffsetStorage::State,
+            max_batch: 500,
+            tick_every: None,
+            ready: None,
+            dead_letter_topic: topics.deadletter(),
+        }
+    }
+}
+
 const OFFSET_PREFIX: &str = "~offset/";
 
 fn offset_key(topic: &str, partition: i32) -> Vec<u8> {

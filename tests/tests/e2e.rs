@@ -16,6 +16,16 @@ fn uid(tag: &str) -> String {
     format!("{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
+/// Runs an SDK driver script; it exits non-zero when the SDK reported an error.
+async fn run_sdk(mut cmd: tokio::process::Command) {
+    let out = cmd.output().await.expect("the SDK driver runs");
+    assert!(
+        out.status.success(),
+        "the SDK reported errors: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut enc = GzEncoder::new(Vec::new(), Compression::default());
     enc.write_all(bytes).unwrap();
@@ -30,17 +40,10 @@ async fn segment_python_sdk_events_reach_the_profile_and_activation() {
     for use_gzip in ["0", "1"] {
         let (user, anon) = (uid("user"), uid("anon"));
         let email = format!("{}@Example.com", uid("ada"));
-        let out = tokio::process::Command::new(&python)
-            .arg(&script)
-            .args([p.ingest.as_str(), WRITE_KEY, &user, &anon, &email, use_gzip])
-            .output()
-            .await
-            .expect("python runs");
-        assert!(
-            out.status.success(),
-            "the SDK reported errors: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut sdk = tokio::process::Command::new(&python);
+        sdk.arg(&script)
+            .args([p.ingest.as_str(), WRITE_KEY, &user, &anon, &email, use_gzip]);
+        run_sdk(sdk).await;
 
         let profile = p
             .wait_profile("user_id", &user, "all four SDK events", |v| {
@@ -201,18 +204,11 @@ async fn rudderstack_node_sdk_events_reach_the_profile() {
     let sdk = node_with_rudderstack_sdk();
     let user = uid("grace");
     let email = format!("{user}@example.org");
-    let out = tokio::process::Command::new("node")
-        .arg(repo_root().join("tests/sdk/rudderstack_node.js"))
+    let mut node = tokio::process::Command::new("node");
+    node.arg(repo_root().join("tests/sdk/rudderstack_node.js"))
         .args([p.ingest.as_str(), WRITE_KEY, &user, &email])
-        .env("NODE_PATH", sdk.join("node_modules"))
-        .output()
-        .await
-        .expect("node runs");
-    assert!(
-        out.status.success(),
-        "the SDK reported errors: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .env("NODE_PATH", sdk.join("node_modules"));
+    run_sdk(node).await;
     let profile = p
         .wait_profile("email", &email, "both SDK events", |v| {
             v["events_total"] == 2

@@ -17,7 +17,7 @@ use tessera_common::admin::{self, Admin};
 use tessera_common::config::{Config, DestinationConfig};
 use tessera_common::ids::deterministic_id;
 use tessera_common::records::{Activation, AvroRecord, MembershipChange};
-use tessera_common::runner::{self, Message, OffsetStorage, Output, Processor, RunnerSpec};
+use tessera_common::runner::{self, Message, Output, Processor, RunnerSpec};
 use tessera_common::service;
 use tessera_common::store::Txn;
 use tessera_common::topics::Topics;
@@ -40,16 +40,7 @@ pub async fn run_with_listener(
         service::prepare(&config, "activation", &config.activation.state_dir, &needed).await?;
     info!(destinations = destinations.len(), "destinations configured");
     let processor = ActivationProcessor::new(topics.clone(), destinations.clone(), &parts.admin);
-    let spec = RunnerSpec {
-        service: "activation",
-        group_id: topics.group("activation"),
-        topics: vec![topics.membership()],
-        offsets: OffsetStorage::State,
-        max_batch: 500,
-        tick_every: None,
-        ready: None,
-        dead_letter_topic: topics.deadletter(),
-    };
+    let spec = RunnerSpec::new("activation", &topics, vec![topics.membership()]);
     service::run(
         &config,
         parts,

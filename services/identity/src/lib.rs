@@ -21,7 +21,7 @@ use tessera_common::Result;
 use tessera_common::admin::{self, Admin};
 use tessera_common::config::Config;
 use tessera_common::records::{AvroRecord, IngestedEvent, ResolvedEvent};
-use tessera_common::runner::{self, Message, OffsetStorage, Output, Processor, RunnerSpec};
+use tessera_common::runner::{self, Message, Output, Processor, RunnerSpec};
 use tessera_common::service;
 use tessera_common::store::Txn;
 use tessera_common::topics::Topics;
@@ -46,16 +46,7 @@ pub async fn run_with_listener(
     let parts =
         service::prepare(&config, "identity", &config.identity.state_dir, &produced).await?;
     let processor = IdentityProcessor::new(topics.clone(), &parts.admin);
-    let spec = RunnerSpec {
-        service: "identity",
-        group_id: topics.group("identity"),
-        topics: vec![topics.ingested()],
-        offsets: OffsetStorage::State,
-        max_batch: 500,
-        tick_every: None,
-        ready: None,
-        dead_letter_topic: topics.deadletter(),
-    };
+    let spec = RunnerSpec::new("identity", &topics, vec![topics.ingested()]);
     service::run(
         &config,
         parts,

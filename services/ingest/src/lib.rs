@@ -70,15 +70,11 @@ pub async fn run_with_listener(
 
     let raw_task = config.ingest.consume_raw_topic.then(|| {
         let spec = RunnerSpec {
-            service: "ingest",
+            // Stateless: offsets are committed to the group; ingest's readiness is the
+            // brokers' (below), whatever this consumer does.
             group_id: topics.group("ingest-raw"),
-            topics: vec![topics.raw()],
             offsets: OffsetStorage::Kafka,
-            max_batch: 500,
-            tick_every: None,
-            // Ingest is ready while the brokers answer (below), whatever this consumer does.
-            ready: None,
-            dead_letter_topic: topics.deadletter(),
+            ..RunnerSpec::new("ingest", &topics, vec![topics.raw()])
         };
         let processor = raw::RawProcessor::new(
             topics.clone(),

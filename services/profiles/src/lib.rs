@@ -19,7 +19,7 @@ use tracing::info;
 
 use tessera_common::admin;
 use tessera_common::config::Config;
-use tessera_common::runner::{OffsetStorage, RunnerSpec};
+use tessera_common::runner::RunnerSpec;
 use tessera_common::service;
 use tessera_common::topics::Topics;
 use tessera_common::{Error, Result};
@@ -54,15 +54,11 @@ pub async fn run_with_listener(
         metrics: state::ProfilesMetrics::new(&parts.admin),
         store_for_size: Some(parts.store.clone()),
     };
+    let inputs = vec![topics.resolved(), topics.merges(), topics.transfers()];
     let spec = RunnerSpec {
-        service: "profiles",
-        group_id: topics.group("profiles"),
-        topics: vec![topics.resolved(), topics.merges(), topics.transfers()],
-        offsets: OffsetStorage::State,
-        max_batch: 500,
+        // Expires de-duplication entries.
         tick_every: Some(Duration::from_secs(10)),
-        ready: None,
-        dead_letter_topic: topics.deadletter(),
+        ..RunnerSpec::new("profiles", &topics, inputs)
     };
     let routes = api::router(api::ApiState {
         store: parts.store.clone(),
