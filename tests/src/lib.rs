@@ -239,6 +239,18 @@ pub fn http() -> reqwest::Client {
         .expect("http client")
 }
 
+/// A service's `/metrics` page.
+pub async fn metrics_text(base: &str) -> String {
+    http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
 /// POSTs a JSON body to ingest with the test write key (HTTP Basic).
 pub async fn post(ingest: &str, path: &str, body: &Value) -> (u16, Value) {
     let r = http()

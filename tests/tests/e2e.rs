@@ -216,14 +216,7 @@ async fn rudderstack_node_sdk_events_reach_the_profile() {
         .await;
     assert_eq!(profile["traits"]["first_name"], "Grace");
     assert_eq!(profile["event_counts"]["Order Completed"], 1);
-    let metrics = http()
-        .get(format!("{}/metrics", p.ingest))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&p.ingest).await;
     assert!(
         metrics.contains(r#"tessera_ingest_http_requests_total{endpoint="batch",status="200"}"#),
         "{metrics}"
@@ -545,14 +538,7 @@ async fn every_bad_input_class_gets_its_status_and_reason() {
     .await;
 
     // Rejections are counted by reason in the metrics.
-    let metrics = http()
-        .get(format!("{}/metrics", p.ingest))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&p.ingest).await;
     assert!(
         metrics.contains(
             r#"tessera_ingest_events_rejected_total{origin="http",reason="missing_event"}"#
@@ -591,14 +577,7 @@ async fn a_retried_batch_with_the_same_message_ids_counts_once() {
         "15 deliveries of 5 messages count 5: {profile}"
     );
     assert_eq!(profile["events_total"], 6);
-    let metrics = http()
-        .get(format!("{}/metrics", p.profiles))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&p.profiles).await;
     assert!(
         metrics.contains(r#"tessera_profiles_duplicates_dropped_total{kind="event"} 10"#),
         "{metrics}"
