@@ -358,4 +358,18 @@ mod tests {
         truncated.truncate(truncated.len() - 3);
         assert!(IngestedEvent::from_avro(&truncated).is_err());
     }
+
+    proptest::proptest! {
+        /// Bytes from a topic never panic a decoder: a record or an error.
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoders(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = IngestedEvent::from_avro(&bytes);
+            let _ = ResolvedEvent::from_avro(&bytes);
+            let _ = MembershipChange::from_avro(&bytes);
+            // The same with a valid header, so the datum decoder itself is exercised.
+            let mut framed = IngestedEvent::codec().encode(&ingested()).unwrap()[..10].to_vec();
+            framed.extend_from_slice(&bytes);
+            let _ = IngestedEvent::from_avro(&framed);
+        }
+    }
 }

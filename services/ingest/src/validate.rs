@@ -453,4 +453,58 @@ mod tests {
         assert_eq!(p["context"]["library"]["name"], "own");
         assert_eq!(p["context"]["ip"], "1.2.3.4");
     }
+
+    /// Any JSON value: nested objects and arrays of strings, numbers, bools and nulls,
+    /// with the field names validation looks at among the keys.
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let key = prop_oneof![
+            Just("type".to_string()),
+            Just("userId".to_string()),
+            Just("anonymousId".to_string()),
+            Just("event".to_string()),
+            Just("timestamp".to_string()),
+            Just("sentAt".to_string()),
+            Just("traits".to_string()),
+            Just("context".to_string()),
+            Just("messageId".to_string()),
+            ".{0,8}",
+        ];
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            prop_oneof![
+                Just("track".to_string()),
+                Just("2024-01-01T00:00:00Z".to_string()),
+                ".{0,12}"
+            ]
+            .prop_map(Value::from),
+        ];
+        leaf.prop_recursive(6, 64, 8, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map(key.clone(), inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Whatever JSON arrives, validation answers: an event, or a coded reason.
+        #[test]
+        fn any_json_gets_an_event_or_a_reason(v in any_json(), forced in proptest::option::of(0usize..6)) {
+            let forced = forced.map(|i| TYPES[i]);
+            match normalise(v, forced, &Envelope::default(), "s", NOW, &limits(), || "g".into()) {
+                Ok(e) => {
+                    proptest::prop_assert!(TYPES.contains(&e.kind.as_str()));
+                    proptest::prop_assert!(e.user_id.is_some() || e.anonymous_id.is_some());
+                    proptest::prop_assert!(e.event_time <= NOW + limits().future_tolerance_ms);
+                }
+                Err(r) => proptest::prop_assert!(!r.code.is_empty() && !r.reason.is_empty()),
+            }
+        }
+    }
 }
