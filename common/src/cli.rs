@@ -15,6 +15,9 @@ struct Args {
     /// override both.
     #[arg(long, env = "TESSERA_CONFIG")]
     config: Option<PathBuf>,
+    /// Load and validate the configuration, print it, and exit.
+    #[arg(long)]
+    check_config: bool,
 }
 
 /// Runs a service's `run(config, shutdown)` on a multi-threaded runtime.
@@ -26,6 +29,10 @@ where
     let args = Args::parse();
     crate::telemetry::init();
     let config = Config::load(args.config.as_deref())?;
+    if args.check_config {
+        println!("{name}: configuration is valid\n{}", toml_summary(&config));
+        return Ok(());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -40,4 +47,19 @@ where
         tracing::info!(service = name, "stopped");
         Ok(())
     })
+}
+
+/// What the service will use, without secrets: write keys and Kafka properties whose
+/// name mentions a password or secret are masked.
+fn toml_summary(config: &Config) -> String {
+    let mut c = config.clone();
+    for s in &mut c.ingest.sources {
+        s.write_key = "***".into();
+    }
+    for (k, v) in c.kafka.properties.iter_mut() {
+        if k.contains("password") || k.contains("secret") {
+            *v = "***".into();
+        }
+    }
+    serde_json::to_string_pretty(&c).unwrap_or_default()
 }
