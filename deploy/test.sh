@@ -30,8 +30,21 @@ cargo build --locked --workspace --bins
 log="$(mktemp "${TMPDIR:-/tmp}/tessera-test-log.XXXXXX")"
 status=0
 cargo test --locked --workspace --all-targets "$@" 2>&1 | tee "$log" || status=$?
-# One closing line for the whole run (cargo prints one per test binary).
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+
+# The Helm chart: lint, render, validate against the Kubernetes schemas, and feed the
+# rendered configuration to the service binaries (Helm as a library from PyPI).
+venv="$TESSERA_CACHE/venv-chart-tests"
+marker="$venv/.requirements-$(sha256sum tests/helm/requirements.txt | cut -c1-16)"
+if [ ! -f "$marker" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q -r tests/helm/requirements.txt
+  touch "$marker"
+fi
+TESSERA_BIN_DIR="$CARGO_TARGET_DIR/debug" "$venv/bin/python" -m pytest -q tests/helm 2>&1 | tee -a "$log" || status=$?
+
+# One closing line for the whole run (cargo prints one per test binary, pytest one).
+awk '/^test result:/ || / (passed|failed)[ ,].*in [0-9.]+s/ {
+       for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "\n%d passed, %d failed\n", p, f }' "$log"
 rm -f "$log"
 exit "$status"

@@ -1,0 +1,112 @@
+"""The Helm chart: lint, render with default and production values, validate every
+manifest against the Kubernetes schemas, and check that the rendered tessera.toml is
+accepted by the services' own configuration loader (`--check-config`)."""
+
+import os
+import pathlib
+import subprocess
+
+import kubernetes_validate
+import pytest
+import yaml
+from helm_python.chart import Chart, lint
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "tessera"
+PRODUCTION = yaml.safe_load((CHART / "values-production.yaml").read_text())
+KUBE_VERSION = "1.30.0"
+VALUES = {"default": None, "production": PRODUCTION}
+
+
+def render(values):
+    with Chart.load(CHART) as chart:
+        out = chart.render(values, name="shop", namespace="cdp", is_install=True)
+    docs = []
+    for path, text in out.items():
+        if path.endswith(".txt"):
+            continue
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def by_kind(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_chart_lints_clean_in_strict_mode(name):
+    report = lint(CHART, VALUES[name], strict=True, kube_version="v" + KUBE_VERSION)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not report["errors"] and not problems, report
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_every_manifest_is_valid_kubernetes(name):
+    docs = render(VALUES[name])
+    assert docs
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            # A Prometheus Operator CRD: not in the core schemas.
+            assert doc["spec"]["endpoints"][0]["path"] == "/metrics"
+            continue
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_stateful_services_keep_rocksdb_on_volumes_and_are_probed(name):
+    docs = render(VALUES[name])
+    sets = {d["metadata"]["name"]: d for d in by_kind(docs, "StatefulSet")}
+    assert set(sets) == {"shop-tessera-identity", "shop-tessera-profiles", "shop-tessera-activation"}
+    for s in sets.values():
+        pod = s["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        assert s["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "state"
+        assert {"name": "state", "mountPath": "/var/lib/tessera"} in container["volumeMounts"]
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        names = [e["name"] for e in container["env"]]
+        assert "TESSERA__KAFKA__GROUP_INSTANCE_ID" in names, "static membership from the pod name"
+    deployment = by_kind(docs, "Deployment")[0]
+    assert deployment["metadata"]["name"] == "shop-tessera-ingest"
+    assert {d["metadata"]["name"] for d in by_kind(docs, "PodDisruptionBudget")} == {
+        "shop-tessera-ingest", "shop-tessera-identity", "shop-tessera-profiles", "shop-tessera-activation"
+    }
+
+
+def test_production_values_autoscale_ingest_and_take_config_from_an_existing_secret():
+    docs = render(PRODUCTION)
+    assert not by_kind(docs, "Secret"), "write keys stay out of the chart"
+    assert by_kind(docs, "HorizontalPodAutoscaler")[0]["spec"]["maxReplicas"] == 20
+    assert "replicas" not in by_kind(docs, "Deployment")[0]["spec"], "the HPA owns replicas"
+    for workload in by_kind(docs, "Deployment") + by_kind(docs, "StatefulSet"):
+        volumes = workload["spec"]["template"]["spec"]["volumes"]
+        assert {"name": "config", "secret": {"secretName": "tessera-config-prod"}} in volumes
+    assert by_kind(docs, "ServiceMonitor")[0]["metadata"]["labels"]["release"] == "prometheus"
+
+
+def test_the_rendered_configuration_is_accepted_by_every_service(tmp_path):
+    values = {"kafka": {"properties": {"security.protocol": "SASL_SSL", "sasl.password": "s3cret"}}}
+    secret = by_kind(render(values), "Secret")[0]
+    config = tmp_path / "tessera.toml"
+    config.write_text(secret["stringData"]["tessera.toml"])
+    bin_dir = pathlib.Path(os.environ["TESSERA_BIN_DIR"])
+    for service in ["ingest", "identity", "profiles", "activation"]:
+        out = subprocess.run(
+            [bin_dir / f"tessera-{service}", "--config", config, "--check-config"],
+            capture_output=True, text=True, env={"PATH": os.environ["PATH"]},
+        )
+        assert out.returncode == 0, out.stderr
+        assert '"bootstrap": "kafka:9092"' in out.stdout
+        assert "s3cret" not in out.stdout and "change-me" not in out.stdout, "secrets are masked"
+
+
+def test_a_broken_value_is_refused_by_the_services(tmp_path):
+    secret = by_kind(render({"topics": {"partitions": 0}}), "Secret")[0]
+    config = tmp_path / "tessera.toml"
+    config.write_text(secret["stringData"]["tessera.toml"])
+    out = subprocess.run(
+        [pathlib.Path(os.environ["TESSERA_BIN_DIR"]) / "tessera-profiles", "--config", config, "--check-config"],
+        capture_output=True, text=True, env={"PATH": os.environ["PATH"]},
+    )
+    assert out.returncode != 0
+    assert "partitions" in out.stderr
