@@ -13,8 +13,8 @@
 //! same outputs with the same deterministic ids: at-least-once output, exactly-once state.
 //! On partition assignment the consumer starts from the offsets stored with the state.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
@@ -140,6 +140,7 @@ struct RunnerMetrics {
     batch_seconds: Histogram,
     lag: IntGaugeVec,
     panics: prometheus::IntCounter,
+    suppressed: prometheus::IntCounter,
 }
 
 impl RunnerMetrics {
@@ -202,6 +203,14 @@ impl RunnerMetrics {
         )
         .map_err(reg)?;
         registry.register(Box::new(panics.clone())).map_err(reg)?;
+        let suppressed = prometheus::IntCounter::new(
+            format!("tessera_{service}_rebuild_suppressed_outputs_total"),
+            "Outputs not produced again while state was rebuilt by replaying input",
+        )
+        .map_err(reg)?;
+        registry
+            .register(Box::new(suppressed.clone()))
+            .map_err(reg)?;
         Ok(RunnerMetrics {
             consumed,
             produced,
@@ -209,6 +218,7 @@ impl RunnerMetrics {
             batch_seconds,
             lag,
             panics,
+            suppressed,
         })
     }
 }
@@ -219,6 +229,9 @@ struct RunnerContext {
     store: Option<SharedStore>,
     lag: IntGaugeVec,
     ready: Option<Arc<Health>>,
+    /// Partitions being rebuilt from their topic's beginning, and the group's committed
+    /// offset below which their outputs were already produced (so are not produced again).
+    rebuilding: Arc<Mutex<HashMap<(String, i32), i64>>>,
 }
 
 impl ClientContext for RunnerContext {
@@ -257,21 +270,42 @@ impl ConsumerContext for RunnerContext {
                         .iter()
                         .map(|e| (e.topic().to_string(), e.partition()))
                         .collect();
+                    // What the group committed: how far downstream already got.
+                    let committed = consumer
+                        .committed_offsets(tpl.clone(), Duration::from_secs(10))
+                        .map_err(|e| warn!(error = %e, "cannot read the group's committed offsets"))
+                        .ok();
                     for (topic, partition) in parts {
-                        match stored_offset(store, &topic, partition) {
-                            Ok(Some(next)) => {
-                                if let Err(e) = tpl.set_partition_offset(
-                                    &topic,
-                                    partition,
-                                    Offset::Offset(next),
-                                ) {
-                                    error!(%topic, partition, error = %e, "cannot set the stored offset");
+                        let start = match stored_offset(store, &topic, partition) {
+                            Ok(Some(next)) => Offset::Offset(next),
+                            Ok(None) => {
+                                // No local state for this partition (a new node, a lost
+                                // disk): rebuild it by replaying the topic from its start.
+                                // Outputs up to the committed offset were produced before;
+                                // replays are deterministic, so they are not produced again.
+                                let done = committed
+                                    .as_ref()
+                                    .and_then(|c| c.find_partition(&topic, partition))
+                                    .and_then(|e| match e.offset() {
+                                        Offset::Offset(o) if o > 0 => Some(o),
+                                        _ => None,
+                                    });
+                                if let Some(done) = done {
+                                    warn!(%topic, partition, committed = done, "no local state: rebuilding from the beginning of the topic");
+                                    self.rebuilding
+                                        .lock()
+                                        .expect("rebuild map")
+                                        .insert((topic.clone(), partition), done);
                                 }
+                                Offset::Beginning
                             }
-                            Ok(None) => {}
                             Err(e) => {
-                                error!(%topic, partition, error = %e, "cannot read the stored offset")
+                                error!(%topic, partition, error = %e, "cannot read the stored offset");
+                                continue;
                             }
+                        };
+                        if let Err(e) = tpl.set_partition_offset(&topic, partition, start) {
+                            error!(%topic, partition, error = %e, "cannot set the start offset");
                         }
                     }
                 }
@@ -312,10 +346,12 @@ pub async fn run<P: Processor>(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let metrics = RunnerMetrics::new(registry, spec.service)?;
+    let rebuilding: Arc<Mutex<HashMap<(String, i32), i64>>> = Arc::default();
     let context = RunnerContext {
         store: matches!(spec.offsets, OffsetStorage::State).then(|| store.clone()),
         lag: metrics.lag.clone(),
         ready: spec.ready.clone(),
+        rebuilding: rebuilding.clone(),
     };
     let client_id = format!("tessera-{}", spec.service);
     let consumer: StreamConsumer<RunnerContext> =
@@ -370,6 +406,10 @@ pub async fn run<P: Processor>(
         // 1. Process (RocksDB reads and CPU work) off the async threads.
         let st = store.clone();
         let (dead_letter_topic, panics) = (spec.dead_letter_topic.clone(), metrics.panics.clone());
+        // Partitions being rebuilt, as of this batch (pruned once the batch is committed).
+        let replaying = rebuilding.lock().expect("rebuild map").clone();
+        let was_rebuilding = !replaying.is_empty();
+        let suppressed = metrics.suppressed.clone();
         let (p, result) = tokio::task::spawn_blocking(move || {
             let mut txn = Txn::new(st.as_ref());
             let mut out = Vec::new();
@@ -380,7 +420,14 @@ pub async fn run<P: Processor>(
                         processor.process(m, &mut txn, &mut out)
                     }));
                     match attempt {
-                        Ok(r) => r?,
+                        Ok(r) => {
+                            r?;
+                            // A record replayed to rebuild state: its outputs exist already.
+                            if replaying.get(&(m.topic.clone(), m.partition)).is_some_and(|done| m.offset < *done) {
+                                suppressed.inc_by((out.len() - produced) as u64);
+                                out.truncate(produced);
+                            }
+                        }
                         Err(panic) => {
                             // A record that makes the processor panic would do so on every
                             // replay: undo what it did and dead-letter it, so the service
@@ -435,6 +482,21 @@ pub async fn run<P: Processor>(
             }
         }
         done.extend(next_offsets.iter().map(|(k, v)| (k.clone(), *v)));
+        if was_rebuilding {
+            // A rebuild is over once the partition passed the committed offset.
+            rebuilding
+                .lock()
+                .expect("rebuild map")
+                .retain(|(topic, partition), committed| {
+                    let over = next_offsets
+                        .get(&(topic.clone(), *partition))
+                        .is_some_and(|next| next >= committed);
+                    if over {
+                        info!(%topic, partition, "state rebuilt");
+                    }
+                    !over
+                });
+        }
         if !next_offsets.is_empty() || !outputs.is_empty() {
             metrics
                 .batch_seconds
