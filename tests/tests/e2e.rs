@@ -1382,3 +1382,123 @@ async fn a_service_that_lost_its_state_rebuilds_it_by_replaying_its_input() {
         "nothing produced again by the rebuild"
     );
 }
+
+/// A real broker outage under load: a dedicated Apache Kafka is stopped while events
+/// keep coming and started again on the same data. Ingest answers 503 with Retry-After
+/// while it is down, never 200; every event it did answer 200 for reaches its profile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_outage_answers_503_and_loses_nothing_acknowledged() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let kafka_dir = tempfile::tempdir().unwrap();
+    let kafka = |action: &str| {
+        let mut cmd = std::process::Command::new("bash");
+        cmd.arg(repo_root().join("deploy/kafka.sh"))
+            .arg(action)
+            .arg("--data")
+            .arg(kafka_dir.path());
+        if action == "start" {
+            cmd.args(["--watch-pid", &std::process::id().to_string()]);
+        }
+        let out = cmd.output().expect("kafka.sh runs");
+        assert!(
+            out.status.success(),
+            "kafka.sh {action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let broker = kafka("start");
+    let p = Platform::start_with(|c| {
+        c.kafka.bootstrap = broker.clone();
+        c.kafka.message_timeout_ms = 3000;
+        c.topics.partitions = 2;
+    })
+    .await;
+
+    let run = uid("outage");
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let refused: Arc<Mutex<Vec<(u16, bool)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = tokio::spawn({
+        let (ingest, run, acked, refused, stop) = (
+            p.ingest.clone(),
+            run.clone(),
+            acked.clone(),
+            refused.clone(),
+            stop.clone(),
+        );
+        async move {
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let user = format!("{run}-u{i}");
+                let r = http()
+                    .post(format!("{ingest}/v1/track"))
+                    .basic_auth(WRITE_KEY, Some(""))
+                    .json(&json!({"userId": user, "event": "Order Completed"}))
+                    .send()
+                    .await
+                    .unwrap();
+                match r.status().as_u16() {
+                    200 => acked.lock().unwrap().push(user),
+                    s => refused
+                        .lock()
+                        .unwrap()
+                        .push((s, r.headers().contains_key("retry-after"))),
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    kafka("stop");
+    eventually(
+        "a refusal while the broker is down",
+        Duration::from_secs(30),
+        || {
+            let refused = refused.clone();
+            async move { (!refused.lock().unwrap().is_empty()).then_some(()) }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let acked_before_restart = acked.lock().unwrap().len();
+    assert_eq!(
+        kafka("start"),
+        broker,
+        "the broker comes back on its address"
+    );
+    eventually(
+        "acknowledgements again after the restart",
+        Duration::from_secs(60),
+        || {
+            let acked = acked.clone();
+            async move { (acked.lock().unwrap().len() > acked_before_restart + 20).then_some(()) }
+        },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    sender.await.unwrap();
+
+    let refused = refused.lock().unwrap().clone();
+    assert!(
+        refused.iter().all(|(s, retry)| *s == 503 && *retry),
+        "only 503 with Retry-After: {refused:?}"
+    );
+    let acked = acked.lock().unwrap().clone();
+    eprintln!(
+        "outage test: {} events answered 200, {} answered 503",
+        acked.len(),
+        refused.len()
+    );
+    for user in &acked {
+        p.wait_profile("user_id", user, "the acknowledged event", |v| {
+            v["events_total"] == 1
+        })
+        .await;
+    }
+    p.stop().await;
+    kafka("stop");
+}
