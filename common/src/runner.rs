@@ -276,34 +276,35 @@ impl ConsumerContext for RunnerContext {
                         .map_err(|e| warn!(error = %e, "cannot read the group's committed offsets"))
                         .ok();
                     for (topic, partition) in parts {
-                        let start = match stored_offset(store, &topic, partition) {
-                            Ok(Some(next)) => Offset::Offset(next),
-                            Ok(None) => {
-                                // No local state for this partition (a new node, a lost
-                                // disk): rebuild it by replaying the topic from its start.
-                                // Outputs up to the committed offset were produced before;
-                                // replays are deterministic, so they are not produced again.
-                                let done = committed
-                                    .as_ref()
-                                    .and_then(|c| c.find_partition(&topic, partition))
-                                    .and_then(|e| match e.offset() {
-                                        Offset::Offset(o) if o > 0 => Some(o),
-                                        _ => None,
-                                    });
-                                if let Some(done) = done {
-                                    warn!(%topic, partition, committed = done, "no local state: rebuilding from the beginning of the topic");
-                                    self.rebuilding
-                                        .lock()
-                                        .expect("rebuild map")
-                                        .insert((topic.clone(), partition), done);
-                                }
-                                Offset::Beginning
-                            }
+                        let (start, from) = match stored_offset(store, &topic, partition) {
+                            Ok(Some(next)) => (Offset::Offset(next), next),
+                            // No local state for this partition (a new node, a lost disk):
+                            // rebuild it by replaying the topic from its start.
+                            Ok(None) => (Offset::Beginning, 0),
                             Err(e) => {
                                 error!(%topic, partition, error = %e, "cannot read the stored offset");
                                 continue;
                             }
                         };
+                        // The group commits only after outputs are acknowledged, so outputs
+                        // of records below its committed offset exist already; replays are
+                        // deterministic, so they are not produced again. This covers a
+                        // rebuild, a rebuild interrupted by a crash, and state that lost
+                        // its last writes with the machine.
+                        let committed = committed
+                            .as_ref()
+                            .and_then(|c| c.find_partition(&topic, partition))
+                            .and_then(|e| match e.offset() {
+                                Offset::Offset(o) if o > from => Some(o),
+                                _ => None,
+                            });
+                        if let Some(done) = committed {
+                            warn!(%topic, partition, from, committed = done, "replaying to rebuild state, not producing again below the committed offset");
+                            self.rebuilding
+                                .lock()
+                                .expect("rebuild map")
+                                .insert((topic.clone(), partition), done);
+                        }
                         if let Err(e) = tpl.set_partition_offset(&topic, partition, start) {
                             error!(%topic, partition, error = %e, "cannot set the start offset");
                         }
@@ -409,7 +410,7 @@ pub async fn run<P: Processor>(
         // Partitions being rebuilt, as of this batch (pruned once the batch is committed).
         let replaying = rebuilding.lock().expect("rebuild map").clone();
         let was_rebuilding = !replaying.is_empty();
-        let suppressed = metrics.suppressed.clone();
+        let (suppressed, replayed) = (metrics.suppressed.clone(), replaying.clone());
         let (p, result) = tokio::task::spawn_blocking(move || {
             let mut txn = Txn::new(st.as_ref());
             let mut out = Vec::new();
@@ -423,7 +424,7 @@ pub async fn run<P: Processor>(
                         Ok(r) => {
                             r?;
                             // A record replayed to rebuild state: its outputs exist already.
-                            if replaying.get(&(m.topic.clone(), m.partition)).is_some_and(|done| m.offset < *done) {
+                            if replayed.get(&(m.topic.clone(), m.partition)).is_some_and(|done| m.offset < *done) {
                                 suppressed.inc_by((out.len() - produced) as u64);
                                 out.truncate(produced);
                             }
@@ -470,9 +471,17 @@ pub async fn run<P: Processor>(
                     write.put(offset_key(topic, *partition), next.to_be_bytes().to_vec());
                 }
                 commit_state(&store, write).await?;
-                // Also tell the group, so external lag tools see progress. Best effort:
-                // the offsets in the store are the truth.
-                commit_kafka(&consumer, &next_offsets, CommitMode::Async);
+                // Also tell the group, so external lag tools see progress (best effort:
+                // the offsets in the store are the truth), but never move it back while
+                // a partition is being rebuilt: its committed offset marks what
+                // downstream already has.
+                let mut forward = next_offsets.clone();
+                forward.retain(|tp, next| {
+                    replaying
+                        .get(tp)
+                        .is_none_or(|committed| *next >= *committed)
+                });
+                commit_kafka(&consumer, &forward, CommitMode::Async);
             }
             OffsetStorage::Kafka => {
                 if !write.is_empty() {
