@@ -31,16 +31,17 @@ log="$(mktemp "${TMPDIR:-/tmp}/tessera-test-log.XXXXXX")"
 status=0
 cargo test --locked --workspace --all-targets "$@" 2>&1 | tee "$log" || status=$?
 
-# The Helm chart: lint, render, validate against the Kubernetes schemas, and feed the
-# rendered configuration to the service binaries (Helm as a library from PyPI).
-venv="$TESSERA_CACHE/venv-chart-tests"
-marker="$venv/.requirements-$(sha256sum tests/helm/requirements.txt | cut -c1-16)"
+# The Helm chart and the monitoring files (tests/ops): lint and render the chart,
+# validate it against the Kubernetes schemas, feed its configuration to the service
+# binaries, check the alert rules with promtool. Helm comes as a library from PyPI.
+venv="$TESSERA_CACHE/venv-ops-tests"
+marker="$venv/.requirements-$(sha256sum tests/ops/requirements.txt | cut -c1-16)"
 if [ ! -f "$marker" ]; then
   python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q -r tests/helm/requirements.txt
+  "$venv/bin/python" -m pip install -q -r tests/ops/requirements.txt
   touch "$marker"
 fi
-TESSERA_BIN_DIR="$CARGO_TARGET_DIR/debug" "$venv/bin/python" -m pytest -q tests/helm 2>&1 | tee -a "$log" || status=$?
+TESSERA_BIN_DIR="$CARGO_TARGET_DIR/debug" "$venv/bin/python" -m pytest -q tests/ops 2>&1 | tee -a "$log" || status=$?
 
 # One closing line for the whole run (cargo prints one per test binary, pytest one).
 awk '/^test result:/ || / (passed|failed)[ ,].*in [0-9.]+s/ {

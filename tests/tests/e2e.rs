@@ -715,6 +715,49 @@ async fn health_readiness_and_metrics_are_served_by_every_service() {
         lag_gauges.iter().all(|l| l.ends_with(" 0")),
         "caught up: {lag_gauges:?}"
     );
+    // Every metric the alert rules and the dashboard name exists (a refusal first, so
+    // the rejection counter has a series).
+    let (status, _) = post(&p.ingest, "/v1/track", &json!({"userId": "u"})).await;
+    assert_eq!(status, 400);
+    let mut exposed = String::new();
+    for url in [&p.ingest, &p.identity, &p.profiles, &p.activation] {
+        exposed.push_str(&metrics_text(url).await);
+    }
+    let runner_source = std::fs::read_to_string(repo_root().join("common/src/runner.rs")).unwrap();
+    for file in [
+        "deploy/monitoring/alerts.yaml",
+        "deploy/monitoring/grafana-dashboard.json",
+    ] {
+        let text = std::fs::read_to_string(repo_root().join(file)).unwrap();
+        for (i, _) in text.match_indices("tessera_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if text[i + name.len()..].starts_with(".+_") {
+                // A family over services, e.g. tessera_.+_consumer_lag_records: the runner
+                // must define a metric of that shape.
+                let rest: String = text[i + name.len() + 2..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    runner_source.contains(&format!("{{service}}{rest}")),
+                    "{file}: no runner metric matches tessera_.+{rest}"
+                );
+                continue;
+            }
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .fold(name.clone(), |n, sfx| {
+                    n.strip_suffix(sfx).map(str::to_string).unwrap_or(n)
+                });
+            assert!(
+                exposed.contains(&format!("\n{family}")),
+                "{file} names {name}, which no service exposes"
+            );
+        }
+    }
     // Every service's metrics pass promtool's lint (test.sh installs it from Debian).
     for (name, url) in [
         ("ingest", &p.ingest),
