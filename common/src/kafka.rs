@@ -1,7 +1,9 @@
 //! Kafka clients, configured once: the idempotent producer every service uses (rebuilt
 //! after a fatal error), consumer settings, and topic creation.
 
-use std::sync::RwLock;
+use std::sync::{OnceLock, RwLock};
+
+use prometheus::{IntCounter, Registry};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -79,6 +81,7 @@ pub struct Producer {
     config: ClientConfig,
     inner: RwLock<FutureProducer>,
     rebuilds: AtomicU64,
+    rebuilds_metric: OnceLock<IntCounter>,
 }
 
 impl Producer {
@@ -89,7 +92,22 @@ impl Producer {
             config,
             inner,
             rebuilds: AtomicU64::new(0),
+            rebuilds_metric: OnceLock::new(),
         })
+    }
+
+    /// Exports `tessera_<service>_producer_rebuilds_total` in `registry`.
+    pub fn register_metrics(&self, registry: &Registry, service: &str) -> Result<()> {
+        let counter = IntCounter::new(
+            format!("tessera_{service}_producer_rebuilds_total"),
+            "Kafka producers rebuilt after a fatal error",
+        )
+        .map_err(|e| Error::Invalid(format!("metrics: {e}")))?;
+        registry
+            .register(Box::new(counter.clone()))
+            .map_err(|e| Error::Invalid(format!("metrics: {e}")))?;
+        let _ = self.rebuilds_metric.set(counter);
+        Ok(())
     }
 
     fn current(&self) -> FutureProducer {
@@ -140,6 +158,9 @@ impl Producer {
             Ok(p) => {
                 *guard = p;
                 self.rebuilds.fetch_add(1, Ordering::Relaxed);
+                if let Some(c) = self.rebuilds_metric.get() {
+                    c.inc();
+                }
             }
             Err(e) => warn!(error = %e, "could not rebuild the kafka producer"),
         }
@@ -247,6 +268,8 @@ mod tests {
             properties: [("enable.gapless.guarantee".to_string(), "true".to_string())].into(),
         };
         let producer = Producer::new(&cfg, "fatal-test").unwrap();
+        let registry = Registry::new();
+        producer.register_metrics(&registry, "test").unwrap();
         producer
             .send("t", b"k", b"ok")
             .await
@@ -264,6 +287,12 @@ mod tests {
             "the fatal error made it build a new producer"
         );
         assert!(producer.current().client().fatal_error().is_none());
+        let exported = registry
+            .gather()
+            .iter()
+            .find(|m| m.name() == "tessera_test_producer_rebuilds_total")
+            .map(|m| m.get_metric()[0].get_counter().get_value());
+        assert_eq!(exported, Some(1.0), "the rebuild is exported");
 
         mock.clear_request_errors(RDKafkaApiKey::Produce);
         producer

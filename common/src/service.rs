@@ -37,10 +37,13 @@ pub async fn prepare(
         .map(|t| (t.clone(), TopicKind::Events))
         .collect();
     kafka::ensure_topics(&config.kafka, &config.topics, &needed).await?;
+    let admin = Admin::new();
+    let producer = Producer::new(&config.kafka, &format!("tessera-{service}"))?;
+    producer.register_metrics(&admin.registry, service)?;
     Ok(Parts {
-        admin: Admin::new(),
+        admin,
         store: Arc::new(RocksStore::open(state_dir)?),
-        producer: Arc::new(Producer::new(&config.kafka, &format!("tessera-{service}"))?),
+        producer: Arc::new(producer),
     })
 }
 

@@ -50,6 +50,7 @@ pub async fn run_with_listener(
     .await?;
     let producer = Arc::new(Producer::new(&config.kafka, "tessera-ingest")?);
     let admin = Admin::new();
+    producer.register_metrics(&admin.registry, "ingest")?;
     let metrics = metrics::IngestMetrics::new(&admin);
     let limits = validate::Limits::from(&config.ingest);
     let state = Arc::new(http::AppState {
