@@ -1,7 +1,7 @@
 //! Kafka clients, configured once: the idempotent producer every service uses (rebuilt
 //! after a fatal error), consumer settings, and topic creation.
 
-use std::sync::{OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use prometheus::{IntCounter, Registry};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,7 +42,9 @@ pub fn consumer_config(cfg: &KafkaConfig, client_id: &str, group_id: &str) -> Cl
         .set("partition.assignment.strategy", "range")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
-        .set("statistics.interval.ms", "5000");
+        .set("statistics.interval.ms", "5000")
+        // Notice new topics and partitions within seconds, not librdkafka's 5 minutes.
+        .set("topic.metadata.refresh.interval.ms", "10000");
     if let Some(instance) = &cfg.group_instance_id {
         c.set("group.instance.id", format!("{instance}-{group_id}"));
     }
@@ -234,7 +236,8 @@ pub async fn ensure_topics(
                         }
                     }
                 }
-                return Ok(());
+                return wait_for_metadata(admin, names.iter().map(|(n, _)| n.clone()).collect())
+                    .await;
             }
             Err(e) => {
                 warn!(attempt, error = %e, "creating topics failed, retrying");
@@ -244,6 +247,41 @@ pub async fn ensure_topics(
         }
     }
     Err(Error::Kafka(last_err.expect("at least one attempt failed")))
+}
+
+/// Topic creation is asynchronous in Kafka: waits until the brokers' metadata shows every
+/// topic with a leader for each partition. A consumer that subscribed earlier would not
+/// see a missing topic until its next metadata refresh.
+async fn wait_for_metadata(
+    admin: AdminClient<DefaultClientContext>,
+    names: Vec<String>,
+) -> Result<()> {
+    let admin = Arc::new(admin);
+    for _ in 0..120 {
+        let (a, wanted) = (admin.clone(), names.clone());
+        let ready = tokio::task::spawn_blocking(move || {
+            match a.inner().fetch_metadata(None, Duration::from_secs(5)) {
+                Ok(md) => wanted.iter().all(|name| {
+                    md.topics().iter().any(|t| {
+                        t.name() == name.as_str()
+                            && t.error().is_none()
+                            && !t.partitions().is_empty()
+                            && t.partitions().iter().all(|p| p.leader() >= 0)
+                    })
+                }),
+                Err(_) => false,
+            }
+        })
+        .await
+        .unwrap_or(false);
+        if ready {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(Error::Invalid(format!(
+        "topics {names:?} did not appear in the brokers' metadata within 30 s"
+    )))
 }
 
 #[cfg(test)]
