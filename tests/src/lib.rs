@@ -6,7 +6,8 @@
 //! - [`Platform`]: the four services started in-process through their
 //!   `run_with_listener` functions on port 0, isolated by a unique topic prefix (topics
 //!   and consumer groups), so tests run in parallel on one broker.
-//! - [`ServiceProcess`]: a service as a real child process (for SIGKILL tests).
+//! - [`ServiceProcess`] and [`start_processes`]: the services as real child processes
+//!   (for SIGKILL, rebuild and recovery tests).
 //! - [`read_topic`], [`eventually`], HTTP helpers.
 
 use std::path::{Path, PathBuf};
@@ -326,6 +327,39 @@ pub fn binary(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The four services as real processes on free ports, with static group membership as
+/// in a StatefulSet (a restarted process keeps its name and gets its partitions back at
+/// once). Returns them by name, and their base URLs in the order ingest, identity,
+/// profiles, activation, once all are ready. `config` gets the chosen ports.
+pub async fn start_processes(
+    config: &mut Config,
+    dir: &Path,
+) -> (
+    std::collections::HashMap<&'static str, ServiceProcess>,
+    Vec<String>,
+) {
+    config.kafka.group_instance_id = Some("pod-0".into());
+    let mut urls = Vec::new();
+    for listen in [
+        &mut config.ingest.http_listen,
+        &mut config.identity.http_listen,
+        &mut config.profiles.http_listen,
+        &mut config.activation.http_listen,
+    ] {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        *listen = l.local_addr().expect("bound").to_string();
+        urls.push(format!("http://{listen}"));
+    }
+    let mut services = std::collections::HashMap::new();
+    for name in ["ingest", "identity", "profiles", "activation"] {
+        services.insert(name, ServiceProcess::start(name, config, dir));
+    }
+    for url in &urls {
+        wait_ready(url, Duration::from_secs(60)).await;
+    }
+    (services, urls)
 }
 
 /// A service run as its real binary, with a configuration file.

@@ -819,28 +819,8 @@ async fn services_killed_with_sigkill_mid_stream_lose_and_double_count_nothing()
     tessera_common::telemetry::init();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(dir.path());
-    // As in a StatefulSet: a restarted instance keeps its name and gets its partitions
-    // back at once.
-    cfg.kafka.group_instance_id = Some("pod-0".into());
-    let mut ports = Vec::new();
-    for listen in [
-        &mut cfg.ingest.http_listen,
-        &mut cfg.identity.http_listen,
-        &mut cfg.profiles.http_listen,
-        &mut cfg.activation.http_listen,
-    ] {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        *listen = l.local_addr().unwrap().to_string();
-        ports.push(format!("http://{}", listen));
-    }
-    let mut services: HashMap<&str, ServiceProcess> = HashMap::new();
-    for name in ["ingest", "identity", "profiles", "activation"] {
-        services.insert(name, ServiceProcess::start(name, &cfg, dir.path()));
-    }
-    for url in &ports {
-        wait_ready(url, Duration::from_secs(60)).await;
-    }
-    let (ingest, profiles) = (ports[0].clone(), ports[2].clone());
+    let (mut services, urls) = start_processes(&mut cfg, dir.path()).await;
+    let (ingest, profiles) = (urls[0].clone(), urls[2].clone());
 
     const USERS: usize = 40;
     const PER_USER: usize = 12;
@@ -1323,25 +1303,7 @@ async fn a_service_that_lost_its_state_rebuilds_it_by_replaying_its_input() {
     tessera_common::telemetry::init();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(dir.path());
-    cfg.kafka.group_instance_id = Some("pod-0".into());
-    let mut urls = Vec::new();
-    for listen in [
-        &mut cfg.ingest.http_listen,
-        &mut cfg.identity.http_listen,
-        &mut cfg.profiles.http_listen,
-        &mut cfg.activation.http_listen,
-    ] {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        *listen = l.local_addr().unwrap().to_string();
-        urls.push(format!("http://{listen}"));
-    }
-    let mut services: HashMap<&str, ServiceProcess> = HashMap::new();
-    for name in ["ingest", "identity", "profiles", "activation"] {
-        services.insert(name, ServiceProcess::start(name, &cfg, dir.path()));
-    }
-    for url in &urls {
-        wait_ready(url, Duration::from_secs(60)).await;
-    }
+    let (mut services, urls) = start_processes(&mut cfg, dir.path()).await;
     let (ingest, profiles) = (&urls[0], &urls[2]);
     const USERS: usize = 20;
     let run = uid("rebuild");
