@@ -70,14 +70,13 @@ impl Profile {
         }
     }
 
-    pub fn exists(&self) -> bool {
-        self.events_total > 0 || !self.identifiers.is_empty()
-    }
-
-    /// Applies one resolved event.
-    pub fn apply(&mut self, r: &ResolvedEvent, recent_limit: usize) {
+    /// Applies one resolved event. Returns whether an identifier or a trait value changed
+    /// (what destinations see).
+    pub fn apply(&mut self, r: &ResolvedEvent, recent_limit: usize) -> bool {
         let e = &r.event;
+        let identifiers_before = self.identifiers.len();
         self.identifiers.extend(r.identifiers.iter().cloned());
+        let mut changed = false;
         let payload: Value = serde_json::from_str(&e.payload).unwrap_or(Value::Null);
         let provenance = |v: &Value| TraitValue {
             value: v.clone(),
@@ -92,7 +91,7 @@ impl Profile {
         }
         for traits in trait_sources.into_iter().filter_map(Value::as_object) {
             for (k, v) in traits {
-                self.set_trait(k, provenance(v));
+                changed |= self.set_trait(k, provenance(v));
             }
         }
         if e.kind == "track"
@@ -119,13 +118,17 @@ impl Profile {
             },
             recent_limit,
         );
+        changed || self.identifiers.len() != identifiers_before
     }
 
-    fn set_trait(&mut self, name: &str, v: TraitValue) {
+    /// Keeps the newer value; returns whether the trait's value changed.
+    fn set_trait(&mut self, name: &str, v: TraitValue) -> bool {
         match self.traits.get(name) {
-            Some(old) if !v.newer_than(old) => {}
-            _ => {
+            Some(old) if !v.newer_than(old) => false,
+            old => {
+                let changed = old.is_none_or(|o| o.value != v.value);
                 self.traits.insert(name.to_string(), v);
+                changed
             }
         }
     }
@@ -145,11 +148,14 @@ impl Profile {
     }
 
     /// Folds another profile's state into this one (after an identity merge).
-    /// Memberships are not moved: they are re-evaluated on the merged state.
-    pub fn absorb(&mut self, other: &Profile, recent_limit: usize) {
+    /// Memberships are not moved: they are re-evaluated on the merged state. Returns
+    /// whether an identifier or a trait value changed.
+    pub fn absorb(&mut self, other: &Profile, recent_limit: usize) -> bool {
+        let identifiers_before = self.identifiers.len();
         self.identifiers.extend(other.identifiers.iter().cloned());
+        let mut changed = false;
         for (k, v) in &other.traits {
-            self.set_trait(k, v.clone());
+            changed |= self.set_trait(k, v.clone());
         }
         for (k, n) in &other.event_counts {
             *self.event_counts.entry(k.clone()).or_default() += n;
@@ -168,6 +174,7 @@ impl Profile {
                 self.merged_from.push(m.clone());
             }
         }
+        changed || self.identifiers.len() != identifiers_before
     }
 
     /// Identifiers and trait values flat, for destination payloads:
@@ -240,6 +247,23 @@ mod tests {
         assert_eq!(p1.traits["plan"].message_id, "b", "provenance kept");
         assert_eq!(p1.traits["name"].value, json!("Ann"));
         assert_eq!((p1.first_seen, p1.last_seen), (10, 20));
+        // The same value again, newer: no change a destination could see.
+        let again = ev(
+            "c",
+            "identify",
+            None,
+            30,
+            json!({"traits": {"plan": "pro"}}),
+        );
+        assert!(!p1.apply(&again, 10));
+        let moved = ev(
+            "d",
+            "identify",
+            None,
+            40,
+            json!({"traits": {"plan": "team"}}),
+        );
+        assert!(p1.apply(&moved, 10));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 use tessera_common::admin::Admin;
 use tessera_common::ids::deterministic_id;
 use tessera_common::records::{
-    AvroRecord, Identifier, MembershipChange, ProfileMerge, ProfileTransfer, ResolvedEvent,
+    AvroRecord, MembershipChange, ProfileMerge, ProfileTransfer, ResolvedEvent,
 };
 use tessera_common::runner::{self, Message, Output, Processor};
 use tessera_common::store::{Store, Txn};
@@ -182,18 +182,19 @@ impl ProfilesProcessor {
         id: &str,
         cause: &Cause<'_>,
         out: &mut Vec<Output>,
-        change: impl FnOnce(&mut Profile),
+        change: impl FnOnce(&mut Profile) -> bool,
     ) -> Result<()> {
         let mut p = txn
             .get_json::<Profile>(&profile_key(id))?
             .unwrap_or_else(|| Profile::new(id));
-        let before: Vec<Identifier> = p.identifiers.iter().cloned().collect();
-        let fields_before = p.flat_fields();
-        change(&mut p);
-        for i in p.identifiers.iter().filter(|i| !before.contains(i)) {
-            txn.put(index_key(&i.kind, &i.value), id.as_bytes().to_vec());
+        let identifiers_before = p.identifiers.len();
+        let fields_changed = change(&mut p);
+        if p.identifiers.len() != identifiers_before {
+            // Rare (a new identifier or a merge): (re)index them all, idempotently.
+            for i in &p.identifiers {
+                txn.put(index_key(&i.kind, &i.value), id.as_bytes().to_vec());
+            }
         }
-        let fields_changed = p.flat_fields() != fields_before;
         self.evaluate(txn, &mut p, fields_changed, cause, out)?;
         txn.put_json(profile_key(id), &p)
     }
@@ -463,7 +464,7 @@ impl Processor for ProfilesProcessor {
 mod tests {
     use super::*;
     use tessera_common::config::Config;
-    use tessera_common::records::IngestedEvent;
+    use tessera_common::records::{Identifier, IngestedEvent};
     use tessera_common::store::MemStore;
 
     fn processor() -> ProfilesProcessor {
