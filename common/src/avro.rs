@@ -55,10 +55,6 @@ impl Codec {
         self
     }
 
-    pub fn schema(&self) -> &Schema {
-        &self.schema
-    }
-
     /// The 8-byte fingerprint that follows the marker.
     pub fn fingerprint(&self) -> &[u8] {
         &self.header[2..]

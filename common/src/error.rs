@@ -1,6 +1,6 @@
 use thiserror::Error;
 
-/// The shared crate's error. `is_retryable` tells a caller whether trying again can help.
+/// The shared crate's error.
 #[derive(Debug, Error)]
 pub enum Error {
     #[error("configuration: {0}")]
@@ -19,21 +19,6 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Invalid(String),
-}
-
-impl Error {
-    /// Whether the same operation may succeed later (broker down, queue full) rather
-    /// than being wrong in itself (bad config, corrupt record).
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            Error::Kafka(_) | Error::QueueFull | Error::Io(_) => true,
-            Error::Config(_)
-            | Error::Store(_)
-            | Error::Avro(_)
-            | Error::Json(_)
-            | Error::Invalid(_) => false,
-        }
-    }
 }
 
 impl From<apache_avro::Error> for Error {

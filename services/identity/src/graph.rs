@@ -253,22 +253,22 @@ fn pick_survivor(nodes: &[ProfileNode]) -> Option<&ProfileNode> {
     })
 }
 
-/// The profile an identifier resolves to, following merges.
-pub fn lookup(txn: &Txn<'_>, kind: &str, value: &str) -> Result<Option<String>> {
-    let i = Identifier {
-        kind: kind.into(),
-        value: value.into(),
-    };
-    Ok(txn
-        .get(&id_key(&i))?
-        .map(|b| String::from_utf8_lossy(&b).into_owned()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
     use tessera_common::store::{MemStore, Store};
+
+    /// The profile an identifier resolves to.
+    fn lookup(txn: &Txn<'_>, kind: &str, value: &str) -> Result<Option<String>> {
+        let i = Identifier {
+            kind: kind.into(),
+            value: value.into(),
+        };
+        Ok(txn
+            .get(&id_key(&i))?
+            .map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
 
     fn event(msg: &str, user: Option<&str>, anon: Option<&str>, t: i64) -> IngestedEvent {
         IngestedEvent {
