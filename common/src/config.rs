@@ -77,6 +77,10 @@ pub struct IngestConfig {
 pub struct IdentityConfig {
     pub http_listen: String,
     pub state_dir: PathBuf,
+    /// The identity rules (TOML, see services/identity/README.md); empty: the embedded
+    /// default.
+    #[serde(default)]
+    pub rules_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -91,8 +91,45 @@ pub struct ProfileMerge {
     pub cause_message_id: String,
     pub event_time: i64,
     pub received_at: i64,
+    #[serde(default)]
+    pub rule: Option<String>,
+    #[serde(default)]
+    pub score: Option<f64>,
 }
 avro_record!(ProfileMerge, "tessera.identity.merges.avsc");
+
+/// One identifier's new profile in a [`ProfileSplit`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub kind: String,
+    pub value: String,
+    pub profile_id: String,
+}
+
+/// `tessera.identity.splits`: a profile's identifiers now belong to several profiles.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileSplit {
+    pub split_id: String,
+    pub profile_id: String,
+    pub assignments: Vec<Assignment>,
+    pub cause: String,
+    pub event_time: i64,
+    pub received_at: i64,
+}
+avro_record!(ProfileSplit, "tessera.identity.splits.avsc");
+
+/// `tessera.identity.commands`: an un-merge or a detach, applied by identity in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IdentityCommand {
+    pub command_id: String,
+    pub action: String,
+    pub merge_id: Option<String>,
+    pub kind: Option<String>,
+    pub value: Option<String>,
+    pub reason: Option<String>,
+    pub requested_at: i64,
+}
+avro_record!(IdentityCommand, "tessera.identity.commands.avsc");
 
 /// `tessera.profiles.transfers`: state moved into a survivor (internal to profiles).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -231,6 +268,29 @@ mod tests {
             cause_message_id: "m".into(),
             event_time: 5,
             received_at: 6,
+            rule: Some("name+birthday".into()),
+            score: Some(31.5),
+        });
+        roundtrip(ProfileSplit {
+            split_id: "s".into(),
+            profile_id: "p".into(),
+            assignments: vec![Assignment {
+                kind: "email".into(),
+                value: "a@b.io".into(),
+                profile_id: "q".into(),
+            }],
+            cause: "m".into(),
+            event_time: 1,
+            received_at: 2,
+        });
+        roundtrip(IdentityCommand {
+            command_id: "c".into(),
+            action: "unmerge".into(),
+            merge_id: Some("m".into()),
+            kind: None,
+            value: None,
+            reason: Some("wrong merge".into()),
+            requested_at: 3,
         });
         roundtrip(ProfileTransfer {
             transfer_id: "t".into(),
@@ -279,6 +339,8 @@ mod tests {
             ResolvedEvent::codec().fingerprint(),
             DeadLetter::codec().fingerprint(),
             ProfileMerge::codec().fingerprint(),
+            ProfileSplit::codec().fingerprint(),
+            IdentityCommand::codec().fingerprint(),
             ProfileTransfer::codec().fingerprint(),
             MembershipChange::codec().fingerprint(),
             Activation::codec().fingerprint(),

@@ -3,7 +3,7 @@
 //! tests. A [`Txn`] buffers a batch's writes over a store, so a processor sees its own
 //! writes before they are committed together with the consumed offsets.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -141,7 +141,7 @@ type Pending = Option<Vec<u8>>;
 /// until the runner commits the batch together with the consumed offsets.
 pub struct Txn<'a> {
     store: &'a dyn Store,
-    pending: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     order: Vec<Vec<u8>>,
     /// Each write's key and what `pending` held for it before, for [`Txn::rollback_to`].
     undo: Vec<(Vec<u8>, Option<Pending>)>,
@@ -151,7 +151,7 @@ impl<'a> Txn<'a> {
     pub fn new(store: &'a dyn Store) -> Self {
         Txn {
             store,
-            pending: HashMap::new(),
+            pending: BTreeMap::new(),
             order: Vec::new(),
             undo: Vec::new(),
         }
@@ -187,6 +187,29 @@ impl<'a> Txn<'a> {
 
     pub fn delete(&mut self, key: impl Into<Vec<u8>>) {
         self.set(key.into(), None);
+    }
+
+    /// Keys under `prefix` in key order, this transaction's own writes included, at most
+    /// `limit` of them.
+    pub fn scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let own = self
+            .pending
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix));
+        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = self
+            .store
+            .scan_prefix(prefix, limit.saturating_add(self.pending.len().min(limit)))?
+            .into_iter()
+            .map(|(k, v)| (k, Some(v)))
+            .collect();
+        for (k, v) in own {
+            merged.insert(k.clone(), v.clone());
+        }
+        Ok(merged
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .take(limit)
+            .collect())
     }
 
     /// Scans committed state only (not this transaction's own writes).
@@ -258,6 +281,18 @@ mod tests {
         txn.delete(b"a/1".to_vec());
         assert_eq!(txn.get(b"a/3").unwrap(), Some(b"w".to_vec()));
         assert_eq!(txn.get(b"a/1").unwrap(), None, "a txn sees its own delete");
+        let keys: Vec<Vec<u8>> = txn
+            .scan(b"a/", 10)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            keys,
+            vec![b"a/2".to_vec(), b"a/3".to_vec()],
+            "a scan sees own writes"
+        );
+        assert_eq!(txn.scan(b"a/", 1).unwrap().len(), 1);
         assert_eq!(
             store.get(b"a/1").unwrap(),
             Some(b"x".to_vec()),

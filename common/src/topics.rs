@@ -8,6 +8,8 @@ pub const EVENTS_INGESTED: &str = "events.ingested";
 pub const EVENTS_DEADLETTER: &str = "events.deadletter";
 pub const EVENTS_RESOLVED: &str = "events.resolved";
 pub const IDENTITY_MERGES: &str = "identity.merges";
+pub const IDENTITY_SPLITS: &str = "identity.splits";
+pub const IDENTITY_COMMANDS: &str = "identity.commands";
 pub const PROFILES_TRANSFERS: &str = "profiles.transfers";
 pub const SEGMENTS_MEMBERSHIP: &str = "segments.membership";
 /// Destination topics are `activation.<destination id>`.
@@ -42,6 +44,12 @@ impl Topics {
     }
     pub fn merges(&self) -> String {
         self.name(IDENTITY_MERGES)
+    }
+    pub fn splits(&self) -> String {
+        self.name(IDENTITY_SPLITS)
+    }
+    pub fn commands(&self) -> String {
+        self.name(IDENTITY_COMMANDS)
     }
     pub fn transfers(&self) -> String {
         self.name(PROFILES_TRANSFERS)

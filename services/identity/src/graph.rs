@@ -1,400 +1,973 @@
-//! The identity graph: identifier → profile, kept in the state store.
+//! The identity graph, kept in the state store.
 //!
-//! Keys: `id/<kind>/<value>` → profile id; `pr/<profile id>` → [`ProfileNode`];
-//! `mergedinto/<profile id>` → survivor id (so a stale id still resolves).
+//! Every event contributes a **fact**: the set of identifiers it carries (plus fuzzy facts
+//! linking two records that match). A fact's order is the earliest (event time, message
+//! id) of the events that carried it. The graph is, by definition, what applying all
+//! facts in that order with the greedy rule below gives, so it depends on the set of
+//! events only, never on the order they arrive in, nor on duplicates:
 //!
-//! Rules of this first version (issue 3 makes them declarative):
-//! - identifiers: `user_id`, `anonymous_id`, `email` (trimmed, lower-cased), taken from
-//!   `userId`, `anonymousId`, `traits.email`, `context.traits.email`, and `previousId` of
-//!   an alias (looked up as user id or anonymous id);
-//! - blocked values (`null`, `undefined`, `anonymous`, only zeros or dashes, ...) are
-//!   never used;
-//! - a profile id is derived from the first identifier that created it, so a replay
-//!   creates the same id;
-//! - an event whose identifiers point at several profiles merges them, except that two
-//!   profiles with different user ids are never merged (a shared device must not join
-//!   two known people); the survivor is the profile with a user id, then the older one,
-//!   then the smaller id.
+//! - a fact's identifiers join one profile unless that would break a rule: a per-type
+//!   limit (at most one `user_id`, ...) or an un-merge's separation. Then its
+//!   lowest-priority identifier is dropped and the rest retried (Segment's rule); a
+//!   dropped identifier stays where it is (or alone);
+//! - a detached identifier never links to anything;
+//! - a profile's id comes from its **anchor**: the identifier seen first (then by
+//!   priority, then by value). When profiles merge, the older one survives.
+//!
+//! In the usual case an event is newer than everything in the profiles it touches, and
+//! applying its fact to those profiles is the same as recomputing: that is the fast path.
+//! Otherwise (a late event, an un-merge) the connected part of the graph is recomputed
+//! from its facts, and what changed goes out as merges and splits.
+//!
+//! Keys (`<h>` is a hash of an identifier, so values may hold any character):
+//! `id/<kind>/<value>` → profile id; `seen/<kind>/<value>` → [`Seen`];
+//! `fact/<key>` → [`Fact`]; `if/<h>/<fact key>` → facts of an identifier;
+//! `pr/<profile>` → [`Node`]; `mergedinto/<profile>` → survivor;
+//! `merge/<merge id>` → [`MergeInfo`]; `mh/<survivor>/<merge id>` → merge history;
+//! `sep/<id>` → [`Separation`]; `sepidx/<h>/<id>`; `detached/<kind>/<value>`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use tessera_common::Result;
 use tessera_common::ids::deterministic_id;
-use tessera_common::records::{Identifier, IngestedEvent, ProfileMerge};
+use tessera_common::records::{Identifier, ProfileMerge};
 use tessera_common::store::Txn;
 
-pub const USER_ID: &str = "user_id";
-pub const ANONYMOUS_ID: &str = "anonymous_id";
-pub const EMAIL: &str = "email";
+use crate::rules::Rules;
+
+/// Where a fact sits in the canonical order: event time, message id, deterministic
+/// facts before fuzzy ones of the same event, then the fact key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Order {
+    pub t: i64,
+    pub msg: String,
+    pub rank: u8,
+    pub key: String,
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProfileNode {
-    pub id: String,
-    /// Event time of the event that created it.
-    pub created_at: i64,
-    pub identifiers: Vec<Identifier>,
+pub struct Fact {
+    pub key: String,
+    /// In priority order.
+    pub ids: Vec<Identifier>,
+    pub order: Order,
+    pub source: String,
+    /// The fuzzy rule (or "score") that linked the records; `None` for an event's own
+    /// identifiers.
+    pub rule: Option<String>,
+    pub score: Option<f64>,
 }
 
-impl ProfileNode {
-    fn user_ids(&self) -> impl Iterator<Item = &str> {
-        self.identifiers
+impl Fact {
+    pub fn new(
+        rules: &Rules,
+        ids: &[Identifier],
+        t: i64,
+        msg: &str,
+        source: &str,
+        fuzzy: Option<(String, f64)>,
+    ) -> Fact {
+        let mut ids = ids.to_vec();
+        ids.sort_by(|a, b| {
+            (rules.priority(&a.kind), &a.value).cmp(&(rules.priority(&b.kind), &b.value))
+        });
+        ids.dedup();
+        let parts: Vec<&str> = ids
             .iter()
-            .filter(|i| i.kind == USER_ID)
-            .map(|i| i.value.as_str())
-    }
-    fn is_known(&self) -> bool {
-        self.user_ids().next().is_some()
+            .flat_map(|i| [i.kind.as_str(), i.value.as_str()])
+            .collect();
+        let key = deterministic_id("fact", &parts);
+        let (rule, score) = match fuzzy {
+            Some((r, s)) => (Some(r), Some(s)),
+            None => (None, None),
+        };
+        Fact {
+            order: Order {
+                t,
+                msg: msg.to_string(),
+                rank: u8::from(rule.is_some()),
+                key: key.clone(),
+            },
+            key,
+            ids,
+            source: source.to_string(),
+            rule,
+            score,
+        }
     }
 }
 
+/// When and where an identifier was first seen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Seen {
+    pub event_time: i64,
+    pub message_id: String,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: String,
+    pub anchor: Identifier,
+    /// The anchor's sort key: first seen, priority.
+    pub anchor_order: (i64, String, usize),
+    /// In priority order.
+    pub identifiers: Vec<Identifier>,
+    /// The latest fact that touched this profile.
+    pub max_order: Order,
+    /// Separations (un-merges) that involve one of its identifiers.
+    #[serde(default)]
+    pub separations: Vec<String>,
+    /// A detached identifier's own profile.
+    #[serde(default)]
+    pub detached: bool,
+}
+
+/// A merge, kept so it can be undone and shown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MergeInfo {
+    pub merge_id: String,
+    pub survivor: String,
+    pub merged: String,
+    pub survivor_identifiers: Vec<Identifier>,
+    pub merged_identifiers: Vec<Identifier>,
+    pub cause_message_id: String,
+    pub rule: Option<String>,
+    pub score: Option<f64>,
+    pub event_time: i64,
+    #[serde(default)]
+    pub undone: bool,
+}
+
+/// An un-merge: no profile may hold identifiers of both sides.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Separation {
+    pub id: String,
+    pub left: Vec<Identifier>,
+    pub right: Vec<Identifier>,
+}
+
+/// A profile whose identifiers now belong to several profiles.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Split {
+    pub profile: String,
+    pub assignments: Vec<(Identifier, String)>,
+}
+
+/// What applying facts changed.
+#[derive(Debug, Default, PartialEq)]
+pub struct Changes {
+    pub merges: Vec<ProfileMerge>,
+    pub splits: Vec<Split>,
+    pub created: usize,
+    /// Late facts that recomputed part of the graph.
+    pub recomputed: usize,
+    /// Parts too large to recompute: the fact was applied in arrival order.
+    pub too_large: usize,
+}
+
+impl Changes {
+    pub fn extend(&mut self, o: Changes) {
+        self.merges.extend(o.merges);
+        self.splits.extend(o.splits);
+        self.created += o.created;
+        self.recomputed += o.recomputed;
+        self.too_large += o.too_large;
+    }
+}
+
+pub fn ident_hash(i: &Identifier) -> String {
+    deterministic_id("identifier", &[&i.kind, &i.value])
+}
 fn id_key(i: &Identifier) -> Vec<u8> {
     format!("id/{}/{}", i.kind, i.value).into_bytes()
 }
-fn node_key(profile: &str) -> Vec<u8> {
+fn seen_key(i: &Identifier) -> Vec<u8> {
+    format!("seen/{}/{}", i.kind, i.value).into_bytes()
+}
+fn fact_key(key: &str) -> Vec<u8> {
+    format!("fact/{key}").into_bytes()
+}
+fn if_prefix(i: &Identifier) -> String {
+    format!("if/{}/", ident_hash(i))
+}
+pub fn node_key(profile: &str) -> Vec<u8> {
     format!("pr/{profile}").into_bytes()
 }
-fn merged_key(profile: &str) -> Vec<u8> {
+pub fn merged_key(profile: &str) -> Vec<u8> {
     format!("mergedinto/{profile}").into_bytes()
 }
-
-/// Values that identify nobody; SDKs and forms send them by mistake.
-pub fn is_blocked(value: &str) -> bool {
-    let v = value.trim().to_ascii_lowercase();
-    v.is_empty()
-        || matches!(
-            v.as_str(),
-            "null"
-                | "undefined"
-                | "anonymous"
-                | "none"
-                | "nil"
-                | "unknown"
-                | "n/a"
-                | "[object object]"
-        )
-        || v.chars().all(|c| c == '0' || c == '-')
+pub fn merge_info_key(merge_id: &str) -> Vec<u8> {
+    format!("merge/{merge_id}").into_bytes()
+}
+pub fn history_prefix(survivor: &str) -> String {
+    format!("mh/{survivor}/")
+}
+fn sep_key(id: &str) -> Vec<u8> {
+    format!("sep/{id}").into_bytes()
+}
+fn sepidx_prefix(i: &Identifier) -> String {
+    format!("sepidx/{}/", ident_hash(i))
+}
+fn detached_key(i: &Identifier) -> Vec<u8> {
+    format!("detached/{}/{}", i.kind, i.value).into_bytes()
 }
 
-pub fn normalise_email(raw: &str) -> Option<String> {
-    let e = raw.trim().to_lowercase();
-    let (local, domain) = e.split_once('@')?;
-    (!local.is_empty() && domain.contains('.') && !e.contains(char::is_whitespace)).then_some(e)
+pub fn profile_id_of(anchor: &Identifier) -> String {
+    deterministic_id("profile", &[&anchor.kind, &anchor.value])
 }
 
-/// The identifiers an event carries, normalised, blocked values removed, in priority
-/// order (user id, email, anonymous id).
-pub fn extract(event: &IngestedEvent, payload: &Value) -> Vec<Identifier> {
-    let mut out = Vec::new();
-    let mut push = |kind: &str, value: &str| {
-        if !is_blocked(value) {
-            let id = Identifier {
-                kind: kind.into(),
-                value: value.to_string(),
-            };
-            if !out.contains(&id) {
-                out.push(id);
-            }
-        }
-    };
-    if let Some(u) = &event.user_id {
-        push(USER_ID, u);
-    }
-    for path in [
-        &["traits", "email"][..],
-        &["context", "traits", "email"][..],
-    ] {
-        let mut v = payload;
-        for p in path {
-            v = &v[*p];
-        }
-        if let Some(e) = v.as_str().and_then(normalise_email) {
-            push(EMAIL, &e);
-        }
-    }
-    if let Some(a) = &event.anonymous_id {
-        push(ANONYMOUS_ID, a);
-    }
-    out
+/// The profile an identifier belongs to now.
+pub fn lookup(txn: &Txn<'_>, i: &Identifier) -> Result<Option<String>> {
+    Ok(txn
+        .get(&id_key(i))?
+        .map(|b| String::from_utf8_lossy(&b).into_owned()))
 }
 
-/// What resolving one event did.
-#[derive(Debug, Default, PartialEq)]
-pub struct Resolution {
-    pub profile_id: String,
-    pub merges: Vec<ProfileMerge>,
-    pub created: bool,
+pub fn seen(txn: &Txn<'_>, i: &Identifier) -> Result<Option<Seen>> {
+    txn.get_json(&seen_key(i))
 }
 
-/// Resolves an event's identifiers to one profile, creating, extending and merging
-/// profiles as the rules say. Deterministic in the event and the graph.
-pub fn resolve(
-    txn: &mut Txn<'_>,
-    event: &IngestedEvent,
-    identifiers: &[Identifier],
-    previous_id: Option<&str>,
-) -> Result<Resolution> {
-    // Which profile each identifier points at now.
-    let mut linked: Vec<(Identifier, Option<String>)> = Vec::new();
-    for i in identifiers {
-        let p = txn
-            .get(&id_key(i))?
-            .map(|b| String::from_utf8_lossy(&b).into_owned());
-        linked.push((i.clone(), p));
-    }
-    let mut found: Vec<ProfileNode> = Vec::new();
-    let add_found = |txn: &Txn<'_>, pid: &str, found: &mut Vec<ProfileNode>| -> Result<()> {
-        if found.iter().any(|n| n.id == pid) {
-            return Ok(());
-        }
-        if let Some(n) = txn.get_json::<ProfileNode>(&node_key(pid))? {
-            found.push(n);
-        }
-        Ok(())
-    };
-    for (_, p) in &linked {
-        if let Some(pid) = p {
-            add_found(txn, pid, &mut found)?;
+/// Follows merges to the live profile id.
+pub fn live_profile(txn: &Txn<'_>, id: &str) -> Result<String> {
+    let mut cur = id.to_string();
+    for _ in 0..64 {
+        match txn.get(&merged_key(&cur))? {
+            Some(next) => cur = String::from_utf8_lossy(&next).into_owned(),
+            None => break,
         }
     }
-    // alias: the previous id's profile joins too.
-    if let Some(prev) = previous_id.filter(|p| !is_blocked(p)) {
-        for kind in [USER_ID, ANONYMOUS_ID] {
-            let i = Identifier {
-                kind: kind.into(),
-                value: prev.to_string(),
-            };
-            if let Some(b) = txn.get(&id_key(&i))? {
-                add_found(txn, &String::from_utf8_lossy(&b), &mut found)?;
-            }
-        }
-    }
+    Ok(cur)
+}
 
-    let event_user = identifiers
-        .iter()
-        .find(|i| i.kind == USER_ID)
-        .map(|i| i.value.as_str());
-    // Profiles that may join: never a profile known under another user id.
-    let compatible = |n: &ProfileNode| match event_user {
-        Some(u) => n.user_ids().all(|x| x == u),
-        None => true,
-    };
-    let mut joinable: Vec<ProfileNode> = found.iter().filter(|n| compatible(n)).cloned().collect();
-    if event_user.is_none() && joinable.iter().filter(|n| n.is_known()).count() > 1 {
-        // Several known people share these identifiers: merge none; use the profile of
-        // the highest-priority identifier, or (when they were found only through an
-        // alias's previousId) the one the survivor rule picks.
-        let keep = linked
-            .iter()
-            .find_map(|(_, p)| p.clone())
-            .or_else(|| pick_survivor(&joinable).map(|n| n.id.clone()));
-        joinable.retain(|n| Some(&n.id) == keep.as_ref());
-    }
+/// Clusters of identifiers being built by the greedy rule, in memory.
+#[derive(Default)]
+struct Clusters {
+    of: HashMap<Identifier, usize>,
+    sets: Vec<Cluster>,
+}
 
-    let mut res = Resolution::default();
-    let mut survivor = match pick_survivor(&joinable) {
-        Some(s) => s.clone(),
-        None => {
-            let Some(first) = identifiers.first() else {
-                // Every identifier was blocked: a profile of its own, keyed by the message.
-                let id = deterministic_id("profile-unidentified", &[&event.message_id]);
-                res.profile_id = id;
-                res.created = true;
-                return Ok(res);
-            };
-            res.created = true;
-            ProfileNode {
-                id: deterministic_id("profile", &[&first.kind, &first.value]),
-                created_at: event.event_time,
-                identifiers: Vec::new(),
-            }
+#[derive(Clone)]
+struct Cluster {
+    alive: bool,
+    ids: BTreeSet<(usize, Identifier)>,
+    anchor: ((i64, String, usize), Identifier),
+    max_order: Option<Order>,
+    separations: BTreeSet<String>,
+    detached: bool,
+}
+
+struct Context<'a> {
+    rules: &'a Rules,
+    separations: &'a BTreeMap<String, Separation>,
+    detached: &'a BTreeSet<Identifier>,
+}
+
+impl Clusters {
+    fn cluster_of(&mut self, ctx: &Context<'_>, i: &Identifier, first: (i64, String)) -> usize {
+        if let Some(c) = self.of.get(i) {
+            return *c;
         }
-    };
-    for merged in joinable.iter().filter(|n| n.id != survivor.id) {
-        for i in &merged.identifiers {
-            if !survivor.identifiers.contains(i) {
-                survivor.identifiers.push(i.clone());
-            }
-            txn.put(id_key(i), survivor.id.clone());
-        }
-        survivor.created_at = survivor.created_at.min(merged.created_at);
-        txn.delete(node_key(&merged.id));
-        txn.put(merged_key(&merged.id), survivor.id.clone());
-        res.merges.push(ProfileMerge {
-            merge_id: deterministic_id("merge", &[&survivor.id, &merged.id, &event.message_id]),
-            survivor: survivor.id.clone(),
-            merged: merged.id.clone(),
-            cause_message_id: event.message_id.clone(),
-            event_time: event.event_time,
-            received_at: event.received_at,
+        let prio = ctx.rules.priority(&i.kind);
+        let separations = ctx
+            .separations
+            .values()
+            .filter(|s| s.left.contains(i) || s.right.contains(i))
+            .map(|s| s.id.clone())
+            .collect();
+        self.sets.push(Cluster {
+            alive: true,
+            ids: BTreeSet::from([(prio, i.clone())]),
+            anchor: ((first.0, first.1, prio), i.clone()),
+            max_order: None,
+            separations,
+            detached: ctx.detached.contains(i),
         });
+        self.of.insert(i.clone(), self.sets.len() - 1);
+        self.sets.len() - 1
     }
-    // New identifiers join the survivor; ones owned by an incompatible profile stay there.
-    for (i, owner) in &linked {
-        let owned_elsewhere = owner
-            .as_ref()
-            .is_some_and(|o| o != &survivor.id && !joinable.iter().any(|n| &n.id == o));
-        if !owned_elsewhere && !survivor.identifiers.contains(i) {
-            survivor.identifiers.push(i.clone());
-            txn.put(id_key(i), survivor.id.clone());
+
+    fn allowed(&self, ctx: &Context<'_>, members: &[usize]) -> bool {
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for &c in members {
+            for (_, i) in &self.sets[c].ids {
+                let n = counts.entry(i.kind.as_str()).or_default();
+                *n += 1;
+                if *n > ctx.rules.limit(&i.kind) {
+                    return false;
+                }
+            }
+        }
+        let seps: BTreeSet<&String> = members
+            .iter()
+            .flat_map(|&c| self.sets[c].separations.iter())
+            .collect();
+        for s in seps {
+            let Some(sep) = ctx.separations.get(s) else {
+                continue;
+            };
+            let has = |side: &[Identifier]| {
+                members.iter().any(|&c| {
+                    side.iter()
+                        .any(|i| self.sets[c].ids.iter().any(|(_, x)| x == i))
+                })
+            };
+            if has(&sep.left) && has(&sep.right) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Applies one fact; `first` gives an identifier's first-seen time for anchors.
+    fn step(
+        &mut self,
+        ctx: &Context<'_>,
+        fact: &Fact,
+        first: &dyn Fn(&Identifier) -> (i64, String),
+    ) {
+        for i in &fact.ids {
+            self.cluster_of(ctx, i, first(i));
+        }
+        let mut linking: Vec<&Identifier> = fact
+            .ids
+            .iter()
+            .filter(|i| !ctx.detached.contains(*i))
+            .collect();
+        while linking.len() > 1 {
+            let mut members: Vec<usize> = linking.iter().map(|i| self.of[*i]).collect();
+            members.sort_unstable();
+            members.dedup();
+            if self.allowed(ctx, &members) {
+                self.union(&members);
+                break;
+            }
+            linking.pop();
+        }
+        for i in &fact.ids {
+            let root = self.of[i];
+            let m = &mut self.sets[root].max_order;
+            if m.as_ref().is_none_or(|m| *m < fact.order) {
+                *m = Some(fact.order.clone());
+            }
         }
     }
-    txn.put_json(node_key(&survivor.id), &survivor)?;
-    res.profile_id = survivor.id;
-    Ok(res)
+
+    fn union(&mut self, members: &[usize]) {
+        let Some((&into, rest)) = members.split_first() else {
+            return;
+        };
+        for &c in rest {
+            let placeholder = self.sets[into].anchor.clone();
+            let taken = std::mem::replace(
+                &mut self.sets[c],
+                Cluster {
+                    alive: false,
+                    ids: BTreeSet::new(),
+                    anchor: placeholder,
+                    max_order: None,
+                    separations: BTreeSet::new(),
+                    detached: false,
+                },
+            );
+            for (_, i) in &taken.ids {
+                self.of.insert(i.clone(), into);
+            }
+            let target = &mut self.sets[into];
+            target.ids.extend(taken.ids);
+            target.separations.extend(taken.separations);
+            if taken.anchor < target.anchor {
+                target.anchor = taken.anchor;
+            }
+            if taken.max_order > target.max_order {
+                target.max_order = taken.max_order;
+            }
+        }
+    }
+
+    fn nodes(&self) -> Vec<Node> {
+        self.sets
+            .iter()
+            .filter(|c| c.alive)
+            .map(|c| Node {
+                id: profile_id_of(&c.anchor.1),
+                anchor: c.anchor.1.clone(),
+                anchor_order: c.anchor.0.clone(),
+                identifiers: c.ids.iter().map(|(_, i)| i.clone()).collect(),
+                max_order: c.max_order.clone().unwrap_or(Order {
+                    t: i64::MIN,
+                    msg: String::new(),
+                    rank: 0,
+                    key: String::new(),
+                }),
+                separations: c.separations.iter().cloned().collect(),
+                detached: c.detached,
+            })
+            .collect()
+    }
+
+    fn from_node(&mut self, ctx: &Context<'_>, n: &Node) {
+        let idx = self.sets.len();
+        self.sets.push(Cluster {
+            alive: true,
+            ids: n
+                .identifiers
+                .iter()
+                .map(|i| (ctx.rules.priority(&i.kind), i.clone()))
+                .collect(),
+            anchor: (n.anchor_order.clone(), n.anchor.clone()),
+            max_order: Some(n.max_order.clone()),
+            separations: n.separations.iter().cloned().collect(),
+            detached: n.detached,
+        });
+        for i in &n.identifiers {
+            self.of.insert(i.clone(), idx);
+        }
+    }
 }
 
-fn pick_survivor(nodes: &[ProfileNode]) -> Option<&ProfileNode> {
-    nodes.iter().min_by(|a, b| {
-        b.is_known()
-            .cmp(&a.is_known())
-            .then(a.created_at.cmp(&b.created_at))
-            .then(a.id.cmp(&b.id))
-    })
+/// The graph over a transaction: applies facts and commands.
+pub struct Graph<'r> {
+    pub rules: &'r Rules,
+    /// The most facts a recomputation may load; a larger part is updated in arrival order.
+    pub max_component_facts: usize,
+}
+
+impl<'r> Graph<'r> {
+    pub fn new(rules: &'r Rules) -> Self {
+        Graph {
+            rules,
+            max_component_facts: 20_000,
+        }
+    }
+
+    /// Records a fact and brings the graph up to date with it.
+    pub fn add_fact(&self, txn: &mut Txn<'_>, mut fact: Fact) -> Result<Changes> {
+        if fact.ids.is_empty() {
+            return Ok(Changes::default());
+        }
+        let stored: Option<Fact> = txn.get_json(&fact_key(&fact.key))?;
+        if let Some(old) = &stored {
+            if old.order <= fact.order {
+                return Ok(Changes::default()); // already applied
+            }
+        }
+        fact.order.key = fact.key.clone();
+        txn.put_json(fact_key(&fact.key), &fact)?;
+        for i in &fact.ids {
+            if stored.is_none() {
+                txn.put(
+                    format!("{}{}", if_prefix(i), fact.key).into_bytes(),
+                    Vec::new(),
+                );
+            }
+            let earlier = seen(txn, i)?
+                .is_none_or(|s| (fact.order.t, &fact.order.msg) < (s.event_time, &s.message_id));
+            if earlier {
+                txn.put_json(
+                    seen_key(i),
+                    &Seen {
+                        event_time: fact.order.t,
+                        message_id: fact.order.msg.clone(),
+                        source: fact.source.clone(),
+                    },
+                )?;
+            }
+        }
+        // The profiles the fact touches; the fast path applies when none has seen a
+        // later fact.
+        let mut nodes: Vec<Node> = Vec::new();
+        for i in &fact.ids {
+            if let Some(p) = lookup(txn, i)?
+                && !nodes.iter().any(|n| n.id == p)
+                && let Some(n) = txn.get_json::<Node>(&node_key(&p))?
+            {
+                nodes.push(n);
+            }
+        }
+        let in_order = stored.is_none() && nodes.iter().all(|n| n.max_order <= fact.order);
+        if in_order {
+            return self.apply_in_order(txn, &fact, nodes);
+        }
+        self.recompute(txn, &fact.ids, &fact)
+    }
+
+    fn load_separations(
+        &self,
+        txn: &Txn<'_>,
+        ids: &[Identifier],
+    ) -> Result<BTreeMap<String, Separation>> {
+        let mut out = BTreeMap::new();
+        for i in ids {
+            for (k, _) in txn.scan(sepidx_prefix(i).as_bytes(), 10_000)? {
+                let id = String::from_utf8_lossy(&k[sepidx_prefix(i).len()..]).into_owned();
+                if let std::collections::btree_map::Entry::Vacant(e) = out.entry(id.clone())
+                    && let Some(s) = txn.get_json::<Separation>(&sep_key(&id))?
+                {
+                    e.insert(s);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn apply_in_order(&self, txn: &mut Txn<'_>, fact: &Fact, nodes: Vec<Node>) -> Result<Changes> {
+        let node_ids: Vec<Identifier> = nodes
+            .iter()
+            .flat_map(|n| n.identifiers.iter().cloned())
+            .collect();
+        let separations = if nodes.iter().any(|n| !n.separations.is_empty()) {
+            self.load_separations(txn, &node_ids)?
+        } else {
+            BTreeMap::new()
+        };
+        let detached: BTreeSet<Identifier> = nodes
+            .iter()
+            .filter(|n| n.detached)
+            .map(|n| n.anchor.clone())
+            .collect();
+        let ctx = Context {
+            rules: self.rules,
+            separations: &separations,
+            detached: &detached,
+        };
+        let mut clusters = Clusters::default();
+        for n in &nodes {
+            clusters.from_node(&ctx, n);
+        }
+        let first = |_: &Identifier| (fact.order.t, fact.order.msg.clone());
+        clusters.step(&ctx, fact, &first);
+        let old: BTreeMap<Identifier, String> = nodes
+            .iter()
+            .flat_map(|n| n.identifiers.iter().map(|i| (i.clone(), n.id.clone())))
+            .collect();
+        self.write(txn, &old, clusters.nodes(), fact)
+    }
+
+    /// Recomputes the connected part of the graph around `start` from its facts.
+    pub fn recompute(
+        &self,
+        txn: &mut Txn<'_>,
+        start: &[Identifier],
+        cause: &Fact,
+    ) -> Result<Changes> {
+        let mut facts: BTreeMap<String, Fact> = BTreeMap::new();
+        let mut ids: BTreeSet<Identifier> = start.iter().cloned().collect();
+        let mut queue: Vec<Identifier> = start.to_vec();
+        while let Some(i) = queue.pop() {
+            let prefix = if_prefix(&i);
+            for (k, _) in txn.scan(prefix.as_bytes(), self.max_component_facts + 1)? {
+                let key = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                if facts.contains_key(&key) {
+                    continue;
+                }
+                let Some(f) = txn.get_json::<Fact>(&fact_key(&key))? else {
+                    continue;
+                };
+                for x in &f.ids {
+                    if ids.insert(x.clone()) {
+                        queue.push(x.clone());
+                    }
+                }
+                facts.insert(key, f);
+            }
+            // Identifiers of the same profile belong to the part even when the facts
+            // that linked them are gone from view (nothing is ever deleted, but be safe).
+            if let Some(p) = lookup(txn, &i)?
+                && let Some(n) = txn.get_json::<Node>(&node_key(&p))?
+            {
+                for x in n.identifiers {
+                    if ids.insert(x.clone()) {
+                        queue.push(x);
+                    }
+                }
+            }
+            if facts.len() > self.max_component_facts {
+                let mut nodes = Vec::new();
+                for i in &cause.ids {
+                    if let Some(p) = lookup(txn, i)?
+                        && !nodes.iter().any(|n: &Node| n.id == p)
+                        && let Some(n) = txn.get_json::<Node>(&node_key(&p))?
+                    {
+                        nodes.push(n);
+                    }
+                }
+                let mut c = self.apply_in_order(txn, cause, nodes)?;
+                c.too_large += 1;
+                return Ok(c);
+            }
+        }
+        let ids: Vec<Identifier> = ids.into_iter().collect();
+        let separations = self.load_separations(txn, &ids)?;
+        let mut detached = BTreeSet::new();
+        let mut old = BTreeMap::new();
+        for i in &ids {
+            if txn.get(&detached_key(i))?.is_some() {
+                detached.insert(i.clone());
+            }
+            if let Some(p) = lookup(txn, i)? {
+                old.insert(i.clone(), p);
+            }
+        }
+        let ctx = Context {
+            rules: self.rules,
+            separations: &separations,
+            detached: &detached,
+        };
+        let mut sorted: Vec<&Fact> = facts.values().collect();
+        sorted.sort_by(|a, b| a.order.cmp(&b.order));
+        let mut first_seen: HashMap<&Identifier, (i64, String)> = HashMap::new();
+        for f in &sorted {
+            for i in &f.ids {
+                first_seen
+                    .entry(i)
+                    .or_insert_with(|| (f.order.t, f.order.msg.clone()));
+            }
+        }
+        let mut clusters = Clusters::default();
+        let first = |i: &Identifier| {
+            first_seen
+                .get(i)
+                .cloned()
+                .unwrap_or((i64::MAX, String::new()))
+        };
+        for f in &sorted {
+            clusters.step(&ctx, f, &first);
+        }
+        for i in &ids {
+            clusters.cluster_of(&ctx, i, first(i));
+        }
+        let mut changes = self.write(txn, &old, clusters.nodes(), cause)?;
+        changes.recomputed += 1;
+        Ok(changes)
+    }
+
+    /// Stores new nodes and assignments; reports merges and splits against `old`.
+    fn write(
+        &self,
+        txn: &mut Txn<'_>,
+        old: &BTreeMap<Identifier, String>,
+        nodes: Vec<Node>,
+        cause: &Fact,
+    ) -> Result<Changes> {
+        let mut changes = Changes::default();
+        let mut new_of: BTreeMap<&Identifier, &str> = BTreeMap::new();
+        for n in &nodes {
+            for i in &n.identifiers {
+                new_of.insert(i, &n.id);
+            }
+        }
+        // Old profiles and where their identifiers went.
+        let mut old_profiles: BTreeMap<&str, BTreeMap<&str, Vec<&Identifier>>> = BTreeMap::new();
+        for (i, p) in old {
+            let to = new_of.get(i).copied().unwrap_or(p.as_str());
+            old_profiles
+                .entry(p.as_str())
+                .or_default()
+                .entry(to)
+                .or_default()
+                .push(i);
+        }
+        let old_nodes: BTreeMap<&str, Option<Node>> = old_profiles
+            .keys()
+            .map(|p| Ok((*p, txn.get_json::<Node>(&node_key(p))?)))
+            .collect::<Result<_>>()?;
+        let new_ids: BTreeSet<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
+        for (p, targets) in &old_profiles {
+            let survives = new_ids.contains(p);
+            if targets.len() == 1 && !survives {
+                let survivor = *targets.keys().next().expect("one target");
+                let merged_ids: Vec<Identifier> = old_nodes[p]
+                    .as_ref()
+                    .map(|n| n.identifiers.clone())
+                    .unwrap_or_default();
+                let survivor_ids: Vec<Identifier> = nodes
+                    .iter()
+                    .find(|n| n.id == survivor)
+                    .map(|n| {
+                        n.identifiers
+                            .iter()
+                            .filter(|i| !merged_ids.contains(i))
+                            .cloned()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                self.record_merge(
+                    txn,
+                    p,
+                    survivor,
+                    merged_ids,
+                    survivor_ids,
+                    cause,
+                    &mut changes,
+                )?;
+            } else if targets.len() > 1 || (!survives && !targets.is_empty()) {
+                let mut assignments: Vec<(Identifier, String)> = targets
+                    .iter()
+                    .flat_map(|(to, ids)| ids.iter().map(|i| ((*i).clone(), to.to_string())))
+                    .collect();
+                assignments.sort();
+                if !survives {
+                    // Late lookups of the old id follow its anchor.
+                    if let Some(n) = &old_nodes[p]
+                        && let Some(to) = new_of.get(&n.anchor)
+                    {
+                        txn.put(merged_key(p), to.as_bytes().to_vec());
+                    }
+                }
+                changes.splits.push(Split {
+                    profile: p.to_string(),
+                    assignments,
+                });
+            }
+            if !survives {
+                txn.delete(node_key(p));
+            }
+        }
+        let existed: BTreeSet<&str> = old.values().map(String::as_str).collect();
+        for n in &nodes {
+            if !existed.contains(n.id.as_str()) {
+                changes.created += 1;
+                txn.delete(merged_key(&n.id));
+            }
+            for i in &n.identifiers {
+                if old.get(i).map(String::as_str) != Some(n.id.as_str()) {
+                    txn.put(id_key(i), n.id.as_bytes().to_vec());
+                }
+            }
+            txn.put_json(node_key(&n.id), n)?;
+        }
+        Ok(changes)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record_merge(
+        &self,
+        txn: &mut Txn<'_>,
+        merged: &str,
+        survivor: &str,
+        merged_identifiers: Vec<Identifier>,
+        survivor_identifiers: Vec<Identifier>,
+        cause: &Fact,
+        changes: &mut Changes,
+    ) -> Result<()> {
+        let merge_id = deterministic_id("merge", &[survivor, merged, &cause.order.msg, &cause.key]);
+        txn.put(merged_key(merged), survivor.as_bytes().to_vec());
+        let info = MergeInfo {
+            merge_id: merge_id.clone(),
+            survivor: survivor.to_string(),
+            merged: merged.to_string(),
+            survivor_identifiers,
+            merged_identifiers,
+            cause_message_id: cause.order.msg.clone(),
+            rule: cause.rule.clone(),
+            score: cause.score,
+            event_time: cause.order.t,
+            undone: false,
+        };
+        txn.put_json(merge_info_key(&merge_id), &info)?;
+        txn.put(
+            format!("{}{merge_id}", history_prefix(survivor)).into_bytes(),
+            Vec::new(),
+        );
+        changes.merges.push(ProfileMerge {
+            merge_id,
+            survivor: survivor.to_string(),
+            merged: merged.to_string(),
+            cause_message_id: cause.order.msg.clone(),
+            event_time: cause.order.t,
+            received_at: tessera_common::now_ms(),
+            rule: cause.rule.clone(),
+            score: cause.score,
+        });
+        Ok(())
+    }
+
+    /// Undoes a merge: from now on no profile holds identifiers of both sides, and the
+    /// part of the graph around them is recomputed.
+    pub fn unmerge(
+        &self,
+        txn: &mut Txn<'_>,
+        merge_id: &str,
+        at: (i64, &str),
+    ) -> Result<Option<Changes>> {
+        let Some(mut info) = txn.get_json::<MergeInfo>(&merge_info_key(merge_id))? else {
+            return Ok(None);
+        };
+        if info.undone {
+            return Ok(Some(Changes::default()));
+        }
+        let sep = Separation {
+            id: deterministic_id("separation", &[merge_id]),
+            left: info.survivor_identifiers.clone(),
+            right: info.merged_identifiers.clone(),
+        };
+        for i in sep.left.iter().chain(&sep.right) {
+            txn.put(
+                format!("{}{}", sepidx_prefix(i), sep.id).into_bytes(),
+                Vec::new(),
+            );
+        }
+        txn.put_json(sep_key(&sep.id), &sep)?;
+        info.undone = true;
+        txn.put_json(merge_info_key(merge_id), &info)?;
+        let start: Vec<Identifier> = sep.left.iter().chain(&sep.right).cloned().collect();
+        let cause = Fact::new(self.rules, &[], at.0, at.1, "unmerge", None);
+        Ok(Some(self.recompute(txn, &start, &cause)?))
+    }
+
+    /// Takes an identifier out of its profile: it never links to anything again.
+    pub fn detach(&self, txn: &mut Txn<'_>, i: &Identifier, at: (i64, &str)) -> Result<Changes> {
+        txn.put(detached_key(i), Vec::new());
+        let cause = Fact::new(self.rules, &[], at.0, at.1, "detach", None);
+        self.recompute(txn, std::slice::from_ref(i), &cause)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
     use tessera_common::store::{MemStore, Store};
 
-    /// The profile an identifier resolves to.
-    fn lookup(txn: &Txn<'_>, kind: &str, value: &str) -> Result<Option<String>> {
-        let i = Identifier {
+    fn rules() -> Rules {
+        Rules::parse(crate::rules::DEFAULT_RULES, "test").unwrap()
+    }
+    fn id(kind: &str, value: &str) -> Identifier {
+        Identifier {
             kind: kind.into(),
             value: value.into(),
-        };
-        Ok(txn
-            .get(&id_key(&i))?
-            .map(|b| String::from_utf8_lossy(&b).into_owned()))
-    }
-
-    fn event(msg: &str, user: Option<&str>, anon: Option<&str>, t: i64) -> IngestedEvent {
-        IngestedEvent {
-            message_id: msg.into(),
-            source: "s".into(),
-            kind: "track".into(),
-            user_id: user.map(Into::into),
-            anonymous_id: anon.map(Into::into),
-            event: Some("E".into()),
-            received_at: t,
-            event_time: t,
-            payload: "{}".into(),
         }
     }
 
-    fn apply(store: &MemStore, e: &IngestedEvent) -> Resolution {
-        let ids = extract(e, &json!({}));
-        let mut txn = Txn::new(store);
-        let r = resolve(&mut txn, e, &ids, None).unwrap();
-        store.write(txn.into_batch()).unwrap();
-        r
+    fn add(s: &MemStore, r: &Rules, ids: &[Identifier], t: i64, msg: &str) -> Changes {
+        let g = Graph::new(r);
+        let mut txn = Txn::new(s);
+        let c = g
+            .add_fact(&mut txn, Fact::new(r, ids, t, msg, "src", None))
+            .unwrap();
+        s.write(txn.into_batch()).unwrap();
+        c
+    }
+    fn profile(s: &MemStore, i: &Identifier) -> String {
+        lookup(&Txn::new(s), i).unwrap().unwrap()
     }
 
     #[test]
-    fn anonymous_then_known_merges_into_the_known_profile() {
+    fn anonymous_then_known_merges_into_the_older_profile() {
+        let r = rules();
         let s = MemStore::default();
-        let a = apply(&s, &event("1", None, Some("anon-1"), 1));
-        assert!(a.created);
-        let k = apply(&s, &event("2", Some("user-1"), None, 2));
-        assert_ne!(a.profile_id, k.profile_id);
-        let both = apply(&s, &event("3", Some("user-1"), Some("anon-1"), 3));
-        assert_eq!(both.profile_id, k.profile_id, "the known profile survives");
-        assert_eq!(both.merges.len(), 1);
-        assert_eq!(both.merges[0].merged, a.profile_id);
-        let txn = Txn::new(&s);
+        let anon = id("anonymous_id", "a1");
+        let user = id("user_id", "u1");
+        let c = add(&s, &r, &[anon.clone()], 1, "m1");
+        assert_eq!(c.created, 1);
+        add(&s, &r, &[user.clone()], 2, "m2");
+        assert_ne!(profile(&s, &anon), profile(&s, &user));
+        let before = profile(&s, &anon);
+        let c = add(&s, &r, &[user.clone(), anon.clone()], 3, "m3");
+        assert_eq!(c.merges.len(), 1);
+        assert_eq!(c.merges[0].survivor, before, "the older profile survives");
+        assert_eq!(profile(&s, &user), before);
         assert_eq!(
-            lookup(&txn, ANONYMOUS_ID, "anon-1").unwrap(),
-            Some(k.profile_id.clone())
+            live_profile(&Txn::new(&s), &c.merges[0].merged).unwrap(),
+            before
         );
-        // The same event again changes nothing and merges nothing.
-        let again = apply(&s, &event("3", Some("user-1"), Some("anon-1"), 3));
-        assert_eq!(
-            again,
-            Resolution {
-                profile_id: k.profile_id,
-                merges: vec![],
-                created: false
-            }
-        );
+        // The same event again changes nothing.
+        assert_eq!(add(&s, &r, &[user, anon], 3, "m3"), Changes::default());
     }
 
     #[test]
     fn a_shared_device_never_merges_two_known_people() {
+        let r = rules();
         let s = MemStore::default();
-        let p1 = apply(&s, &event("1", Some("alice"), Some("device"), 1));
-        let p2 = apply(&s, &event("2", Some("bob"), Some("device"), 2));
-        assert_ne!(p1.profile_id, p2.profile_id);
-        assert!(p2.merges.is_empty());
-        let txn = Txn::new(&s);
+        let device = id("anonymous_id", "kiosk");
+        add(&s, &r, &[id("user_id", "alice"), device.clone()], 1, "m1");
+        let c = add(&s, &r, &[id("user_id", "bob"), device.clone()], 2, "m2");
+        assert!(c.merges.is_empty());
+        assert_ne!(
+            profile(&s, &id("user_id", "alice")),
+            profile(&s, &id("user_id", "bob"))
+        );
+        assert_eq!(profile(&s, &device), profile(&s, &id("user_id", "alice")));
+    }
+
+    #[test]
+    fn a_late_event_recomputes_to_the_same_graph_as_in_order() {
+        let r = rules();
+        let events = [
+            (
+                vec![id("user_id", "alice"), id("anonymous_id", "d")],
+                1,
+                "m1",
+            ),
+            (vec![id("user_id", "bob"), id("anonymous_id", "d")], 2, "m2"),
+            (
+                vec![id("anonymous_id", "d"), id("email", "x@y.io")],
+                3,
+                "m3",
+            ),
+        ];
+        let in_order = MemStore::default();
+        for (ids, t, m) in &events {
+            add(&in_order, &r, ids, *t, m);
+        }
+        let late = MemStore::default();
+        let mut recomputed = 0;
+        for (ids, t, m) in events.iter().rev() {
+            recomputed += add(&late, &r, ids, *t, m).recomputed;
+        }
+        assert!(recomputed > 0);
+        for i in [
+            id("user_id", "alice"),
+            id("user_id", "bob"),
+            id("anonymous_id", "d"),
+            id("email", "x@y.io"),
+        ] {
+            assert_eq!(profile(&in_order, &i), profile(&late, &i), "{i:?}");
+        }
         assert_eq!(
-            lookup(&txn, ANONYMOUS_ID, "device").unwrap(),
-            Some(p1.profile_id)
+            profile(&late, &id("anonymous_id", "d")),
+            profile(&late, &id("user_id", "alice")),
+            "alice used the device first"
         );
     }
 
     #[test]
-    fn email_links_profiles_and_blocked_values_are_ignored() {
+    fn unmerge_separates_and_keeps_them_apart() {
+        let r = rules();
         let s = MemStore::default();
-        let e1 = event("1", None, Some("a1"), 1);
+        let a = id("email", "shared@family.org");
+        let b = id("crm_id", "c-1");
+        add(&s, &r, &[a.clone()], 1, "m1");
+        add(&s, &r, &[b.clone()], 2, "m2");
+        let c = add(&s, &r, &[a.clone(), b.clone()], 3, "m3");
+        let merge_id = c.merges[0].merge_id.clone();
+        let g = Graph::new(&r);
         let mut txn = Txn::new(&s);
-        let ids = extract(&e1, &json!({"traits": {"email": "  Ann@Example.COM "}}));
-        assert_eq!(
-            ids[0],
-            Identifier {
-                kind: EMAIL.into(),
-                value: "ann@example.com".into()
-            }
-        );
-        let r1 = resolve(&mut txn, &e1, &ids, None).unwrap();
+        let c = g.unmerge(&mut txn, &merge_id, (4, "cmd")).unwrap().unwrap();
         s.write(txn.into_batch()).unwrap();
-        let e2 = event("2", Some("undefined"), Some("a2"), 2);
-        let ids2 = extract(
-            &e2,
-            &json!({"context": {"traits": {"email": "ann@example.com"}}}),
-        );
-        assert!(
-            ids2.iter().all(|i| i.kind != USER_ID),
-            "'undefined' is blocked"
-        );
-        let mut txn = Txn::new(&s);
-        let r2 = resolve(&mut txn, &e2, &ids2, None).unwrap();
-        assert_eq!(r2.profile_id, r1.profile_id);
-        assert!(
-            is_blocked("0000") && is_blocked("--") && is_blocked(" NULL ") && !is_blocked("u-1")
-        );
+        assert_eq!(c.splits.len(), 1);
+        assert_ne!(profile(&s, &a), profile(&s, &b));
+        // The linking event again, or a new one, does not join them.
+        add(&s, &r, &[a.clone(), b.clone()], 5, "m5");
+        assert_ne!(profile(&s, &a), profile(&s, &b));
     }
 
     #[test]
-    fn an_alias_whose_previous_id_is_ambiguous_merges_nobody() {
+    fn a_detached_identifier_stands_alone() {
+        let r = rules();
         let s = MemStore::default();
-        // Two known people who share the anonymous id "shared" ...
-        let alice = apply(&s, &event("1", Some("alice"), Some("shared"), 1));
-        let _bob = apply(&s, &event("2", Some("bob"), Some("bob-device"), 2));
-        // ... and bob's user id is also an anonymous id somewhere: the alias below finds
-        // both known profiles through previousId alone.
+        let u = id("user_id", "u");
+        let e = id("email", "info@shop.io");
+        add(&s, &r, &[u.clone(), e.clone()], 1, "m1");
+        let g = Graph::new(&r);
         let mut txn = Txn::new(&s);
-        let both = Identifier {
-            kind: ANONYMOUS_ID.into(),
-            value: "bob".into(),
-        };
-        txn.put(id_key(&both), alice.profile_id.clone());
+        let c = g.detach(&mut txn, &e, (2, "cmd")).unwrap();
         s.write(txn.into_batch()).unwrap();
-        let alias = event("3", None, Some("new-visitor"), 3);
-        let ids = extract(&alias, &json!({}));
-        let mut txn = Txn::new(&s);
-        let r = resolve(&mut txn, &alias, &ids, Some("bob")).unwrap();
-        assert!(
-            r.merges.is_empty(),
-            "two known people are never merged: {r:?}"
-        );
-    }
-
-    #[test]
-    fn profile_ids_are_deterministic() {
-        let a = apply(&MemStore::default(), &event("1", Some("u"), None, 1));
-        let b = apply(&MemStore::default(), &event("9", Some("u"), Some("x"), 5));
-        assert_eq!(a.profile_id, b.profile_id);
+        assert_eq!(c.splits.len(), 1);
+        assert_ne!(profile(&s, &u), profile(&s, &e));
+        add(&s, &r, &[id("user_id", "v"), e.clone()], 3, "m3");
+        assert_ne!(profile(&s, &id("user_id", "v")), profile(&s, &e));
     }
 }

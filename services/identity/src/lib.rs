@@ -1,30 +1,42 @@
 //! # tessera-identity
 //!
-//! Consumes `events.ingested`, resolves each event's identifiers to one profile in the
-//! identity graph ([`graph`], RocksDB), and produces the event with its profile id to
-//! `events.resolved` and a record per merge to `identity.merges`. Offsets are stored
-//! in the same RocksDB write batch as the graph changes.
+//! Consumes `events.ingested` and `identity.commands`; resolves each event's identifiers
+//! ([`rules`]) to one profile in the identity graph ([`graph`], RocksDB), links records
+//! that share no identifier by fuzzy matching ([`fuzzy`]), and produces the event with
+//! its profile id to `events.resolved`, a record per merge to `identity.merges` and per
+//! split to `identity.splits`. Serves the identity API ([`api`]). Offsets are stored in
+//! the same RocksDB write batch as the graph changes.
 //!
-//! Runs as one active consumer for now (a merge can touch any two identifiers); the
-//! scale-out design belongs to the identity issue.
+//! Runs as one active consumer (a merge can touch any two identifiers); the scale-out
+//! design is in ARCHITECTURE.md.
 
+pub mod api;
+pub mod fuzzy;
 pub mod graph;
+pub mod rules;
 
-use axum::Router;
-use prometheus::{IntCounter, IntCounterVec, Opts};
+use std::sync::Arc;
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use tessera_common::Result;
 use tessera_common::admin::{self, Admin};
 use tessera_common::config::Config;
-use tessera_common::records::{AvroRecord, IngestedEvent, ResolvedEvent};
+use tessera_common::ids::deterministic_id;
+use tessera_common::records::{
+    Assignment, AvroRecord, Identifier, IdentityCommand, IngestedEvent, ProfileSplit, ResolvedEvent,
+};
 use tessera_common::runner::{self, Message, Output, Processor, RunnerSpec};
 use tessera_common::service;
 use tessera_common::store::Txn;
 use tessera_common::topics::Topics;
+use tessera_common::{Error, Result};
+
+use crate::graph::{Changes, Fact, Graph};
+use crate::rules::Rules;
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let listener = admin::bind(&config.identity.http_listen).await?;
@@ -36,117 +48,314 @@ pub async fn run_with_listener(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let rules = Arc::new(Rules::load(&config.identity.rules_file)?);
+    info!(
+        identifier_types = rules.identifiers.len(),
+        fuzzy = rules.fuzzy.is_some(),
+        "identity rules loaded"
+    );
     let topics = Topics::new(&config.topics);
     let produced = [
         topics.ingested(),
+        topics.commands(),
         topics.resolved(),
         topics.merges(),
+        topics.splits(),
         topics.deadletter(),
     ];
     let parts =
         service::prepare(&config, "identity", &config.identity.state_dir, &produced).await?;
-    let processor = IdentityProcessor::new(topics.clone(), &parts.admin);
-    let spec = RunnerSpec::new("identity", &topics, vec![topics.ingested()]);
-    service::run(
-        &config,
-        parts,
-        listener,
-        Router::new(),
-        spec,
-        processor,
-        shutdown,
-    )
-    .await
+    let processor = IdentityProcessor::new(topics.clone(), rules.clone(), &parts.admin);
+    let spec = RunnerSpec::new(
+        "identity",
+        &topics,
+        vec![topics.ingested(), topics.commands()],
+    );
+    let routes = api::router(api::ApiState {
+        store: parts.store.clone(),
+        producer: parts.producer.clone(),
+        rules,
+        commands_topic: topics.commands(),
+    });
+    service::run(&config, parts, listener, routes, spec, processor, shutdown).await
+}
+
+/// What resolving one event did.
+#[derive(Debug, Default)]
+pub struct Resolution {
+    pub profile_id: String,
+    /// The event's identifiers that belong to its profile.
+    pub identifiers: Vec<Identifier>,
+    pub changes: Changes,
+    pub blocked: Vec<String>,
+    pub fuzzy_compared: usize,
+    pub fuzzy_oversized_blocks: usize,
+}
+
+/// Resolves one event: records its fact (and fuzzy facts), updates the graph, and
+/// answers with its profile. Deterministic in the set of events applied so far.
+pub fn resolve_event(
+    rules: &Rules,
+    txn: &mut Txn<'_>,
+    event: &IngestedEvent,
+    payload: &Value,
+) -> Result<Resolution> {
+    let g = Graph::new(rules);
+    let (mut ids, blocked) = rules.extract(payload);
+    if event.kind == "alias" {
+        // previousId is the id the user was known by before: an anonymous id.
+        let prev = match &payload["previousId"] {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        };
+        if let Some(v) = prev.and_then(|p| rules.normalise("anonymous_id", &p))
+            && !rules.is_blocked(&v)
+        {
+            let i = Identifier {
+                kind: "anonymous_id".into(),
+                value: v,
+            };
+            if !ids.contains(&i) {
+                ids.push(i);
+            }
+        }
+    }
+    let mut res = Resolution {
+        blocked,
+        ..Default::default()
+    };
+    let Some(first) = ids.first().cloned() else {
+        // Every identifier was blocked: a profile of its own, keyed by the message.
+        res.profile_id = deterministic_id("profile-unidentified", &[&event.message_id]);
+        return Ok(res);
+    };
+    let fact = Fact::new(
+        rules,
+        &ids,
+        event.event_time,
+        &event.message_id,
+        &event.source,
+        None,
+    );
+    res.changes = g.add_fact(txn, fact)?;
+    if let Some(f) = &rules.fuzzy {
+        let fields = rules.fuzzy_fields(payload);
+        if fields.len() >= 2 {
+            let rec = fuzzy::FuzzyRecord::new(&first, fields, event.event_time, &event.message_id);
+            let (rec, outcome) = fuzzy::upsert_and_match(txn, f, rec)?;
+            res.fuzzy_compared = outcome.compared;
+            res.fuzzy_oversized_blocks = outcome.oversized_blocks;
+            for m in outcome.matches {
+                // The link exists from when the later of the two records was seen.
+                let (t, msg) = std::cmp::max((rec.t, &rec.msg), (m.other.t, &m.other.msg));
+                let link = Fact::new(
+                    rules,
+                    &[rec.anchor.clone(), m.other.anchor.clone()],
+                    t,
+                    msg,
+                    &event.source,
+                    Some((m.rule, m.score)),
+                );
+                res.changes.extend(g.add_fact(txn, link)?);
+            }
+        }
+    }
+    res.profile_id = graph::lookup(txn, &first)?.unwrap_or_default();
+    for i in ids {
+        if graph::lookup(txn, &i)?.as_deref() == Some(res.profile_id.as_str()) {
+            res.identifiers.push(i);
+        }
+    }
+    Ok(res)
 }
 
 pub struct IdentityProcessor {
     topics: Topics,
+    rules: Arc<Rules>,
     resolved: IntCounter,
-    merges: IntCounter,
+    merges: IntCounterVec,
+    splits: IntCounter,
     created: IntCounter,
+    blocked: IntCounterVec,
+    recomputed: IntCounter,
+    too_large: IntCounter,
+    fuzzy_compared: IntCounter,
+    fuzzy_oversized: IntCounter,
+    commands: IntCounterVec,
     undecodable: IntCounterVec,
+    latency: Histogram,
+}
+
+fn counter(admin: &Admin, name: &str, help: &str) -> IntCounter {
+    admin.register(&IntCounter::new(name, help).expect("valid metric"))
+}
+fn counter_vec(admin: &Admin, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    admin.register(&IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
 }
 
 impl IdentityProcessor {
-    pub fn new(topics: Topics, admin: &Admin) -> Self {
+    pub fn new(topics: Topics, rules: Arc<Rules>, admin: &Admin) -> Self {
         IdentityProcessor {
             topics,
-            resolved: admin.register(
-                &IntCounter::new(
-                    "tessera_identity_events_resolved_total",
-                    "Events resolved to a profile",
-                )
-                .unwrap(),
+            rules,
+            resolved: counter(
+                admin,
+                "tessera_identity_events_resolved_total",
+                "Events resolved to a profile",
             ),
-            merges: admin.register(
-                &IntCounter::new(
-                    "tessera_identity_merges_total",
-                    "Profiles merged into another",
-                )
-                .unwrap(),
+            merges: counter_vec(
+                admin,
+                "tessera_identity_merges_total",
+                "Profiles merged into another, by what linked them (identifier, or the fuzzy rule)",
+                &["cause"],
             ),
-            created: admin.register(
-                &IntCounter::new(
-                    "tessera_identity_profiles_created_total",
-                    "Profiles created",
-                )
-                .unwrap(),
+            splits: counter(
+                admin,
+                "tessera_identity_splits_total",
+                "Profiles whose identifiers were split across profiles (un-merge, detach, late event)",
             ),
-            undecodable: admin.register(
-                &IntCounterVec::new(
-                    Opts::new(
-                        "tessera_identity_records_deadlettered_total",
-                        "Input records that could not be decoded",
-                    ),
-                    &["topic"],
+            created: counter(
+                admin,
+                "tessera_identity_profiles_created_total",
+                "Profiles created",
+            ),
+            blocked: counter_vec(
+                admin,
+                "tessera_identity_blocked_identifiers_total",
+                "Identifier values refused by the blocked-value rules",
+                &["kind"],
+            ),
+            recomputed: counter(
+                admin,
+                "tessera_identity_recomputations_total",
+                "Late events and commands that recomputed part of the graph",
+            ),
+            too_large: counter(
+                admin,
+                "tessera_identity_recompute_skipped_total",
+                "Late events in a part of the graph too large to recompute, applied in arrival order",
+            ),
+            fuzzy_compared: counter(
+                admin,
+                "tessera_identity_fuzzy_comparisons_total",
+                "Fuzzy candidate pairs scored",
+            ),
+            fuzzy_oversized: counter(
+                admin,
+                "tessera_identity_fuzzy_oversized_blocks_total",
+                "Blocking keys skipped because too many records share them",
+            ),
+            commands: counter_vec(
+                admin,
+                "tessera_identity_commands_total",
+                "Un-merge and detach commands applied",
+                &["action", "outcome"],
+            ),
+            undecodable: counter_vec(
+                admin,
+                "tessera_identity_records_deadlettered_total",
+                "Input records that could not be decoded",
+                &["topic"],
+            ),
+            latency: admin.register(
+                &Histogram::with_opts(
+                    HistogramOpts::new(
+                        "tessera_identity_resolve_seconds",
+                        "Time to resolve one event in the graph (state reads and writes, no Kafka)",
+                    )
+                    .buckets(vec![
+                        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05,
+                    ]),
                 )
-                .unwrap(),
+                .expect("valid metric"),
             ),
         }
     }
-}
 
-impl Processor for IdentityProcessor {
-    fn process(&mut self, msg: &Message, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
-        let bytes = msg.payload.as_deref().unwrap_or_default();
-        let event = match IngestedEvent::from_avro(bytes) {
-            Ok(e) => e,
-            Err(e) => {
-                warn!(topic = %msg.topic, partition = msg.partition, offset = msg.offset, error = %e, "undecodable record, dead-lettered");
-                self.undecodable
-                    .with_label_values(&[msg.topic.as_str()])
-                    .inc();
-                out.push(runner::dead_letter(
-                    &self.topics.deadletter(),
-                    msg,
-                    &e.to_string(),
-                )?);
-                return Ok(());
-            }
-        };
-        let payload: Value = serde_json::from_str(&event.payload).unwrap_or(Value::Null);
-        let identifiers = graph::extract(&event, &payload);
-        let previous_id = (event.kind == "alias").then(|| match &payload["previousId"] {
-            Value::String(s) => s.clone(),
-            Value::Number(n) => n.to_string(),
-            _ => String::new(),
-        });
-        let res = graph::resolve(txn, &event, &identifiers, previous_id.as_deref())?;
-        if res.created {
-            self.created.inc();
-        }
-        for m in &res.merges {
-            self.merges.inc();
-            info!(survivor = %m.survivor, merged = %m.merged, "profiles merged");
+    fn emit_changes(
+        &self,
+        changes: &Changes,
+        cause: &str,
+        event_time: i64,
+        received_at: i64,
+        out: &mut Vec<Output>,
+    ) -> Result<()> {
+        self.created.inc_by(changes.created as u64);
+        self.recomputed.inc_by(changes.recomputed as u64);
+        self.too_large.inc_by(changes.too_large as u64);
+        for m in &changes.merges {
+            self.merges
+                .with_label_values(&[m.rule.as_deref().unwrap_or("identifier")])
+                .inc();
+            info!(survivor = %m.survivor, merged = %m.merged, rule = ?m.rule, "profiles merged");
             out.push(Output {
                 topic: self.topics.merges(),
                 key: m.merged.clone().into_bytes(),
                 payload: m.to_avro()?,
             });
         }
+        for s in &changes.splits {
+            self.splits.inc();
+            let parts: Vec<String> = s
+                .assignments
+                .iter()
+                .map(|(i, p)| format!("{}={}>{p}", i.kind, i.value))
+                .collect();
+            let mut id_parts: Vec<&str> = vec![&s.profile, cause];
+            id_parts.extend(parts.iter().map(String::as_str));
+            let split = ProfileSplit {
+                split_id: deterministic_id("split", &id_parts),
+                profile_id: s.profile.clone(),
+                assignments: s
+                    .assignments
+                    .iter()
+                    .map(|(i, p)| Assignment {
+                        kind: i.kind.clone(),
+                        value: i.value.clone(),
+                        profile_id: p.clone(),
+                    })
+                    .collect(),
+                cause: cause.to_string(),
+                event_time,
+                received_at,
+            };
+            info!(profile = %s.profile, parts = s.assignments.len(), "profile split");
+            out.push(Output {
+                topic: self.topics.splits(),
+                key: s.profile.clone().into_bytes(),
+                payload: split.to_avro()?,
+            });
+        }
+        Ok(())
+    }
+
+    fn on_event(
+        &self,
+        event: IngestedEvent,
+        txn: &mut Txn<'_>,
+        out: &mut Vec<Output>,
+    ) -> Result<()> {
+        let started = std::time::Instant::now();
+        let payload: Value = serde_json::from_str(&event.payload).unwrap_or(Value::Null);
+        let res = resolve_event(&self.rules, txn, &event, &payload)?;
+        self.latency.observe(started.elapsed().as_secs_f64());
+        for kind in &res.blocked {
+            self.blocked.with_label_values(&[kind.as_str()]).inc();
+        }
+        self.fuzzy_compared.inc_by(res.fuzzy_compared as u64);
+        self.fuzzy_oversized
+            .inc_by(res.fuzzy_oversized_blocks as u64);
+        self.emit_changes(
+            &res.changes,
+            &event.message_id,
+            event.event_time,
+            event.received_at,
+            out,
+        )?;
         let resolved = ResolvedEvent {
             profile_id: res.profile_id.clone(),
-            identifiers,
+            identifiers: res.identifiers,
             event,
         };
         out.push(Output {
@@ -157,4 +366,75 @@ impl Processor for IdentityProcessor {
         self.resolved.inc();
         Ok(())
     }
+
+    fn on_command(
+        &self,
+        cmd: IdentityCommand,
+        txn: &mut Txn<'_>,
+        out: &mut Vec<Output>,
+    ) -> Result<()> {
+        let g = Graph::new(&self.rules);
+        let at = (cmd.requested_at, cmd.command_id.as_str());
+        let changes = match (cmd.action.as_str(), &cmd.merge_id, &cmd.kind, &cmd.value) {
+            ("unmerge", Some(merge_id), _, _) => g.unmerge(txn, merge_id, at)?,
+            ("detach", _, Some(kind), Some(value)) => Some(g.detach(
+                txn,
+                &Identifier {
+                    kind: kind.clone(),
+                    value: value.clone(),
+                },
+                at,
+            )?),
+            _ => None,
+        };
+        let outcome = if changes.is_some() {
+            "applied"
+        } else {
+            "refused"
+        };
+        self.commands
+            .with_label_values(&[cmd.action.as_str(), outcome])
+            .inc();
+        match changes {
+            Some(c) => {
+                info!(command = %cmd.command_id, action = %cmd.action, splits = c.splits.len(), merges = c.merges.len(), "identity command applied");
+                self.emit_changes(&c, &cmd.command_id, cmd.requested_at, cmd.requested_at, out)
+            }
+            None => {
+                warn!(command = %cmd.command_id, action = %cmd.action, "identity command refused: unknown merge or incomplete command");
+                Ok(())
+            }
+        }
+    }
 }
+
+impl Processor for IdentityProcessor {
+    fn process(&mut self, msg: &Message, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
+        let bytes = msg.payload.as_deref().unwrap_or_default();
+        let applied = if msg.topic == self.topics.commands() {
+            IdentityCommand::from_avro(bytes).map(|c| self.on_command(c, txn, out))
+        } else if msg.topic == self.topics.ingested() {
+            IngestedEvent::from_avro(bytes).map(|e| self.on_event(e, txn, out))
+        } else {
+            Err(Error::Invalid(format!("unexpected topic {}", msg.topic)))
+        };
+        match applied {
+            Ok(result) => result,
+            Err(e) => {
+                warn!(topic = %msg.topic, partition = msg.partition, offset = msg.offset, error = %e, "undecodable record, dead-lettered");
+                self.undecodable
+                    .with_label_values(&[msg.topic.as_str()])
+                    .inc();
+                out.push(runner::dead_letter(
+                    &self.topics.deadletter(),
+                    msg,
+                    &e.to_string(),
+                )?);
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -560,6 +560,8 @@ mod tests {
             cause_message_id: "m3".into(),
             event_time: 200,
             received_at: 200,
+            rule: None,
+            score: None,
         };
         let mm = Message {
             topic: "tessera.identity.merges".into(),

@@ -1,0 +1,313 @@
+//! The identity API.
+//!
+//! - `GET /v1/identity/lookup?type=&value=`: the profile an identifier (of any type,
+//!   custom ones included, normalised as the rules say) belongs to.
+//! - `GET /v1/identity/profiles/{id}`: a profile's identifiers with where and when each
+//!   was first seen, and its merge history (with the rule and score of fuzzy links).
+//!   A merged-away id answers with its survivor.
+//! - `POST /v1/identity/unmerge` `{"merge_id", "reason"?}` and `POST /v1/identity/detach`
+//!   `{"type", "value", "reason"?}`: corrections, written to `identity.commands` and
+//!   applied in order with the events (202 with the command id).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use tessera_common::kafka::Producer;
+use tessera_common::records::{AvroRecord, Identifier, IdentityCommand};
+use tessera_common::store::{SharedStore, Txn};
+
+use crate::graph::{self, MergeInfo, Node};
+use crate::rules::Rules;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub store: SharedStore,
+    pub producer: Arc<Producer>,
+    pub rules: Arc<Rules>,
+    pub commands_topic: String,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/identity/lookup", get(lookup))
+        .route("/v1/identity/profiles/{id}", get(by_id))
+        .route("/v1/identity/unmerge", post(unmerge))
+        .route("/v1/identity/detach", post(detach))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, code: &str, reason: impl Into<String>) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": code, "reason": reason.into()})),
+    )
+        .into_response()
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        e.to_string(),
+    )
+}
+
+/// The profile's view, or `None` when there is no such profile.
+pub fn view(store: &SharedStore, id: &str) -> tessera_common::Result<Option<Value>> {
+    let txn = Txn::new(store.as_ref());
+    let live = graph::live_profile(&txn, id)?;
+    let Some(node) = txn.get_json::<Node>(&graph::node_key(&live))? else {
+        return Ok(None);
+    };
+    let mut identifiers = Vec::new();
+    for i in &node.identifiers {
+        let seen = graph::seen(&txn, i)?;
+        identifiers.push(json!({
+            "type": i.kind,
+            "value": i.value,
+            "first_seen": seen.as_ref().map(|s| s.event_time),
+            "first_message_id": seen.as_ref().map(|s| s.message_id.clone()),
+            "source": seen.as_ref().map(|s| s.source.clone()),
+        }));
+    }
+    // Merge history: this profile's merges and, recursively, those of the profiles it
+    // absorbed (bounded).
+    let mut merges: Vec<MergeInfo> = Vec::new();
+    let mut queue = vec![live.clone()];
+    while let Some(p) = queue.pop() {
+        let prefix = graph::history_prefix(&p);
+        for (k, _) in txn.scan(prefix.as_bytes(), 1000)? {
+            let merge_id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            if let Some(m) = txn.get_json::<MergeInfo>(&graph::merge_info_key(&merge_id))? {
+                queue.push(m.merged.clone());
+                merges.push(m);
+            }
+        }
+        if merges.len() > 1000 {
+            break;
+        }
+    }
+    merges.sort_by(|a, b| (a.event_time, &a.merge_id).cmp(&(b.event_time, &b.merge_id)));
+    Ok(Some(json!({
+        "profile_id": live,
+        "requested_id": id,
+        "anchor": {"type": node.anchor.kind, "value": node.anchor.value},
+        "detached": node.detached,
+        "identifiers": identifiers,
+        "merges": merges.iter().map(|m| json!({
+            "merge_id": m.merge_id,
+            "survivor": m.survivor,
+            "merged": m.merged,
+            "merged_identifiers": m.merged_identifiers.iter().map(|i| json!({"type": i.kind, "value": i.value})).collect::<Vec<_>>(),
+            "cause_message_id": m.cause_message_id,
+            "rule": m.rule.as_deref().unwrap_or("shared identifier"),
+            "score": m.score,
+            "event_time": m.event_time,
+            "undone": m.undone,
+        })).collect::<Vec<_>>(),
+    })))
+}
+
+async fn by_id(State(st): State<ApiState>, Path(id): Path<String>) -> Response {
+    let store = st.store.clone();
+    match tokio::task::spawn_blocking(move || view(&store, &id)).await {
+        Ok(Ok(Some(v))) => axum::Json(v).into_response(),
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "not_found", "no such profile"),
+        Ok(Err(e)) => unavailable(e),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// An identifier from `type` and `value`, normalised by the rules.
+fn identifier(
+    rules: &Rules,
+    kind: Option<&str>,
+    value: Option<&str>,
+) -> Result<Identifier, Response> {
+    let (Some(kind), Some(value)) = (kind, value) else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "type and value are required",
+        ));
+    };
+    if rules.kind(kind).is_none() {
+        let known: Vec<&str> = rules.identifiers.iter().map(|i| i.kind.as_str()).collect();
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "unknown_type",
+            format!(
+                "identifier type {kind:?} is not declared; declared: {}",
+                known.join(", ")
+            ),
+        ));
+    }
+    let Some(value) = rules.normalise(kind, value) else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            format!("not a valid {kind}"),
+        ));
+    };
+    Ok(Identifier {
+        kind: kind.to_string(),
+        value,
+    })
+}
+
+async fn lookup(State(st): State<ApiState>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let i = match identifier(
+        &st.rules,
+        q.get("type").map(String::as_str),
+        q.get("value").map(String::as_str),
+    ) {
+        Ok(i) => i,
+        Err(r) => return r,
+    };
+    let store = st.store.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        let txn = Txn::new(store.as_ref());
+        match graph::lookup(&txn, &i)? {
+            Some(p) => view(&store, &p),
+            None => Ok(None),
+        }
+    })
+    .await;
+    match found {
+        Ok(Ok(Some(v))) => axum::Json(v).into_response(),
+        Ok(Ok(None)) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no profile has this identifier",
+        ),
+        Ok(Err(e)) => unavailable(e),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn send(st: &ApiState, cmd: IdentityCommand) -> Response {
+    let payload = match cmd.to_avro() {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    };
+    match st
+        .producer
+        .send(&st.commands_topic, cmd.command_id.as_bytes(), &payload)
+        .await
+    {
+        Ok(_) => (
+            StatusCode::ACCEPTED,
+            axum::Json(
+                json!({"command_id": cmd.command_id, "action": cmd.action, "status": "accepted"}),
+            ),
+        )
+            .into_response(),
+        Err(e) => unavailable(format!("the command could not be written: {e}")),
+    }
+}
+
+fn body(b: Result<axum::Json<Value>, JsonRejection>) -> Result<Value, Response> {
+    match b {
+        Ok(axum::Json(v)) if v.is_object() => Ok(v),
+        Ok(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "the body must be a JSON object",
+        )),
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            e.body_text(),
+        )),
+    }
+}
+
+fn command(action: &str, reason: Option<&str>) -> IdentityCommand {
+    IdentityCommand {
+        command_id: uuid::Uuid::new_v4().to_string(),
+        action: action.into(),
+        merge_id: None,
+        kind: None,
+        value: None,
+        reason: reason.map(Into::into),
+        requested_at: tessera_common::now_ms(),
+    }
+}
+
+async fn unmerge(
+    State(st): State<ApiState>,
+    b: Result<axum::Json<Value>, JsonRejection>,
+) -> Response {
+    let v = match body(b) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let Some(merge_id) = v["merge_id"].as_str().map(str::to_string) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "merge_id (string) is required",
+        );
+    };
+    let store = st.store.clone();
+    let key = graph::merge_info_key(&merge_id);
+    let info =
+        tokio::task::spawn_blocking(move || Txn::new(store.as_ref()).get_json::<MergeInfo>(&key))
+            .await;
+    match info {
+        Ok(Ok(Some(m))) if m.undone => error(
+            StatusCode::CONFLICT,
+            "already_undone",
+            "this merge was already undone",
+        ),
+        Ok(Ok(Some(_))) => {
+            let mut cmd = command("unmerge", v["reason"].as_str());
+            cmd.merge_id = Some(merge_id);
+            send(&st, cmd).await
+        }
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "not_found", "no such merge"),
+        Ok(Err(e)) => unavailable(e),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn detach(
+    State(st): State<ApiState>,
+    b: Result<axum::Json<Value>, JsonRejection>,
+) -> Response {
+    let v = match body(b) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let i = match identifier(&st.rules, v["type"].as_str(), v["value"].as_str()) {
+        Ok(i) => i,
+        Err(r) => return r,
+    };
+    let store = st.store.clone();
+    let probe = i.clone();
+    let found =
+        tokio::task::spawn_blocking(move || graph::lookup(&Txn::new(store.as_ref()), &probe)).await;
+    match found {
+        Ok(Ok(Some(_))) => {
+            let mut cmd = command("detach", v["reason"].as_str());
+            cmd.kind = Some(i.kind);
+            cmd.value = Some(i.value);
+            send(&st, cmd).await
+        }
+        Ok(Ok(None)) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no profile has this identifier",
+        ),
+        Ok(Err(e)) => unavailable(e),
+        Err(e) => unavailable(e),
+    }
+}

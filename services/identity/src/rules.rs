@@ -1,0 +1,733 @@
+//! The identity rules: which identifiers an event carries, how they are normalised, which
+//! values are blocked, their priority and per-profile limits, and the fuzzy matching
+//! fields, rules and score. Declared in TOML (`rules.toml` is the embedded default),
+//! validated when loaded: every mistake is reported with where it is.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::str::FromStr;
+
+use regex::Regex;
+use serde::Deserialize;
+use serde_json::Value;
+
+use tessera_common::records::Identifier;
+use tessera_common::{Error, Result};
+
+pub const DEFAULT_RULES: &str = include_str!("../rules.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RulesFile {
+    phone_default_region: String,
+    #[serde(default)]
+    blocked_values: Vec<String>,
+    identifiers: Vec<IdentifierRule>,
+    #[serde(default)]
+    fuzzy: Option<FuzzyFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentifierRule {
+    pub kind: String,
+    pub limit: usize,
+    #[serde(default)]
+    pub normalise: Normalise,
+    pub paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Normalise {
+    #[default]
+    Trim,
+    Lowercase,
+    Email,
+    Phone,
+    Name,
+    Text,
+    Date,
+    Postcode,
+    Address,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FuzzyFile {
+    enabled: bool,
+    max_block_size: usize,
+    blocking_keys: Vec<String>,
+    fields: Vec<FuzzyField>,
+    #[serde(default)]
+    rules: Vec<MatchRule>,
+    #[serde(default)]
+    score: Option<ScoreRule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FuzzyField {
+    pub name: String,
+    pub normalise: Normalise,
+    pub paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchRule {
+    pub name: String,
+    pub criteria: Vec<Criterion>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Criterion {
+    pub field: String,
+    pub method: Method,
+    /// jaro_winkler: the lowest similarity that agrees.
+    #[serde(default)]
+    pub min: Option<f64>,
+    /// levenshtein: the most edits that agree.
+    #[serde(default)]
+    pub max: Option<usize>,
+    /// Score only: P(agree | same person) and P(agree | different people).
+    #[serde(default)]
+    pub m: Option<f64>,
+    #[serde(default)]
+    pub u: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    Exact,
+    JaroWinkler,
+    Levenshtein,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreRule {
+    pub threshold: f64,
+    #[serde(default)]
+    pub required: Vec<String>,
+    pub fields: Vec<Criterion>,
+}
+
+/// A blocking key: fields, each whole or its first N characters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockingKey {
+    pub spec: String,
+    pub parts: Vec<(String, Option<usize>)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Fuzzy {
+    pub max_block_size: usize,
+    pub blocking_keys: Vec<BlockingKey>,
+    pub fields: Vec<FuzzyField>,
+    pub rules: Vec<MatchRule>,
+    pub score: Option<ScoreRule>,
+}
+
+/// Validated rules, ready to use.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub identifiers: Vec<IdentifierRule>,
+    pub region: phonenumber::country::Id,
+    blocked: Vec<Regex>,
+    /// `None` when fuzzy matching is off.
+    pub fuzzy: Option<Fuzzy>,
+}
+
+impl Rules {
+    /// Loads the rules from a file, or the embedded default when `path` is empty.
+    pub fn load(path: &Path) -> Result<Rules> {
+        if path.as_os_str().is_empty() {
+            return Rules::parse(DEFAULT_RULES, "embedded rules.toml");
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("identity rules file {}: {e}", path.display())))?;
+        Rules::parse(&text, &path.display().to_string())
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Rules> {
+        let bad = |msg: String| Error::Config(format!("identity rules ({origin}): {msg}"));
+        let file: RulesFile = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let region =
+            phonenumber::country::Id::from_str(&file.phone_default_region).map_err(|_| {
+                bad(format!(
+                    "phone_default_region {:?} is not an ISO 3166 region code",
+                    file.phone_default_region
+                ))
+            })?;
+        let blocked = file
+            .blocked_values
+            .iter()
+            .map(|r| Regex::new(r).map_err(|e| bad(format!("blocked_values {r:?}: {e}"))))
+            .collect::<Result<Vec<_>>>()?;
+        if file.identifiers.is_empty() {
+            return Err(bad("at least one identifier type is needed".into()));
+        }
+        let mut kinds = BTreeSet::new();
+        for (n, i) in file.identifiers.iter().enumerate() {
+            let at = format!("identifiers[{n}] ({})", i.kind);
+            if i.kind.is_empty()
+                || !i
+                    .kind
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                return Err(bad(format!(
+                    "{at}: kind must be lower-case letters, digits and '_'"
+                )));
+            }
+            if !kinds.insert(i.kind.clone()) {
+                return Err(bad(format!("{at}: kind is declared twice")));
+            }
+            if i.limit == 0 {
+                return Err(bad(format!("{at}: limit must be at least 1")));
+            }
+            if !matches!(
+                i.normalise,
+                Normalise::Trim | Normalise::Lowercase | Normalise::Email | Normalise::Phone
+            ) {
+                return Err(bad(format!(
+                    "{at}: normalise must be trim, lowercase, email or phone"
+                )));
+            }
+            if i.paths.is_empty() {
+                return Err(bad(format!("{at}: paths is empty")));
+            }
+            for p in &i.paths {
+                parse_path(p).map_err(|e| bad(format!("{at}: path {p:?}: {e}")))?;
+            }
+        }
+        let fuzzy = match file.fuzzy {
+            Some(f) if f.enabled => Some(validate_fuzzy(f).map_err(bad)?),
+            _ => None,
+        };
+        Ok(Rules {
+            identifiers: file.identifiers,
+            region,
+            blocked,
+            fuzzy,
+        })
+    }
+
+    /// Priority of a kind: 0 is the highest; unknown kinds come last.
+    pub fn priority(&self, kind: &str) -> usize {
+        self.identifiers
+            .iter()
+            .position(|i| i.kind == kind)
+            .unwrap_or(usize::MAX)
+    }
+
+    pub fn limit(&self, kind: &str) -> usize {
+        self.identifiers
+            .iter()
+            .find(|i| i.kind == kind)
+            .map_or(usize::MAX, |i| i.limit)
+    }
+
+    pub fn kind(&self, kind: &str) -> Option<&IdentifierRule> {
+        self.identifiers.iter().find(|i| i.kind == kind)
+    }
+
+    pub fn is_blocked(&self, value: &str) -> bool {
+        self.blocked.iter().any(|r| r.is_match(value))
+    }
+
+    /// Normalises a raw value for an identifier kind; `None` when it is not a valid
+    /// value of that kind.
+    pub fn normalise(&self, kind: &str, raw: &str) -> Option<String> {
+        let how = self.kind(kind).map_or(Normalise::Trim, |k| k.normalise);
+        normalise(how, raw, self.region)
+    }
+
+    /// The identifiers an event carries: normalised, deduplicated, in priority order
+    /// (then by value). Blocked values are left out and returned apart, by kind.
+    pub fn extract(&self, message: &Value) -> (Vec<Identifier>, Vec<String>) {
+        let mut ids = BTreeSet::new();
+        let mut blocked = Vec::new();
+        for (prio, rule) in self.identifiers.iter().enumerate() {
+            for path in &rule.paths {
+                for raw in lookup(message, path) {
+                    let Some(value) = normalise(rule.normalise, &raw, self.region) else {
+                        continue;
+                    };
+                    if self.is_blocked(&value) {
+                        blocked.push(rule.kind.clone());
+                        continue;
+                    }
+                    ids.insert((prio, value, rule.kind.clone()));
+                }
+            }
+        }
+        let ids = ids
+            .into_iter()
+            .map(|(_, value, kind)| Identifier { kind, value })
+            .collect();
+        (ids, blocked)
+    }
+
+    /// The fuzzy matching fields an event carries, normalised.
+    pub fn fuzzy_fields(&self, message: &Value) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        let Some(f) = &self.fuzzy else {
+            return out;
+        };
+        for field in &f.fields {
+            let found = field.paths.iter().find_map(|p| {
+                lookup(message, p)
+                    .into_iter()
+                    .find_map(|raw| normalise(field.normalise, &raw, self.region))
+            });
+            if let Some(v) = found.filter(|v| !v.is_empty() && !self.is_blocked(v)) {
+                out.insert(field.name.clone(), v);
+            }
+        }
+        out
+    }
+}
+
+fn validate_fuzzy(f: FuzzyFile) -> std::result::Result<Fuzzy, String> {
+    let names: BTreeSet<&str> = f.fields.iter().map(|x| x.name.as_str()).collect();
+    if names.len() != f.fields.len() {
+        return Err("fuzzy.fields: a field name is declared twice".into());
+    }
+    for (n, field) in f.fields.iter().enumerate() {
+        if field.paths.is_empty() {
+            return Err(format!(
+                "fuzzy.fields[{n}] ({}): paths is empty",
+                field.name
+            ));
+        }
+        for p in &field.paths {
+            parse_path(p).map_err(|e| format!("fuzzy.fields[{n}]: path {p:?}: {e}"))?;
+        }
+    }
+    let known = |field: &str, at: &str| {
+        if names.contains(field) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{at}: field {field:?} is not declared in fuzzy.fields"
+            ))
+        }
+    };
+    let check = |c: &Criterion, at: &str, scored: bool| -> std::result::Result<(), String> {
+        known(&c.field, at)?;
+        match c.method {
+            Method::JaroWinkler => match c.min {
+                Some(t) if (0.0..=1.0).contains(&t) => {}
+                _ => return Err(format!("{at}: jaro_winkler needs min between 0 and 1")),
+            },
+            Method::Levenshtein if c.max.is_none() => {
+                return Err(format!("{at}: levenshtein needs max (edits)"));
+            }
+            _ => {}
+        }
+        if scored {
+            match (c.m, c.u) {
+                (Some(m), Some(u)) if 0.0 < u && u < m && m < 1.0 => {}
+                _ => return Err(format!("{at}: a score field needs 0 < u < m < 1")),
+            }
+        }
+        Ok(())
+    };
+    for (n, r) in f.rules.iter().enumerate() {
+        let at = format!("fuzzy.rules[{n}] ({})", r.name);
+        if r.criteria.is_empty() {
+            return Err(format!("{at}: no criteria"));
+        }
+        for c in &r.criteria {
+            check(c, &at, false)?;
+        }
+    }
+    if let Some(s) = &f.score {
+        for c in &s.fields {
+            check(c, "fuzzy.score", true)?;
+        }
+        for r in &s.required {
+            if !s.fields.iter().any(|c| &c.field == r) {
+                return Err(format!(
+                    "fuzzy.score.required: {r:?} is not one of the score's fields"
+                ));
+            }
+        }
+    }
+    if f.rules.is_empty() && f.score.is_none() {
+        return Err("fuzzy: enabled with neither rules nor a score".into());
+    }
+    if f.blocking_keys.is_empty() {
+        return Err("fuzzy.blocking_keys: at least one key is needed (no scans)".into());
+    }
+    let mut keys = Vec::new();
+    for spec in &f.blocking_keys {
+        let mut parts = Vec::new();
+        for part in spec.split('+') {
+            let (field, len) = match part.split_once(':') {
+                Some((field, n)) => (
+                    field,
+                    Some(n.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                        format!("fuzzy.blocking_keys {spec:?}: {n:?} is not a length")
+                    })?),
+                ),
+                None => (part, None),
+            };
+            known(field, &format!("fuzzy.blocking_keys {spec:?}"))?;
+            parts.push((field.to_string(), len));
+        }
+        keys.push(BlockingKey {
+            spec: spec.clone(),
+            parts,
+        });
+    }
+    if f.max_block_size == 0 {
+        return Err("fuzzy.max_block_size must be at least 1".into());
+    }
+    Ok(Fuzzy {
+        max_block_size: f.max_block_size,
+        blocking_keys: keys,
+        fields: f.fields,
+        rules: f.rules,
+        score: f.score,
+    })
+}
+
+/// One step of a path: a key, or an array filtered by `type`.
+enum Step<'a> {
+    Key(&'a str),
+    Typed(&'a str, &'a str),
+}
+
+fn parse_path(path: &str) -> std::result::Result<Vec<Step<'_>>, String> {
+    if path.is_empty() {
+        return Err("empty path".into());
+    }
+    path.split('.')
+        .map(|seg| {
+            if seg.is_empty() {
+                return Err("empty segment".to_string());
+            }
+            match seg.split_once('[') {
+                None => Ok(Step::Key(seg)),
+                Some((name, rest)) => {
+                    let filter = rest
+                        .strip_suffix(']')
+                        .and_then(|f| f.strip_prefix("type="))
+                        .filter(|t| !t.is_empty())
+                        .ok_or_else(|| format!("{seg:?}: use name[type=value]"))?;
+                    Ok(Step::Typed(name, filter))
+                }
+            }
+        })
+        .collect()
+}
+
+/// The scalar values (strings and numbers) found at a path.
+fn lookup(message: &Value, path: &str) -> Vec<String> {
+    let Ok(steps) = parse_path(path) else {
+        return Vec::new();
+    };
+    let mut cur = vec![message];
+    for step in steps {
+        let mut next = Vec::new();
+        for v in cur {
+            match step {
+                Step::Key(k) => {
+                    if let Some(x) = v.get(k) {
+                        next.push(x);
+                    }
+                }
+                Step::Typed(k, t) => {
+                    if let Some(items) = v.get(k).and_then(Value::as_array) {
+                        next.extend(
+                            items
+                                .iter()
+                                .filter(|i| i["type"].as_str() == Some(t))
+                                .map(|i| &i["id"]),
+                        );
+                    }
+                }
+            }
+        }
+        cur = next;
+    }
+    cur.into_iter()
+        .filter_map(|v| match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+pub fn normalise(how: Normalise, raw: &str, region: phonenumber::country::Id) -> Option<String> {
+    let t = raw.trim();
+    if t.is_empty() {
+        return None;
+    }
+    Some(match how {
+        Normalise::Trim => t.to_string(),
+        Normalise::Lowercase => t.to_lowercase(),
+        Normalise::Email => {
+            let e = t.to_lowercase();
+            let (local, domain) = e.split_once('@')?;
+            if local.is_empty()
+                || !domain.contains('.')
+                || domain.starts_with('.')
+                || domain.ends_with('.')
+                || e.contains(char::is_whitespace)
+                || domain.contains('@')
+            {
+                return None;
+            }
+            e
+        }
+        Normalise::Phone => {
+            let n = phonenumber::parse(Some(region), t).ok()?;
+            if !phonenumber::is_valid(&n) {
+                return None;
+            }
+            n.format().mode(phonenumber::Mode::E164).to_string()
+        }
+        Normalise::Name => fold(t, false),
+        Normalise::Text => t
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_lowercase(),
+        Normalise::Date => normalise_date(t)?,
+        Normalise::Postcode => t
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .collect::<String>()
+            .to_ascii_uppercase(),
+        Normalise::Address => {
+            let folded = fold(t, true);
+            folded
+                .split(' ')
+                .map(|w| match w {
+                    "street" => "st",
+                    "road" => "rd",
+                    "avenue" => "ave",
+                    "av" => "ave",
+                    "drive" => "dr",
+                    "lane" => "ln",
+                    "place" => "pl",
+                    "court" => "ct",
+                    "boulevard" => "blvd",
+                    "square" => "sq",
+                    "terrace" => "tce",
+                    "crescent" => "cres",
+                    "highway" => "hwy",
+                    "north" => "n",
+                    "south" => "s",
+                    "east" => "e",
+                    "west" => "w",
+                    "apartment" | "apt" | "unit" | "flat" => "#",
+                    other => other,
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
+    })
+}
+
+/// Lower-case letters (accents removed) and, with `digits`, digits; other characters
+/// become single spaces.
+fn fold(s: &str, digits: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut space = false;
+    for c in s.chars().flat_map(char::to_lowercase) {
+        let c = deaccent(c);
+        if c.is_alphabetic() || (digits && c.is_ascii_digit()) {
+            if space && !out.is_empty() {
+                out.push(' ');
+            }
+            space = false;
+            out.push(c);
+        } else if c != '\'' {
+            space = true;
+        }
+    }
+    out
+}
+
+fn deaccent(c: char) -> char {
+    match c {
+        'à' | 'á' | 'â' | 'ã' | 'ä' | 'å' => 'a',
+        'ç' => 'c',
+        'è' | 'é' | 'ê' | 'ë' => 'e',
+        'ì' | 'í' | 'î' | 'ï' => 'i',
+        'ñ' => 'n',
+        'ò' | 'ó' | 'ô' | 'õ' | 'ö' | 'ø' => 'o',
+        'ù' | 'ú' | 'û' | 'ü' => 'u',
+        'ý' | 'ÿ' => 'y',
+        other => other,
+    }
+}
+
+/// A birth date as YYYY-MM-DD from ISO dates and timestamps, YYYYMMDD, or D/M/Y (the
+/// day first when it cannot be a month).
+fn normalise_date(t: &str) -> Option<String> {
+    let date = t.get(..10).unwrap_or(t);
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d") {
+        return Some(d.format("%Y-%m-%d").to_string());
+    }
+    for fmt in ["%Y%m%d", "%m/%d/%Y", "%d/%m/%Y", "%d.%m.%Y"] {
+        if let Ok(d) = chrono::NaiveDate::parse_from_str(t, fmt) {
+            return Some(d.format("%Y-%m-%d").to_string());
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rules() -> Rules {
+        Rules::parse(DEFAULT_RULES, "test").unwrap()
+    }
+
+    #[test]
+    fn the_default_rules_load() {
+        let r = rules();
+        assert_eq!(r.identifiers[0].kind, "user_id");
+        assert!(r.fuzzy.is_some());
+        assert!(r.priority("user_id") < r.priority("anonymous_id"));
+    }
+
+    #[test]
+    fn identifiers_come_from_the_standard_places_normalised_and_in_priority_order() {
+        let r = rules();
+        let msg = json!({
+            "userId": " u-1 ",
+            "anonymousId": "a-1",
+            "traits": {"email": " Ann@Shop.IO ", "phone": "(415) 555-2671", "crm_id": 42},
+            "context": {
+                "device": {"id": "dev-1"},
+                "traits": {"email": "ann@shop.io"},
+                "externalIds": [{"id": "L-7", "type": "loyalty_id", "collection": "users"}]
+            }
+        });
+        let (ids, blocked) = r.extract(&msg);
+        let got: Vec<(&str, &str)> = ids
+            .iter()
+            .map(|i| (i.kind.as_str(), i.value.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("user_id", "u-1"),
+                ("email", "ann@shop.io"),
+                ("phone", "+14155552671"),
+                ("crm_id", "42"),
+                ("loyalty_id", "L-7"),
+                ("device_id", "dev-1"),
+                ("anonymous_id", "a-1"),
+            ]
+        );
+        assert!(blocked.is_empty());
+    }
+
+    #[test]
+    fn blocked_and_invalid_values_are_never_identifiers() {
+        let r = rules();
+        let msg = json!({
+            "userId": "undefined",
+            "anonymousId": "00000000-0000-0000-0000-000000000000",
+            "traits": {"email": "not-an-email", "phone": "12"},
+            "context": {"traits": {"email": "test@example.com"}}
+        });
+        let (ids, blocked) = r.extract(&msg);
+        assert!(ids.is_empty(), "{ids:?}");
+        assert_eq!(blocked, vec!["user_id", "email", "anonymous_id"]);
+        for v in ["null", "NULL", "--", "0", "N/A", "[object Object]"] {
+            assert!(r.is_blocked(v), "{v}");
+        }
+        assert!(!r.is_blocked("u-0"));
+    }
+
+    #[test]
+    fn phones_use_the_default_region_and_keep_explicit_country_codes() {
+        let r = rules();
+        assert_eq!(
+            r.normalise("phone", "415-555-2671").as_deref(),
+            Some("+14155552671")
+        );
+        assert_eq!(
+            r.normalise("phone", "+44 20 7946 0958").as_deref(),
+            Some("+442079460958")
+        );
+        assert_eq!(r.normalise("phone", "555"), None);
+    }
+
+    #[test]
+    fn fuzzy_fields_are_normalised() {
+        let r = rules();
+        let msg = json!({"traits": {
+            "firstName": "  José ", "last_name": "O'Brien-Smith",
+            "birthday": "1980-02-03T00:00:00Z",
+            "address": {"street": "12 North Main Street, Apt 4", "postalCode": "sw1a 1aa"}
+        }});
+        let f = r.fuzzy_fields(&msg);
+        assert_eq!(f["first_name"], "jose");
+        assert_eq!(f["last_name"], "obrien smith");
+        assert_eq!(f["birthday"], "1980-02-03");
+        assert_eq!(f["street"], "12 n main st # 4");
+        assert_eq!(f["postcode"], "SW1A1AA");
+        assert_eq!(normalise_date("03/02/1980").as_deref(), Some("1980-03-02"));
+        assert_eq!(normalise_date("25/12/1980").as_deref(), Some("1980-12-25"));
+    }
+
+    #[test]
+    fn mistakes_are_reported_with_where_they_are() {
+        let err = |text: &str| Rules::parse(text, "t").unwrap_err().to_string();
+        let base = "phone_default_region = \"US\"\n";
+        assert!(
+            err(&format!(
+                "{base}[[identifiers]]\nkind=\"a\"\nlimit=0\npaths=[\"x\"]"
+            ))
+            .contains("identifiers[0] (a): limit must be at least 1")
+        );
+        assert!(
+            err(&format!("{base}[[identifiers]]\nkind=\"a\"\nlimit=1\npaths=[\"x\"]\n[[identifiers]]\nkind=\"a\"\nlimit=1\npaths=[\"y\"]"))
+                .contains("declared twice")
+        );
+        assert!(
+            err(
+                "phone_default_region = \"XX\"\n[[identifiers]]\nkind=\"a\"\nlimit=1\npaths=[\"x\"]"
+            )
+            .contains("not an ISO 3166")
+        );
+        assert!(
+            err(&format!(
+                "{base}blocked_values=[\"(\"]\n[[identifiers]]\nkind=\"a\"\nlimit=1\npaths=[\"x\"]"
+            ))
+            .contains("blocked_values")
+        );
+        assert!(
+            err(&format!(
+                "{base}[[identifiers]]\nkind=\"a\"\nlimit=1\npaths=[\"x[crm]\"]"
+            ))
+            .contains("use name[type=value]")
+        );
+        let fuzzy = format!(
+            "{base}[[identifiers]]\nkind=\"a\"\nlimit=1\npaths=[\"x\"]\n[fuzzy]\nenabled=true\nmax_block_size=5\nblocking_keys=[\"nme:2\"]\n[[fuzzy.fields]]\nname=\"name\"\nnormalise=\"name\"\npaths=[\"n\"]\n[[fuzzy.rules]]\nname=\"r\"\ncriteria=[{{field=\"name\",method=\"jaro_winkler\"}}]"
+        );
+        assert!(err(&fuzzy).contains("jaro_winkler needs min"));
+        assert!(
+            err(&fuzzy.replace("method=\"jaro_winkler\"", "method=\"exact\""))
+                .contains("\"nme\" is not declared")
+        );
+        assert!(
+            err("phone_default_region = \"US\"\nidentifiers = []\nextra = 1").contains("extra")
+        );
+    }
+}

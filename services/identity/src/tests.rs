@@ -1,0 +1,275 @@
+//! Properties of resolution as a whole: the final graph depends on the set of events,
+//! not on their order or duplicates.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+use tessera_common::records::{Identifier, IngestedEvent};
+use tessera_common::store::{MemStore, Store, Txn};
+
+use super::*;
+
+fn rules() -> Rules {
+    Rules::parse(rules::DEFAULT_RULES, "test").unwrap()
+}
+
+fn event(msg: &str, t: i64, payload: Value) -> IngestedEvent {
+    IngestedEvent {
+        message_id: msg.into(),
+        source: "test".into(),
+        kind: payload["type"].as_str().unwrap_or("track").into(),
+        user_id: payload["userId"].as_str().map(Into::into),
+        anonymous_id: payload["anonymousId"].as_str().map(Into::into),
+        event: Some("E".into()),
+        received_at: t,
+        event_time: t,
+        payload: payload.to_string(),
+    }
+}
+
+fn apply_all(rules: &Rules, events: &[IngestedEvent]) -> MemStore {
+    let s = MemStore::default();
+    for e in events {
+        let mut txn = Txn::new(&s);
+        let payload: Value = serde_json::from_str(&e.payload).unwrap();
+        resolve_event(rules, &mut txn, e, &payload).unwrap();
+        s.write(txn.into_batch()).unwrap();
+    }
+    s
+}
+
+/// Every identifier's profile.
+fn graph_of(s: &MemStore, ids: &[Identifier]) -> BTreeMap<Identifier, Option<String>> {
+    let txn = Txn::new(s);
+    ids.iter()
+        .map(|i| (i.clone(), graph::lookup(&txn, i).unwrap()))
+        .collect()
+}
+
+/// A small world: four people, their devices, a shared kiosk, emails, CRM and shop
+/// records with typos. Each generated event carries a random subset of one person's
+/// identifiers (sometimes the kiosk).
+fn world_event(person: usize, pick: u8, kiosk: bool, n: usize) -> Value {
+    let names = [
+        ("ann", "lee", "1990-01-01", "10001"),
+        ("bob", "ng", "1985-05-05", "60601"),
+        ("cat", "lee", "1992-02-02", "10001"),
+        ("dan", "ortiz", "1970-07-07", "94110"),
+    ];
+    let (first, last, dob, zip) = names[person];
+    let mut m = json!({"type": "track", "messageId": format!("m{n}")});
+    if pick & 1 != 0 {
+        m["userId"] = json!(format!("user-{person}"));
+    }
+    if pick & 2 != 0 {
+        m["anonymousId"] = json!(if kiosk {
+            "kiosk".to_string()
+        } else {
+            format!("anon-{person}-{}", pick % 3)
+        });
+    }
+    if pick & 4 != 0 {
+        m["context"] = json!({"traits": {"email": format!("{first}.{last}@mail.test")}});
+    }
+    if pick & 8 != 0 {
+        m["type"] = json!("identify");
+        m["traits"] = json!({"crm_id": format!("crm-{person}"), "firstName": first, "lastName": last, "birthday": dob, "address": {"postalCode": zip}});
+    }
+    if pick & 16 != 0 {
+        m["type"] = json!("identify");
+        let typo = format!("{}{}", &first[..first.len() - 1], "h");
+        m["traits"] = json!({"loyalty_id": format!("loy-{person}"), "firstName": typo, "lastName": last, "birthday": dob, "address": {"postalCode": zip}});
+    }
+    m
+}
+
+fn all_identifiers() -> Vec<Identifier> {
+    let mut out = vec![Identifier {
+        kind: "anonymous_id".into(),
+        value: "kiosk".into(),
+    }];
+    for p in 0..4 {
+        let names = ["ann.lee", "bob.ng", "cat.lee", "dan.ortiz"];
+        out.push(Identifier {
+            kind: "user_id".into(),
+            value: format!("user-{p}"),
+        });
+        out.push(Identifier {
+            kind: "email".into(),
+            value: format!("{}@mail.test", names[p]),
+        });
+        out.push(Identifier {
+            kind: "crm_id".into(),
+            value: format!("crm-{p}"),
+        });
+        out.push(Identifier {
+            kind: "loyalty_id".into(),
+            value: format!("loy-{p}"),
+        });
+        for k in 0..3 {
+            out.push(Identifier {
+                kind: "anonymous_id".into(),
+                value: format!("anon-{p}-{k}"),
+            });
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// The same events in any order, with duplicates, give the same final graph.
+    #[test]
+    fn the_final_graph_does_not_depend_on_order_or_duplicates(
+        specs in prop::collection::vec((0usize..4, 1u8..32, prop::bool::weighted(0.2), 0i64..50), 1..24),
+        seed in any::<u64>(),
+        dups in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+    ) {
+        let rules = rules();
+        let events: Vec<IngestedEvent> = specs
+            .iter()
+            .enumerate()
+            .map(|(n, (person, pick, kiosk, t))| event(&format!("m{n}"), *t, world_event(*person, *pick, *kiosk, n)))
+            .collect();
+        let mut shuffled = events.clone();
+        for d in &dups {
+            shuffled.push(events[d.index(events.len())].clone());
+        }
+        // A deterministic shuffle from the seed.
+        let mut state = seed | 1;
+        for i in (1..shuffled.len()).rev() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            shuffled.swap(i, (state % (i as u64 + 1)) as usize);
+        }
+        let ids = all_identifiers();
+        let a = graph_of(&apply_all(&rules, &events), &ids);
+        let b = graph_of(&apply_all(&rules, &shuffled), &ids);
+        prop_assert_eq!(a, b);
+    }
+}
+
+#[test]
+fn two_known_people_never_share_a_profile_whatever_links_them() {
+    let rules = rules();
+    // A kiosk and a family email link Ann and Bob; the user_id limit keeps them apart.
+    let events = vec![
+        event(
+            "1",
+            1,
+            json!({"type": "track", "userId": "ann", "anonymousId": "kiosk"}),
+        ),
+        event(
+            "2",
+            2,
+            json!({"type": "track", "userId": "bob", "anonymousId": "kiosk"}),
+        ),
+        event(
+            "3",
+            3,
+            json!({"type": "identify", "userId": "bob", "traits": {"email": "family@home.test"}}),
+        ),
+        event(
+            "4",
+            4,
+            json!({"type": "identify", "userId": "ann", "traits": {"email": "family@home.test"}}),
+        ),
+    ];
+    let s = apply_all(&rules, &events);
+    let txn = Txn::new(&s);
+    let ann = graph::lookup(
+        &txn,
+        &Identifier {
+            kind: "user_id".into(),
+            value: "ann".into(),
+        },
+    )
+    .unwrap();
+    let bob = graph::lookup(
+        &txn,
+        &Identifier {
+            kind: "user_id".into(),
+            value: "bob".into(),
+        },
+    )
+    .unwrap();
+    assert_ne!(ann, bob);
+}
+
+#[test]
+fn a_crm_record_and_a_shop_record_of_one_person_merge_by_rule() {
+    let rules = rules();
+    let events = vec![
+        event(
+            "c1",
+            1,
+            json!({"type": "identify", "traits": {"crm_id": "C-1", "firstName": "Katherine", "lastName": "Johnson", "birthday": "1981-04-12", "address": {"street": "12 Oak Street", "postalCode": "90210"}}}),
+        ),
+        event(
+            "s1",
+            2,
+            json!({"type": "identify", "traits": {"loyalty_id": "L-9", "firstName": "Katharine", "lastName": "Johnson", "birthday": "1981-04-12", "address": {"street": "12 Oak St", "postalCode": "90210"}}}),
+        ),
+        event(
+            "s2",
+            3,
+            json!({"type": "identify", "traits": {"loyalty_id": "L-10", "firstName": "Michael", "lastName": "Johnson", "birthday": "1979-09-30", "address": {"street": "12 Oak St", "postalCode": "90210"}}}),
+        ),
+    ];
+    let s = apply_all(&rules, &events[..1]);
+    let mut txn = Txn::new(&s);
+    let payload: Value = serde_json::from_str(&events[1].payload).unwrap();
+    let r = resolve_event(&rules, &mut txn, &events[1], &payload).unwrap();
+    s.write(txn.into_batch()).unwrap();
+    assert_eq!(r.changes.merges.len(), 1);
+    assert_eq!(
+        r.changes.merges[0].rule.as_deref(),
+        Some("name+birthday+postcode")
+    );
+    let mut txn = Txn::new(&s);
+    let payload: Value = serde_json::from_str(&events[2].payload).unwrap();
+    let spouse = resolve_event(&rules, &mut txn, &events[2], &payload).unwrap();
+    assert!(spouse.changes.merges.is_empty(), "the spouse stays apart");
+    assert_ne!(spouse.profile_id, r.profile_id);
+}
+
+#[test]
+fn blocked_values_resolve_to_nobody_in_particular() {
+    let rules = rules();
+    let e = event(
+        "1",
+        1,
+        json!({"type": "track", "userId": "null", "anonymousId": "undefined"}),
+    );
+    let s = MemStore::default();
+    let mut txn = Txn::new(&s);
+    let r = resolve_event(
+        &rules,
+        &mut txn,
+        &e,
+        &serde_json::from_str(&e.payload).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(r.blocked, vec!["user_id", "anonymous_id"]);
+    assert!(r.identifiers.is_empty());
+    let e2 = event(
+        "2",
+        2,
+        json!({"type": "track", "userId": "null", "anonymousId": "undefined"}),
+    );
+    let r2 = resolve_event(
+        &rules,
+        &mut txn,
+        &e2,
+        &serde_json::from_str(&e2.payload).unwrap(),
+    )
+    .unwrap();
+    assert_ne!(
+        r.profile_id, r2.profile_id,
+        "blocked values never join two events"
+    );
+}
