@@ -91,6 +91,8 @@ pub struct ProfilesConfig {
     pub definitions_dir: PathBuf,
     pub dedup_window_ms: i64,
     pub recent_events: usize,
+    /// Events kept per profile (whole) to re-derive it after an un-merge.
+    pub history_events: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -2,8 +2,8 @@
 //! configuration ([`config`]), topic names ([`topics`]), the RocksDB store ([`store`]),
 //! the Avro codec and record types ([`avro`], [`records`]), the Kafka producer and the
 //! consume→process→produce runner ([`kafka`], [`runner`]), the admin HTTP server with
-//! `/healthz`, `/readyz` and `/metrics` ([`admin`]), tracing ([`telemetry`]) and
-//! shutdown handling ([`shutdown`]).
+//! `/healthz`, `/readyz` and `/metrics` ([`admin`]), tracing ([`telemetry`]),
+//! shutdown handling ([`shutdown`]) and text normalisation ([`text`]).
 
 pub mod admin;
 pub mod avro;
@@ -18,6 +18,7 @@ pub mod service;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod text;
 pub mod topics;
 
 pub use error::{Error, Result};

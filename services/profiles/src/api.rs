@@ -1,5 +1,6 @@
-//! The profile API: `GET /v1/profiles/{id}`, `GET /v1/profiles/lookup?type=&value=`
-//! and `GET /v1/segments`. Reads go to RocksDB on the blocking pool.
+//! The profile API: `GET /v1/profiles/{id}`, `GET /v1/profiles/lookup?type=&value=`,
+//! `GET /v1/segments`, and the members of a household or an account:
+//! `GET /v1/households/{id}`, `GET /v1/accounts/{id}`. Reads go to RocksDB on the blocking pool.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use tessera_common::store::SharedStore;
 
 use crate::profile::Profile;
 use crate::segments::Segment;
-use crate::state::{index_key, live_id, profile_key, segment_size_key};
+use crate::state::{index_key, live_id, member_prefix, profile_key, segment_size_key};
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -29,6 +30,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/profiles/lookup", get(lookup))
         .route("/v1/profiles/{id}", get(by_id))
         .route("/v1/segments", get(segments))
+        .route("/v1/households/{id}", get(household))
+        .route("/v1/accounts/{id}", get(account))
         .with_state(state)
 }
 
@@ -78,6 +81,8 @@ pub fn view(p: &Profile, explain: bool) -> Value {
             "source": e.source, "properties": e.properties,
         })).collect::<Vec<_>>(),
         "merged_from": p.merged_from,
+        "accounts": p.accounts,
+        "household": p.household,
     })
 }
 
@@ -188,4 +193,44 @@ async fn segments(State(st): State<ApiState>) -> Response {
     .await
     .unwrap_or_default();
     axum::Json(json!({"segments": sizes})).into_response()
+}
+
+/// Profile ids of a household or an account (at most 1000).
+async fn members(st: ApiState, kind: &'static str, id: String) -> Response {
+    let store = st.store.clone();
+    let prefix = member_prefix(kind, &id);
+    let found = tokio::task::spawn_blocking(move || {
+        store.scan_prefix(prefix.as_bytes(), 1000).map(|rows| {
+            rows.into_iter()
+                .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+                .collect::<Vec<_>>()
+        })
+    })
+    .await;
+    match found {
+        Ok(Ok(ids)) if ids.is_empty() => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no profile belongs to it",
+        ),
+        Ok(Ok(ids)) => axum::Json(json!({"id": id, "members": ids})).into_response(),
+        Ok(Err(e)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
+async fn household(State(st): State<ApiState>, Path(id): Path<String>) -> Response {
+    members(st, "hh", id).await
+}
+
+async fn account(State(st): State<ApiState>, Path(id): Path<String>) -> Response {
+    members(st, "acct", id).await
 }

@@ -1,6 +1,7 @@
 //! # tessera-profiles
 //!
-//! Consumes `events.resolved`, `identity.merges` and its own `profiles.transfers`;
+//! Consumes `events.resolved`, `identity.merges`, `identity.splits` and its own
+//! `profiles.transfers`;
 //! keeps profiles in RocksDB ([`profile`], [`state`]); evaluates the segment
 //! definitions ([`segments`]) on every change and emits enter/exit records to
 //! `segments.membership`; serves the profile API ([`api`]).
@@ -41,6 +42,7 @@ pub async fn run_with_listener(
     let needed = [
         topics.resolved(),
         topics.merges(),
+        topics.splits(),
         topics.transfers(),
         topics.membership(),
         topics.deadletter(),
@@ -50,11 +52,17 @@ pub async fn run_with_listener(
         topics: topics.clone(),
         segments: segments.clone(),
         recent_limit: config.profiles.recent_events,
+        history_limit: config.profiles.history_events,
         dedup_window_ms: config.profiles.dedup_window_ms,
         metrics: state::ProfilesMetrics::new(&parts.admin),
         store_for_size: Some(parts.store.clone()),
     };
-    let inputs = vec![topics.resolved(), topics.merges(), topics.transfers()];
+    let inputs = vec![
+        topics.resolved(),
+        topics.merges(),
+        topics.splits(),
+        topics.transfers(),
+    ];
     let spec = RunnerSpec {
         // Expires de-duplication entries.
         tick_every: Some(Duration::from_secs(10)),

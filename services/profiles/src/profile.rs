@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use tessera_common::ids::deterministic_id;
 use tessera_common::records::{Identifier, ResolvedEvent};
+use tessera_common::text;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TraitValue {
@@ -58,6 +60,13 @@ pub struct Profile {
     pub segments: BTreeMap<String, Membership>,
     /// Profiles merged into this one.
     pub merged_from: Vec<String>,
+    /// Accounts (Segment `group` calls) the person belongs to.
+    #[serde(default)]
+    pub accounts: BTreeSet<String>,
+    /// The household: everyone whose `address` trait normalises to the same street and
+    /// postcode (or city).
+    #[serde(default)]
+    pub household: Option<String>,
 }
 
 impl Profile {
@@ -99,6 +108,17 @@ impl Profile {
         {
             *self.event_counts.entry(name.clone()).or_default() += 1;
         }
+        if e.kind == "group" {
+            let group = match &payload["groupId"] {
+                Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            };
+            if let Some(g) = group {
+                changed |= self.accounts.insert(g);
+            }
+        }
+        changed |= self.derive_household();
         self.events_total += 1;
         self.first_seen = self.first_seen.min(e.event_time);
         self.last_seen = self.last_seen.max(e.event_time);
@@ -119,6 +139,28 @@ impl Profile {
             recent_limit,
         );
         changed || self.identifiers.len() != identifiers_before
+    }
+
+    /// Sets the household from the `address` trait; returns whether it changed.
+    fn derive_household(&mut self) -> bool {
+        let address = self.traits.get("address").map(|t| &t.value);
+        let household = address.and_then(|a| {
+            let street = a["street"].as_str().map(text::normalise_address)?;
+            let area = a["postalCode"]
+                .as_str()
+                .or(a["postal_code"].as_str())
+                .map(text::normalise_postcode)
+                .filter(|p| !p.is_empty())
+                .or_else(|| a["city"].as_str().map(|c| text::fold(c, false)))?;
+            (!street.is_empty() && !area.is_empty())
+                .then(|| deterministic_id("household", &[&street, &area]))
+        });
+        if household != self.household {
+            self.household = household;
+            true
+        } else {
+            false
+        }
     }
 
     /// Keeps the newer value; returns whether the trait's value changed.
@@ -156,6 +198,10 @@ impl Profile {
         let mut changed = false;
         for (k, v) in &other.traits {
             changed |= self.set_trait(k, v.clone());
+        }
+        changed |= self.derive_household();
+        for a in &other.accounts {
+            changed |= self.accounts.insert(a.clone());
         }
         for (k, n) in &other.event_counts {
             *self.event_counts.entry(k.clone()).or_default() += n;
@@ -294,5 +340,50 @@ mod tests {
         assert_eq!(p.recent_events[0].message_id, "x");
         assert_eq!(p.merged_from, vec!["a".to_string()]);
         assert_eq!(p.flat_fields()["user_id"], json!("u"));
+    }
+
+    #[test]
+    fn group_calls_add_accounts_and_an_address_gives_a_household() {
+        let mut a = Profile::new("a");
+        assert!(a.apply(&ev("g", "group", None, 1, json!({"groupId": "acme"})), 3));
+        a.apply(
+            &ev(
+                "i",
+                "identify",
+                None,
+                2,
+                json!({"traits": {"address": {"street": "12 Oak Street", "postalCode": "90210"}}}),
+            ),
+            3,
+        );
+        let mut b = Profile::new("b");
+        b.apply(
+            &ev(
+                "j",
+                "identify",
+                None,
+                3,
+                json!({"traits": {"address": {"street": "12 oak st.", "postalCode": "90 210"}}}),
+            ),
+            3,
+        );
+        assert_eq!(a.accounts.iter().collect::<Vec<_>>(), vec!["acme"]);
+        assert!(a.household.is_some());
+        assert_eq!(
+            a.household, b.household,
+            "the same address, written differently"
+        );
+        let mut c = Profile::new("c");
+        c.apply(
+            &ev(
+                "k",
+                "identify",
+                None,
+                3,
+                json!({"traits": {"address": {"street": "14 Oak St", "postalCode": "90210"}}}),
+            ),
+            3,
+        );
+        assert_ne!(a.household, c.household);
     }
 }

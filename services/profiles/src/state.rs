@@ -11,6 +11,7 @@
 //! absorbed there; the merged id becomes a redirect, and events still in flight for it
 //! are forwarded the same way.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
@@ -19,7 +20,8 @@ use tracing::{debug, warn};
 use tessera_common::admin::Admin;
 use tessera_common::ids::deterministic_id;
 use tessera_common::records::{
-    AvroRecord, MembershipChange, ProfileMerge, ProfileTransfer, ResolvedEvent,
+    AvroRecord, Identifier, MembershipChange, ProfileMerge, ProfileSplit, ProfileTransfer,
+    ResolvedEvent,
 };
 use tessera_common::runner::{self, Message, Output, Processor};
 use tessera_common::store::{Store, Txn};
@@ -40,6 +42,21 @@ pub fn index_key(kind: &str, value: &str) -> Vec<u8> {
 }
 pub fn segment_size_key(segment: &str) -> Vec<u8> {
     format!("segsize/{segment}").into_bytes()
+}
+/// Events of a profile in event-time order (the sign bit flipped so that the decimal
+/// order is the numeric order).
+fn log_key(profile: &str, t: i64, msg: &str) -> Vec<u8> {
+    format!("log/{profile}/{:020}/{msg}", (t ^ i64::MIN) as u64).into_bytes()
+}
+fn log_prefix(profile: &str) -> String {
+    format!("log/{profile}/")
+}
+fn log_count_key(profile: &str) -> Vec<u8> {
+    format!("logn/{profile}").into_bytes()
+}
+/// Members of a household (`hh`) or an account (`acct`): `<kind>/<hash>/<profile>`.
+pub fn member_prefix(kind: &str, group: &str) -> String {
+    format!("{kind}/{}/", deterministic_id(kind, &[group]))
 }
 fn seen_key(id: &str) -> Vec<u8> {
     format!("seen/{id}").into_bytes()
@@ -63,6 +80,7 @@ pub fn live_id(get: impl Fn(&[u8]) -> Result<Option<Vec<u8>>>, id: &str) -> Resu
 #[derive(Clone)]
 pub struct ProfilesMetrics {
     pub applied: IntCounter,
+    pub splits: IntCounterVec,
     pub duplicates: IntCounterVec,
     pub membership: IntCounterVec,
     pub event_latency: Histogram,
@@ -72,6 +90,17 @@ pub struct ProfilesMetrics {
 impl ProfilesMetrics {
     pub fn new(admin: &Admin) -> Self {
         ProfilesMetrics {
+            splits: admin.register(
+                &IntCounterVec::new(
+                    Opts::new(
+                        "tessera_profiles_splits_total",
+                        "Profiles re-derived after an identity split; complete=false when \
+                         the profile had more events than its kept history",
+                    ),
+                    &["complete"],
+                )
+                .unwrap(),
+            ),
             applied: admin.register(
                 &IntCounter::new(
                     "tessera_profiles_events_applied_total",
@@ -126,9 +155,53 @@ pub struct ProfilesProcessor {
     pub topics: Topics,
     pub segments: Arc<Vec<Segment>>,
     pub recent_limit: usize,
+    /// Events kept per profile to re-derive it after a split.
+    pub history_limit: usize,
     pub dedup_window_ms: i64,
     pub metrics: ProfilesMetrics,
     pub store_for_size: Option<Arc<dyn Store>>,
+}
+
+/// A profile's state on the transfer topic, with its kept events.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Moved {
+    #[serde(flatten)]
+    profile: Profile,
+    #[serde(default)]
+    history: Vec<ResolvedEvent>,
+    /// Set by a split: the survivor id is live again (its redirect goes).
+    #[serde(default)]
+    revive: bool,
+}
+
+/// Keeps the household and account member indexes in step with a profile.
+fn index_groups(
+    txn: &mut Txn<'_>,
+    id: &str,
+    before: (Option<String>, BTreeSet<String>),
+    p: &Profile,
+) {
+    let (household, accounts) = before;
+    if household != p.household {
+        if let Some(h) = household {
+            txn.delete(format!("{}{id}", member_prefix("hh", &h)).into_bytes());
+        }
+        if let Some(h) = &p.household {
+            txn.put(
+                format!("{}{id}", member_prefix("hh", h)).into_bytes(),
+                Vec::new(),
+            );
+        }
+    }
+    for a in accounts.difference(&p.accounts) {
+        txn.delete(format!("{}{id}", member_prefix("acct", a)).into_bytes());
+    }
+    for a in p.accounts.difference(&accounts) {
+        txn.put(
+            format!("{}{id}", member_prefix("acct", a)).into_bytes(),
+            Vec::new(),
+        );
+    }
 }
 
 /// What caused a change, for deterministic record ids and timing.
@@ -159,12 +232,24 @@ impl ProfilesProcessor {
         Ok(false)
     }
 
-    fn transfer(&self, survivor: &str, state: &Profile, cause: &Cause<'_>) -> Result<Output> {
+    fn transfer(
+        &self,
+        survivor: &str,
+        state: &Profile,
+        history: Vec<ResolvedEvent>,
+        revive: bool,
+        cause: &Cause<'_>,
+    ) -> Result<Output> {
+        let moved = Moved {
+            profile: state.clone(),
+            history,
+            revive,
+        };
         let t = ProfileTransfer {
             transfer_id: deterministic_id("transfer", &[survivor, &state.id, cause.id]),
             survivor: survivor.to_string(),
             from_profile: state.id.clone(),
-            state: serde_json::to_string(state)?,
+            state: serde_json::to_string(&moved)?,
             received_at: cause.received_at,
         };
         Ok(Output {
@@ -188,6 +273,7 @@ impl ProfilesProcessor {
             .get_json::<Profile>(&profile_key(id))?
             .unwrap_or_else(|| Profile::new(id));
         let identifiers_before = p.identifiers.len();
+        let groups_before = (p.household.clone(), p.accounts.clone());
         let fields_changed = change(&mut p);
         if p.identifiers.len() != identifiers_before {
             // Rare (a new identifier or a merge): (re)index them all, idempotently.
@@ -195,8 +281,90 @@ impl ProfilesProcessor {
                 txn.put(index_key(&i.kind, &i.value), id.as_bytes().to_vec());
             }
         }
+        index_groups(txn, id, groups_before, &p);
         self.evaluate(txn, &mut p, fields_changed, cause, out)?;
         txn.put_json(profile_key(id), &p)
+    }
+
+    /// Appends events to a profile's kept history, dropping the oldest beyond the limit.
+    fn log_events(&self, txn: &mut Txn<'_>, id: &str, events: &[ResolvedEvent]) -> Result<()> {
+        if self.history_limit == 0 || events.is_empty() {
+            return Ok(());
+        }
+        let mut n: u64 = txn.get_json(&log_count_key(id))?.unwrap_or(0);
+        for r in events {
+            let k = log_key(id, r.event.event_time, &r.event.message_id);
+            if txn.get(&k)?.is_none() {
+                txn.put(k, r.to_avro()?);
+                n += 1;
+            }
+        }
+        if n > self.history_limit as u64 {
+            let excess = (n - self.history_limit as u64) as usize;
+            for (k, _) in txn.scan(log_prefix(id).as_bytes(), excess)? {
+                txn.delete(k);
+                n -= 1;
+            }
+        }
+        txn.put_json(log_count_key(id), &n)
+    }
+
+    /// Removes and returns a profile's kept history, oldest first.
+    fn take_log(&self, txn: &mut Txn<'_>, id: &str) -> Result<Vec<ResolvedEvent>> {
+        let mut out = Vec::new();
+        for (k, v) in txn.scan(log_prefix(id).as_bytes(), self.history_limit + 16)? {
+            txn.delete(k);
+            out.push(ResolvedEvent::from_avro(&v)?);
+        }
+        txn.delete(log_count_key(id));
+        Ok(out)
+    }
+
+    /// Rebuilds a profile from events: what it would be had only these events been its.
+    fn rebuild(
+        &self,
+        id: &str,
+        events: &[ResolvedEvent],
+        owner: &BTreeMap<Identifier, String>,
+    ) -> Profile {
+        let mut p = Profile::new(id);
+        for r in events {
+            p.apply(r, self.recent_limit);
+        }
+        p.identifiers
+            .retain(|i| owner.get(i).is_none_or(|o| o == id));
+        p.identifiers.extend(
+            owner
+                .iter()
+                .filter(|(_, o)| *o == id)
+                .map(|(i, _)| i.clone()),
+        );
+        p
+    }
+
+    /// A profile leaves: its memberships end and its indexes go.
+    fn remove(
+        &self,
+        txn: &mut Txn<'_>,
+        p: &Profile,
+        reason: &str,
+        cause: &Cause<'_>,
+        out: &mut Vec<Output>,
+    ) -> Result<()> {
+        let exits: Vec<(String, i32, &'static str, String)> = p
+            .segments
+            .iter()
+            .map(|(id, mem)| (id.clone(), mem.version, "exit", reason.to_string()))
+            .collect();
+        self.emit(txn, p, &exits, cause, out)?;
+        index_groups(
+            txn,
+            &p.id,
+            (p.household.clone(), p.accounts.clone()),
+            &Profile::new(&p.id),
+        );
+        txn.delete(profile_key(&p.id));
+        Ok(())
     }
 
     /// Enter and exit records for membership changes; with `fields_changed`, an
@@ -340,10 +508,11 @@ impl ProfilesProcessor {
             // The profile was merged away while this event was in flight.
             let mut alone = Profile::new(&r.profile_id);
             alone.apply(&r, self.recent_limit);
-            out.push(self.transfer(&live, &alone, &cause)?);
+            out.push(self.transfer(&live, &alone, vec![r.clone()], false, &cause)?);
             return Ok(());
         }
         self.update(txn, &live, &cause, out, |p| p.apply(&r, self.recent_limit))?;
+        self.log_events(txn, &live, std::slice::from_ref(&r))?;
         self.metrics.applied.inc();
         let latency_ms = (tessera_common::now_ms() - e.received_at).max(0);
         self.metrics
@@ -366,25 +535,123 @@ impl ProfilesProcessor {
             return Ok(());
         };
         // The merged profile leaves its segments; the survivor is re-evaluated on arrival.
-        let exits: Vec<(String, i32, &'static str, String)> = merged
-            .segments
-            .iter()
-            .map(|(id, mem)| {
-                (
-                    id.clone(),
-                    mem.version,
-                    "exit",
-                    "profile merged".to_string(),
-                )
-            })
-            .collect();
-        self.emit(txn, &merged, &exits, &cause, out)?;
+        self.remove(txn, &merged, "profile merged", &cause, out)?;
         merged.segments.clear();
         for i in &merged.identifiers {
             txn.put(index_key(&i.kind, &i.value), m.survivor.as_bytes().to_vec());
         }
-        txn.delete(profile_key(&m.merged));
-        out.push(self.transfer(&m.survivor, &merged, &cause)?);
+        let history = self.take_log(txn, &m.merged)?;
+        out.push(self.transfer(&m.survivor, &merged, history, false, &cause)?);
+        Ok(())
+    }
+
+    /// A profile's identifiers now belong to several profiles: each is re-derived from
+    /// the kept events that belong to it (an event belongs where its highest-priority
+    /// identifier went). With more events than the kept history, the profile that keeps
+    /// the id keeps its older totals too.
+    fn on_split(&self, s: ProfileSplit, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
+        if self.seen_before(txn, &s.split_id, s.received_at, "split")? {
+            return Ok(());
+        }
+        let cause = Cause {
+            id: &s.split_id,
+            event_time: s.event_time,
+            received_at: s.received_at,
+        };
+        let Some(old) = txn.get_json::<Profile>(&profile_key(&s.profile_id))? else {
+            return Ok(());
+        };
+        let owner: BTreeMap<Identifier, String> = s
+            .assignments
+            .iter()
+            .map(|a| {
+                (
+                    Identifier {
+                        kind: a.kind.clone(),
+                        value: a.value.clone(),
+                    },
+                    a.profile_id.clone(),
+                )
+            })
+            .collect();
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for t in owner.values() {
+            *counts.entry(t.as_str()).or_default() += 1;
+        }
+        let survives = counts.contains_key(s.profile_id.as_str());
+        let default_target = if survives {
+            s.profile_id.clone()
+        } else {
+            counts
+                .iter()
+                .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+                .map_or(s.profile_id.clone(), |(t, _)| t.to_string())
+        };
+        let history = self.take_log(txn, &s.profile_id)?;
+        let complete = history.len() as u64 >= old.events_total;
+        self.metrics
+            .splits
+            .with_label_values(&[if complete { "true" } else { "false" }])
+            .inc();
+        let mut by_target: BTreeMap<String, Vec<ResolvedEvent>> = BTreeMap::new();
+        for t in counts.keys() {
+            by_target.entry(t.to_string()).or_default();
+        }
+        for r in history {
+            let t = r
+                .identifiers
+                .iter()
+                .find_map(|i| owner.get(i))
+                .cloned()
+                .unwrap_or_else(|| default_target.clone());
+            by_target.entry(t).or_default().push(r);
+        }
+        for (t, events) in &by_target {
+            if *t == s.profile_id {
+                continue;
+            }
+            let state = if !complete && *t == default_target {
+                // The older totals have no events to re-derive them from: they go along.
+                let mut all = old.clone();
+                all.segments.clear();
+                all.identifiers
+                    .retain(|i| owner.get(i).is_none_or(|o| o == t));
+                all
+            } else {
+                let mut r = self.rebuild(t, events, &owner);
+                r.id = s.profile_id.clone();
+                r
+            };
+            let mut state = state;
+            state
+                .identifiers
+                .retain(|i| owner.get(i).is_none_or(|o| o == t));
+            out.push(self.transfer(t, &state, events.clone(), true, &cause)?);
+        }
+        if survives {
+            let events = by_target.remove(&s.profile_id).unwrap_or_default();
+            let rebuilt = complete.then(|| self.rebuild(&s.profile_id, &events, &owner));
+            self.update(txn, &s.profile_id, &cause, out, |p| {
+                match rebuilt {
+                    Some(mut r) => {
+                        r.segments = std::mem::take(&mut p.segments);
+                        r.merged_from = p.merged_from.clone();
+                        *p = r;
+                    }
+                    None => p
+                        .identifiers
+                        .retain(|i| owner.get(i).is_none_or(|o| *o == s.profile_id)),
+                }
+                true
+            })?;
+            self.log_events(txn, &s.profile_id, &events)?;
+        } else {
+            self.remove(txn, &old, "profile split", &cause, out)?;
+            txn.put(
+                redirect_key(&s.profile_id),
+                default_target.as_bytes().to_vec(),
+            );
+        }
         Ok(())
     }
 
@@ -397,20 +664,29 @@ impl ProfilesProcessor {
         if self.seen_before(txn, &t.transfer_id, t.received_at, "transfer")? {
             return Ok(());
         }
-        let moved: Profile = serde_json::from_str(&t.state)?;
+        let Moved {
+            profile: moved,
+            history,
+            revive,
+        } = serde_json::from_str(&t.state)?;
         let cause = Cause {
             id: &t.transfer_id,
             event_time: moved.last_seen.max(0),
             received_at: t.received_at,
         };
+        if revive {
+            // A split brings a merged-away profile back.
+            txn.delete(redirect_key(&t.survivor));
+        }
         let live = live_id(|k| txn.get(k), &t.survivor)?;
         if live != t.survivor {
-            out.push(self.transfer(&live, &moved, &cause)?);
+            out.push(self.transfer(&live, &moved, history, false, &cause)?);
             return Ok(());
         }
         self.update(txn, &live, &cause, out, |p| {
             p.absorb(&moved, self.recent_limit)
-        })
+        })?;
+        self.log_events(txn, &live, &history)
     }
 }
 
@@ -421,6 +697,8 @@ impl Processor for ProfilesProcessor {
             ResolvedEvent::from_avro(bytes).map(|r| self.on_event(r, txn, out))
         } else if msg.topic == self.topics.merges() {
             ProfileMerge::from_avro(bytes).map(|m| self.on_merge(m, txn, out))
+        } else if msg.topic == self.topics.splits() {
+            ProfileSplit::from_avro(bytes).map(|s| self.on_split(s, txn, out))
         } else if msg.topic == self.topics.transfers() {
             ProfileTransfer::from_avro(bytes).map(|t| self.on_transfer(t, txn, out))
         } else {
@@ -474,6 +752,7 @@ mod tests {
             topics: Topics::new(&cfg.topics),
             segments: Arc::new(vec![buyers]),
             recent_limit: 10,
+            history_limit: 100,
             dedup_window_ms: 1000,
             metrics: ProfilesMetrics::new(&Admin::new()),
             store_for_size: None,
@@ -609,5 +888,94 @@ mod tests {
         // Replaying the transfer changes nothing.
         assert!(step(&mut p, &s, &transfer).is_empty());
         assert_eq!(load(&s, "known").unwrap().events_total, 2);
+    }
+
+    #[test]
+    fn a_split_re_derives_each_profile_from_its_own_events() {
+        let mut p = processor();
+        let s = MemStore::default();
+        step(&mut p, &s, &resolved("p", "m1", "Page Viewed"));
+        step(&mut p, &s, &resolved("p", "m2", "Page Viewed"));
+        // An event of another person, wrongly merged in: an order and a crm id.
+        let mut wrong = ResolvedEvent::from_avro(
+            resolved("p", "m3", "Order Completed")
+                .payload
+                .as_ref()
+                .unwrap(),
+        )
+        .unwrap();
+        let crm = Identifier {
+            kind: "crm_id".into(),
+            value: "c-1".into(),
+        };
+        wrong.identifiers = vec![crm.clone()];
+        let msg = Message {
+            payload: Some(wrong.to_avro().unwrap()),
+            ..resolved("p", "m3", "x")
+        };
+        let out = step(&mut p, &s, &msg);
+        assert_eq!(
+            MembershipChange::from_avro(&out[0].payload).unwrap().change,
+            "enter"
+        );
+        assert_eq!(load(&s, "p").unwrap().events_total, 3);
+        let split = ProfileSplit {
+            split_id: "sp".into(),
+            profile_id: "p".into(),
+            assignments: vec![
+                tessera_common::records::Assignment {
+                    kind: "anonymous_id".into(),
+                    value: "anon-p".into(),
+                    profile_id: "p".into(),
+                },
+                tessera_common::records::Assignment {
+                    kind: "crm_id".into(),
+                    value: "c-1".into(),
+                    profile_id: "q".into(),
+                },
+            ],
+            cause: "cmd".into(),
+            event_time: 300,
+            received_at: 300,
+        };
+        let sm = Message {
+            topic: "tessera.identity.splits".into(),
+            payload: Some(split.to_avro().unwrap()),
+            ..resolved("p", "-", "x")
+        };
+        let out = step(&mut p, &s, &sm);
+        let kept = load(&s, "p").unwrap();
+        assert_eq!(kept.events_total, 2, "the wrong event left");
+        assert!(!kept.event_counts.contains_key("Order Completed"));
+        assert!(!kept.identifiers.contains(&crm));
+        let exit = out
+            .iter()
+            .find(|o| o.topic == "tessera.segments.membership")
+            .expect("an exit");
+        assert_eq!(
+            MembershipChange::from_avro(&exit.payload).unwrap().change,
+            "exit"
+        );
+        let transfer = out
+            .iter()
+            .find(|o| o.topic == "tessera.profiles.transfers")
+            .expect("a transfer to q");
+        let tm = Message {
+            topic: "tessera.profiles.transfers".into(),
+            payload: Some(transfer.payload.clone()),
+            ..resolved("q", "-", "x")
+        };
+        let out = step(&mut p, &s, &tm);
+        let q = load(&s, "q").unwrap();
+        assert_eq!(q.events_total, 1);
+        assert!(q.identifiers.contains(&crm));
+        assert_eq!(
+            MembershipChange::from_avro(&out[0].payload).unwrap().change,
+            "enter"
+        );
+        assert_eq!(
+            s.get(&index_key("crm_id", "c-1")).unwrap(),
+            Some(b"q".to_vec())
+        );
     }
 }
