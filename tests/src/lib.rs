@@ -9,6 +9,9 @@
 //! - [`ServiceProcess`] and [`start_processes`]: the services as real child processes
 //!   (for SIGKILL, rebuild and recovery tests).
 //! - [`read_topic`], [`eventually`], HTTP helpers.
+//! - [`synth`]: a synthetic customer base with ground truth (identity quality figures).
+
+pub mod synth;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -127,6 +127,7 @@ async fn by_id(State(st): State<ApiState>, Path(id): Path<String>) -> Response {
 }
 
 /// An identifier from `type` and `value`, normalised by the rules.
+#[allow(clippy::result_large_err)] // the error is the response itself
 fn identifier(
     rules: &Rules,
     kind: Option<&str>,
@@ -214,6 +215,7 @@ async fn send(st: &ApiState, cmd: IdentityCommand) -> Response {
     }
 }
 
+#[allow(clippy::result_large_err)] // the error is the response itself
 fn body(b: Result<axum::Json<Value>, JsonRejection>) -> Result<Value, Response> {
     match b {
         Ok(axum::Json(v)) if v.is_object() => Ok(v),

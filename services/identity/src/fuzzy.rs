@@ -93,12 +93,35 @@ pub fn blocking_values(f: &Fuzzy, fields: &BTreeMap<String, String>) -> Vec<Stri
         .collect()
 }
 
-fn agrees(c: &Criterion, a: &str, b: &str) -> bool {
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Level {
+    Agree,
+    /// Between `partial` and `min` (Jaro–Winkler): neither evidence for nor against.
+    Partial,
+    Disagree,
+}
+
+fn level(c: &Criterion, a: &str, b: &str) -> Level {
     match c.method {
-        Method::Exact => a == b,
-        Method::JaroWinkler => strsim::jaro_winkler(a, b) >= c.min.unwrap_or(1.0),
-        Method::Levenshtein => strsim::levenshtein(a, b) <= c.max.unwrap_or(0),
+        Method::Exact if a == b => Level::Agree,
+        Method::Exact => Level::Disagree,
+        Method::JaroWinkler => {
+            let sim = strsim::jaro_winkler(a, b);
+            if sim >= c.min.unwrap_or(1.0) {
+                Level::Agree
+            } else if c.partial.is_some_and(|p| sim >= p) {
+                Level::Partial
+            } else {
+                Level::Disagree
+            }
+        }
+        Method::Levenshtein if strsim::levenshtein(a, b) <= c.max.unwrap_or(0) => Level::Agree,
+        Method::Levenshtein => Level::Disagree,
     }
+}
+
+fn agrees(c: &Criterion, a: &str, b: &str) -> bool {
+    level(c, a, b) == Level::Agree
 }
 
 /// Whether two records match, and by which rule (or "score"), with the score.
@@ -123,7 +146,7 @@ pub fn compare(
     let s = f.score.as_ref()?;
     let vetoed = s.required.iter().any(|r| {
         let c = s.fields.iter().find(|c| &c.field == r).expect("validated");
-        matches!((a.get(r), b.get(r)), (Some(x), Some(y)) if !agrees(c, x, y))
+        matches!((a.get(r), b.get(r)), (Some(x), Some(y)) if level(c, x, y) == Level::Disagree)
     });
     let score = score?;
     (!vetoed && score >= s.threshold).then(|| ("score".to_string(), score))
@@ -138,10 +161,10 @@ pub fn score(f: &Fuzzy, a: &BTreeMap<String, String>, b: &BTreeMap<String, Strin
             continue;
         };
         if let (Some(x), Some(y)) = (a.get(&c.field), b.get(&c.field)) {
-            total += if agrees(c, x, y) {
-                (m / u).log2()
-            } else {
-                ((1.0 - m) / (1.0 - u)).log2()
+            total += match level(c, x, y) {
+                Level::Agree => (m / u).log2(),
+                Level::Partial => 0.0,
+                Level::Disagree => ((1.0 - m) / (1.0 - u)).log2(),
             };
         }
     }

@@ -11,8 +11,10 @@
 //!   lowest-priority identifier is dropped and the rest retried (Segment's rule); a
 //!   dropped identifier stays where it is (or alone);
 //! - a detached identifier never links to anything;
-//! - a profile's id comes from its **anchor**: the identifier seen first (then by
-//!   priority, then by value). When profiles merge, the older one survives.
+//! - a profile's id comes from its **anchor**: its highest-priority identifier (the
+//!   first seen of them, then the smallest). When profiles merge, the one with the
+//!   higher-priority identifier survives (a known user's), then the older one; a
+//!   known person's profile id follows from their user id.
 //!
 //! In the usual case an event is newer than everything in the profiles it touches, and
 //! applying its fact to those profiles is the same as recomputing: that is the fast path.
@@ -111,8 +113,8 @@ pub struct Seen {
 pub struct Node {
     pub id: String,
     pub anchor: Identifier,
-    /// The anchor's sort key: first seen, priority.
-    pub anchor_order: (i64, String, usize),
+    /// The anchor's sort key: priority, first seen.
+    pub anchor_order: (usize, i64, String),
     /// In priority order.
     pub identifiers: Vec<Identifier>,
     /// The latest fact that touched this profile.
@@ -253,7 +255,7 @@ struct Clusters {
 struct Cluster {
     alive: bool,
     ids: BTreeSet<(usize, Identifier)>,
-    anchor: ((i64, String, usize), Identifier),
+    anchor: ((usize, i64, String), Identifier),
     max_order: Option<Order>,
     separations: BTreeSet<String>,
     detached: bool,
@@ -280,7 +282,7 @@ impl Clusters {
         self.sets.push(Cluster {
             alive: true,
             ids: BTreeSet::from([(prio, i.clone())]),
-            anchor: ((first.0, first.1, prio), i.clone()),
+            anchor: ((prio, first.0, first.1), i.clone()),
             max_order: None,
             separations,
             detached: ctx.detached.contains(i),
@@ -408,7 +410,7 @@ impl Clusters {
             .collect()
     }
 
-    fn from_node(&mut self, ctx: &Context<'_>, n: &Node) {
+    fn add_node(&mut self, ctx: &Context<'_>, n: &Node) {
         let idx = self.sets.len();
         self.sets.push(Cluster {
             alive: true,
@@ -449,10 +451,10 @@ impl<'r> Graph<'r> {
             return Ok(Changes::default());
         }
         let stored: Option<Fact> = txn.get_json(&fact_key(&fact.key))?;
-        if let Some(old) = &stored {
-            if old.order <= fact.order {
-                return Ok(Changes::default()); // already applied
-            }
+        if let Some(old) = &stored
+            && old.order <= fact.order
+        {
+            return Ok(Changes::default()); // already applied
         }
         fact.order.key = fact.key.clone();
         txn.put_json(fact_key(&fact.key), &fact)?;
@@ -535,7 +537,7 @@ impl<'r> Graph<'r> {
         };
         let mut clusters = Clusters::default();
         for n in &nodes {
-            clusters.from_node(&ctx, n);
+            clusters.add_node(&ctx, n);
         }
         let first = |_: &Identifier| (fact.order.t, fact.order.msg.clone());
         clusters.step(&ctx, fact, &first);
@@ -855,19 +857,19 @@ mod tests {
     }
 
     #[test]
-    fn anonymous_then_known_merges_into_the_older_profile() {
+    fn anonymous_then_known_merges_into_the_known_profile() {
         let r = rules();
         let s = MemStore::default();
         let anon = id("anonymous_id", "a1");
         let user = id("user_id", "u1");
-        let c = add(&s, &r, &[anon.clone()], 1, "m1");
+        let c = add(&s, &r, std::slice::from_ref(&anon), 1, "m1");
         assert_eq!(c.created, 1);
-        add(&s, &r, &[user.clone()], 2, "m2");
+        add(&s, &r, std::slice::from_ref(&user), 2, "m2");
         assert_ne!(profile(&s, &anon), profile(&s, &user));
-        let before = profile(&s, &anon);
+        let before = profile(&s, &user);
         let c = add(&s, &r, &[user.clone(), anon.clone()], 3, "m3");
         assert_eq!(c.merges.len(), 1);
-        assert_eq!(c.merges[0].survivor, before, "the older profile survives");
+        assert_eq!(c.merges[0].survivor, before, "the known profile survives");
         assert_eq!(profile(&s, &user), before);
         assert_eq!(
             live_profile(&Txn::new(&s), &c.merges[0].merged).unwrap(),
@@ -939,8 +941,8 @@ mod tests {
         let s = MemStore::default();
         let a = id("email", "shared@family.org");
         let b = id("crm_id", "c-1");
-        add(&s, &r, &[a.clone()], 1, "m1");
-        add(&s, &r, &[b.clone()], 2, "m2");
+        add(&s, &r, std::slice::from_ref(&a), 1, "m1");
+        add(&s, &r, std::slice::from_ref(&b), 2, "m2");
         let c = add(&s, &r, &[a.clone(), b.clone()], 3, "m3");
         let merge_id = c.merges[0].merge_id.clone();
         let g = Graph::new(&r);

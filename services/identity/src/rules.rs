@@ -91,6 +91,10 @@ pub struct Criterion {
     /// levenshtein: the most edits that agree.
     #[serde(default)]
     pub max: Option<usize>,
+    /// jaro_winkler, score only: from this similarity up to `min` the field is a partial
+    /// agreement: it adds nothing and does not veto (a typo in a short name).
+    #[serde(default)]
+    pub partial: Option<f64>,
     /// Score only: P(agree | same person) and P(agree | different people).
     #[serde(default)]
     pub m: Option<f64>,
@@ -320,8 +324,12 @@ fn validate_fuzzy(f: FuzzyFile) -> std::result::Result<Fuzzy, String> {
     let check = |c: &Criterion, at: &str, scored: bool| -> std::result::Result<(), String> {
         known(&c.field, at)?;
         match c.method {
-            Method::JaroWinkler => match c.min {
-                Some(t) if (0.0..=1.0).contains(&t) => {}
+            Method::JaroWinkler => match (c.min, c.partial) {
+                (Some(t), None) if (0.0..=1.0).contains(&t) => {}
+                (Some(t), Some(p)) if (0.0..=1.0).contains(&t) && (0.0..t).contains(&p) => {}
+                (Some(_), Some(_)) => {
+                    return Err(format!("{at}: partial must be between 0 and min"));
+                }
                 _ => return Err(format!("{at}: jaro_winkler needs min between 0 and 1")),
             },
             Method::Levenshtein if c.max.is_none() => {

@@ -203,7 +203,7 @@ fn two_known_people_never_share_a_profile_whatever_links_them() {
 #[test]
 fn a_crm_record_and_a_shop_record_of_one_person_merge_by_rule() {
     let rules = rules();
-    let events = vec![
+    let events = [
         event(
             "c1",
             1,

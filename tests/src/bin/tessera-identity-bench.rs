@@ -1,0 +1,331 @@
+//! Identity quality and speed, in process (state in RocksDB, no Kafka).
+//!
+//! `quality`: generates a synthetic customer base with ground truth (see
+//! `tessera_tests::synth`), resolves its events (a share of them delayed, so late
+//! events recompute), and prints profiles vs people and pairwise precision, recall and F1.
+//!
+//! `speed`: fills the graph to at least `--identifiers` identifiers, then resolves
+//! deterministic events (known people on new and old devices) and prints per-event
+//! latency p50/p99 and throughput on one thread; then the cost of fuzzy scoring.
+
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+
+use tessera_common::records::{Identifier, IngestedEvent};
+use tessera_common::store::{RocksStore, Store, Txn};
+use tessera_identity::rules::Rules;
+use tessera_identity::{graph, resolve_event};
+use tessera_tests::synth;
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    Quality {
+        #[arg(long, default_value_t = 20_000)]
+        people: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Share of events delivered late (out of order).
+        #[arg(long, default_value_t = 0.05)]
+        late: f64,
+        /// Print examples of wrong merges and of people split over profiles.
+        #[arg(long)]
+        explain: bool,
+    },
+    Speed {
+        #[arg(long, default_value_t = 1_000_000)]
+        identifiers: usize,
+        #[arg(long, default_value_t = 200_000)]
+        events: usize,
+    },
+}
+
+fn ingested(msg: &str, kind: &str, t: i64, message: &Value) -> IngestedEvent {
+    IngestedEvent {
+        message_id: msg.to_string(),
+        source: "bench".into(),
+        kind: kind.to_string(),
+        user_id: message["userId"].as_str().map(Into::into),
+        anonymous_id: message["anonymousId"].as_str().map(Into::into),
+        event: message["event"].as_str().map(Into::into),
+        received_at: t,
+        event_time: t,
+        payload: message.to_string(),
+    }
+}
+
+/// Resolves events, committing a batch every `batch` events like the runner does.
+fn resolve_all(
+    rules: &Rules,
+    store: &RocksStore,
+    events: impl Iterator<Item = (IngestedEvent, Value)>,
+    batch: usize,
+    mut observe: impl FnMut(u64),
+) -> (usize, usize) {
+    let mut txn = Txn::new(store);
+    let (mut n, mut recomputed) = (0, 0);
+    for (e, payload) in events {
+        let started = Instant::now();
+        let r = resolve_event(rules, &mut txn, &e, &payload).expect("resolves");
+        observe(started.elapsed().as_nanos() as u64);
+        recomputed += r.changes.recomputed;
+        n += 1;
+        if n % batch == 0 {
+            store
+                .write(std::mem::replace(&mut txn, Txn::new(store)).into_batch())
+                .expect("commit");
+        }
+    }
+    store.write(txn.into_batch()).expect("commit");
+    (n, recomputed)
+}
+
+fn main() {
+    let args = Args::parse();
+    let rules = Rules::parse(tessera_identity::rules::DEFAULT_RULES, "embedded").expect("rules");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = RocksStore::open(dir.path()).expect("rocksdb");
+    match args.mode {
+        Mode::Quality {
+            people,
+            seed,
+            late,
+            explain,
+        } => {
+            let world = synth::generate(people, seed);
+            let mut events = world.events.clone();
+            // Deliver a share of events late: each moves a random distance later.
+            let mut x = seed | 1;
+            let mut rnd = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            let n = events.len();
+            for i in 0..n {
+                if (rnd() % 10_000) as f64 / 10_000.0 < late {
+                    let to = (i + (rnd() as usize % 500)).min(n - 1);
+                    events.swap(i, to);
+                }
+            }
+            let started = Instant::now();
+            let (count, recomputed) = resolve_all(
+                &rules,
+                &store,
+                events.iter().map(|e| {
+                    (
+                        ingested(&e.message_id, e.kind, e.event_time, &e.message),
+                        e.message.clone(),
+                    )
+                }),
+                500,
+                |_| {},
+            );
+            let took = started.elapsed();
+            let txn = Txn::new(&store);
+            let assigned: Vec<(usize, String)> = world
+                .truth
+                .iter()
+                .map(|((kind, value), person)| {
+                    let i = Identifier {
+                        kind: kind.clone(),
+                        value: rules.normalise(kind, value).unwrap_or(value.clone()),
+                    };
+                    let p = graph::lookup(&txn, &i)
+                        .expect("lookup")
+                        .unwrap_or_else(|| format!("missing:{kind}:{value}"));
+                    (*person, p)
+                })
+                .collect();
+            let q = synth::quality(&assigned);
+            if explain {
+                // Profiles holding several people, and people split over profiles.
+                type Members<'a> = Vec<(usize, &'a (String, String))>;
+                let mut by_profile: std::collections::BTreeMap<&str, Members<'_>> =
+                    Default::default();
+                type Parts<'a> = Vec<(&'a str, &'a (String, String))>;
+                let mut by_person: std::collections::BTreeMap<usize, Parts<'_>> =
+                    Default::default();
+                for ((id, person), (_, p)) in world.truth.iter().zip(&assigned) {
+                    by_profile
+                        .entry(p.as_str())
+                        .or_default()
+                        .push((*person, id));
+                    by_person.entry(*person).or_default().push((p.as_str(), id));
+                }
+                let wrong = by_profile
+                    .iter()
+                    .filter(|(_, m)| m.iter().any(|x| x.0 != m[0].0));
+                for (p, members) in wrong.take(6) {
+                    println!("  wrong merge in {p}: {members:?}");
+                }
+                let split = by_person
+                    .iter()
+                    .filter(|(_, parts)| parts.iter().any(|x| x.0 != parts[0].0));
+                for (person, parts) in split.take(6) {
+                    println!("  person {person} split: {parts:?}");
+                    for e in world.events.iter().filter(|e| {
+                        let a = e.message["anonymousId"].as_str().unwrap_or("");
+                        a == format!("crm-import-{person}") || a == format!("shop-{person}")
+                    }) {
+                        println!("    {}", e.message["traits"]);
+                    }
+                }
+            }
+            println!(
+                "identity quality: {people} people (seed {seed}), {count} events, {:.0}% delivered late",
+                late * 100.0
+            );
+            println!(
+                "  identifiers {}  true people {}  profiles {}",
+                q.identifiers, q.people, q.profiles
+            );
+            println!(
+                "  pairwise precision {:.5}  recall {:.5}  F1 {:.5}",
+                q.precision, q.recall, q.f1
+            );
+            println!(
+                "  recomputations {recomputed}  time {:.2} s ({:.0} events/s)",
+                took.as_secs_f64(),
+                count as f64 / took.as_secs_f64()
+            );
+        }
+        Mode::Speed {
+            identifiers,
+            events,
+        } => {
+            // Fill: people with a user id, an email and two devices (4 identifiers each).
+            let people = identifiers.div_ceil(4);
+            let t0: i64 = 1_700_000_000_000;
+            let fill = (0..people).flat_map(|p| {
+                let t = t0 + p as i64 * 10;
+                [
+                    json!({"type": "track", "anonymousId": format!("a{p}-0"), "event": "Page Viewed"}),
+                    json!({"type": "identify", "userId": format!("u{p}"), "anonymousId": format!("a{p}-0"), "traits": {"email": format!("p{p}@mail.test")}}),
+                    json!({"type": "track", "userId": format!("u{p}"), "anonymousId": format!("a{p}-1"), "event": "Page Viewed"}),
+                ]
+                .into_iter()
+                .enumerate()
+                .map(move |(k, m)| {
+                    let kind = if k == 1 { "identify" } else { "track" };
+                    (ingested(&format!("f{p}-{k}"), kind, t + k as i64, &m), m)
+                })
+            });
+            let started = Instant::now();
+            let (filled, _) = resolve_all(&rules, &store, fill, 1000, |_| {});
+            println!(
+                "identity speed: graph filled with {} identifiers ({people} people) from {filled} events in {:.1} s",
+                people * 4,
+                started.elapsed().as_secs_f64()
+            );
+            // Measured: known people browsing (user id + known or new device), anonymous
+            // visitors, logins of new visitors: a realistic deterministic mix.
+            let later = t0 + people as i64 * 10 + 1;
+            let mix = (0..events).map(|n| {
+                let p = (n * 7919) % people;
+                let m = match n % 4 {
+                    0 => json!({"type": "track", "userId": format!("u{p}"), "anonymousId": format!("a{p}-0"), "event": "Order Completed"}),
+                    1 => json!({"type": "track", "anonymousId": format!("new{n}"), "event": "Page Viewed"}),
+                    2 => json!({"type": "identify", "userId": format!("u{p}"), "anonymousId": format!("new{}", n - 1)}),
+                    _ => json!({"type": "track", "anonymousId": format!("a{p}-1"), "event": "Page Viewed"}),
+                };
+                let kind = if n % 4 == 2 { "identify" } else { "track" };
+                (ingested(&format!("e{n}"), kind, later + n as i64, &m), m)
+            });
+            let mut h = Histogram::<u64>::new(3).unwrap();
+            let started = Instant::now();
+            let (count, _) = resolve_all(&rules, &store, mix, 500, |ns| {
+                h.record(ns.max(1)).unwrap();
+            });
+            let took = started.elapsed();
+            println!(
+                "  deterministic events: {count} in {:.2} s = {:.0} events/s on one thread; per event p50 {:.1} us  p99 {:.1} us  max {:.1} us (batch commits included in throughput only)",
+                took.as_secs_f64(),
+                count as f64 / took.as_secs_f64(),
+                h.value_at_quantile(0.5) as f64 / 1000.0,
+                h.value_at_quantile(0.99) as f64 / 1000.0,
+                h.max() as f64 / 1000.0
+            );
+            // Fuzzy: CRM-like records sharing surnames and postcodes, so blocks fill up.
+            let f = rules.fuzzy.as_ref().expect("fuzzy rules");
+            let world = synth::generate(20_000, 3);
+            let records: Vec<(IngestedEvent, Value)> = world
+                .events
+                .iter()
+                .filter(|e| {
+                    e.message["traits"].get("firstName").is_some()
+                        || e.message["traits"].get("first_name").is_some()
+                })
+                .map(|e| {
+                    (
+                        ingested(
+                            &e.message_id,
+                            e.kind,
+                            later + events as i64 + e.event_time - 1_700_000_000_000,
+                            &e.message,
+                        ),
+                        e.message.clone(),
+                    )
+                })
+                .collect();
+            let mut h = Histogram::<u64>::new(3).unwrap();
+            let mut compared = 0usize;
+            let started = Instant::now();
+            let mut txn = Txn::new(&store);
+            for (e, payload) in &records {
+                let s = Instant::now();
+                let r = resolve_event(&rules, &mut txn, e, payload).expect("resolves");
+                h.record((s.elapsed().as_nanos() as u64).max(1)).unwrap();
+                compared += r.fuzzy_compared;
+            }
+            store.write(txn.into_batch()).expect("commit");
+            let took = started.elapsed();
+            let a: std::collections::BTreeMap<String, String> = [
+                ("first_name", "katherine"),
+                ("last_name", "johnson"),
+                ("birthday", "1981-04-12"),
+                ("street", "12 oak st"),
+                ("postcode", "90210"),
+                ("city", "springfield"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+            let mut b = a.clone();
+            b.insert("first_name".into(), "katharine".into());
+            let n = 200_000;
+            let s = Instant::now();
+            let mut matched = 0;
+            for _ in 0..n {
+                matched += usize::from(
+                    tessera_identity::fuzzy::compare(
+                        f,
+                        std::hint::black_box(&a),
+                        std::hint::black_box(&b),
+                    )
+                    .is_some(),
+                );
+            }
+            let per_pair = s.elapsed().as_nanos() as f64 / n as f64;
+            println!(
+                "  fuzzy records: {} in {:.2} s; {:.1} candidates scored per record; per record p50 {:.1} us  p99 {:.1} us; one pair scored in {:.0} ns ({matched} matched)",
+                records.len(),
+                took.as_secs_f64(),
+                compared as f64 / records.len() as f64,
+                h.value_at_quantile(0.5) as f64 / 1000.0,
+                h.value_at_quantile(0.99) as f64 / 1000.0,
+                per_pair
+            );
+            println!("  state on disk: {} MiB", store.size_bytes() / (1 << 20));
+        }
+    }
+}
