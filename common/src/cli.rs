@@ -26,9 +26,21 @@ where
     F: FnOnce(Config, CancellationToken) -> Fut,
     Fut: Future<Output = crate::Result<()>>,
 {
+    service_main_checked(name, |_| Ok(()), run)
+}
+
+/// [`service_main`] with a service's own validation of what the configuration points at
+/// (e.g. identity's rules file), run by `--check-config` and before starting.
+pub fn service_main_checked<C, F, Fut>(name: &str, check: C, run: F) -> anyhow::Result<()>
+where
+    C: FnOnce(&Config) -> crate::Result<()>,
+    F: FnOnce(Config, CancellationToken) -> Fut,
+    Fut: Future<Output = crate::Result<()>>,
+{
     let args = Args::parse();
     crate::telemetry::init();
     let config = Config::load(args.config.as_deref())?;
+    check(&config)?;
     if args.check_config {
         println!("{name}: configuration is valid\n{}", toml_summary(&config));
         return Ok(());

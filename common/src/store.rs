@@ -56,6 +56,15 @@ impl RocksStore {
         opts.create_if_missing(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         opts.increase_parallelism(2);
+        // Most reads are point lookups, many of keys that do not exist (a new
+        // identifier, a first-seen message id): bloom filters answer those without
+        // reading blocks; a larger block cache keeps the hot graph in memory.
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        table.set_block_cache(&rocksdb::Cache::new_lru_cache(256 << 20));
+        opts.set_block_based_table_factory(&table);
         let db = rocksdb::DB::open(&opts, path)?;
         Ok(RocksStore { db })
     }

@@ -110,3 +110,26 @@ def test_a_broken_value_is_refused_by_the_services(tmp_path):
     )
     assert out.returncode != 0
     assert "partitions" in out.stderr
+
+
+def test_identity_rules_from_values_reach_identity_and_are_checked(tmp_path):
+    rules = (pathlib.Path(__file__).parents[2] / "services/identity/rules.toml").read_text()
+    custom = rules.replace('phone_default_region = "US"', 'phone_default_region = "GB"')
+    docs = render({"identityRules": custom})
+    cm = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-definitions")][0]
+    assert 'phone_default_region = "GB"' in cm["data"]["identity-rules.toml"]
+    toml_text = by_kind(docs, "Secret")[0]["stringData"]["tessera.toml"]
+    assert 'rules_file = "/etc/tessera/definitions/identity-rules.toml"' in toml_text
+    bin_dir = pathlib.Path(os.environ["TESSERA_BIN_DIR"])
+    for text, ok in [(custom, True), (custom.replace("limit = 1\n", "limit = 0\n", 1), False)]:
+        rules_file = tmp_path / "identity-rules.toml"
+        rules_file.write_text(text)
+        config = tmp_path / "tessera.toml"
+        config.write_text(toml_text.replace("/etc/tessera/definitions/identity-rules.toml", str(rules_file)))
+        out = subprocess.run(
+            [bin_dir / "tessera-identity", "--config", config, "--check-config"],
+            capture_output=True, text=True, env={"PATH": os.environ["PATH"]},
+        )
+        assert (out.returncode == 0) == ok, out.stderr
+        if not ok:
+            assert "limit must be at least 1" in out.stderr
