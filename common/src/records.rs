@@ -124,6 +124,10 @@ pub struct IdentityCommand {
     pub command_id: String,
     pub action: String,
     pub merge_id: Option<String>,
+    #[serde(default)]
+    pub survivor_identifiers: Vec<Identifier>,
+    #[serde(default)]
+    pub merged_identifiers: Vec<Identifier>,
     pub kind: Option<String>,
     pub value: Option<String>,
     pub reason: Option<String>,
@@ -287,6 +291,11 @@ mod tests {
             command_id: "c".into(),
             action: "unmerge".into(),
             merge_id: Some("m".into()),
+            survivor_identifiers: vec![Identifier {
+                kind: "crm_id".into(),
+                value: "c".into(),
+            }],
+            merged_identifiers: vec![],
             kind: None,
             value: None,
             reason: Some("wrong merge".into()),

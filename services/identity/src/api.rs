@@ -237,6 +237,8 @@ fn command(action: &str, reason: Option<&str>) -> IdentityCommand {
         command_id: uuid::Uuid::new_v4().to_string(),
         action: action.into(),
         merge_id: None,
+        survivor_identifiers: Vec::new(),
+        merged_identifiers: Vec::new(),
         kind: None,
         value: None,
         reason: reason.map(Into::into),
@@ -270,9 +272,11 @@ async fn unmerge(
             "already_undone",
             "this merge was already undone",
         ),
-        Ok(Ok(Some(_))) => {
+        Ok(Ok(Some(m))) => {
             let mut cmd = command("unmerge", v["reason"].as_str());
             cmd.merge_id = Some(merge_id);
+            cmd.survivor_identifiers = m.survivor_identifiers;
+            cmd.merged_identifiers = m.merged_identifiers;
             send(&st, cmd).await
         }
         Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "not_found", "no such merge"),

@@ -788,24 +788,34 @@ impl<'r> Graph<'r> {
     }
 
     /// Undoes a merge: from now on no profile holds identifiers of both sides, and the
-    /// part of the graph around them is recomputed.
+    /// part of the graph around them is recomputed. The sides come with the command
+    /// (so a replay that reads the command before the events works the same), else from
+    /// the stored merge. `None` when neither knows them.
     pub fn unmerge(
         &self,
         txn: &mut Txn<'_>,
         merge_id: &str,
+        sides: (&[Identifier], &[Identifier]),
         at: (i64, &str),
     ) -> Result<Option<Changes>> {
-        let Some(mut info) = txn.get_json::<MergeInfo>(&merge_info_key(merge_id))? else {
-            return Ok(None);
+        let info = txn.get_json::<MergeInfo>(&merge_info_key(merge_id))?;
+        let (left, right) = match (&info, sides) {
+            (_, (l, r)) if !l.is_empty() && !r.is_empty() => (l.to_vec(), r.to_vec()),
+            (Some(i), _) => (i.survivor_identifiers.clone(), i.merged_identifiers.clone()),
+            (None, _) => return Ok(None),
         };
-        if info.undone {
-            return Ok(Some(Changes::default()));
+        if let Some(mut i) = info {
+            i.undone = true;
+            txn.put_json(merge_info_key(merge_id), &i)?;
         }
         let sep = Separation {
             id: deterministic_id("separation", &[merge_id]),
-            left: info.survivor_identifiers.clone(),
-            right: info.merged_identifiers.clone(),
+            left,
+            right,
         };
+        if txn.get(&sep_key(&sep.id))?.is_some() {
+            return Ok(Some(Changes::default()));
+        }
         for i in sep.left.iter().chain(&sep.right) {
             txn.put(
                 format!("{}{}", sepidx_prefix(i), sep.id).into_bytes(),
@@ -813,8 +823,6 @@ impl<'r> Graph<'r> {
             );
         }
         txn.put_json(sep_key(&sep.id), &sep)?;
-        info.undone = true;
-        txn.put_json(merge_info_key(merge_id), &info)?;
         let start: Vec<Identifier> = sep.left.iter().chain(&sep.right).cloned().collect();
         let cause = Fact::new(self.rules, &[], at.0, at.1, "unmerge", None);
         Ok(Some(self.recompute(txn, &start, &cause)?))
@@ -947,13 +955,37 @@ mod tests {
         let merge_id = c.merges[0].merge_id.clone();
         let g = Graph::new(&r);
         let mut txn = Txn::new(&s);
-        let c = g.unmerge(&mut txn, &merge_id, (4, "cmd")).unwrap().unwrap();
+        let c = g
+            .unmerge(&mut txn, &merge_id, (&[], &[]), (4, "cmd"))
+            .unwrap()
+            .unwrap();
         s.write(txn.into_batch()).unwrap();
         assert_eq!(c.splits.len(), 1);
         assert_ne!(profile(&s, &a), profile(&s, &b));
         // The linking event again, or a new one, does not join them.
         add(&s, &r, &[a.clone(), b.clone()], 5, "m5");
         assert_ne!(profile(&s, &a), profile(&s, &b));
+
+        // A replay that reads the command before the events: the separation holds from
+        // the start and the graph ends the same.
+        let replay = MemStore::default();
+        let mut txn = Txn::new(&replay);
+        let c = g
+            .unmerge(
+                &mut txn,
+                &merge_id,
+                (std::slice::from_ref(&a), std::slice::from_ref(&b)),
+                (4, "cmd"),
+            )
+            .unwrap();
+        assert!(c.is_some());
+        replay.write(txn.into_batch()).unwrap();
+        add(&replay, &r, std::slice::from_ref(&a), 1, "m1");
+        add(&replay, &r, std::slice::from_ref(&b), 2, "m2");
+        add(&replay, &r, &[a.clone(), b.clone()], 3, "m3");
+        add(&replay, &r, &[a.clone(), b.clone()], 5, "m5");
+        assert_eq!(profile(&replay, &a), profile(&s, &a));
+        assert_eq!(profile(&replay, &b), profile(&s, &b));
     }
 
     #[test]

@@ -376,7 +376,12 @@ impl IdentityProcessor {
         let g = Graph::new(&self.rules);
         let at = (cmd.requested_at, cmd.command_id.as_str());
         let changes = match (cmd.action.as_str(), &cmd.merge_id, &cmd.kind, &cmd.value) {
-            ("unmerge", Some(merge_id), _, _) => g.unmerge(txn, merge_id, at)?,
+            ("unmerge", Some(merge_id), _, _) => g.unmerge(
+                txn,
+                merge_id,
+                (&cmd.survivor_identifiers, &cmd.merged_identifiers),
+                at,
+            )?,
             ("detach", _, Some(kind), Some(value)) => Some(g.detach(
                 txn,
                 &Identifier {
