@@ -295,7 +295,12 @@ mod tests {
                 kind: "crm_id".into(),
                 value: "c".into(),
             }],
-            merged_identifiers: vec![],
+            // Both non-empty: a named type used twice must encode (the serializer does not
+            // resolve a reference to a record defined earlier in the schema).
+            merged_identifiers: vec![Identifier {
+                kind: "loyalty_id".into(),
+                value: "l".into(),
+            }],
             kind: None,
             value: None,
             reason: Some("wrong merge".into()),

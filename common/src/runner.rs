@@ -526,6 +526,25 @@ pub async fn run<P: Processor>(
     Ok(())
 }
 
+/// The result of handling a record that may not have decoded: a decoding error sends
+/// the record to the dead-letter topic (with a warning) and returns `Ok(true)`; a
+/// handled record returns the handler's result.
+pub fn handled_or_dead_letter(
+    deadletter_topic: &str,
+    msg: &Message,
+    decoded: Result<Result<()>>,
+    out: &mut Vec<Output>,
+) -> Result<bool> {
+    match decoded {
+        Ok(handled) => handled.map(|()| false),
+        Err(e) => {
+            warn!(topic = %msg.topic, partition = msg.partition, offset = msg.offset, error = %e, "undecodable record, dead-lettered");
+            out.push(dead_letter(deadletter_topic, msg, &e.to_string())?);
+            Ok(true)
+        }
+    }
+}
+
 /// A record a service cannot decode goes to the dead-letter topic with its position
 /// and original bytes, so nothing is silently dropped.
 pub fn dead_letter(topic: &str, msg: &Message, reason: &str) -> Result<Output> {

@@ -243,6 +243,18 @@ pub fn http() -> reqwest::Client {
         .expect("http client")
 }
 
+/// GETs a URL and parses the JSON answer (whatever the status).
+pub async fn get_json(url: &str) -> Value {
+    http()
+        .get(url)
+        .send()
+        .await
+        .expect("the service answers")
+        .json()
+        .await
+        .expect("a JSON answer")
+}
+
 /// A service's `/metrics` page.
 pub async fn metrics_text(base: &str) -> String {
     http()

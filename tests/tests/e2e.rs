@@ -719,6 +719,28 @@ async fn health_readiness_and_metrics_are_served_by_every_service() {
     // the rejection counter has a series).
     let (status, _) = post(&p.ingest, "/v1/track", &json!({"userId": "u"})).await;
     assert_eq!(status, 400);
+    // ... and a placeholder user id, so the blocked-identifier counter has one too.
+    let (status, _) = post(
+        &p.ingest,
+        "/v1/track",
+        &json!({"userId": "undefined", "event": "Page Viewed"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    eventually(
+        "a blocked identifier counted",
+        Duration::from_secs(30),
+        || {
+            let url = p.identity.clone();
+            async move {
+                metrics_text(&url)
+                    .await
+                    .contains("tessera_identity_blocked_identifiers_total{")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
     let mut exposed = String::new();
     for url in [&p.ingest, &p.identity, &p.profiles, &p.activation] {
         exposed.push_str(&metrics_text(url).await);

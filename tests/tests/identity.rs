@@ -140,6 +140,56 @@ async fn limits_and_blocked_values_keep_different_people_apart() {
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"], "unknown_type");
+
+    // Detach: the loyalty id was given to alice by mistake; it leaves her profile and
+    // links to nothing again.
+    let detach = |body: Value| {
+        let url = format!("{}/v1/identity/detach", p.identity);
+        async move { http().post(url).json(&body).send().await.unwrap().status() }
+    };
+    assert_eq!(
+        detach(json!({"type": "loyalty_id", "value": uid("none")})).await,
+        404
+    );
+    assert_eq!(
+        detach(json!({"type": "shoe_size", "value": "9"})).await,
+        400
+    );
+    assert_eq!(
+        detach(json!({"type": "loyalty_id", "value": "L-1"})).await,
+        202
+    );
+    wait_identity(&p, "loyalty_id", "L-1", "the detach", |v| {
+        v["profile_id"] != a["profile_id"] && v["detached"] == true
+    })
+    .await;
+    let loyalty = p
+        .wait_profile("loyalty_id", "L-1", "its own profile", |v| {
+            v["profile_id"] != a["profile_id"]
+        })
+        .await;
+    let alice_now = p
+        .wait_profile("user_id", &alice, "without the loyalty id", |v| {
+            v["identifiers"]
+                .as_array()
+                .is_some_and(|ids| ids.iter().all(|i| i["type"] != "loyalty_id"))
+        })
+        .await;
+    assert_eq!(alice_now["events_total"], 2, "alice keeps her events");
+    assert_eq!(loyalty["events_total"], 0);
+    // Linking it again does nothing.
+    send(
+        &p,
+        "/v1/identify",
+        json!({"userId": alice, "traits": {"loyalty_id": "L-1"}}),
+    )
+    .await;
+    p.wait_profile("user_id", &alice, "the new event", |v| {
+        v["events_total"] == 3
+    })
+    .await;
+    let again = identity_lookup(&p, "loyalty_id", "L-1").await.unwrap();
+    assert_eq!(again["profile_id"], loyalty["profile_id"]);
     p.stop().await;
 }
 
@@ -220,7 +270,8 @@ async fn a_fuzzy_match_merges_crm_and_shop_records_and_an_unmerge_splits_them() 
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 202);
+    let status = r.status();
+    assert_eq!(status, 202, "{}", r.text().await.unwrap());
     let crm_profile = p
         .wait_profile("crm_id", &crm, "the crm profile re-derived", |v| {
             v["events_total"] == 1
@@ -442,18 +493,12 @@ async fn accounts_and_households_group_profiles() {
         .wait_profile("user_id", &u2, "address", |v| v["household"].is_string())
         .await;
     assert_eq!(a["household"], b["household"], "one household");
-    let hh: Value = http()
-        .get(format!(
-            "{}/v1/households/{}",
-            p.profiles,
-            a["household"].as_str().unwrap()
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let hh: Value = get_json(&format!(
+        "{}/v1/households/{}",
+        p.profiles,
+        a["household"].as_str().unwrap()
+    ))
+    .await;
     let mut members: Vec<&str> = hh["members"]
         .as_array()
         .unwrap()
@@ -471,14 +516,7 @@ async fn accounts_and_households_group_profiles() {
         a["profile_id"], b["profile_id"],
         "a household is not a merge"
     );
-    let acct: Value = http()
-        .get(format!("{}/v1/accounts/{acme}", p.profiles))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let acct: Value = get_json(&format!("{}/v1/accounts/{acme}", p.profiles)).await;
     assert_eq!(acct["members"], json!([a["profile_id"]]));
     let r = http()
         .get(format!("{}/v1/accounts/{}", p.profiles, uid("none")))

@@ -112,12 +112,7 @@ impl Processor for ActivationProcessor {
         let change = match MembershipChange::from_avro(msg.payload.as_deref().unwrap_or_default()) {
             Ok(c) => c,
             Err(e) => {
-                warn!(topic = %msg.topic, partition = msg.partition, offset = msg.offset, error = %e, "undecodable record, dead-lettered");
-                out.push(runner::dead_letter(
-                    &self.topics.deadletter(),
-                    msg,
-                    &e.to_string(),
-                )?);
+                runner::handled_or_dead_letter(&self.topics.deadletter(), msg, Err(e), out)?;
                 return Ok(());
             }
         };

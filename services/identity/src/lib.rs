@@ -423,21 +423,12 @@ impl Processor for IdentityProcessor {
         } else {
             Err(Error::Invalid(format!("unexpected topic {}", msg.topic)))
         };
-        match applied {
-            Ok(result) => result,
-            Err(e) => {
-                warn!(topic = %msg.topic, partition = msg.partition, offset = msg.offset, error = %e, "undecodable record, dead-lettered");
-                self.undecodable
-                    .with_label_values(&[msg.topic.as_str()])
-                    .inc();
-                out.push(runner::dead_letter(
-                    &self.topics.deadletter(),
-                    msg,
-                    &e.to_string(),
-                )?);
-                Ok(())
-            }
+        if runner::handled_or_dead_letter(&self.topics.deadletter(), msg, applied, out)? {
+            self.undecodable
+                .with_label_values(&[msg.topic.as_str()])
+                .inc();
         }
+        Ok(())
     }
 }
 

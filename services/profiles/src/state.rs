@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use tessera_common::admin::Admin;
 use tessera_common::ids::deterministic_id;
@@ -704,18 +704,8 @@ impl Processor for ProfilesProcessor {
         } else {
             Err(Error::Invalid(format!("unexpected topic {}", msg.topic)))
         };
-        match decoded {
-            Ok(applied) => applied,
-            Err(e) => {
-                warn!(topic = %msg.topic, partition = msg.partition, offset = msg.offset, error = %e, "undecodable record, dead-lettered");
-                out.push(runner::dead_letter(
-                    &self.topics.deadletter(),
-                    msg,
-                    &e.to_string(),
-                )?);
-                Ok(())
-            }
-        }
+        runner::handled_or_dead_letter(&self.topics.deadletter(), msg, decoded, out)?;
+        Ok(())
     }
 
     /// Forgets de-duplication entries past their window.
