@@ -23,6 +23,12 @@ pub mod topics;
 
 pub use error::{Error, Result};
 
+/// Every Tessera binary allocates with mimalloc: the services allocate many small,
+/// short-lived buffers per record (JSON, keys), and glibc's allocator was a fifth of
+/// identity's time (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Milliseconds since the Unix epoch, the time unit of every record.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()

@@ -65,6 +65,9 @@ impl RocksStore {
         table.set_pin_l0_filter_and_index_blocks_in_cache(true);
         table.set_block_cache(&rocksdb::Cache::new_lru_cache(256 << 20));
         opts.set_block_based_table_factory(&table);
+        // The same for the memtable: a lookup of an absent key skips the skiplist.
+        opts.set_memtable_whole_key_filtering(true);
+        opts.set_memtable_prefix_bloom_ratio(0.05);
         let db = rocksdb::DB::open(&opts, path)?;
         Ok(RocksStore { db })
     }

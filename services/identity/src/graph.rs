@@ -458,12 +458,32 @@ impl<'r> Graph<'r> {
         }
         fact.order.key = fact.key.clone();
         txn.put_json(fact_key(&fact.key), &fact)?;
+        // The profiles the fact touches; the fast path applies when none has seen a
+        // later fact.
+        let mut nodes: Vec<Node> = Vec::new();
+        let mut known: Vec<bool> = Vec::with_capacity(fact.ids.len());
         for i in &fact.ids {
+            let p = lookup(txn, i)?;
+            known.push(p.is_some());
+            if let Some(p) = p
+                && !nodes.iter().any(|n| n.id == p)
+                && let Some(n) = txn.get_json::<Node>(&node_key(&p))?
+            {
+                nodes.push(n);
+            }
+        }
+        let in_order = stored.is_none() && nodes.iter().all(|n| n.max_order <= fact.order);
+        for (i, known) in fact.ids.iter().zip(known) {
             if stored.is_none() {
                 txn.put(
                     format!("{}{}", if_prefix(i), fact.key).into_bytes(),
                     Vec::new(),
                 );
+            }
+            // A known identifier in an in-order fact was seen before (its profile's
+            // facts are all earlier): only new ones, or a late fact, can be first.
+            if known && in_order {
+                continue;
             }
             let earlier = seen(txn, i)?
                 .is_none_or(|s| (fact.order.t, &fact.order.msg) < (s.event_time, &s.message_id));
@@ -478,18 +498,6 @@ impl<'r> Graph<'r> {
                 )?;
             }
         }
-        // The profiles the fact touches; the fast path applies when none has seen a
-        // later fact.
-        let mut nodes: Vec<Node> = Vec::new();
-        for i in &fact.ids {
-            if let Some(p) = lookup(txn, i)?
-                && !nodes.iter().any(|n| n.id == p)
-                && let Some(n) = txn.get_json::<Node>(&node_key(&p))?
-            {
-                nodes.push(n);
-            }
-        }
-        let in_order = stored.is_none() && nodes.iter().all(|n| n.max_order <= fact.order);
         if in_order {
             return self.apply_in_order(txn, &fact, nodes);
         }

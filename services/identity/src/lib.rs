@@ -162,7 +162,9 @@ pub fn resolve_event(
         }
     }
     res.profile_id = graph::lookup(txn, &first)?.unwrap_or_default();
-    for i in ids {
+    let mut rest = ids.into_iter();
+    res.identifiers.extend(rest.next());
+    for i in rest {
         if graph::lookup(txn, &i)?.as_deref() == Some(res.profile_id.as_str()) {
             res.identifiers.push(i);
         }

@@ -72,8 +72,10 @@ fn resolve_all(
 ) -> (usize, usize) {
     let mut txn = Txn::new(store);
     let (mut n, mut recomputed) = (0, 0);
-    for (e, payload) in events {
+    for (e, _) in events {
+        // Timed like the service does it: from the event's JSON payload on.
         let started = Instant::now();
+        let payload: Value = serde_json::from_str(&e.payload).expect("json");
         let r = resolve_event(rules, &mut txn, &e, &payload).expect("resolves");
         observe(started.elapsed().as_nanos() as u64);
         recomputed += r.changes.recomputed;
@@ -241,14 +243,16 @@ fn main() {
                 let kind = if n % 4 == 2 { "identify" } else { "track" };
                 (ingested(&format!("e{n}"), kind, later + n as i64, &m), m)
             });
+            // Generated before the clock starts: the figures are identity's alone.
+            let mix: Vec<(IngestedEvent, Value)> = mix.collect();
             let mut h = Histogram::<u64>::new(3).unwrap();
             let started = Instant::now();
-            let (count, _) = resolve_all(&rules, &store, mix, 500, |ns| {
+            let (count, _) = resolve_all(&rules, &store, mix.into_iter(), 500, |ns| {
                 h.record(ns.max(1)).unwrap();
             });
             let took = started.elapsed();
             println!(
-                "  deterministic events: {count} in {:.2} s = {:.0} events/s on one thread; per event p50 {:.1} us  p99 {:.1} us  max {:.1} us (batch commits included in throughput only)",
+                "  deterministic events: {count} in {:.2} s = {:.0} events/s on one thread; per event (JSON payload to resolution) p50 {:.1} us  p99 {:.1} us  max {:.1} us (batch commits included in throughput only)",
                 took.as_secs_f64(),
                 count as f64 / took.as_secs_f64(),
                 h.value_at_quantile(0.5) as f64 / 1000.0,
