@@ -73,8 +73,8 @@ cat <<INFO
 Tessera is running on Apache Kafka at $KAFKA_BOOTSTRAP.
 
   ingest      http://127.0.0.1:8080   Segment HTTP API (write key: demo-write-key)
-  identity    http://127.0.0.1:8081   /metrics /healthz /readyz
-  profiles    http://127.0.0.1:8082   /v1/profiles/{id}  /v1/profiles/lookup  /v1/segments
+  identity    http://127.0.0.1:8081   /v1/identity/lookup  /v1/identity/profiles/{id}  (merges, un-merge)
+  profiles    http://127.0.0.1:8082   /v1/profiles/{id}  /v1/profiles/lookup  /v1/segments  /v1/households/{id}
   activation  http://127.0.0.1:8083   /metrics; records on topic tessera.activation.email-demo
   logs        $work/logs/
   segments    $TESSERA__PROFILES__DEFINITIONS_DIR
@@ -85,6 +85,7 @@ Try it:
     {"type":"identify","userId":"ada","anonymousId":"a-1","traits":{"email":"ada@example.com","first_name":"Ada"}},
     {"type":"track","userId":"ada","event":"Order Completed","properties":{"total":42}}]}'
   curl 'http://127.0.0.1:8082/v1/profiles/lookup?type=email&value=ada@example.com'
+  curl 'http://127.0.0.1:8081/v1/identity/lookup?type=email&value=Ada@Example.com'
   curl http://127.0.0.1:8082/v1/segments
 
 Press Ctrl-C to stop.
