@@ -17,7 +17,17 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TESSERA_CACHE/target}"
 profile="${TESSERA_PROFILE:-dev}"
 bindir="$CARGO_TARGET_DIR/$([ "$profile" = dev ] && echo debug || echo "$profile")"
 work="$root/.tessera"
+# The services refuse state written in an older format (common/src/service.rs,
+# state_format). Local state is disposable: when the formats changed, start afresh.
+state_formats="identity=2 profiles=1 activation=1"
+if [ -d "$work/state" ] && [ "$(cat "$work/state/FORMATS" 2>/dev/null)" != "$state_formats" ] \
+    && [ -n "$(ls -A "$work/state" 2>/dev/null)" ]; then
+  echo "run: local state from an older Tessera (formats: $(cat "$work/state/FORMATS" 2>/dev/null || echo unstamped)) is reset" >&2
+  [ -f "$work/kafka/kafka.pid" ] && bash deploy/kafka.sh stop --data "$work/kafka" >/dev/null 2>&1 || true
+  rm -rf "$work/state" "$work/kafka"
+fi
 mkdir -p "$work/logs" "$work/state"
+echo "$state_formats" >"$work/state/FORMATS"
 
 bash deploy/setup.sh
 echo "run: building the services ($profile profile; the first build takes ~25 min on 2 cores)" >&2
