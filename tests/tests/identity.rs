@@ -129,7 +129,10 @@ async fn limits_and_blocked_values_keep_different_people_apart() {
         .expect("email listed");
     assert_eq!(em["value"], email.to_lowercase());
     assert_eq!(em["source"], "test");
-    assert!(em["first_seen"].as_i64().is_some());
+    assert!(
+        em["first_seen"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{em}"
+    );
     assert!(identity_lookup(&p, "loyalty_id", "L-1").await.is_some());
     let r = http()
         .get(format!("{}/v1/identity/lookup", p.identity))

@@ -60,6 +60,14 @@ fn unavailable(e: impl std::fmt::Display) -> Response {
     )
 }
 
+fn iso(ms: i64) -> Value {
+    use chrono::{SecondsFormat, TimeZone, Utc};
+    match Utc.timestamp_millis_opt(ms).single() {
+        Some(t) => Value::String(t.to_rfc3339_opts(SecondsFormat::Millis, true)),
+        None => Value::Null,
+    }
+}
+
 /// The profile's view, or `None` when there is no such profile.
 pub fn view(store: &SharedStore, id: &str) -> tessera_common::Result<Option<Value>> {
     let txn = Txn::new(store.as_ref());
@@ -73,7 +81,7 @@ pub fn view(store: &SharedStore, id: &str) -> tessera_common::Result<Option<Valu
         identifiers.push(json!({
             "type": i.kind,
             "value": i.value,
-            "first_seen": seen.as_ref().map(|s| s.event_time),
+            "first_seen": seen.as_ref().map(|s| iso(s.event_time)),
             "first_message_id": seen.as_ref().map(|s| s.message_id.clone()),
             "source": seen.as_ref().map(|s| s.source.clone()),
         }));
@@ -110,7 +118,7 @@ pub fn view(store: &SharedStore, id: &str) -> tessera_common::Result<Option<Valu
             "cause_message_id": m.cause_message_id,
             "rule": m.rule.as_deref().unwrap_or("shared identifier"),
             "score": m.score,
-            "event_time": m.event_time,
+            "event_time": iso(m.event_time),
             "undone": m.undone,
         })).collect::<Vec<_>>(),
     })))
