@@ -594,7 +594,9 @@ impl<'r> Graph<'r> {
                     }
                 }
             }
-            if facts.len() > self.max_component_facts {
+            // An event in a too-large part is applied in arrival order; a command (no
+            // identifiers of its own: an un-merge, a detach) is rare and always recomputes.
+            if facts.len() > self.max_component_facts && !cause.ids.is_empty() {
                 let mut nodes = Vec::new();
                 for i in &cause.ids {
                     if let Some(p) = lookup(txn, i)?
@@ -1011,5 +1013,26 @@ mod tests {
         assert_ne!(profile(&s, &u), profile(&s, &e));
         add(&s, &r, &[id("user_id", "v"), e.clone()], 3, "m3");
         assert_ne!(profile(&s, &id("user_id", "v")), profile(&s, &e));
+
+        // A part too large to recompute for a late event is still recomputed for a
+        // command.
+        let big = MemStore::default();
+        let k = id("device_id", "kiosk");
+        for n in 0..5 {
+            add(
+                &big,
+                &r,
+                &[id("anonymous_id", &format!("a{n}")), k.clone()],
+                n,
+                &format!("k{n}"),
+            );
+        }
+        let mut g = Graph::new(&r);
+        g.max_component_facts = 2;
+        let mut txn = Txn::new(&big);
+        let c = g.detach(&mut txn, &k, (9, "cmd")).unwrap();
+        big.write(txn.into_batch()).unwrap();
+        assert_eq!((c.recomputed, c.too_large), (1, 0));
+        assert_ne!(profile(&big, &k), profile(&big, &id("anonymous_id", "a0")));
     }
 }
