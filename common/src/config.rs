@@ -93,6 +93,30 @@ pub struct ProfilesConfig {
     pub recent_events: usize,
     /// Events kept per profile (whole) to re-derive it after an un-merge.
     pub history_events: usize,
+    /// How a trait's value is chosen among the values events gave it, per trait name;
+    /// traits not listed take the most recent value by event time.
+    #[serde(default)]
+    pub trait_strategies: BTreeMap<String, TraitStrategy>,
+}
+
+/// How a trait's value is chosen. Each is independent of arrival order: ties go to the
+/// more recent value (event time, then message id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "strategy", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TraitStrategy {
+    /// The value with the latest event time (the default).
+    MostRecent,
+    /// The earliest non-empty value (not null, "", [] or {}).
+    FirstNonEmpty,
+    /// The largest value (numbers by value, strings in order).
+    Max,
+    /// The smallest value.
+    Min,
+    /// The value seen most often.
+    MostFrequent,
+    /// The value from the highest-ranked source (first in `sources`; unlisted sources
+    /// rank last), the most recent among equals.
+    SourcePriority { sources: Vec<String> },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

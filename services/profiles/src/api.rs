@@ -2,7 +2,7 @@
 //! `GET /v1/segments`, and the members of a household or an account:
 //! `GET /v1/households/{id}`, `GET /v1/accounts/{id}`. Reads go to RocksDB on the blocking pool.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use axum::Router;
@@ -13,6 +13,7 @@ use axum::routing::get;
 use chrono::{SecondsFormat, TimeZone, Utc};
 use serde_json::{Value, json};
 
+use tessera_common::config::TraitStrategy;
 use tessera_common::store::SharedStore;
 
 use crate::profile::Profile;
@@ -23,6 +24,8 @@ use crate::state::{index_key, live_id, member_prefix, profile_key, segment_size_
 pub struct ApiState {
     pub store: SharedStore,
     pub segments: Arc<Vec<Segment>>,
+    /// Trait strategies, shown by `explain`.
+    pub strategies: Arc<BTreeMap<String, TraitStrategy>>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -52,14 +55,28 @@ fn iso(ms: i64) -> Value {
     }
 }
 
-/// The 360 view of a profile. With `explain`, each trait carries its provenance.
-pub fn view(p: &Profile, explain: bool) -> Value {
+/// The 360 view of a profile. With `explain`, each trait carries its provenance and
+/// the strategy that chose it (`strategies`; unlisted: most recent).
+pub fn view(p: &Profile, explain: bool, strategies: &BTreeMap<String, TraitStrategy>) -> Value {
     let traits: serde_json::Map<String, Value> = p
         .traits
         .iter()
         .map(|(k, v)| {
             let shown = if explain {
-                json!({"value": v.value, "event_time": iso(v.event_time), "message_id": v.message_id, "source": v.source})
+                let strategy = strategies.get(k).unwrap_or(&TraitStrategy::MostRecent);
+                let mut why = json!({
+                    "value": v.value, "event_time": iso(v.event_time), "message_id": v.message_id,
+                    "source": v.source, "strategy": strategy,
+                });
+                if let Some(f) = p
+                    .trait_counts
+                    .get(k)
+                    .and_then(|c| c.get(&v.value.to_string()))
+                {
+                    why["count"] = json!(f.count);
+                    why["values_counted"] = json!(p.trait_counts[k].len());
+                }
+                why
             } else {
                 v.value.clone()
             };
@@ -110,7 +127,7 @@ async fn by_id(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     match load_live(st.store, id).await {
-        Ok(Some(p)) => axum::Json(view(&p, explain(&q))).into_response(),
+        Ok(Some(p)) => axum::Json(view(&p, explain(&q), &st.strategies)).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, "not_found", "no such profile"),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
     }
@@ -164,7 +181,7 @@ async fn lookup(State(st): State<ApiState>, Query(q): Query<HashMap<String, Stri
         }
     };
     match load_live(st.store, id).await {
-        Ok(Some(p)) => axum::Json(view(&p, explain(&q))).into_response(),
+        Ok(Some(p)) => axum::Json(view(&p, explain(&q), &st.strategies)).into_response(),
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             "not_found",

@@ -51,7 +51,10 @@ pub async fn run_with_listener(
     let processor = state::ProfilesProcessor {
         topics: topics.clone(),
         segments: segments.clone(),
-        recent_limit: config.profiles.recent_events,
+        rules: profile::ApplyRules {
+            recent_limit: config.profiles.recent_events,
+            strategies: config.profiles.trait_strategies.clone(),
+        },
         history_limit: config.profiles.history_events,
         dedup_window_ms: config.profiles.dedup_window_ms,
         metrics: state::ProfilesMetrics::new(&parts.admin),
@@ -71,6 +74,7 @@ pub async fn run_with_listener(
     let routes = api::router(api::ApiState {
         store: parts.store.clone(),
         segments,
+        strategies: Arc::new(config.profiles.trait_strategies.clone()),
     });
     service::run(&config, parts, listener, routes, spec, processor, shutdown).await
 }

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use tessera_common::config::TraitStrategy;
 use tessera_common::ids::deterministic_id;
 use tessera_common::records::{Identifier, ResolvedEvent};
 use tessera_common::text;
@@ -26,6 +27,109 @@ impl TraitValue {
         (self.event_time, &self.message_id) > (other.event_time, &other.message_id)
     }
 }
+
+/// What applying events needs besides the events: the timeline length and the trait
+/// strategies.
+#[derive(Debug, Clone, Default)]
+pub struct ApplyRules {
+    pub recent_limit: usize,
+    pub strategies: BTreeMap<String, TraitStrategy>,
+}
+
+impl ApplyRules {
+    pub fn with_recent(recent_limit: usize) -> ApplyRules {
+        ApplyRules {
+            recent_limit,
+            strategies: BTreeMap::new(),
+        }
+    }
+    pub fn strategy(&self, name: &str) -> &TraitStrategy {
+        self.strategies
+            .get(name)
+            .unwrap_or(&TraitStrategy::MostRecent)
+    }
+}
+
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::String(s) => s.trim().is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}
+
+/// Order of values for max/min: numbers by value, then strings; other kinds rank by type.
+fn compare_values(a: &Value, b: &Value) -> std::cmp::Ordering {
+    fn rank(v: &Value) -> u8 {
+        match v {
+            Value::Null => 0,
+            Value::Bool(_) => 1,
+            Value::Number(_) => 2,
+            Value::String(_) => 3,
+            Value::Array(_) => 4,
+            Value::Object(_) => 5,
+        }
+    }
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x
+            .as_f64()
+            .unwrap_or(0.0)
+            .total_cmp(&y.as_f64().unwrap_or(0.0)),
+        (Value::String(x), Value::String(y)) => x.cmp(y),
+        (Value::Bool(x), Value::Bool(y)) => x.cmp(y),
+        _ => rank(a)
+            .cmp(&rank(b))
+            .then_with(|| a.to_string().cmp(&b.to_string())),
+    }
+}
+
+/// Whether `new` beats the current value `old` under a strategy (most frequent is
+/// decided with the counts, in [`Profile::set_trait`]).
+fn beats(strategy: &TraitStrategy, new: &TraitValue, old: &TraitValue) -> bool {
+    use std::cmp::Ordering::*;
+    let newer = new.newer_than(old);
+    match strategy {
+        TraitStrategy::MostRecent | TraitStrategy::MostFrequent => newer,
+        TraitStrategy::FirstNonEmpty => match (is_empty(&new.value), is_empty(&old.value)) {
+            (true, false) => false,
+            (false, true) => true,
+            // Among non-empty values the earliest; among empty ones the latest.
+            (false, false) => !newer,
+            (true, true) => newer,
+        },
+        TraitStrategy::Max => match compare_values(&new.value, &old.value) {
+            Greater => true,
+            Less => false,
+            Equal => newer,
+        },
+        TraitStrategy::Min => match compare_values(&new.value, &old.value) {
+            Less => true,
+            Greater => false,
+            Equal => newer,
+        },
+        TraitStrategy::SourcePriority { sources } => {
+            let rank = |s: &str| sources.iter().position(|x| x == s).unwrap_or(sources.len());
+            match rank(&new.source).cmp(&rank(&old.source)) {
+                Less => true,
+                Greater => false,
+                Equal => newer,
+            }
+        }
+    }
+}
+
+/// A value's count and latest sighting, for the most-frequent strategy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Frequency {
+    pub count: u64,
+    pub latest: TraitValue,
+}
+
+/// At most this many distinct values are counted per most-frequent trait; beyond it the
+/// least frequent are forgotten (the winner is then approximate).
+const MAX_COUNTED_VALUES: usize = 100;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventSummary {
@@ -67,6 +171,10 @@ pub struct Profile {
     /// postcode (or city).
     #[serde(default)]
     pub household: Option<String>,
+    /// Value counts of the traits whose strategy is most frequent, keyed by the value's
+    /// JSON.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub trait_counts: BTreeMap<String, BTreeMap<String, Frequency>>,
 }
 
 impl Profile {
@@ -81,7 +189,8 @@ impl Profile {
 
     /// Applies one resolved event. Returns whether an identifier or a trait value changed
     /// (what destinations see).
-    pub fn apply(&mut self, r: &ResolvedEvent, recent_limit: usize) -> bool {
+    pub fn apply(&mut self, r: &ResolvedEvent, rules: &ApplyRules) -> bool {
+        let recent_limit = rules.recent_limit;
         let e = &r.event;
         let identifiers_before = self.identifiers.len();
         self.identifiers.extend(r.identifiers.iter().cloned());
@@ -100,7 +209,7 @@ impl Profile {
         }
         for traits in trait_sources.into_iter().filter_map(Value::as_object) {
             for (k, v) in traits {
-                changed |= self.set_trait(k, provenance(v));
+                changed |= self.set_trait(k, provenance(v), 1, rules);
             }
         }
         if e.kind == "track"
@@ -163,15 +272,60 @@ impl Profile {
         }
     }
 
-    /// Keeps the newer value; returns whether the trait's value changed.
-    fn set_trait(&mut self, name: &str, v: TraitValue) -> bool {
-        match self.traits.get(name) {
-            Some(old) if !v.newer_than(old) => false,
-            old => {
-                let changed = old.is_none_or(|o| o.value != v.value);
+    /// Offers a value (seen `times` times) to a trait; its strategy decides whether it
+    /// wins. Returns whether the trait's value changed.
+    fn set_trait(&mut self, name: &str, v: TraitValue, times: u64, rules: &ApplyRules) -> bool {
+        let strategy = rules.strategy(name);
+        let wins = if *strategy == TraitStrategy::MostFrequent {
+            let counts = self.trait_counts.entry(name.to_string()).or_default();
+            let key = v.value.to_string();
+            let f = counts.entry(key.clone()).or_insert_with(|| Frequency {
+                count: 0,
+                latest: v.clone(),
+            });
+            f.count += times;
+            if v.newer_than(&f.latest) {
+                f.latest = v.clone();
+            }
+            let candidate = (f.count, f.latest.clone());
+            if counts.len() > MAX_COUNTED_VALUES {
+                let weakest = counts
+                    .iter()
+                    .filter(|(k, _)| **k != key)
+                    .min_by(|a, b| {
+                        (a.1.count, a.1.latest.event_time).cmp(&(b.1.count, b.1.latest.event_time))
+                    })
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = weakest {
+                    counts.remove(&k);
+                }
+            }
+            let current = self
+                .traits
+                .get(name)
+                .and_then(|t| counts.get(&t.value.to_string()))
+                .map(|f| (f.count, f.latest.clone()));
+            match current {
+                None => true,
+                Some((count, latest)) => {
+                    candidate.0 > count
+                        || (candidate.0 == count && !latest.newer_than(&candidate.1))
+                }
+            }
+            .then_some(candidate.1)
+        } else {
+            match self.traits.get(name) {
+                Some(old) if !beats(strategy, &v, old) => None,
+                _ => Some(v),
+            }
+        };
+        match wins {
+            Some(v) => {
+                let changed = self.traits.get(name).is_none_or(|o| o.value != v.value);
                 self.traits.insert(name.to_string(), v);
                 changed
             }
+            None => false,
         }
     }
 
@@ -192,12 +346,21 @@ impl Profile {
     /// Folds another profile's state into this one (after an identity merge).
     /// Memberships are not moved: they are re-evaluated on the merged state. Returns
     /// whether an identifier or a trait value changed.
-    pub fn absorb(&mut self, other: &Profile, recent_limit: usize) -> bool {
+    pub fn absorb(&mut self, other: &Profile, rules: &ApplyRules) -> bool {
+        let recent_limit = rules.recent_limit;
         let identifiers_before = self.identifiers.len();
         self.identifiers.extend(other.identifiers.iter().cloned());
         let mut changed = false;
         for (k, v) in &other.traits {
-            changed |= self.set_trait(k, v.clone());
+            match other.trait_counts.get(k) {
+                // Most frequent: add the other profile's counts value by value.
+                Some(counts) if *rules.strategy(k) == TraitStrategy::MostFrequent => {
+                    for f in counts.values() {
+                        changed |= self.set_trait(k, f.latest.clone(), f.count, rules);
+                    }
+                }
+                _ => changed |= self.set_trait(k, v.clone(), 1, rules),
+            }
         }
         changed |= self.derive_household();
         for a in &other.accounts {
@@ -283,11 +446,11 @@ mod tests {
             json!({"traits": {"plan": "free", "name": "Ann"}}),
         );
         let mut p1 = Profile::new("p");
-        p1.apply(&newer, 10);
-        p1.apply(&older, 10);
+        p1.apply(&newer, &ApplyRules::with_recent(10));
+        p1.apply(&older, &ApplyRules::with_recent(10));
         let mut p2 = Profile::new("p");
-        p2.apply(&older, 10);
-        p2.apply(&newer, 10);
+        p2.apply(&older, &ApplyRules::with_recent(10));
+        p2.apply(&newer, &ApplyRules::with_recent(10));
         assert_eq!(p1, p2);
         assert_eq!(p1.traits["plan"].value, json!("pro"));
         assert_eq!(p1.traits["plan"].message_id, "b", "provenance kept");
@@ -301,7 +464,7 @@ mod tests {
             30,
             json!({"traits": {"plan": "pro"}}),
         );
-        assert!(!p1.apply(&again, 10));
+        assert!(!p1.apply(&again, &ApplyRules::with_recent(10)));
         let moved = ev(
             "d",
             "identify",
@@ -309,7 +472,7 @@ mod tests {
             40,
             json!({"traits": {"plan": "team"}}),
         );
-        assert!(p1.apply(&moved, 10));
+        assert!(p1.apply(&moved, &ApplyRules::with_recent(10)));
     }
 
     #[test]
@@ -324,7 +487,7 @@ mod tests {
                     i,
                     json!({"properties": {"total": i}}),
                 ),
-                3,
+                &ApplyRules::with_recent(3),
             );
         }
         assert_eq!(p.event_counts["Order Completed"], 5);
@@ -333,9 +496,9 @@ mod tests {
         let mut a = Profile::new("a");
         a.apply(
             &ev("x", "track", Some("Order Completed"), 100, json!({})),
-            3,
+            &ApplyRules::with_recent(3),
         );
-        p.absorb(&a, 3);
+        p.absorb(&a, &ApplyRules::with_recent(3));
         assert_eq!(p.event_counts["Order Completed"], 6);
         assert_eq!(p.recent_events[0].message_id, "x");
         assert_eq!(p.merged_from, vec!["a".to_string()]);
@@ -345,7 +508,10 @@ mod tests {
     #[test]
     fn group_calls_add_accounts_and_an_address_gives_a_household() {
         let mut a = Profile::new("a");
-        assert!(a.apply(&ev("g", "group", None, 1, json!({"groupId": "acme"})), 3));
+        assert!(a.apply(
+            &ev("g", "group", None, 1, json!({"groupId": "acme"})),
+            &ApplyRules::with_recent(3)
+        ));
         a.apply(
             &ev(
                 "i",
@@ -354,7 +520,7 @@ mod tests {
                 2,
                 json!({"traits": {"address": {"street": "12 Oak Street", "postalCode": "90210"}}}),
             ),
-            3,
+            &ApplyRules::with_recent(3),
         );
         let mut b = Profile::new("b");
         b.apply(
@@ -365,7 +531,7 @@ mod tests {
                 3,
                 json!({"traits": {"address": {"street": "12 oak st.", "postalCode": "90 210"}}}),
             ),
-            3,
+            &ApplyRules::with_recent(3),
         );
         assert_eq!(a.accounts.iter().collect::<Vec<_>>(), vec!["acme"]);
         assert!(a.household.is_some());
@@ -382,8 +548,99 @@ mod tests {
                 3,
                 json!({"traits": {"address": {"street": "14 Oak St", "postalCode": "90210"}}}),
             ),
-            3,
+            &ApplyRules::with_recent(3),
         );
         assert_ne!(a.household, c.household);
+    }
+
+    fn identify(mid: &str, t: i64, source: &str, traits: Value) -> ResolvedEvent {
+        let mut r = ev(mid, "identify", None, t, json!({ "traits": traits }));
+        r.event.source = source.into();
+        r
+    }
+
+    /// Every strategy picks the same value whatever the arrival order, and says so.
+    #[test]
+    fn trait_strategies_choose_independently_of_arrival_order() {
+        let events = [
+            identify(
+                "a",
+                10,
+                "web",
+                json!({"ltv": 30, "plan": "pro", "nick": "", "color": "red"}),
+            ),
+            identify(
+                "b",
+                20,
+                "crm",
+                json!({"ltv": 80, "plan": "team", "nick": "Al", "color": "blue"}),
+            ),
+            identify(
+                "c",
+                30,
+                "web",
+                json!({"ltv": 50, "plan": "free", "nick": "Ally", "color": "red"}),
+            ),
+            identify(
+                "d",
+                40,
+                "app",
+                json!({"ltv": 5, "plan": "pro", "nick": null, "color": "blue"}),
+            ),
+        ];
+        let strategies: BTreeMap<String, TraitStrategy> = [
+            ("ltv", TraitStrategy::Max),
+            ("nick", TraitStrategy::FirstNonEmpty),
+            ("color", TraitStrategy::MostFrequent),
+            (
+                "plan",
+                TraitStrategy::SourcePriority {
+                    sources: vec!["crm".into(), "web".into()],
+                },
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let rules = ApplyRules {
+            recent_limit: 10,
+            strategies,
+        };
+        let orders = [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]];
+        let mut results = Vec::new();
+        for order in orders {
+            let mut p = Profile::new("p");
+            for i in order {
+                p.apply(&events[i], &rules);
+            }
+            results.push(p);
+        }
+        for r in &results[1..] {
+            assert_eq!(r.traits, results[0].traits);
+        }
+        let t = &results[0].traits;
+        assert_eq!(t["ltv"].value, json!(80), "max");
+        assert_eq!(t["nick"].value, json!("Al"), "first non-empty");
+        assert_eq!(t["plan"].value, json!("team"), "the crm's value");
+        // red and blue are seen twice each: the more recent sighting (blue, at 40) wins.
+        assert_eq!(t["color"].value, json!("blue"));
+        assert_eq!(
+            t["color"].message_id, "d",
+            "provenance of the winning sighting"
+        );
+
+        // Merging two halves gives the same as one profile that saw everything.
+        let mut left = Profile::new("l");
+        left.apply(&events[0], &rules);
+        left.apply(&events[2], &rules);
+        let mut right = Profile::new("r");
+        right.apply(&events[1], &rules);
+        right.apply(&events[3], &rules);
+        left.absorb(&right, &rules);
+        assert_eq!(left.traits, results[0].traits);
+        assert_eq!(
+            left.trait_counts["color"][&json!("red").to_string()].count,
+            2
+        );
     }
 }

@@ -28,7 +28,7 @@ use tessera_common::store::{Store, Txn};
 use tessera_common::topics::Topics;
 use tessera_common::{Error, Result};
 
-use crate::profile::{Membership, Profile};
+use crate::profile::{ApplyRules, Membership, Profile};
 use crate::segments::Segment;
 
 pub fn profile_key(id: &str) -> Vec<u8> {
@@ -154,7 +154,8 @@ impl ProfilesMetrics {
 pub struct ProfilesProcessor {
     pub topics: Topics,
     pub segments: Arc<Vec<Segment>>,
-    pub recent_limit: usize,
+    /// Timeline length and trait strategies.
+    pub rules: ApplyRules,
     /// Events kept per profile to re-derive it after a split.
     pub history_limit: usize,
     pub dedup_window_ms: i64,
@@ -329,7 +330,7 @@ impl ProfilesProcessor {
     ) -> Profile {
         let mut p = Profile::new(id);
         for r in events {
-            p.apply(r, self.recent_limit);
+            p.apply(r, &self.rules);
         }
         p.identifiers
             .retain(|i| owner.get(i).is_none_or(|o| o == id));
@@ -507,11 +508,11 @@ impl ProfilesProcessor {
         if live != r.profile_id {
             // The profile was merged away while this event was in flight.
             let mut alone = Profile::new(&r.profile_id);
-            alone.apply(&r, self.recent_limit);
+            alone.apply(&r, &self.rules);
             out.push(self.transfer(&live, &alone, vec![r.clone()], false, &cause)?);
             return Ok(());
         }
-        self.update(txn, &live, &cause, out, |p| p.apply(&r, self.recent_limit))?;
+        self.update(txn, &live, &cause, out, |p| p.apply(&r, &self.rules))?;
         self.log_events(txn, &live, std::slice::from_ref(&r))?;
         self.metrics.applied.inc();
         let latency_ms = (tessera_common::now_ms() - e.received_at).max(0);
@@ -683,9 +684,7 @@ impl ProfilesProcessor {
             out.push(self.transfer(&live, &moved, history, false, &cause)?);
             return Ok(());
         }
-        self.update(txn, &live, &cause, out, |p| {
-            p.absorb(&moved, self.recent_limit)
-        })?;
+        self.update(txn, &live, &cause, out, |p| p.absorb(&moved, &self.rules))?;
         self.log_events(txn, &live, &history)
     }
 }
@@ -741,7 +740,7 @@ mod tests {
         ProfilesProcessor {
             topics: Topics::new(&cfg.topics),
             segments: Arc::new(vec![buyers]),
-            recent_limit: 10,
+            rules: ApplyRules::with_recent(10),
             history_limit: 100,
             dedup_window_ms: 1000,
             metrics: ProfilesMetrics::new(&Admin::new()),
