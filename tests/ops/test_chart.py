@@ -133,3 +133,22 @@ def test_identity_rules_from_values_reach_identity_and_are_checked(tmp_path):
         assert (out.returncode == 0) == ok, out.stderr
         if not ok:
             assert "limit must be at least 1" in out.stderr
+
+
+def test_trait_strategies_from_values_are_accepted_by_profiles(tmp_path):
+    values = {"traitStrategies": {"lifetime_value": {"strategy": "max"},
+                                  "email": {"strategy": "source_priority", "sources": ["crm", "web"]}}}
+    toml_text = by_kind(render(values), "Secret")[0]["stringData"]["tessera.toml"]
+    config = tmp_path / "tessera.toml"
+    bin_dir = pathlib.Path(os.environ["TESSERA_BIN_DIR"])
+    for text, ok in [(toml_text, True), (toml_text.replace('"max"', '"maximum"'), False)]:
+        config.write_text(text)
+        out = subprocess.run(
+            [bin_dir / "tessera-profiles", "--config", config, "--check-config"],
+            capture_output=True, text=True, env={"PATH": os.environ["PATH"]},
+        )
+        assert (out.returncode == 0) == ok, out.stderr
+        if ok:
+            assert '"sources": [' in out.stdout and '"strategy": "max"' in out.stdout
+        else:
+            assert "maximum" in out.stderr
