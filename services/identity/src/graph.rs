@@ -235,6 +235,23 @@ pub fn seen(txn: &Txn<'_>, i: &Identifier) -> Result<Option<Seen>> {
     txn.get_json(&seen_key(i))
 }
 
+/// Records a sighting of an identifier by a fact; returns whether it is now the first.
+fn note_sighting(txn: &mut Txn<'_>, i: &Identifier, fact: &Fact) -> Result<bool> {
+    let earlier = seen(txn, i)?
+        .is_none_or(|s| (fact.order.t, &fact.order.msg) < (s.event_time, &s.message_id));
+    if earlier {
+        txn.put_json(
+            seen_key(i),
+            &Seen {
+                event_time: fact.order.t,
+                message_id: fact.order.msg.clone(),
+                source: fact.source.clone(),
+            },
+        )?;
+    }
+    Ok(earlier)
+}
+
 /// Follows merges to the live profile id.
 pub fn live_profile(txn: &Txn<'_>, id: &str) -> Result<String> {
     let mut cur = id.to_string();
@@ -499,18 +516,7 @@ impl<'r> Graph<'r> {
             if known && in_order {
                 continue;
             }
-            let earlier = seen(txn, i)?
-                .is_none_or(|s| (fact.order.t, &fact.order.msg) < (s.event_time, &s.message_id));
-            if earlier {
-                txn.put_json(
-                    seen_key(i),
-                    &Seen {
-                        event_time: fact.order.t,
-                        message_id: fact.order.msg.clone(),
-                        source: fact.source.clone(),
-                    },
-                )?;
-            }
+            note_sighting(txn, i, &fact)?;
         }
         if in_order {
             return self.apply_in_order(txn, &fact, nodes);
@@ -524,18 +530,7 @@ impl<'r> Graph<'r> {
     /// browsing, a known device alone) take this path.
     fn add_single(&self, txn: &mut Txn<'_>, fact: Fact) -> Result<Changes> {
         let i = &fact.ids[0];
-        let earlier = seen(txn, i)?
-            .is_none_or(|s| (fact.order.t, &fact.order.msg) < (s.event_time, &s.message_id));
-        if earlier {
-            txn.put_json(
-                seen_key(i),
-                &Seen {
-                    event_time: fact.order.t,
-                    message_id: fact.order.msg.clone(),
-                    source: fact.source.clone(),
-                },
-            )?;
-        }
+        let earlier = note_sighting(txn, i, &fact)?;
         match lookup(txn, i)? {
             None => self.apply_in_order(txn, &fact, Vec::new()),
             Some(_) if earlier => self.recompute(txn, std::slice::from_ref(i), &fact),
