@@ -34,7 +34,7 @@ pub struct IdentifierRule {
     pub limit: usize,
     #[serde(default)]
     pub normalise: Normalise,
-    pub paths: Vec<String>,
+    pub paths: Vec<MessagePath>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
@@ -70,7 +70,7 @@ struct FuzzyFile {
 pub struct FuzzyField {
     pub name: String,
     pub normalise: Normalise,
-    pub paths: Vec<String>,
+    pub paths: Vec<MessagePath>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -204,9 +204,6 @@ impl Rules {
             if i.paths.is_empty() {
                 return Err(bad(format!("{at}: paths is empty")));
             }
-            for p in &i.paths {
-                parse_path(p).map_err(|e| bad(format!("{at}: path {p:?}: {e}")))?;
-            }
         }
         let fuzzy = match file.fuzzy {
             Some(f) if f.enabled => Some(validate_fuzzy(f).map_err(bad)?),
@@ -308,9 +305,6 @@ fn validate_fuzzy(f: FuzzyFile) -> std::result::Result<Fuzzy, String> {
                 field.name
             ));
         }
-        for p in &field.paths {
-            parse_path(p).map_err(|e| format!("fuzzy.fields[{n}]: path {p:?}: {e}"))?;
-        }
     }
     let known = |field: &str, at: &str| {
         if names.contains(field) {
@@ -405,57 +399,69 @@ fn validate_fuzzy(f: FuzzyFile) -> std::result::Result<Fuzzy, String> {
     })
 }
 
-/// One step of a path: a key, or an array filtered by `type`.
-enum Step<'a> {
-    Key(&'a str),
-    Typed(&'a str, &'a str),
+/// A dotted path into a Segment message, parsed once when the rules load.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct MessagePath {
+    steps: Vec<Step>,
 }
 
-fn parse_path(path: &str) -> std::result::Result<Vec<Step<'_>>, String> {
-    if path.is_empty() {
-        return Err("empty path".into());
-    }
-    path.split('.')
-        .map(|seg| {
-            if seg.is_empty() {
-                return Err("empty segment".to_string());
-            }
-            match seg.split_once('[') {
-                None => Ok(Step::Key(seg)),
-                Some((name, rest)) => {
-                    let filter = rest
-                        .strip_suffix(']')
-                        .and_then(|f| f.strip_prefix("type="))
-                        .filter(|t| !t.is_empty())
-                        .ok_or_else(|| format!("{seg:?}: use name[type=value]"))?;
-                    Ok(Step::Typed(name, filter))
+/// One step of a path: a key, or an array filtered by `type`.
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    Key(String),
+    Typed(String, String),
+}
+
+impl TryFrom<String> for MessagePath {
+    type Error = String;
+
+    fn try_from(path: String) -> std::result::Result<MessagePath, String> {
+        let bad = |e: String| format!("path {path:?}: {e}");
+        if path.is_empty() {
+            return Err(bad("empty path".into()));
+        }
+        let steps = path
+            .split('.')
+            .map(|seg| {
+                if seg.is_empty() {
+                    return Err(bad("empty segment".to_string()));
                 }
-            }
-        })
-        .collect()
+                match seg.split_once('[') {
+                    None => Ok(Step::Key(seg.to_string())),
+                    Some((name, rest)) => {
+                        let filter = rest
+                            .strip_suffix(']')
+                            .and_then(|f| f.strip_prefix("type="))
+                            .filter(|t| !t.is_empty())
+                            .ok_or_else(|| bad(format!("{seg:?}: use name[type=value]")))?;
+                        Ok(Step::Typed(name.to_string(), filter.to_string()))
+                    }
+                }
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(MessagePath { steps })
+    }
 }
 
 /// The scalar values (strings and numbers) found at a path.
-fn lookup(message: &Value, path: &str) -> Vec<String> {
-    let Ok(steps) = parse_path(path) else {
-        return Vec::new();
-    };
-    let mut cur = vec![message];
-    for step in steps {
+fn lookup<'m>(message: &'m Value, path: &MessagePath) -> Vec<String> {
+    let mut cur: Vec<&'m Value> = vec![message];
+    for step in &path.steps {
         let mut next = Vec::new();
         for v in cur {
             match step {
                 Step::Key(k) => {
-                    if let Some(x) = v.get(k) {
+                    if let Some(x) = v.get(k.as_str()) {
                         next.push(x);
                     }
                 }
                 Step::Typed(k, t) => {
-                    if let Some(items) = v.get(k).and_then(Value::as_array) {
+                    if let Some(items) = v.get(k.as_str()).and_then(Value::as_array) {
                         next.extend(
                             items
                                 .iter()
-                                .filter(|i| i["type"].as_str() == Some(t))
+                                .filter(|i| i["type"].as_str() == Some(t.as_str()))
                                 .map(|i| &i["id"]),
                         );
                     }
