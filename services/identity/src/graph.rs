@@ -474,7 +474,7 @@ impl<'r> Graph<'r> {
     }
 
     /// Records a fact and brings the graph up to date with it.
-    pub fn add_fact(&self, txn: &mut Txn<'_>, mut fact: Fact) -> Result<Changes> {
+    pub fn add_fact(&self, txn: &mut Txn<'_>, fact: Fact) -> Result<Changes> {
         if fact.ids.is_empty() {
             return Ok(Changes::default());
         }
@@ -487,7 +487,6 @@ impl<'r> Graph<'r> {
         {
             return Ok(Changes::default()); // already applied
         }
-        fact.order.key = fact.key.clone();
         txn.put_json(fact_key(&fact.key), &fact)?;
         // The profiles the fact touches; the fast path applies when none has seen a
         // later fact.

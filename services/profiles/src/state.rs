@@ -619,14 +619,11 @@ impl ProfilesProcessor {
                     .retain(|i| owner.get(i).is_none_or(|o| o == t));
                 all
             } else {
+                // Rebuilt for `t` (its identifiers), sent as coming from the split profile.
                 let mut r = self.rebuild(t, events, &owner);
                 r.id = s.profile_id.clone();
                 r
             };
-            let mut state = state;
-            state
-                .identifiers
-                .retain(|i| owner.get(i).is_none_or(|o| o == t));
             out.push(self.transfer(t, &state, events.clone(), true, &cause)?);
         }
         if survives {
