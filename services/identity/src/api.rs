@@ -124,13 +124,31 @@ pub fn view(store: &SharedStore, id: &str) -> tessera_common::Result<Option<Valu
     })))
 }
 
-async fn by_id(State(st): State<ApiState>, Path(id): Path<String>) -> Response {
+/// Reads state on the blocking pool; a failed read is a 503.
+async fn read<T: Send + 'static>(
+    st: &ApiState,
+    f: impl FnOnce(&SharedStore) -> tessera_common::Result<T> + Send + 'static,
+) -> Result<T, Response> {
     let store = st.store.clone();
-    match tokio::task::spawn_blocking(move || view(&store, &id)).await {
-        Ok(Ok(Some(v))) => axum::Json(v).into_response(),
-        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "not_found", "no such profile"),
-        Ok(Err(e)) => unavailable(e),
-        Err(e) => unavailable(e),
+    match tokio::task::spawn_blocking(move || f(&store)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(unavailable(e)),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+/// The JSON found, or a 404 with the reason.
+fn found_or_404(v: Option<Value>, reason: &str) -> Response {
+    match v {
+        Some(v) => axum::Json(v).into_response(),
+        None => error(StatusCode::NOT_FOUND, "not_found", reason),
+    }
+}
+
+async fn by_id(State(st): State<ApiState>, Path(id): Path<String>) -> Response {
+    match read(&st, move |store| view(store, &id)).await {
+        Ok(v) => found_or_404(v, "no such profile"),
+        Err(r) => r,
     }
 }
 
@@ -181,24 +199,16 @@ async fn lookup(State(st): State<ApiState>, Query(q): Query<HashMap<String, Stri
         Ok(i) => i,
         Err(r) => return r,
     };
-    let store = st.store.clone();
-    let found = tokio::task::spawn_blocking(move || {
-        let txn = Txn::new(store.as_ref());
-        match graph::lookup(&txn, &i)? {
-            Some(p) => view(&store, &p),
+    let found = read(&st, move |store| {
+        match graph::lookup(&Txn::new(store.as_ref()), &i)? {
+            Some(p) => view(store, &p),
             None => Ok(None),
         }
     })
     .await;
     match found {
-        Ok(Ok(Some(v))) => axum::Json(v).into_response(),
-        Ok(Ok(None)) => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no profile has this identifier",
-        ),
-        Ok(Err(e)) => unavailable(e),
-        Err(e) => unavailable(e),
+        Ok(v) => found_or_404(v, "no profile has this identifier"),
+        Err(r) => r,
     }
 }
 
@@ -269,27 +279,26 @@ async fn unmerge(
             "merge_id (string) is required",
         );
     };
-    let store = st.store.clone();
     let key = graph::merge_info_key(&merge_id);
-    let info =
-        tokio::task::spawn_blocking(move || Txn::new(store.as_ref()).get_json::<MergeInfo>(&key))
-            .await;
+    let info = read(&st, move |store| {
+        Txn::new(store.as_ref()).get_json::<MergeInfo>(&key)
+    })
+    .await;
     match info {
-        Ok(Ok(Some(m))) if m.undone => error(
+        Ok(Some(m)) if m.undone => error(
             StatusCode::CONFLICT,
             "already_undone",
             "this merge was already undone",
         ),
-        Ok(Ok(Some(m))) => {
+        Ok(Some(m)) => {
             let mut cmd = command("unmerge", v["reason"].as_str());
             cmd.merge_id = Some(merge_id);
             cmd.survivor_identifiers = m.survivor_identifiers;
             cmd.merged_identifiers = m.merged_identifiers;
             send(&st, cmd).await
         }
-        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "not_found", "no such merge"),
-        Ok(Err(e)) => unavailable(e),
-        Err(e) => unavailable(e),
+        Ok(None) => found_or_404(None, "no such merge"),
+        Err(r) => r,
     }
 }
 
@@ -305,23 +314,19 @@ async fn detach(
         Ok(i) => i,
         Err(r) => return r,
     };
-    let store = st.store.clone();
     let probe = i.clone();
-    let found =
-        tokio::task::spawn_blocking(move || graph::lookup(&Txn::new(store.as_ref()), &probe)).await;
+    let found = read(&st, move |store| {
+        graph::lookup(&Txn::new(store.as_ref()), &probe)
+    })
+    .await;
     match found {
-        Ok(Ok(Some(_))) => {
+        Ok(Some(_)) => {
             let mut cmd = command("detach", v["reason"].as_str());
             cmd.kind = Some(i.kind);
             cmd.value = Some(i.value);
             send(&st, cmd).await
         }
-        Ok(Ok(None)) => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no profile has this identifier",
-        ),
-        Ok(Err(e)) => unavailable(e),
-        Err(e) => unavailable(e),
+        Ok(None) => found_or_404(None, "no profile has this identifier"),
+        Err(r) => r,
     }
 }
