@@ -58,7 +58,7 @@ if [ -z "${KAFKA_BOOTSTRAP:-}" ]; then
   kafka_started=1
 fi
 export KAFKA_BOOTSTRAP
-export TESSERA__PROFILES__DEFINITIONS_DIR="${TESSERA__PROFILES__DEFINITIONS_DIR:-$root/deploy/definitions/segments}"
+export TESSERA__PROFILES__DEFINITIONS_DIR="${TESSERA__PROFILES__DEFINITIONS_DIR:-$root/deploy/definitions}"
 export TESSERA__IDENTITY__STATE_DIR="${TESSERA__IDENTITY__STATE_DIR:-$work/state/identity}"
 export TESSERA__PROFILES__STATE_DIR="${TESSERA__PROFILES__STATE_DIR:-$work/state/profiles}"
 export TESSERA__ACTIVATION__STATE_DIR="${TESSERA__ACTIVATION__STATE_DIR:-$work/state/activation}"

@@ -194,6 +194,9 @@ impl Producer {
 pub enum TopicKind {
     /// Event logs: kept `events_retention_ms`.
     Events,
+    /// A table (definitions): one partition, so one order; compacted, so the latest
+    /// record of each key is kept for ever.
+    Table,
 }
 
 /// Creates the topics that do not exist yet (partitions, replication and retention
@@ -212,13 +215,18 @@ pub async fn ensure_topics(
     let new: Vec<NewTopic<'_>> = names
         .iter()
         .map(|(name, kind)| {
+            let partitions = match kind {
+                TopicKind::Events => cfg.partitions,
+                TopicKind::Table => 1,
+            };
             let t = NewTopic::new(
                 name,
-                cfg.partitions,
+                partitions,
                 TopicReplication::Fixed(cfg.replication_factor),
             );
             match kind {
                 TopicKind::Events => t.set("retention.ms", &retention),
+                TopicKind::Table => t.set("cleanup.policy", "compact"),
             }
         })
         .collect();

@@ -17,6 +17,7 @@ pub mod runner;
 pub mod service;
 pub mod shutdown;
 pub mod store;
+pub mod table;
 pub mod telemetry;
 pub mod text;
 pub mod topics;

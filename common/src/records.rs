@@ -161,6 +161,22 @@ pub struct MembershipChange {
 }
 avro_record!(MembershipChange, "tessera.segments.membership.avsc");
 
+/// `tessera.profiles.definitions`: a segment or computed trait definition, versioned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DefinitionChange {
+    /// `segment` or `computed_trait`.
+    pub kind: String,
+    pub id: String,
+    pub version: i32,
+    /// The definition as JSON.
+    pub definition: String,
+    pub deleted: bool,
+    /// `api`, or `file:<name>`.
+    pub origin: String,
+    pub changed_at: i64,
+}
+avro_record!(DefinitionChange, "tessera.profiles.definitions.avsc");
+
 /// `tessera.activation.<destination>`: what a downstream system consumes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Activation {
@@ -323,6 +339,15 @@ mod tests {
             event_time: 8,
             received_at: 9,
             traits: "{}".into(),
+        });
+        roundtrip(DefinitionChange {
+            kind: "segment".into(),
+            id: "buyers".into(),
+            version: 2,
+            definition: "{}".into(),
+            deleted: false,
+            origin: "api".into(),
+            changed_at: 3,
         });
         roundtrip(Activation {
             activation_id: "a".into(),

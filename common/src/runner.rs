@@ -575,7 +575,7 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-fn owned(m: rdkafka::message::BorrowedMessage<'_>) -> Message {
+pub(crate) fn owned(m: rdkafka::message::BorrowedMessage<'_>) -> Message {
     Message {
         topic: m.topic().to_string(),
         partition: m.partition(),

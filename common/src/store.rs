@@ -33,7 +33,16 @@ impl WriteBatch {
 pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>>;
     /// Up to `limit` entries whose key starts with `prefix`, in key order.
-    fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+    fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.scan_from(prefix, prefix, limit)
+    }
+    /// The same from `start` on (a key at or after it): pages through a prefix.
+    fn scan_from(
+        &self,
+        prefix: &[u8],
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
     fn write(&self, batch: WriteBatch) -> Result<()>;
     /// Bytes on disk (live SST files), for a gauge; 0 where unknown.
     fn size_bytes(&self) -> u64 {
@@ -78,10 +87,16 @@ impl Store for RocksStore {
         Ok(self.db.get(key)?)
     }
 
-    fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    fn scan_from(
+        &self,
+        prefix: &[u8],
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
+        let from = start.max(prefix);
         let iter = self.db.iterator(rocksdb::IteratorMode::From(
-            prefix,
+            from,
             rocksdb::Direction::Forward,
         ));
         for item in iter {
@@ -125,10 +140,15 @@ impl Store for MemStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self.map.lock().unwrap().get(key).cloned())
     }
-    fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    fn scan_from(
+        &self,
+        prefix: &[u8],
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let map = self.map.lock().unwrap();
         Ok(map
-            .range(prefix.to_vec()..)
+            .range(start.max(prefix).to_vec()..)
             .take_while(|(k, _)| k.starts_with(prefix))
             .take(limit)
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -204,13 +224,28 @@ impl<'a> Txn<'a> {
     /// Keys under `prefix` in key order, this transaction's own writes included, at most
     /// `limit` of them.
     pub fn scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.scan_from(prefix, prefix, limit)
+    }
+
+    /// The same from `start` on (a key at or after it).
+    pub fn scan_from(
+        &self,
+        prefix: &[u8],
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let from = start.max(prefix);
         let own = self
             .pending
-            .range(prefix.to_vec()..)
+            .range(from.to_vec()..)
             .take_while(|(k, _)| k.starts_with(prefix));
         let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = self
             .store
-            .scan_prefix(prefix, limit.saturating_add(self.pending.len().min(limit)))?
+            .scan_from(
+                prefix,
+                from,
+                limit.saturating_add(self.pending.len().min(limit)),
+            )?
             .into_iter()
             .map(|(k, v)| (k, Some(v)))
             .collect();

@@ -12,6 +12,7 @@ pub const IDENTITY_SPLITS: &str = "identity.splits";
 pub const IDENTITY_COMMANDS: &str = "identity.commands";
 pub const PROFILES_TRANSFERS: &str = "profiles.transfers";
 pub const SEGMENTS_MEMBERSHIP: &str = "segments.membership";
+pub const PROFILES_DEFINITIONS: &str = "profiles.definitions";
 /// Destination topics are `activation.<destination id>`.
 pub const ACTIVATION_PREFIX: &str = "activation.";
 
@@ -53,6 +54,9 @@ impl Topics {
     }
     pub fn transfers(&self) -> String {
         self.name(PROFILES_TRANSFERS)
+    }
+    pub fn definitions(&self) -> String {
+        self.name(PROFILES_DEFINITIONS)
     }
     pub fn membership(&self) -> String {
         self.name(SEGMENTS_MEMBERSHIP)

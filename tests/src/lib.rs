@@ -101,7 +101,7 @@ pub fn test_config(dir: &Path) -> Config {
     c.identity.state_dir = dir.join("identity");
     c.profiles.state_dir = dir.join("profiles");
     c.activation.state_dir = dir.join("activation");
-    c.profiles.definitions_dir = repo_root().join("deploy/definitions/segments");
+    c.profiles.definitions_dir = repo_root().join("deploy/definitions");
     c.ingest.sources = vec![tessera_common::config::SourceConfig {
         name: "test".into(),
         write_key: WRITE_KEY.into(),

@@ -86,3 +86,314 @@ async fn traits_resolve_by_their_strategy_with_provenance() {
     assert_eq!(traits["color"]["event_time"], "2026-01-01T00:00:04.000Z");
     p.stop().await;
 }
+
+/// Sends JSON (or YAML) to a profiles endpoint; returns the status and the answer.
+async fn send(method: reqwest::Method, url: String, body: Option<(&str, String)>) -> (u16, Value) {
+    let mut req = http().request(method, url);
+    if let Some((content_type, text)) = body {
+        req = req.header("content-type", content_type).body(text);
+    }
+    let r = req.send().await.expect("profiles answers");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn iso(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Membership records of one profile, as (segment, change, reason).
+async fn memberships(
+    p: &Platform,
+    profile: &str,
+    done: impl Fn(&[(String, String, String)]) -> bool,
+) -> Vec<(String, String, String)> {
+    use tessera_common::records::{AvroRecord, MembershipChange};
+    let decode = |raw: &[Vec<u8>]| -> Vec<(String, String, String)> {
+        raw.iter()
+            .filter_map(|b| MembershipChange::from_avro(b).ok())
+            .filter(|m| m.profile_id == profile)
+            .map(|m| (m.segment_id, m.change, m.reason))
+            .collect()
+    };
+    let raw = read_topic(
+        &p.topics().membership(),
+        std::time::Duration::from_secs(60),
+        |raw| done(&decode(raw)),
+    )
+    .await;
+    decode(&raw)
+}
+
+/// A windowed computed trait expires on time and a windowed segment is left at the
+/// window's edge by the timer, with no event; the complement segment is entered by the
+/// same timer. The 360 view shows computed traits, consent and segments with entry times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_window_edge_moves_people_without_an_event() {
+    let p = Platform::start().await;
+    let (status, _) = send(
+        reqwest::Method::POST,
+        format!("{}/v1/computed-traits", p.profiles),
+        Some((
+            "application/yaml",
+            "id: spend_1m\nevent: Order Completed\naggregate: sum\nproperty: total\nwindow: 1m\n"
+                .into(),
+        )),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, body) = send(
+        reqwest::Method::PUT,
+        format!("{}/v1/segments/recent-buyers", p.profiles),
+        Some((
+            "application/json",
+            json!({"name": "Bought in the last minute", "condition": {"all": [
+                {"event_count": {"event": "Order Completed", "min": 2, "where": [{"property": "total", "gt": 50}], "within": "1m"}},
+                {"consent": "Advertising"}]}}).to_string(),
+        )),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["version"], 1);
+
+    // Two orders over 50, timed so that the first leaves the one-minute window 8 s
+    // from now (event times in the past are accepted).
+    let user = uid("w");
+    let now = chrono::Utc::now().timestamp_millis();
+    let first = now - 60_000 + 8_000;
+    for (i, (t, total)) in [(first, 60), (now - 1_000, 75), (now - 500, 10)]
+        .into_iter()
+        .enumerate()
+    {
+        let (status, _) = post(&p.ingest, "/v1/track", &json!({
+            "userId": user, "event": "Order Completed", "messageId": format!("{user}-{i}"),
+            "properties": {"total": total}, "timestamp": iso(t),
+            "context": {"consent": {"categoryPreferences": {"Advertising": true, "Analytics": false}}},
+        })).await;
+        assert_eq!(status, 200);
+    }
+    let v = p
+        .wait_profile("user_id", &user, "three orders", |v| v["events_total"] == 3)
+        .await;
+    let id = v["profile_id"].as_str().unwrap().to_string();
+    assert_eq!(v["computed_traits"]["spend_1m"], 145.0, "{v}");
+    assert_eq!(v["consent"]["Advertising"]["granted"], true);
+    assert_eq!(v["consent"]["Analytics"]["granted"], false);
+    let segs = get_json(&format!("{}/v1/profiles/{id}/segments", p.profiles)).await;
+    let recent = segs["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "recent-buyers")
+        .cloned();
+    assert!(
+        recent.is_some_and(|s| s["entered_at"].is_string()),
+        "{segs}"
+    );
+
+    // No more events: at the edge the first order leaves the window.
+    let changes = memberships(&p, &id, |c| {
+        c.iter().any(|x| x.0 == "recent-buyers" && x.1 == "exit")
+    })
+    .await;
+    let exit = changes
+        .iter()
+        .find(|x| x.0 == "recent-buyers" && x.1 == "exit")
+        .expect("an exit by the timer");
+    assert_eq!(
+        exit.2, "window: all(event_count(Order Completed) within 1m, consent(Advertising))",
+        "{changes:?}"
+    );
+    let left_at = chrono::Utc::now().timestamp_millis();
+    assert!(left_at >= first + 60_000, "not before the edge");
+    let v = get_json(&format!("{}/v1/profiles/{id}", p.profiles)).await;
+    assert_eq!(
+        v["computed_traits"]["spend_1m"], 85.0,
+        "the first order left the sum: {v}"
+    );
+    assert!(
+        !v["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["id"] == "recent-buyers"),
+        "{v}"
+    );
+    p.stop().await;
+}
+
+/// A segment added at run time is back-filled over existing profiles with progress; a
+/// dry run gives its size first; members page; a change bumps the version; a deletion
+/// ends the memberships.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_definition_added_at_run_time_is_back_filled() {
+    let p = Platform::start().await;
+    let tag = uid("bf");
+    let users: Vec<String> = (0..5).map(|i| format!("{tag}-{i}")).collect();
+    for (i, u) in users.iter().enumerate() {
+        for j in 0..=i {
+            let (status, _) = post(&p.ingest, "/v1/track", &json!({
+                "userId": u, "event": "Song Played", "properties": {"genre": if j % 2 == 0 {"jazz"} else {"rock"}},
+            })).await;
+            assert_eq!(status, 200);
+        }
+    }
+    for (i, u) in users.iter().enumerate() {
+        p.wait_profile("user_id", u, "its plays", |v| {
+            v["events_total"] == i as u64 + 1
+        })
+        .await;
+    }
+    let bad = send(
+        reqwest::Method::POST,
+        format!("{}/v1/segments/dry-run", p.profiles),
+        Some((
+            "application/json",
+            json!({"id": "x", "condition": {"computed": {"name": "nope", "gt": 1}}}).to_string(),
+        )),
+    )
+    .await;
+    assert_eq!(bad.0, 409, "{:?}", bad.1);
+    assert!(
+        bad.1["reason"]
+            .as_str()
+            .unwrap()
+            .contains("computed trait nope")
+    );
+    let bad = send(
+        reqwest::Method::POST,
+        format!("{}/v1/segments", p.profiles),
+        Some((
+            "application/json",
+            json!({"id": "x", "condition": {"event_count": {"event": "a", "min": 3, "max": 1}}})
+                .to_string(),
+        )),
+    )
+    .await;
+    assert_eq!(bad.0, 400);
+    assert!(
+        bad.1["reason"].as_str().unwrap().contains("below min"),
+        "{:?}",
+        bad.1
+    );
+
+    let (status, _) = send(
+        reqwest::Method::POST,
+        format!("{}/v1/computed-traits", p.profiles),
+        Some((
+            "application/json",
+            json!({"id": "jazz_plays", "event": "Song Played",
+            "where": [{"property": "genre", "equals": "jazz"}], "aggregate": "count"})
+            .to_string(),
+        )),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let fans =
+        json!({"id": "jazz-fans", "condition": {"computed": {"name": "jazz_plays", "gte": 2}}});
+    let (status, dry) = send(
+        reqwest::Method::POST,
+        format!("{}/v1/segments/dry-run", p.profiles),
+        Some(("application/json", fans.to_string())),
+    )
+    .await;
+    assert_eq!(status, 200, "{dry}");
+    // Plays 0..=i, jazz on the even ones: users 2, 3 and 4 have two or more.
+    assert_eq!(dry["size"], 3, "{dry}");
+    let (status, _) = send(
+        reqwest::Method::POST,
+        format!("{}/v1/segments", p.profiles),
+        Some(("application/json", fans.to_string())),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let job = eventually(
+        "the back-fill",
+        std::time::Duration::from_secs(30),
+        || async {
+            let j = get_json(&format!("{}/v1/definitions/backfill", p.profiles)).await;
+            (j["state"] == "done").then_some(j)
+        },
+    )
+    .await;
+    assert_eq!(job["progress"], 1.0, "{job}");
+    assert!(
+        job["definitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d == "segment/jazz-fans v1"),
+        "{job}"
+    );
+    let seg = eventually(
+        "three members",
+        std::time::Duration::from_secs(10),
+        || async {
+            let s = get_json(&format!("{}/v1/segments/jazz-fans", p.profiles)).await;
+            (s["size"] == 3).then_some(s)
+        },
+    )
+    .await;
+    assert_eq!(seg["version"], 1);
+    let page1 = get_json(&format!(
+        "{}/v1/segments/jazz-fans/members?limit=2",
+        p.profiles
+    ))
+    .await;
+    assert_eq!(page1["members"].as_array().unwrap().len(), 2, "{page1}");
+    let after = page1["next_after"].as_str().expect("a next page");
+    let page2 = get_json(&format!(
+        "{}/v1/segments/jazz-fans/members?limit=2&after={after}",
+        p.profiles
+    ))
+    .await;
+    assert_eq!(page2["members"].as_array().unwrap().len(), 1, "{page2}");
+    assert!(page2["next_after"].is_null());
+    let listed = get_json(&format!("{}/v1/segments", p.profiles)).await;
+    assert!(
+        listed["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["id"] == "jazz-fans" && s["size"] == 3),
+        "{listed}"
+    );
+
+    // Stricter: version 2, and one member leaves.
+    let (status, body) = send(
+        reqwest::Method::PUT,
+        format!("{}/v1/segments/jazz-fans", p.profiles),
+        Some((
+            "application/json",
+            json!({"condition": {"computed": {"name": "jazz_plays", "gte": 3}}}).to_string(),
+        )),
+    )
+    .await;
+    assert_eq!((status, body["version"].clone()), (200, json!(2)), "{body}");
+    eventually("one member", std::time::Duration::from_secs(30), || async {
+        let s = get_json(&format!("{}/v1/segments/jazz-fans", p.profiles)).await;
+        (s["size"] == 1).then_some(())
+    })
+    .await;
+    let (status, body) = send(
+        reqwest::Method::DELETE,
+        format!("{}/v1/computed-traits/jazz_plays", p.profiles),
+        None,
+    )
+    .await;
+    assert_eq!(status, 409, "the segment reads it: {body}");
+    let (status, _) = send(
+        reqwest::Method::DELETE,
+        format!("{}/v1/segments/jazz-fans", p.profiles),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        get_json(&format!("{}/v1/segments/jazz-fans", p.profiles)).await["error"],
+        "not_found"
+    );
+    p.stop().await;
+}

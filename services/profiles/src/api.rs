@@ -1,38 +1,92 @@
-//! The profile API: `GET /v1/profiles/{id}`, `GET /v1/profiles/lookup?type=&value=`,
-//! `GET /v1/segments`, and the members of a household or an account:
-//! `GET /v1/households/{id}`, `GET /v1/accounts/{id}`. Reads go to RocksDB on the blocking pool.
+//! The profile API (reads go to RocksDB on the blocking pool):
+//! - `GET /v1/profiles/{id}[?explain=true]`, `GET /v1/profiles/lookup?type=&value=`: the
+//!   360 view; `GET /v1/profiles/{id}/segments`: its segments with entry times;
+//! - `GET|POST /v1/segments`, `GET|PUT|DELETE /v1/segments/{id}`,
+//!   `GET /v1/segments/{id}/members?after=&limit=`, `POST /v1/segments/dry-run`;
+//! - `GET|POST /v1/computed-traits`, `GET|PUT|DELETE /v1/computed-traits/{id}`;
+//! - `GET /v1/definitions/backfill`: the back-fill after the last definition change;
+//! - `GET /v1/households/{id}`, `GET /v1/accounts/{id}`: member profile ids.
+//!
+//! Definitions are JSON, or YAML with a `Content-Type` of `application/yaml`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use chrono::{SecondsFormat, TimeZone, Utc};
 use serde_json::{Value, json};
 
 use tessera_common::config::TraitStrategy;
+use tessera_common::kafka::Producer;
+use tessera_common::records::DefinitionChange;
 use tessera_common::store::SharedStore;
+use tessera_common::topics::Topics;
 
+use crate::catalog::{self, COMPUTED_TRAIT, Catalog, Definition, SEGMENT};
 use crate::profile::Profile;
-use crate::segments::Segment;
-use crate::state::{index_key, live_id, member_prefix, profile_key, segment_size_key};
+use crate::state::{
+    self, Backfill, META_BACKFILL, index_key, live_id, member_key_prefix, member_prefix,
+    profile_key, segment_size_key,
+};
 
 #[derive(Clone)]
 pub struct ApiState {
     pub store: SharedStore,
-    pub segments: Arc<Vec<Segment>>,
+    pub catalog: Catalog,
+    pub producer: Arc<Producer>,
+    pub topics: Topics,
     /// Trait strategies, shown by `explain`.
     pub strategies: Arc<BTreeMap<String, TraitStrategy>>,
+    /// Events kept per profile (a dry run derives computed traits from them).
+    pub history_limit: usize,
 }
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/profiles/lookup", get(lookup))
         .route("/v1/profiles/{id}", get(by_id))
-        .route("/v1/segments", get(segments))
+        .route("/v1/profiles/{id}/segments", get(profile_segments))
+        .route(
+            "/v1/segments",
+            get(|st: State<ApiState>| list(st, SEGMENT)).post(
+                |st: State<ApiState>, h: HeaderMap, body: String| create(st, SEGMENT, h, body),
+            ),
+        )
+        .route("/v1/segments/dry-run", post(dry_run))
+        .route(
+            "/v1/segments/{id}",
+            get(|st: State<ApiState>, id: Path<String>| get_one(st, SEGMENT, id))
+                .put(
+                    |st: State<ApiState>, id: Path<String>, h: HeaderMap, body: String| {
+                        replace(st, SEGMENT, id, h, body)
+                    },
+                )
+                .delete(|st: State<ApiState>, id: Path<String>| remove(st, SEGMENT, id)),
+        )
+        .route("/v1/segments/{id}/members", get(members_of_segment))
+        .route(
+            "/v1/computed-traits",
+            get(|st: State<ApiState>| list(st, COMPUTED_TRAIT)).post(
+                |st: State<ApiState>, h: HeaderMap, body: String| {
+                    create(st, COMPUTED_TRAIT, h, body)
+                },
+            ),
+        )
+        .route(
+            "/v1/computed-traits/{id}",
+            get(|st: State<ApiState>, id: Path<String>| get_one(st, COMPUTED_TRAIT, id))
+                .put(
+                    |st: State<ApiState>, id: Path<String>, h: HeaderMap, body: String| {
+                        replace(st, COMPUTED_TRAIT, id, h, body)
+                    },
+                )
+                .delete(|st: State<ApiState>, id: Path<String>| remove(st, COMPUTED_TRAIT, id)),
+        )
+        .route("/v1/definitions/backfill", get(backfill))
         .route("/v1/households/{id}", get(household))
         .route("/v1/accounts/{id}", get(account))
         .with_state(state)
@@ -83,8 +137,27 @@ pub fn view(p: &Profile, explain: bool, strategies: &BTreeMap<String, TraitStrat
             (k.clone(), shown)
         })
         .collect();
+    let computed: serde_json::Map<String, Value> = p
+        .computed
+        .iter()
+        // Segment counters are internal.
+        .filter(|(id, _)| !id.starts_with("_seg_"))
+        .map(|(id, c)| (id.clone(), c.value.clone()))
+        .collect();
+    let consent: serde_json::Map<String, Value> = p
+        .consent
+        .iter()
+        .map(|(k, c)| {
+            (
+                k.clone(),
+                json!({"granted": c.granted, "event_time": iso(c.event_time), "source": c.source}),
+            )
+        })
+        .collect();
     json!({
         "profile_id": p.id,
+        "computed_traits": computed,
+        "consent": consent,
         "identifiers": p.identifiers.iter().map(|i| json!({"type": i.kind, "value": i.value})).collect::<Vec<_>>(),
         "traits": traits,
         "event_counts": p.event_counts,
@@ -191,25 +264,317 @@ async fn lookup(State(st): State<ApiState>, Query(q): Query<HashMap<String, Stri
     }
 }
 
-async fn segments(State(st): State<ApiState>) -> Response {
+async fn profile_segments(State(st): State<ApiState>, Path(id): Path<String>) -> Response {
+    match load_live(st.store, id).await {
+        Ok(Some(p)) => axum::Json(json!({
+            "profile_id": p.id,
+            "segments": p.segments.iter().map(|(id, m)| json!({"id": id, "version": m.version, "entered_at": iso(m.entered_at)})).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, "not_found", "no such profile"),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
+    }
+}
+
+/// Runs a blocking read on the blocking pool; an error is a 503.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> tessera_common::Result<T> + Send + 'static,
+) -> Result<T, Response> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        )),
+        Err(e) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        )),
+    }
+}
+
+fn segment_size(store: &SharedStore, id: &str) -> i64 {
+    store
+        .get(&segment_size_key(id))
+        .ok()
+        .flatten()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(0)
+}
+
+/// A definition as the API shows it: the document, its version, where it came from
+/// and, for a segment, its current size.
+fn shown(store: &SharedStore, r: &DefinitionChange) -> Value {
+    let mut v = json!({
+        "id": r.id, "kind": r.kind, "version": r.version, "origin": r.origin,
+        "changed_at": iso(r.changed_at),
+        "definition": serde_json::from_str::<Value>(&r.definition).unwrap_or(Value::Null),
+    });
+    if r.kind == SEGMENT {
+        v["size"] = json!(segment_size(store, &r.id));
+    }
+    v
+}
+
+async fn list(State(st): State<ApiState>, kind: &'static str) -> Response {
     let store = st.store.clone();
-    let segs = st.segments.clone();
-    let sizes = tokio::task::spawn_blocking(move || {
-        segs.iter()
-            .map(|s| {
-                let size: i64 = store
-                    .get(&segment_size_key(&s.id))
-                    .ok()
-                    .flatten()
-                    .and_then(|b| serde_json::from_slice(&b).ok())
-                    .unwrap_or(0);
-                json!({"id": s.id, "version": s.version, "name": s.name, "description": s.description, "size": size})
-            })
-            .collect::<Vec<_>>()
+    let records = st.catalog.records();
+    let found = blocking(move || {
+        Ok(records
+            .iter()
+            .filter(|r| r.kind == kind && !r.deleted)
+            .map(|r| shown(&store, r))
+            .collect::<Vec<_>>())
     })
-    .await
-    .unwrap_or_default();
-    axum::Json(json!({"segments": sizes})).into_response()
+    .await;
+    let key = if kind == SEGMENT {
+        "segments"
+    } else {
+        "computed_traits"
+    };
+    match found {
+        Ok(list) => axum::Json(json!({ key: list })).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn get_one(
+    State(st): State<ApiState>,
+    kind: &'static str,
+    Path(id): Path<String>,
+) -> Response {
+    match st.catalog.record(kind, &id).filter(|r| !r.deleted) {
+        None => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no {kind} {id}"),
+        ),
+        Some(r) => {
+            let store = st.store.clone();
+            match blocking(move || Ok(shown(&store, &r))).await {
+                Ok(v) => axum::Json(v).into_response(),
+                Err(r) => r,
+            }
+        }
+    }
+}
+
+/// The request's definition of `kind`, JSON or YAML by its content type, with `id`
+/// set from the path when it has none. Every error is the client's (400).
+fn definition(
+    headers: &HeaderMap,
+    body: &str,
+    id: Option<&str>,
+    kind: &str,
+) -> Result<Definition, String> {
+    let yaml = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("yaml"));
+    let mut doc = catalog::parse_document(body, yaml)?;
+    let obj = doc.as_object_mut().ok_or("a definition is an object")?;
+    match (id, obj.get("id").and_then(Value::as_str)) {
+        (Some(path), Some(given)) if path != given => {
+            return Err(format!(
+                "the id in the body ({given}) differs from the path's ({path})"
+            ));
+        }
+        (Some(path), None) => {
+            obj.insert("id".into(), json!(path));
+        }
+        (None, None) => return Err("the definition has no id".into()),
+        _ => {}
+    }
+    Definition::from_value(doc, Some(kind))
+}
+
+/// Publishes a change and answers with the definition (202 if this instance has not
+/// seen it back within 5 s).
+async fn publish(st: &ApiState, change: DefinitionChange, created: bool) -> Response {
+    match crate::publish(&st.producer, &st.topics, &st.catalog, &change).await {
+        Ok(seen) => {
+            let status = match (seen, created) {
+                (false, _) => StatusCode::ACCEPTED,
+                (true, true) => StatusCode::CREATED,
+                (true, false) => StatusCode::OK,
+            };
+            let mut body = shown(&st.store, &change);
+            body["backfill"] = json!("started: GET /v1/definitions/backfill");
+            (status, axum::Json(body)).into_response()
+        }
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
+async fn create(
+    State(st): State<ApiState>,
+    kind: &'static str,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let def = match definition(&headers, &body, None, kind) {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_definition", e),
+    };
+    if st
+        .catalog
+        .record(kind, def.id())
+        .is_some_and(|r| !r.deleted)
+    {
+        return error(
+            StatusCode::CONFLICT,
+            "exists",
+            format!("{kind} {} exists: change it with PUT", def.id()),
+        );
+    }
+    match st.catalog.propose(kind, def.id(), Some(&def), "api") {
+        Ok(change) => publish(&st, change, true).await,
+        Err(e) => error(StatusCode::CONFLICT, "conflict", e),
+    }
+}
+
+async fn replace(
+    State(st): State<ApiState>,
+    kind: &'static str,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let def = match definition(&headers, &body, Some(&id), kind) {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_definition", e),
+    };
+    let created = st.catalog.record(kind, &id).is_none_or(|r| r.deleted);
+    match st.catalog.propose(kind, &id, Some(&def), "api") {
+        Ok(change) => publish(&st, change, created).await,
+        Err(e) => error(StatusCode::CONFLICT, "conflict", e),
+    }
+}
+
+async fn remove(
+    State(st): State<ApiState>,
+    kind: &'static str,
+    Path(id): Path<String>,
+) -> Response {
+    if st.catalog.record(kind, &id).is_none_or(|r| r.deleted) {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no {kind} {id}"),
+        );
+    }
+    match st.catalog.propose(kind, &id, None, "api") {
+        Ok(change) => publish(&st, change, false).await,
+        Err(e) => error(StatusCode::CONFLICT, "conflict", e),
+    }
+}
+
+async fn dry_run(State(st): State<ApiState>, headers: HeaderMap, body: String) -> Response {
+    let def = match definition(&headers, &body, None, SEGMENT) {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_definition", e),
+    };
+    let set = match st.catalog.with_candidate(&def) {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::CONFLICT, "conflict", e),
+    };
+    let (store, id, limit) = (st.store.clone(), def.id().to_string(), st.history_limit);
+    let now = tessera_common::now_ms();
+    match blocking(move || state::dry_run(store.as_ref(), &set, &id, limit, now)).await {
+        Ok(r) => axum::Json(json!({
+            "segment": def.id(), "size": r.size, "profiles_scanned": r.scanned, "sample": r.sample,
+        }))
+        .into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn members_of_segment(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if st.catalog.current().segment(&id).is_none() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no segment {id}"),
+        );
+    }
+    let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
+        None => 100,
+        Some(Ok(l)) if (1..=1000).contains(&l) => l,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                "limit must be 1 to 1000",
+            );
+        }
+    };
+    let prefix = member_key_prefix(&id);
+    let start = match q.get("after") {
+        Some(after) => format!("{prefix}{after}\0"),
+        None => prefix.clone(),
+    };
+    let store = st.store.clone();
+    let rows =
+        match blocking(move || store.scan_from(prefix.as_bytes(), start.as_bytes(), limit + 1))
+            .await
+        {
+            Ok(r) => r,
+            Err(r) => return r,
+        };
+    let prefix_len = member_key_prefix(&id).len();
+    let members: Vec<Value> = rows
+        .iter()
+        .take(limit)
+        .map(|(k, v)| {
+            let entered: i64 = String::from_utf8_lossy(v).parse().unwrap_or(0);
+            json!({"profile_id": String::from_utf8_lossy(&k[prefix_len..]), "entered_at": iso(entered)})
+        })
+        .collect();
+    let next = (rows.len() > limit)
+        .then(|| members.last().map(|m| m["profile_id"].clone()))
+        .flatten();
+    axum::Json(json!({
+        "segment": id, "size": segment_size(&st.store, &id), "members": members, "next_after": next,
+    }))
+    .into_response()
+}
+
+async fn backfill(State(st): State<ApiState>) -> Response {
+    let store = st.store.clone();
+    let job = blocking(move || {
+        Ok(store
+            .get(META_BACKFILL)?
+            .and_then(|b| serde_json::from_slice::<Backfill>(&b).ok()))
+    })
+    .await;
+    match job {
+        Ok(None) => axum::Json(json!({"state": "none"})).into_response(),
+        Ok(Some(j)) => {
+            let progress = if j.total == 0 {
+                1.0
+            } else {
+                (j.scanned as f64 / j.total as f64).min(1.0)
+            };
+            axum::Json(json!({
+                "state": if j.finished_at.is_some() { "done" } else { "running" },
+                "definitions": j.definitions, "profiles_scanned": j.scanned,
+                "profiles_total": j.total, "progress": progress,
+                "started_at": iso(j.started_at), "finished_at": j.finished_at.map(iso),
+            }))
+            .into_response()
+        }
+        Err(r) => r,
+    }
 }
 
 /// Profile ids of a household or an account (at most 1000).

@@ -1,33 +1,64 @@
 //! # tessera-profiles
 //!
 //! Consumes `events.resolved`, `identity.merges`, `identity.splits` and its own
-//! `profiles.transfers`;
-//! keeps profiles in RocksDB ([`profile`], [`state`]); evaluates the segment
-//! definitions ([`segments`]) on every change and emits enter/exit records to
-//! `segments.membership`; serves the profile API ([`api`]).
+//! `profiles.transfers`; keeps profiles in RocksDB ([`profile`], [`state`]) with
+//! computed traits ([`computed`]); evaluates the segment definitions ([`segments`]) on
+//! every change and at window edges (durable timers) and emits enter/exit records to
+//! `segments.membership`. Definitions live on the `profiles.definitions` table topic
+//! ([`catalog`]), written by the definitions API and the definition files, and are
+//! back-filled over existing profiles when they change. Serves the profile, segment and
+//! definitions API ([`api`]).
 
 pub mod api;
+pub mod catalog;
+pub mod computed;
 pub mod profile;
 pub mod segments;
 pub mod state;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use tessera_common::admin;
 use tessera_common::config::Config;
+use tessera_common::kafka::{self, Producer, TopicKind};
+use tessera_common::records::{AvroRecord, DefinitionChange};
 use tessera_common::runner::RunnerSpec;
-use tessera_common::service;
 use tessera_common::topics::Topics;
-use tessera_common::{Error, Result};
+use tessera_common::{Error, Result, service, table};
+
+use catalog::Catalog;
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let listener = admin::bind(&config.profiles.http_listen).await?;
     run_with_listener(config, listener, shutdown).await
+}
+
+/// Publishes a definition change and waits until this instance's catalog has it.
+pub async fn publish(
+    producer: &Producer,
+    topics: &Topics,
+    catalog: &Catalog,
+    change: &DefinitionChange,
+) -> Result<bool> {
+    let key = format!("{}/{}", change.kind, change.id);
+    producer
+        .send(&topics.definitions(), key.as_bytes(), &change.to_avro()?)
+        .await
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+    for _ in 0..200 {
+        if catalog
+            .record(&change.kind, &change.id)
+            .is_some_and(|r| r.version >= change.version)
+        {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Ok(false)
 }
 
 pub async fn run_with_listener(
@@ -35,9 +66,7 @@ pub async fn run_with_listener(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let segments =
-        Arc::new(segments::load_dir(&config.profiles.definitions_dir).map_err(Error::Config)?);
-    info!(segments = segments.len(), "segment definitions loaded");
+    let files = catalog::load_dir(&config.profiles.definitions_dir).map_err(Error::Config)?;
     let topics = Topics::new(&config.topics);
     let needed = [
         topics.resolved(),
@@ -48,13 +77,48 @@ pub async fn run_with_listener(
         topics.deadletter(),
     ];
     let parts = service::prepare(&config, "profiles", &config.profiles.state_dir, &needed).await?;
+    kafka::ensure_topics(
+        &config.kafka,
+        &config.topics,
+        &[(topics.definitions(), TopicKind::Table)],
+    )
+    .await?;
+    let catalog = Catalog::default();
+    let filled = catalog.clone();
+    table::follow(
+        &config.kafka,
+        &topics.definitions(),
+        "tessera-profiles-definitions",
+        move |m| match m.payload.as_deref().map(DefinitionChange::from_avro) {
+            Some(Ok(change)) => filled.apply(change),
+            Some(Err(e)) => {
+                warn!(offset = m.offset, error = %e, "unreadable definition record skipped")
+            }
+            None => {}
+        },
+        shutdown.clone(),
+    )
+    .await?;
+    for change in catalog::file_changes(&catalog, &files).map_err(Error::Config)? {
+        info!(kind = %change.kind, id = %change.id, version = change.version, "publishing a definition file");
+        publish(&parts.producer, &topics, &catalog, &change).await?;
+    }
+    let defs = catalog.current();
+    info!(
+        segments = defs.segments.len(),
+        computed_traits = defs.computed.len(),
+        "definitions loaded"
+    );
     let processor = state::ProfilesProcessor {
         topics: topics.clone(),
-        segments: segments.clone(),
+        catalog: catalog.clone(),
         rules: profile::ApplyRules {
             recent_limit: config.profiles.recent_events,
             strategies: config.profiles.trait_strategies.clone(),
+            defs,
         },
+        synced: false,
+        clock: tessera_common::now_ms,
         history_limit: config.profiles.history_events,
         dedup_window_ms: config.profiles.dedup_window_ms,
         metrics: state::ProfilesMetrics::new(&parts.admin),
@@ -67,14 +131,17 @@ pub async fn run_with_listener(
         topics.transfers(),
     ];
     let spec = RunnerSpec {
-        // Expires de-duplication entries.
-        tick_every: Some(Duration::from_secs(10)),
+        // Fires window timers, moves back-fills on, expires de-duplication entries.
+        tick_every: Some(Duration::from_millis(250)),
         ..RunnerSpec::new("profiles", &topics, inputs)
     };
     let routes = api::router(api::ApiState {
         store: parts.store.clone(),
-        segments,
-        strategies: Arc::new(config.profiles.trait_strategies.clone()),
+        catalog,
+        producer: parts.producer.clone(),
+        topics,
+        strategies: std::sync::Arc::new(config.profiles.trait_strategies.clone()),
+        history_limit: config.profiles.history_events,
     });
     service::run(&config, parts, listener, routes, spec, processor, shutdown).await
 }

@@ -4,6 +4,7 @@
 //! replay gives the same result.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -12,6 +13,9 @@ use tessera_common::config::TraitStrategy;
 use tessera_common::ids::deterministic_id;
 use tessera_common::records::{Identifier, ResolvedEvent};
 use tessera_common::text;
+
+use crate::catalog::DefinitionSet;
+use crate::computed::{ComputedState, ComputedTrait};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TraitValue {
@@ -28,19 +32,20 @@ impl TraitValue {
     }
 }
 
-/// What applying events needs besides the events: the timeline length and the trait
-/// strategies.
+/// What applying events needs besides the events: the timeline length, the trait
+/// strategies and the definitions in force (for computed traits).
 #[derive(Debug, Clone, Default)]
 pub struct ApplyRules {
     pub recent_limit: usize,
     pub strategies: BTreeMap<String, TraitStrategy>,
+    pub defs: Arc<DefinitionSet>,
 }
 
 impl ApplyRules {
     pub fn with_recent(recent_limit: usize) -> ApplyRules {
         ApplyRules {
             recent_limit,
-            strategies: BTreeMap::new(),
+            ..Default::default()
         }
     }
     pub fn strategy(&self, name: &str) -> &TraitStrategy {
@@ -143,6 +148,15 @@ pub struct EventSummary {
     pub properties: Value,
 }
 
+/// A consent purpose's latest answer (`context.consent.categoryPreferences`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Consent {
+    pub granted: bool,
+    pub event_time: i64,
+    pub message_id: String,
+    pub source: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Membership {
     pub version: i32,
@@ -175,6 +189,15 @@ pub struct Profile {
     /// JSON.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub trait_counts: BTreeMap<String, BTreeMap<String, Frequency>>,
+    /// Computed traits (and segment counters) by id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub computed: BTreeMap<String, ComputedState>,
+    /// Consent by purpose.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub consent: BTreeMap<String, Consent>,
+    /// When the next windowed value leaves its window (the profile's timer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timer: Option<i64>,
 }
 
 impl Profile {
@@ -212,10 +235,31 @@ impl Profile {
                 changed |= self.set_trait(k, provenance(v), 1, rules);
             }
         }
+        if let Some(prefs) = payload["context"]["consent"]["categoryPreferences"].as_object() {
+            for (purpose, v) in prefs {
+                let Some(granted) = v.as_bool() else { continue };
+                let c = Consent {
+                    granted,
+                    event_time: e.event_time,
+                    message_id: e.message_id.clone(),
+                    source: e.source.clone(),
+                };
+                changed |= self.set_consent(purpose, c);
+            }
+        }
         if e.kind == "track"
             && let Some(name) = &e.event
         {
             *self.event_counts.entry(name.clone()).or_default() += 1;
+        }
+        for def in &rules.defs.computed {
+            self.contribute(
+                def,
+                e.kind.as_str(),
+                e.event.as_deref(),
+                e.event_time,
+                &payload,
+            );
         }
         if e.kind == "group" {
             let group = match &payload["groupId"] {
@@ -248,6 +292,76 @@ impl Profile {
             recent_limit,
         );
         changed || self.identifiers.len() != identifiers_before
+    }
+
+    /// Records a consent answer if it is the latest; returns whether the answer changed.
+    fn set_consent(&mut self, purpose: &str, c: Consent) -> bool {
+        match self.consent.get(purpose) {
+            Some(old) if (old.event_time, &old.message_id) >= (c.event_time, &c.message_id) => {
+                false
+            }
+            old => {
+                let changed = old.is_none_or(|o| o.granted != c.granted);
+                self.consent.insert(purpose.to_string(), c);
+                changed
+            }
+        }
+    }
+
+    /// Adds an event's contribution to a computed trait (a state of another version
+    /// is left to be rebuilt).
+    fn contribute(
+        &mut self,
+        def: &ComputedTrait,
+        kind: &str,
+        event: Option<&str>,
+        t: i64,
+        payload: &Value,
+    ) {
+        let Some(v) = def.contribution(kind, event, &payload["properties"]) else {
+            return;
+        };
+        let state = self
+            .computed
+            .entry(def.id.clone())
+            .or_insert_with(|| ComputedState::new(def));
+        if state.version == def.version {
+            state.add(def, t, v);
+        }
+    }
+
+    /// Builds a computed trait afresh from events (a new or changed definition).
+    pub fn recompute(&mut self, def: &ComputedTrait, events: &[ResolvedEvent]) {
+        self.computed
+            .insert(def.id.clone(), ComputedState::new(def));
+        for r in events {
+            let payload: Value = serde_json::from_str(&r.event.payload).unwrap_or(Value::Null);
+            let e = &r.event;
+            self.contribute(def, &e.kind, e.event.as_deref(), e.event_time, &payload);
+        }
+    }
+
+    /// Drops computed traits no longer defined and windowed values that left their
+    /// window by `now`; returns whether a value changed and the next expiry.
+    pub fn refresh_computed(&mut self, defs: &DefinitionSet, now: i64) -> (bool, Option<i64>) {
+        let before = self.computed.len();
+        self.computed
+            .retain(|id, _| defs.computed.iter().any(|d| &d.id == id));
+        let mut changed = self.computed.len() != before;
+        let mut next: Option<i64> = None;
+        for def in &defs.computed {
+            let state = self
+                .computed
+                .entry(def.id.clone())
+                .or_insert_with(|| ComputedState::new(def));
+            let (c, n) = state.refresh(def, now);
+            changed |= c;
+            next = match (next, n) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        (changed, next)
     }
 
     /// Sets the household from the `address` trait; returns whether it changed.
@@ -363,6 +477,21 @@ impl Profile {
             }
         }
         changed |= self.derive_household();
+        for (purpose, c) in &other.consent {
+            changed |= self.set_consent(purpose, c.clone());
+        }
+        for (id, theirs) in &other.computed {
+            let def = rules.defs.computed.iter().find(|d| &d.id == id);
+            match (self.computed.get_mut(id), def) {
+                (Some(mine), Some(def)) if mine.version == theirs.version => {
+                    mine.absorb(def, theirs)
+                }
+                (None, _) => {
+                    self.computed.insert(id.clone(), theirs.clone());
+                }
+                _ => {}
+            }
+        }
         for a in &other.accounts {
             changed |= self.accounts.insert(a.clone());
         }
@@ -605,6 +734,7 @@ mod tests {
         let rules = ApplyRules {
             recent_limit: 10,
             strategies,
+            ..Default::default()
         };
         let orders = [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]];
         let mut results = Vec::new();

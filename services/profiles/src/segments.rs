@@ -1,21 +1,24 @@
-//! Segment definitions: declarative JSON documents, validated at load, evaluated on
-//! every profile change. User-supplied text is data only: there is no expression
-//! language. The format (see `deploy/definitions/segments/*.json`):
+//! Segment definitions: declarative documents (JSON or YAML), validated at load,
+//! evaluated on every profile change and when a window edge passes. User-supplied text
+//! is data only: there is no expression language. The format:
 //!
 //! ```json
-//! {"id": "buyers", "version": 1, "name": "Buyers",
-//!  "condition": {"event_count": {"event": "Order Completed", "min": 1}}}
+//! {"id": "active-buyers", "name": "Active buyers",
+//!  "condition": {"event_count": {"event": "Order Completed", "min": 2,
+//!                "where": [{"property": "total", "gt": 50}], "within": "30d"}}}
 //! ```
 //!
-//! Conditions: `{"event_count": {"event", "min", "max"?}}`,
-//! `{"trait": {"name", "equals"? | "exists"?}}`, `{"has_identifier": "<kind>"}`,
-//! `{"all": [...]}`, `{"any": [...]}`, `{"not": {...}}`.
-
-use std::path::Path;
+//! Conditions: `event_count {event, min?, max?, where?, within?}`, `trait {name, <op>}`,
+//! `computed {name, <op>}`, `has_identifier: "<kind>"`, `consent: "<purpose>"`,
+//! `in_segment: "<segment id>"`, `all: [...]`, `any: [...]`, `not: {...}`. An
+//! operator is one of `equals`, `not_equals`, `gt`, `gte`, `lt`, `lte`, `in`, `contains`,
+//! `exists` (see [`Test`]). An event count with `where` or `within` is kept as a
+//! counter of its own (a computed trait named `_seg_<segment>_<n>`), so that it expires
+//! on its window's edge.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
+use crate::computed::{self, Aggregate, ComputedTrait, Test};
 use crate::profile::Profile;
 
 const MAX_DEPTH: usize = 16;
@@ -24,20 +27,28 @@ const MAX_DEPTH: usize = 16;
 #[serde(deny_unknown_fields)]
 pub struct Segment {
     pub id: String,
+    /// Set by the catalog: 1 on creation, one more on each change.
+    #[serde(default)]
     pub version: i32,
     #[serde(default)]
     pub name: String,
     #[serde(default)]
     pub description: String,
     pub condition: Condition,
+    /// The counters of this segment's windowed or filtered event counts.
+    #[serde(skip)]
+    pub counters: Vec<ComputedTrait>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Condition {
     EventCount(EventCount),
-    Trait(TraitCondition),
+    Trait(Test),
+    Computed(Test),
     HasIdentifier(String),
+    Consent(String),
+    InSegment(String),
     All(Vec<Condition>),
     Any(Vec<Condition>),
     Not(Box<Condition>),
@@ -49,59 +60,75 @@ pub struct EventCount {
     pub event: String,
     #[serde(default)]
     pub min: u64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<u64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TraitCondition {
-    pub name: String,
-    #[serde(default)]
-    pub equals: Option<Value>,
-    #[serde(default)]
-    pub exists: Option<bool>,
+    #[serde(default, rename = "where", skip_serializing_if = "Vec::is_empty")]
+    pub filter: Vec<Test>,
+    /// `30d`, `12h`...: only events within this long before now count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub within: Option<String>,
+    /// The counter (computed trait) kept for a filtered or windowed count.
+    #[serde(skip)]
+    pub counter: Option<String>,
 }
 
 impl Condition {
     pub fn matches(&self, p: &Profile) -> bool {
         match self {
             Condition::EventCount(c) => {
-                let n = p.event_counts.get(&c.event).copied().unwrap_or(0);
+                let n = match &c.counter {
+                    Some(id) => p
+                        .computed
+                        .get(id)
+                        .and_then(|s| s.value.as_u64())
+                        .unwrap_or(0),
+                    None => p.event_counts.get(&c.event).copied().unwrap_or(0),
+                };
                 n >= c.min && c.max.is_none_or(|m| n <= m)
             }
-            Condition::Trait(t) => {
-                let v = p
-                    .traits
-                    .get(&t.name)
-                    .map(|tv| &tv.value)
-                    .filter(|v| !v.is_null());
-                match (&t.equals, t.exists) {
-                    (Some(want), _) => v == Some(want),
-                    (None, Some(exists)) => v.is_some() == exists,
-                    (None, None) => v.is_some(),
-                }
-            }
+            Condition::Trait(t) => t.passes(p.traits.get(&t.name).map(|tv| &tv.value)),
+            Condition::Computed(t) => t.passes(p.computed.get(&t.name).map(|s| &s.value)),
             Condition::HasIdentifier(kind) => p.identifiers.iter().any(|i| &i.kind == kind),
+            Condition::Consent(purpose) => p.consent.get(purpose).is_some_and(|c| c.granted),
+            Condition::InSegment(id) => p.segments.contains_key(id),
             Condition::All(cs) => cs.iter().all(|c| c.matches(p)),
             Condition::Any(cs) => cs.iter().any(|c| c.matches(p)),
             Condition::Not(c) => !c.matches(p),
         }
     }
 
-    /// A short reason for a record, naming the kind of condition at the top.
+    /// A short reason for a record, naming the condition at the top.
     pub fn describe(&self) -> String {
         match self {
-            Condition::EventCount(c) => format!("event_count({})", c.event),
+            Condition::EventCount(c) => match &c.within {
+                Some(w) => format!("event_count({}) within {w}", c.event),
+                None => format!("event_count({})", c.event),
+            },
             Condition::Trait(t) => format!("trait({})", t.name),
+            Condition::Computed(t) => format!("computed({})", t.name),
             Condition::HasIdentifier(k) => format!("has_identifier({k})"),
-            Condition::All(_) => "all".into(),
-            Condition::Any(_) => "any".into(),
-            Condition::Not(_) => "not".into(),
+            Condition::Consent(k) => format!("consent({k})"),
+            Condition::InSegment(k) => format!("in_segment({k})"),
+            Condition::All(cs) | Condition::Any(cs) => {
+                let word = if matches!(self, Condition::All(_)) {
+                    "all"
+                } else {
+                    "any"
+                };
+                let parts: Vec<String> = cs.iter().map(Condition::describe).collect();
+                format!("{word}({})", parts.join(", "))
+            }
+            Condition::Not(c) => format!("not({})", c.describe()),
         }
     }
 
-    fn validate(&self, depth: usize) -> Result<(), String> {
+    /// Validates, and turns filtered or windowed counts into counters of `segment`.
+    fn compile(
+        &mut self,
+        segment: &str,
+        depth: usize,
+        counters: &mut Vec<ComputedTrait>,
+    ) -> Result<(), String> {
         if depth > MAX_DEPTH {
             return Err(format!("conditions nest deeper than {MAX_DEPTH} levels"));
         }
@@ -118,82 +145,91 @@ impl Condition {
                         c.event, c.min
                     ));
                 }
+                if !c.filter.is_empty() || c.within.is_some() {
+                    let mut counter = ComputedTrait {
+                        id: format!("_seg_{segment}_{}", counters.len()),
+                        version: 1,
+                        name: String::new(),
+                        description: format!("counter of segment {segment}"),
+                        event: Some(c.event.clone()),
+                        filter: c.filter.clone(),
+                        aggregate: Aggregate::Count,
+                        property: None,
+                        window: c.within.clone(),
+                        window_ms: None,
+                    };
+                    counter
+                        .validate()
+                        .map_err(|e| format!("event_count for {:?}: {e}", c.event))?;
+                    c.counter = Some(counter.id.clone());
+                    counters.push(counter);
+                }
                 Ok(())
             }
-            Condition::Trait(t) if t.name.trim().is_empty() => Err("trait.name is empty".into()),
-            Condition::Trait(t) if t.equals.is_some() && t.exists.is_some() => Err(format!(
-                "trait {:?}: give equals or exists, not both",
-                t.name
-            )),
-            Condition::Trait(_) => Ok(()),
-            Condition::HasIdentifier(k) if k.trim().is_empty() => {
-                Err("has_identifier is empty".into())
+            Condition::Trait(t) => t.validate("trait"),
+            Condition::Computed(t) => t.validate("computed"),
+            Condition::HasIdentifier(k) | Condition::Consent(k) | Condition::InSegment(k)
+                if k.trim().is_empty() =>
+            {
+                Err(format!("{} is empty", self.describe()))
             }
-            Condition::HasIdentifier(_) => Ok(()),
+            Condition::HasIdentifier(_) | Condition::Consent(_) => Ok(()),
+            Condition::InSegment(k) if k == segment => {
+                Err(format!("in_segment({k}) refers to the segment itself"))
+            }
+            Condition::InSegment(_) => Ok(()),
             Condition::All(cs) | Condition::Any(cs) => {
                 if cs.is_empty() {
                     return Err("all/any needs at least one condition".into());
                 }
-                cs.iter().try_for_each(|c| c.validate(depth + 1))
+                cs.iter_mut()
+                    .try_for_each(|c| c.compile(segment, depth + 1, counters))
             }
-            Condition::Not(c) => c.validate(depth + 1),
+            Condition::Not(c) => c.compile(segment, depth + 1, counters),
+        }
+    }
+
+    /// The segments and the computed traits this condition reads.
+    pub fn references<'a>(&'a self, segments: &mut Vec<&'a str>, computed: &mut Vec<&'a str>) {
+        match self {
+            Condition::InSegment(s) => segments.push(s),
+            Condition::Computed(t) => computed.push(&t.name),
+            Condition::All(cs) | Condition::Any(cs) => {
+                cs.iter().for_each(|c| c.references(segments, computed))
+            }
+            Condition::Not(c) => c.references(segments, computed),
+            _ => {}
         }
     }
 }
 
 impl Segment {
-    /// Parses and validates one definition; the error says what is wrong.
-    pub fn parse(text: &str) -> Result<Segment, String> {
-        let s: Segment =
-            serde_json::from_str(text).map_err(|e| format!("invalid segment definition: {e}"))?;
-        if s.id.is_empty()
-            || !s
-                .id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+    /// Checks the definition and builds its counters.
+    pub fn compile(&mut self) -> Result<(), String> {
+        if !computed::valid_id(&self.id) {
             return Err(format!(
-                "segment id {:?} must be letters, digits, '-' or '_'",
-                s.id
+                "segment id {:?} must be 1 to 100 letters, digits, '-' or '_'",
+                self.id
             ));
         }
-        if s.version < 1 {
-            return Err(format!("segment {}: version must be >= 1", s.id));
+        let mut counters = Vec::new();
+        self.condition
+            .compile(&self.id, 0, &mut counters)
+            .map_err(|e| format!("segment {}: {e}", self.id))?;
+        for c in &mut counters {
+            c.version = self.version.max(1);
         }
-        s.condition
-            .validate(0)
-            .map_err(|e| format!("segment {}: {e}", s.id))?;
+        self.counters = counters;
+        Ok(())
+    }
+
+    /// Parses (JSON) and compiles one definition; the error says what is wrong.
+    pub fn parse(text: &str) -> Result<Segment, String> {
+        let mut s: Segment =
+            serde_json::from_str(text).map_err(|e| format!("invalid segment definition: {e}"))?;
+        s.compile()?;
         Ok(s)
     }
-}
-
-/// Loads every `*.json` in `dir` (none when `dir` is empty). All or nothing: one bad
-/// file refuses the whole set, naming the file.
-pub fn load_dir(dir: &Path) -> Result<Vec<Segment>, String> {
-    if dir.as_os_str().is_empty() {
-        return Ok(Vec::new());
-    }
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| format!("cannot read definitions folder {}: {e}", dir.display()))?;
-    let mut files: Vec<_> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    files.sort();
-    let mut out: Vec<Segment> = Vec::new();
-    for f in files {
-        let text = std::fs::read_to_string(&f).map_err(|e| format!("{}: {e}", f.display()))?;
-        let seg = Segment::parse(&text).map_err(|e| format!("{}: {e}", f.display()))?;
-        if out.iter().any(|s| s.id == seg.id) {
-            return Err(format!(
-                "{}: segment id {} is defined twice",
-                f.display(),
-                seg.id
-            ));
-        }
-        out.push(seg);
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -211,11 +247,16 @@ mod tests {
             ),
             (
                 r#"{"id":"b c","version":1,"condition":{"has_identifier":"email"}}"#,
-                "must be letters",
+                "letters, digits",
+            ),
+            (r#"{"id":"b","condition":{"in_segment":"b"}}"#, "itself"),
+            (
+                r#"{"id":"b","condition":{"event_count":{"event":"x","within":"5y"}}}"#,
+                "unit",
             ),
             (
-                r#"{"id":"b","version":0,"condition":{"has_identifier":"email"}}"#,
-                "version",
+                r#"{"id":"b","condition":{"trait":{"name":"x","gt":1,"equals":2}}}"#,
+                "one operator",
             ),
             (
                 r#"{"id":"b","version":1,"condition":{"event_count":{"event":"x","min":3,"max":1}}}"#,
@@ -237,9 +278,35 @@ mod tests {
     }
 
     #[test]
-    fn example_definitions_load() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/definitions/segments");
-        let segs = load_dir(&dir).unwrap();
-        assert!(segs.iter().any(|s| s.id == "buyers"));
+    fn windowed_counts_become_counters_and_conditions_read_them() {
+        let s = Segment::parse(r#"{"id":"active","version":3,"condition":{"all":[
+            {"event_count":{"event":"Order Completed","min":2,"where":[{"property":"total","gt":50}],"within":"30d"}},
+            {"not":{"event_count":{"event":"Refund","min":1}}},
+            {"trait":{"name":"ltv","gte":100}}]}}"#).unwrap();
+        assert_eq!(s.counters.len(), 1);
+        assert_eq!(s.counters[0].id, "_seg_active_0");
+        assert_eq!(s.counters[0].window_ms, Some(30 * 86_400_000));
+        assert_eq!(s.counters[0].version, 3);
+        let mut p = Profile::new("p");
+        p.traits.insert(
+            "ltv".into(),
+            crate::profile::TraitValue {
+                value: serde_json::json!(120),
+                event_time: 0,
+                message_id: "m".into(),
+                source: "s".into(),
+            },
+        );
+        assert!(!s.condition.matches(&p));
+        p.computed.insert(
+            "_seg_active_0".into(),
+            crate::computed::ComputedState {
+                value: serde_json::json!(2),
+                ..Default::default()
+            },
+        );
+        assert!(s.condition.matches(&p));
+        p.event_counts.insert("Refund".into(), 1);
+        assert!(!s.condition.matches(&p));
     }
 }

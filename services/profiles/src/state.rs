@@ -2,9 +2,16 @@
 //! RocksDB, evaluates segments on every change and emits membership changes.
 //!
 //! Keys: `p/<id>` profile JSON; `redirect/<id>` → survivor of a merge; `idx/<kind>/<value>`
-//! → profile id (for lookups); `segsize/<segment>` → member count; `seen/<id>` and
-//! `seenexp/<expiry>/<id>` → de-duplication of message, merge and transfer ids within
-//! the window.
+//! → profile id (for lookups); `segsize/<segment>` → member count; `sm/<segment>/<id>`
+//! → entry time (the members); `tm/<due>/<id>` → a profile's timer (its next window
+//! edge); `seen/<id>` and `seenexp/<expiry>/<id>` → de-duplication of message, merge and
+//! transfer ids within the window; `meta/applied` → the definition versions in force,
+//! `meta/backfill` → the back-fill in progress, `meta/profiles` → the profile count.
+//!
+//! Definitions change at run time (see `catalog`): the processor notices a new catalog
+//! generation, records the versions it now applies and starts a back-fill, a pass over
+//! every profile on the tick that rebuilds stale computed traits from the kept history
+//! and re-evaluates the segments, emitting enter and exit records.
 //!
 //! Merges across partitions: a merge record arrives keyed by the merged profile, where
 //! its state lives. That state leaves as a transfer keyed by the survivor and is
@@ -13,6 +20,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
 use tracing::debug;
@@ -28,8 +36,8 @@ use tessera_common::store::{Store, Txn};
 use tessera_common::topics::Topics;
 use tessera_common::{Error, Result};
 
+use crate::catalog::{Catalog, DefinitionSet};
 use crate::profile::{ApplyRules, Membership, Profile};
-use crate::segments::Segment;
 
 pub fn profile_key(id: &str) -> Vec<u8> {
     format!("p/{id}").into_bytes()
@@ -42,6 +50,37 @@ pub fn index_key(kind: &str, value: &str) -> Vec<u8> {
 }
 pub fn segment_size_key(segment: &str) -> Vec<u8> {
     format!("segsize/{segment}").into_bytes()
+}
+/// Members of a segment: `sm/<segment>/<profile>` → entry time.
+pub fn member_key_prefix(segment: &str) -> String {
+    format!("sm/{segment}/")
+}
+fn timer_key(due: i64, id: &str) -> Vec<u8> {
+    format!("{TIMER_PREFIX}{:020}/{id}", due.max(0)).into_bytes()
+}
+const TIMER_PREFIX: &str = "tm/";
+pub const META_BACKFILL: &[u8] = b"meta/backfill";
+const META_APPLIED: &[u8] = b"meta/applied";
+pub const META_PROFILES: &[u8] = b"meta/profiles";
+/// Timers fired per tick at most (the rest on the next tick).
+const TIMERS_PER_TICK: usize = 5000;
+/// Back-fill works in chunks of this many profiles for at most this long per tick.
+const BACKFILL_CHUNK: usize = 500;
+const BACKFILL_BUDGET: Duration = Duration::from_millis(200);
+
+/// A pass over every profile after definitions changed.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Backfill {
+    pub id: String,
+    /// `<kind>/<id> v<version>` (or `deleted`) of each change it brings in.
+    pub definitions: Vec<String>,
+    /// The last profile id done.
+    pub cursor: Option<String>,
+    pub scanned: u64,
+    /// Profiles when it started.
+    pub total: u64,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
 }
 /// Events of a profile in event-time order (the sign bit flipped so that the decimal
 /// order is the numeric order).
@@ -80,6 +119,8 @@ pub fn live_id(get: impl Fn(&[u8]) -> Result<Option<Vec<u8>>>, id: &str) -> Resu
 #[derive(Clone)]
 pub struct ProfilesMetrics {
     pub applied: IntCounter,
+    pub timers: IntCounter,
+    pub backfilled: IntCounter,
     pub splits: IntCounterVec,
     pub duplicates: IntCounterVec,
     pub membership: IntCounterVec,
@@ -105,6 +146,20 @@ impl ProfilesMetrics {
                 &IntCounter::new(
                     "tessera_profiles_events_applied_total",
                     "Events applied to a profile",
+                )
+                .unwrap(),
+            ),
+            timers: admin.register(
+                &IntCounter::new(
+                    "tessera_profiles_timers_fired_total",
+                    "Profiles re-evaluated because a windowed value left its window",
+                )
+                .unwrap(),
+            ),
+            backfilled: admin.register(
+                &IntCounter::new(
+                    "tessera_profiles_backfilled_profiles_total",
+                    "Profiles re-evaluated by a back-fill after a definition change",
                 )
                 .unwrap(),
             ),
@@ -153,9 +208,14 @@ impl ProfilesMetrics {
 
 pub struct ProfilesProcessor {
     pub topics: Topics,
-    pub segments: Arc<Vec<Segment>>,
-    /// Timeline length and trait strategies.
+    /// Definitions as the table reader last saw them; installed into `rules.defs`.
+    pub catalog: Catalog,
+    /// Timeline length, trait strategies and the definitions in force.
     pub rules: ApplyRules,
+    /// Whether `rules.defs` was checked against the stored versions since start.
+    pub synced: bool,
+    /// The wall clock (windows are relative to it); a fixed one in tests.
+    pub clock: fn() -> i64,
     /// Events kept per profile to re-derive it after a split.
     pub history_limit: usize,
     pub dedup_window_ms: i64,
@@ -205,11 +265,148 @@ fn index_groups(
     }
 }
 
-/// What caused a change, for deterministic record ids and timing.
+/// What caused a change, for deterministic record ids, reasons and timing.
 struct Cause<'a> {
     id: &'a str,
+    /// `event`, `merge`, `split`, `window` (a timer), `definition` (a back-fill).
+    why: &'static str,
     event_time: i64,
     received_at: i64,
+}
+
+/// Rebuilds, from the kept history, each computed trait the profile lacks or holds for
+/// another version of its definition (a definition added or changed since). A profile
+/// with more events than it keeps gets values from the kept ones.
+fn ensure_computed(
+    txn: &Txn<'_>,
+    p: &mut Profile,
+    defs: &DefinitionSet,
+    history_limit: usize,
+) -> Result<()> {
+    if p.events_total == 0 {
+        return Ok(());
+    }
+    let stale: Vec<_> = defs
+        .computed
+        .iter()
+        .filter(|d| p.computed.get(&d.id).is_none_or(|s| s.version != d.version))
+        .collect();
+    if stale.is_empty() {
+        return Ok(());
+    }
+    let events = read_log(txn, &p.id, history_limit)?;
+    for def in stale {
+        p.recompute(def, &events);
+    }
+    Ok(())
+}
+
+/// A profile's kept history, oldest first.
+fn read_log(txn: &Txn<'_>, id: &str, history_limit: usize) -> Result<Vec<ResolvedEvent>> {
+    txn.scan(log_prefix(id).as_bytes(), history_limit + 16)?
+        .iter()
+        .map(|(_, v)| ResolvedEvent::from_avro(v))
+        .collect()
+}
+
+/// How many profiles a candidate segment would hold now, without changing anything:
+/// each profile is evaluated with the candidate's definitions (computed traits the
+/// profiles lack are derived from their kept history).
+#[derive(Debug, serde::Serialize)]
+pub struct DryRun {
+    pub size: u64,
+    pub scanned: u64,
+    /// Up to ten members.
+    pub sample: Vec<String>,
+}
+
+pub fn dry_run(
+    store: &dyn Store,
+    defs: &DefinitionSet,
+    segment: &str,
+    history_limit: usize,
+    now: i64,
+) -> Result<DryRun> {
+    let txn = Txn::new(store);
+    let mut res = DryRun {
+        size: 0,
+        scanned: 0,
+        sample: Vec::new(),
+    };
+    let mut start = b"p/".to_vec();
+    loop {
+        let rows = store.scan_from(b"p/", &start, 1000)?;
+        for (k, v) in &rows {
+            let mut p: Profile = serde_json::from_slice(v)?;
+            ensure_computed(&txn, &mut p, defs, history_limit)?;
+            p.refresh_computed(defs, now);
+            transitions(defs, &mut p, now, "dry run");
+            res.scanned += 1;
+            if p.segments.contains_key(segment) {
+                res.size += 1;
+                if res.sample.len() < 10 {
+                    res.sample.push(p.id.clone());
+                }
+            }
+            start = k.clone();
+            start.push(0);
+        }
+        if rows.len() < 1000 {
+            return Ok(res);
+        }
+    }
+}
+
+/// One membership change: segment, version, `enter`/`exit`/`update`, reason.
+pub type Change = (String, i32, &'static str, String);
+
+/// Evaluates every segment in dependency order (so `in_segment` sees this evaluation's
+/// result) and updates the profile's memberships; returns the enters and exits, each
+/// with its reason (`<why>: <condition>`). Memberships of segments no longer defined end.
+pub fn transitions(defs: &DefinitionSet, p: &mut Profile, at: i64, why: &str) -> Vec<Change> {
+    let mut changes: Vec<Change> = Vec::new();
+    for seg in &defs.segments {
+        let now_in = seg.condition.matches(p);
+        match (p.segments.get(&seg.id).cloned(), now_in) {
+            (None, true) => {
+                p.segments.insert(
+                    seg.id.clone(),
+                    Membership {
+                        version: seg.version,
+                        entered_at: at,
+                    },
+                );
+                let reason = format!("{why}: {}", seg.condition.describe());
+                changes.push((seg.id.clone(), seg.version, "enter", reason));
+            }
+            (Some(_), false) => {
+                p.segments.remove(&seg.id);
+                let reason = format!("{why}: {}", seg.condition.describe());
+                changes.push((seg.id.clone(), seg.version, "exit", reason));
+            }
+            (Some(m), true) if m.version != seg.version => {
+                p.segments.insert(
+                    seg.id.clone(),
+                    Membership {
+                        version: seg.version,
+                        entered_at: m.entered_at,
+                    },
+                );
+            }
+            _ => {}
+        }
+    }
+    let gone: Vec<(String, i32)> = p
+        .segments
+        .iter()
+        .filter(|(id, _)| defs.segment(id).is_none())
+        .map(|(id, m)| (id.clone(), m.version))
+        .collect();
+    for (id, version) in gone {
+        p.segments.remove(&id);
+        changes.push((id, version, "exit", "definition removed".into()));
+    }
+    changes
 }
 
 impl ProfilesProcessor {
@@ -270,12 +467,27 @@ impl ProfilesProcessor {
         out: &mut Vec<Output>,
         change: impl FnOnce(&mut Profile) -> bool,
     ) -> Result<()> {
-        let mut p = txn
-            .get_json::<Profile>(&profile_key(id))?
-            .unwrap_or_else(|| Profile::new(id));
+        let mut p = match txn.get_json::<Profile>(&profile_key(id))? {
+            Some(p) => p,
+            None => {
+                self.count_profiles(txn, 1)?;
+                Profile::new(id)
+            }
+        };
+        ensure_computed(txn, &mut p, &self.rules.defs, self.history_limit)?;
         let identifiers_before = p.identifiers.len();
         let groups_before = (p.household.clone(), p.accounts.clone());
         let fields_changed = change(&mut p);
+        let (_, next) = p.refresh_computed(&self.rules.defs, (self.clock)());
+        if next != p.timer {
+            if let Some(old) = p.timer {
+                txn.delete(timer_key(old, id));
+            }
+            if let Some(due) = next {
+                txn.put(timer_key(due, id), Vec::new());
+            }
+            p.timer = next;
+        }
         if p.identifiers.len() != identifiers_before {
             // Rare (a new identifier or a merge): (re)index them all, idempotently.
             for i in &p.identifiers {
@@ -285,6 +497,11 @@ impl ProfilesProcessor {
         index_groups(txn, id, groups_before, &p);
         self.evaluate(txn, &mut p, fields_changed, cause, out)?;
         txn.put_json(profile_key(id), &p)
+    }
+
+    fn count_profiles(&self, txn: &mut Txn<'_>, delta: i64) -> Result<()> {
+        let n: i64 = txn.get_json(META_PROFILES)?.unwrap_or(0);
+        txn.put_json(META_PROFILES.to_vec(), &(n + delta).max(0))
     }
 
     /// Appends events to a profile's kept history, dropping the oldest beyond the limit.
@@ -312,10 +529,9 @@ impl ProfilesProcessor {
 
     /// Removes and returns a profile's kept history, oldest first.
     fn take_log(&self, txn: &mut Txn<'_>, id: &str) -> Result<Vec<ResolvedEvent>> {
-        let mut out = Vec::new();
-        for (k, v) in txn.scan(log_prefix(id).as_bytes(), self.history_limit + 16)? {
-            txn.delete(k);
-            out.push(ResolvedEvent::from_avro(&v)?);
+        let out = read_log(txn, id, self.history_limit)?;
+        for r in &out {
+            txn.delete(log_key(id, r.event.event_time, &r.event.message_id));
         }
         txn.delete(log_count_key(id));
         Ok(out)
@@ -364,8 +580,11 @@ impl ProfilesProcessor {
             (p.household.clone(), p.accounts.clone()),
             &Profile::new(&p.id),
         );
+        if let Some(due) = p.timer {
+            txn.delete(timer_key(due, &p.id));
+        }
         txn.delete(profile_key(&p.id));
-        Ok(())
+        self.count_profiles(txn, -1)
     }
 
     /// Enter and exit records for membership changes; with `fields_changed`, an
@@ -379,66 +598,18 @@ impl ProfilesProcessor {
         cause: &Cause<'_>,
         out: &mut Vec<Output>,
     ) -> Result<()> {
-        let mut changes: Vec<(String, i32, &'static str, String)> = Vec::new();
-        for seg in self.segments.iter() {
-            let now_in = seg.condition.matches(p);
-            match (p.segments.get(&seg.id).cloned(), now_in) {
-                (None, true) => {
-                    p.segments.insert(
-                        seg.id.clone(),
-                        Membership {
-                            version: seg.version,
-                            entered_at: cause.event_time,
-                        },
-                    );
+        let mut changes = transitions(&self.rules.defs, p, cause.event_time, cause.why);
+        if fields_changed {
+            for (id, m) in &p.segments {
+                if !changes.iter().any(|c| &c.0 == id) {
                     changes.push((
-                        seg.id.clone(),
-                        seg.version,
-                        "enter",
-                        seg.condition.describe(),
+                        id.clone(),
+                        m.version,
+                        "update",
+                        "profile fields changed".into(),
                     ));
                 }
-                (Some(_), false) => {
-                    p.segments.remove(&seg.id);
-                    changes.push((
-                        seg.id.clone(),
-                        seg.version,
-                        "exit",
-                        seg.condition.describe(),
-                    ));
-                }
-                (Some(m), true) => {
-                    if m.version != seg.version {
-                        p.segments.insert(
-                            seg.id.clone(),
-                            Membership {
-                                version: seg.version,
-                                entered_at: m.entered_at,
-                            },
-                        );
-                    }
-                    if fields_changed {
-                        changes.push((
-                            seg.id.clone(),
-                            seg.version,
-                            "update",
-                            "profile fields changed".into(),
-                        ));
-                    }
-                }
-                (None, false) => {}
             }
-        }
-        // Memberships of segments that are no longer defined end.
-        let gone: Vec<(String, i32)> = p
-            .segments
-            .iter()
-            .filter(|(id, _)| !self.segments.iter().any(|s| &s.id == *id))
-            .map(|(id, m)| (id.clone(), m.version))
-            .collect();
-        for (id, version) in gone {
-            p.segments.remove(&id);
-            changes.push((id, version, "exit", "definition removed".into()));
         }
         self.emit(txn, p, &changes, cause, out)
     }
@@ -465,6 +636,12 @@ impl ProfilesProcessor {
                 let size_key = segment_size_key(segment);
                 let size: i64 = txn.get_json(&size_key)?.unwrap_or(0);
                 txn.put_json(size_key, &(size + delta).max(0))?;
+                let member = format!("{}{}", member_key_prefix(segment), p.id).into_bytes();
+                if delta > 0 {
+                    txn.put(member, cause.event_time.to_string().into_bytes());
+                } else {
+                    txn.delete(member);
+                }
             }
             self.metrics
                 .membership
@@ -501,6 +678,7 @@ impl ProfilesProcessor {
         }
         let cause = Cause {
             id: &e.message_id,
+            why: "event",
             event_time: e.event_time,
             received_at: e.received_at,
         };
@@ -528,6 +706,7 @@ impl ProfilesProcessor {
         }
         let cause = Cause {
             id: &m.merge_id,
+            why: "merge",
             event_time: m.event_time,
             received_at: m.received_at,
         };
@@ -556,6 +735,7 @@ impl ProfilesProcessor {
         }
         let cause = Cause {
             id: &s.split_id,
+            why: "split",
             event_time: s.event_time,
             received_at: s.received_at,
         };
@@ -669,6 +849,7 @@ impl ProfilesProcessor {
         } = serde_json::from_str(&t.state)?;
         let cause = Cause {
             id: &t.transfer_id,
+            why: "merge",
             event_time: moved.last_seen.max(0),
             received_at: t.received_at,
         };
@@ -686,8 +867,121 @@ impl ProfilesProcessor {
     }
 }
 
+impl ProfilesProcessor {
+    /// Installs the catalog's definitions if they changed; when the versions in force
+    /// differ from those stored, records the new ones and starts (or widens and
+    /// restarts) a back-fill.
+    fn sync_definitions(&mut self, txn: &mut Txn<'_>) -> Result<()> {
+        let current = self.catalog.current();
+        if self.synced && current.generation == self.rules.defs.generation {
+            return Ok(());
+        }
+        self.rules.defs = current.clone();
+        self.synced = true;
+        let applied: BTreeMap<String, i32> = txn.get_json(META_APPLIED)?.unwrap_or_default();
+        if applied == current.versions {
+            return Ok(());
+        }
+        let keys: BTreeSet<&String> = applied.keys().chain(current.versions.keys()).collect();
+        let changed: Vec<String> = keys
+            .into_iter()
+            .filter(|k| applied.get(*k) != current.versions.get(*k))
+            .map(|k| match current.versions.get(k) {
+                Some(v) => format!("{k} v{v}"),
+                None => format!("{k} deleted"),
+            })
+            .collect();
+        let mut job = txn
+            .get_json::<Backfill>(META_BACKFILL)?
+            .filter(|j| j.finished_at.is_none())
+            .unwrap_or_default();
+        job.definitions.extend(changed);
+        let versions = serde_json::to_string(&current.versions)?;
+        job.id = deterministic_id("backfill", &[&versions]);
+        job.cursor = None;
+        job.scanned = 0;
+        job.total = txn.get_json(META_PROFILES)?.unwrap_or(0);
+        job.started_at = (self.clock)();
+        job.finished_at = None;
+        tracing::info!(definitions = ?job.definitions, profiles = job.total, "definitions changed: back-fill started");
+        txn.put_json(META_APPLIED.to_vec(), &current.versions)?;
+        txn.put_json(META_BACKFILL.to_vec(), &job)
+    }
+
+    /// Re-evaluates profiles whose next window edge has passed.
+    fn fire_timers(&self, now: i64, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
+        for (k, _) in txn.scan(TIMER_PREFIX.as_bytes(), TIMERS_PER_TICK)? {
+            let rest = String::from_utf8_lossy(&k[TIMER_PREFIX.len()..]).into_owned();
+            let Some((due, id)) = rest.split_once('/') else {
+                txn.delete(k);
+                continue;
+            };
+            let due: i64 = due.parse().unwrap_or(0);
+            if due > now {
+                break;
+            }
+            txn.delete(k);
+            if txn.get(&profile_key(id))?.is_none() {
+                continue;
+            }
+            let cause_id = format!("timer/{id}/{due}");
+            let cause = Cause {
+                id: &cause_id,
+                why: "window",
+                event_time: due,
+                received_at: now,
+            };
+            self.metrics.timers.inc();
+            self.update(txn, id, &cause, out, |_| false)?;
+        }
+        Ok(())
+    }
+
+    /// Moves the back-fill on by chunks of profiles, for a bounded time.
+    fn backfill(&self, now: i64, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
+        let Some(mut job) = txn
+            .get_json::<Backfill>(META_BACKFILL)?
+            .filter(|j| j.finished_at.is_none())
+        else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let cause = Cause {
+            id: &job.id.clone(),
+            why: "definition",
+            event_time: job.started_at,
+            received_at: now,
+        };
+        while started.elapsed() < BACKFILL_BUDGET {
+            let start = match &job.cursor {
+                Some(c) => {
+                    let mut k = profile_key(c);
+                    k.push(0);
+                    k
+                }
+                None => b"p/".to_vec(),
+            };
+            let rows = txn.scan_from(b"p/", &start, BACKFILL_CHUNK)?;
+            for (k, _) in &rows {
+                let id = String::from_utf8_lossy(&k[2..]).into_owned();
+                self.update(txn, &id, &cause, out, |_| false)?;
+                job.scanned += 1;
+                job.cursor = Some(id);
+            }
+            self.metrics.backfilled.inc_by(rows.len() as u64);
+            if rows.len() < BACKFILL_CHUNK {
+                job.finished_at = Some(now);
+                tracing::info!(profiles = job.scanned, "back-fill done");
+                break;
+            }
+        }
+        txn.put_json(META_BACKFILL.to_vec(), &job)
+    }
+}
+
 impl Processor for ProfilesProcessor {
     fn process(&mut self, msg: &Message, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
+        self.sync_definitions(txn)?;
         let bytes = msg.payload.as_deref().unwrap_or_default();
         let decoded = if msg.topic == self.topics.resolved() {
             ResolvedEvent::from_avro(bytes).map(|r| self.on_event(r, txn, out))
@@ -704,8 +998,12 @@ impl Processor for ProfilesProcessor {
         Ok(())
     }
 
-    /// Forgets de-duplication entries past their window.
-    fn tick(&mut self, now_ms: i64, txn: &mut Txn<'_>, _out: &mut Vec<Output>) -> Result<()> {
+    /// Fires due timers, moves the back-fill on and forgets de-duplication entries
+    /// past their window.
+    fn tick(&mut self, now_ms: i64, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
+        self.sync_definitions(txn)?;
+        self.fire_timers(now_ms, txn, out)?;
+        self.backfill(now_ms, txn, out)?;
         for (k, _) in txn.scan_committed(SEEN_EXP_PREFIX.as_bytes(), 10_000)? {
             let rest = String::from_utf8_lossy(&k[SEEN_EXP_PREFIX.len()..]).into_owned();
             let Some((expiry, id)) = rest.split_once('/') else {
@@ -727,17 +1025,43 @@ impl Processor for ProfilesProcessor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicI64, Ordering};
     use tessera_common::config::Config;
     use tessera_common::records::{Identifier, IngestedEvent};
     use tessera_common::store::MemStore;
 
+    use crate::catalog::Definition;
+
+    static CLOCK: AtomicI64 = AtomicI64::new(100);
+    fn test_clock() -> i64 {
+        CLOCK.load(Ordering::SeqCst)
+    }
+
+    /// Puts definitions (JSON documents) in force through the catalog, as the API does.
+    fn define(catalog: &Catalog, docs: &[&str]) {
+        for doc in docs {
+            let d = Definition::parse(doc, false, None).unwrap();
+            let change = catalog.propose(d.kind(), d.id(), Some(&d), "api").unwrap();
+            catalog.apply(change);
+        }
+    }
+
     fn processor() -> ProfilesProcessor {
+        processor_with(&[
+            r#"{"id":"buyers","condition":{"event_count":{"event":"Order Completed","min":1}}}"#,
+        ])
+    }
+
+    fn processor_with(docs: &[&str]) -> ProfilesProcessor {
         let cfg = Config::load_without_env(None).unwrap();
-        let buyers = Segment::parse(r#"{"id":"buyers","version":1,"condition":{"event_count":{"event":"Order Completed","min":1}}}"#).unwrap();
+        let catalog = Catalog::default();
+        define(&catalog, docs);
         ProfilesProcessor {
             topics: Topics::new(&cfg.topics),
-            segments: Arc::new(vec![buyers]),
             rules: ApplyRules::with_recent(10),
+            catalog,
+            synced: false,
+            clock: test_clock,
             history_limit: 100,
             dedup_window_ms: 1000,
             metrics: ProfilesMetrics::new(&Admin::new()),
@@ -962,6 +1286,180 @@ mod tests {
         assert_eq!(
             s.get(&index_key("crm_id", "c-1")).unwrap(),
             Some(b"q".to_vec())
+        );
+    }
+
+    fn tick_at(p: &mut ProfilesProcessor, s: &MemStore, now: i64) -> Vec<Output> {
+        CLOCK.store(now, Ordering::SeqCst);
+        let mut out = Vec::new();
+        let mut txn = Txn::new(s);
+        p.tick(now, &mut txn, &mut out).unwrap();
+        s.write(txn.into_batch()).unwrap();
+        out
+    }
+
+    fn changes(out: &[Output]) -> Vec<(String, String, String)> {
+        out.iter()
+            .filter(|o| o.topic == "tessera.segments.membership")
+            .map(|o| {
+                let m = MembershipChange::from_avro(&o.payload).unwrap();
+                (m.segment_id, m.change, m.reason)
+            })
+            .collect()
+    }
+
+    fn order(profile: &str, mid: &str, t: i64, total: i64) -> Message {
+        let mut r = ResolvedEvent::from_avro(
+            resolved(profile, mid, "Order Completed")
+                .payload
+                .as_ref()
+                .unwrap(),
+        )
+        .unwrap();
+        r.event.event_time = t;
+        r.event.received_at = t;
+        r.event.payload = serde_json::json!({"properties": {"total": total}}).to_string();
+        Message {
+            payload: Some(r.to_avro().unwrap()),
+            ..resolved(profile, mid, "x")
+        }
+    }
+
+    /// A windowed segment is entered on events and left by the timer at the window's
+    /// edge, with no event; its complement is entered by the same timer.
+    #[test]
+    fn a_window_edge_moves_a_profile_without_an_event() {
+        let hour = 3_600_000;
+        let t0 = 1_000_000;
+        CLOCK.store(t0, Ordering::SeqCst);
+        let mut p = processor_with(&[
+            r#"{"id":"buyers","condition":{"event_count":{"event":"Order Completed","min":1}}}"#,
+            r#"{"id":"active","condition":{"event_count":{"event":"Order Completed","min":2,"where":[{"property":"total","gt":50}],"within":"1h"}}}"#,
+            r#"{"id":"lapsed","condition":{"all":[{"in_segment":"buyers"},{"not":{"event_count":{"event":"Order Completed","min":1,"within":"1h"}}}]}}"#,
+            r#"{"id":"spend_1h","event":"Order Completed","aggregate":"sum","property":"total","window":"1h"}"#,
+        ]);
+        let s = MemStore::default();
+        step(&mut p, &s, &order("a", "m1", t0, 60));
+        step(&mut p, &s, &order("a", "m2", t0 + 10, 20));
+        let out = step(&mut p, &s, &order("a", "m3", t0 + 20, 70));
+        assert_eq!(
+            changes(&out),
+            vec![(
+                "active".into(),
+                "enter".into(),
+                "event: event_count(Order Completed) within 1h".into()
+            )]
+        );
+        let a = load(&s, "a").unwrap();
+        assert_eq!(a.computed["spend_1h"].value, serde_json::json!(150.0));
+        assert_eq!(a.timer, Some(t0 + hour));
+        // One millisecond before the edge nothing moves.
+        assert!(changes(&tick_at(&mut p, &s, t0 + hour - 1)).is_empty());
+        // At the edge the first order leaves: one order over 50 remains.
+        let out = tick_at(&mut p, &s, t0 + hour);
+        assert_eq!(
+            changes(&out),
+            vec![(
+                "active".into(),
+                "exit".into(),
+                "window: event_count(Order Completed) within 1h".into()
+            )]
+        );
+        let m = MembershipChange::from_avro(&out[0].payload).unwrap();
+        assert_eq!(m.event_time, t0 + hour, "the time of the edge");
+        assert_eq!(
+            load(&s, "a").unwrap().computed["spend_1h"].value,
+            serde_json::json!(90.0)
+        );
+        // When the last order leaves, the person has lapsed.
+        let out = tick_at(&mut p, &s, t0 + 20 + hour);
+        assert_eq!(changes(&out)[0].0, "lapsed");
+        assert_eq!(changes(&out)[0].1, "enter");
+        let a = load(&s, "a").unwrap();
+        assert_eq!(a.timer, None, "nothing left to expire");
+        assert!(a.segments.contains_key("lapsed") && a.segments.contains_key("buyers"));
+        assert_eq!(
+            s.scan_prefix(member_key_prefix("lapsed").as_bytes(), 10)
+                .unwrap()
+                .len(),
+            1,
+            "the member index follows"
+        );
+    }
+
+    /// A definition added at run time is back-filled over existing profiles: its
+    /// computed trait comes from their kept history, and members enter.
+    #[test]
+    fn a_new_definition_is_back_filled_from_the_kept_history() {
+        CLOCK.store(1_000, Ordering::SeqCst);
+        let mut p = processor();
+        let s = MemStore::default();
+        for (i, profile) in ["a", "b", "c"].iter().enumerate() {
+            for j in 0..=i {
+                step(
+                    &mut p,
+                    &s,
+                    &order(profile, &format!("{profile}{j}"), 500, 40),
+                );
+            }
+        }
+        tick_at(&mut p, &s, 1_000);
+        define(
+            &p.catalog,
+            &[
+                r#"{"id":"orders","event":"Order Completed","aggregate":"count"}"#,
+                r#"{"id":"repeat","condition":{"computed":{"name":"orders","gte":2}}}"#,
+            ],
+        );
+        let out = tick_at(&mut p, &s, 2_000);
+        let mut entered: Vec<String> = out
+            .iter()
+            .filter(|o| o.topic == "tessera.segments.membership")
+            .map(|o| MembershipChange::from_avro(&o.payload).unwrap())
+            .filter(|m| m.change == "enter")
+            .map(|m| format!("{}:{}", m.profile_id, m.reason))
+            .collect();
+        entered.sort();
+        assert_eq!(
+            entered,
+            vec![
+                "b:definition: computed(orders)",
+                "c:definition: computed(orders)"
+            ]
+        );
+        assert_eq!(
+            load(&s, "c").unwrap().computed["orders"].value,
+            serde_json::json!(3)
+        );
+        let job: Backfill =
+            serde_json::from_slice(&s.get(META_BACKFILL).unwrap().unwrap()).unwrap();
+        assert_eq!((job.scanned, job.total), (3, 3));
+        assert!(job.finished_at.is_some());
+        // The dry run of a stricter candidate counts without changing anything.
+        let candidate = Definition::parse(
+            r#"{"id":"loyal","condition":{"computed":{"name":"orders","gte":3}}}"#,
+            false,
+            None,
+        )
+        .unwrap();
+        let set = p.catalog.with_candidate(&candidate).unwrap();
+        let r = dry_run(&s, &set, "loyal", 100, 2_000).unwrap();
+        assert_eq!((r.size, r.scanned), (1, 3));
+        assert_eq!(r.sample, vec!["c".to_string()]);
+        // Deleting the segment ends its memberships on the next back-fill.
+        let del = p.catalog.propose("segment", "repeat", None, "api").unwrap();
+        p.catalog.apply(del);
+        let out = tick_at(&mut p, &s, 3_000);
+        assert_eq!(
+            changes(&out)
+                .iter()
+                .filter(|c| c.1 == "exit" && c.2 == "definition removed")
+                .count(),
+            2
+        );
+        assert_eq!(
+            s.get(&segment_size_key("repeat")).unwrap(),
+            Some(b"0".to_vec())
         );
     }
 }

@@ -1,0 +1,110 @@
+//! Follows a table topic (compacted, see [`TopicKind::Table`](crate::kafka::TopicKind))
+//! from its beginning, outside any consumer group: every instance of a service reads
+//! all of it. Used for definitions, which every instance needs whole.
+
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::KafkaConfig;
+use crate::kafka::consumer_config;
+use crate::runner::{Message, owned};
+use crate::{Error, Result};
+
+/// Reads `topic` from the beginning, calling `apply` for each record in order. Returns
+/// once every record that existed at the call has been applied (so the caller starts
+/// with the whole table); later records keep being applied on a thread of their own
+/// until `shutdown`.
+pub async fn follow(
+    kafka: &KafkaConfig,
+    topic: &str,
+    client_id: &str,
+    mut apply: impl FnMut(&Message) + Send + 'static,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let mut cfg = consumer_config(kafka, client_id, &format!("{client_id}-reader"));
+    // Assigned, never subscribed: no group membership, nothing committed.
+    cfg.set("statistics.interval.ms", "0");
+    let consumer: BaseConsumer = cfg.create()?;
+    let topic = topic.to_string();
+    let (caught_up, ready) = tokio::sync::oneshot::channel::<Result<()>>();
+    std::thread::Builder::new()
+        .name(format!("table-{topic}"))
+        .spawn(move || {
+            let mut caught_up = Some(caught_up);
+            let start = (|| -> Result<Vec<(i32, i64)>> {
+                let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+                let partitions: Vec<i32> = md
+                    .topics()
+                    .iter()
+                    .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                    .collect();
+                if partitions.is_empty() {
+                    return Err(Error::Invalid(format!("topic {topic} has no partitions")));
+                }
+                let mut tpl = TopicPartitionList::new();
+                let mut ends = Vec::new();
+                for p in partitions {
+                    let (_, high) =
+                        consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+                    tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
+                    ends.push((p, high));
+                }
+                consumer.assign(&tpl)?;
+                Ok(ends)
+            })();
+            let mut pending = match start {
+                Ok(ends) => ends,
+                Err(e) => {
+                    let _ = caught_up.take().map(|c| c.send(Err(e)));
+                    return;
+                }
+            };
+            while !shutdown.is_cancelled() {
+                pending.retain(|(_, high)| *high > 0);
+                if pending.is_empty()
+                    && let Some(c) = caught_up.take()
+                {
+                    info!(%topic, "table loaded");
+                    let _ = c.send(Ok(()));
+                }
+                match consumer.poll(Duration::from_millis(100)) {
+                    Some(Ok(m)) => {
+                        let m = owned(m);
+                        for (p, high) in &mut pending {
+                            if *p == m.partition && m.offset + 1 >= *high {
+                                *high = 0;
+                            }
+                        }
+                        apply(&m);
+                    }
+                    Some(Err(e)) => warn!(%topic, error = %e, "table read error"),
+                    // Nothing to read: the position says whether the end was reached
+                    // (compaction can leave the last offsets without records).
+                    None => {
+                        if let Ok(pos) = consumer.position() {
+                            for (p, high) in &mut pending {
+                                let at = pos.find_partition(&topic, *p).map(|e| e.offset());
+                                if let Some(Offset::Offset(o)) = at
+                                    && o >= *high
+                                {
+                                    *high = 0;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        })
+        .map_err(|e| Error::Invalid(format!("cannot start the table reader: {e}")))?;
+    match tokio::time::timeout(Duration::from_secs(120), ready).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(Error::Invalid("the table reader stopped".into())),
+        Err(_) => Err(Error::Invalid(
+            "the table was not read within 120 s (is the broker reachable?)".into(),
+        )),
+    }
+}
