@@ -19,7 +19,7 @@ bindir="$CARGO_TARGET_DIR/$([ "$profile" = dev ] && echo debug || echo "$profile
 work="$root/.tessera"
 # The services refuse state written in an older format (common/src/service.rs,
 # state_format). Local state is disposable: when the formats changed, start afresh.
-state_formats="identity=2 profiles=1 activation=1"
+state_formats="identity=2 profiles=2 activation=1"
 if [ -d "$work/state" ] && [ "$(cat "$work/state/FORMATS" 2>/dev/null)" != "$state_formats" ] \
     && [ -n "$(ls -A "$work/state" 2>/dev/null)" ]; then
   echo "run: local state from an older Tessera (formats: $(cat "$work/state/FORMATS" 2>/dev/null || echo unstamped)) is reset" >&2
@@ -84,10 +84,10 @@ Tessera is running on Apache Kafka at $KAFKA_BOOTSTRAP.
 
   ingest      http://127.0.0.1:8080   Segment HTTP API (write key: demo-write-key)
   identity    http://127.0.0.1:8081   /v1/identity/lookup  /v1/identity/profiles/{id}  (merges, un-merge)
-  profiles    http://127.0.0.1:8082   /v1/profiles/{id}  /v1/profiles/lookup  /v1/segments  /v1/households/{id}
+  profiles    http://127.0.0.1:8082   /v1/profiles/{id}  /v1/profiles/lookup  /v1/segments  /v1/computed-traits  /v1/households/{id}
   activation  http://127.0.0.1:8083   /metrics; records on topic tessera.activation.email-demo
   logs        $work/logs/
-  segments    $TESSERA__PROFILES__DEFINITIONS_DIR
+  definitions $TESSERA__PROFILES__DEFINITIONS_DIR (segments and computed traits; change them at run time with the API)
 
 Try it:
 
@@ -97,6 +97,7 @@ Try it:
   curl 'http://127.0.0.1:8082/v1/profiles/lookup?type=email&value=ada@example.com'
   curl 'http://127.0.0.1:8081/v1/identity/lookup?type=email&value=Ada@Example.com'
   curl http://127.0.0.1:8082/v1/segments
+  curl http://127.0.0.1:8082/v1/segments/buyers/members
 
 Press Ctrl-C to stop.
 INFO

@@ -83,7 +83,9 @@ impl Codec {
             ))
         })?;
         let mut cursor = Cursor::new(&bytes[HEADER_LEN..]);
-        let value = apache_avro::from_avro_datum(writer, &mut cursor, Some(&self.schema))
+        // Resolution is only needed for a record written with another schema version.
+        let reader = (bytes[2..HEADER_LEN] != self.header[2..]).then_some(&self.schema);
+        let value = apache_avro::from_avro_datum(writer, &mut cursor, reader)
             .map_err(|e| Error::Avro(format!("decoding {}: {e}", self.name)))?;
         if (cursor.position() as usize) != bytes.len() - HEADER_LEN {
             return Err(Error::Avro(format!(

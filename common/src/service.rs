@@ -55,6 +55,8 @@ pub fn state_format(service: &str) -> u32 {
     match service {
         // 2: the fact graph (issue 3).
         "identity" => 2,
+        // 2: segment member index, timers and applied definition versions (issue 4).
+        "profiles" => 2,
         _ => 1,
     }
 }
@@ -153,6 +155,6 @@ mod tests {
             err.contains("format 1") && err.contains("Remove that folder"),
             "{err}"
         );
-        check_state_format(&old, "profiles", dir).unwrap();
+        check_state_format(&old, "activation", dir).unwrap();
     }
 }

@@ -68,10 +68,12 @@ impl RocksStore {
         // Most reads are point lookups, many of keys that do not exist (a new
         // identifier, a first-seen message id): bloom filters answer those without
         // reading blocks; a larger block cache keeps the hot graph in memory.
+        // Index and filter blocks stay with the table readers, outside the block cache:
+        // in the cache, data blocks evicted them and a read then reloaded a whole
+        // filter block (~1 ms per read at a million profiles, BENCHMARKS.md). They take
+        // about 1.3 bytes per key.
         let mut table = rocksdb::BlockBasedOptions::default();
         table.set_bloom_filter(10.0, false);
-        table.set_cache_index_and_filter_blocks(true);
-        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
         table.set_block_cache(&rocksdb::Cache::new_lru_cache(256 << 20));
         opts.set_block_based_table_factory(&table);
         // The same for the memtable: a lookup of an absent key skips the skiplist.
@@ -79,6 +81,13 @@ impl RocksStore {
         opts.set_memtable_prefix_bloom_ratio(0.05);
         let db = rocksdb::DB::open(&opts, path)?;
         Ok(RocksStore { db })
+    }
+
+    /// Writes the memtables to SST files and compacts (benchmarks measure state size).
+    pub fn flush_and_compact(&self) -> Result<()> {
+        self.db.flush()?;
+        self.db.compact_range::<&[u8], &[u8]>(None, None);
+        Ok(())
     }
 }
 

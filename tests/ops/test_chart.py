@@ -33,6 +33,20 @@ def by_kind(docs, kind):
     return [d for d in docs if d["kind"] == kind]
 
 
+def configuration(docs, tmp_path):
+    """The rendered tessera.toml with the definitions ConfigMap written where it points
+    (as the pod's mount would have them), so `--check-config` checks the definitions too."""
+    folder = tmp_path / "definitions"
+    folder.mkdir(exist_ok=True)
+    cm = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-definitions")][0]
+    for name, text in cm["data"].items():
+        (folder / name).write_text(text)
+    toml_text = by_kind(docs, "Secret")[0]["stringData"]["tessera.toml"]
+    config = tmp_path / "tessera.toml"
+    config.write_text(toml_text.replace("/etc/tessera/definitions", str(folder)))
+    return config
+
+
 @pytest.mark.parametrize("name", VALUES)
 def test_chart_lints_clean_in_strict_mode(name):
     report = lint(CHART, VALUES[name], strict=True, kube_version="v" + KUBE_VERSION)
@@ -86,9 +100,7 @@ def test_production_values_autoscale_ingest_and_take_config_from_an_existing_sec
 
 def test_the_rendered_configuration_is_accepted_by_every_service(tmp_path):
     values = {"kafka": {"properties": {"security.protocol": "SASL_SSL", "sasl.password": "s3cret"}}}
-    secret = by_kind(render(values), "Secret")[0]
-    config = tmp_path / "tessera.toml"
-    config.write_text(secret["stringData"]["tessera.toml"])
+    config = configuration(render(values), tmp_path)
     bin_dir = pathlib.Path(os.environ["TESSERA_BIN_DIR"])
     for service in ["ingest", "identity", "profiles", "activation"]:
         out = subprocess.run(
@@ -138,8 +150,8 @@ def test_identity_rules_from_values_reach_identity_and_are_checked(tmp_path):
 def test_trait_strategies_from_values_are_accepted_by_profiles(tmp_path):
     values = {"traitStrategies": {"lifetime_value": {"strategy": "max"},
                                   "email": {"strategy": "source_priority", "sources": ["crm", "web"]}}}
-    toml_text = by_kind(render(values), "Secret")[0]["stringData"]["tessera.toml"]
-    config = tmp_path / "tessera.toml"
+    config = configuration(render(values), tmp_path)
+    toml_text = config.read_text()
     bin_dir = pathlib.Path(os.environ["TESSERA_BIN_DIR"])
     for text, ok in [(toml_text, True), (toml_text.replace('"max"', '"maximum"'), False)]:
         config.write_text(text)
@@ -152,3 +164,18 @@ def test_trait_strategies_from_values_are_accepted_by_profiles(tmp_path):
             assert '"sources": [' in out.stdout and '"strategy": "max"' in out.stdout
         else:
             assert "maximum" in out.stderr
+
+
+def test_definitions_from_values_are_checked_by_profiles(tmp_path):
+    good = {"segments": {"lapsed.yaml": "id: lapsed\ncondition:\n  not:\n    event_count: {event: Order Completed, min: 1, within: 30d}\n"}}
+    bad = {"segments": {"lapsed.yaml": "id: lapsed\ncondition:\n  not:\n    event_count: {event: Order Completed, min: 1, within: 3y}\n"}}
+    bin_dir = pathlib.Path(os.environ["TESSERA_BIN_DIR"])
+    for values, ok in [(good, True), (bad, False)]:
+        config = configuration(render(values), tmp_path)
+        out = subprocess.run(
+            [bin_dir / "tessera-profiles", "--config", config, "--check-config"],
+            capture_output=True, text=True, env={"PATH": os.environ["PATH"]},
+        )
+        assert (out.returncode == 0) == ok, out.stderr
+        if not ok:
+            assert "lapsed.yaml" in out.stderr and "unit must be m, h, d or w" in out.stderr

@@ -10,7 +10,7 @@
 //! `version` (default 1): raise it in the file to roll a change out; a change made
 //! through the API stays until then.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -25,6 +25,8 @@ use crate::segments::Segment;
 pub const SEGMENT: &str = "segment";
 pub const COMPUTED_TRAIT: &str = "computed_trait";
 
+// Definitions are few and rarely copied: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Definition {
     Segment(Segment),
@@ -123,6 +125,9 @@ pub struct DefinitionSet {
     pub computed: Vec<ComputedTrait>,
     /// `<kind>/<id>` → version of every definition in force (counters excluded).
     pub versions: BTreeMap<String, i32>,
+    /// Positions in `segments` and `computed` by id.
+    segment_at: HashMap<String, usize>,
+    computed_at: HashMap<String, usize>,
 }
 
 impl DefinitionSet {
@@ -189,19 +194,35 @@ impl DefinitionSet {
         for s in &ordered {
             computed.extend(s.counters.iter().cloned());
         }
+        let segment_at = ordered
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id.clone(), i))
+            .collect();
+        let computed_at = computed
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.id.clone(), i))
+            .collect();
         (
             DefinitionSet {
                 generation,
                 segments: ordered,
                 computed,
                 versions,
+                segment_at,
+                computed_at,
             },
             problems,
         )
     }
 
     pub fn segment(&self, id: &str) -> Option<&Segment> {
-        self.segments.iter().find(|s| s.id == id)
+        self.segment_at.get(id).map(|i| &self.segments[*i])
+    }
+
+    pub fn computed_trait(&self, id: &str) -> Option<&ComputedTrait> {
+        self.computed_at.get(id).map(|i| &self.computed[*i])
     }
 }
 

@@ -16,6 +16,7 @@ use tessera_common::text;
 
 use crate::catalog::DefinitionSet;
 use crate::computed::{ComputedState, ComputedTrait};
+use crate::segments::Touched;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TraitValue {
@@ -157,10 +158,27 @@ pub struct Consent {
     pub source: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Stored as `[version, entered_at]`: a profile holds many, and is read on every event.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(from = "(i32, i64)", into = "(i32, i64)")]
 pub struct Membership {
     pub version: i32,
     pub entered_at: i64,
+}
+
+impl From<(i32, i64)> for Membership {
+    fn from((version, entered_at): (i32, i64)) -> Self {
+        Membership {
+            version,
+            entered_at,
+        }
+    }
+}
+
+impl From<Membership> for (i32, i64) {
+    fn from(m: Membership) -> Self {
+        (m.version, m.entered_at)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -213,6 +231,16 @@ impl Profile {
     /// Applies one resolved event. Returns whether an identifier or a trait value changed
     /// (what destinations see).
     pub fn apply(&mut self, r: &ResolvedEvent, rules: &ApplyRules) -> bool {
+        self.apply_touching(r, rules, &mut Touched::default())
+    }
+
+    /// [`Profile::apply`], noting what the event touched (for segment evaluation).
+    pub fn apply_touching(
+        &mut self,
+        r: &ResolvedEvent,
+        rules: &ApplyRules,
+        touched: &mut Touched,
+    ) -> bool {
         let recent_limit = rules.recent_limit;
         let e = &r.event;
         let identifiers_before = self.identifiers.len();
@@ -232,7 +260,10 @@ impl Profile {
         }
         for traits in trait_sources.into_iter().filter_map(Value::as_object) {
             for (k, v) in traits {
-                changed |= self.set_trait(k, provenance(v), 1, rules);
+                if self.set_trait(k, provenance(v), 1, rules) {
+                    changed = true;
+                    touched.parts.traits.insert(k.clone());
+                }
             }
         }
         if let Some(prefs) = payload["context"]["consent"]["categoryPreferences"].as_object() {
@@ -244,13 +275,17 @@ impl Profile {
                     message_id: e.message_id.clone(),
                     source: e.source.clone(),
                 };
-                changed |= self.set_consent(purpose, c);
+                if self.set_consent(purpose, c) {
+                    changed = true;
+                    touched.parts.consent.insert(purpose.clone());
+                }
             }
         }
         if e.kind == "track"
             && let Some(name) = &e.event
         {
             *self.event_counts.entry(name.clone()).or_default() += 1;
+            touched.parts.events.insert(name.clone());
         }
         for def in &rules.defs.computed {
             self.contribute(
@@ -272,6 +307,7 @@ impl Profile {
             }
         }
         changed |= self.derive_household();
+        touched.parts.identifiers |= self.identifiers.len() != identifiers_before;
         self.events_total += 1;
         self.first_seen = self.first_seen.min(e.event_time);
         self.last_seen = self.last_seen.max(e.event_time);
@@ -342,12 +378,16 @@ impl Profile {
     }
 
     /// Drops computed traits no longer defined and windowed values that left their
-    /// window by `now`; returns whether a value changed and the next expiry.
-    pub fn refresh_computed(&mut self, defs: &DefinitionSet, now: i64) -> (bool, Option<i64>) {
-        let before = self.computed.len();
+    /// window by `now`, noting in `touched` the ids whose value changed; returns the
+    /// next expiry.
+    pub fn refresh_computed(
+        &mut self,
+        defs: &DefinitionSet,
+        now: i64,
+        touched: &mut Touched,
+    ) -> Option<i64> {
         self.computed
-            .retain(|id, _| defs.computed.iter().any(|d| &d.id == id));
-        let mut changed = self.computed.len() != before;
+            .retain(|id, _| defs.computed_trait(id).is_some());
         let mut next: Option<i64> = None;
         for def in &defs.computed {
             let state = self
@@ -355,13 +395,15 @@ impl Profile {
                 .entry(def.id.clone())
                 .or_insert_with(|| ComputedState::new(def));
             let (c, n) = state.refresh(def, now);
-            changed |= c;
+            if c {
+                touched.parts.computed.insert(def.id.clone());
+            }
             next = match (next, n) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
         }
-        (changed, next)
+        next
     }
 
     /// Sets the household from the `address` trait; returns whether it changed.
@@ -481,7 +523,7 @@ impl Profile {
             changed |= self.set_consent(purpose, c.clone());
         }
         for (id, theirs) in &other.computed {
-            let def = rules.defs.computed.iter().find(|d| &d.id == id);
+            let def = rules.defs.computed_trait(id);
             match (self.computed.get_mut(id), def) {
                 (Some(mine), Some(def)) if mine.version == theirs.version => {
                     mine.absorb(def, theirs)

@@ -16,6 +16,8 @@
 //! counter of its own (a computed trait named `_seg_<segment>_<n>`), so that it expires
 //! on its window's edge.
 
+use std::collections::BTreeSet;
+
 use serde::{Deserialize, Serialize};
 
 use crate::computed::{self, Aggregate, ComputedTrait, Test};
@@ -38,6 +40,51 @@ pub struct Segment {
     /// The counters of this segment's windowed or filtered event counts.
     #[serde(skip)]
     pub counters: Vec<ComputedTrait>,
+    /// What the condition reads, so that an event re-evaluates only the segments it
+    /// can change.
+    #[serde(skip)]
+    pub inputs: Inputs,
+}
+
+/// The parts of a profile a condition reads (or, for [`Touched`], that a change touched).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Inputs {
+    pub events: BTreeSet<String>,
+    pub traits: BTreeSet<String>,
+    pub computed: BTreeSet<String>,
+    pub identifiers: bool,
+    pub consent: BTreeSet<String>,
+    pub segments: BTreeSet<String>,
+}
+
+/// What a change touched: everything (a merge, a split, a back-fill), or the parts one
+/// event touched.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Touched {
+    pub all: bool,
+    pub parts: Inputs,
+}
+
+impl Touched {
+    pub fn all() -> Touched {
+        Touched {
+            all: true,
+            parts: Inputs::default(),
+        }
+    }
+
+    /// Whether a segment reading `inputs` may have changed (`segments`: the segments
+    /// whose membership changed so far in this evaluation).
+    pub fn affects(&self, inputs: &Inputs, segments: &BTreeSet<String>) -> bool {
+        let meet = |a: &BTreeSet<String>, b: &BTreeSet<String>| a.iter().any(|x| b.contains(x));
+        self.all
+            || (inputs.identifiers && self.parts.identifiers)
+            || meet(&inputs.events, &self.parts.events)
+            || meet(&inputs.traits, &self.parts.traits)
+            || meet(&inputs.computed, &self.parts.computed)
+            || meet(&inputs.consent, &self.parts.consent)
+            || meet(&inputs.segments, segments)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -189,6 +236,36 @@ impl Condition {
         }
     }
 
+    fn collect_inputs(&self, into: &mut Inputs) {
+        match self {
+            Condition::EventCount(c) => match &c.counter {
+                Some(id) => {
+                    into.computed.insert(id.clone());
+                }
+                None => {
+                    into.events.insert(c.event.clone());
+                }
+            },
+            Condition::Trait(t) => {
+                into.traits.insert(t.name.clone());
+            }
+            Condition::Computed(t) => {
+                into.computed.insert(t.name.clone());
+            }
+            Condition::HasIdentifier(_) => into.identifiers = true,
+            Condition::Consent(k) => {
+                into.consent.insert(k.clone());
+            }
+            Condition::InSegment(k) => {
+                into.segments.insert(k.clone());
+            }
+            Condition::All(cs) | Condition::Any(cs) => {
+                cs.iter().for_each(|c| c.collect_inputs(into))
+            }
+            Condition::Not(c) => c.collect_inputs(into),
+        }
+    }
+
     /// The segments and the computed traits this condition reads.
     pub fn references<'a>(&'a self, segments: &mut Vec<&'a str>, computed: &mut Vec<&'a str>) {
         match self {
@@ -220,6 +297,8 @@ impl Segment {
             c.version = self.version.max(1);
         }
         self.counters = counters;
+        self.inputs = Inputs::default();
+        self.condition.collect_inputs(&mut self.inputs);
         Ok(())
     }
 

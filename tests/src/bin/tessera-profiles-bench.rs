@@ -1,0 +1,377 @@
+//! Profiles at scale, in process (state in RocksDB, no Kafka): the processor with 100
+//! segment definitions and 10 computed traits over `--profiles` profiles.
+//!
+//! Prints: events/s through the processor with segment evaluation (one thread, batches
+//! committed like the runner does), the per-event processing latency (a resolved event
+//! in, its membership records out) p50/p99, state bytes per profile, profile lookup
+//! latency over HTTP (the real API server on loopback), and the back-fill rate of a
+//! definition added at run time.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+
+use tessera_common::admin::Admin;
+use tessera_common::config::Config;
+use tessera_common::kafka::Producer;
+use tessera_common::records::{AvroRecord, Identifier, IngestedEvent, ResolvedEvent};
+use tessera_common::runner::{Message, Output, Processor};
+use tessera_common::store::{RocksStore, SharedStore, Store, Txn};
+use tessera_common::topics::Topics;
+use tessera_profiles::catalog::{Catalog, Definition};
+use tessera_profiles::profile::ApplyRules;
+use tessera_profiles::state::{ProfilesMetrics, ProfilesProcessor};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 1_000_000)]
+    profiles: usize,
+    /// Events measured after the fill.
+    #[arg(long, default_value_t = 200_000)]
+    events: usize,
+    #[arg(long, default_value_t = 20_000)]
+    lookups: usize,
+}
+
+const EVENTS: [&str; 6] = [
+    "Order Completed",
+    "Product Viewed",
+    "Cart Viewed",
+    "Song Played",
+    "Signed Up",
+    "Refund Issued",
+];
+const DAY: i64 = 86_400_000;
+
+/// 10 computed traits and 100 segments of every kind of condition.
+fn definitions() -> Vec<String> {
+    let mut d = Vec::new();
+    let windows = ["7d", "30d", "90d"];
+    for (i, (agg, prop)) in [
+        ("count", None),
+        ("sum", Some("total")),
+        ("average", Some("total")),
+        ("max", Some("total")),
+        ("unique_count", Some("category")),
+        ("most_frequent", Some("category")),
+        ("count", None),
+        ("sum", Some("total")),
+        ("last", Some("category")),
+        ("unique_list", Some("category")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c = json!({"id": format!("ct{i}"), "event": EVENTS[i % 4], "aggregate": agg});
+        if let Some(p) = prop {
+            c["property"] = json!(p);
+        }
+        if i % 2 == 0 {
+            c["window"] = json!(windows[i % 3]);
+        }
+        d.push(c.to_string());
+    }
+    for i in 0..100 {
+        let ev = EVENTS[i % EVENTS.len()];
+        let plan = ["free", "pro", "team"][i % 3];
+        let cond = match i % 5 {
+            0 => json!({"event_count": {"event": ev, "min": 1 + i % 4}}),
+            1 => json!({"event_count": {"event": ev, "min": 1 + i % 3,
+                "where": [{"property": "total", "gt": (i % 7) * 10}], "within": windows[i % 3]}}),
+            2 => json!({"any": [{"trait": {"name": "plan", "equals": plan}},
+                                {"trait": {"name": "ltv", "gte": (i % 10) * 100}}]}),
+            3 => json!({"computed": {"name": format!("ct{}", i % 10), "gte": 1 + i % 3}}),
+            _ => json!({"all": [{"has_identifier": "email"}, {"consent": "Advertising"},
+                                {"not": {"in_segment": format!("s{}", i - 4)}}]}),
+        };
+        d.push(json!({"id": format!("s{i}"), "condition": cond}).to_string());
+    }
+    d
+}
+
+fn catalog_with(docs: &[String]) -> Catalog {
+    let catalog = Catalog::default();
+    for doc in docs {
+        let def = Definition::parse(doc, false, None).expect("a valid definition");
+        let change = catalog
+            .propose(def.kind(), def.id(), Some(&def), "bench")
+            .expect("a consistent set");
+        catalog.apply(change);
+    }
+    catalog
+}
+
+/// A small xorshift: the same events on every run.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn event(i: usize, profile: usize, rng: &mut Rng, now: i64) -> Message {
+    let user = format!("user-{profile}");
+    let t = now - rng.below(120 * DAY as u64) as i64;
+    let (kind, name, payload) = if rng.below(5) == 0 {
+        let plan = ["free", "pro", "team"][rng.below(3) as usize];
+        (
+            "identify",
+            None,
+            json!({"traits": {"plan": plan, "ltv": rng.below(1000), "email": format!("{user}@example.com")},
+                   "context": {"consent": {"categoryPreferences": {"Advertising": rng.below(2) == 0}}}}),
+        )
+    } else {
+        let name = EVENTS[rng.below(EVENTS.len() as u64) as usize];
+        (
+            "track",
+            Some(name.to_string()),
+            json!({"properties": {"total": rng.below(200), "category": format!("c{}", rng.below(12))}}),
+        )
+    };
+    let r = ResolvedEvent {
+        profile_id: format!("p{profile}"),
+        identifiers: vec![Identifier {
+            kind: "user_id".into(),
+            value: user.clone(),
+        }],
+        event: IngestedEvent {
+            message_id: format!("m{i}"),
+            source: "bench".into(),
+            kind: kind.into(),
+            user_id: Some(user),
+            anonymous_id: None,
+            event: name,
+            received_at: now,
+            event_time: t,
+            payload: payload.to_string(),
+        },
+    };
+    Message {
+        topic: "tessera.events.resolved".into(),
+        partition: 0,
+        offset: i as i64,
+        key: None,
+        payload: Some(r.to_avro().expect("avro")),
+        timestamp_ms: None,
+    }
+}
+
+/// Processes events in batches of 500 committed like the runner; observes each event's
+/// processing time; returns the membership records produced.
+fn run(
+    p: &mut ProfilesProcessor,
+    store: &RocksStore,
+    events: impl Iterator<Item = Message>,
+    mut observe: impl FnMut(u64),
+) -> usize {
+    let mut txn = Txn::new(store);
+    let mut out: Vec<Output> = Vec::new();
+    let (mut n, mut records) = (0, 0);
+    for m in events {
+        let started = Instant::now();
+        p.process(&m, &mut txn, &mut out).expect("processed");
+        observe(started.elapsed().as_nanos() as u64);
+        n += 1;
+        if n % 500 == 0 {
+            records += out.len();
+            out.clear();
+            store
+                .write(std::mem::replace(&mut txn, Txn::new(store)).into_batch())
+                .expect("commit");
+        }
+    }
+    records += out.len();
+    store.write(txn.into_batch()).expect("commit");
+    records
+}
+
+fn main() {
+    let args = Args::parse();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(RocksStore::open(dir.path()).expect("rocksdb"));
+    let cfg = Config::load_without_env(None).expect("defaults");
+    let topics = Topics::new(&cfg.topics);
+    let docs = definitions();
+    let catalog = catalog_with(&docs);
+    let defs = catalog.current();
+    let mut p = ProfilesProcessor {
+        topics: topics.clone(),
+        catalog: catalog.clone(),
+        rules: ApplyRules {
+            recent_limit: cfg.profiles.recent_events,
+            strategies: Default::default(),
+            defs,
+        },
+        synced: false,
+        clock: tessera_common::now_ms,
+        history_limit: cfg.profiles.history_events,
+        dedup_window_ms: cfg.profiles.dedup_window_ms,
+        metrics: ProfilesMetrics::new(&Admin::new()),
+        store_for_size: None,
+    };
+    let now = tessera_common::now_ms();
+    let mut rng = Rng(0x5eed);
+
+    // Fill: one event per profile, then the measured events on random profiles.
+    let started = Instant::now();
+    let fill = (0..args.profiles).map(|i| event(i, i, &mut Rng(i as u64 * 7919 + 1), now));
+    let records = run(&mut p, &store, fill, |_| {});
+    let fill_took = started.elapsed();
+    println!(
+        "profiles bench: {} profiles, {} segments, {} computed traits (and {} segment counters)",
+        args.profiles,
+        catalog.current().segments.len(),
+        10,
+        catalog.current().computed.len() - 10
+    );
+    println!(
+        "  fill: {} events in {:.1} s ({:.0} events/s), {records} membership records",
+        args.profiles,
+        fill_took.as_secs_f64(),
+        args.profiles as f64 / fill_took.as_secs_f64()
+    );
+    let mut hist = Histogram::<u64>::new(3).expect("histogram");
+    let base = args.profiles;
+    let profiles = args.profiles as u64;
+    let measured: Vec<Message> = (0..args.events)
+        .map(|i| {
+            let profile = rng.below(profiles) as usize;
+            event(base + i, profile, &mut rng, now)
+        })
+        .collect();
+    let started = Instant::now();
+    let records = run(&mut p, &store, measured.into_iter(), |ns| {
+        hist.record(ns.max(1)).expect("record");
+    });
+    let took = started.elapsed();
+    println!(
+        "  events: {} on existing profiles in {:.1} s = {:.0} events/s (one thread), {records} membership records",
+        args.events,
+        took.as_secs_f64(),
+        args.events as f64 / took.as_secs_f64()
+    );
+    println!(
+        "  per event (resolved event in -> membership records out, no Kafka): p50 {:.0} us  p99 {:.0} us  max {:.1} ms",
+        hist.value_at_quantile(0.5) as f64 / 1000.0,
+        hist.value_at_quantile(0.99) as f64 / 1000.0,
+        hist.max() as f64 / 1e6
+    );
+    store.flush_and_compact().expect("compact");
+    println!(
+        "  state: {:.0} bytes per profile ({:.2} GiB live SST, lz4, history of up to {} events kept per profile)",
+        store.size_bytes() as f64 / args.profiles as f64,
+        store.size_bytes() as f64 / (1u64 << 30) as f64,
+        cfg.profiles.history_events
+    );
+
+    // Lookups over HTTP: the real API on loopback.
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let shared: SharedStore = store.clone();
+        let routes = tessera_profiles::api::router(tessera_profiles::api::ApiState {
+            store: shared,
+            catalog: catalog.clone(),
+            producer: Arc::new(Producer::new(&cfg.kafka, "bench").expect("producer")),
+            topics: topics.clone(),
+            strategies: Arc::new(Default::default()),
+            history_limit: cfg.profiles.history_events,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(tessera_common::admin::serve(
+            listener,
+            routes,
+            shutdown.clone(),
+        ));
+        let client = reqwest::Client::new();
+        let mut hist = Histogram::<u64>::new(3).expect("histogram");
+        let mut rng = Rng(99);
+        for i in 0..args.lookups + 1000 {
+            let id = rng.below(profiles);
+            let started = Instant::now();
+            let r = client
+                .get(format!("http://{addr}/v1/profiles/p{id}"))
+                .send()
+                .await
+                .expect("answer");
+            assert_eq!(r.status(), 200);
+            let body: Value = r.json().await.expect("json");
+            assert!(body["profile_id"].is_string());
+            if i >= 1000 {
+                hist.record(started.elapsed().as_nanos() as u64).expect("record");
+            }
+        }
+        println!(
+            "  lookup GET /v1/profiles/{{id}} over HTTP (keep-alive, one client): p50 {:.0} us  p99 {:.0} us",
+            hist.value_at_quantile(0.5) as f64 / 1000.0,
+            hist.value_at_quantile(0.99) as f64 / 1000.0
+        );
+        shutdown.cancel();
+    });
+
+    // Back-fill: a new computed trait and a segment on it, added at run time.
+    catalog.apply(
+        catalog
+            .propose(
+                "computed_trait",
+                "views_30d",
+                Some(
+                    &Definition::parse(
+                        r#"{"id":"views_30d","event":"Product Viewed","aggregate":"count","window":"30d"}"#,
+                        false,
+                        None,
+                    )
+                    .expect("valid"),
+                ),
+                "bench",
+            )
+            .expect("consistent"),
+    );
+    let seg = Definition::parse(
+        r#"{"id":"browsers","condition":{"computed":{"name":"views_30d","gte":1}}}"#,
+        false,
+        None,
+    )
+    .expect("valid");
+    catalog.apply(
+        catalog
+            .propose("segment", "browsers", Some(&seg), "bench")
+            .expect("consistent"),
+    );
+    let started = Instant::now();
+    let mut records = 0;
+    loop {
+        let mut txn = Txn::new(store.as_ref());
+        let mut out = Vec::new();
+        p.tick(tessera_common::now_ms(), &mut txn, &mut out)
+            .expect("tick");
+        records += out.len();
+        store.write(txn.into_batch()).expect("commit");
+        let job: Value = store
+            .get(tessera_profiles::state::META_BACKFILL)
+            .expect("read")
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null);
+        if !job["finished_at"].is_null() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let took = started.elapsed();
+    println!(
+        "  back-fill of a new computed trait (from the kept history) and a segment on it: {} profiles in {:.1} s = {:.0} profiles/s, {records} membership records",
+        args.profiles,
+        took.as_secs_f64(),
+        args.profiles as f64 / took.as_secs_f64()
+    );
+}
