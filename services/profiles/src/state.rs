@@ -535,7 +535,10 @@ impl ProfilesProcessor {
         // Every event here is new to this profile: messages are de-duplicated before,
         // and a transfer's history comes from another profile.
         for r in events {
-            txn.put(log_key(id, r.event.event_time, &r.event.message_id), r.to_avro()?);
+            txn.put(
+                log_key(id, r.event.event_time, &r.event.message_id),
+                r.to_avro()?,
+            );
             n += 1;
         }
         if n > self.history_limit as u64 {
@@ -1522,14 +1525,18 @@ mod tests {
         for i in 0..300 {
             let profile = format!("p{}", rnd(5));
             let mut r = ResolvedEvent::from_avro(
-                resolved(&profile, &format!("m{i}"), "x").payload.as_ref().unwrap(),
+                resolved(&profile, &format!("m{i}"), "x")
+                    .payload
+                    .as_ref()
+                    .unwrap(),
             )
             .unwrap();
             r.event.event_time = i;
             match rnd(3) {
                 0 => {
                     r.event.event = Some("Order Completed".into());
-                    r.event.payload = serde_json::json!({"properties": {"total": rnd(80)}}).to_string();
+                    r.event.payload =
+                        serde_json::json!({"properties": {"total": rnd(80)}}).to_string();
                 }
                 1 => {
                     r.event.kind = "identify".into();

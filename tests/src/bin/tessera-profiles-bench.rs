@@ -34,6 +34,9 @@ struct Args {
     events: usize,
     #[arg(long, default_value_t = 20_000)]
     lookups: usize,
+    /// Skip the back-fill measurement.
+    #[arg(long)]
+    no_backfill: bool,
 }
 
 const EVENTS: [&str; 6] = [
@@ -319,6 +322,9 @@ fn main() {
         shutdown.cancel();
     });
 
+    if args.no_backfill {
+        return;
+    }
     // Back-fill: a new computed trait and a segment on it, added at run time.
     catalog.apply(
         catalog
