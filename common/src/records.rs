@@ -382,6 +382,7 @@ mod tests {
             IdentityCommand::codec().fingerprint(),
             ProfileTransfer::codec().fingerprint(),
             MembershipChange::codec().fingerprint(),
+            DefinitionChange::codec().fingerprint(),
             Activation::codec().fingerprint(),
         ];
         assert_eq!(files.len(), known.len(), "schema files: {files:?}");

@@ -179,6 +179,9 @@ async fn a_window_edge_moves_people_without_an_event() {
         .await;
     let id = v["profile_id"].as_str().unwrap().to_string();
     assert_eq!(v["computed_traits"]["spend_1m"], 145.0, "{v}");
+    // The example definition files (deploy/definitions) are in force too.
+    assert_eq!(v["computed_traits"]["orders_30d"], 3, "{v}");
+    assert_eq!(v["computed_traits"]["lifetime_spend"], 145.0, "{v}");
     assert_eq!(v["consent"]["Advertising"]["granted"], true);
     assert_eq!(v["consent"]["Analytics"]["granted"], false);
     let segs = get_json(&format!("{}/v1/profiles/{id}/segments", p.profiles)).await;
