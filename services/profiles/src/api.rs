@@ -46,50 +46,38 @@ pub struct ApiState {
 }
 
 pub fn router(state: ApiState) -> Router {
-    Router::new()
+    let router = definition_routes(Router::new(), "/v1/segments", SEGMENT);
+    definition_routes(router, "/v1/computed-traits", COMPUTED_TRAIT)
         .route("/v1/profiles/lookup", get(lookup))
         .route("/v1/profiles/{id}", get(by_id))
         .route("/v1/profiles/{id}/segments", get(profile_segments))
-        .route(
-            "/v1/segments",
-            get(|st: State<ApiState>| list(st, SEGMENT)).post(
-                |st: State<ApiState>, h: HeaderMap, body: String| create(st, SEGMENT, h, body),
-            ),
-        )
         .route("/v1/segments/dry-run", post(dry_run))
-        .route(
-            "/v1/segments/{id}",
-            get(|st: State<ApiState>, id: Path<String>| get_one(st, SEGMENT, id))
-                .put(
-                    |st: State<ApiState>, id: Path<String>, h: HeaderMap, body: String| {
-                        replace(st, SEGMENT, id, h, body)
-                    },
-                )
-                .delete(|st: State<ApiState>, id: Path<String>| remove(st, SEGMENT, id)),
-        )
         .route("/v1/segments/{id}/members", get(members_of_segment))
-        .route(
-            "/v1/computed-traits",
-            get(|st: State<ApiState>| list(st, COMPUTED_TRAIT)).post(
-                |st: State<ApiState>, h: HeaderMap, body: String| {
-                    create(st, COMPUTED_TRAIT, h, body)
-                },
-            ),
-        )
-        .route(
-            "/v1/computed-traits/{id}",
-            get(|st: State<ApiState>, id: Path<String>| get_one(st, COMPUTED_TRAIT, id))
-                .put(
-                    |st: State<ApiState>, id: Path<String>, h: HeaderMap, body: String| {
-                        replace(st, COMPUTED_TRAIT, id, h, body)
-                    },
-                )
-                .delete(|st: State<ApiState>, id: Path<String>| remove(st, COMPUTED_TRAIT, id)),
-        )
         .route("/v1/definitions/backfill", get(backfill))
         .route("/v1/households/{id}", get(household))
         .route("/v1/accounts/{id}", get(account))
         .with_state(state)
+}
+
+/// List and create at `base`; read, replace and delete at `base/{id}`.
+fn definition_routes(router: Router<ApiState>, base: &str, kind: &'static str) -> Router<ApiState> {
+    router
+        .route(
+            base,
+            get(move |st: State<ApiState>| list(st, kind)).post(
+                move |st: State<ApiState>, h: HeaderMap, body: String| create(st, kind, h, body),
+            ),
+        )
+        .route(
+            &format!("{base}/{{id}}"),
+            get(move |st: State<ApiState>, id: Path<String>| get_one(st, kind, id))
+                .put(
+                    move |st: State<ApiState>, id: Path<String>, h: HeaderMap, body: String| {
+                        replace(st, kind, id, h, body)
+                    },
+                )
+                .delete(move |st: State<ApiState>, id: Path<String>| remove(st, kind, id)),
+        )
 }
 
 fn error(status: StatusCode, code: &str, reason: impl Into<String>) -> Response {

@@ -95,8 +95,8 @@ fn definitions() -> Vec<String> {
     d
 }
 
-fn catalog_with(docs: &[String]) -> Catalog {
-    let catalog = Catalog::default();
+/// Puts definitions in force, as the API does.
+fn define(catalog: &Catalog, docs: &[&str]) {
     for doc in docs {
         let def = Definition::parse(doc, false, None).expect("a valid definition");
         let change = catalog
@@ -104,7 +104,6 @@ fn catalog_with(docs: &[String]) -> Catalog {
             .expect("a consistent set");
         catalog.apply(change);
     }
-    catalog
 }
 
 /// A small xorshift: the same events on every run.
@@ -204,7 +203,11 @@ fn main() {
     let cfg = Config::load_without_env(None).expect("defaults");
     let topics = Topics::new(&cfg.topics);
     let docs = definitions();
-    let catalog = catalog_with(&docs);
+    let catalog = Catalog::default();
+    define(
+        &catalog,
+        &docs.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     let defs = catalog.current();
     let mut p = ProfilesProcessor {
         topics: topics.clone(),
@@ -326,33 +329,12 @@ fn main() {
         return;
     }
     // Back-fill: a new computed trait and a segment on it, added at run time.
-    catalog.apply(
-        catalog
-            .propose(
-                "computed_trait",
-                "views_30d",
-                Some(
-                    &Definition::parse(
-                        r#"{"id":"views_30d","event":"Product Viewed","aggregate":"count","window":"30d"}"#,
-                        false,
-                        None,
-                    )
-                    .expect("valid"),
-                ),
-                "bench",
-            )
-            .expect("consistent"),
-    );
-    let seg = Definition::parse(
-        r#"{"id":"browsers","condition":{"computed":{"name":"views_30d","gte":1}}}"#,
-        false,
-        None,
-    )
-    .expect("valid");
-    catalog.apply(
-        catalog
-            .propose("segment", "browsers", Some(&seg), "bench")
-            .expect("consistent"),
+    define(
+        &catalog,
+        &[
+            r#"{"id":"views_30d","event":"Product Viewed","aggregate":"count","window":"30d"}"#,
+            r#"{"id":"browsers","condition":{"computed":{"name":"views_30d","gte":1}}}"#,
+        ],
     );
     let started = Instant::now();
     let mut records = 0;
