@@ -276,6 +276,18 @@ async fn a_definition_added_at_run_time_is_back_filled() {
     )
     .await;
     assert_eq!(bad.0, 400);
+    let yaml = send(
+        reqwest::Method::POST,
+        format!("{}/v1/computed-traits", p.profiles),
+        Some(("application/yaml", "id: [unclosed\n".into())),
+    )
+    .await;
+    assert_eq!(yaml.0, 400);
+    assert!(
+        yaml.1["reason"].as_str().unwrap().contains("invalid YAML"),
+        "{:?}",
+        yaml.1
+    );
     assert!(
         bad.1["reason"].as_str().unwrap().contains("below min"),
         "{:?}",

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -65,14 +66,14 @@ fn definition_routes(router: Router<ApiState>, base: &str, kind: &'static str) -
         .route(
             base,
             get(move |st: State<ApiState>| list(st, kind)).post(
-                move |st: State<ApiState>, h: HeaderMap, body: String| create(st, kind, h, body),
+                move |st: State<ApiState>, h: HeaderMap, body: Bytes| create(st, kind, h, body),
             ),
         )
         .route(
             &format!("{base}/{{id}}"),
             get(move |st: State<ApiState>, id: Path<String>| get_one(st, kind, id))
                 .put(
-                    move |st: State<ApiState>, id: Path<String>, h: HeaderMap, body: String| {
+                    move |st: State<ApiState>, id: Path<String>, h: HeaderMap, body: Bytes| {
                         replace(st, kind, id, h, body)
                     },
                 )
@@ -353,10 +354,11 @@ async fn get_one(
 /// set from the path when it has none. Every error is the client's (400).
 fn definition(
     headers: &HeaderMap,
-    body: &str,
+    body: &[u8],
     id: Option<&str>,
     kind: &str,
 ) -> Result<Definition, String> {
+    let body = std::str::from_utf8(body).map_err(|_| "the body is not UTF-8 text")?;
     let yaml = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -404,7 +406,7 @@ async fn create(
     State(st): State<ApiState>,
     kind: &'static str,
     headers: HeaderMap,
-    body: String,
+    body: Bytes,
 ) -> Response {
     let def = match definition(&headers, &body, None, kind) {
         Ok(d) => d,
@@ -432,7 +434,7 @@ async fn replace(
     kind: &'static str,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: String,
+    body: Bytes,
 ) -> Response {
     let def = match definition(&headers, &body, Some(&id), kind) {
         Ok(d) => d,
@@ -463,7 +465,7 @@ async fn remove(
     }
 }
 
-async fn dry_run(State(st): State<ApiState>, headers: HeaderMap, body: String) -> Response {
+async fn dry_run(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
     let def = match definition(&headers, &body, None, SEGMENT) {
         Ok(d) => d,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_definition", e),
