@@ -63,11 +63,13 @@ const TIMER_PREFIX: &str = "tm/";
 pub const META_BACKFILL: &[u8] = b"meta/backfill";
 const META_APPLIED: &[u8] = b"meta/applied";
 pub const META_PROFILES: &[u8] = b"meta/profiles";
-/// Timers fired per tick at most (the rest on the next tick).
-const TIMERS_PER_TICK: usize = 5000;
-/// Back-fill works in chunks of this many profiles for at most this long per tick.
-const BACKFILL_CHUNK: usize = 500;
-const BACKFILL_BUDGET: Duration = Duration::from_millis(200);
+/// Timers and back-fill take at most this long of each tick (every 250 ms), so live
+/// events keep flowing while a million timers fire or a back-fill runs; what is left
+/// waits for the next tick. Due timers go first.
+const TICK_BUDGET: Duration = Duration::from_millis(100);
+/// Timers read per scan, profiles per back-fill chunk.
+const TIMERS_PER_SCAN: usize = 1000;
+const BACKFILL_CHUNK: usize = 200;
 
 /// A pass over every profile after definitions changed.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -940,8 +942,17 @@ impl ProfilesProcessor {
     }
 
     /// Re-evaluates profiles whose next window edge has passed.
-    fn fire_timers(&self, now: i64, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
-        for (k, _) in txn.scan(TIMER_PREFIX.as_bytes(), TIMERS_PER_TICK)? {
+    fn fire_timers(
+        &self,
+        now: i64,
+        deadline: Instant,
+        txn: &mut Txn<'_>,
+        out: &mut Vec<Output>,
+    ) -> Result<()> {
+        for (k, _) in txn.scan(TIMER_PREFIX.as_bytes(), TIMERS_PER_SCAN)? {
+            if Instant::now() >= deadline {
+                break;
+            }
             let rest = String::from_utf8_lossy(&k[TIMER_PREFIX.len()..]).into_owned();
             let Some((due, id)) = rest.split_once('/') else {
                 txn.delete(k);
@@ -970,21 +981,26 @@ impl ProfilesProcessor {
     }
 
     /// Moves the back-fill on by chunks of profiles, for a bounded time.
-    fn backfill(&self, now: i64, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
+    fn backfill(
+        &self,
+        now: i64,
+        deadline: Instant,
+        txn: &mut Txn<'_>,
+        out: &mut Vec<Output>,
+    ) -> Result<()> {
         let Some(mut job) = txn
             .get_json::<Backfill>(META_BACKFILL)?
             .filter(|j| j.finished_at.is_none())
         else {
             return Ok(());
         };
-        let started = Instant::now();
         let cause = Cause {
             id: &job.id.clone(),
             why: "definition",
             event_time: job.started_at,
             received_at: now,
         };
-        while started.elapsed() < BACKFILL_BUDGET {
+        while Instant::now() < deadline {
             let start = match &job.cursor {
                 Some(c) => {
                     let mut k = profile_key(c);
@@ -1037,8 +1053,9 @@ impl Processor for ProfilesProcessor {
     /// past their window.
     fn tick(&mut self, now_ms: i64, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
         self.sync_definitions(txn)?;
-        self.fire_timers(now_ms, txn, out)?;
-        self.backfill(now_ms, txn, out)?;
+        let deadline = Instant::now() + TICK_BUDGET;
+        self.fire_timers(now_ms, deadline, txn, out)?;
+        self.backfill(now_ms, deadline, txn, out)?;
         for (k, _) in txn.scan_committed(SEEN_EXP_PREFIX.as_bytes(), 10_000)? {
             let rest = String::from_utf8_lossy(&k[SEEN_EXP_PREFIX.len()..]).into_owned();
             let Some((expiry, id)) = rest.split_once('/') else {
