@@ -43,6 +43,8 @@ pub trait Store: Send + Sync + 'static {
         start: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+    /// Up to `limit` entries under `prefix`, last key first.
+    fn scan_last(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
     fn write(&self, batch: WriteBatch) -> Result<()>;
     /// Bytes on disk (live SST files), for a gauge; 0 where unknown.
     fn size_bytes(&self) -> u64 {
@@ -118,6 +120,30 @@ impl Store for RocksStore {
         Ok(out)
     }
 
+    fn scan_last(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let mut iter = self.db.raw_iterator();
+        // The last key under the prefix: before the prefix's successor.
+        match prefix_successor(prefix) {
+            Some(end) => {
+                iter.seek_for_prev(&end);
+                if iter.valid() && iter.key() == Some(end.as_slice()) {
+                    iter.prev();
+                }
+            }
+            None => iter.seek_to_last(),
+        }
+        while iter.valid() && out.len() < limit {
+            match (iter.key(), iter.value()) {
+                (Some(k), Some(v)) if k.starts_with(prefix) => out.push((k.to_vec(), v.to_vec())),
+                _ => break,
+            }
+            iter.prev();
+        }
+        iter.status()?;
+        Ok(out)
+    }
+
     fn write(&self, batch: WriteBatch) -> Result<()> {
         let mut wb = rocksdb::WriteBatch::default();
         for (k, v) in batch.ops {
@@ -137,6 +163,19 @@ impl Store for RocksStore {
             .flatten()
             .unwrap_or(0)
     }
+}
+
+/// The smallest key greater than every key starting with `prefix` (none if the
+/// prefix is all 0xff).
+fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
 }
 
 /// In-memory twin of [`RocksStore`] for unit tests.
@@ -159,6 +198,19 @@ impl Store for MemStore {
         Ok(map
             .range(start.max(prefix).to_vec()..)
             .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+    fn scan_last(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let map = self.map.lock().unwrap();
+        let under: Vec<_> = map
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .collect();
+        Ok(under
+            .into_iter()
+            .rev()
             .take(limit)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
@@ -331,6 +383,23 @@ mod tests {
         assert_eq!(got.len(), 2);
         assert_eq!(got[1], (b"a/2".to_vec(), b"y".to_vec()));
         assert_eq!(store.scan_prefix(b"a/", 1).unwrap().len(), 1);
+        let last: Vec<Vec<u8>> = store
+            .scan_last(b"a/", 10)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(last, vec![b"a/2".to_vec(), b"a/1".to_vec()], "last first");
+        assert_eq!(store.scan_last(b"a/", 1).unwrap().len(), 1);
+        assert_eq!(store.scan_last(b"b/", 5).unwrap().len(), 1);
+        assert!(store.scan_last(b"c/", 5).unwrap().is_empty());
+        let from: Vec<Vec<u8>> = store
+            .scan_from(b"a/", b"a/2", 10)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(from, vec![b"a/2".to_vec()], "from a key on");
 
         let mut txn = Txn::new(store);
         txn.put(b"a/3".to_vec(), b"w".to_vec());

@@ -183,6 +183,19 @@ async fn a_window_edge_moves_people_without_an_event() {
     assert_eq!(v["computed_traits"]["orders_30d"], 3, "{v}");
     assert_eq!(v["computed_traits"]["lifetime_spend"], 145.0, "{v}");
     assert_eq!(v["consent"]["Advertising"]["granted"], true);
+    let timeline: Vec<&str> = v["recent_events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message_id"].as_str().unwrap())
+        .collect();
+    let newest_first = [2, 1, 0].map(|i| format!("{user}-{i}"));
+    assert_eq!(timeline, newest_first, "the timeline, newest first");
+    assert_eq!(v["recent_events"][0]["properties"]["total"], 10);
+    let short = get_json(&format!("{}/v1/profiles/{id}?events=1", p.profiles)).await;
+    assert_eq!(short["recent_events"].as_array().unwrap().len(), 1);
+    let too_many = get_json(&format!("{}/v1/profiles/{id}?events=100000", p.profiles)).await;
+    assert_eq!(too_many["error"], "invalid_query");
     assert_eq!(v["consent"]["Analytics"]["granted"], false);
     let segs = get_json(&format!("{}/v1/profiles/{id}/segments", p.profiles)).await;
     let recent = segs["segments"]

@@ -1,6 +1,7 @@
 //! The profile API (reads go to RocksDB on the blocking pool):
-//! - `GET /v1/profiles/{id}[?explain=true]`, `GET /v1/profiles/lookup?type=&value=`: the
-//!   360 view; `GET /v1/profiles/{id}/segments`: its segments with entry times;
+//! - `GET /v1/profiles/{id}[?explain=true][&events=N]`,
+//!   `GET /v1/profiles/lookup?type=&value=`: the 360 view (`events`: the timeline's
+//!   length, default `profiles.recent_events`); `GET /v1/profiles/{id}/segments`: its segments with entry times;
 //! - `GET|POST /v1/segments`, `GET|PUT|DELETE /v1/segments/{id}`,
 //!   `GET /v1/segments/{id}/members?after=&limit=`, `POST /v1/segments/dry-run`;
 //! - `GET|POST /v1/computed-traits`, `GET|PUT|DELETE /v1/computed-traits/{id}`;
@@ -23,7 +24,7 @@ use serde_json::{Value, json};
 
 use tessera_common::config::TraitStrategy;
 use tessera_common::kafka::Producer;
-use tessera_common::records::DefinitionChange;
+use tessera_common::records::{DefinitionChange, ResolvedEvent};
 use tessera_common::store::SharedStore;
 use tessera_common::topics::Topics;
 
@@ -44,6 +45,8 @@ pub struct ApiState {
     pub strategies: Arc<BTreeMap<String, TraitStrategy>>,
     /// Events kept per profile (a dry run derives computed traits from them).
     pub history_limit: usize,
+    /// The timeline's length (the newest kept events).
+    pub recent_events: usize,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -100,7 +103,12 @@ fn iso(ms: i64) -> Value {
 
 /// The 360 view of a profile. With `explain`, each trait carries its provenance and
 /// the strategy that chose it (`strategies`; unlisted: most recent).
-pub fn view(p: &Profile, explain: bool, strategies: &BTreeMap<String, TraitStrategy>) -> Value {
+pub fn view(
+    p: &Profile,
+    recent: &[ResolvedEvent],
+    explain: bool,
+    strategies: &BTreeMap<String, TraitStrategy>,
+) -> Value {
     let traits: serde_json::Map<String, Value> = p
         .traits
         .iter()
@@ -154,29 +162,71 @@ pub fn view(p: &Profile, explain: bool, strategies: &BTreeMap<String, TraitStrat
         "first_seen": iso(p.first_seen),
         "last_seen": iso(p.last_seen),
         "segments": p.segments.iter().map(|(id, m)| json!({"id": id, "version": m.version, "entered_at": iso(m.entered_at)})).collect::<Vec<_>>(),
-        "recent_events": p.recent_events.iter().map(|e| json!({
-            "message_id": e.message_id, "type": e.kind, "event": e.event,
-            "timestamp": iso(e.event_time), "received_at": iso(e.received_at),
-            "source": e.source, "properties": e.properties,
-        })).collect::<Vec<_>>(),
+        "recent_events": recent.iter().map(|r| {
+            let e = &r.event;
+            json!({
+                "message_id": e.message_id, "type": e.kind, "event": e.event,
+                "timestamp": iso(e.event_time), "received_at": iso(e.received_at),
+                "source": e.source, "properties": properties(&e.payload),
+            })
+        }).collect::<Vec<_>>(),
         "merged_from": p.merged_from,
         "accounts": p.accounts,
         "household": p.household,
     })
 }
 
-async fn load_live(store: SharedStore, id: String) -> Result<Option<Profile>, String> {
+/// An event's `properties`, read without building the rest of its payload.
+fn properties(payload: &str) -> Value {
+    #[derive(serde::Deserialize)]
+    struct Only<'a> {
+        #[serde(borrow, default)]
+        properties: Option<&'a serde_json::value::RawValue>,
+    }
+    serde_json::from_str::<Only<'_>>(payload)
+        .ok()
+        .and_then(|o| o.properties)
+        .and_then(|raw| serde_json::from_str(raw.get()).ok())
+        .unwrap_or_else(|| json!({}))
+}
+
+/// The live profile (following merges) and its newest `recent` kept events.
+async fn load_live(
+    store: SharedStore,
+    id: String,
+    recent: usize,
+) -> Result<Option<(Profile, Vec<ResolvedEvent>)>, String> {
     tokio::task::spawn_blocking(move || {
         let live = live_id(|k| store.get(k), &id).map_err(|e| e.to_string())?;
-        match store.get(&profile_key(&live)).map_err(|e| e.to_string())? {
-            Some(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| e.to_string()),
-            None => Ok(None),
-        }
+        let Some(b) = store.get(&profile_key(&live)).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let p: Profile = serde_json::from_slice(&b).map_err(|e| e.to_string())?;
+        let events = match recent {
+            0 => Vec::new(),
+            n => state::recent_events(store.as_ref(), &live, n).map_err(|e| e.to_string())?,
+        };
+        Ok(Some((p, events)))
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+/// `?events=N`: the timeline's length, up to the kept history (default
+/// `profiles.recent_events`).
+fn timeline_length(q: &HashMap<String, String>, st: &ApiState) -> Result<usize, Response> {
+    match q.get("events").map(|n| n.parse::<usize>()) {
+        None => Ok(st.recent_events),
+        Some(Ok(n)) if n <= st.history_limit => Ok(n),
+        Some(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!(
+                "events must be 0 to {} (the kept history)",
+                st.history_limit
+            ),
+        )),
+    }
 }
 
 fn explain(q: &HashMap<String, String>) -> bool {
@@ -188,8 +238,14 @@ async fn by_id(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    match load_live(st.store, id).await {
-        Ok(Some(p)) => axum::Json(view(&p, explain(&q), &st.strategies)).into_response(),
+    let events = match timeline_length(&q, &st) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    match load_live(st.store, id, events).await {
+        Ok(Some((p, recent))) => {
+            axum::Json(view(&p, &recent, explain(&q), &st.strategies)).into_response()
+        }
         Ok(None) => error(StatusCode::NOT_FOUND, "not_found", "no such profile"),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
     }
@@ -242,8 +298,14 @@ async fn lookup(State(st): State<ApiState>, Query(q): Query<HashMap<String, Stri
             );
         }
     };
-    match load_live(st.store, id).await {
-        Ok(Some(p)) => axum::Json(view(&p, explain(&q), &st.strategies)).into_response(),
+    let events = match timeline_length(&q, &st) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    match load_live(st.store, id, events).await {
+        Ok(Some((p, recent))) => {
+            axum::Json(view(&p, &recent, explain(&q), &st.strategies)).into_response()
+        }
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -254,8 +316,8 @@ async fn lookup(State(st): State<ApiState>, Query(q): Query<HashMap<String, Stri
 }
 
 async fn profile_segments(State(st): State<ApiState>, Path(id): Path<String>) -> Response {
-    match load_live(st.store, id).await {
-        Ok(Some(p)) => axum::Json(json!({
+    match load_live(st.store, id, 0).await {
+        Ok(Some((p, _))) => axum::Json(json!({
             "profile_id": p.id,
             "segments": p.segments.iter().map(|(id, m)| json!({"id": id, "version": m.version, "entered_at": iso(m.entered_at)})).collect::<Vec<_>>(),
         }))

@@ -113,7 +113,6 @@ pub async fn run_with_listener(
         topics: topics.clone(),
         catalog: catalog.clone(),
         rules: profile::ApplyRules {
-            recent_limit: config.profiles.recent_events,
             strategies: config.profiles.trait_strategies.clone(),
             defs,
         },
@@ -142,6 +141,7 @@ pub async fn run_with_listener(
         topics,
         strategies: std::sync::Arc::new(config.profiles.trait_strategies.clone()),
         history_limit: config.profiles.history_events,
+        recent_events: config.profiles.recent_events,
     });
     service::run(&config, parts, listener, routes, spec, processor, shutdown).await
 }

@@ -1,5 +1,7 @@
-//! The profile: identifiers, traits (latest by event time, with provenance), event
-//! counts, first/last seen, a bounded recent-events timeline and segment memberships.
+//! The profile: identifiers, traits (by strategy, with provenance), event counts,
+//! computed traits, consent, first/last seen and segment memberships. The timeline is
+//! not here: it is read from the kept history (`state`), so a profile stays small
+//! however active the person is.
 //! Applying an event and merging two profiles are pure functions of the state, so any
 //! replay gives the same result.
 
@@ -33,22 +35,15 @@ impl TraitValue {
     }
 }
 
-/// What applying events needs besides the events: the timeline length, the trait
-/// strategies and the definitions in force (for computed traits).
+/// What applying events needs besides the events: the trait strategies and the
+/// definitions in force (for computed traits).
 #[derive(Debug, Clone, Default)]
 pub struct ApplyRules {
-    pub recent_limit: usize,
     pub strategies: BTreeMap<String, TraitStrategy>,
     pub defs: Arc<DefinitionSet>,
 }
 
 impl ApplyRules {
-    pub fn with_recent(recent_limit: usize) -> ApplyRules {
-        ApplyRules {
-            recent_limit,
-            ..Default::default()
-        }
-    }
     pub fn strategy(&self, name: &str) -> &TraitStrategy {
         self.strategies
             .get(name)
@@ -137,18 +132,6 @@ pub struct Frequency {
 /// least frequent are forgotten (the winner is then approximate).
 const MAX_COUNTED_VALUES: usize = 100;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EventSummary {
-    pub message_id: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub event: Option<String>,
-    pub event_time: i64,
-    pub received_at: i64,
-    pub source: String,
-    pub properties: Value,
-}
-
 /// A consent purpose's latest answer (`context.consent.categoryPreferences`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Consent {
@@ -191,8 +174,6 @@ pub struct Profile {
     pub events_total: u64,
     pub first_seen: i64,
     pub last_seen: i64,
-    /// Newest first, at most the configured number.
-    pub recent_events: Vec<EventSummary>,
     pub segments: BTreeMap<String, Membership>,
     /// Profiles merged into this one.
     pub merged_from: Vec<String>,
@@ -241,7 +222,6 @@ impl Profile {
         rules: &ApplyRules,
         touched: &mut Touched,
     ) -> bool {
-        let recent_limit = rules.recent_limit;
         let e = &r.event;
         let identifiers_before = self.identifiers.len();
         self.identifiers.extend(r.identifiers.iter().cloned());
@@ -311,22 +291,6 @@ impl Profile {
         self.events_total += 1;
         self.first_seen = self.first_seen.min(e.event_time);
         self.last_seen = self.last_seen.max(e.event_time);
-        let properties = match &payload["properties"] {
-            Value::Object(m) => Value::Object(m.clone()),
-            _ => Value::Object(Map::new()),
-        };
-        self.push_recent(
-            EventSummary {
-                message_id: e.message_id.clone(),
-                kind: e.kind.clone(),
-                event: e.event.clone(),
-                event_time: e.event_time,
-                received_at: e.received_at,
-                source: e.source.clone(),
-                properties,
-            },
-            recent_limit,
-        );
         changed || self.identifiers.len() != identifiers_before
     }
 
@@ -485,25 +449,10 @@ impl Profile {
         }
     }
 
-    fn push_recent(&mut self, s: EventSummary, limit: usize) {
-        if self
-            .recent_events
-            .iter()
-            .any(|x| x.message_id == s.message_id)
-        {
-            return;
-        }
-        self.recent_events.push(s);
-        self.recent_events
-            .sort_by(|a, b| (b.event_time, &b.message_id).cmp(&(a.event_time, &a.message_id)));
-        self.recent_events.truncate(limit);
-    }
-
     /// Folds another profile's state into this one (after an identity merge).
     /// Memberships are not moved: they are re-evaluated on the merged state. Returns
     /// whether an identifier or a trait value changed.
     pub fn absorb(&mut self, other: &Profile, rules: &ApplyRules) -> bool {
-        let recent_limit = rules.recent_limit;
         let identifiers_before = self.identifiers.len();
         self.identifiers.extend(other.identifiers.iter().cloned());
         let mut changed = false;
@@ -543,9 +492,6 @@ impl Profile {
         self.events_total += other.events_total;
         self.first_seen = self.first_seen.min(other.first_seen);
         self.last_seen = self.last_seen.max(other.last_seen);
-        for s in &other.recent_events {
-            self.push_recent(s.clone(), recent_limit);
-        }
         if !self.merged_from.contains(&other.id) {
             self.merged_from.push(other.id.clone());
         }
@@ -617,11 +563,11 @@ mod tests {
             json!({"traits": {"plan": "free", "name": "Ann"}}),
         );
         let mut p1 = Profile::new("p");
-        p1.apply(&newer, &ApplyRules::with_recent(10));
-        p1.apply(&older, &ApplyRules::with_recent(10));
+        p1.apply(&newer, &ApplyRules::default());
+        p1.apply(&older, &ApplyRules::default());
         let mut p2 = Profile::new("p");
-        p2.apply(&older, &ApplyRules::with_recent(10));
-        p2.apply(&newer, &ApplyRules::with_recent(10));
+        p2.apply(&older, &ApplyRules::default());
+        p2.apply(&newer, &ApplyRules::default());
         assert_eq!(p1, p2);
         assert_eq!(p1.traits["plan"].value, json!("pro"));
         assert_eq!(p1.traits["plan"].message_id, "b", "provenance kept");
@@ -635,7 +581,7 @@ mod tests {
             30,
             json!({"traits": {"plan": "pro"}}),
         );
-        assert!(!p1.apply(&again, &ApplyRules::with_recent(10)));
+        assert!(!p1.apply(&again, &ApplyRules::default()));
         let moved = ev(
             "d",
             "identify",
@@ -643,11 +589,11 @@ mod tests {
             40,
             json!({"traits": {"plan": "team"}}),
         );
-        assert!(p1.apply(&moved, &ApplyRules::with_recent(10)));
+        assert!(p1.apply(&moved, &ApplyRules::default()));
     }
 
     #[test]
-    fn counts_timeline_and_absorb() {
+    fn counts_and_absorb() {
         let mut p = Profile::new("k");
         for i in 0..5 {
             p.apply(
@@ -658,20 +604,18 @@ mod tests {
                     i,
                     json!({"properties": {"total": i}}),
                 ),
-                &ApplyRules::with_recent(3),
+                &ApplyRules::default(),
             );
         }
         assert_eq!(p.event_counts["Order Completed"], 5);
-        assert_eq!(p.recent_events.len(), 3, "bounded timeline");
-        assert_eq!(p.recent_events[0].message_id, "m4", "newest first");
         let mut a = Profile::new("a");
         a.apply(
             &ev("x", "track", Some("Order Completed"), 100, json!({})),
-            &ApplyRules::with_recent(3),
+            &ApplyRules::default(),
         );
-        p.absorb(&a, &ApplyRules::with_recent(3));
+        p.absorb(&a, &ApplyRules::default());
         assert_eq!(p.event_counts["Order Completed"], 6);
-        assert_eq!(p.recent_events[0].message_id, "x");
+        assert_eq!((p.first_seen, p.last_seen, p.events_total), (0, 100, 6));
         assert_eq!(p.merged_from, vec!["a".to_string()]);
         assert_eq!(p.flat_fields()["user_id"], json!("u"));
     }
@@ -681,7 +625,7 @@ mod tests {
         let mut a = Profile::new("a");
         assert!(a.apply(
             &ev("g", "group", None, 1, json!({"groupId": "acme"})),
-            &ApplyRules::with_recent(3)
+            &ApplyRules::default()
         ));
         a.apply(
             &ev(
@@ -691,7 +635,7 @@ mod tests {
                 2,
                 json!({"traits": {"address": {"street": "12 Oak Street", "postalCode": "90210"}}}),
             ),
-            &ApplyRules::with_recent(3),
+            &ApplyRules::default(),
         );
         let mut b = Profile::new("b");
         b.apply(
@@ -702,7 +646,7 @@ mod tests {
                 3,
                 json!({"traits": {"address": {"street": "12 oak st.", "postalCode": "90 210"}}}),
             ),
-            &ApplyRules::with_recent(3),
+            &ApplyRules::default(),
         );
         assert_eq!(a.accounts.iter().collect::<Vec<_>>(), vec!["acme"]);
         assert!(a.household.is_some());
@@ -719,7 +663,7 @@ mod tests {
                 3,
                 json!({"traits": {"address": {"street": "14 Oak St", "postalCode": "90210"}}}),
             ),
-            &ApplyRules::with_recent(3),
+            &ApplyRules::default(),
         );
         assert_ne!(a.household, c.household);
     }
@@ -774,7 +718,6 @@ mod tests {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         let rules = ApplyRules {
-            recent_limit: 10,
             strategies,
             ..Default::default()
         };

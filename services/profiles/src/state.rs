@@ -304,6 +304,15 @@ fn ensure_computed(
     Ok(())
 }
 
+/// A profile's newest kept events, newest first (its timeline).
+pub fn recent_events(store: &dyn Store, id: &str, limit: usize) -> Result<Vec<ResolvedEvent>> {
+    store
+        .scan_last(log_prefix(id).as_bytes(), limit)?
+        .iter()
+        .map(|(_, v)| ResolvedEvent::from_avro(v))
+        .collect()
+}
+
 /// A profile's kept history, oldest first.
 fn read_log(txn: &Txn<'_>, id: &str, history_limit: usize) -> Result<Vec<ResolvedEvent>> {
     txn.scan(log_prefix(id).as_bytes(), history_limit + 16)?
@@ -1110,7 +1119,7 @@ mod tests {
         define(&catalog, docs);
         ProfilesProcessor {
             topics: Topics::new(&cfg.topics),
-            rules: ApplyRules::with_recent(10),
+            rules: ApplyRules::default(),
             catalog,
             synced: false,
             clock: test_clock,
