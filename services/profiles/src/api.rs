@@ -214,17 +214,13 @@ async fn load_live(
 
 /// `?events=N`: the timeline's length, up to the kept history (default
 /// `profiles.recent_events`).
-fn timeline_length(q: &HashMap<String, String>, st: &ApiState) -> Result<usize, Response> {
+fn timeline_length(q: &HashMap<String, String>, st: &ApiState) -> Result<usize, String> {
     match q.get("events").map(|n| n.parse::<usize>()) {
         None => Ok(st.recent_events),
         Some(Ok(n)) if n <= st.history_limit => Ok(n),
-        Some(_) => Err(error(
-            StatusCode::BAD_REQUEST,
-            "invalid_query",
-            format!(
-                "events must be 0 to {} (the kept history)",
-                st.history_limit
-            ),
+        Some(_) => Err(format!(
+            "events must be 0 to {} (the kept history)",
+            st.history_limit
         )),
     }
 }
@@ -240,7 +236,7 @@ async fn by_id(
 ) -> Response {
     let events = match timeline_length(&q, &st) {
         Ok(n) => n,
-        Err(r) => return r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_query", e),
     };
     match load_live(st.store, id, events).await {
         Ok(Some((p, recent))) => {
@@ -300,7 +296,7 @@ async fn lookup(State(st): State<ApiState>, Query(q): Query<HashMap<String, Stri
     };
     let events = match timeline_length(&q, &st) {
         Ok(n) => n,
-        Err(r) => return r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_query", e),
     };
     match load_live(st.store, id, events).await {
         Ok(Some((p, recent))) => {
