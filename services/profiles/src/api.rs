@@ -460,6 +460,20 @@ async fn publish(st: &ApiState, change: DefinitionChange, created: bool) -> Resp
     }
 }
 
+/// Puts `def` in force (or deletes `kind/id`) if the other definitions allow it.
+async fn change(
+    st: &ApiState,
+    kind: &'static str,
+    id: &str,
+    def: Option<&Definition>,
+    created: bool,
+) -> Response {
+    match st.catalog.propose(kind, id, def, "api") {
+        Ok(change) => publish(st, change, created).await,
+        Err(e) => error(StatusCode::CONFLICT, "conflict", e),
+    }
+}
+
 async fn create(
     State(st): State<ApiState>,
     kind: &'static str,
@@ -481,10 +495,7 @@ async fn create(
             format!("{kind} {} exists: change it with PUT", def.id()),
         );
     }
-    match st.catalog.propose(kind, def.id(), Some(&def), "api") {
-        Ok(change) => publish(&st, change, true).await,
-        Err(e) => error(StatusCode::CONFLICT, "conflict", e),
-    }
+    change(&st, kind, def.id(), Some(&def), true).await
 }
 
 async fn replace(
@@ -499,10 +510,7 @@ async fn replace(
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_definition", e),
     };
     let created = st.catalog.record(kind, &id).is_none_or(|r| r.deleted);
-    match st.catalog.propose(kind, &id, Some(&def), "api") {
-        Ok(change) => publish(&st, change, created).await,
-        Err(e) => error(StatusCode::CONFLICT, "conflict", e),
-    }
+    change(&st, kind, &id, Some(&def), created).await
 }
 
 async fn remove(
@@ -517,10 +525,7 @@ async fn remove(
             format!("no {kind} {id}"),
         );
     }
-    match st.catalog.propose(kind, &id, None, "api") {
-        Ok(change) => publish(&st, change, false).await,
-        Err(e) => error(StatusCode::CONFLICT, "conflict", e),
-    }
+    change(&st, kind, &id, None, false).await
 }
 
 async fn dry_run(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
