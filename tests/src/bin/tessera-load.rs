@@ -4,7 +4,8 @@
 //! the broker at KAFKA_BOOTSTRAP (or one it starts), sends `track "Order Completed"` events
 //! for new users over HTTP at the given rate, and measures, for each activation record, the
 //! time from ingest accepting the event (its `received_at`) to the record being read from
-//! the destination topic.
+//! the destination topic. It then reports the profiles stage alone: from each resolved
+//! record's Kafka create time to its membership record's.
 //!
 //! `tessera-load null --rate 200 --seconds 20 --hops 4` measures the same number of
 //! Kafka hops with plain rdkafka consume → produce relays and no Tessera logic, with the
@@ -26,7 +27,7 @@ use serde_json::{Value, json};
 
 use tessera_common::config::Config;
 use tessera_common::kafka::{TopicKind, consumer_config, ensure_topics, producer_config};
-use tessera_common::records::{Activation, AvroRecord};
+use tessera_common::records::{Activation, AvroRecord, MembershipChange, ResolvedEvent};
 use tessera_tests::{Platform, WRITE_KEY, bootstrap};
 
 #[derive(Parser)]
@@ -176,8 +177,62 @@ async fn pipeline(rate: u64, seconds: u64, warmup: u64, batch: usize) -> anyhow:
         wall,
     );
     report("HTTP accept → activation record", &h, total, read_wall);
+    let stage = profiles_stage(&platform, total).await?;
+    report(
+        "resolved event → membership record (profiles stage, Kafka create times, ms resolution)",
+        &stage,
+        total,
+        read_wall,
+    );
     platform.stop().await;
     Ok(())
+}
+
+/// The profiles stage alone: for each measured profile, from the create time of its
+/// `Order Completed` resolved record (produced by identity) to that of its `buyers`
+/// enter record (produced by profiles): one Kafka hop, the profile update and segment
+/// evaluation. Both times come from this machine's clock, in milliseconds.
+async fn profiles_stage(platform: &Platform, expected: u64) -> anyhow::Result<Histogram<u64>> {
+    use std::collections::HashMap;
+    let topics = platform.topics();
+    let read = |topic: String| async move {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap())
+            .set("group.id", format!("load-{}", uuid::Uuid::new_v4()))
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        consumer.subscribe(&[&topic])?;
+        let mut out: Vec<(i64, Vec<u8>)> = Vec::new();
+        // Until the topic has been quiet for two seconds.
+        while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await {
+            let ts = m.timestamp().to_millis().unwrap_or(0);
+            out.push((ts, m.payload().unwrap_or_default().to_vec()));
+        }
+        anyhow::Ok(out)
+    };
+    let mut sent: HashMap<String, i64> = HashMap::new();
+    for (ts, payload) in read(topics.resolved()).await? {
+        if let Ok(r) = ResolvedEvent::from_avro(&payload)
+            && r.event.event.as_deref() == Some("Order Completed")
+        {
+            sent.insert(r.profile_id, ts);
+        }
+    }
+    let mut h = Histogram::<u64>::new(3)?;
+    for (ts, payload) in read(topics.membership()).await? {
+        if let Ok(m) = MembershipChange::from_avro(&payload)
+            && m.segment_id == "buyers"
+            && m.change == "enter"
+            && let Some(from) = sent.get(&m.profile_id)
+        {
+            // Microseconds, like the other histograms.
+            h.record(((ts - from).max(0) * 1000) as u64)?;
+        }
+    }
+    if h.len() < expected {
+        println!("profiles stage: {} of {expected} profiles matched", h.len());
+    }
+    Ok(h)
 }
 
 /// Reads `topic` from the beginning until `expected` latencies are in or `timeout` passes.
