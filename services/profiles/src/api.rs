@@ -234,15 +234,25 @@ async fn by_id(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let events = match timeline_length(&q, &st) {
+    profile_response(&st, id, &q, "no such profile").await
+}
+
+/// The 360 view of a profile (following merges), or a 404 saying `missing`.
+async fn profile_response(
+    st: &ApiState,
+    id: String,
+    q: &HashMap<String, String>,
+    missing: &str,
+) -> Response {
+    let events = match timeline_length(q, st) {
         Ok(n) => n,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_query", e),
     };
-    match load_live(st.store, id, events).await {
+    match load_live(st.store.clone(), id, events).await {
         Ok(Some((p, recent))) => {
-            axum::Json(view(&p, &recent, explain(&q), &st.strategies)).into_response()
+            axum::Json(view(&p, &recent, explain(q), &st.strategies)).into_response()
         }
-        Ok(None) => error(StatusCode::NOT_FOUND, "not_found", "no such profile"),
+        Ok(None) => error(StatusCode::NOT_FOUND, "not_found", missing),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
     }
 }
@@ -269,46 +279,18 @@ async fn lookup(State(st): State<ApiState>, Query(q): Query<HashMap<String, Stri
     };
     let store = st.store.clone();
     let key = index_key(kind, &value);
-    let found = tokio::task::spawn_blocking(move || store.get(&key)).await;
-    let id = match found {
-        Ok(Ok(Some(b))) => String::from_utf8_lossy(&b).into_owned(),
-        Ok(Ok(None)) => {
+    let id = match blocking(move || store.get(&key)).await {
+        Ok(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
+        Ok(None) => {
             return error(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 "no profile has this identifier",
             );
         }
-        Ok(Err(e)) => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                e.to_string(),
-            );
-        }
-        Err(e) => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                e.to_string(),
-            );
-        }
+        Err(r) => return r,
     };
-    let events = match timeline_length(&q, &st) {
-        Ok(n) => n,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_query", e),
-    };
-    match load_live(st.store, id, events).await {
-        Ok(Some((p, recent))) => {
-            axum::Json(view(&p, &recent, explain(&q), &st.strategies)).into_response()
-        }
-        Ok(None) => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no profile has this identifier",
-        ),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
-    }
+    profile_response(&st, id, &q, "no profile has this identifier").await
 }
 
 async fn profile_segments(State(st): State<ApiState>, Path(id): Path<String>) -> Response {
@@ -634,7 +616,7 @@ async fn backfill(State(st): State<ApiState>) -> Response {
 async fn members(st: ApiState, kind: &'static str, id: String) -> Response {
     let store = st.store.clone();
     let prefix = member_prefix(kind, &id);
-    let found = tokio::task::spawn_blocking(move || {
+    let found = blocking(move || {
         store.scan_prefix(prefix.as_bytes(), 1000).map(|rows| {
             rows.into_iter()
                 .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
@@ -643,22 +625,13 @@ async fn members(st: ApiState, kind: &'static str, id: String) -> Response {
     })
     .await;
     match found {
-        Ok(Ok(ids)) if ids.is_empty() => error(
+        Ok(ids) if ids.is_empty() => error(
             StatusCode::NOT_FOUND,
             "not_found",
             "no profile belongs to it",
         ),
-        Ok(Ok(ids)) => axum::Json(json!({"id": id, "members": ids})).into_response(),
-        Ok(Err(e)) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            e.to_string(),
-        ),
-        Err(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            e.to_string(),
-        ),
+        Ok(ids) => axum::Json(json!({"id": id, "members": ids})).into_response(),
+        Err(r) => r,
     }
 }
 
