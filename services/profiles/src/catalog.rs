@@ -228,7 +228,10 @@ impl DefinitionSet {
 
 #[derive(Default)]
 struct Inner {
+    /// The latest record of each definition, deleted ones included.
     records: BTreeMap<String, DefinitionChange>,
+    /// The definitions in force, parsed once when their record arrives.
+    live: BTreeMap<String, Definition>,
     set: Arc<DefinitionSet>,
 }
 
@@ -264,35 +267,58 @@ impl Catalog {
         inner.records.values().cloned().collect()
     }
 
-    fn live(records: &BTreeMap<String, DefinitionChange>) -> Vec<Definition> {
-        records
-            .values()
-            .filter(|r| !r.deleted)
-            .filter_map(|r| {
-                match Definition::parse(&r.definition, false, Some(&r.kind)) {
-                    Ok(mut d) => {
-                        d.set_version(r.version);
-                        Some(d)
-                    }
-                    Err(e) => {
-                        warn!(kind = %r.kind, id = %r.id, error = %e, "definition on the topic ignored");
-                        None
-                    }
-                }
-            })
-            .collect()
+    /// The definition a record puts in force (none for a deletion, or a record this
+    /// version cannot read, which is logged and left out).
+    fn parsed(r: &DefinitionChange) -> Option<Definition> {
+        if r.deleted {
+            return None;
+        }
+        match Definition::parse(&r.definition, false, Some(&r.kind)) {
+            Ok(mut d) => {
+                d.set_version(r.version);
+                Some(d)
+            }
+            Err(e) => {
+                warn!(kind = %r.kind, id = %r.id, error = %e, "definition on the topic ignored");
+                None
+            }
+        }
     }
 
     /// Applies a record read from the topic.
     pub fn apply(&self, rec: DefinitionChange) {
         let mut inner = self.inner.write().expect("catalog lock");
-        inner.records.insert(key(&rec.kind, &rec.id), rec);
+        let k = key(&rec.kind, &rec.id);
+        match Self::parsed(&rec) {
+            Some(d) => inner.live.insert(k.clone(), d),
+            None => inner.live.remove(&k),
+        };
+        inner.records.insert(k, rec);
         let generation = inner.set.generation + 1;
-        let (set, problems) = DefinitionSet::build(Self::live(&inner.records), generation);
+        let (set, problems) =
+            DefinitionSet::build(inner.live.values().cloned().collect(), generation);
         for p in problems {
             warn!(problem = %p, "definition left out");
         }
         inner.set = Arc::new(set);
+    }
+
+    /// The definitions as they would be with these records applied, or what would be
+    /// wrong with them.
+    fn set_with(&self, changes: &[DefinitionChange]) -> Result<DefinitionSet, String> {
+        let mut live = self.inner.read().expect("catalog lock").live.clone();
+        for c in changes {
+            let k = key(&c.kind, &c.id);
+            match Self::parsed(c) {
+                Some(d) => live.insert(k, d),
+                None => live.remove(&k),
+            };
+        }
+        let (set, problems) = DefinitionSet::build(live.into_values().collect(), 0);
+        match problems.is_empty() {
+            true => Ok(set),
+            false => Err(problems.join("; ")),
+        }
     }
 
     /// The record that puts `def` in force (or, with `None`, deletes `kind/id`). Its
@@ -329,29 +355,10 @@ impl Catalog {
         })
     }
 
-    /// Whether the definitions stay consistent with these records applied.
-    fn check_with(&self, changes: &[DefinitionChange]) -> Result<(), String> {
-        let mut records = self.inner.read().expect("catalog lock").records.clone();
-        for c in changes {
-            records.insert(key(&c.kind, &c.id), c.clone());
-        }
-        let (_, problems) = DefinitionSet::build(Self::live(&records), 0);
-        match problems.is_empty() {
-            true => Ok(()),
-            false => Err(problems.join("; ")),
-        }
-    }
-
     /// The definitions as they would be with `def` in force (for a dry run).
     pub fn with_candidate(&self, def: &Definition) -> Result<DefinitionSet, String> {
         let rec = self.next_record(def.kind(), def.id(), Some(def), "dry-run", 1)?;
-        let mut records = self.inner.read().expect("catalog lock").records.clone();
-        records.insert(key(&rec.kind, &rec.id), rec);
-        let (set, problems) = DefinitionSet::build(Self::live(&records), 0);
-        match problems.is_empty() {
-            true => Ok(set),
-            false => Err(problems.join("; ")),
-        }
+        self.set_with(&[rec])
     }
 
     /// The record for a change through the API, checked against the other definitions
@@ -364,7 +371,7 @@ impl Catalog {
         origin: &str,
     ) -> Result<DefinitionChange, String> {
         let rec = self.next_record(kind, id, def, origin, 1)?;
-        self.check_with(std::slice::from_ref(&rec))?;
+        self.set_with(std::slice::from_ref(&rec))?;
         Ok(rec)
     }
 }
@@ -428,7 +435,7 @@ pub fn file_changes(
         }
         out.push(catalog.next_record(d.kind(), d.id(), Some(d), "file", d.version())?);
     }
-    catalog.check_with(&out)?;
+    catalog.set_with(&out)?;
     Ok(out)
 }
 
