@@ -417,6 +417,10 @@ pub struct ComputedState {
     /// Contributions were dropped beyond [`MAX_WINDOW_ENTRIES`]: the value is approximate.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
+    /// A contribution came in since the value was last computed (not stored: a stored
+    /// value is always current).
+    #[serde(skip)]
+    pub(crate) dirty: bool,
 }
 
 impl ComputedState {
@@ -431,6 +435,7 @@ impl ComputedState {
     }
 
     pub fn add(&mut self, def: &ComputedTrait, t: i64, v: Value) {
+        self.dirty = true;
         match &mut self.acc {
             Some(acc) => acc.add(def.aggregate, t, &v, 1),
             None => {
@@ -445,6 +450,7 @@ impl ComputedState {
     }
 
     pub fn absorb(&mut self, def: &ComputedTrait, other: &ComputedState) {
+        self.dirty = true;
         match (&mut self.acc, &other.acc) {
             (Some(a), Some(b)) => a.absorb(def.aggregate, b),
             _ => {
@@ -460,23 +466,29 @@ impl ComputedState {
     /// Returns whether the value changed and when the next contribution leaves.
     pub fn refresh(&mut self, def: &ComputedTrait, now: i64) -> (bool, Option<i64>) {
         let (value, next) = match (&self.acc, def.window_ms) {
+            (Some(_), _) if !self.dirty => return (false, None),
             (Some(acc), _) => (acc.value(def.aggregate), None),
             (None, Some(w)) => {
                 let gone = self
                     .entries
                     .partition_point(|e| e.t.saturating_add(w) <= now);
+                let next = |entries: &[Entry]| entries.first().map(|e| e.t.saturating_add(w));
+                if gone == 0 && !self.dirty {
+                    // Nothing came in and nothing left: the value stands.
+                    return (false, next(&self.entries));
+                }
                 self.entries.drain(..gone);
                 let mut acc = Acc::default();
                 for e in &self.entries {
                     acc.add(def.aggregate, e.t, &e.v, 1);
                 }
-                let next = self.entries.first().map(|e| e.t.saturating_add(w));
-                (acc.value(def.aggregate), next)
+                (acc.value(def.aggregate), next(&self.entries))
             }
             (None, None) => (Value::Null, None),
         };
         let changed = value != self.value;
         self.value = value;
+        self.dirty = false;
         (changed, next)
     }
 }
