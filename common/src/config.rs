@@ -119,15 +119,146 @@ pub enum TraitStrategy {
     SourcePriority { sources: Vec<String> },
 }
 
+/// What a destination is; it decides the payload and the default consent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DestinationKind {
+    /// Contact fields, email channel, marketing purpose.
+    Email,
+    /// Contact fields, sms channel, marketing purpose.
+    Sms,
+    /// Contact fields, push channel, marketing purpose.
+    Push,
+    /// The listed fields as they are; no consent purpose unless configured.
+    Webhook,
+    /// Hashed identifiers by Google's rules (Customer Match), ads channel, advertising purpose.
+    GoogleAds,
+    /// Hashed identifiers by Meta's rules, ads channel, advertising purpose.
+    MetaAds,
+    /// The listed fields as they are; no consent purpose unless configured.
+    Custom,
+}
+
+impl DestinationKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DestinationKind::Email => "email",
+            DestinationKind::Sms => "sms",
+            DestinationKind::Push => "push",
+            DestinationKind::Webhook => "webhook",
+            DestinationKind::GoogleAds => "google_ads",
+            DestinationKind::MetaAds => "meta_ads",
+            DestinationKind::Custom => "custom",
+        }
+    }
+    pub fn is_ads(&self) -> bool {
+        matches!(self, DestinationKind::GoogleAds | DestinationKind::MetaAds)
+    }
+    /// The consent channel a destination of this kind reaches people through.
+    pub fn default_channel(&self) -> Option<&'static str> {
+        match self {
+            DestinationKind::Email => Some("email"),
+            DestinationKind::Sms => Some("sms"),
+            DestinationKind::Push => Some("push"),
+            DestinationKind::GoogleAds | DestinationKind::MetaAds => Some("ads"),
+            DestinationKind::Webhook | DestinationKind::Custom => None,
+        }
+    }
+    /// The consent purposes a destination of this kind needs.
+    pub fn default_purposes(&self) -> Vec<String> {
+        match self {
+            DestinationKind::Email | DestinationKind::Sms | DestinationKind::Push => {
+                vec!["marketing".into()]
+            }
+            DestinationKind::GoogleAds | DestinationKind::MetaAds => vec!["advertising".into()],
+            DestinationKind::Webhook | DestinationKind::Custom => Vec::new(),
+        }
+    }
+}
+
+/// How records are written on a destination's topic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadFormat {
+    /// One JSON document per record (the default).
+    #[default]
+    Json,
+    /// Avro single-object encoding, schema `tessera.activation.avsc`.
+    Avro,
+}
+
+/// At most `max` messages per person within `per` (`30m`, `24h`, `7d`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrequencyCap {
+    pub max: u32,
+    pub per: String,
+}
+
+impl FrequencyCap {
+    pub fn window_ms(&self) -> Result<i64> {
+        let d = humantime::parse_duration(&self.per)
+            .map_err(|e| Error::Config(format!("frequency cap window {:?}: {e}", self.per)))?;
+        Ok(d.as_millis() as i64)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationConfig {
     /// Also the topic suffix: records go to `<prefix>activation.<id>`.
     pub id: String,
+    #[serde(default = "default_kind")]
+    pub kind: DestinationKind,
+    #[serde(default)]
+    pub format: PayloadFormat,
     /// Segments synced to this destination: enter → add, exit → remove.
+    #[serde(default)]
     pub segments: Vec<String>,
-    /// Profile fields (identifiers or traits) the destination may receive.
+    /// Triggers this destination serves: each firing → a `send`.
+    #[serde(default)]
+    pub triggers: Vec<String>,
+    /// Profile fields (identifiers or traits) the destination may receive. Ads
+    /// destinations receive only the hashed `email` and `phone` among them.
+    #[serde(default)]
     pub fields: Vec<String>,
+    /// Consent purposes every activation needs; by default from the kind.
+    #[serde(default)]
+    pub purposes: Option<Vec<String>>,
+    /// Consent channel; by default from the kind.
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// Messages (trigger sends) per person and window on this destination.
+    #[serde(default)]
+    pub frequency_cap: Option<FrequencyCap>,
+}
+
+fn default_kind() -> DestinationKind {
+    DestinationKind::Custom
+}
+
+impl DestinationConfig {
+    pub fn purposes(&self) -> Vec<String> {
+        self.purposes
+            .clone()
+            .unwrap_or_else(|| self.kind.default_purposes())
+    }
+    pub fn channel(&self) -> Option<String> {
+        self.channel
+            .clone()
+            .or_else(|| self.kind.default_channel().map(str::to_string))
+    }
+}
+
+/// While a profile is in `segment`, the listed destinations (all when empty) receive
+/// nothing from it: audiences remove it, triggers do not send.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuppressionConfig {
+    pub id: String,
+    pub segment: String,
+    #[serde(default)]
+    pub destinations: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -136,6 +267,16 @@ pub struct ActivationConfig {
     pub http_listen: String,
     pub state_dir: PathBuf,
     pub destinations: Vec<DestinationConfig>,
+    #[serde(default)]
+    pub suppressions: Vec<SuppressionConfig>,
+    /// Purposes that need a recorded grant: never answered counts as refused. Other
+    /// purposes are allowed until refused.
+    pub opt_in_purposes: Vec<String>,
+    /// Messages per person and window across all destinations.
+    #[serde(default)]
+    pub frequency_cap: Option<FrequencyCap>,
+    /// Region of phone numbers written without a country code (ads hashing).
+    pub phone_default_region: String,
 }
 
 impl Config {
@@ -201,6 +342,38 @@ impl Config {
                     "destination id {:?} must be non-empty letters, digits, '-' or '_'",
                     d.id
                 ));
+            }
+            if self
+                .activation
+                .destinations
+                .iter()
+                .filter(|x| x.id == d.id)
+                .count()
+                > 1
+            {
+                return bad(format!("destination {:?} is defined twice", d.id));
+            }
+            if d.segments.is_empty() && d.triggers.is_empty() {
+                return bad(format!(
+                    "destination {:?} syncs no segment and serves no trigger",
+                    d.id
+                ));
+            }
+            if let Some(c) = &d.frequency_cap {
+                c.window_ms()?;
+            }
+        }
+        if let Some(c) = &self.activation.frequency_cap {
+            c.window_ms()?;
+        }
+        for s in &self.activation.suppressions {
+            for d in &s.destinations {
+                if !self.activation.destinations.iter().any(|x| &x.id == d) {
+                    return bad(format!(
+                        "suppression {:?} names destination {d:?}, which is not defined",
+                        s.id
+                    ));
+                }
             }
         }
         Ok(())

@@ -158,8 +158,30 @@ pub struct MembershipChange {
     pub event_time: i64,
     pub received_at: i64,
     pub traits: String,
+    /// The profile's consent decisions as JSON.
+    pub consent: String,
+    /// Every segment the profile is in after this change.
+    pub segments: Vec<String>,
 }
 avro_record!(MembershipChange, "tessera.segments.membership.avsc");
+
+/// `tessera.profiles.triggers`: a trigger fired for a profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TriggerFired {
+    pub record_id: String,
+    pub profile_id: String,
+    pub trigger_id: String,
+    pub trigger_version: i32,
+    pub reason: String,
+    pub event_time: i64,
+    pub received_at: i64,
+    pub event: String,
+    pub properties: String,
+    pub traits: String,
+    pub consent: String,
+    pub segments: Vec<String>,
+}
+avro_record!(TriggerFired, "tessera.profiles.triggers.avsc");
 
 /// `tessera.profiles.definitions`: a segment or computed trait definition, versioned.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,19 +199,47 @@ pub struct DefinitionChange {
 }
 avro_record!(DefinitionChange, "tessera.profiles.definitions.avsc");
 
-/// `tessera.activation.<destination>`: what a downstream system consumes.
+/// `tessera.activation.<destination>`: what a downstream system consumes, as JSON
+/// ([`Activation::to_json`]) or Avro.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Activation {
     pub activation_id: String,
     pub destination: String,
+    pub kind: String,
     pub profile_id: String,
     pub action: String,
-    pub segment_id: String,
-    pub segment_version: i32,
+    pub source: String,
+    pub source_id: String,
+    pub source_version: i32,
     pub reason: String,
+    pub consent: String,
     pub event_time: i64,
     pub received_at: i64,
     pub payload: String,
+}
+
+impl Activation {
+    /// The JSON form: the same fields, with `consent` and `payload` as JSON objects.
+    pub fn to_json(&self) -> Result<Vec<u8>> {
+        let mut v = serde_json::to_value(self)?;
+        for f in ["consent", "payload"] {
+            let inner: serde_json::Value = serde_json::from_str(v[f].as_str().unwrap_or("{}"))?;
+            v[f] = inner;
+        }
+        Ok(serde_json::to_vec(&v)?)
+    }
+
+    /// Reads either form (a JSON record starts with `{`, an Avro one with `C3 01`).
+    pub fn decode(bytes: &[u8]) -> Result<Activation> {
+        if bytes.first() != Some(&b'{') {
+            return Activation::from_avro(bytes);
+        }
+        let mut v: serde_json::Value = serde_json::from_slice(bytes)?;
+        for f in ["consent", "payload"] {
+            v[f] = serde_json::Value::String(v[f].to_string());
+        }
+        Ok(serde_json::from_value(v)?)
+    }
 }
 avro_record!(Activation, "tessera.activation.avsc");
 
@@ -339,6 +389,22 @@ mod tests {
             event_time: 8,
             received_at: 9,
             traits: "{}".into(),
+            consent: "{}".into(),
+            segments: vec!["buyers".into()],
+        });
+        roundtrip(TriggerFired {
+            record_id: "r".into(),
+            profile_id: "p".into(),
+            trigger_id: "abandoned-cart".into(),
+            trigger_version: 1,
+            reason: "deadline".into(),
+            event_time: 8,
+            received_at: 9,
+            event: "Cart Viewed".into(),
+            properties: "{}".into(),
+            traits: "{}".into(),
+            consent: "{}".into(),
+            segments: vec![],
         });
         roundtrip(DefinitionChange {
             kind: "segment".into(),
@@ -349,18 +415,27 @@ mod tests {
             origin: "api".into(),
             changed_at: 3,
         });
-        roundtrip(Activation {
+        let a = Activation {
             activation_id: "a".into(),
             destination: "email".into(),
+            kind: "email".into(),
             profile_id: "p".into(),
             action: "add".into(),
-            segment_id: "buyers".into(),
-            segment_version: 1,
+            source: "segment".into(),
+            source_id: "buyers".into(),
+            source_version: 1,
             reason: "segment enter".into(),
+            consent: r#"{"marketing":{"granted":true}}"#.into(),
             event_time: 1,
             received_at: 2,
-            payload: "{}".into(),
-        });
+            payload: r#"{"email":"a@b.c"}"#.into(),
+        };
+        roundtrip(a.clone());
+        let json = a.to_json().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(v["payload"]["email"], "a@b.c", "the payload is an object");
+        assert_eq!(Activation::decode(&json).unwrap(), a);
+        assert_eq!(Activation::decode(&a.to_avro().unwrap()).unwrap(), a);
     }
 
     /// Every schema file under schemas/ belongs to a record type here.
@@ -382,6 +457,7 @@ mod tests {
             IdentityCommand::codec().fingerprint(),
             ProfileTransfer::codec().fingerprint(),
             MembershipChange::codec().fingerprint(),
+            TriggerFired::codec().fingerprint(),
             DefinitionChange::codec().fingerprint(),
             Activation::codec().fingerprint(),
         ];

@@ -13,6 +13,7 @@ pub const IDENTITY_COMMANDS: &str = "identity.commands";
 pub const PROFILES_TRANSFERS: &str = "profiles.transfers";
 pub const SEGMENTS_MEMBERSHIP: &str = "segments.membership";
 pub const PROFILES_DEFINITIONS: &str = "profiles.definitions";
+pub const PROFILES_TRIGGERS: &str = "profiles.triggers";
 /// Destination topics are `activation.<destination id>`.
 pub const ACTIVATION_PREFIX: &str = "activation.";
 
@@ -57,6 +58,9 @@ impl Topics {
     }
     pub fn definitions(&self) -> String {
         self.name(PROFILES_DEFINITIONS)
+    }
+    pub fn triggers(&self) -> String {
+        self.name(PROFILES_TRIGGERS)
     }
     pub fn membership(&self) -> String {
         self.name(SEGMENTS_MEMBERSHIP)

@@ -121,17 +121,17 @@ async fn segment_python_sdk_events_reach_the_profile_and_activation() {
         };
         let records = read_topic(&topic, Duration::from_secs(30), |rs| {
             rs.iter()
-                .filter_map(|r| Activation::from_avro(r).ok())
+                .filter_map(|r| Activation::decode(r).ok())
                 .any(|a| has_email(&a))
         })
         .await;
         let mine: Vec<Activation> = records
             .iter()
-            .filter_map(|r| Activation::from_avro(r).ok())
+            .filter_map(|r| Activation::decode(r).ok())
             .filter(|a| a.profile_id == pid)
             .collect();
         assert_eq!(mine[0].action, "add", "{mine:?}");
-        assert_eq!(mine[0].segment_id, "buyers");
+        assert_eq!(mine[0].source_id, "buyers");
         assert!(mine[1..].iter().all(|a| a.action == "update"), "{mine:?}");
         let a = mine
             .iter()
@@ -681,8 +681,10 @@ async fn health_readiness_and_metrics_are_served_by_every_service() {
                 .text()
                 .await
                 .ok()?;
-            text.contains("tessera_activation_event_to_activation_seconds_count 1")
-                .then_some(text)
+            text.contains(
+                "tessera_activation_event_to_activation_seconds_count{source=\"segment\"} 1",
+            )
+            .then_some(text)
         },
     )
     .await;
@@ -894,7 +896,7 @@ async fn services_killed_with_sigkill_mid_stream_lose_and_double_count_nothing()
     let topic = tessera_common::topics::Topics::new(&cfg.topics).activation("email-demo");
     let records = read_topic(&topic, Duration::from_secs(60), |rs| {
         rs.iter()
-            .filter_map(|r| Activation::from_avro(r).ok())
+            .filter_map(|r| Activation::decode(r).ok())
             .map(|a| a.profile_id)
             .collect::<HashSet<_>>()
             .len()
@@ -902,7 +904,7 @@ async fn services_killed_with_sigkill_mid_stream_lose_and_double_count_nothing()
     })
     .await;
     let mut ids_by_profile: HashMap<String, HashSet<String>> = HashMap::new();
-    for a in records.iter().filter_map(|r| Activation::from_avro(r).ok()) {
+    for a in records.iter().filter_map(|r| Activation::decode(r).ok()) {
         ids_by_profile
             .entry(a.profile_id)
             .or_default()
@@ -1287,7 +1289,7 @@ async fn an_anonymous_profile_merges_into_the_known_one() {
         |rs| {
             let acts: Vec<Activation> = rs
                 .iter()
-                .filter_map(|r| Activation::from_avro(r).ok())
+                .filter_map(|r| Activation::decode(r).ok())
                 .collect();
             acts.iter()
                 .any(|a| a.profile_id == anon_id && a.action == "remove")
@@ -1299,7 +1301,7 @@ async fn an_anonymous_profile_merges_into_the_known_one() {
     .await;
     let acts: Vec<Activation> = records
         .iter()
-        .filter_map(|r| Activation::from_avro(r).ok())
+        .filter_map(|r| Activation::decode(r).ok())
         .collect();
     let add = acts
         .iter()
@@ -1352,7 +1354,7 @@ async fn a_service_that_lost_its_state_rebuilds_it_by_replaying_its_input() {
     let ids = |records: &[Vec<u8>]| -> HashSet<String> {
         records
             .iter()
-            .filter_map(|r| Activation::from_avro(r).ok())
+            .filter_map(|r| Activation::decode(r).ok())
             .map(|a| a.activation_id)
             .collect()
     };

@@ -1,26 +1,41 @@
 //! # tessera-activation
 //!
-//! Consumes `segments.membership` and turns each enter/exit of a segment that a
-//! destination syncs into an `add`/`remove` record on `activation.<destination>`, with
-//! only the fields the destination may receive. Every record has a deterministic
-//! `activation_id`, the same after any replay, so downstream systems can de-duplicate.
+//! Consumes `segments.membership` and `profiles.triggers` and writes what downstream
+//! systems consume on `activation.<destination>`:
+//! - audiences: for each destination that syncs a segment, a member becomes `add`, a
+//!   former member `remove`, and a change of what the destination may see `update`. Every
+//!   membership record re-checks every synced audience against the profile it carries,
+//!   so a consent withdrawal or a suppression removes people at once and its end adds
+//!   them back;
+//! - triggers: each firing of a trigger a destination serves becomes a `send`.
+//!
+//! Every activation is checked at that moment ([`policy`]): consent per purpose and
+//! channel, suppressions, a contact address, and for sends frequency caps. Payloads hold
+//! only the fields the destination may receive, ad identifiers hashed by the
+//! platform's rules ([`hashing`]). Every record has a deterministic `activation_id`,
+//! the same after any replay, so downstream systems can de-duplicate.
+
+pub mod hashing;
+pub mod policy;
 
 use axum::Router;
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
-use serde_json::{Map, Value};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
+use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info};
 
-use tessera_common::Result;
 use tessera_common::admin::{self, Admin};
-use tessera_common::config::{Config, DestinationConfig};
+use tessera_common::config::{ActivationConfig, Config, DestinationKind, PayloadFormat};
 use tessera_common::ids::deterministic_id;
-use tessera_common::records::{Activation, AvroRecord, MembershipChange};
+use tessera_common::records::{Activation, AvroRecord, MembershipChange, TriggerFired};
 use tessera_common::runner::{self, Message, Output, Processor, RunnerSpec};
-use tessera_common::service;
 use tessera_common::store::Txn;
 use tessera_common::topics::Topics;
+use tessera_common::{Error, Result, service};
+
+use hashing::Platform;
+use policy::{Destination, Outcome, Policy, Refusal, Sends, View};
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let listener = admin::bind(&config.activation.http_listen).await?;
@@ -34,13 +49,17 @@ pub async fn run_with_listener(
 ) -> Result<()> {
     let topics = Topics::new(&config.topics);
     let destinations = &config.activation.destinations;
-    let mut needed = vec![topics.membership(), topics.deadletter()];
+    let mut needed = vec![topics.membership(), topics.triggers(), topics.deadletter()];
     needed.extend(destinations.iter().map(|d| topics.activation(&d.id)));
     let parts =
         service::prepare(&config, "activation", &config.activation.state_dir, &needed).await?;
     info!(destinations = destinations.len(), "destinations configured");
-    let processor = ActivationProcessor::new(topics.clone(), destinations.clone(), &parts.admin);
-    let spec = RunnerSpec::new("activation", &topics, vec![topics.membership()]);
+    let processor = ActivationProcessor::new(topics.clone(), &config.activation, &parts.admin)?;
+    let spec = RunnerSpec::new(
+        "activation",
+        &topics,
+        vec![topics.membership(), topics.triggers()],
+    );
     service::run(
         &config,
         parts,
@@ -55,39 +74,338 @@ pub async fn run_with_listener(
 
 pub struct ActivationProcessor {
     topics: Topics,
-    destinations: Vec<DestinationConfig>,
+    destinations: Vec<Destination>,
+    policy: Policy,
+    region: phonenumber::country::Id,
+    /// The longest frequency cap window (sends older than this are forgotten).
+    longest_cap: i64,
     activations: IntCounterVec,
-    latency: Histogram,
+    latency: HistogramVec,
 }
 
 impl ActivationProcessor {
-    pub fn new(topics: Topics, destinations: Vec<DestinationConfig>, admin: &Admin) -> Self {
-        ActivationProcessor {
+    pub fn new(topics: Topics, cfg: &ActivationConfig, admin: &Admin) -> Result<Self> {
+        let destinations = cfg
+            .destinations
+            .iter()
+            .map(|d| Destination::new(d.clone(), topics.activation(&d.id)))
+            .collect::<Result<Vec<_>>>()?;
+        let global_cap = policy::cap(&cfg.frequency_cap)?;
+        let longest_cap = destinations
+            .iter()
+            .filter_map(|d| d.cap)
+            .chain(global_cap)
+            .map(|(_, w)| w)
+            .max()
+            .unwrap_or(0);
+        let region = cfg.phone_default_region.parse().map_err(|_| {
+            Error::Config(format!(
+                "activation.phone_default_region {:?} is not an ISO 3166 region code",
+                cfg.phone_default_region
+            ))
+        })?;
+        Ok(ActivationProcessor {
             topics,
             destinations,
+            policy: Policy {
+                suppressions: cfg.suppressions.clone(),
+                opt_in: cfg
+                    .opt_in_purposes
+                    .iter()
+                    .map(|p| p.to_lowercase())
+                    .collect(),
+                global_cap,
+            },
+            region,
+            longest_cap,
             activations: admin.register(
                 &IntCounterVec::new(
                     Opts::new(
                         "tessera_activation_records_total",
-                        "Activation records by destination, action and outcome",
+                        "Activations by destination, action and outcome (sent, suppressed, \
+                         no_consent, no_address, capped, unchanged)",
                     ),
                     &["destination", "action", "outcome"],
                 )
                 .unwrap(),
             ),
             latency: admin.register(
-                &Histogram::with_opts(
+                &HistogramVec::new(
                     HistogramOpts::new(
                         "tessera_activation_event_to_activation_seconds",
-                        "From ingest accepting the causing event to the activation record",
+                        "From ingest accepting the causing event (for a waiting trigger: \
+                         its deadline) to the activation record",
                     )
                     .buckets(vec![
                         0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
                     ]),
+                    &["source"],
                 )
                 .unwrap(),
             ),
+        })
+    }
+
+    fn count(&self, d: &Destination, action: &str, outcome: &str) {
+        self.activations
+            .with_label_values(&[d.id(), action, outcome])
+            .inc();
+    }
+
+    fn refused(&self, d: &Destination, action: &str, (outcome, why): &Refusal) {
+        debug!(destination = d.id(), action, outcome = outcome.as_str(), reason = %why, "activation refused");
+        self.count(d, action, outcome.as_str());
+    }
+
+    /// What a destination receives of a profile: the allowed fields, or for an ads
+    /// destination the hashed identifiers among them.
+    fn payload(&self, d: &Destination, fields: &Map<String, Value>) -> Map<String, Value> {
+        let allowed = |f: &str| d.config.fields.iter().any(|x| x == f);
+        let text = |f: &str| fields.get(f).and_then(Value::as_str).filter(|_| allowed(f));
+        let (platform, email_key, phone_key) = match d.config.kind {
+            DestinationKind::GoogleAds => (Platform::Google, "hashed_email", "hashed_phone_number"),
+            DestinationKind::MetaAds => (Platform::Meta, "EMAIL", "PHONE"),
+            _ => {
+                return d
+                    .config
+                    .fields
+                    .iter()
+                    .filter_map(|f| fields.get(f).map(|v| (f.clone(), v.clone())))
+                    .collect();
+            }
+        };
+        let mut out = Map::new();
+        if let Some(h) = text("email").and_then(hashing::email) {
+            out.insert(email_key.into(), Value::String(h));
         }
+        if let Some(h) = text("phone").and_then(|p| hashing::phone(platform, p, self.region)) {
+            out.insert(phone_key.into(), Value::String(h));
+        }
+        out
+    }
+
+    /// Consent, suppressions and an address; for ads, at least one usable identifier.
+    fn allowed(
+        &self,
+        d: &Destination,
+        v: &View,
+    ) -> std::result::Result<(Value, Map<String, Value>), Refusal> {
+        let consent = self.policy.check(d, v)?;
+        let payload = self.payload(d, &v.fields);
+        if d.config.kind.is_ads() && payload.is_empty() {
+            return Err((Outcome::NoAddress, "no email or phone to match on".into()));
+        }
+        Ok((consent, payload))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &self,
+        d: &Destination,
+        id_parts: &[&str],
+        profile_id: &str,
+        action: &str,
+        (source, source_id, source_version): (&str, &str, i32),
+        reason: String,
+        consent: &Value,
+        (event_time, received_at): (i64, i64),
+        payload: &Map<String, Value>,
+        out: &mut Vec<Output>,
+    ) -> Result<()> {
+        let mut parts = vec![d.id()];
+        parts.extend_from_slice(id_parts);
+        let a = Activation {
+            activation_id: deterministic_id("activation", &parts),
+            destination: d.id().to_string(),
+            kind: d.config.kind.as_str().to_string(),
+            profile_id: profile_id.to_string(),
+            action: action.to_string(),
+            source: source.to_string(),
+            source_id: source_id.to_string(),
+            source_version,
+            reason,
+            consent: consent.to_string(),
+            event_time,
+            received_at,
+            payload: Value::Object(payload.clone()).to_string(),
+        };
+        out.push(Output {
+            topic: d.topic.clone(),
+            key: a.profile_id.clone().into_bytes(),
+            payload: match d.config.format {
+                PayloadFormat::Json => a.to_json()?,
+                PayloadFormat::Avro => a.to_avro()?,
+            },
+        });
+        self.count(d, action, "sent");
+        let latency_ms = (tessera_common::now_ms() - received_at).max(0);
+        self.latency
+            .with_label_values(&[source])
+            .observe(latency_ms as f64 / 1000.0);
+        Ok(())
+    }
+
+    /// Brings every audience of every destination in line with the profile this record
+    /// carries: members who may receive it are added (or updated when what the
+    /// destination sees changed), the others removed.
+    fn on_membership(
+        &self,
+        (m, view): (MembershipChange, View),
+        txn: &mut Txn<'_>,
+        out: &mut Vec<Output>,
+    ) -> Result<()> {
+        for d in &self.destinations {
+            for seg in &d.config.segments {
+                let about_this = &m.segment_id == seg;
+                let member = view.segments.contains(seg);
+                let sent = sent_key(d.id(), seg, &m.profile_id);
+                let last = txn.get(&sent)?;
+                let decision = match (member, &last) {
+                    (false, None) => continue,
+                    (false, Some(_)) => None,
+                    // Added before and this record is about another segment: only
+                    // whether it may still receive it matters (its fields come with
+                    // this segment's own update records).
+                    (true, Some(_)) if !about_this => match self.policy.check(d, &view) {
+                        Ok(_) => continue,
+                        Err(r) => Some(Err(r)),
+                    },
+                    (true, _) => Some(self.allowed(d, &view)),
+                };
+                let reason =
+                    |what: &str| format!("segment {} {}: {}", m.segment_id, m.change, what);
+                let times = (m.event_time, m.received_at);
+                let src = ("segment", seg.as_str(), m.segment_version);
+                match (decision, last) {
+                    (Some(Ok((consent, payload))), last) => {
+                        let body = Value::Object(payload.clone()).to_string();
+                        let action = match &last {
+                            None => "add",
+                            Some(l) if l.as_slice() == body.as_bytes() => {
+                                self.count(d, "update", "unchanged");
+                                continue;
+                            }
+                            Some(_) => "update",
+                        };
+                        txn.put(sent, body.into_bytes());
+                        let why = reason(&m.reason);
+                        let parts = [seg.as_str(), m.record_id.as_str()];
+                        self.emit(
+                            d,
+                            &parts,
+                            &m.profile_id,
+                            action,
+                            src,
+                            why,
+                            &consent,
+                            times,
+                            &payload,
+                            out,
+                        )?;
+                    }
+                    (Some(Err(refusal)), None) => {
+                        if about_this && m.change != "update" {
+                            self.refused(d, "add", &refusal);
+                        }
+                    }
+                    (decision, Some(last)) => {
+                        // No longer a member, or no longer allowed: remove, with what
+                        // the destination last received (ads match on it).
+                        let why = match &decision {
+                            Some(Err((outcome, why))) => {
+                                self.refused(d, "update", &(*outcome, why.clone()));
+                                reason(&format!("{}: {why}", outcome.as_str()))
+                            }
+                            _ => reason(&m.reason),
+                        };
+                        txn.delete(sent);
+                        let payload: Map<String, Value> =
+                            serde_json::from_slice(&last).unwrap_or_default();
+                        let parts = [seg.as_str(), m.record_id.as_str()];
+                        self.emit(
+                            d,
+                            &parts,
+                            &m.profile_id,
+                            "remove",
+                            src,
+                            why,
+                            &json!({}),
+                            times,
+                            &payload,
+                            out,
+                        )?;
+                    }
+                    (None, None) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A trigger firing becomes a `send` to each destination serving it, if consent,
+    /// suppressions and the frequency caps allow.
+    fn on_trigger(
+        &self,
+        (t, view): (TriggerFired, View),
+        txn: &mut Txn<'_>,
+        out: &mut Vec<Output>,
+    ) -> Result<()> {
+        let properties: Value = serde_json::from_str(&t.properties).unwrap_or(Value::Null);
+        let key = sends_key(&t.profile_id);
+        let mut sends: Sends = txn.get_json(&key)?.unwrap_or_default();
+        let mut changed = false;
+        for d in self
+            .destinations
+            .iter()
+            .filter(|d| d.config.triggers.contains(&t.trigger_id))
+        {
+            let activation_id = deterministic_id("activation", &[d.id(), &t.record_id]);
+            if sends.contains(&activation_id) {
+                // The same firing again (an upstream replay): already sent.
+                continue;
+            }
+            let (consent, mut payload) = match self.allowed(d, &view) {
+                Ok(x) => x,
+                Err(r) => {
+                    self.refused(d, "send", &r);
+                    continue;
+                }
+            };
+            // Caps count by the firing's time, so a replay decides the same way.
+            let at = t.received_at;
+            if let Err(r) = sends.allows(d, self.policy.global_cap, at) {
+                self.refused(d, "send", &r);
+                continue;
+            }
+            if self.longest_cap > 0 {
+                sends.record(at, d.id(), &activation_id, self.longest_cap);
+                changed = true;
+            }
+            if !t.event.is_empty() {
+                payload.insert(
+                    "event".into(),
+                    json!({"name": t.event, "properties": properties}),
+                );
+            }
+            let src = ("trigger", t.trigger_id.as_str(), t.trigger_version);
+            let times = (t.event_time, t.received_at);
+            self.emit(
+                d,
+                &[&t.record_id],
+                &t.profile_id,
+                "send",
+                src,
+                t.reason.clone(),
+                &consent,
+                times,
+                &payload,
+                out,
+            )?;
+        }
+        if changed {
+            txn.put_json(key, &sends)?;
+        }
+        Ok(())
     }
 }
 
@@ -96,92 +414,39 @@ fn sent_key(destination: &str, segment: &str, profile: &str) -> Vec<u8> {
     format!("sent/{destination}/{segment}/{profile}").into_bytes()
 }
 
-/// Only the fields a destination may receive.
-fn payload_for(d: &DestinationConfig, fields_json: &str) -> String {
-    let all: Map<String, Value> = serde_json::from_str(fields_json).unwrap_or_default();
-    let picked: Map<String, Value> = d
-        .fields
-        .iter()
-        .filter_map(|f| all.get(f).map(|v| (f.clone(), v.clone())))
-        .collect();
-    Value::Object(picked).to_string()
+/// A profile's recent sends (frequency caps).
+fn sends_key(profile: &str) -> Vec<u8> {
+    format!("sends/{profile}").into_bytes()
 }
 
 impl Processor for ActivationProcessor {
     fn process(&mut self, msg: &Message, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
-        let change = match MembershipChange::from_avro(msg.payload.as_deref().unwrap_or_default()) {
-            Ok(c) => c,
-            Err(e) => {
-                runner::handled_or_dead_letter(&self.topics.deadletter(), msg, Err(e), out)?;
-                return Ok(());
-            }
+        let bytes = msg.payload.as_deref().unwrap_or_default();
+        // Undecodable or unreadable records go to the dead-letter topic with the reason.
+        let handled = if msg.topic == self.topics.membership() {
+            MembershipChange::from_avro(bytes)
+                .and_then(|m| {
+                    if !matches!(m.change.as_str(), "enter" | "exit" | "update") {
+                        return Err(Error::Invalid(format!(
+                            "unknown membership change {:?}",
+                            m.change
+                        )));
+                    }
+                    let view = View::parse(&m.traits, &m.consent, &m.segments)?;
+                    Ok((m, view))
+                })
+                .map(|x| self.on_membership(x, txn, out))
+        } else if msg.topic == self.topics.triggers() {
+            TriggerFired::from_avro(bytes)
+                .and_then(|t| {
+                    let view = View::parse(&t.traits, &t.consent, &t.segments)?;
+                    Ok((t, view))
+                })
+                .map(|x| self.on_trigger(x, txn, out))
+        } else {
+            Err(Error::Invalid(format!("unexpected topic {}", msg.topic)))
         };
-        if !matches!(change.change.as_str(), "enter" | "exit" | "update") {
-            let other = change.change.as_str();
-            warn!(change = other, "unknown membership change, dead-lettered");
-            let reason = format!("unknown membership change {other:?}");
-            out.push(runner::dead_letter(
-                &self.topics.deadletter(),
-                msg,
-                &reason,
-            )?);
-            return Ok(());
-        }
-        for d in self
-            .destinations
-            .iter()
-            .filter(|d| d.segments.contains(&change.segment_id))
-        {
-            let payload = payload_for(d, &change.traits);
-            let sent = sent_key(&d.id, &change.segment_id, &change.profile_id);
-            let last = txn.get(&sent)?;
-            let action = match (change.change.as_str(), &last) {
-                ("exit", _) => {
-                    txn.delete(sent);
-                    "remove"
-                }
-                // An update of a member this destination never received is an add.
-                ("enter", _) | ("update", None) => {
-                    txn.put(sent, payload.clone().into_bytes());
-                    "add"
-                }
-                (_, Some(last)) if last.as_slice() == payload.as_bytes() => {
-                    self.activations
-                        .with_label_values(&[d.id.as_str(), "update", "unchanged"])
-                        .inc();
-                    continue;
-                }
-                _ => {
-                    txn.put(sent, payload.clone().into_bytes());
-                    "update"
-                }
-            };
-            let a = Activation {
-                activation_id: deterministic_id("activation", &[&d.id, &change.record_id]),
-                destination: d.id.clone(),
-                profile_id: change.profile_id.clone(),
-                action: action.into(),
-                segment_id: change.segment_id.clone(),
-                segment_version: change.segment_version,
-                reason: format!(
-                    "segment {} {}: {}",
-                    change.segment_id, change.change, change.reason
-                ),
-                event_time: change.event_time,
-                received_at: change.received_at,
-                payload,
-            };
-            out.push(Output {
-                topic: self.topics.activation(&d.id),
-                key: a.profile_id.clone().into_bytes(),
-                payload: a.to_avro()?,
-            });
-            self.activations
-                .with_label_values(&[d.id.as_str(), action, "sent"])
-                .inc();
-            let latency_ms = (tessera_common::now_ms() - change.received_at).max(0);
-            self.latency.observe(latency_ms as f64 / 1000.0);
-        }
+        runner::handled_or_dead_letter(&self.topics.deadletter(), msg, handled, out)?;
         Ok(())
     }
 }
@@ -191,100 +456,274 @@ mod tests {
     use super::*;
     use tessera_common::store::{MemStore, Store};
 
-    #[test]
-    fn enter_becomes_add_with_only_allowed_fields_and_a_stable_id() {
-        let cfg = Config::load_without_env(None).unwrap();
-        let mut p = ActivationProcessor::new(
-            Topics::new(&cfg.topics),
-            cfg.activation.destinations.clone(),
-            &Admin::new(),
-        );
-        let change = MembershipChange {
-            record_id: "r1".into(),
+    fn processor() -> ActivationProcessor {
+        let cfg: ActivationConfig = serde_json::from_value(json!({
+            "http_listen": "127.0.0.1:0",
+            "state_dir": "/unused",
+            "destinations": [
+                {"id": "news", "kind": "email", "segments": ["buyers"],
+                 "fields": ["email", "first_name"]},
+                {"id": "ads", "kind": "google_ads", "segments": ["buyers"],
+                 "fields": ["email", "phone"]},
+                {"id": "meta", "kind": "meta_ads", "segments": ["buyers"],
+                 "fields": ["email", "phone"], "format": "avro"},
+                {"id": "cart", "kind": "email", "triggers": ["abandoned-cart"],
+                 "fields": ["email"], "frequency_cap": {"max": 1, "per": "1h"}},
+            ],
+            "suppressions": [{"id": "no-ads-for-recent-buyers", "segment": "recent-buyers",
+                              "destinations": ["ads", "meta"]}],
+            "opt_in_purposes": ["advertising"],
+            "frequency_cap": {"max": 5, "per": "24h"},
+            "phone_default_region": "US",
+        }))
+        .unwrap();
+        let topics = Topics::new(&Config::load_without_env(None).unwrap().topics);
+        ActivationProcessor::new(topics, &cfg, &Admin::new()).unwrap()
+    }
+
+    fn membership(
+        rid: &str,
+        change: &str,
+        traits: Value,
+        consent: Value,
+        segs: &[&str],
+    ) -> Message {
+        let m = MembershipChange {
+            record_id: rid.into(),
             profile_id: "p1".into(),
             segment_id: "buyers".into(),
             segment_version: 1,
-            change: "enter".into(),
-            reason: "event_count(Order Completed)".into(),
+            change: change.into(),
+            reason: "event: event_count(Order Completed)".into(),
             event_time: 1,
             received_at: 2,
-            traits: r#"{"email":"a@b.c","phone":"+441234","first_name":"Ann"}"#.into(),
+            traits: traits.to_string(),
+            consent: consent.to_string(),
+            segments: segs.iter().map(|s| s.to_string()).collect(),
         };
-        let msg = Message {
+        Message {
             topic: "tessera.segments.membership".into(),
             partition: 0,
             offset: 0,
             key: None,
-            payload: Some(change.to_avro().unwrap()),
+            payload: Some(m.to_avro().unwrap()),
             timestamp_ms: None,
-        };
-        let store = MemStore::default();
+        }
+    }
+
+    fn step(p: &mut ActivationProcessor, s: &MemStore, m: &Message) -> Vec<Activation> {
         let mut out = Vec::new();
-        let mut txn = Txn::new(&store);
-        p.process(&msg, &mut txn, &mut out).unwrap();
-        store.write(txn.into_batch()).unwrap();
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].topic, "tessera.activation.email-demo");
-        let a = Activation::from_avro(&out[0].payload).unwrap();
-        assert_eq!(a.action, "add");
-        let fields: Value = serde_json::from_str(&a.payload).unwrap();
+        let mut txn = Txn::new(s);
+        p.process(m, &mut txn, &mut out).unwrap();
+        s.write(txn.into_batch()).unwrap();
+        out.iter()
+            .map(|o| Activation::decode(&o.payload).unwrap())
+            .collect()
+    }
+
+    fn actions(v: &[Activation]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|a| (a.destination.clone(), a.action.clone()))
+            .collect()
+    }
+
+    fn pair(d: &str, a: &str) -> (String, String) {
+        (d.to_string(), a.to_string())
+    }
+
+    #[test]
+    fn an_audience_gets_only_allowed_fields_updates_only_when_they_change_and_ids_are_stable() {
+        let mut p = processor();
+        let s = MemStore::default();
+        let traits = json!({"email": "a@b.co", "phone": "+14155552671", "first_name": "Ann"});
+        let enter = membership("r1", "enter", traits.clone(), json!({}), &["buyers"]);
+        let out = step(&mut p, &s, &enter);
+        // Advertising is opt-in and was never granted: only the email destination adds.
+        assert_eq!(actions(&out), vec![pair("news", "add")]);
+        assert_eq!(out[0].payload, r#"{"email":"a@b.co","first_name":"Ann"}"#);
+        assert_eq!(out[0].source_id, "buyers");
         assert_eq!(
-            fields,
-            serde_json::json!({"email":"a@b.c","first_name":"Ann"}),
-            "phone is not allowed"
+            out[0].consent,
+            r#"{"marketing":{"decision":"default","granted":true,"note":"opt-out purpose, never refused"}}"#
         );
-        let mut again = Vec::new();
-        p.process(&msg, &mut Txn::new(&store), &mut again).unwrap();
-        assert_eq!(
-            Activation::from_avro(&again[0].payload)
-                .unwrap()
-                .activation_id,
-            a.activation_id
-        );
-        // The member's email changes: an update. The same fields again: nothing.
-        let update = MembershipChange {
-            record_id: "r2".into(),
-            change: "update".into(),
-            traits: r#"{"email":"new@b.c","first_name":"Ann","phone":"+1"}"#.into(),
-            ..change.clone()
-        };
-        let umsg = Message {
-            payload: Some(update.to_avro().unwrap()),
-            ..msg.clone()
-        };
-        let mut txn = Txn::new(&store);
-        let mut out = Vec::new();
-        p.process(&umsg, &mut txn, &mut out).unwrap();
-        store.write(txn.into_batch()).unwrap();
-        let u = Activation::from_avro(&out[0].payload).unwrap();
-        assert_eq!(u.action, "update");
-        assert!(u.payload.contains("new@b.c"));
-        let same = MembershipChange {
-            record_id: "r3".into(),
-            traits: r#"{"email":"new@b.c","first_name":"Ann","phone":"+2"}"#.into(),
-            ..update.clone()
-        };
-        let mut out = Vec::new();
-        let smsg = Message {
-            payload: Some(same.to_avro().unwrap()),
-            ..msg.clone()
-        };
-        p.process(&smsg, &mut Txn::new(&store), &mut out).unwrap();
+        // The same record again (a replay) repeats the id.
+        let again = step(&mut processor(), &MemStore::default(), &enter);
+        assert_eq!(again[0].activation_id, out[0].activation_id);
+        // A change the destination cannot see sends nothing; one it can, an update.
+        let phone = json!({"email": "a@b.co", "phone": "+1", "first_name": "Ann"});
         assert!(
-            out.is_empty(),
-            "a change the destination cannot see sends nothing"
+            step(
+                &mut p,
+                &s,
+                &membership("r2", "update", phone, json!({}), &["buyers"])
+            )
+            .is_empty()
         );
-        // A segment no destination syncs produces nothing.
-        let other = MembershipChange {
-            segment_id: "other".into(),
-            ..change
+        let renamed = json!({"email": "a@b.co", "first_name": "Anne"});
+        let out = step(
+            &mut p,
+            &s,
+            &membership("r3", "update", renamed, json!({}), &["buyers"]),
+        );
+        assert_eq!(actions(&out), vec![pair("news", "update")]);
+    }
+
+    #[test]
+    fn ads_audiences_follow_consent_and_suppressions_with_hashed_identifiers() {
+        let mut p = processor();
+        let s = MemStore::default();
+        let traits = json!({"email": " John_Smith@gmail.com", "phone": "(650)555-1212"});
+        let yes = json!({"Advertising": {"granted": true, "event_time": 1, "source": "web", "via": "context.consent"}});
+        let out = step(
+            &mut p,
+            &s,
+            &membership("r1", "enter", traits.clone(), yes.clone(), &["buyers"]),
+        );
+        assert_eq!(
+            actions(&out),
+            vec![pair("news", "add"), pair("ads", "add"), pair("meta", "add")]
+        );
+        let google: Value = serde_json::from_str(&out[1].payload).unwrap();
+        assert_eq!(
+            google["hashed_email"],
+            "62a14e44f765419d10fea99367361a727c12365e2520f32218d505ed9aa0f62f"
+        );
+        assert_eq!(
+            google["hashed_phone_number"],
+            hashing::sha256_hex("+16505551212")
+        );
+        let meta: Value = serde_json::from_str(&out[2].payload).unwrap();
+        assert_eq!(
+            meta["PHONE"],
+            "e323ec626319ca94ee8bff2e4c87cf613be6ea19919ed1364124e16807ab3176"
+        );
+        assert!(out[1].consent.contains("advertising"), "{}", out[1].consent);
+        // Buying puts the person in recent-buyers (another segment's record): both ads
+        // audiences remove them at once, the email audience stays.
+        let mut rec = membership(
+            "r2",
+            "enter",
+            traits.clone(),
+            yes.clone(),
+            &["buyers", "recent-buyers"],
+        );
+        let mut m = MembershipChange::from_avro(rec.payload.as_ref().unwrap()).unwrap();
+        m.segment_id = "recent-buyers".into();
+        rec.payload = Some(m.to_avro().unwrap());
+        let out = step(&mut p, &s, &rec);
+        assert_eq!(
+            actions(&out),
+            vec![pair("ads", "remove"), pair("meta", "remove")]
+        );
+        assert!(out[0].reason.contains("suppressed"), "{}", out[0].reason);
+        let removed: Value = serde_json::from_str(&out[0].payload).unwrap();
+        assert_eq!(
+            removed["hashed_email"], google["hashed_email"],
+            "a remove carries what was added"
+        );
+        // Leaving recent-buyers adds them back; withdrawing consent removes them.
+        let out = step(
+            &mut p,
+            &s,
+            &membership("r3", "update", traits.clone(), yes, &["buyers"]),
+        );
+        assert_eq!(actions(&out), vec![pair("ads", "add"), pair("meta", "add")]);
+        let no = json!({"advertising": {"granted": false, "event_time": 9, "source": "web", "via": "context.consent"}});
+        let out = step(
+            &mut p,
+            &s,
+            &membership("r4", "update", traits, no, &["buyers"]),
+        );
+        assert_eq!(
+            actions(&out),
+            vec![pair("ads", "remove"), pair("meta", "remove")]
+        );
+        assert!(out[0].reason.contains("no_consent"), "{}", out[0].reason);
+        assert_eq!(
+            p.activations
+                .with_label_values(&["ads", "update", "no_consent"])
+                .get(),
+            1
+        );
+        assert_eq!(
+            p.activations
+                .with_label_values(&["ads", "update", "suppressed"])
+                .get(),
+            1
+        );
+    }
+
+    fn fired(rid: &str, at: i64, consent: Value) -> Message {
+        let t = TriggerFired {
+            record_id: rid.into(),
+            profile_id: "p1".into(),
+            trigger_id: "abandoned-cart".into(),
+            trigger_version: 1,
+            reason: "event Cart Viewed, then no Order Completed within 1h: deadline reached".into(),
+            event_time: at,
+            received_at: at,
+            event: "Cart Viewed".into(),
+            properties: r#"{"cart_id":"c1"}"#.into(),
+            traits: r#"{"email":"a@b.co","phone":"+1"}"#.into(),
+            consent: consent.to_string(),
+            segments: vec![],
         };
-        let msg = Message {
-            payload: Some(other.to_avro().unwrap()),
-            ..msg
-        };
-        let mut none = Vec::new();
-        p.process(&msg, &mut Txn::new(&store), &mut none).unwrap();
-        assert!(none.is_empty());
+        Message {
+            topic: "tessera.profiles.triggers".into(),
+            partition: 0,
+            offset: 0,
+            key: None,
+            payload: Some(t.to_avro().unwrap()),
+            timestamp_ms: None,
+        }
+    }
+
+    #[test]
+    fn trigger_sends_respect_consent_and_frequency_caps_and_are_sent_once() {
+        let mut p = processor();
+        let s = MemStore::default();
+        let out = step(&mut p, &s, &fired("f1", 1_000, json!({})));
+        assert_eq!(actions(&out), vec![pair("cart", "send")]);
+        let payload: Value = serde_json::from_str(&out[0].payload).unwrap();
+        assert_eq!(
+            payload,
+            json!({"email": "a@b.co", "event": {"name": "Cart Viewed", "properties": {"cart_id": "c1"}}})
+        );
+        // The same firing again is not sent twice.
+        assert!(step(&mut p, &s, &fired("f1", 1_000, json!({}))).is_empty());
+        // Another within the hour is capped; after it, sent.
+        assert!(step(&mut p, &s, &fired("f2", 2_000, json!({}))).is_empty());
+        assert_eq!(
+            p.activations
+                .with_label_values(&["cart", "send", "capped"])
+                .get(),
+            1
+        );
+        assert_eq!(
+            step(&mut p, &s, &fired("f3", 3_700_000, json!({}))).len(),
+            1
+        );
+        // Marketing refused by email: nothing.
+        let no = json!({"marketing.email": {"granted": false, "event_time": 5}});
+        assert!(step(&mut p, &s, &fired("f4", 9_000_000, no)).is_empty());
+        assert_eq!(
+            p.activations
+                .with_label_values(&["cart", "send", "no_consent"])
+                .get(),
+            1
+        );
+    }
+
+    #[test]
+    fn unreadable_records_are_dead_lettered_with_the_reason() {
+        let mut p = processor();
+        let s = MemStore::default();
+        let bad = membership("r1", "teleport", json!({}), json!({}), &[]);
+        let mut out = Vec::new();
+        p.process(&bad, &mut Txn::new(&s), &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].topic, "tessera.events.deadletter");
+        let d = tessera_common::records::DeadLetter::from_avro(&out[0].payload).unwrap();
+        assert!(d.reason.contains("teleport"), "{}", d.reason);
     }
 }

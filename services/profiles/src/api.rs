@@ -5,6 +5,7 @@
 //! - `GET|POST /v1/segments`, `GET|PUT|DELETE /v1/segments/{id}`,
 //!   `GET /v1/segments/{id}/members?after=&limit=`, `POST /v1/segments/dry-run`;
 //! - `GET|POST /v1/computed-traits`, `GET|PUT|DELETE /v1/computed-traits/{id}`;
+//! - `GET|POST /v1/triggers`, `GET|PUT|DELETE /v1/triggers/{id}`;
 //! - `GET /v1/definitions/backfill`: the back-fill after the last definition change;
 //! - `GET /v1/households/{id}`, `GET /v1/accounts/{id}`: member profile ids.
 //!
@@ -28,7 +29,7 @@ use tessera_common::records::{DefinitionChange, ResolvedEvent};
 use tessera_common::store::SharedStore;
 use tessera_common::topics::Topics;
 
-use crate::catalog::{self, COMPUTED_TRAIT, Catalog, Definition, SEGMENT};
+use crate::catalog::{self, COMPUTED_TRAIT, Catalog, Definition, SEGMENT, TRIGGER};
 use crate::profile::Profile;
 use crate::state::{
     self, Backfill, META_BACKFILL, index_key, live_id, member_key_prefix, member_prefix,
@@ -51,6 +52,7 @@ pub struct ApiState {
 
 pub fn router(state: ApiState) -> Router {
     let router = definition_routes(Router::new(), "/v1/segments", SEGMENT);
+    let router = definition_routes(router, "/v1/triggers", TRIGGER);
     definition_routes(router, "/v1/computed-traits", COMPUTED_TRAIT)
         .route("/v1/profiles/lookup", get(lookup))
         .route("/v1/profiles/{id}", get(by_id))
@@ -147,7 +149,7 @@ pub fn view(
         .map(|(k, c)| {
             (
                 k.clone(),
-                json!({"granted": c.granted, "event_time": iso(c.event_time), "source": c.source}),
+                json!({"granted": c.granted, "event_time": iso(c.event_time), "source": c.source, "via": c.via}),
             )
         })
         .collect();
@@ -162,6 +164,7 @@ pub fn view(
         "first_seen": iso(p.first_seen),
         "last_seen": iso(p.last_seen),
         "segments": p.segments.iter().map(|(id, m)| json!({"id": id, "version": m.version, "entered_at": iso(m.entered_at)})).collect::<Vec<_>>(),
+        "waiting_triggers": p.pending.iter().map(|(id, w)| json!({"id": id, "started_at": iso(w.started_at), "due": iso(w.due)})).collect::<Vec<_>>(),
         "recent_events": recent.iter().map(|r| {
             let e = &r.event;
             json!({
@@ -298,6 +301,7 @@ async fn profile_segments(State(st): State<ApiState>, Path(id): Path<String>) ->
         Ok(Some((p, _))) => axum::Json(json!({
             "profile_id": p.id,
             "segments": p.segments.iter().map(|(id, m)| json!({"id": id, "version": m.version, "entered_at": iso(m.entered_at)})).collect::<Vec<_>>(),
+        "waiting_triggers": p.pending.iter().map(|(id, w)| json!({"id": id, "started_at": iso(w.started_at), "due": iso(w.due)})).collect::<Vec<_>>(),
         }))
         .into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, "not_found", "no such profile"),
@@ -358,10 +362,10 @@ async fn list(State(st): State<ApiState>, kind: &'static str) -> Response {
             .collect::<Vec<_>>())
     })
     .await;
-    let key = if kind == SEGMENT {
-        "segments"
-    } else {
-        "computed_traits"
+    let key = match kind {
+        SEGMENT => "segments",
+        TRIGGER => "triggers",
+        _ => "computed_traits",
     };
     match found {
         Ok(list) => axum::Json(json!({ key: list })).into_response(),

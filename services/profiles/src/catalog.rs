@@ -21,9 +21,11 @@ use tessera_common::records::DefinitionChange;
 
 use crate::computed::ComputedTrait;
 use crate::segments::Segment;
+use crate::triggers::Trigger;
 
 pub const SEGMENT: &str = "segment";
 pub const COMPUTED_TRAIT: &str = "computed_trait";
+pub const TRIGGER: &str = "trigger";
 
 // Definitions are few and rarely copied: the size difference does not matter.
 #[allow(clippy::large_enum_variant)]
@@ -31,6 +33,7 @@ pub const COMPUTED_TRAIT: &str = "computed_trait";
 pub enum Definition {
     Segment(Segment),
     Computed(ComputedTrait),
+    Trigger(Trigger),
 }
 
 impl Definition {
@@ -38,18 +41,21 @@ impl Definition {
         match self {
             Definition::Segment(_) => SEGMENT,
             Definition::Computed(_) => COMPUTED_TRAIT,
+            Definition::Trigger(_) => TRIGGER,
         }
     }
     pub fn id(&self) -> &str {
         match self {
             Definition::Segment(s) => &s.id,
             Definition::Computed(c) => &c.id,
+            Definition::Trigger(t) => &t.id,
         }
     }
     pub fn version(&self) -> i32 {
         match self {
             Definition::Segment(s) => s.version,
             Definition::Computed(c) => c.version,
+            Definition::Trigger(t) => t.version,
         }
     }
     fn set_version(&mut self, v: i32) {
@@ -59,18 +65,20 @@ impl Definition {
                 s.counters.iter_mut().for_each(|c| c.version = v);
             }
             Definition::Computed(c) => c.version = v,
+            Definition::Trigger(t) => t.version = v,
         }
     }
     pub fn to_json(&self) -> Value {
         match self {
             Definition::Segment(s) => serde_json::to_value(s),
             Definition::Computed(c) => serde_json::to_value(c),
+            Definition::Trigger(t) => serde_json::to_value(t),
         }
         .unwrap_or(Value::Null)
     }
 
     /// Parses a document of `kind` (None: a segment has a `condition`, a computed trait
-    /// an `aggregate`), JSON or YAML, and validates it.
+    /// an `aggregate`, a trigger a `when`), JSON or YAML, and validates it.
     pub fn parse(text: &str, yaml: bool, kind: Option<&str>) -> Result<Definition, String> {
         Definition::from_value(parse_document(text, yaml)?, kind)
     }
@@ -81,9 +89,10 @@ impl Definition {
             Some(k) => k,
             None if doc.get("condition").is_some() => SEGMENT,
             None if doc.get("aggregate").is_some() => COMPUTED_TRAIT,
+            None if doc.get("when").is_some() => TRIGGER,
             None => {
                 return Err(
-                    "a definition has a condition (a segment) or an aggregate (a computed trait)"
+                    "a definition has a condition (a segment), an aggregate (a computed trait) or a when (a trigger)"
                         .into(),
                 );
             }
@@ -100,6 +109,12 @@ impl Definition {
                     .map_err(|e| format!("invalid computed trait definition: {e}"))?;
                 c.validate()?;
                 Ok(Definition::Computed(c))
+            }
+            TRIGGER => {
+                let mut t: Trigger = serde_json::from_value(doc)
+                    .map_err(|e| format!("invalid trigger definition: {e}"))?;
+                t.validate()?;
+                Ok(Definition::Trigger(t))
             }
             other => Err(format!("unknown definition kind {other:?}")),
         }
@@ -123,6 +138,7 @@ pub struct DefinitionSet {
     pub generation: u64,
     pub segments: Vec<Segment>,
     pub computed: Vec<ComputedTrait>,
+    pub triggers: Vec<Trigger>,
     /// `<kind>/<id>` → version of every definition in force (counters excluded).
     pub versions: BTreeMap<String, i32>,
     /// Positions in `segments` and `computed` by id.
@@ -137,11 +153,13 @@ impl DefinitionSet {
         let mut problems = Vec::new();
         let mut versions = BTreeMap::new();
         let mut computed = Vec::new();
+        let mut triggers = Vec::new();
         let mut segments: BTreeMap<String, Segment> = BTreeMap::new();
         for d in defs {
             versions.insert(format!("{}/{}", d.kind(), d.id()), d.version());
             match d {
                 Definition::Computed(c) => computed.push(c),
+                Definition::Trigger(t) => triggers.push(t),
                 Definition::Segment(s) => {
                     segments.insert(s.id.clone(), s);
                 }
@@ -194,6 +212,17 @@ impl DefinitionSet {
         for s in &ordered {
             computed.extend(s.counters.iter().cloned());
         }
+        triggers.retain(|t: &Trigger| match t.segment() {
+            Some(seg) if !placed.contains(seg) => {
+                problems.push(format!(
+                    "trigger {} refers to segment {seg} (missing, or left out)",
+                    t.id
+                ));
+                versions.remove(&format!("{TRIGGER}/{}", t.id));
+                false
+            }
+            _ => true,
+        });
         let segment_at = ordered
             .iter()
             .enumerate()
@@ -209,6 +238,7 @@ impl DefinitionSet {
                 generation,
                 segments: ordered,
                 computed,
+                triggers,
                 versions,
                 segment_at,
                 computed_at,

@@ -15,6 +15,7 @@ pub mod computed;
 pub mod profile;
 pub mod segments;
 pub mod state;
+pub mod triggers;
 
 use std::time::Duration;
 
@@ -74,6 +75,7 @@ pub async fn run_with_listener(
         topics.splits(),
         topics.transfers(),
         topics.membership(),
+        topics.triggers(),
         topics.deadletter(),
     ];
     let parts = service::prepare(&config, "profiles", &config.profiles.state_dir, &needed).await?;

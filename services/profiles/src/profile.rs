@@ -19,6 +19,7 @@ use tessera_common::text;
 use crate::catalog::DefinitionSet;
 use crate::computed::{ComputedState, ComputedTrait};
 use crate::segments::Touched;
+use crate::triggers::Pending;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TraitValue {
@@ -132,13 +133,18 @@ pub struct Frequency {
 /// least frequent are forgotten (the winner is then approximate).
 const MAX_COUNTED_VALUES: usize = 100;
 
-/// A consent purpose's latest answer (`context.consent.categoryPreferences`).
+/// A consent decision for a purpose (`marketing`) or a purpose on a channel
+/// (`marketing.email`): the latest by event time, with where it came from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Consent {
     pub granted: bool,
     pub event_time: i64,
     pub message_id: String,
+    /// The ingest source of the event.
     pub source: String,
+    /// `context.consent` (Segment's `categoryPreferences`) or `traits.consent`.
+    #[serde(default)]
+    pub via: String,
 }
 
 /// Stored as `[version, entered_at]`: a profile holds many, and is read on every event.
@@ -194,7 +200,11 @@ pub struct Profile {
     /// Consent by purpose.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub consent: BTreeMap<String, Consent>,
-    /// When the next windowed value leaves its window (the profile's timer).
+    /// Triggers waiting for their deadline, by trigger id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pending: BTreeMap<String, Pending>,
+    /// When the next windowed value leaves its window or the next waiting trigger is
+    /// due (the profile's timer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timer: Option<i64>,
 }
@@ -238,8 +248,15 @@ impl Profile {
         if e.kind == "identify" {
             trait_sources.push(&payload["traits"]);
         }
+        let mut decisions: Vec<(&str, &Value, &str)> = Vec::new();
         for traits in trait_sources.into_iter().filter_map(Value::as_object) {
             for (k, v) in traits {
+                if k == "consent"
+                    && let Some(prefs) = v.as_object()
+                {
+                    decisions.extend(prefs.iter().map(|(p, v)| (p.as_str(), v, "traits.consent")));
+                    continue;
+                }
                 if self.set_trait(k, provenance(v), 1, rules) {
                     changed = true;
                     touched.parts.traits.insert(k.clone());
@@ -247,18 +264,24 @@ impl Profile {
             }
         }
         if let Some(prefs) = payload["context"]["consent"]["categoryPreferences"].as_object() {
-            for (purpose, v) in prefs {
-                let Some(granted) = v.as_bool() else { continue };
-                let c = Consent {
-                    granted,
-                    event_time: e.event_time,
-                    message_id: e.message_id.clone(),
-                    source: e.source.clone(),
-                };
-                if self.set_consent(purpose, c) {
-                    changed = true;
-                    touched.parts.consent.insert(purpose.clone());
-                }
+            decisions.extend(
+                prefs
+                    .iter()
+                    .map(|(p, v)| (p.as_str(), v, "context.consent")),
+            );
+        }
+        for (purpose, v, via) in decisions {
+            let Some(granted) = v.as_bool() else { continue };
+            let c = Consent {
+                granted,
+                event_time: e.event_time,
+                message_id: e.message_id.clone(),
+                source: e.source.clone(),
+                via: via.to_string(),
+            };
+            if self.set_consent(purpose, c) {
+                changed = true;
+                touched.parts.consent.insert(purpose.to_string());
             }
         }
         if e.kind == "track"
@@ -468,6 +491,14 @@ impl Profile {
             }
         }
         changed |= self.derive_household();
+        for (id, w) in &other.pending {
+            match self.pending.get(id) {
+                Some(mine) if mine.started_at <= w.started_at => {}
+                _ => {
+                    self.pending.insert(id.clone(), w.clone());
+                }
+            }
+        }
         for (purpose, c) in &other.consent {
             changed |= self.set_consent(purpose, c.clone());
         }

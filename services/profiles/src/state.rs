@@ -29,7 +29,7 @@ use tessera_common::admin::Admin;
 use tessera_common::ids::deterministic_id;
 use tessera_common::records::{
     AvroRecord, Identifier, MembershipChange, ProfileMerge, ProfileSplit, ProfileTransfer,
-    ResolvedEvent,
+    ResolvedEvent, TriggerFired,
 };
 use tessera_common::runner::{self, Message, Output, Processor};
 use tessera_common::store::{Store, Txn};
@@ -39,6 +39,7 @@ use tessera_common::{Error, Result};
 use crate::catalog::{Catalog, DefinitionSet};
 use crate::profile::{ApplyRules, Membership, Profile};
 use crate::segments::Touched;
+use crate::triggers;
 
 pub fn profile_key(id: &str) -> Vec<u8> {
     format!("p/{id}").into_bytes()
@@ -127,6 +128,7 @@ pub struct ProfilesMetrics {
     pub splits: IntCounterVec,
     pub duplicates: IntCounterVec,
     pub membership: IntCounterVec,
+    pub triggers: IntCounterVec,
     pub event_latency: Histogram,
     pub state_bytes: IntGauge,
 }
@@ -183,6 +185,16 @@ impl ProfilesMetrics {
                         "Segment enter/exit records emitted",
                     ),
                     &["segment", "change"],
+                )
+                .unwrap(),
+            ),
+            triggers: admin.register(
+                &IntCounterVec::new(
+                    Opts::new(
+                        "tessera_profiles_triggers_total",
+                        "Trigger outcomes: started (waiting), cancelled, fired",
+                    ),
+                    &["trigger", "outcome"],
                 )
                 .unwrap(),
             ),
@@ -275,6 +287,8 @@ struct Cause<'a> {
     why: &'static str,
     event_time: i64,
     received_at: i64,
+    /// The event being applied (event triggers start and cancel on it).
+    event: Option<&'a ResolvedEvent>,
 }
 
 /// Rebuilds, from the kept history, each computed trait the profile lacks or holds for
@@ -366,6 +380,24 @@ pub fn dry_run(
         if rows.len() < 1000 {
             return Ok(res);
         }
+    }
+}
+
+/// What downstream activation needs of a profile at a change: its fields (traits and
+/// identifiers), consent decisions and segments, as the records carry them.
+struct Snapshot {
+    traits: String,
+    consent: String,
+    segments: Vec<String>,
+}
+
+impl Snapshot {
+    fn of(p: &Profile) -> Result<Snapshot> {
+        Ok(Snapshot {
+            traits: serde_json::to_string(&p.flat_fields())?,
+            consent: serde_json::to_string(&p.consent)?,
+            segments: p.segments.keys().cloned().collect(),
+        })
     }
 }
 
@@ -511,7 +543,21 @@ impl ProfilesProcessor {
             ..Default::default()
         };
         let fields_changed = change(&mut p, &mut touched);
-        let next = p.refresh_computed(&self.rules.defs, (self.clock)(), &mut touched);
+        let now = (self.clock)();
+        let next_edge = p.refresh_computed(&self.rules.defs, now, &mut touched);
+        if p.identifiers.len() != identifiers_before {
+            // Rare (a new identifier or a merge): (re)index them all, idempotently.
+            for i in &p.identifiers {
+                txn.put(index_key(&i.kind, &i.value), id.as_bytes().to_vec());
+            }
+        }
+        index_groups(txn, id, groups_before, &p);
+        let changes = self.evaluate(txn, &mut p, fields_changed, &touched, cause, out)?;
+        self.run_triggers(&mut p, cause, &changes, now, out)?;
+        let next = match (next_edge, triggers::next_due(&p)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if next != p.timer {
             if let Some(old) = p.timer {
                 txn.delete(timer_key(old, id));
@@ -521,15 +567,99 @@ impl ProfilesProcessor {
             }
             p.timer = next;
         }
-        if p.identifiers.len() != identifiers_before {
-            // Rare (a new identifier or a merge): (re)index them all, idempotently.
-            for i in &p.identifiers {
-                txn.put(index_key(&i.kind, &i.value), id.as_bytes().to_vec());
-            }
-        }
-        index_groups(txn, id, groups_before, &p);
-        self.evaluate(txn, &mut p, fields_changed, &touched, cause, out)?;
         txn.put_json(profile_key(id), &p)
+    }
+
+    /// Starts, cancels and fires the profile's triggers for this change; each firing
+    /// goes to `profiles.triggers` with the profile as it is now. A back-fill starts
+    /// nothing: a new definition does not fire for the people it finds.
+    fn run_triggers(
+        &self,
+        p: &mut Profile,
+        cause: &Cause<'_>,
+        changes: &[Change],
+        now: i64,
+        out: &mut Vec<Output>,
+    ) -> Result<()> {
+        let defs = &self.rules.defs;
+        if defs.triggers.is_empty() && p.pending.is_empty() {
+            return Ok(());
+        }
+        let payload: serde_json::Value = match cause.event {
+            Some(r) => serde_json::from_str(&r.event.payload).unwrap_or_default(),
+            None => serde_json::Value::Null,
+        };
+        let event = cause.event.map(|r| triggers::EventSeen {
+            kind: &r.event.kind,
+            name: r.event.event.as_deref(),
+            properties: &payload["properties"],
+            event_time: r.event.event_time,
+            message_id: &r.event.message_id,
+        });
+        let segment_changes = match cause.why {
+            "definition" => Vec::new(),
+            _ => changes
+                .iter()
+                .filter(|c| c.2 != "update")
+                .map(|c| (c.0.as_str(), c.2))
+                .collect(),
+        };
+        let step = triggers::Step {
+            event,
+            segment_changes,
+            cause: cause.id,
+            cause_time: cause.event_time,
+            received_at: cause.received_at,
+            now,
+        };
+        let mut fired = Vec::new();
+        let before: BTreeSet<String> = p.pending.keys().cloned().collect();
+        let counts = triggers::step(&defs.triggers, p, &step, &mut fired);
+        if counts.started + counts.cancelled > 0 {
+            for id in p.pending.keys().filter(|k| !before.contains(*k)) {
+                self.metrics
+                    .triggers
+                    .with_label_values(&[id, "started"])
+                    .inc();
+            }
+            self.metrics
+                .triggers
+                .with_label_values(&["*", "cancelled"])
+                .inc_by(counts.cancelled);
+        }
+        if fired.is_empty() {
+            return Ok(());
+        }
+        let snap = Snapshot::of(p)?;
+        for f in fired {
+            self.metrics
+                .triggers
+                .with_label_values(&[f.trigger.as_str(), "fired"])
+                .inc();
+            let rec = TriggerFired {
+                record_id: deterministic_id(
+                    "trigger",
+                    &[&p.id, &f.trigger, &f.version.to_string(), &f.cause],
+                ),
+                profile_id: p.id.clone(),
+                trigger_id: f.trigger,
+                trigger_version: f.version,
+                reason: f.reason,
+                event_time: f.event_time,
+                received_at: f.received_at,
+                event: f.event,
+                properties: f.properties.to_string(),
+                traits: snap.traits.clone(),
+                consent: snap.consent.clone(),
+                segments: snap.segments.clone(),
+            };
+            out.push(Output {
+                topic: self.topics.triggers(),
+                key: p.id.as_bytes().to_vec(),
+                payload: rec.to_avro()?,
+            });
+        }
+        Ok(())
     }
 
     fn count_profiles(&self, txn: &mut Txn<'_>, delta: i64) -> Result<()> {
@@ -633,7 +763,7 @@ impl ProfilesProcessor {
         touched: &Touched,
         cause: &Cause<'_>,
         out: &mut Vec<Output>,
-    ) -> Result<()> {
+    ) -> Result<Vec<Change>> {
         let mut changes = transitions(&self.rules.defs, p, cause.event_time, cause.why, touched);
         if fields_changed {
             for (id, m) in &p.segments {
@@ -647,7 +777,8 @@ impl ProfilesProcessor {
                 }
             }
         }
-        self.emit(txn, p, &changes, cause, out)
+        self.emit(txn, p, &changes, cause, out)?;
+        Ok(changes)
     }
 
     fn emit(
@@ -661,7 +792,7 @@ impl ProfilesProcessor {
         if changes.is_empty() {
             return Ok(());
         }
-        let fields = serde_json::to_string(&p.flat_fields())?;
+        let snap = Snapshot::of(p)?;
         for (segment, version, change, reason) in changes {
             let delta = match *change {
                 "enter" => 1,
@@ -695,7 +826,9 @@ impl ProfilesProcessor {
                 reason: reason.clone(),
                 event_time: cause.event_time,
                 received_at: cause.received_at,
-                traits: fields.clone(),
+                traits: snap.traits.clone(),
+                consent: snap.consent.clone(),
+                segments: snap.segments.clone(),
             };
             out.push(Output {
                 topic: self.topics.membership(),
@@ -717,6 +850,7 @@ impl ProfilesProcessor {
             why: "event",
             event_time: e.event_time,
             received_at: e.received_at,
+            event: Some(&r),
         };
         let live = live_id(|k| txn.get(k), &r.profile_id)?;
         if live != r.profile_id {
@@ -747,6 +881,7 @@ impl ProfilesProcessor {
             why: "merge",
             event_time: m.event_time,
             received_at: m.received_at,
+            event: None,
         };
         txn.put(redirect_key(&m.merged), m.survivor.as_bytes().to_vec());
         let Some(mut merged) = txn.get_json::<Profile>(&profile_key(&m.merged))? else {
@@ -776,6 +911,7 @@ impl ProfilesProcessor {
             why: "split",
             event_time: s.event_time,
             received_at: s.received_at,
+            event: None,
         };
         let Some(old) = txn.get_json::<Profile>(&profile_key(&s.profile_id))? else {
             return Ok(());
@@ -852,6 +988,7 @@ impl ProfilesProcessor {
                 match rebuilt {
                     Some(mut r) => {
                         r.segments = std::mem::take(&mut p.segments);
+                        r.pending = std::mem::take(&mut p.pending);
                         r.merged_from = p.merged_from.clone();
                         *p = r;
                     }
@@ -891,6 +1028,7 @@ impl ProfilesProcessor {
             why: "merge",
             event_time: moved.last_seen.max(0),
             received_at: t.received_at,
+            event: None,
         };
         if revive {
             // A split brings a merged-away profile back.
@@ -981,6 +1119,7 @@ impl ProfilesProcessor {
                 why: "window",
                 event_time: due,
                 received_at: now,
+                event: None,
             };
             self.metrics.timers.inc();
             // Only what left a window is re-evaluated.
@@ -1008,6 +1147,7 @@ impl ProfilesProcessor {
             why: "definition",
             event_time: job.started_at,
             received_at: now,
+            event: None,
         };
         while Instant::now() < deadline {
             let start = match &job.cursor {
@@ -1589,5 +1729,61 @@ mod tests {
             let missed = transitions(&p.rules.defs, &mut stored, 0, "check", &Touched::all());
             assert!(missed.is_empty(), "after event {i}: {missed:?}");
         }
+    }
+
+    fn at(profile: &str, mid: &str, name: &str, t: i64) -> Message {
+        let m = resolved(profile, mid, name);
+        let mut r = ResolvedEvent::from_avro(m.payload.as_ref().unwrap()).unwrap();
+        r.event.event_time = t;
+        r.event.received_at = t;
+        Message {
+            payload: Some(r.to_avro().unwrap()),
+            ..m
+        }
+    }
+
+    fn fired(out: &[Output]) -> Vec<TriggerFired> {
+        out.iter()
+            .filter(|o| o.topic == "tessera.profiles.triggers")
+            .map(|o| TriggerFired::from_avro(&o.payload).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_waiting_trigger_fires_from_the_durable_timer_and_a_purchase_cancels_another() {
+        let t0 = 50_000_000;
+        let hour = 3_600_000;
+        CLOCK.store(t0, Ordering::SeqCst);
+        let defs = [
+            r#"{"id":"buyers","condition":{"event_count":{"event":"Order Completed","min":1}}}"#,
+            r#"{"id":"abandoned-cart","when":{"event":"Cart Viewed"},"wait":"1h","unless":{"event":"Order Completed"}}"#,
+            r#"{"id":"first-order","when":{"segment":"buyers"}}"#,
+        ];
+        let mut p = processor_with(&defs);
+        let s = MemStore::default();
+        assert!(fired(&step(&mut p, &s, &at("a", "a1", "Cart Viewed", t0))).is_empty());
+        step(&mut p, &s, &at("b", "b1", "Cart Viewed", t0));
+        // b buys: its cart trigger is cancelled, and entering buyers fires at once.
+        let out = step(&mut p, &s, &at("b", "b2", "Order Completed", t0 + 10));
+        let now = fired(&out);
+        assert_eq!(now.len(), 1);
+        assert_eq!(now[0].trigger_id, "first-order");
+        assert_eq!(now[0].segments, vec!["buyers".to_string()]);
+        assert!(load(&s, "b").unwrap().pending.is_empty());
+        assert_eq!(load(&s, "a").unwrap().timer, Some(t0 + hour));
+        assert!(fired(&tick_at(&mut p, &s, t0 + hour - 1)).is_empty());
+        // A restarted processor over the same state fires it: the timer is durable.
+        let mut restarted = processor_with(&defs);
+        let out = tick_at(&mut restarted, &s, t0 + hour);
+        let due = fired(&out);
+        assert_eq!(due.len(), 1, "only a's cart fires");
+        assert_eq!(
+            (due[0].profile_id.as_str(), due[0].trigger_id.as_str()),
+            ("a", "abandoned-cart")
+        );
+        assert_eq!(due[0].event_time, t0 + hour);
+        assert_eq!(due[0].event, "Cart Viewed");
+        assert!(fired(&tick_at(&mut restarted, &s, t0 + 2 * hour)).is_empty());
+        assert_eq!(load(&s, "a").unwrap().timer, None);
     }
 }

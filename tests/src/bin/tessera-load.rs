@@ -159,7 +159,7 @@ async fn pipeline(rate: u64, seconds: u64, warmup: u64, batch: usize) -> anyhow:
         total,
         Duration::from_secs(seconds + 30),
         |payload| {
-            Activation::from_avro(payload)
+            Activation::decode(payload)
                 .ok()
                 .map(|a| now_us() - a.received_at * 1000)
         },
