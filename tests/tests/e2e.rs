@@ -664,7 +664,8 @@ async fn health_readiness_and_metrics_are_served_by_every_service() {
     post(
         &p.ingest,
         "/v1/track",
-        &json!({"userId": user, "event": "Order Completed"}),
+        &json!({"userId": user, "event": "Order Completed",
+                "context": {"traits": {"email": format!("{user}@example.com")}}}),
     )
     .await;
     p.wait_profile("user_id", &user, "the event", |v| v["events_total"] == 1)
@@ -864,7 +865,8 @@ async fn services_killed_with_sigkill_mid_stream_lose_and_double_count_nothing()
             let batch: Vec<Value> = chunk
                 .iter()
                 .map(|u| json!({"type": "track", "userId": format!("{run}-u{u}"), "event": "Order Completed",
-                                 "messageId": format!("{run}-u{u}-r{round}"), "properties": {"round": round}}))
+                                 "messageId": format!("{run}-u{u}-r{round}"), "properties": {"round": round},
+                                 "context": {"traits": {"email": format!("{run}-u{u}@example.com")}}}))
                 .collect();
             // Ingest stays up, so every request is answered 200.
             let (status, answer) = post(&ingest, "/v1/batch", &json!({"batch": batch})).await;
@@ -1214,7 +1216,9 @@ async fn an_anonymous_profile_merges_into_the_known_one() {
     let (s, _) = post(
         &p.ingest,
         "/v1/track",
-        &json!({"anonymousId": anon, "event": "Order Completed"}),
+        // A guest checkout leaves an email (the email destination needs an address).
+        &json!({"anonymousId": anon, "event": "Order Completed",
+                "context": {"traits": {"email": format!("{anon}@guest.example")}}}),
     )
     .await;
     assert_eq!(s, 200);

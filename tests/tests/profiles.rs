@@ -146,7 +146,7 @@ async fn a_window_edge_moves_people_without_an_event() {
     assert_eq!(status, 201);
     let (status, body) = send(
         reqwest::Method::PUT,
-        format!("{}/v1/segments/recent-buyers", p.profiles),
+        format!("{}/v1/segments/minute-buyers", p.profiles),
         Some((
             "application/json",
             json!({"name": "Bought in the last minute", "condition": {"all": [
@@ -202,7 +202,7 @@ async fn a_window_edge_moves_people_without_an_event() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|s| s["id"] == "recent-buyers")
+        .find(|s| s["id"] == "minute-buyers")
         .cloned();
     assert!(
         recent.is_some_and(|s| s["entered_at"].is_string()),
@@ -211,12 +211,12 @@ async fn a_window_edge_moves_people_without_an_event() {
 
     // No more events: at the edge the first order leaves the window.
     let changes = memberships(&p, &id, |c| {
-        c.iter().any(|x| x.0 == "recent-buyers" && x.1 == "exit")
+        c.iter().any(|x| x.0 == "minute-buyers" && x.1 == "exit")
     })
     .await;
     let exit = changes
         .iter()
-        .find(|x| x.0 == "recent-buyers" && x.1 == "exit")
+        .find(|x| x.0 == "minute-buyers" && x.1 == "exit")
         .expect("an exit by the timer");
     assert_eq!(
         exit.2, "window: all(event_count(Order Completed) within 1m, consent(Advertising))",
@@ -234,7 +234,7 @@ async fn a_window_edge_moves_people_without_an_event() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|s| s["id"] == "recent-buyers"),
+            .any(|s| s["id"] == "minute-buyers"),
         "{v}"
     );
     p.stop().await;

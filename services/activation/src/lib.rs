@@ -257,7 +257,8 @@ impl ActivationProcessor {
         for d in &self.destinations {
             for seg in &d.config.segments {
                 let about_this = &m.segment_id == seg;
-                let member = view.segments.contains(seg);
+                // An exit record's own segment is left, whatever else it carries.
+                let member = view.segments.contains(seg) && !(about_this && m.change == "exit");
                 let sent = sent_key(d.id(), seg, &m.profile_id);
                 let last = txn.get(&sent)?;
                 let decision = match (member, &last) {

@@ -738,7 +738,12 @@ impl ProfilesProcessor {
             .iter()
             .map(|(id, mem)| (id.clone(), mem.version, "exit", reason.to_string()))
             .collect();
-        self.emit(txn, p, &exits, cause, out)?;
+        // The records carry the profile as it is after: in no segment.
+        let gone = Profile {
+            segments: BTreeMap::new(),
+            ..p.clone()
+        };
+        self.emit(txn, &gone, &exits, cause, out)?;
         index_groups(
             txn,
             &p.id,

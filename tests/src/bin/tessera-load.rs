@@ -117,7 +117,12 @@ async fn send_paced(
     for r in 0..requests {
         tokio::time::sleep_until((started + interval.mul_f64(r as f64)).into()).await;
         let events: Vec<Value> = (0..batch as u64)
-            .map(|i| json!({"type": "track", "userId": format!("{run}-{}", r * batch as u64 + i), "event": event}))
+            .map(|i| {
+                let user = format!("{run}-{}", r * batch as u64 + i);
+                // An email: the demo email destination needs an address to send to.
+                json!({"type": "track", "userId": user, "event": event,
+                       "context": {"traits": {"email": format!("{user}@example.com")}}})
+            })
             .collect();
         let (url, body) = if batch == 1 {
             (format!("{ingest}/v1/track"), events[0].clone())
