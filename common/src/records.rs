@@ -21,13 +21,16 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
     }
 }
 
+/// `avro_record!(Type, "schema file")`, optionally with older versions of the schema
+/// (files under `schemas/previous/`) whose records still read.
 macro_rules! avro_record {
-    ($ty:ty, $file:literal) => {
+    ($ty:ty, $file:literal $(, previous: [$($old:literal),*])?) => {
         impl AvroRecord for $ty {
             fn codec() -> &'static Codec {
                 static CODEC: OnceLock<Codec> = OnceLock::new();
                 CODEC.get_or_init(|| {
                     Codec::new($file, include_str!(concat!("../../schemas/", $file)))
+                    $($(.with_previous(include_str!(concat!("../../schemas/previous/", $old))))*)?
                 })
             }
         }
@@ -158,12 +161,25 @@ pub struct MembershipChange {
     pub event_time: i64,
     pub received_at: i64,
     pub traits: String,
-    /// The profile's consent decisions as JSON.
+    /// The profile's consent decisions as JSON; empty in a record of the first schema
+    /// (which carries neither consent nor segments).
     pub consent: String,
     /// Every segment the profile is in after this change.
     pub segments: Vec<String>,
 }
-avro_record!(MembershipChange, "tessera.segments.membership.avsc");
+
+impl MembershipChange {
+    /// Written by the first schema: no consent and no segments to go by.
+    pub fn is_legacy(&self) -> bool {
+        self.consent.is_empty()
+    }
+}
+
+avro_record!(
+    MembershipChange,
+    "tessera.segments.membership.avsc",
+    previous: ["tessera.segments.membership.1.avsc"]
+);
 
 /// `tessera.profiles.triggers`: a trigger fired for a profile.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -470,6 +486,41 @@ mod tests {
                 "{f} is not used by any record type"
             );
         }
+    }
+
+    /// Membership records written before they carried consent and segments still read
+    /// (a rolling upgrade), with none of either.
+    #[test]
+    fn membership_records_of_the_first_schema_still_read() {
+        let old = include_str!("../../schemas/previous/tessera.segments.membership.1.avsc");
+        #[derive(Serialize)]
+        struct Old<'a> {
+            record_id: &'a str,
+            profile_id: &'a str,
+            segment_id: &'a str,
+            segment_version: i32,
+            change: &'a str,
+            reason: &'a str,
+            event_time: i64,
+            received_at: i64,
+            traits: &'a str,
+        }
+        let bytes = Codec::new("old", old)
+            .encode(&Old {
+                record_id: "r",
+                profile_id: "p",
+                segment_id: "buyers",
+                segment_version: 1,
+                change: "enter",
+                reason: "x",
+                event_time: 1,
+                received_at: 2,
+                traits: "{}",
+            })
+            .unwrap();
+        let m = MembershipChange::from_avro(&bytes).unwrap();
+        assert_eq!((m.consent.as_str(), m.segments.len()), ("", 0));
+        assert_eq!(m.segment_id, "buyers");
     }
 
     /// A record written with an older schema (no `event` field) still reads with the

@@ -72,12 +72,15 @@ pub async fn run_with_listener(
     .await
 }
 
+/// Sends are remembered at least this long, to recognise a firing seen twice.
+const REPEAT_WINDOW_MS: i64 = 24 * 3600 * 1000;
+
 pub struct ActivationProcessor {
     topics: Topics,
     destinations: Vec<Destination>,
     policy: Policy,
     region: phonenumber::country::Id,
-    /// The longest frequency cap window (sends older than this are forgotten).
+    /// The longest frequency cap window, at least a day (older sends are forgotten).
     longest_cap: i64,
     activations: IntCounterVec,
     latency: HistogramVec,
@@ -97,7 +100,8 @@ impl ActivationProcessor {
             .chain(global_cap)
             .map(|(_, w)| w)
             .max()
-            .unwrap_or(0);
+            .unwrap_or(0)
+            .max(REPEAT_WINDOW_MS);
         let region = cfg.phone_default_region.parse().map_err(|_| {
             Error::Config(format!(
                 "activation.phone_default_region {:?} is not an ISO 3166 region code",
@@ -257,6 +261,10 @@ impl ActivationProcessor {
         for d in &self.destinations {
             for seg in &d.config.segments {
                 let about_this = &m.segment_id == seg;
+                // A record of the first schema tells only about its own segment.
+                if m.is_legacy() && !about_this {
+                    continue;
+                }
                 // An exit record's own segment is left, whatever else it carries.
                 let member = view.segments.contains(seg) && !(about_this && m.change == "exit");
                 let sent = sent_key(d.id(), seg, &m.profile_id);
@@ -378,10 +386,8 @@ impl ActivationProcessor {
                 self.refused(d, "send", &r);
                 continue;
             }
-            if self.longest_cap > 0 {
-                sends.record(at, d.id(), &activation_id, self.longest_cap);
-                changed = true;
-            }
+            sends.record(at, d.id(), &activation_id, self.longest_cap);
+            changed = true;
             if !t.event.is_empty() {
                 payload.insert(
                     "event".into(),
@@ -433,7 +439,10 @@ impl Processor for ActivationProcessor {
                             m.change
                         )));
                     }
-                    let view = View::parse(&m.traits, &m.consent, &m.segments)?;
+                    let mut view = View::parse(&m.traits, &m.consent, &m.segments)?;
+                    if m.is_legacy() && m.change != "exit" {
+                        view.segments.insert(m.segment_id.clone());
+                    }
                     Ok((m, view))
                 })
                 .map(|x| self.on_membership(x, txn, out))
@@ -713,6 +722,42 @@ mod tests {
                 .get(),
             1
         );
+    }
+
+    /// Records written before membership carried the profile's segments and consent (a
+    /// rolling upgrade) act on their own segment only.
+    #[test]
+    fn a_record_of_the_first_schema_acts_on_its_own_segment_only() {
+        let mut p = processor();
+        let s = MemStore::default();
+        let legacy = |rid: &str, segment: &str, change: &str| {
+            let m = MembershipChange {
+                record_id: rid.into(),
+                profile_id: "p1".into(),
+                segment_id: segment.into(),
+                segment_version: 1,
+                change: change.into(),
+                reason: "old".into(),
+                event_time: 1,
+                received_at: 2,
+                traits: r#"{"email":"a@b.co"}"#.into(),
+                consent: String::new(),
+                segments: vec![],
+            };
+            Message {
+                topic: "tessera.segments.membership".into(),
+                partition: 0,
+                offset: 0,
+                key: None,
+                payload: Some(m.to_avro().unwrap()),
+                timestamp_ms: None,
+            }
+        };
+        let out = step(&mut p, &s, &legacy("r1", "buyers", "enter"));
+        assert_eq!(actions(&out), vec![pair("news", "add")]);
+        assert!(step(&mut p, &s, &legacy("r2", "other", "exit")).is_empty());
+        let out = step(&mut p, &s, &legacy("r3", "buyers", "exit"));
+        assert_eq!(actions(&out), vec![pair("news", "remove")]);
     }
 
     #[test]
