@@ -585,11 +585,18 @@ impl ProfilesProcessor {
         if defs.triggers.is_empty() && p.pending.is_empty() {
             return Ok(());
         }
-        let payload: serde_json::Value = match cause.event {
+        // Only an event a trigger names needs its properties (parsed again here).
+        let named = cause.event.filter(|r| {
+            r.event
+                .event
+                .as_deref()
+                .is_some_and(|name| defs.trigger_events.contains(name))
+        });
+        let payload: serde_json::Value = match named {
             Some(r) => serde_json::from_str(&r.event.payload).unwrap_or_default(),
             None => serde_json::Value::Null,
         };
-        let event = cause.event.map(|r| triggers::EventSeen {
+        let event = named.map(|r| triggers::EventSeen {
             kind: &r.event.kind,
             name: r.event.event.as_deref(),
             properties: &payload["properties"],
@@ -1239,6 +1246,12 @@ mod tests {
     use crate::catalog::Definition;
 
     static CLOCK: AtomicI64 = AtomicI64::new(100);
+    /// Tests that set the clock hold this, so they do not move each other's time.
+    static CLOCK_HELD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn hold_clock() -> std::sync::MutexGuard<'static, ()> {
+        CLOCK_HELD.lock().unwrap_or_else(|e| e.into_inner())
+    }
     fn test_clock() -> i64 {
         CLOCK.load(Ordering::SeqCst)
     }
@@ -1535,6 +1548,7 @@ mod tests {
     /// edge, with no event; its complement is entered by the same timer.
     #[test]
     fn a_window_edge_moves_a_profile_without_an_event() {
+        let _clock = hold_clock();
         let hour = 3_600_000;
         let t0 = 1_000_000;
         CLOCK.store(t0, Ordering::SeqCst);
@@ -1597,6 +1611,7 @@ mod tests {
     /// computed trait comes from their kept history, and members enter.
     #[test]
     fn a_new_definition_is_back_filled_from_the_kept_history() {
+        let _clock = hold_clock();
         CLOCK.store(1_000, Ordering::SeqCst);
         let mut p = processor();
         let s = MemStore::default();
@@ -1674,6 +1689,7 @@ mod tests {
     /// nothing to change.
     #[test]
     fn evaluating_the_touched_segments_equals_evaluating_all() {
+        let _clock = hold_clock();
         CLOCK.store(10_000, Ordering::SeqCst);
         let mut p = processor_with(&[
             r#"{"id":"ct","event":"Order Completed","aggregate":"sum","property":"total"}"#,
@@ -1756,6 +1772,7 @@ mod tests {
 
     #[test]
     fn a_waiting_trigger_fires_from_the_durable_timer_and_a_purchase_cancels_another() {
+        let _clock = hold_clock();
         let t0 = 50_000_000;
         let hour = 3_600_000;
         CLOCK.store(t0, Ordering::SeqCst);
