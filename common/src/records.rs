@@ -235,14 +235,41 @@ pub struct Activation {
 }
 
 impl Activation {
-    /// The JSON form: the same fields, with `consent` and `payload` as JSON objects.
+    /// The JSON form: the same fields, with `consent` and `payload` as JSON objects
+    /// (written through as they are, after a check that they are JSON).
     pub fn to_json(&self) -> Result<Vec<u8>> {
-        let mut v = serde_json::to_value(self)?;
-        for f in ["consent", "payload"] {
-            let inner: serde_json::Value = serde_json::from_str(v[f].as_str().unwrap_or("{}"))?;
-            v[f] = inner;
+        use serde_json::value::RawValue;
+        #[derive(Serialize)]
+        struct Json<'a> {
+            activation_id: &'a str,
+            destination: &'a str,
+            kind: &'a str,
+            profile_id: &'a str,
+            action: &'a str,
+            source: &'a str,
+            source_id: &'a str,
+            source_version: i32,
+            reason: &'a str,
+            consent: &'a RawValue,
+            event_time: i64,
+            received_at: i64,
+            payload: &'a RawValue,
         }
-        Ok(serde_json::to_vec(&v)?)
+        Ok(serde_json::to_vec(&Json {
+            activation_id: &self.activation_id,
+            destination: &self.destination,
+            kind: &self.kind,
+            profile_id: &self.profile_id,
+            action: &self.action,
+            source: &self.source,
+            source_id: &self.source_id,
+            source_version: self.source_version,
+            reason: &self.reason,
+            consent: serde_json::from_str(&self.consent)?,
+            event_time: self.event_time,
+            received_at: self.received_at,
+            payload: serde_json::from_str(&self.payload)?,
+        })?)
     }
 
     /// Reads either form (a JSON record starts with `{`, an Avro one with `C3 01`).

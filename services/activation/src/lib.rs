@@ -259,10 +259,14 @@ impl ActivationProcessor {
         out: &mut Vec<Output>,
     ) -> Result<()> {
         for d in &self.destinations {
+            // Profiles sends a record for every segment of a profile whose fields or
+            // consent changed, so only two kinds of audience can change here: this
+            // segment's, and those this segment suppresses (a record of the first
+            // schema tells only about its own segment).
+            let suppresses = !m.is_legacy() && self.policy.suppresses(&m.segment_id, d.id());
             for seg in &d.config.segments {
                 let about_this = &m.segment_id == seg;
-                // A record of the first schema tells only about its own segment.
-                if m.is_legacy() && !about_this {
+                if !about_this && !suppresses {
                     continue;
                 }
                 // An exit record's own segment is left, whatever else it carries.

@@ -112,6 +112,14 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Whether being in `segment` blocks `destination`.
+    pub fn suppresses(&self, segment: &str, destination: &str) -> bool {
+        self.suppressions.iter().any(|s| {
+            s.segment == segment
+                && (s.destinations.is_empty() || s.destinations.iter().any(|d| d == destination))
+        })
+    }
+
     /// Consent, then suppressions, then a contact address. Ok: the consent decisions
     /// the activation rests on, as JSON.
     pub fn check(&self, d: &Destination, v: &View) -> std::result::Result<Value, Refusal> {
@@ -151,10 +159,11 @@ impl Policy {
                 }
             }
         }
-        if let Some(s) = self.suppressions.iter().find(|s| {
-            (s.destinations.is_empty() || s.destinations.iter().any(|x| x == d.id()))
-                && v.segments.contains(&s.segment)
-        }) {
+        if let Some(s) = self
+            .suppressions
+            .iter()
+            .find(|s| v.segments.contains(&s.segment) && self.suppresses(&s.segment, d.id()))
+        {
             return Err((
                 Outcome::Suppressed,
                 format!("suppression {}: in segment {}", s.id, s.segment),
