@@ -85,9 +85,10 @@ Tessera is running on Apache Kafka at $KAFKA_BOOTSTRAP.
   ingest      http://127.0.0.1:8080   Segment HTTP API (write key: demo-write-key)
   identity    http://127.0.0.1:8081   /v1/identity/lookup  /v1/identity/profiles/{id}  (merges, un-merge)
   profiles    http://127.0.0.1:8082   /v1/profiles/{id}  /v1/profiles/lookup  /v1/segments  /v1/computed-traits  /v1/households/{id}
-  activation  http://127.0.0.1:8083   /metrics; records on topic tessera.activation.email-demo
+  activation  http://127.0.0.1:8083   /metrics; records (JSON) on topics tessera.activation.email-demo,
+                                      tessera.activation.cart-email, tessera.activation.google-audience
   logs        $work/logs/
-  definitions $TESSERA__PROFILES__DEFINITIONS_DIR (segments and computed traits; change them at run time with the API)
+  definitions $TESSERA__PROFILES__DEFINITIONS_DIR (segments, computed traits and triggers; change them at run time with the API)
 
 Try it:
 
@@ -98,6 +99,7 @@ Try it:
   curl 'http://127.0.0.1:8081/v1/identity/lookup?type=email&value=Ada@Example.com'
   curl http://127.0.0.1:8082/v1/segments
   curl http://127.0.0.1:8082/v1/segments/buyers/members
+  curl http://127.0.0.1:8082/v1/triggers      # abandoned-cart: a Cart Viewed with no order within 1 h
 
 Press Ctrl-C to stop.
 INFO
