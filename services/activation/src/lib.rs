@@ -3,9 +3,10 @@
 //! Consumes `segments.membership` and `profiles.triggers` and writes what downstream
 //! systems consume on `activation.<destination>`:
 //! - audiences: for each destination that syncs a segment, a member becomes `add`, a
-//!   former member `remove`, and a change of what the destination may see `update`. Every
-//!   membership record re-checks every synced audience against the profile it carries,
-//!   so a consent withdrawal or a suppression removes people at once and its end adds
+//!   former member `remove`, and a change of what the destination may see `update`. A
+//!   membership record re-checks its segment's audiences, and those its segment
+//!   suppresses, against the profile it carries, so a consent withdrawal (which profiles
+//!   sends for every segment) or a suppression removes people at once and its end adds
 //!   them back;
 //! - triggers: each firing of a trigger a destination serves becomes a `send`.
 //!
@@ -249,7 +250,7 @@ impl ActivationProcessor {
         Ok(())
     }
 
-    /// Brings every audience of every destination in line with the profile this record
+    /// Brings the audiences this record can change in line with the profile it
     /// carries: members who may receive it are added (or updated when what the
     /// destination sees changed), the others removed.
     fn on_membership(
