@@ -729,6 +729,24 @@ mod tests {
         );
     }
 
+    #[test]
+    fn records_are_json_by_default_and_avro_when_configured() {
+        let mut p = processor();
+        let s = MemStore::default();
+        let yes = json!({"advertising": {"granted": true, "event_time": 1}});
+        let enter = membership("r1", "enter", json!({"email": "a@b.co"}), yes, &["buyers"]);
+        let mut out = Vec::new();
+        p.process(&enter, &mut Txn::new(&s), &mut out).unwrap();
+        let by_topic = |t: &str| out.iter().find(|o| o.topic == t).unwrap().payload.clone();
+        let json = by_topic("tessera.activation.ads");
+        assert_eq!(json[0], b'{');
+        let v: Value = serde_json::from_slice(&json).unwrap();
+        assert!(v["payload"]["hashed_email"].is_string(), "{v}");
+        let avro = by_topic("tessera.activation.meta");
+        assert_eq!(&avro[..2], &[0xC3, 0x01], "Avro single-object encoding");
+        assert_eq!(Activation::from_avro(&avro).unwrap().destination, "meta");
+    }
+
     /// Records written before membership carried the profile's segments and consent (a
     /// rolling upgrade) act on their own segment only.
     #[test]
