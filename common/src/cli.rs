@@ -67,6 +67,9 @@ fn toml_summary(config: &Config) -> String {
     let mut c = config.clone();
     for s in &mut c.ingest.sources {
         s.write_key = "***".into();
+        for k in &mut s.previous_write_keys {
+            *k = "***".into();
+        }
     }
     for (k, v) in c.kafka.properties.iter_mut() {
         if k.contains("password") || k.contains("secret") {

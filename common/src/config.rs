@@ -55,6 +55,34 @@ pub struct TopicsConfig {
 pub struct SourceConfig {
     pub name: String,
     pub write_key: String,
+    /// Keys still accepted while clients move to `write_key` (a rotation); requests with
+    /// them are counted, so an operator sees when the last client moved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_write_keys: Vec<String>,
+    /// A disabled source is refused with 403.
+    #[serde(default = "enabled")]
+    pub enabled: bool,
+    /// Events per second the source may send, with bursts of one second's worth;
+    /// beyond it requests are refused with 429 and `Retry-After`. Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_events_per_second: Option<u32>,
+}
+
+fn enabled() -> bool {
+    true
+}
+
+impl SourceConfig {
+    /// A source with one key, enabled, without a rate limit.
+    pub fn new(name: &str, write_key: &str) -> SourceConfig {
+        SourceConfig {
+            name: name.into(),
+            write_key: write_key.into(),
+            previous_write_keys: Vec::new(),
+            enabled: true,
+            max_events_per_second: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -327,8 +355,19 @@ impl Config {
             if s.write_key.is_empty() || s.name.is_empty() {
                 return bad("every ingest source needs a name and a write_key".into());
             }
-            if !keys.insert(&s.write_key) {
-                return bad(format!("ingest source {:?} repeats a write key", s.name));
+            for k in std::iter::once(&s.write_key).chain(&s.previous_write_keys) {
+                if k.is_empty() || !keys.insert(k) {
+                    return bad(format!(
+                        "ingest source {:?} repeats a write key (or has an empty one)",
+                        s.name
+                    ));
+                }
+            }
+            if s.max_events_per_second == Some(0) {
+                return bad(format!(
+                    "ingest source {:?}: max_events_per_second must be at least 1",
+                    s.name
+                ));
             }
         }
         for d in &self.activation.destinations {

@@ -179,3 +179,42 @@ def test_definitions_from_values_are_checked_by_profiles(tmp_path):
         assert (out.returncode == 0) == ok, out.stderr
         if not ok:
             assert "lapsed.yaml" in out.stderr and "unit must be m, h, d or w" in out.stderr
+
+
+def test_sources_and_destinations_from_values_reach_the_services(tmp_path):
+    """Key rotation, a disabled source and a rate limit reach ingest; destinations with
+    kinds, caps and suppressions reach activation; a cap that is no duration is refused."""
+    values = {
+        "sources": [
+            {"name": "web", "writeKey": "k-new", "previousWriteKeys": ["k-old"]},
+            {"name": "old-app", "writeKey": "o", "enabled": False},
+            {"name": "partner", "writeKey": "p", "maxEventsPerSecond": 200},
+        ],
+        "destinations": [
+            {"id": "ads", "kind": "meta_ads", "segments": ["buyers"], "fields": ["email", "phone"],
+             "format": "avro"},
+            {"id": "cart", "kind": "email", "triggers": ["abandoned-cart"], "fields": ["email"],
+             "frequencyCap": {"max": 2, "per": "12h"}},
+        ],
+        "suppressions": [{"id": "no-ads", "segment": "buyers", "destinations": ["ads"]}],
+    }
+    config = configuration(render(values), tmp_path)
+    bin_dir = pathlib.Path(os.environ["TESSERA_BIN_DIR"])
+
+    def check(service):
+        return subprocess.run(
+            [bin_dir / f"tessera-{service}", "--config", config, "--check-config"],
+            capture_output=True, text=True, env={"PATH": os.environ["PATH"]},
+        )
+
+    out = check("ingest")
+    assert out.returncode == 0, out.stderr
+    assert '"previous_write_keys": [' in out.stdout and '"***"' in out.stdout
+    assert "k-old" not in out.stdout and '"enabled": false' in out.stdout
+    assert '"max_events_per_second": 200' in out.stdout
+    out = check("activation")
+    assert out.returncode == 0, out.stderr
+    assert '"kind": "meta_ads"' in out.stdout and '"per": "12h"' in out.stdout
+    config.write_text(config.read_text().replace('per = "12h"', 'per = "twice"'))
+    out = check("activation")
+    assert out.returncode != 0 and "twice" in out.stderr, out.stderr

@@ -102,10 +102,7 @@ pub fn test_config(dir: &Path) -> Config {
     c.profiles.state_dir = dir.join("profiles");
     c.activation.state_dir = dir.join("activation");
     c.profiles.definitions_dir = repo_root().join("deploy/definitions");
-    c.ingest.sources = vec![tessera_common::config::SourceConfig {
-        name: "test".into(),
-        write_key: WRITE_KEY.into(),
-    }];
+    c.ingest.sources = vec![tessera_common::config::SourceConfig::new("test", WRITE_KEY)];
     c
 }
 

@@ -14,10 +14,9 @@ fn uid(tag: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn traits_resolve_by_their_strategy_with_provenance() {
     let p = Platform::start_with(|c| {
-        c.ingest.sources.push(SourceConfig {
-            name: "crm".into(),
-            write_key: "crm-write-key".into(),
-        });
+        c.ingest
+            .sources
+            .push(SourceConfig::new("crm", "crm-write-key"));
         let s = &mut c.profiles.trait_strategies;
         s.insert("ltv".into(), TraitStrategy::Max);
         s.insert("nick".into(), TraitStrategy::FirstNonEmpty);

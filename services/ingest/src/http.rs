@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,10 +16,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine;
 use futures::StreamExt;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::{Value, json};
 use tower_http::cors::{Any, CorsLayer};
 use tracing::{debug, warn};
 
+use tessera_common::config::SourceConfig;
 use tessera_common::kafka::{ProduceError, Producer};
 use tessera_common::records::{AvroRecord, DeadLetter, IngestedEvent};
 use tessera_common::topics::Topics;
@@ -33,8 +37,90 @@ pub struct AppState {
     pub limits: Limits,
     pub max_request_bytes: usize,
     pub max_batch_events: usize,
-    /// write key → source name
-    pub sources: HashMap<String, String>,
+    /// write key → the source it belongs to
+    pub sources: HashMap<String, SourceKey>,
+}
+
+/// A source as ingest enforces it: enabled or not, its rate limit.
+pub struct Source {
+    pub name: String,
+    pub enabled: bool,
+    /// Events per second, and the limiter that keeps to it.
+    pub limit: Option<(u32, DefaultDirectRateLimiter)>,
+}
+
+/// A write key: its source, and whether it is a key being rotated out.
+#[derive(Clone)]
+pub struct SourceKey {
+    pub source: Arc<Source>,
+    pub previous: bool,
+}
+
+/// Every key of every source.
+pub fn source_keys(sources: &[SourceConfig]) -> HashMap<String, SourceKey> {
+    let mut keys = HashMap::new();
+    for c in sources {
+        let source = Arc::new(Source {
+            name: c.name.clone(),
+            enabled: c.enabled,
+            limit: c
+                .max_events_per_second
+                .and_then(NonZeroU32::new)
+                .map(|n| (n.get(), RateLimiter::direct(Quota::per_second(n)))),
+        });
+        keys.insert(
+            c.write_key.clone(),
+            SourceKey {
+                source: source.clone(),
+                previous: false,
+            },
+        );
+        for k in &c.previous_write_keys {
+            keys.insert(
+                k.clone(),
+                SourceKey {
+                    source: source.clone(),
+                    previous: true,
+                },
+            );
+        }
+    }
+    keys
+}
+
+impl Source {
+    /// Takes `n` events from the source's allowance, or says how long to wait.
+    fn admit(&self, n: usize) -> Result<(), Refusal> {
+        let Some((rate, limiter)) = &self.limit else {
+            return Ok(());
+        };
+        let n = NonZeroU32::new(n.clamp(1, u32::MAX as usize) as u32).expect("at least 1");
+        let wait = match limiter.check_n(n) {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(not_until)) => not_until.wait_time_from(DefaultClock::default().now()),
+            // More events than a second's allowance: never in one request.
+            Err(_) => {
+                return Err(Refusal::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!(
+                        "source {} may send {rate} events per second; send smaller batches",
+                        self.name
+                    ),
+                ));
+            }
+        };
+        let mut r = Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "source {} is over its rate of {rate} events per second",
+                self.name
+            ),
+        );
+        r.retry_after = wait.as_secs_f64().ceil().max(1.0) as u64;
+        Err(r)
+    }
 }
 
 /// How much of an oversized body is read (and thrown away) before answering 413.
@@ -74,6 +160,8 @@ struct Refusal {
     code: &'static str,
     reason: String,
     extra: Option<Value>,
+    /// Seconds for `Retry-After` (with 429 and 503).
+    retry_after: u64,
 }
 
 impl Refusal {
@@ -83,6 +171,7 @@ impl Refusal {
             code,
             reason: reason.into(),
             extra: None,
+            retry_after: 1,
         }
     }
     fn from_reject(status: StatusCode, r: Reject) -> Refusal {
@@ -101,7 +190,7 @@ impl IntoResponse for Refusal {
             || self.status == StatusCode::TOO_MANY_REQUESTS
         {
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(self.retry_after));
         }
         resp
     }
@@ -147,6 +236,23 @@ async fn handle(
         .with_label_values(&[endpoint])
         .observe(started.elapsed().as_secs_f64());
     resp
+}
+
+/// The source of a write key: 401 for an unknown key, 403 for a disabled source.
+fn source_of(st: &AppState, key: &str) -> Result<SourceKey, Refusal> {
+    match st.sources.get(key) {
+        None => Err(Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "unknown write key",
+        )),
+        Some(k) if !k.source.enabled => Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "source_disabled",
+            format!("source {} is disabled", k.source.name),
+        )),
+        Some(k) => Ok(k.clone()),
+    }
 }
 
 /// The write key: HTTP Basic user name (password empty), else `writeKey` in the body.
@@ -250,14 +356,8 @@ async fn accept(
 ) -> Result<Response, Refusal> {
     // A key in the header is checked before any body work.
     let header_key = basic_user(headers).filter(|k| !k.is_empty());
-    if let Some(k) = &header_key
-        && !st.sources.contains_key(k)
-    {
-        return Err(Refusal::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "unknown write key",
-        ));
+    if let Some(k) = &header_key {
+        source_of(st, k)?;
     }
     let bytes = read_body(st, headers, body).await?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
@@ -287,13 +387,14 @@ async fn accept(
             }
         },
     };
-    let Some(source) = st.sources.get(&key).cloned() else {
-        return Err(Refusal::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "unknown write key",
-        ));
-    };
+    let key = source_of(st, &key)?;
+    if key.previous {
+        st.metrics
+            .previous_key_requests
+            .with_label_values(&[&key.source.name])
+            .inc();
+    }
+    let source = key.source.name.clone();
     let received_at = tessera_common::now_ms();
     let new_id = || uuid::Uuid::new_v4().to_string();
 
@@ -305,6 +406,7 @@ async fn accept(
                 format!("event is larger than {} bytes", st.limits.max_event_bytes),
             ));
         }
+        key.source.admit(1)?;
         let event = validate::normalise(
             Value::Object(root),
             Some(endpoint),
@@ -369,6 +471,7 @@ async fn accept(
             "batch is empty",
         ));
     }
+    key.source.admit(items.len())?;
     let envelope = Envelope {
         sent_at: root.get("sentAt"),
         context: root.get("context").and_then(Value::as_object),

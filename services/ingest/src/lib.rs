@@ -60,12 +60,7 @@ pub async fn run_with_listener(
         limits: limits.clone(),
         max_request_bytes: config.ingest.max_request_bytes,
         max_batch_events: config.ingest.max_batch_events,
-        sources: config
-            .ingest
-            .sources
-            .iter()
-            .map(|s| (s.write_key.clone(), s.name.clone()))
-            .collect(),
+        sources: http::source_keys(&config.ingest.sources),
     });
     let router = http::router(state).merge(admin.router());
 

@@ -12,6 +12,7 @@ pub struct IngestMetrics {
     pub accepted: IntCounterVec,
     pub rejected: IntCounterVec,
     pub unavailable: IntCounter,
+    pub previous_key_requests: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: [f64; 12] = [
@@ -76,6 +77,17 @@ impl IngestMetrics {
                 &IntCounter::new(
                     "tessera_ingest_kafka_unavailable_total",
                     "Requests answered 429/503 because Kafka did not acknowledge",
+                )
+                .unwrap(),
+            ),
+            previous_key_requests: admin.register(
+                &IntCounterVec::new(
+                    Opts::new(
+                        "tessera_ingest_previous_write_key_requests_total",
+                        "Requests authenticated with a source's previous write key (a \
+                         rotation in progress: zero for a while means every client moved)",
+                    ),
+                    &["source"],
                 )
                 .unwrap(),
             ),
