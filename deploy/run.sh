@@ -90,16 +90,17 @@ Tessera is running on Apache Kafka at $KAFKA_BOOTSTRAP.
   logs        $work/logs/
   definitions $TESSERA__PROFILES__DEFINITIONS_DIR (segments, computed traits and triggers; change them at run time with the API)
 
-Try it:
+Try it (the services' own APIs take the demo token, [admin] tokens in the configuration):
 
   curl -u demo-write-key: -H 'Content-Type: application/json' http://127.0.0.1:8080/v1/batch -d '{"batch":[
     {"type":"identify","userId":"ada","anonymousId":"a-1","traits":{"email":"ada@example.com","first_name":"Ada"}},
     {"type":"track","userId":"ada","event":"Order Completed","properties":{"total":42}}]}'
-  curl 'http://127.0.0.1:8082/v1/profiles/lookup?type=email&value=ada@example.com'
-  curl 'http://127.0.0.1:8081/v1/identity/lookup?type=email&value=Ada@Example.com'
-  curl http://127.0.0.1:8082/v1/segments
-  curl http://127.0.0.1:8082/v1/segments/buyers/members
-  curl http://127.0.0.1:8082/v1/triggers      # abandoned-cart: a Cart Viewed with no order within 1 h
+  alias tcurl='curl -H "Authorization: Bearer demo-admin-token"'
+  tcurl 'http://127.0.0.1:8082/v1/profiles/lookup?type=email&value=ada@example.com'
+  tcurl 'http://127.0.0.1:8081/v1/identity/lookup?type=email&value=Ada@Example.com'
+  tcurl http://127.0.0.1:8082/v1/segments
+  tcurl http://127.0.0.1:8082/v1/segments/buyers/members
+  tcurl http://127.0.0.1:8082/v1/triggers      # abandoned-cart: a Cart Viewed with no order within 1 h
 
 Press Ctrl-C to stop.
 INFO

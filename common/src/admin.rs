@@ -115,3 +115,72 @@ pub async fn serve(
 pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
+
+/// Who made an API request: the name of its token (a request extension set by
+/// [`require_token`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Caller(pub String);
+
+/// The configured API tokens, kept as SHA-256 digests.
+#[derive(Clone)]
+pub struct Tokens(std::sync::Arc<Vec<(String, Vec<u8>)>>);
+
+impl Tokens {
+    pub fn new(tokens: &[crate::config::ApiToken]) -> Tokens {
+        Tokens(std::sync::Arc::new(
+            tokens
+                .iter()
+                .map(|t| (t.name.clone(), digest(&t.token)))
+                .collect(),
+        ))
+    }
+
+    /// The name of the token presented, if it is one of them. Digests are compared, so
+    /// the time taken says nothing about the tokens themselves.
+    pub fn name_of(&self, presented: &str) -> Option<String> {
+        let d = digest(presented);
+        self.0.iter().find(|(_, t)| *t == d).map(|(n, _)| n.clone())
+    }
+}
+
+fn digest(s: &str) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(s.as_bytes()).to_vec()
+}
+
+/// Middleware for a service's own API routes: `Authorization: Bearer <token>` with a
+/// configured token, else 401 with a JSON reason.
+pub async fn require_token(
+    State(tokens): State<Tokens>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let presented = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    match presented.and_then(|t| tokens.name_of(t)) {
+        Some(name) => {
+            req.extensions_mut().insert(Caller(name));
+            next.run(req).await
+        }
+        None => {
+            let reason = match presented {
+                None => "an API token is required: Authorization: Bearer <token>",
+                Some(_) => "unknown API token",
+            };
+            let body = serde_json::json!({"error": "unauthorized", "reason": reason});
+            let mut resp = (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+            resp
+        }
+    }
+}

@@ -61,8 +61,8 @@ where
     })
 }
 
-/// What the service will use, without secrets: write keys and Kafka properties whose
-/// name mentions a password or secret are masked.
+/// What the service will use, without secrets: write keys, API tokens and Kafka
+/// properties whose name mentions a password or secret are masked.
 fn toml_summary(config: &Config) -> String {
     let mut c = config.clone();
     for s in &mut c.ingest.sources {
@@ -70,6 +70,9 @@ fn toml_summary(config: &Config) -> String {
         for k in &mut s.previous_write_keys {
             *k = "***".into();
         }
+    }
+    for t in &mut c.admin.tokens {
+        t.token = "***".into();
     }
     for (k, v) in c.kafka.properties.iter_mut() {
         if k.contains("password") || k.contains("secret") {

@@ -22,6 +22,25 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub profiles: ProfilesConfig,
     pub activation: ActivationConfig,
+    pub admin: AdminConfig,
+}
+
+/// Credentials of the services' own APIs (profiles, definitions, identity), apart from
+/// the ingest write keys. Requests carry `Authorization: Bearer <token>`; the token's
+/// name is who the audit trail records. No token configured: every API request is
+/// refused (the health, readiness and metrics endpoints stay open).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub tokens: Vec<ApiToken>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiToken {
+    pub name: String,
+    /// At least 16 characters.
+    pub token: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -48,6 +67,8 @@ pub struct TopicsConfig {
     pub partitions: i32,
     pub replication_factor: i32,
     pub events_retention_ms: i64,
+    /// How long the audit trail (`<prefix>audit`) is kept.
+    pub audit_retention_ms: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -400,6 +421,22 @@ impl Config {
             }
             if let Some(c) = &d.frequency_cap {
                 c.window_ms()?;
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut secrets = std::collections::HashSet::new();
+        for t in &self.admin.tokens {
+            if t.name.is_empty() || !names.insert(&t.name) {
+                return bad(format!(
+                    "admin token names must be set and unique ({:?})",
+                    t.name
+                ));
+            }
+            if t.token.len() < 16 || !secrets.insert(&t.token) {
+                return bad(format!(
+                    "admin token {:?} must be at least 16 characters and unique",
+                    t.name
+                ));
             }
         }
         if let Some(c) = &self.activation.frequency_cap {

@@ -197,6 +197,8 @@ pub enum TopicKind {
     /// A table (definitions): one partition, so one order; compacted, so the latest
     /// record of each key is kept for ever.
     Table,
+    /// The audit trail: one partition (one order), kept `audit_retention_ms`.
+    Audit,
 }
 
 /// Creates the topics that do not exist yet (partitions, replication and retention
@@ -212,12 +214,13 @@ pub async fn ensure_topics(
     let admin: AdminClient<DefaultClientContext> =
         client_config(kafka, "tessera-admin").create()?;
     let retention = cfg.events_retention_ms.to_string();
+    let audit_retention = cfg.audit_retention_ms.to_string();
     let new: Vec<NewTopic<'_>> = names
         .iter()
         .map(|(name, kind)| {
             let partitions = match kind {
                 TopicKind::Events => cfg.partitions,
-                TopicKind::Table => 1,
+                TopicKind::Table | TopicKind::Audit => 1,
             };
             let t = NewTopic::new(
                 name,
@@ -227,6 +230,7 @@ pub async fn ensure_topics(
             match kind {
                 TopicKind::Events => t.set("retention.ms", &retention),
                 TopicKind::Table => t.set("cleanup.policy", "compact"),
+                TopicKind::Audit => t.set("retention.ms", &audit_retention),
             }
         })
         .collect();

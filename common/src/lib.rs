@@ -6,6 +6,7 @@
 //! shutdown handling ([`shutdown`]) and text normalisation ([`text`]).
 
 pub mod admin;
+pub mod audit;
 pub mod avro;
 pub mod cli;
 pub mod config;

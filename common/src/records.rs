@@ -286,6 +286,19 @@ impl Activation {
 }
 avro_record!(Activation, "tessera.activation.avsc");
 
+/// `tessera.audit`: an accepted change made through an API, and who made it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub audit_id: String,
+    pub at: i64,
+    pub who: String,
+    pub service: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+}
+avro_record!(AuditEntry, "tessera.audit.avsc");
+
 /// Avro `bytes` through serde: serialise as bytes, not as an array of ints.
 mod serde_bytes_vec {
     use serde::{Deserializer, Serializer};
@@ -501,6 +514,7 @@ mod tests {
             ProfileTransfer::codec().fingerprint(),
             MembershipChange::codec().fingerprint(),
             TriggerFired::codec().fingerprint(),
+            AuditEntry::codec().fingerprint(),
             DefinitionChange::codec().fingerprint(),
             Activation::codec().fingerprint(),
         ];

@@ -32,10 +32,15 @@ pub async fn prepare(
     state_dir: &Path,
     topics: &[String],
 ) -> Result<Parts> {
-    let needed: Vec<(String, TopicKind)> = topics
+    let mut needed: Vec<(String, TopicKind)> = topics
         .iter()
         .map(|t| (t.clone(), TopicKind::Events))
         .collect();
+    // Every service with an API writes its changes to the audit trail.
+    needed.push((
+        crate::topics::Topics::new(&config.topics).audit(),
+        TopicKind::Audit,
+    ));
     kafka::ensure_topics(&config.kafka, &config.topics, &needed).await?;
     let admin = Admin::new();
     let producer = Producer::new(&config.kafka, &format!("tessera-{service}"))?;
@@ -114,6 +119,11 @@ pub async fn run<P: Processor>(
     } = parts;
     spec.ready = Some(admin.health.clone());
     let service = spec.service;
+    // The service's own API needs a token; health, readiness and metrics do not.
+    let routes = routes.layer(axum::middleware::from_fn_with_state(
+        admin::Tokens::new(&config.admin.tokens),
+        admin::require_token,
+    ));
     let router = routes.merge(admin.router());
     let server = tokio::spawn(admin::serve(listener, router, shutdown.clone()));
     info!(service, "running");

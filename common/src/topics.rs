@@ -14,6 +14,7 @@ pub const PROFILES_TRANSFERS: &str = "profiles.transfers";
 pub const SEGMENTS_MEMBERSHIP: &str = "segments.membership";
 pub const PROFILES_DEFINITIONS: &str = "profiles.definitions";
 pub const PROFILES_TRIGGERS: &str = "profiles.triggers";
+pub const AUDIT: &str = "audit";
 /// Destination topics are `activation.<destination id>`.
 pub const ACTIVATION_PREFIX: &str = "activation.";
 
@@ -58,6 +59,9 @@ impl Topics {
     }
     pub fn definitions(&self) -> String {
         self.name(PROFILES_DEFINITIONS)
+    }
+    pub fn audit(&self) -> String {
+        self.name(AUDIT)
     }
     pub fn triggers(&self) -> String {
         self.name(PROFILES_TRIGGERS)

@@ -185,6 +185,7 @@ def test_sources_and_destinations_from_values_reach_the_services(tmp_path):
     """Key rotation, a disabled source and a rate limit reach ingest; destinations with
     kinds, caps and suppressions reach activation; a cap that is no duration is refused."""
     values = {
+        "apiTokens": [{"name": "crm-sync", "token": "a-long-api-token-for-crm"}],
         "sources": [
             {"name": "web", "writeKey": "k-new", "previousWriteKeys": ["k-old"]},
             {"name": "old-app", "writeKey": "o", "enabled": False},
@@ -212,6 +213,7 @@ def test_sources_and_destinations_from_values_reach_the_services(tmp_path):
     assert '"previous_write_keys": [' in out.stdout and '"***"' in out.stdout
     assert "k-old" not in out.stdout and '"enabled": false' in out.stdout
     assert '"max_events_per_second": 200' in out.stdout
+    assert '"name": "crm-sync"' in out.stdout and "a-long-api-token" not in out.stdout
     out = check("activation")
     assert out.returncode == 0, out.stderr
     assert '"kind": "meta_ads"' in out.stdout and '"per": "12h"' in out.stdout

@@ -31,6 +31,8 @@ use tessera_common::config::Config;
 pub use tessera_common;
 
 pub const WRITE_KEY: &str = "test-write-key";
+/// The API token of the test platforms (name `tests`); [`http`] sends it.
+pub const ADMIN_TOKEN: &str = "tests-admin-token-0123456789";
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -103,6 +105,10 @@ pub fn test_config(dir: &Path) -> Config {
     c.activation.state_dir = dir.join("activation");
     c.profiles.definitions_dir = repo_root().join("deploy/definitions");
     c.ingest.sources = vec![tessera_common::config::SourceConfig::new("test", WRITE_KEY)];
+    c.admin.tokens = vec![tessera_common::config::ApiToken {
+        name: "tests".into(),
+        token: ADMIN_TOKEN.into(),
+    }];
     c
 }
 
@@ -233,8 +239,16 @@ pub async fn wait_ready(base: &str, timeout: Duration) {
     panic!("{base} was not ready within {timeout:?}");
 }
 
+/// An HTTP client that presents the test platform's API token (a request's own
+/// `basic_auth`, as for ingest, replaces it).
 pub fn http() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {ADMIN_TOKEN}")).unwrap(),
+    );
     reqwest::Client::builder()
+        .default_headers(headers)
         .timeout(Duration::from_secs(30))
         .build()
         .expect("http client")

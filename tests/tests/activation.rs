@@ -184,8 +184,14 @@ async fn audiences_follow_suppressions_and_consent_and_sends_respect_caps() {
         });
     })
     .await;
-    let (status, answer) = post(&p.profiles, "/v1/triggers", &json!({
-        "id": "order-thanks", "when": {"event": "Order Completed", "where": [{"property": "total", "gt": 10}]}})).await;
+    let r = http()
+        .post(format!("{}/v1/triggers", p.profiles))
+        .json(&json!({"id": "order-thanks",
+            "when": {"event": "Order Completed", "where": [{"property": "total", "gt": 10}]}}))
+        .send()
+        .await
+        .unwrap();
+    let (status, answer) = (r.status().as_u16(), r.text().await.unwrap());
     assert_eq!(status, 201, "{answer}");
     let run = uid("aud");
     let (cat, dan) = (format!("{run}-cat"), format!("{run}-dan"));

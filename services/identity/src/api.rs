@@ -14,12 +14,14 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
+use tessera_common::admin::Caller;
+use tessera_common::audit::Audit;
 use tessera_common::kafka::Producer;
 use tessera_common::records::{AvroRecord, Identifier, IdentityCommand};
 use tessera_common::store::{SharedStore, Txn};
@@ -33,6 +35,8 @@ pub struct ApiState {
     pub producer: Arc<Producer>,
     pub rules: Arc<Rules>,
     pub commands_topic: String,
+    /// Where commands are recorded with who asked.
+    pub audit: Audit,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -212,7 +216,26 @@ async fn lookup(State(st): State<ApiState>, Query(q): Query<HashMap<String, Stri
     }
 }
 
-async fn send(st: &ApiState, cmd: IdentityCommand) -> Response {
+/// Records the command in the audit trail (who, which command; never the identifier's
+/// value), then writes it.
+async fn send(st: &ApiState, caller: &Caller, cmd: IdentityCommand) -> Response {
+    let detail = json!({"command_id": cmd.command_id, "merge_id": cmd.merge_id, "type": cmd.kind});
+    let target = match &cmd.merge_id {
+        Some(m) => format!("merge/{m}"),
+        None => format!("command/{}", cmd.command_id),
+    };
+    if let Err(e) = st
+        .audit
+        .record(
+            &caller.0,
+            &format!("identity.{}", cmd.action),
+            &target,
+            detail,
+        )
+        .await
+    {
+        return unavailable(e.to_string());
+    }
     let payload = match cmd.to_avro() {
         Ok(p) => p,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
@@ -266,6 +289,7 @@ fn command(action: &str, reason: Option<&str>) -> IdentityCommand {
 
 async fn unmerge(
     State(st): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     b: Result<axum::Json<Value>, JsonRejection>,
 ) -> Response {
     let v = match body(b) {
@@ -295,7 +319,7 @@ async fn unmerge(
             cmd.merge_id = Some(merge_id);
             cmd.survivor_identifiers = m.survivor_identifiers;
             cmd.merged_identifiers = m.merged_identifiers;
-            send(&st, cmd).await
+            send(&st, &caller, cmd).await
         }
         Ok(None) => found_or_404(None, "no such merge"),
         Err(r) => r,
@@ -304,6 +328,7 @@ async fn unmerge(
 
 async fn detach(
     State(st): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     b: Result<axum::Json<Value>, JsonRejection>,
 ) -> Response {
     let v = match body(b) {
@@ -324,7 +349,7 @@ async fn detach(
             let mut cmd = command("detach", v["reason"].as_str());
             cmd.kind = Some(i.kind);
             cmd.value = Some(i.value);
-            send(&st, cmd).await
+            send(&st, &caller, cmd).await
         }
         Ok(None) => found_or_404(None, "no profile has this identifier"),
         Err(r) => r,

@@ -76,6 +76,7 @@ pub async fn run_with_listener(
         producer: parts.producer.clone(),
         rules,
         commands_topic: topics.commands(),
+        audit: tessera_common::audit::Audit::new(parts.producer.clone(), &topics, "identity"),
     });
     service::run(&config, parts, listener, routes, spec, processor, shutdown).await
 }

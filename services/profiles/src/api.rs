@@ -16,13 +16,15 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{SecondsFormat, TimeZone, Utc};
 use serde_json::{Value, json};
 
+use tessera_common::admin::Caller;
+use tessera_common::audit::Audit;
 use tessera_common::config::TraitStrategy;
 use tessera_common::kafka::Producer;
 use tessera_common::records::{DefinitionChange, ResolvedEvent};
@@ -39,6 +41,8 @@ use crate::state::{
 #[derive(Clone)]
 pub struct ApiState {
     pub store: SharedStore,
+    /// Where definition changes are recorded with who made them.
+    pub audit: Audit,
     pub catalog: Catalog,
     pub producer: Arc<Producer>,
     pub topics: Topics,
@@ -71,18 +75,26 @@ fn definition_routes(router: Router<ApiState>, base: &str, kind: &'static str) -
         .route(
             base,
             get(move |st: State<ApiState>| list(st, kind)).post(
-                move |st: State<ApiState>, h: HeaderMap, body: Bytes| create(st, kind, h, body),
+                move |st: State<ApiState>, c: Extension<Caller>, h: HeaderMap, body: Bytes| {
+                    create(st, c.0, kind, h, body)
+                },
             ),
         )
         .route(
             &format!("{base}/{{id}}"),
             get(move |st: State<ApiState>, id: Path<String>| get_one(st, kind, id))
                 .put(
-                    move |st: State<ApiState>, id: Path<String>, h: HeaderMap, body: Bytes| {
-                        replace(st, kind, id, h, body)
-                    },
+                    move |st: State<ApiState>,
+                          c: Extension<Caller>,
+                          id: Path<String>,
+                          h: HeaderMap,
+                          body: Bytes| { replace(st, c.0, kind, id, h, body) },
                 )
-                .delete(move |st: State<ApiState>, id: Path<String>| remove(st, kind, id)),
+                .delete(
+                    move |st: State<ApiState>, c: Extension<Caller>, id: Path<String>| {
+                        remove(st, c.0, kind, id)
+                    },
+                ),
         )
 }
 
@@ -446,22 +458,46 @@ async fn publish(st: &ApiState, change: DefinitionChange, created: bool) -> Resp
     }
 }
 
-/// Puts `def` in force (or deletes `kind/id`) if the other definitions allow it.
+/// Puts `def` in force (or deletes `kind/id`) if the other definitions allow it, and
+/// records who asked in the audit trail first.
 async fn change(
     st: &ApiState,
+    caller: &Caller,
     kind: &'static str,
     id: &str,
     def: Option<&Definition>,
     created: bool,
 ) -> Response {
-    match st.catalog.propose(kind, id, def, "api") {
-        Ok(change) => publish(st, change, created).await,
-        Err(e) => error(StatusCode::CONFLICT, "conflict", e),
+    let change = match st
+        .catalog
+        .propose(kind, id, def, &format!("api:{}", caller.0))
+    {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::CONFLICT, "conflict", e),
+    };
+    let action = match (def, created) {
+        (None, _) => "definition.delete",
+        (Some(_), true) => "definition.create",
+        (Some(_), false) => "definition.update",
+    };
+    let detail = json!({"kind": kind, "id": id, "version": change.version});
+    if let Err(e) = st
+        .audit
+        .record(&caller.0, action, &format!("{kind}/{id}"), detail)
+        .await
+    {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        );
     }
+    publish(st, change, created).await
 }
 
 async fn create(
     State(st): State<ApiState>,
+    caller: Caller,
     kind: &'static str,
     headers: HeaderMap,
     body: Bytes,
@@ -481,11 +517,12 @@ async fn create(
             format!("{kind} {} exists: change it with PUT", def.id()),
         );
     }
-    change(&st, kind, def.id(), Some(&def), true).await
+    change(&st, &caller, kind, def.id(), Some(&def), true).await
 }
 
 async fn replace(
     State(st): State<ApiState>,
+    caller: Caller,
     kind: &'static str,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -496,11 +533,12 @@ async fn replace(
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_definition", e),
     };
     let created = st.catalog.record(kind, &id).is_none_or(|r| r.deleted);
-    change(&st, kind, &id, Some(&def), created).await
+    change(&st, &caller, kind, &id, Some(&def), created).await
 }
 
 async fn remove(
     State(st): State<ApiState>,
+    caller: Caller,
     kind: &'static str,
     Path(id): Path<String>,
 ) -> Response {
@@ -511,7 +549,7 @@ async fn remove(
             format!("no {kind} {id}"),
         );
     }
-    change(&st, kind, &id, None, false).await
+    change(&st, &caller, kind, &id, None, false).await
 }
 
 async fn dry_run(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {

@@ -138,6 +138,7 @@ pub async fn run_with_listener(
     };
     let routes = api::router(api::ApiState {
         store: parts.store.clone(),
+        audit: tessera_common::audit::Audit::new(parts.producer.clone(), &topics, "profiles"),
         catalog,
         producer: parts.producer.clone(),
         topics,

@@ -282,10 +282,12 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let shared: SharedStore = store.clone();
+        let producer = Arc::new(Producer::new(&cfg.kafka, "bench").expect("producer"));
         let routes = tessera_profiles::api::router(tessera_profiles::api::ApiState {
             store: shared,
+            audit: tessera_common::audit::Audit::new(producer.clone(), &topics, "profiles"),
             catalog: catalog.clone(),
-            producer: Arc::new(Producer::new(&cfg.kafka, "bench").expect("producer")),
+            producer,
             topics: topics.clone(),
             strategies: Arc::new(Default::default()),
             history_limit: cfg.profiles.history_events,
