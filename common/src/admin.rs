@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use std::time::Duration;
+
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -13,6 +15,8 @@ use axum::routing::get;
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::config::HttpConfig;
 
 /// Readiness, flipped by the service.
 #[derive(Debug, Default)]
@@ -100,15 +104,58 @@ async fn metrics(State(admin): State<Admin>) -> impl IntoResponse {
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then lets in-flight
-/// requests finish.
+/// requests finish (for up to the shutdown grace). Slow or oversized clients are cut off
+/// (`http`): a connection whose headers are not complete in time is closed, headers
+/// beyond the limit are refused, and a body that stalls between its parts ends the
+/// request.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    http: &HttpConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    let router = router.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+        Duration::from_millis(http.body_timeout_ms),
+    ));
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(http.header_read_timeout_ms))
+        .max_buf_size(http.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(http.max_header_bytes as u32);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little, go on.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(crate::shutdown::GRACE, graceful.shutdown()).await;
+    Ok(())
 }
 
 /// Binds the configured address (`host:port`; port 0 picks a free one).

@@ -23,6 +23,20 @@ pub struct Config {
     pub profiles: ProfilesConfig,
     pub activation: ActivationConfig,
     pub admin: AdminConfig,
+    pub http: HttpConfig,
+}
+
+/// Limits of every service's HTTP server, against slow or oversized clients.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// A connection whose request headers are not complete within this is closed.
+    pub header_read_timeout_ms: u64,
+    /// Request headers larger than this (bytes) are refused (431) or the connection closed.
+    pub max_header_bytes: usize,
+    /// A request body must arrive whole within this (ingest answers 408), and no gap
+    /// between its parts may be longer.
+    pub body_timeout_ms: u64,
 }
 
 /// Credentials of the services' own APIs (profiles, definitions, identity), apart from
@@ -422,6 +436,9 @@ impl Config {
             if let Some(c) = &d.frequency_cap {
                 c.window_ms()?;
             }
+        }
+        if self.http.max_header_bytes < 8192 || self.http.header_read_timeout_ms == 0 {
+            return bad("http.max_header_bytes must be at least 8192 and http.header_read_timeout_ms above 0".into());
         }
         let mut names = std::collections::HashSet::new();
         let mut secrets = std::collections::HashSet::new();

@@ -125,7 +125,12 @@ pub async fn run<P: Processor>(
         admin::require_token,
     ));
     let router = routes.merge(admin.router());
-    let server = tokio::spawn(admin::serve(listener, router, shutdown.clone()));
+    let http = config.http.clone();
+    let shutdown_for_server = shutdown.clone();
+    let server =
+        tokio::spawn(
+            async move { admin::serve(listener, router, &http, shutdown_for_server).await },
+        );
     info!(service, "running");
     let result = runner::run(
         &config.kafka,

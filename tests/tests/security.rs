@@ -194,3 +194,99 @@ async fn api_tokens_guard_the_apis_and_changes_are_audited() {
     assert_eq!(record["error"], "not_found", "{record}");
     p.stop().await;
 }
+
+/// Slow and oversized clients are cut off instead of holding connections: headers that
+/// do not complete in time close the connection, headers over the limit are refused, and
+/// a body trickled or stalled past the deadline gets 408 with a JSON reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_and_oversized_clients_are_cut_off() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let p = Platform::start_with(|c| {
+        c.http.header_read_timeout_ms = 1000;
+        c.http.body_timeout_ms = 1500;
+        c.http.max_header_bytes = 8192;
+    })
+    .await;
+    let addr = p.ingest.trim_start_matches("http://").to_string();
+    let auth = "Authorization: Basic dGVzdC13cml0ZS1rZXk6\r\n"; // test-write-key:
+    async fn answer(s: &mut TcpStream, within: Duration) -> (String, Duration) {
+        let started = Instant::now();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(within, s.read_to_end(&mut buf)).await;
+        (
+            String::from_utf8_lossy(&buf).into_owned(),
+            started.elapsed(),
+        )
+    }
+
+    // Headers that never finish: the connection is closed after the header timeout.
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"POST /v1/track HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let (text, took) = answer(&mut s, Duration::from_secs(10)).await;
+    assert!(
+        took < Duration::from_secs(5),
+        "closed after {took:?}: {text:?}"
+    );
+    assert!(!text.contains("200 OK"), "{text}");
+
+    // Headers over the limit: refused.
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    let big = format!(
+        "POST /v1/track HTTP/1.1\r\nHost: x\r\nX-Junk: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let _ = s.write_all(big.as_bytes()).await;
+    let (text, _) = answer(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 431"),
+        "{text}"
+    );
+
+    // A body trickled a byte at a time (each gap shorter than the limit) and one that
+    // stalls: both end in 408 once the body deadline passes.
+    let body = r#"{"userId":"slow","event":"Page Viewed"}"#;
+    for trickle in [true, false] {
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST /v1/track HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&body.as_bytes()[..5]).await.unwrap();
+        let started = Instant::now();
+        if trickle {
+            for b in body.as_bytes()[5..15].iter() {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if s.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+            }
+        }
+        let (text, _) = answer(&mut s, Duration::from_secs(10)).await;
+        assert!(
+            text.starts_with("HTTP/1.1 408"),
+            "trickle={trickle}: {text}"
+        );
+        assert!(text.contains(r#""error":"request_timeout""#), "{text}");
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    // A normal request is served as ever.
+    let (status, _) = post(
+        &p.ingest,
+        "/v1/track",
+        &json!({"userId": "fine", "event": "Page Viewed"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    p.stop().await;
+}

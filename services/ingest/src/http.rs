@@ -37,6 +37,8 @@ pub struct AppState {
     pub limits: Limits,
     pub max_request_bytes: usize,
     pub max_batch_events: usize,
+    /// A request body must arrive whole within this.
+    pub body_timeout: Duration,
     /// write key → the source it belongs to
     pub sources: HashMap<String, SourceKey>,
 }
@@ -294,8 +296,29 @@ async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Vec
     let mut stream = body.into_data_stream();
     let mut raw: Vec<u8> = Vec::new();
     let mut seen = 0usize;
-    while let Some(chunk) = stream.next().await {
+    // The whole body within the deadline: a client trickling bytes is cut off.
+    let deadline = tokio::time::Instant::now() + st.body_timeout;
+    let timed_out = || {
+        Refusal::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} ms",
+                st.body_timeout.as_millis()
+            ),
+        )
+    };
+    loop {
+        let next = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .map_err(|_| timed_out())?;
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| {
+            let e = e.into_inner();
+            // A gap between parts longer than the limit (the server's body timeout).
+            if e.is::<tower_http::timeout::TimeoutError>() {
+                return timed_out();
+            }
             Refusal::new(
                 StatusCode::BAD_REQUEST,
                 "unreadable_body",

@@ -60,6 +60,7 @@ pub async fn run_with_listener(
         limits: limits.clone(),
         max_request_bytes: config.ingest.max_request_bytes,
         max_batch_events: config.ingest.max_batch_events,
+        body_timeout: std::time::Duration::from_millis(config.http.body_timeout_ms),
         sources: http::source_keys(&config.ingest.sources),
     });
     let router = http::router(state).merge(admin.router());
@@ -122,7 +123,7 @@ pub async fn run_with_listener(
     });
 
     info!(addr = %listener.local_addr()?, "ingest listening");
-    admin::serve(listener, router, shutdown.clone()).await?;
+    admin::serve(listener, router, &config.http, shutdown.clone()).await?;
     if let Some(task) = raw_task {
         task.await
             .map_err(|e| tessera_common::Error::Invalid(format!("raw consumer task: {e}")))??;

@@ -296,11 +296,9 @@ fn main() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(tessera_common::admin::serve(
-            listener,
-            routes,
-            shutdown.clone(),
-        ));
+        let http = cfg.http.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move { tessera_common::admin::serve(listener, routes, &http, stop).await });
         let client = reqwest::Client::new();
         let mut hist = Histogram::<u64>::new(3).expect("histogram");
         let mut rng = Rng(99);
