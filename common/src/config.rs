@@ -132,6 +132,9 @@ pub struct IngestConfig {
     pub max_depth: usize,
     pub max_string_bytes: usize,
     pub future_tolerance_ms: i64,
+    /// Requests handled at once; more are refused with 429 and `Retry-After`, so memory
+    /// stays bounded (about this many request bodies) however many clients push.
+    pub max_concurrent_requests: usize,
     pub sources: Vec<SourceConfig>,
 }
 

@@ -290,3 +290,48 @@ async fn slow_and_oversized_clients_are_cut_off() {
     assert_eq!(status, 200);
     p.stop().await;
 }
+
+/// Beyond `ingest.max_concurrent_requests` in flight, ingest refuses at once with 429 and
+/// `Retry-After` instead of queueing (memory stays bounded); a freed slot serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ingest_sheds_requests_beyond_its_concurrency() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let p = Platform::start_with(|c| c.ingest.max_concurrent_requests = 1).await;
+    let addr = p.ingest.trim_start_matches("http://").to_string();
+    let body = r#"{"userId":"holder","event":"Page Viewed"}"#;
+    // A request whose body is still coming holds the only slot.
+    let mut holder = TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Basic dGVzdC13cml0ZS1rZXk6\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    holder.write_all(head.as_bytes()).await.unwrap();
+    holder.write_all(&body.as_bytes()[..10]).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (status, retry, answer) = send(
+        &p.ingest,
+        WRITE_KEY,
+        "/v1/track",
+        &json!({"userId": "second", "event": "Page Viewed"}),
+    )
+    .await;
+    assert_eq!(status, 429, "{answer}");
+    assert_eq!(answer["error"], "overloaded");
+    assert_eq!(retry.as_deref(), Some("1"));
+    // The first request completes and is stored; then the slot serves again.
+    holder.write_all(&body.as_bytes()[10..]).await.unwrap();
+    let mut reply = Vec::new();
+    holder.read_to_end(&mut reply).await.unwrap();
+    assert!(String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 200"));
+    let (status, _, _) = send(
+        &p.ingest,
+        WRITE_KEY,
+        "/v1/track",
+        &json!({"userId": "third", "event": "Page Viewed"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    p.stop().await;
+}

@@ -39,6 +39,8 @@ pub struct AppState {
     pub max_batch_events: usize,
     /// A request body must arrive whole within this.
     pub body_timeout: Duration,
+    /// Permits for requests in flight (`ingest.max_concurrent_requests`).
+    pub in_flight: Arc<tokio::sync::Semaphore>,
     /// write key → the source it belongs to
     pub sources: HashMap<String, SourceKey>,
 }
@@ -219,7 +221,17 @@ async fn handle(
             }
         },
     };
-    let resp = match accept(&st, endpoint, &headers, body).await {
+    // Beyond the requests in flight it can hold, ingest sheds load instead of queueing.
+    let permit = st.in_flight.clone().try_acquire_owned();
+    let accepted = match permit {
+        Ok(_permit) => accept(&st, endpoint, &headers, body).await,
+        Err(_) => Err(Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "overloaded",
+            "ingest is at capacity (requests in flight), retry later",
+        )),
+    };
+    let resp = match accepted {
         Ok(r) => r,
         Err(refusal) => {
             st.metrics

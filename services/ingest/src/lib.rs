@@ -61,6 +61,9 @@ pub async fn run_with_listener(
         max_request_bytes: config.ingest.max_request_bytes,
         max_batch_events: config.ingest.max_batch_events,
         body_timeout: std::time::Duration::from_millis(config.http.body_timeout_ms),
+        in_flight: Arc::new(tokio::sync::Semaphore::new(
+            config.ingest.max_concurrent_requests.max(1),
+        )),
         sources: http::source_keys(&config.ingest.sources),
     });
     let router = http::router(state).merge(admin.router());

@@ -11,7 +11,12 @@
 //! Kafka hops with plain rdkafka consume → produce relays and no Tessera logic, with the
 //! same producer and consumer settings: the floor the pipeline is compared with.
 //!
-//! Both first send `--warmup` seconds of traffic that is not measured (page views, which
+//! `tessera-load overload --concurrency 256 --seconds 10 --batch 50` pushes ingest beyond
+//! its capacity from many clients at once (no pacing) and reports how it sheds load:
+//! answers by status, whether every 429/503 carried `Retry-After`, the process's peak
+//! memory, and whether every event answered 200 is on `events.ingested`.
+//!
+//! Both pipeline and null first send `--warmup` seconds of traffic that is not measured (page views, which
 //! cause no activation; records the null reader ignores).
 
 use std::time::{Duration, Instant};
@@ -27,7 +32,9 @@ use serde_json::{Value, json};
 
 use tessera_common::config::Config;
 use tessera_common::kafka::{TopicKind, consumer_config, ensure_topics, producer_config};
-use tessera_common::records::{Activation, AvroRecord, MembershipChange, ResolvedEvent};
+use tessera_common::records::{
+    Activation, AvroRecord, IngestedEvent, MembershipChange, ResolvedEvent,
+};
 use tessera_tests::{Platform, WRITE_KEY, bootstrap};
 
 #[derive(Parser)]
@@ -49,6 +56,18 @@ enum Mode {
         /// Events per HTTP request (1 = /v1/track, more = /v1/batch).
         #[arg(long, default_value_t = 1)]
         batch: usize,
+    },
+    /// Ingest pushed beyond capacity: load shedding, memory, nothing acknowledged lost.
+    Overload {
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 50)]
+        batch: usize,
+        /// Overrides `ingest.max_concurrent_requests`.
+        #[arg(long)]
+        max_in_flight: Option<usize>,
     },
     /// Plain Kafka consume → produce relays: the floor.
     Null {
@@ -96,6 +115,12 @@ async fn main() -> anyhow::Result<()> {
             warmup,
             hops,
         } => null(rate, seconds, warmup, hops).await,
+        Mode::Overload {
+            concurrency,
+            seconds,
+            batch,
+            max_in_flight,
+        } => overload(concurrency, seconds, batch, max_in_flight).await,
     }
 }
 
@@ -361,5 +386,146 @@ async fn null(rate: u64, seconds: u64, warmup: u64, hops: usize) -> anyhow::Resu
         kafka.linger_ms, kafka.fetch_wait_max_ms
     );
     report("produce → last hop consumed", &h, total, wall);
+    Ok(())
+}
+
+/// This process's resident memory in MiB (services and load generator together).
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+async fn overload(
+    concurrency: usize,
+    seconds: u64,
+    batch: usize,
+    max_in_flight: Option<usize>,
+) -> anyhow::Result<()> {
+    use std::collections::{BTreeMap, HashSet};
+    use std::sync::{Arc, Mutex};
+
+    let platform = Platform::start_with(|c| {
+        if let Some(m) = max_in_flight {
+            c.ingest.max_concurrent_requests = m;
+        }
+    })
+    .await;
+    let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let statuses: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let missing_retry_after = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let rss_start = rss_mib();
+    let peak = Arc::new(Mutex::new(rss_start));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let now = rss_mib();
+                {
+                    let mut p = peak.lock().unwrap();
+                    *p = p.max(now);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .timeout(Duration::from_secs(60))
+        .build()?;
+    let mut workers = Vec::new();
+    for w in 0..concurrency {
+        let (client, url, run) = (
+            client.clone(),
+            format!("{}/v1/batch", platform.ingest),
+            run.clone(),
+        );
+        let (acked, statuses, missing) =
+            (acked.clone(), statuses.clone(), missing_retry_after.clone());
+        workers.push(tokio::spawn(async move {
+            let mut seq = 0u64;
+            while Instant::now() < deadline {
+                let ids: Vec<String> = (0..batch).map(|i| format!("{run}-{w}-{seq}-{i}")).collect();
+                seq += 1;
+                let events: Vec<Value> = ids
+                    .iter()
+                    .map(|id| json!({"type": "track", "userId": format!("{run}-u{w}"), "event": "Page Viewed", "messageId": id}))
+                    .collect();
+                let sent = client
+                    .post(&url)
+                    .basic_auth(WRITE_KEY, Some(""))
+                    .json(&json!({ "batch": events }))
+                    .send()
+                    .await;
+                let status = match sent {
+                    Ok(r) => {
+                        let s = r.status().as_u16();
+                        if (s == 429 || s == 503) && r.headers().get("retry-after").is_none() {
+                            missing.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        if s == 200 {
+                            acked.lock().unwrap().extend(ids);
+                        }
+                        s.to_string()
+                    }
+                    Err(_) => "connection error".to_string(),
+                };
+                *statuses.lock().unwrap().entry(status).or_default() += 1;
+            }
+        }));
+    }
+    for w in workers {
+        w.await?;
+    }
+    sampler.await?;
+    let acked: HashSet<String> = acked.lock().unwrap().iter().cloned().collect();
+    println!(
+        "overload: {concurrency} clients for {seconds} s, {batch} events per request, ingest max_concurrent_requests {}",
+        max_in_flight.unwrap_or(platform.config.ingest.max_concurrent_requests)
+    );
+    println!(
+        "answers: {:?}; 429/503 without Retry-After: {}",
+        statuses.lock().unwrap(),
+        missing_retry_after.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    println!(
+        "memory (whole process: broker client, four services, load generator): {:.0} MiB at start, peak {:.0} MiB",
+        rss_start,
+        *peak.lock().unwrap()
+    );
+    // Every event answered 200 is on events.ingested.
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", format!("load-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "100")
+        .create()?;
+    consumer.subscribe(&[&platform.topics().ingested()])?;
+    let mut found: HashSet<String> = HashSet::new();
+    let started = Instant::now();
+    while acked.iter().any(|id| !found.contains(id)) && started.elapsed() < Duration::from_secs(120)
+    {
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await
+            && let Ok(e) = IngestedEvent::from_avro(m.payload().unwrap_or_default())
+            && e.message_id.starts_with(&run)
+        {
+            found.insert(e.message_id);
+        }
+    }
+    let lost = acked.iter().filter(|id| !found.contains(*id)).count();
+    println!(
+        "acknowledged (200) events: {}; on events.ingested: {}; lost: {lost}",
+        acked.len(),
+        acked.iter().filter(|id| found.contains(*id)).count()
+    );
+    platform.stop().await;
+    anyhow::ensure!(lost == 0, "{lost} acknowledged events are missing");
     Ok(())
 }
