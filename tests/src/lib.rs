@@ -298,6 +298,19 @@ pub async fn read_topic(
     timeout: Duration,
     done: impl Fn(&[Vec<u8>]) -> bool,
 ) -> Vec<Vec<u8>> {
+    read_timed(topic, timeout, done)
+        .await
+        .into_iter()
+        .map(|(payload, _)| payload)
+        .collect()
+}
+
+/// [`read_topic`], with each record's Kafka timestamp (ms; its producer's create time).
+pub async fn read_timed(
+    topic: &str,
+    timeout: Duration,
+    done: impl Fn(&[Vec<u8>]) -> bool,
+) -> Vec<(Vec<u8>, i64)> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap())
         .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
@@ -308,6 +321,7 @@ pub async fn read_topic(
         .expect("reader consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
     let mut out: Vec<Vec<u8>> = Vec::new();
+    let mut times: Vec<i64> = Vec::new();
     let deadline = Instant::now() + timeout;
     while !done(&out) {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -315,12 +329,15 @@ pub async fn read_topic(
             break;
         }
         match tokio::time::timeout(left.min(Duration::from_millis(500)), consumer.recv()).await {
-            Ok(Ok(m)) => out.push(m.payload().unwrap_or_default().to_vec()),
+            Ok(Ok(m)) => {
+                out.push(m.payload().unwrap_or_default().to_vec());
+                times.push(m.timestamp().to_millis().unwrap_or(0));
+            }
             Ok(Err(e)) => panic!("reading {topic}: {e}"),
             Err(_) => {}
         }
     }
-    out
+    out.into_iter().zip(times).collect()
 }
 
 /// Polls `f` until it returns `Some`, or panics after `timeout` naming `what`.

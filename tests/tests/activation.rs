@@ -243,6 +243,22 @@ async fn audiences_follow_suppressions_and_consent_and_sends_respect_caps() {
         .find(|a| a.action == "remove")
         .unwrap()
         .clone();
+    // How fast: from ingest accepting the order to activation producing the remove
+    // (the record's Kafka create time), printed, not asserted.
+    let timed = read_timed(&ads, std::time::Duration::from_secs(5), |rs| {
+        rs.iter().any(|r| {
+            Activation::decode(r).is_ok_and(|a| a.activation_id == cat_remove.activation_id)
+        })
+    })
+    .await;
+    if let Some((_, at)) = timed.iter().find(|(r, _)| {
+        Activation::decode(r).is_ok_and(|a| a.activation_id == cat_remove.activation_id)
+    }) {
+        eprintln!(
+            "activation test: order accepted → ads audience remove produced in {} ms",
+            at - cat_remove.received_at
+        );
+    }
     assert!(
         cat_remove
             .reason
