@@ -272,12 +272,7 @@ async fn read_latencies(
     timeout: Duration,
     latency_us: impl Fn(&[u8]) -> Option<i64> + Send + 'static,
 ) -> anyhow::Result<(Histogram<u64>, Duration)> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .set("group.id", format!("load-{}", uuid::Uuid::new_v4()))
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "100")
-        .create()?;
+    let consumer = reader()?;
     consumer.subscribe(&[&topic])?;
     let mut h = Histogram::<u64>::new(3)?;
     let started = Instant::now();
@@ -387,6 +382,16 @@ async fn null(rate: u64, seconds: u64, warmup: u64, hops: usize) -> anyhow::Resu
     );
     report("produce → last hop consumed", &h, total, wall);
     Ok(())
+}
+
+/// A consumer in a fresh group that reads a topic from its beginning.
+fn reader() -> anyhow::Result<StreamConsumer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", format!("load-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "100")
+        .create()?)
 }
 
 /// This process's resident memory in MiB (services and load generator together).
@@ -501,12 +506,7 @@ async fn overload(
         *peak.lock().unwrap()
     );
     // Every event answered 200 is on events.ingested.
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .set("group.id", format!("load-{}", uuid::Uuid::new_v4()))
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "100")
-        .create()?;
+    let consumer = reader()?;
     consumer.subscribe(&[&platform.topics().ingested()])?;
     let mut found: HashSet<String> = HashSet::new();
     let started = Instant::now();
