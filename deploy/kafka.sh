@@ -6,6 +6,11 @@
 #                                                format DIR once, start a single-node broker+controller,
 #                                                wait until it answers; prints the bootstrap address
 #   deploy/kafka.sh stop --data DIR              stop the broker started with that data folder
+#   deploy/kafka.sh cluster --data DIR [--nodes N] [--watch-pid PID]
+#                                                N nodes (default 3) as one KRaft quorum, each broker
+#                                                and controller, in DIR/node-<id>; replication factor
+#                                                N, min ISR N-1; prints the bootstrap list. Stop each
+#                                                node with: stop --data DIR/node-<id>
 #
 # Cache: $TESSERA_CACHE (default ~/.cache/tessera)/kafka-<version>/libs, outside the clone.
 # --watch-pid stops the broker when that process exits (the test harness uses it).
@@ -127,6 +132,89 @@ PROPS
   echo "127.0.0.1:$port"
 }
 
+# Starts node $1 of a quorum: data dir $2, ports $3/$4, voters $5, replication $6.
+start_node() {
+  local id="$1" data="$2" port="$3" cport="$4" voters="$5" rf="$6" watch="$7"
+  local isr=$(( rf > 1 ? rf - 1 : 1 ))
+  mkdir -p "$data"
+  echo "$port $cport" > "$data/ports"
+  cat > "$data/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=$id
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+controller.quorum.voters=$voters
+log.dirs=$data/logs
+num.partitions=1
+default.replication.factor=$rf
+min.insync.replicas=$isr
+offsets.topic.replication.factor=$rf
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=$rf
+transaction.state.log.min.isr=$isr
+share.coordinator.state.topic.replication.factor=$rf
+share.coordinator.state.topic.min.isr=$isr
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+log.retention.hours=168
+PROPS
+  local cp="$libs/*"
+  local java_opts=(-Xmx384m -Xms128m -XX:+UseG1GC -Dlog4j2.configurationFile="$here/kafka/log4j2.yaml")
+  java -cp "$cp" "${java_opts[@]}" kafka.tools.StorageTool format -t "$CLUSTER_ID" \
+    -c "$data/server.properties" >/dev/null
+  nohup java -cp "$cp" "${java_opts[@]}" kafka.Kafka "$data/server.properties" \
+    >> "$data/kafka.log" 2>&1 &
+  local pid=$!
+  echo "$pid" > "$data/kafka.pid"
+  echo "127.0.0.1:$port" > "$data/bootstrap"
+  if [ -n "$watch" ]; then
+    ( while kill -0 "$watch" 2>/dev/null && kill -0 "$pid" 2>/dev/null; do sleep 1; done
+      kill "$pid" 2>/dev/null || true ) >/dev/null 2>&1 &
+  fi
+}
+
+cluster() {
+  local data="" nodes=3 watch=""
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --data) data="$2"; shift 2 ;;
+      --nodes) nodes="$2"; shift 2 ;;
+      --watch-pid) watch="$2"; shift 2 ;;
+      *) log "unknown option $1"; exit 2 ;;
+    esac
+  done
+  [ -n "$data" ] || { log "cluster needs --data DIR"; exit 2; }
+  mkdir -p "$data"
+  data="$(cd "$data" && pwd)"
+  install >/dev/null
+  local ports=() cports=() voters="" list=""
+  for id in $(seq 1 "$nodes"); do
+    ports+=("$(free_port)"); cports+=("$(free_port)")
+    voters="${voters:+$voters,}$id@127.0.0.1:${cports[$((id - 1))]}"
+    list="${list:+$list,}127.0.0.1:${ports[$((id - 1))]}"
+  done
+  CLUSTER_ID="$(java -cp "$libs/*" kafka.tools.StorageTool random-uuid)"
+  export CLUSTER_ID
+  for id in $(seq 1 "$nodes"); do
+    start_node "$id" "$data/node-$id" "${ports[$((id - 1))]}" "${cports[$((id - 1))]}" "$voters" "$nodes" "$watch"
+  done
+  local deadline=$((SECONDS + 120))
+  for id in $(seq 1 "$nodes"); do
+    until grep -q "Kafka Server started" "$data/node-$id/kafka.log" 2>/dev/null; do
+      if ! kill -0 "$(cat "$data/node-$id/kafka.pid")" 2>/dev/null || [ $SECONDS -ge $deadline ]; then
+        log "node $id did not start; its log:"; tail -30 "$data/node-$id/kafka.log" >&2; exit 1
+      fi
+      sleep 0.3
+    done
+  done
+  echo "$list" > "$data/bootstrap"
+  log "Apache Kafka $version: $nodes nodes up on $list (data $data)"
+  echo "$list"
+}
+
 stop() {
   local data=""
   while [ $# -gt 0 ]; do
@@ -150,5 +238,6 @@ case "$cmd" in
   install) install ;;
   start) start "$@" ;;
   stop) stop "$@" ;;
-  *) sed -n '2,12p' "$0"; exit 2 ;;
+  cluster) cluster "$@" ;;
+  *) sed -n '2,17p' "$0"; exit 2 ;;
 esac

@@ -1,0 +1,153 @@
+//! A deterministic input and the comparisons of fault tests: the same input goes through
+//! a fault-free platform and a faulted one, and profiles (by a hash of their state) and
+//! activations (by id) must come out the same.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use tessera_common::records::Activation;
+
+use crate::{WRITE_KEY, http, read_timed_from, wait_profile};
+
+pub const USERS: usize = 30;
+pub const ROUNDS: usize = 8;
+pub const CHUNK: usize = 6;
+
+/// Deterministic input: per user an anonymous visit, then an identify that joins it to
+/// the user, then orders and carts with fixed message ids and event times.
+pub fn input(run: &str, t0: i64) -> Vec<Vec<Value>> {
+    let ts = |i: usize| {
+        chrono::DateTime::from_timestamp_millis(t0 + i as i64 * 1000)
+            .unwrap()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    };
+    let mut events = Vec::new();
+    for round in 0..ROUNDS {
+        for u in 0..USERS {
+            let user = format!("{run}-u{u}");
+            let anon = format!("{run}-a{u}");
+            let mid = format!("{run}-u{u}-r{round}");
+            let e = match round {
+                0 => json!({"type": "page", "anonymousId": anon, "name": "Home"}),
+                1 => json!({"type": "identify", "userId": user, "anonymousId": anon,
+                    "traits": {"email": format!("{user}@example.com"), "first_name": format!("N{u}"), "plan": if u % 3 == 0 {"pro"} else {"free"}},
+                    "context": {"consent": {"categoryPreferences": {"Advertising": u % 2 == 0}}}}),
+                r if r % 3 == 0 => json!({"type": "track", "userId": user, "event": "Cart Viewed",
+                    "properties": {"cart_id": format!("c{u}-{r}")}}),
+                r => json!({"type": "track", "userId": user, "event": "Order Completed",
+                    "properties": {"total": 20 + (u * 7 + r * 13) % 90}}),
+            };
+            let mut e = e;
+            e["messageId"] = json!(mid);
+            e["timestamp"] = json!(ts(round * USERS + u));
+            events.push(e);
+        }
+    }
+    events.chunks(CHUNK).map(|c| c.to_vec()).collect()
+}
+
+/// Posts a batch until ingest answers 200 (the client's retry: same message ids).
+pub async fn deliver(ingest: &str, batch: &[Value]) -> u32 {
+    let body = json!({ "batch": batch });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut retries = 0;
+    loop {
+        let sent = http()
+            .post(format!("{ingest}/v1/batch"))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(&body)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status() == 200 => return retries,
+            _ => {
+                assert!(Instant::now() < deadline, "ingest did not come back");
+                retries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The parts of a profile that must not depend on faults (not receive times).
+pub fn canonical(p: &Value) -> Value {
+    let mut c = json!({});
+    for k in [
+        "profile_id",
+        "identifiers",
+        "traits",
+        "event_counts",
+        "events_total",
+        "computed_traits",
+        "consent",
+        "segments",
+        "first_seen",
+        "last_seen",
+        "merged_from",
+        "waiting_triggers",
+        "accounts",
+        "household",
+    ] {
+        c[k] = p[k].clone();
+    }
+    c
+}
+
+pub fn hash(v: &Value) -> u64 {
+    let mut h = DefaultHasher::new();
+    v.to_string().hash(&mut h);
+    h.finish()
+}
+
+/// Every user's profile, once it holds all of that user's events.
+pub async fn profiles_of(profiles: &str, run: &str) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    for u in 0..USERS {
+        let user = format!("{run}-u{u}");
+        let p = wait_profile(profiles, "user_id", &user, "all events of the user", |v| {
+            v["events_total"].as_u64() >= Some(ROUNDS as u64)
+        })
+        .await;
+        out.insert(user, canonical(&p));
+    }
+    out
+}
+
+/// Activation ids per destination, and the number of records read.
+/// Activation ids per destination read from the brokers at `bootstrap`, and the number
+/// of records read: with `expect`, until those ids are all there (up to 60 s); without,
+/// what arrives within 4 s.
+pub async fn activations(
+    bootstrap: &str,
+    topics: &tessera_common::topics::Topics,
+    expect: Option<&BTreeMap<String, BTreeSet<String>>>,
+) -> (BTreeMap<String, BTreeSet<String>>, usize) {
+    let mut ids = BTreeMap::new();
+    let mut records = 0;
+    for d in ["email-demo", "google-audience", "cart-email"] {
+        let want = expect.map(|e| e.get(d).cloned().unwrap_or_default());
+        let raw = read_timed_from(
+            bootstrap,
+            &topics.activation(d),
+            Duration::from_secs(if want.is_some() { 60 } else { 4 }),
+            |rs| {
+                let seen: BTreeSet<String> = rs
+                    .iter()
+                    .map(|r| Activation::decode(r).unwrap().activation_id)
+                    .collect();
+                want.as_ref().is_some_and(|w| w.is_subset(&seen))
+            },
+        )
+        .await;
+        records += raw.len();
+        let set: BTreeSet<String> = raw
+            .iter()
+            .map(|(r, _)| Activation::decode(r).unwrap().activation_id)
+            .collect();
+        ids.insert(d.to_string(), set);
+    }
+    (ids, records)
+}
