@@ -193,6 +193,29 @@ async fn audiences_follow_suppressions_and_consent_and_sends_respect_caps() {
         .unwrap();
     let (status, answer) = (r.status().as_u16(), r.text().await.unwrap());
     assert_eq!(status, 201, "{answer}");
+    // Refused definitions say why: a bad wait (400), a segment that does not exist (409).
+    for (doc, want, why) in [
+        (
+            json!({"id": "t1", "when": {"event": "A"}, "wait": "soon"}),
+            400,
+            "wait",
+        ),
+        (
+            json!({"id": "t2", "when": {"segment": "no-such-segment"}}),
+            409,
+            "no-such-segment",
+        ),
+    ] {
+        let r = http()
+            .post(format!("{}/v1/triggers", p.profiles))
+            .json(&doc)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), want);
+        let body: Value = r.json().await.unwrap();
+        assert!(body["reason"].as_str().unwrap().contains(why), "{body}");
+    }
     let run = uid("aud");
     let (cat, dan) = (format!("{run}-cat"), format!("{run}-dan"));
     let granted = json!({"consent": {"categoryPreferences": {"Advertising": true}}});
