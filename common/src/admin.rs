@@ -52,6 +52,7 @@ impl Admin {
             .route("/healthz", get(|| async { (StatusCode::OK, "ok\n") }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
+            .route("/openapi.yaml", get(openapi))
             .fallback(not_found)
             .with_state(self.clone())
     }
@@ -69,6 +70,14 @@ impl Default for Admin {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The description of every service's HTTP API (`docs/openapi.yaml`, checked against
+/// the routes and the live answers by `tests/tests/contract.rs`).
+pub const OPENAPI: &str = include_str!("../../docs/openapi.yaml");
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI)
 }
 
 /// Every unknown path, on every service: a JSON refusal like all the others.
