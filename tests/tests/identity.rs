@@ -413,11 +413,17 @@ async fn the_graph_does_not_depend_on_the_order_events_arrive_in() {
                 .then_some(())
         })
         .await;
+        // The counter moves while a batch is processed, before its state is stored (a
+        // few milliseconds later): let the last batch land, and wait for each identifier.
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let mut graph = Vec::new();
         for (kind, value) in &identifiers {
-            let v = identity_lookup(&p, kind, value)
-                .await
-                .unwrap_or_else(|| panic!("{kind}={value} unknown"));
+            let v = eventually(
+                &format!("{kind}={value} known"),
+                Duration::from_secs(30),
+                || identity_lookup(&p, kind, value),
+            )
+            .await;
             graph.push((
                 (*kind).to_string(),
                 value.clone(),
