@@ -513,40 +513,52 @@ impl Drop for ServiceProcess {
 pub fn python_with_segment_sdk() -> PathBuf {
     static PY: OnceLock<PathBuf> = OnceLock::new();
     PY.get_or_init(|| {
-        let venv = cache_dir().join("venv-segment-sdk");
-        let py = venv.join("bin/python");
-        let ok = |py: &Path| {
-            Command::new(py)
-                .args(["-c", "import segment.analytics"])
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if !ok(&py) {
-            let status = Command::new("python3")
-                .arg("-m")
-                .arg("venv")
-                .arg(&venv)
-                .status()
-                .expect("python3 -m venv");
-            assert!(status.success(), "creating the venv failed");
-            let status = Command::new(&py)
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "-q",
-                    "segment-analytics-python==2.4.0",
-                ])
-                .status()
-                .expect("pip install");
-            assert!(
-                status.success(),
-                "pip install segment-analytics-python failed"
-            );
-        }
-        py
+        python_with(
+            "venv-segment-sdk",
+            "segment.analytics",
+            "segment-analytics-python==2.4.0",
+        )
     })
     .clone()
+}
+
+/// The `schemathesis` command from PyPI (property-based API testing against
+/// `docs/openapi.yaml`), in a virtual environment cached outside the clone.
+pub fn schemathesis() -> PathBuf {
+    static ST: OnceLock<PathBuf> = OnceLock::new();
+    ST.get_or_init(|| {
+        python_with("venv-schemathesis", "schemathesis", "schemathesis==4.32.5")
+            .with_file_name("schemathesis")
+    })
+    .clone()
+}
+
+/// A Python in the cached virtual environment `name` where `module` imports, installing
+/// `package` from PyPI when it does not.
+fn python_with(name: &str, module: &str, package: &str) -> PathBuf {
+    let venv = cache_dir().join(name);
+    let py = venv.join("bin/python");
+    let ok = |py: &Path| {
+        Command::new(py)
+            .args(["-c", &format!("import {module}")])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ok(&py) {
+        let status = Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status()
+            .expect("python3 -m venv");
+        assert!(status.success(), "creating the venv failed");
+        let status = Command::new(&py)
+            .args(["-m", "pip", "install", "-q", package])
+            .status()
+            .expect("pip install");
+        assert!(status.success(), "pip install {package} failed");
+    }
+    py
 }
 
 /// A folder whose `node_modules` holds the unmodified `@rudderstack/rudder-sdk-node`
