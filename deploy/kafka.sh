@@ -74,60 +74,10 @@ start() {
   if [ -z "$port" ] && [ -f "$data/ports" ]; then read -r port cport < "$data/ports"; fi
   [ -n "$port" ] || port="$(free_port)"
   [ -n "$cport" ] || cport="$(free_port)"
-  echo "$port $cport" > "$data/ports"
-
-  cat > "$data/server.properties" <<PROPS
-process.roles=broker,controller
-node.id=1
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
-controller.quorum.voters=1@127.0.0.1:$cport
-log.dirs=$data/logs
-num.partitions=1
-offsets.topic.replication.factor=1
-offsets.topic.num.partitions=4
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
-group.initial.rebalance.delay.ms=0
-auto.create.topics.enable=false
-log.retention.hours=168
-PROPS
-
-  local cp="$libs/*"
-  local java_opts=(-Xmx512m -Xms256m -XX:+UseG1GC -Dlog4j2.configurationFile="$here/kafka/log4j2.yaml")
-  if [ ! -f "$data/logs/meta.properties" ]; then
-    local cluster_id
-    cluster_id="$(java -cp "$cp" "${java_opts[@]}" kafka.tools.StorageTool random-uuid)"
-    java -cp "$cp" "${java_opts[@]}" kafka.tools.StorageTool format -t "$cluster_id" \
-      -c "$data/server.properties" >/dev/null
-  fi
-
-  nohup java -cp "$cp" "${java_opts[@]}" kafka.Kafka "$data/server.properties" \
-    >> "$data/kafka.log" 2>&1 &
-  local pid=$!
-  echo "$pid" > "$data/kafka.pid"
-  echo "127.0.0.1:$port" > "$data/bootstrap"
-  if [ -n "$watch" ]; then
-    # Stop the broker when the process that asked for it goes away.
-    ( while kill -0 "$watch" 2>/dev/null && kill -0 "$pid" 2>/dev/null; do sleep 1; done
-      kill "$pid" 2>/dev/null || true ) >/dev/null 2>&1 &
-  fi
-
-  local deadline=$((SECONDS + 90))
-  until grep -q "Kafka Server started" "$data/kafka.log" 2>/dev/null; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-      log "the broker exited; its log:"; tail -30 "$data/kafka.log" >&2; exit 1
-    fi
-    if [ $SECONDS -ge $deadline ]; then
-      log "the broker did not start within 90 s; its log:"; tail -30 "$data/kafka.log" >&2; exit 1
-    fi
-    sleep 0.3
-  done
+  start_node 1 "$data" "$port" "$cport" "1@127.0.0.1:$cport" 1 "$watch"
+  wait_started "$data" 90
+  local pid
+  pid="$(cat "$data/kafka.pid")"
   log "Apache Kafka $version up on 127.0.0.1:$port (pid $pid, data $data)"
   echo "127.0.0.1:$port"
 }
@@ -162,18 +112,37 @@ auto.create.topics.enable=false
 log.retention.hours=168
 PROPS
   local cp="$libs/*"
-  local java_opts=(-Xmx384m -Xms128m -XX:+UseG1GC -Dlog4j2.configurationFile="$here/kafka/log4j2.yaml")
-  java -cp "$cp" "${java_opts[@]}" kafka.tools.StorageTool format -t "$CLUSTER_ID" \
-    -c "$data/server.properties" >/dev/null
+  local java_opts=(-Xmx512m -Xms256m -XX:+UseG1GC -Dlog4j2.configurationFile="$here/kafka/log4j2.yaml")
+  if [ ! -f "$data/logs/meta.properties" ]; then
+    # Formatted once; a restarted node keeps its data. The nodes of a cluster share an id.
+    local cluster_id="${CLUSTER_ID:-$(java -cp "$cp" kafka.tools.StorageTool random-uuid)}"
+    java -cp "$cp" "${java_opts[@]}" kafka.tools.StorageTool format -t "$cluster_id" \
+      -c "$data/server.properties" >/dev/null
+  fi
+  # A fresh log per start, so the readiness wait sees this start's line (the previous
+  # run's log is kept beside it).
+  [ -f "$data/kafka.log" ] && mv "$data/kafka.log" "$data/kafka.log.prev"
   nohup java -cp "$cp" "${java_opts[@]}" kafka.Kafka "$data/server.properties" \
-    >> "$data/kafka.log" 2>&1 &
+    > "$data/kafka.log" 2>&1 &
   local pid=$!
   echo "$pid" > "$data/kafka.pid"
   echo "127.0.0.1:$port" > "$data/bootstrap"
   if [ -n "$watch" ]; then
+    # Stop the broker when the process that asked for it goes away.
     ( while kill -0 "$watch" 2>/dev/null && kill -0 "$pid" 2>/dev/null; do sleep 1; done
       kill "$pid" 2>/dev/null || true ) >/dev/null 2>&1 &
   fi
+}
+
+# Waits until the node in $1 has started (at most $2 seconds), or fails with its log.
+wait_started() {
+  local data="$1" deadline=$((SECONDS + $2))
+  until grep -q "Kafka Server started" "$data/kafka.log" 2>/dev/null; do
+    if ! kill -0 "$(cat "$data/kafka.pid")" 2>/dev/null || [ $SECONDS -ge $deadline ]; then
+      log "the broker in $data did not start; its log:"; tail -30 "$data/kafka.log" >&2; exit 1
+    fi
+    sleep 0.3
+  done
 }
 
 cluster() {
@@ -201,14 +170,8 @@ cluster() {
   for id in $(seq 1 "$nodes"); do
     start_node "$id" "$data/node-$id" "${ports[$((id - 1))]}" "${cports[$((id - 1))]}" "$voters" "$nodes" "$watch"
   done
-  local deadline=$((SECONDS + 120))
   for id in $(seq 1 "$nodes"); do
-    until grep -q "Kafka Server started" "$data/node-$id/kafka.log" 2>/dev/null; do
-      if ! kill -0 "$(cat "$data/node-$id/kafka.pid")" 2>/dev/null || [ $SECONDS -ge $deadline ]; then
-        log "node $id did not start; its log:"; tail -30 "$data/node-$id/kafka.log" >&2; exit 1
-      fi
-      sleep 0.3
-    done
+    wait_started "$data/node-$id" 120
   done
   echo "$list" > "$data/bootstrap"
   log "Apache Kafka $version: $nodes nodes up on $list (data $data)"
