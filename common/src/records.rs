@@ -69,6 +69,21 @@ pub struct ResolvedEvent {
 }
 avro_record!(ResolvedEvent, "tessera.events.resolved.avsc");
 
+impl IngestedEvent {
+    /// The Segment message as JSON (null if the stored text is not JSON, which ingest
+    /// never writes).
+    pub fn payload_json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.payload).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl ResolvedEvent {
+    /// The event's Segment message as JSON.
+    pub fn payload(&self) -> serde_json::Value {
+        self.event.payload_json()
+    }
+}
+
 /// `tessera.events.deadletter`: refused input with its reason and original bytes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {

@@ -340,7 +340,7 @@ impl IdentityProcessor {
         out: &mut Vec<Output>,
     ) -> Result<()> {
         let started = std::time::Instant::now();
-        let payload: Value = serde_json::from_str(&event.payload).unwrap_or(Value::Null);
+        let payload: Value = event.payload_json();
         let res = resolve_event(&self.rules, txn, &event, &payload)?;
         self.latency.observe(started.elapsed().as_secs_f64());
         for kind in &res.blocked {

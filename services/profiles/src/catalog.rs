@@ -139,8 +139,6 @@ pub struct DefinitionSet {
     pub segments: Vec<Segment>,
     pub computed: Vec<ComputedTrait>,
     pub triggers: Vec<Trigger>,
-    /// The events triggers start or cancel on.
-    pub trigger_events: BTreeSet<String>,
     /// `<kind>/<id>` → version of every definition in force (counters excluded).
     pub versions: BTreeMap<String, i32>,
     /// Positions in `segments` and `computed` by id.
@@ -240,11 +238,6 @@ impl DefinitionSet {
                 generation,
                 segments: ordered,
                 computed,
-                trigger_events: triggers
-                    .iter()
-                    .flat_map(|t| t.when.event.iter().chain(t.unless.iter().map(|u| &u.event)))
-                    .cloned()
-                    .collect(),
                 triggers,
                 versions,
                 segment_at,

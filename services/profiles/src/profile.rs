@@ -222,13 +222,16 @@ impl Profile {
     /// Applies one resolved event. Returns whether an identifier or a trait value changed
     /// (what destinations see).
     pub fn apply(&mut self, r: &ResolvedEvent, rules: &ApplyRules) -> bool {
-        self.apply_touching(r, rules, &mut Touched::default())
+        let payload = r.payload();
+        self.apply_touching(r, &payload, rules, &mut Touched::default())
     }
 
-    /// [`Profile::apply`], noting what the event touched (for segment evaluation).
+    /// [`Profile::apply`] with the event's payload already parsed, noting what the event
+    /// touched (for segment evaluation).
     pub fn apply_touching(
         &mut self,
         r: &ResolvedEvent,
+        payload: &Value,
         rules: &ApplyRules,
         touched: &mut Touched,
     ) -> bool {
@@ -236,7 +239,6 @@ impl Profile {
         let identifiers_before = self.identifiers.len();
         self.identifiers.extend(r.identifiers.iter().cloned());
         let mut changed = false;
-        let payload: Value = serde_json::from_str(&e.payload).unwrap_or(Value::Null);
         let provenance = |v: &Value| TraitValue {
             value: v.clone(),
             event_time: e.event_time,
@@ -296,7 +298,7 @@ impl Profile {
                 e.kind.as_str(),
                 e.event.as_deref(),
                 e.event_time,
-                &payload,
+                payload,
             );
         }
         if e.kind == "group" {
@@ -358,7 +360,7 @@ impl Profile {
         self.computed
             .insert(def.id.clone(), ComputedState::new(def));
         for r in events {
-            let payload: Value = serde_json::from_str(&r.event.payload).unwrap_or(Value::Null);
+            let payload = r.payload();
             let e = &r.event;
             self.contribute(def, &e.kind, e.event.as_deref(), e.event_time, &payload);
         }

@@ -287,8 +287,9 @@ struct Cause<'a> {
     why: &'static str,
     event_time: i64,
     received_at: i64,
-    /// The event being applied (event triggers start and cancel on it).
-    event: Option<&'a ResolvedEvent>,
+    /// The event being applied, with its parsed payload (event triggers start and
+    /// cancel on it).
+    event: Option<(&'a ResolvedEvent, &'a serde_json::Value)>,
 }
 
 /// Rebuilds, from the kept history, each computed trait the profile lacks or holds for
@@ -585,18 +586,7 @@ impl ProfilesProcessor {
         if defs.triggers.is_empty() && p.pending.is_empty() {
             return Ok(());
         }
-        // Only an event a trigger names needs its properties (parsed again here).
-        let named = cause.event.filter(|r| {
-            r.event
-                .event
-                .as_deref()
-                .is_some_and(|name| defs.trigger_events.contains(name))
-        });
-        let payload: serde_json::Value = match named {
-            Some(r) => serde_json::from_str(&r.event.payload).unwrap_or_default(),
-            None => serde_json::Value::Null,
-        };
-        let event = named.map(|r| triggers::EventSeen {
+        let event = cause.event.map(|(r, payload)| triggers::EventSeen {
             kind: &r.event.kind,
             name: r.event.event.as_deref(),
             properties: &payload["properties"],
@@ -857,12 +847,14 @@ impl ProfilesProcessor {
             debug!(profile = %r.profile_id, "duplicate message dropped");
             return Ok(());
         }
+        // Parsed once, for the profile and the triggers.
+        let payload = r.payload();
         let cause = Cause {
             id: &e.message_id,
             why: "event",
             event_time: e.event_time,
             received_at: e.received_at,
-            event: Some(&r),
+            event: Some((&r, &payload)),
         };
         let live = live_id(|k| txn.get(k), &r.profile_id)?;
         if live != r.profile_id {
@@ -873,7 +865,7 @@ impl ProfilesProcessor {
             return Ok(());
         }
         self.update(txn, &live, &cause, out, |p, t| {
-            p.apply_touching(&r, &self.rules, t)
+            p.apply_touching(&r, &payload, &self.rules, t)
         })?;
         self.log_events(txn, &live, std::slice::from_ref(&r))?;
         self.metrics.applied.inc();
