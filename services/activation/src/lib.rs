@@ -203,51 +203,44 @@ impl ActivationProcessor {
         Ok((consent, payload))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The record for `d`, in its format; counted as sent.
     fn emit(
         &self,
         d: &Destination,
-        id_parts: &[&str],
-        profile_id: &str,
+        o: Origin<'_>,
         action: &str,
-        (source, source_id, source_version): (&str, &str, i32),
         reason: String,
         consent: &Value,
-        (event_time, received_at): (i64, i64),
         payload: &Map<String, Value>,
-        out: &mut Vec<Output>,
-    ) -> Result<()> {
-        let mut parts = vec![d.id()];
-        parts.extend_from_slice(id_parts);
+    ) -> Result<Output> {
         let a = Activation {
-            activation_id: deterministic_id("activation", &parts),
+            activation_id: o.activation_id,
             destination: d.id().to_string(),
             kind: d.config.kind.as_str().to_string(),
-            profile_id: profile_id.to_string(),
+            profile_id: o.profile_id.to_string(),
             action: action.to_string(),
-            source: source.to_string(),
-            source_id: source_id.to_string(),
-            source_version,
+            source: o.source.to_string(),
+            source_id: o.source_id.to_string(),
+            source_version: o.source_version,
             reason,
             consent: consent.to_string(),
-            event_time,
-            received_at,
+            event_time: o.event_time,
+            received_at: o.received_at,
             payload: Value::Object(payload.clone()).to_string(),
         };
-        out.push(Output {
+        self.count(d, action, "sent");
+        let latency_ms = (tessera_common::now_ms() - o.received_at).max(0);
+        self.latency
+            .with_label_values(&[o.source])
+            .observe(latency_ms as f64 / 1000.0);
+        Ok(Output {
             topic: d.topic.clone(),
             key: a.profile_id.clone().into_bytes(),
             payload: match d.config.format {
                 PayloadFormat::Json => a.to_json()?,
                 PayloadFormat::Avro => a.to_avro()?,
             },
-        });
-        self.count(d, action, "sent");
-        let latency_ms = (tessera_common::now_ms() - received_at).max(0);
-        self.latency
-            .with_label_values(&[source])
-            .observe(latency_ms as f64 / 1000.0);
-        Ok(())
+        })
     }
 
     /// Brings the audiences this record can change in line with the profile it
@@ -288,8 +281,15 @@ impl ActivationProcessor {
                 };
                 let reason =
                     |what: &str| format!("segment {} {}: {}", m.segment_id, m.change, what);
-                let times = (m.event_time, m.received_at);
-                let src = ("segment", seg.as_str(), m.segment_version);
+                let origin = || Origin {
+                    activation_id: deterministic_id("activation", &[d.id(), seg, &m.record_id]),
+                    profile_id: &m.profile_id,
+                    source: "segment",
+                    source_id: seg,
+                    source_version: m.segment_version,
+                    event_time: m.event_time,
+                    received_at: m.received_at,
+                };
                 match (decision, last) {
                     (Some(Ok((consent, payload))), last) => {
                         let body = Value::Object(payload.clone()).to_string();
@@ -303,19 +303,7 @@ impl ActivationProcessor {
                         };
                         txn.put(sent, body.into_bytes());
                         let why = reason(&m.reason);
-                        let parts = [seg.as_str(), m.record_id.as_str()];
-                        self.emit(
-                            d,
-                            &parts,
-                            &m.profile_id,
-                            action,
-                            src,
-                            why,
-                            &consent,
-                            times,
-                            &payload,
-                            out,
-                        )?;
+                        out.push(self.emit(d, origin(), action, why, &consent, &payload)?);
                     }
                     (Some(Err(refusal)), None) => {
                         if about_this && m.change != "update" {
@@ -335,19 +323,7 @@ impl ActivationProcessor {
                         txn.delete(sent);
                         let payload: Map<String, Value> =
                             serde_json::from_slice(&last).unwrap_or_default();
-                        let parts = [seg.as_str(), m.record_id.as_str()];
-                        self.emit(
-                            d,
-                            &parts,
-                            &m.profile_id,
-                            "remove",
-                            src,
-                            why,
-                            &json!({}),
-                            times,
-                            &payload,
-                            out,
-                        )?;
+                        out.push(self.emit(d, origin(), "remove", why, &json!({}), &payload)?);
                     }
                     (None, None) => {}
                 }
@@ -399,26 +375,34 @@ impl ActivationProcessor {
                     json!({"name": t.event, "properties": properties}),
                 );
             }
-            let src = ("trigger", t.trigger_id.as_str(), t.trigger_version);
-            let times = (t.event_time, t.received_at);
-            self.emit(
-                d,
-                &[&t.record_id],
-                &t.profile_id,
-                "send",
-                src,
-                t.reason.clone(),
-                &consent,
-                times,
-                &payload,
-                out,
-            )?;
+            let origin = Origin {
+                activation_id,
+                profile_id: &t.profile_id,
+                source: "trigger",
+                source_id: &t.trigger_id,
+                source_version: t.trigger_version,
+                event_time: t.event_time,
+                received_at: t.received_at,
+            };
+            out.push(self.emit(d, origin, "send", t.reason.clone(), &consent, &payload)?);
         }
         if changed {
             txn.put_json(key, &sends)?;
         }
         Ok(())
     }
+}
+
+/// What an activation comes from: its id (derived from the destination and the input
+/// record, so a replay repeats it) and the input record's profile, source and times.
+struct Origin<'a> {
+    activation_id: String,
+    profile_id: &'a str,
+    source: &'static str,
+    source_id: &'a str,
+    source_version: i32,
+    event_time: i64,
+    received_at: i64,
 }
 
 /// What a destination last received for a profile in a segment.
