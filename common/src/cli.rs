@@ -71,7 +71,7 @@ fn toml_summary(config: &Config) -> String {
             *k = "***".into();
         }
     }
-    for t in &mut c.admin.tokens {
+    for t in c.admin.tokens.iter_mut().chain(&mut c.admin.privacy_tokens) {
         t.token = "***".into();
     }
     for (k, v) in c.kafka.properties.iter_mut() {

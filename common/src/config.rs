@@ -47,6 +47,10 @@ pub struct HttpConfig {
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub tokens: Vec<ApiToken>,
+    /// Credentials of the privacy API alone (a data-protection officer's tooling), so
+    /// holders of an admin token cannot erase or export people, and the reverse.
+    #[serde(default)]
+    pub privacy_tokens: Vec<ApiToken>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -445,7 +449,7 @@ impl Config {
         }
         let mut names = std::collections::HashSet::new();
         let mut secrets = std::collections::HashSet::new();
-        for t in &self.admin.tokens {
+        for t in self.admin.tokens.iter().chain(&self.admin.privacy_tokens) {
             if t.name.is_empty() || !names.insert(&t.name) {
                 return bad(format!(
                     "admin token names must be set and unique ({:?})",

@@ -116,8 +116,8 @@ impl Producer {
         self.inner.read().expect("producer lock").clone()
     }
 
-    /// Sends one record and waits for the broker's acknowledgement.
-    /// Returns (partition, offset).
+    /// Sends one record and waits for the broker's acknowledgement. An empty payload is
+    /// a tombstone (no value: compaction removes the key). Returns (partition, offset).
     pub async fn send(
         &self,
         topic: &str,
@@ -125,7 +125,10 @@ impl Producer {
         payload: &[u8],
     ) -> Result<(i32, i64), ProduceError> {
         let producer = self.current();
-        let record = FutureRecord::to(topic).key(key).payload(payload);
+        let mut record = FutureRecord::to(topic).key(key);
+        if !payload.is_empty() {
+            record = record.payload(payload);
+        }
         let delivery = match producer.send_result(record) {
             Ok(d) => d,
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
@@ -199,6 +202,10 @@ pub enum TopicKind {
     Table,
     /// The audit trail: one partition (one order), kept `audit_retention_ms`.
     Audit,
+    /// A table whose deleted records must physically go soon (encryption keys, privacy
+    /// reports): compacted like a table, with segments rolled every minute and cleaned
+    /// as soon as they are dirty, and tombstones dropped after a minute.
+    Erasable,
 }
 
 /// Creates the topics that do not exist yet (partitions, replication and retention
@@ -220,7 +227,7 @@ pub async fn ensure_topics(
         .map(|(name, kind)| {
             let partitions = match kind {
                 TopicKind::Events => cfg.partitions,
-                TopicKind::Table | TopicKind::Audit => 1,
+                TopicKind::Table | TopicKind::Audit | TopicKind::Erasable => 1,
             };
             let t = NewTopic::new(
                 name,
@@ -231,6 +238,11 @@ pub async fn ensure_topics(
                 TopicKind::Events => t.set("retention.ms", &retention),
                 TopicKind::Table => t.set("cleanup.policy", "compact"),
                 TopicKind::Audit => t.set("retention.ms", &audit_retention),
+                TopicKind::Erasable => t
+                    .set("cleanup.policy", "compact")
+                    .set("segment.ms", "60000")
+                    .set("min.cleanable.dirty.ratio", "0.01")
+                    .set("delete.retention.ms", "60000"),
             }
         })
         .collect();

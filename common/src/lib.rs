@@ -18,10 +18,12 @@ pub mod runner;
 pub mod service;
 pub mod shutdown;
 pub mod store;
+pub mod suppressions;
 pub mod table;
 pub mod telemetry;
 pub mod text;
 pub mod topics;
+pub mod vault;
 
 pub use error::{Error, Result};
 

@@ -149,9 +149,16 @@ pub struct IdentityCommand {
     pub kind: Option<String>,
     pub value: Option<String>,
     pub reason: Option<String>,
+    /// A delete also suppresses the identifiers.
+    #[serde(default)]
+    pub suppress: bool,
     pub requested_at: i64,
 }
-avro_record!(IdentityCommand, "tessera.identity.commands.avsc");
+avro_record!(
+    IdentityCommand,
+    "tessera.identity.commands.avsc",
+    previous: ["tessera.identity.commands.1.avsc"]
+);
 
 /// `tessera.profiles.transfers`: state moved into a survivor (internal to profiles).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -314,6 +321,60 @@ pub struct AuditEntry {
 }
 avro_record!(AuditEntry, "tessera.audit.avsc");
 
+/// `tessera.privacy.keys`: one encryption key of a data subject (see [`crate::vault`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubjectKey {
+    pub subject: String,
+    pub key_id: String,
+    #[serde(with = "serde_bytes_vec")]
+    pub key: Vec<u8>,
+    pub created_at: i64,
+}
+avro_record!(SubjectKey, "tessera.privacy.keys.avsc");
+
+/// `tessera.privacy.actions`: a privacy request resolved to a profile, for the next stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyAction {
+    pub request_id: String,
+    pub action: String,
+    pub stage: String,
+    pub profile_id: String,
+    pub merged_profiles: Vec<String>,
+    pub requested_at: i64,
+}
+avro_record!(PrivacyAction, "tessera.privacy.actions.avsc");
+
+/// `tessera.privacy.reports`: what one service did for a privacy request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyReport {
+    pub request_id: String,
+    pub service: String,
+    pub action: String,
+    pub status: String,
+    #[serde(default)]
+    pub profile_id: Option<String>,
+    pub at: i64,
+    pub detail: String,
+}
+avro_record!(PrivacyReport, "tessera.privacy.reports.avsc");
+
+impl PrivacyReport {
+    /// The compacted topic's key: one report per request and service.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.request_id, self.service)
+    }
+}
+
+/// `tessera.privacy.suppressions`: an identifier whose events ingest drops.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Suppression {
+    pub identifier: String,
+    pub kind: String,
+    pub request_id: String,
+    pub at: i64,
+}
+avro_record!(Suppression, "tessera.privacy.suppressions.avsc");
+
 /// Avro `bytes` through serde: serialise as bytes, not as an array of ints.
 mod serde_bytes_vec {
     use serde::{Deserializer, Serializer};
@@ -441,6 +502,7 @@ mod tests {
             kind: None,
             value: None,
             reason: Some("wrong merge".into()),
+            suppress: false,
             requested_at: 3,
         });
         roundtrip(ProfileTransfer {
@@ -532,6 +594,10 @@ mod tests {
             AuditEntry::codec().fingerprint(),
             DefinitionChange::codec().fingerprint(),
             Activation::codec().fingerprint(),
+            SubjectKey::codec().fingerprint(),
+            PrivacyAction::codec().fingerprint(),
+            PrivacyReport::codec().fingerprint(),
+            Suppression::codec().fingerprint(),
         ];
         assert_eq!(files.len(), known.len(), "schema files: {files:?}");
         for f in files {

@@ -32,6 +32,7 @@ use crate::admin::Health;
 use crate::config::KafkaConfig;
 use crate::kafka::{ProduceError, Producer, consumer_config};
 use crate::store::{SharedStore, Txn, WriteBatch};
+use crate::vault::{self, Opened, SubjectHash, Vault};
 use crate::{Error, Result};
 
 /// One consumed record, owned.
@@ -46,12 +47,27 @@ pub struct Message {
     pub timestamp_ms: Option<i64>,
 }
 
-/// A record to produce.
+/// A record to produce. With a subject, the runner seals the payload with that
+/// subject's key before producing it ([`crate::vault`]): every record that carries a
+/// person's data names its subject.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Output {
     pub topic: String,
     pub key: Vec<u8>,
     pub payload: Vec<u8>,
+    pub subject: Option<crate::vault::SubjectHash>,
+}
+
+impl Output {
+    /// A record sealed with `subject`'s key (a profile id, an ingest subject).
+    pub fn sealed(topic: String, key: Vec<u8>, payload: Vec<u8>, subject: &str) -> Output {
+        Output {
+            topic,
+            key,
+            payload,
+            subject: Some(crate::vault::subject_hash(subject)),
+        }
+    }
 }
 
 /// A service's logic. It must be deterministic in its inputs and state: a replayed batch
@@ -87,6 +103,9 @@ pub struct RunnerSpec {
     pub ready: Option<Arc<Health>>,
     /// Where records that make the processor panic go (`events.deadletter`).
     pub dead_letter_topic: String,
+    /// Opens sealed input records and seals outputs that name a subject. A runner
+    /// without one refuses to produce such an output.
+    pub vault: Option<Arc<Vault>>,
 }
 
 impl RunnerSpec {
@@ -106,6 +125,7 @@ impl RunnerSpec {
             tick_every: None,
             ready: None,
             dead_letter_topic: topics.deadletter(),
+            vault: None,
         }
     }
 }
@@ -141,6 +161,7 @@ struct RunnerMetrics {
     lag: IntGaugeVec,
     panics: prometheus::IntCounter,
     suppressed: prometheus::IntCounter,
+    shredded: IntCounterVec,
 }
 
 impl RunnerMetrics {
@@ -211,6 +232,15 @@ impl RunnerMetrics {
         registry
             .register(Box::new(suppressed.clone()))
             .map_err(reg)?;
+        let shredded = IntCounterVec::new(
+            Opts::new(
+                format!("tessera_{service}_shredded_records_total"),
+                "Input records skipped because their subject was erased (their key is gone)",
+            ),
+            &["topic"],
+        )
+        .map_err(reg)?;
+        registry.register(Box::new(shredded.clone())).map_err(reg)?;
         Ok(RunnerMetrics {
             consumed,
             produced,
@@ -219,6 +249,7 @@ impl RunnerMetrics {
             lag,
             panics,
             suppressed,
+            shredded,
         })
     }
 }
@@ -404,6 +435,12 @@ pub async fn run<P: Processor>(
             next_offsets.insert((m.topic.clone(), m.partition), m.offset + 1);
         }
 
+        // Sealed records are opened; those of erased subjects are skipped (their offsets
+        // still advance).
+        let Some(batch) = open_all(spec.vault.as_deref(), batch, &metrics, &shutdown).await else {
+            break;
+        };
+
         // 1. Process (RocksDB reads and CPU work) off the async threads.
         let st = store.clone();
         let (dead_letter_topic, panics) = (spec.dead_letter_topic.clone(), metrics.panics.clone());
@@ -415,7 +452,7 @@ pub async fn run<P: Processor>(
             let mut txn = Txn::new(st.as_ref());
             let mut out = Vec::new();
             let r = (|| {
-                for m in &batch {
+                for (m, subject) in &batch {
                     let (savepoint, produced) = (txn.savepoint(), out.len());
                     let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         processor.process(m, &mut txn, &mut out)
@@ -423,6 +460,8 @@ pub async fn run<P: Processor>(
                     match attempt {
                         Ok(r) => {
                             r?;
+                            // What a sealed record's processing dead-letters stays sealed.
+                            seal_dead_letters(&mut out[produced..], &dead_letter_topic, subject);
                             // A record replayed to rebuild state: its outputs exist already.
                             if replayed.get(&(m.topic.clone(), m.partition)).is_some_and(|done| m.offset < *done) {
                                 suppressed.inc_by((out.len() - produced) as u64);
@@ -439,6 +478,7 @@ pub async fn run<P: Processor>(
                             error!(topic = %m.topic, partition = m.partition, offset = m.offset, panic = %what, "record dead-lettered: the processor panicked");
                             panics.inc();
                             out.push(dead_letter(&dead_letter_topic, m, &format!("processor panicked: {what}"))?);
+                            seal_dead_letters(&mut out[produced..], &dead_letter_topic, subject);
                         }
                     }
                 }
@@ -454,6 +494,13 @@ pub async fn run<P: Processor>(
         .map_err(|e| Error::Invalid(format!("processor panicked: {e}")))?;
         processor = p;
         let (mut write, outputs) = result?;
+        let Some(outputs) = seal_all(spec.vault.as_deref(), outputs, &shutdown).await? else {
+            warn!(
+                service = spec.service,
+                "shutdown while sealing: the batch will be replayed"
+            );
+            break;
+        };
 
         // 2. Produce and wait for every acknowledgement.
         if !produce_all(&producer, &outputs, &metrics, &shutdown).await {
@@ -526,6 +573,98 @@ pub async fn run<P: Processor>(
     Ok(())
 }
 
+/// Opens the sealed records of a batch: each comes with the subject it was sealed for;
+/// a shredded one is counted and left out. `None` if shutdown came while the keys
+/// topic could not be read.
+async fn open_all(
+    vault: Option<&Vault>,
+    batch: Vec<Message>,
+    metrics: &RunnerMetrics,
+    shutdown: &CancellationToken,
+) -> Option<Vec<(Message, Option<SubjectHash>)>> {
+    let mut opened = Vec::with_capacity(batch.len());
+    for mut m in batch {
+        let (Some(v), Some(subject)) =
+            (vault, m.payload.as_deref().and_then(vault::sealed_subject))
+        else {
+            opened.push((m, None));
+            continue;
+        };
+        let sealed = m.payload.take().unwrap_or_default();
+        let result = loop {
+            match v.open(&sealed).await {
+                Ok(r) => break r,
+                Err(e) => {
+                    warn!(error = %e, "cannot read the keys topic, retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        };
+        match result {
+            Opened::Plain(p) => {
+                m.payload = Some(p);
+                opened.push((m, Some(subject)));
+            }
+            Opened::Shredded => metrics
+                .shredded
+                .with_label_values(&[m.topic.as_str()])
+                .inc(),
+            // Left sealed: the processor cannot decode it and dead-letters it.
+            Opened::Corrupt => {
+                m.payload = Some(sealed);
+                opened.push((m, None));
+            }
+        }
+    }
+    Some(opened)
+}
+
+/// Dead letters written for a record that was sealed are sealed for its subject.
+fn seal_dead_letters(out: &mut [Output], topic: &str, subject: &Option<SubjectHash>) {
+    for o in out
+        .iter_mut()
+        .filter(|o| o.topic == topic && o.subject.is_none())
+    {
+        o.subject = *subject;
+    }
+}
+
+/// Seals the outputs that name a subject. `None` if shutdown came while a new key
+/// could not be stored.
+async fn seal_all(
+    vault: Option<&Vault>,
+    mut outputs: Vec<Output>,
+    shutdown: &CancellationToken,
+) -> Result<Option<Vec<Output>>> {
+    for o in outputs.iter_mut() {
+        let Some(subject) = o.subject.take() else {
+            continue;
+        };
+        let Some(v) = vault else {
+            return Err(Error::Invalid(format!(
+                "a record for {} must be sealed, and this runner has no vault",
+                o.topic
+            )));
+        };
+        o.payload = loop {
+            match v.seal(&subject, &o.payload).await {
+                Ok(sealed) => break sealed,
+                Err(e) => {
+                    warn!(error = %e, "cannot store a new subject key, retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        };
+    }
+    Ok(Some(outputs))
+}
+
 /// The result of handling a record that may not have decoded: a decoding error sends
 /// the record to the dead-letter topic (with a warning) and returns `Ok(true)`; a
 /// handled record returns the handler's result.
@@ -561,6 +700,7 @@ pub fn dead_letter(topic: &str, msg: &Message, reason: &str) -> Result<Output> {
         original: msg.payload.clone().unwrap_or_default(),
     };
     Ok(Output {
+        subject: None,
         topic: topic.to_string(),
         key: msg.topic.clone().into_bytes(),
         payload: d.to_avro()?,

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::kafka::{self, Producer, TopicKind};
 use crate::runner::{self, Processor, RunnerSpec};
 use crate::store::{RocksStore, SharedStore, Store, WriteBatch};
+use crate::vault::Vault;
 use crate::{Error, Result};
 
 /// What a service builds its processor and routes from.
@@ -22,35 +23,59 @@ pub struct Parts {
     pub admin: Admin,
     pub store: SharedStore,
     pub producer: Arc<Producer>,
+    /// The subject keys: opens sealed input, seals output that carries a person's data.
+    pub vault: Arc<Vault>,
 }
 
-/// Creates the service's topics (all of them `Events`), opens its RocksDB in
-/// `state_dir` and builds its producer.
+/// The topics every service uses: the audit trail and the privacy topics.
+pub fn shared_topics(topics: &crate::topics::Topics) -> Vec<(String, TopicKind)> {
+    vec![
+        (topics.audit(), TopicKind::Audit),
+        (topics.keys(), TopicKind::Erasable),
+        (topics.privacy_reports(), TopicKind::Erasable),
+        (topics.suppressions(), TopicKind::Table),
+        (topics.privacy_actions(), TopicKind::Events),
+    ]
+}
+
+/// Creates the service's topics (all of them `Events`) and the shared ones, opens its
+/// RocksDB in `state_dir`, builds its producer and reads the subject keys.
 pub async fn prepare(
     config: &Config,
     service: &str,
     state_dir: &Path,
     topics: &[String],
+    shutdown: &CancellationToken,
 ) -> Result<Parts> {
+    let names = crate::topics::Topics::new(&config.topics);
     let mut needed: Vec<(String, TopicKind)> = topics
         .iter()
         .map(|t| (t.clone(), TopicKind::Events))
         .collect();
-    // Every service with an API writes its changes to the audit trail.
-    needed.push((
-        crate::topics::Topics::new(&config.topics).audit(),
-        TopicKind::Audit,
-    ));
+    for shared in shared_topics(&names) {
+        if !needed.iter().any(|(n, _)| *n == shared.0) {
+            needed.push(shared);
+        }
+    }
     kafka::ensure_topics(&config.kafka, &config.topics, &needed).await?;
     let admin = Admin::new();
-    let producer = Producer::new(&config.kafka, &format!("tessera-{service}"))?;
+    let producer = Arc::new(Producer::new(&config.kafka, &format!("tessera-{service}"))?);
     producer.register_metrics(&admin.registry, service)?;
+    let vault = Vault::follow(
+        &config.kafka,
+        names.keys(),
+        &format!("tessera-{service}"),
+        Some(producer.clone()),
+        shutdown.clone(),
+    )
+    .await?;
     let store: SharedStore = Arc::new(RocksStore::open(state_dir)?);
     check_state_format(store.as_ref(), service, state_dir)?;
     Ok(Parts {
         admin,
         store,
-        producer: Arc::new(producer),
+        producer,
+        vault,
     })
 }
 
@@ -58,8 +83,9 @@ pub async fn prepare(
 /// changes incompatibly; state in an older format is refused with what to do.
 pub fn state_format(service: &str) -> u32 {
     match service {
-        // 2: the fact graph (issue 3).
-        "identity" => 2,
+        // 2: the fact graph (issue 3); 3: fuzzy records indexed by anchor, ingest
+        // subjects per profile (erasure, issue 6).
+        "identity" => 3,
         // 2: segment member index, timers and applied definition versions (issue 4).
         "profiles" => 2,
         _ => 1,
@@ -100,6 +126,23 @@ pub fn check_state_format(store: &dyn Store, service: &str, dir: &Path) -> Resul
     )))
 }
 
+/// A service's own HTTP routes: the API (admin tokens) and, for identity, the privacy
+/// API (privacy tokens only).
+#[derive(Default)]
+pub struct ApiRoutes {
+    pub api: Router,
+    pub privacy: Router,
+}
+
+impl From<Router> for ApiRoutes {
+    fn from(api: Router) -> ApiRoutes {
+        ApiRoutes {
+            api,
+            privacy: Router::new(),
+        }
+    }
+}
+
 /// Serves `routes` and the admin endpoints on `listener` and runs `processor` until
 /// `shutdown` (or until the runner fails, which then stops the server too). The spec's
 /// readiness is the admin's: ready once the group assigned partitions.
@@ -107,7 +150,7 @@ pub async fn run<P: Processor>(
     config: &Config,
     parts: Parts,
     listener: TcpListener,
-    routes: Router,
+    routes: impl Into<ApiRoutes>,
     mut spec: RunnerSpec,
     processor: P,
     shutdown: CancellationToken,
@@ -116,15 +159,23 @@ pub async fn run<P: Processor>(
         admin,
         store,
         producer,
+        vault,
     } = parts;
     spec.ready = Some(admin.health.clone());
+    spec.vault = Some(vault);
     let service = spec.service;
-    // The service's own API needs a token; health, readiness and metrics do not.
-    let routes = routes.layer(axum::middleware::from_fn_with_state(
+    // The service's own API needs a token; health, readiness and metrics do not. The
+    // privacy API has credentials of its own.
+    let routes = routes.into();
+    let api = routes.api.layer(axum::middleware::from_fn_with_state(
         admin::Tokens::new(&config.admin.tokens),
         admin::require_token,
     ));
-    let router = routes.merge(admin.router());
+    let privacy = routes.privacy.layer(axum::middleware::from_fn_with_state(
+        admin::Tokens::new(&config.admin.privacy_tokens),
+        admin::require_token,
+    ));
+    let router = api.merge(privacy).merge(admin.router());
     let http = config.http.clone();
     let shutdown_for_server = shutdown.clone();
     let server =

@@ -15,6 +15,10 @@ pub const SEGMENTS_MEMBERSHIP: &str = "segments.membership";
 pub const PROFILES_DEFINITIONS: &str = "profiles.definitions";
 pub const PROFILES_TRIGGERS: &str = "profiles.triggers";
 pub const AUDIT: &str = "audit";
+pub const PRIVACY_KEYS: &str = "privacy.keys";
+pub const PRIVACY_ACTIONS: &str = "privacy.actions";
+pub const PRIVACY_REPORTS: &str = "privacy.reports";
+pub const PRIVACY_SUPPRESSIONS: &str = "privacy.suppressions";
 /// Destination topics are `activation.<destination id>`.
 pub const ACTIVATION_PREFIX: &str = "activation.";
 
@@ -62,6 +66,18 @@ impl Topics {
     }
     pub fn audit(&self) -> String {
         self.name(AUDIT)
+    }
+    pub fn keys(&self) -> String {
+        self.name(PRIVACY_KEYS)
+    }
+    pub fn privacy_actions(&self) -> String {
+        self.name(PRIVACY_ACTIONS)
+    }
+    pub fn privacy_reports(&self) -> String {
+        self.name(PRIVACY_REPORTS)
+    }
+    pub fn suppressions(&self) -> String {
+        self.name(PRIVACY_SUPPRESSIONS)
     }
     pub fn triggers(&self) -> String {
         self.name(PROFILES_TRIGGERS)

@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use tessera_common::config::Config;
+use tessera_common::vault::{Opened, Vault};
 
 pub use tessera_common;
 
@@ -315,12 +316,60 @@ pub async fn read_timed(
     read_timed_from(bootstrap(), topic, timeout, done).await
 }
 
-/// [`read_timed`] from the brokers at `bootstrap`.
+/// [`read_timed`] from the brokers at `bootstrap`. Sealed records (see
+/// `tessera_common::vault`) come opened with the platform's keys; one whose key is gone
+/// comes as it is, sealed.
 pub async fn read_timed_from(
     bootstrap: &str,
     topic: &str,
     timeout: Duration,
     done: impl Fn(&[Vec<u8>]) -> bool,
+) -> Vec<(Vec<u8>, i64)> {
+    read_records(bootstrap, topic, timeout, done, true).await
+}
+
+/// Every record of `topic` as it is stored (sealed records stay sealed): what was read
+/// within `timeout`.
+pub async fn read_stored(topic: &str, timeout: Duration) -> Vec<Vec<u8>> {
+    read_records(bootstrap(), topic, timeout, |_| false, false)
+        .await
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect()
+}
+
+/// The keys of the platform a topic belongs to (its prefix is up to the first dot),
+/// read by a vault that only opens.
+async fn vault_for(bootstrap: &str, topic: &str) -> std::sync::Arc<Vault> {
+    static VAULTS: OnceLock<
+        tokio::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<Vault>>>,
+    > = OnceLock::new();
+    let prefix = topic.split_once('.').map(|(p, _)| p).unwrap_or(topic);
+    let mut vaults = VAULTS.get_or_init(Default::default).lock().await;
+    if let Some(v) = vaults.get(prefix) {
+        return v.clone();
+    }
+    let mut kafka = Config::load_without_env(None).expect("defaults").kafka;
+    kafka.bootstrap = bootstrap.to_string();
+    let v = Vault::follow(
+        &kafka,
+        format!("{prefix}.{}", tessera_common::topics::PRIVACY_KEYS),
+        &format!("test-reader-{prefix}"),
+        None,
+        CancellationToken::new(),
+    )
+    .await
+    .expect("the platform's keys topic reads");
+    vaults.insert(prefix.to_string(), v.clone());
+    v
+}
+
+async fn read_records(
+    bootstrap: &str,
+    topic: &str,
+    timeout: Duration,
+    done: impl Fn(&[Vec<u8>]) -> bool,
+    open: bool,
 ) -> Vec<(Vec<u8>, i64)> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -341,7 +390,14 @@ pub async fn read_timed_from(
         }
         match tokio::time::timeout(left.min(Duration::from_millis(500)), consumer.recv()).await {
             Ok(Ok(m)) => {
-                out.push(m.payload().unwrap_or_default().to_vec());
+                let mut payload = m.payload().unwrap_or_default().to_vec();
+                if open && tessera_common::vault::is_sealed(&payload) {
+                    let vault = vault_for(bootstrap, topic).await;
+                    if let Ok(Opened::Plain(p)) = vault.open(&payload).await {
+                        payload = p;
+                    }
+                }
+                out.push(payload);
                 times.push(m.timestamp().to_millis().unwrap_or(0));
             }
             // Transport errors (a broker going away) are passed on by librdkafka and are

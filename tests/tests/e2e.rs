@@ -986,6 +986,7 @@ async fn runner_commits_state_and_offsets_together_across_a_crash() {
             let n: u64 = txn.get_json(key.as_bytes())?.unwrap_or(0);
             txn.put_json(key.into_bytes(), &(n + 1))?;
             out.push(Output {
+                subject: None,
                 topic: self.out_topic.clone(),
                 key: msg.key.clone().unwrap_or_default(),
                 payload: vec![1],
@@ -1040,6 +1041,7 @@ async fn runner_commits_state_and_offsets_together_across_a_crash() {
         tick_every: None,
         ready: None,
         dead_letter_topic: dead_letter_topic.clone(),
+        vault: None,
     };
     let total = |store: &SharedStore| -> u64 {
         (0..KEYS)

@@ -18,6 +18,7 @@
 
 pub mod hashing;
 pub mod policy;
+pub mod privacy;
 
 use axum::Router;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
@@ -29,7 +30,9 @@ use tracing::{debug, info};
 use tessera_common::admin::{self, Admin};
 use tessera_common::config::{ActivationConfig, Config, DestinationKind, PayloadFormat};
 use tessera_common::ids::deterministic_id;
-use tessera_common::records::{Activation, AvroRecord, MembershipChange, TriggerFired};
+use tessera_common::records::{
+    Activation, AvroRecord, MembershipChange, PrivacyAction, TriggerFired,
+};
 use tessera_common::runner::{self, Message, Output, Processor, RunnerSpec};
 use tessera_common::store::Txn;
 use tessera_common::topics::Topics;
@@ -52,14 +55,24 @@ pub async fn run_with_listener(
     let destinations = &config.activation.destinations;
     let mut needed = vec![topics.membership(), topics.triggers(), topics.deadletter()];
     needed.extend(destinations.iter().map(|d| topics.activation(&d.id)));
-    let parts =
-        service::prepare(&config, "activation", &config.activation.state_dir, &needed).await?;
+    let parts = service::prepare(
+        &config,
+        "activation",
+        &config.activation.state_dir,
+        &needed,
+        &shutdown,
+    )
+    .await?;
     info!(destinations = destinations.len(), "destinations configured");
     let processor = ActivationProcessor::new(topics.clone(), &config.activation, &parts.admin)?;
     let spec = RunnerSpec::new(
         "activation",
         &topics,
-        vec![topics.membership(), topics.triggers()],
+        vec![
+            topics.membership(),
+            topics.triggers(),
+            topics.privacy_actions(),
+        ],
     );
     service::run(
         &config,
@@ -78,7 +91,7 @@ const REPEAT_WINDOW_MS: i64 = 24 * 3600 * 1000;
 
 pub struct ActivationProcessor {
     topics: Topics,
-    destinations: Vec<Destination>,
+    pub(crate) destinations: Vec<Destination>,
     policy: Policy,
     region: phonenumber::country::Id,
     /// The longest frequency cap window, at least a day (older sends are forgotten).
@@ -151,7 +164,7 @@ impl ActivationProcessor {
         })
     }
 
-    fn count(&self, d: &Destination, action: &str, outcome: &str) {
+    pub(crate) fn count(&self, d: &Destination, action: &str, outcome: &str) {
         self.activations
             .with_label_values(&[d.id(), action, outcome])
             .inc();
@@ -204,7 +217,7 @@ impl ActivationProcessor {
     }
 
     /// The record for `d`, in its format; counted as sent.
-    fn emit(
+    pub(crate) fn emit(
         &self,
         d: &Destination,
         o: Origin<'_>,
@@ -234,6 +247,7 @@ impl ActivationProcessor {
             .with_label_values(&[o.source])
             .observe(latency_ms as f64 / 1000.0);
         Ok(Output {
+            subject: None,
             topic: d.topic.clone(),
             key: a.profile_id.clone().into_bytes(),
             payload: match d.config.format {
@@ -252,6 +266,9 @@ impl ActivationProcessor {
         txn: &mut Txn<'_>,
         out: &mut Vec<Output>,
     ) -> Result<()> {
+        if self.person_suppressed(txn, &m.profile_id, "add")? {
+            return Ok(());
+        }
         for d in &self.destinations {
             // Profiles sends a record for every segment of a profile whose fields or
             // consent changed, so only two kinds of audience can change here: this
@@ -340,6 +357,9 @@ impl ActivationProcessor {
         txn: &mut Txn<'_>,
         out: &mut Vec<Output>,
     ) -> Result<()> {
+        if self.person_suppressed(txn, &t.profile_id, "send")? {
+            return Ok(());
+        }
         let properties: Value = serde_json::from_str(&t.properties).unwrap_or(Value::Null);
         let key = sends_key(&t.profile_id);
         let mut sends: Sends = txn.get_json(&key)?.unwrap_or_default();
@@ -395,23 +415,23 @@ impl ActivationProcessor {
 
 /// What an activation comes from: its id (derived from the destination and the input
 /// record, so a replay repeats it) and the input record's profile, source and times.
-struct Origin<'a> {
-    activation_id: String,
-    profile_id: &'a str,
-    source: &'static str,
-    source_id: &'a str,
-    source_version: i32,
-    event_time: i64,
-    received_at: i64,
+pub(crate) struct Origin<'a> {
+    pub activation_id: String,
+    pub profile_id: &'a str,
+    pub source: &'static str,
+    pub source_id: &'a str,
+    pub source_version: i32,
+    pub event_time: i64,
+    pub received_at: i64,
 }
 
 /// What a destination last received for a profile in a segment.
-fn sent_key(destination: &str, segment: &str, profile: &str) -> Vec<u8> {
+pub(crate) fn sent_key(destination: &str, segment: &str, profile: &str) -> Vec<u8> {
     format!("sent/{destination}/{segment}/{profile}").into_bytes()
 }
 
 /// A profile's recent sends (frequency caps).
-fn sends_key(profile: &str) -> Vec<u8> {
+pub(crate) fn sends_key(profile: &str) -> Vec<u8> {
     format!("sends/{profile}").into_bytes()
 }
 
@@ -442,6 +462,8 @@ impl Processor for ActivationProcessor {
                     Ok((t, view))
                 })
                 .map(|x| self.on_trigger(x, txn, out))
+        } else if msg.topic == self.topics.privacy_actions() {
+            PrivacyAction::from_avro(bytes).map(|a| self.on_privacy(a, txn, out))
         } else {
             Err(Error::Invalid(format!("unexpected topic {}", msg.topic)))
         };

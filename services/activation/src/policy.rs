@@ -19,6 +19,8 @@ pub enum Outcome {
     Suppressed,
     NoAddress,
     Capped,
+    /// The person asked to be suppressed (a privacy request).
+    PersonSuppressed,
 }
 
 impl Outcome {
@@ -28,6 +30,7 @@ impl Outcome {
             Outcome::Suppressed => "suppressed",
             Outcome::NoAddress => "no_address",
             Outcome::Capped => "capped",
+            Outcome::PersonSuppressed => "person_suppressed",
         }
     }
 }

@@ -27,7 +27,9 @@ use tessera_common::records::{AvroRecord, Identifier, IdentityCommand};
 use tessera_common::store::{SharedStore, Txn};
 
 use crate::graph::{self, MergeInfo, Node};
+use crate::privacy_api::Reports;
 use crate::rules::Rules;
+use tessera_common::vault::{Vault, subject_hash};
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -37,6 +39,10 @@ pub struct ApiState {
     pub commands_topic: String,
     /// Where commands are recorded with who asked.
     pub audit: Audit,
+    /// Seals commands (they carry identifiers) and opens privacy reports.
+    pub vault: Arc<Vault>,
+    pub reports: Reports,
+    pub reports_topic: String,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -48,7 +54,7 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-fn error(status: StatusCode, code: &str, reason: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, code: &str, reason: impl Into<String>) -> Response {
     (
         status,
         axum::Json(json!({"error": code, "reason": reason.into()})),
@@ -56,7 +62,7 @@ fn error(status: StatusCode, code: &str, reason: impl Into<String>) -> Response 
         .into_response()
 }
 
-fn unavailable(e: impl std::fmt::Display) -> Response {
+pub(crate) fn unavailable(e: impl std::fmt::Display) -> Response {
     error(
         StatusCode::SERVICE_UNAVAILABLE,
         "unavailable",
@@ -74,14 +80,18 @@ fn iso(ms: i64) -> Value {
 
 /// The profile's view, or `None` when there is no such profile.
 pub fn view(store: &SharedStore, id: &str) -> tessera_common::Result<Option<Value>> {
-    let txn = Txn::new(store.as_ref());
-    let live = graph::live_profile(&txn, id)?;
+    view_in(&Txn::new(store.as_ref()), id)
+}
+
+/// [`view`] as `txn` sees the graph.
+pub fn view_in(txn: &Txn<'_>, id: &str) -> tessera_common::Result<Option<Value>> {
+    let live = graph::live_profile(txn, id)?;
     let Some(node) = txn.get_json::<Node>(&graph::node_key(&live))? else {
         return Ok(None);
     };
     let mut identifiers = Vec::new();
     for i in &node.identifiers {
-        let seen = graph::seen(&txn, i)?;
+        let seen = graph::seen(txn, i)?;
         identifiers.push(json!({
             "type": i.kind,
             "value": i.value,
@@ -129,7 +139,7 @@ pub fn view(store: &SharedStore, id: &str) -> tessera_common::Result<Option<Valu
 }
 
 /// Reads state on the blocking pool; a failed read is a 503.
-async fn read<T: Send + 'static>(
+pub(crate) async fn read<T: Send + 'static>(
     st: &ApiState,
     f: impl FnOnce(&SharedStore) -> tessera_common::Result<T> + Send + 'static,
 ) -> Result<T, Response> {
@@ -158,7 +168,7 @@ async fn by_id(State(st): State<ApiState>, Path(id): Path<String>) -> Response {
 
 /// An identifier from `type` and `value`, normalised by the rules.
 #[allow(clippy::result_large_err)] // the error is the response itself
-fn identifier(
+pub(crate) fn identifier(
     rules: &Rules,
     kind: Option<&str>,
     value: Option<&str>,
@@ -217,8 +227,9 @@ async fn lookup(State(st): State<ApiState>, Query(q): Query<HashMap<String, Stri
 }
 
 /// Records the command in the audit trail (who, which command; never the identifier's
-/// value), then writes it.
-async fn send(st: &ApiState, caller: &Caller, cmd: IdentityCommand) -> Response {
+/// value), then writes it, keyed by and sealed for the profile it concerns (it carries
+/// identifiers: erasing that person makes it unreadable).
+async fn send(st: &ApiState, caller: &Caller, cmd: IdentityCommand, profile: &str) -> Response {
     let detail = json!({"command_id": cmd.command_id, "merge_id": cmd.merge_id, "type": cmd.kind});
     let target = match &cmd.merge_id {
         Some(m) => format!("merge/{m}"),
@@ -240,9 +251,13 @@ async fn send(st: &ApiState, caller: &Caller, cmd: IdentityCommand) -> Response 
         Ok(p) => p,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     };
+    let payload = match st.vault.seal(&subject_hash(profile), &payload).await {
+        Ok(p) => p,
+        Err(e) => return unavailable(e),
+    };
     match st
         .producer
-        .send(&st.commands_topic, cmd.command_id.as_bytes(), &payload)
+        .send(&st.commands_topic, profile.as_bytes(), &payload)
         .await
     {
         Ok(_) => (
@@ -257,7 +272,7 @@ async fn send(st: &ApiState, caller: &Caller, cmd: IdentityCommand) -> Response 
 }
 
 #[allow(clippy::result_large_err)] // the error is the response itself
-fn body(b: Result<axum::Json<Value>, JsonRejection>) -> Result<Value, Response> {
+pub(crate) fn body(b: Result<axum::Json<Value>, JsonRejection>) -> Result<Value, Response> {
     match b {
         Ok(axum::Json(v)) if v.is_object() => Ok(v),
         Ok(_) => Err(error(
@@ -283,6 +298,7 @@ fn command(action: &str, reason: Option<&str>) -> IdentityCommand {
         kind: None,
         value: None,
         reason: reason.map(Into::into),
+        suppress: false,
         requested_at: tessera_common::now_ms(),
     }
 }
@@ -319,7 +335,7 @@ async fn unmerge(
             cmd.merge_id = Some(merge_id);
             cmd.survivor_identifiers = m.survivor_identifiers;
             cmd.merged_identifiers = m.merged_identifiers;
-            send(&st, &caller, cmd).await
+            send(&st, &caller, cmd, &m.survivor).await
         }
         Ok(None) => found_or_404(None, "no such merge"),
         Err(r) => r,
@@ -345,11 +361,11 @@ async fn detach(
     })
     .await;
     match found {
-        Ok(Some(_)) => {
+        Ok(Some(profile)) => {
             let mut cmd = command("detach", v["reason"].as_str());
             cmd.kind = Some(i.kind);
             cmd.value = Some(i.value);
-            send(&st, &caller, cmd).await
+            send(&st, &caller, cmd, &profile).await
         }
         Ok(None) => found_or_404(None, "no profile has this identifier"),
         Err(r) => r,

@@ -8,7 +8,8 @@
 //! `required` field disagreeing. A match becomes a fuzzy fact in the graph, with the
 //! rule and score that decided it.
 //!
-//! Keys: `fz/<record key>` → [`FuzzyRecord`]; `blk/<hash of key and value>/<record key>`.
+//! Keys: `fz/<record key>` → [`FuzzyRecord`]; `blk/<hash of key and value>/<record key>`;
+//! `fza/<hash of the anchor>/<record key>` (a person's records, for erasure).
 
 use std::collections::BTreeMap;
 
@@ -71,6 +72,32 @@ impl FuzzyRecord {
 
 fn record_key(key: &str) -> Vec<u8> {
     format!("fz/{key}").into_bytes()
+}
+
+fn anchor_prefix(anchor: &Identifier) -> String {
+    format!("fza/{}/", crate::graph::ident_hash(anchor))
+}
+
+/// Removes every record anchored on `anchor` with its index entries; returns how many.
+/// Without fuzzy rules the blocking entries cannot be named; they hold only hashes.
+pub fn erase(txn: &mut Txn<'_>, f: Option<&Fuzzy>, anchor: &Identifier) -> Result<usize> {
+    let prefix = anchor_prefix(anchor);
+    let mut n = 0;
+    for (k, _) in txn.scan(prefix.as_bytes(), usize::MAX)? {
+        let key = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+        if let Some(rec) = txn.get_json::<FuzzyRecord>(&record_key(&key))? {
+            for b in f
+                .map(|f| blocking_values(f, &rec.fields))
+                .unwrap_or_default()
+            {
+                txn.delete(format!("{b}{key}").into_bytes());
+            }
+            txn.delete(record_key(&key));
+            n += 1;
+        }
+        txn.delete(k);
+    }
+    Ok(n)
 }
 
 /// The blocking values of a record: one per key whose fields it has.
@@ -187,6 +214,10 @@ pub fn upsert_and_match(
         Some(old) if (old.t, &old.msg) <= (rec.t, &rec.msg) => rec = old,
         _ => {
             txn.put_json(record_key(&rec.key), &rec)?;
+            txn.put(
+                format!("{}{}", anchor_prefix(&rec.anchor), rec.key).into_bytes(),
+                Vec::new(),
+            );
             for b in &blocks {
                 txn.put(format!("{b}{}", rec.key).into_bytes(), Vec::new());
             }

@@ -29,7 +29,9 @@
 //! `fact/<key>` → [`Fact`]; `if/<h>/<fact key>` → facts of an identifier;
 //! `pr/<profile>` → [`Node`]; `mergedinto/<profile>` → survivor;
 //! `merge/<merge id>` → [`MergeInfo`]; `mh/<survivor>/<merge id>` → merge history;
-//! `sep/<id>` → [`Separation`]; `sepidx/<h>/<id>`; `detached/<kind>/<value>`.
+//! `sep/<id>` → [`Separation`]; `sepidx/<h>/<id>`; `detached/<kind>/<value>`;
+//! `sj/<profile>/<subject>`: the ingest subjects (Kafka keys of `events.ingested`) of a
+//! profile's events, whose keys an erasure destroys.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -184,7 +186,7 @@ impl Changes {
 }
 
 pub fn ident_hash(i: &Identifier) -> String {
-    deterministic_id("identifier", &[&i.kind, &i.value])
+    tessera_common::suppressions::identifier_hash(&i.kind, &i.value)
 }
 fn id_key(i: &Identifier) -> Vec<u8> {
     format!("id/{}/{}", i.kind, i.value).into_bytes()
@@ -218,6 +220,37 @@ fn sepidx_prefix(i: &Identifier) -> String {
 }
 fn detached_key(i: &Identifier) -> Vec<u8> {
     format!("detached/{}/{}", i.kind, i.value).into_bytes()
+}
+
+fn subjects_prefix(profile: &str) -> String {
+    format!("sj/{profile}/")
+}
+
+/// Notes that an event of `profile` came in under the ingest subject `subject`.
+pub fn note_subject(txn: &mut Txn<'_>, profile: &str, subject: &str) {
+    txn.put(
+        format!("{}{subject}", subjects_prefix(profile)).into_bytes(),
+        Vec::new(),
+    );
+}
+
+/// What erasing a person removed from the graph (counts and ids, never values).
+#[derive(Debug, Default, PartialEq, Serialize)]
+pub struct Erased {
+    pub profile_id: String,
+    /// Profiles merged into it over time.
+    pub merged_profiles: Vec<String>,
+    pub identifiers: usize,
+    pub facts: usize,
+    pub merges: usize,
+    pub fuzzy_records: usize,
+    pub separations: usize,
+    /// The ingest subjects of its events.
+    #[serde(skip)]
+    pub subjects: Vec<String>,
+    /// Its identifiers, for the suppression that may follow.
+    #[serde(skip)]
+    pub erased_identifiers: Vec<Identifier>,
 }
 
 pub fn profile_id_of(anchor: &Identifier) -> String {
@@ -876,6 +909,93 @@ impl<'r> Graph<'r> {
         let start: Vec<Identifier> = sep.left.iter().chain(&sep.right).cloned().collect();
         let cause = Fact::new(self.rules, &[], at.0, at.1, "unmerge", None);
         Ok(Some(self.recompute(txn, &start, &cause)?))
+    }
+
+    /// Erases a person: the profile `profile` (or the one it was merged into), every
+    /// identifier, sighting, fact, fuzzy record, merge, separation side and ingest
+    /// subject of it and of the profiles it absorbed. `None` when there is no such
+    /// profile. Facts shared with identifiers of other profiles go too.
+    pub fn erase(&self, txn: &mut Txn<'_>, profile: &str) -> Result<Option<Erased>> {
+        let live = live_profile(txn, profile)?;
+        let Some(node) = txn.get_json::<Node>(&node_key(&live))? else {
+            return Ok(None);
+        };
+        let mut e = Erased {
+            profile_id: live.clone(),
+            identifiers: node.identifiers.len(),
+            ..Default::default()
+        };
+        // The profiles it absorbed, through the merge history.
+        let mut queue = vec![live.clone()];
+        let mut profiles = Vec::new();
+        while let Some(p) = queue.pop() {
+            let prefix = history_prefix(&p);
+            for (k, _) in txn.scan(prefix.as_bytes(), usize::MAX)? {
+                let merge_id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                if let Some(m) = txn.get_json::<MergeInfo>(&merge_info_key(&merge_id))? {
+                    if !profiles.contains(&m.merged) && m.merged != live {
+                        queue.push(m.merged.clone());
+                    }
+                    txn.delete(merge_info_key(&merge_id));
+                    e.merges += 1;
+                }
+                txn.delete(k);
+            }
+            if p != live {
+                txn.delete(merged_key(&p));
+                txn.delete(node_key(&p));
+                e.merged_profiles.push(p.clone());
+            }
+            profiles.push(p);
+        }
+        for p in &profiles {
+            let prefix = subjects_prefix(p);
+            for (k, _) in txn.scan(prefix.as_bytes(), usize::MAX)? {
+                e.subjects
+                    .push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+                txn.delete(k);
+            }
+        }
+        for i in &node.identifiers {
+            txn.delete(id_key(i));
+            txn.delete(seen_key(i));
+            txn.delete(detached_key(i));
+            let prefix = if_prefix(i);
+            for (k, _) in txn.scan(prefix.as_bytes(), usize::MAX)? {
+                let key = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                if let Some(f) = txn.get_json::<Fact>(&fact_key(&key))? {
+                    for j in &f.ids {
+                        txn.delete(format!("{}{key}", if_prefix(j)).into_bytes());
+                    }
+                    txn.delete(fact_key(&key));
+                    e.facts += 1;
+                }
+                txn.delete(k);
+            }
+            let prefix = sepidx_prefix(i);
+            for (k, _) in txn.scan(prefix.as_bytes(), usize::MAX)? {
+                let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                if let Some(mut sep) = txn.get_json::<Separation>(&sep_key(&id))? {
+                    sep.left.retain(|x| !node.identifiers.contains(x));
+                    sep.right.retain(|x| !node.identifiers.contains(x));
+                    if sep.left.is_empty() || sep.right.is_empty() {
+                        // Nothing left to keep apart.
+                        for x in sep.left.iter().chain(&sep.right) {
+                            txn.delete(format!("{}{id}", sepidx_prefix(x)).into_bytes());
+                        }
+                        txn.delete(sep_key(&id));
+                    } else {
+                        txn.put_json(sep_key(&id), &sep)?;
+                    }
+                    e.separations += 1;
+                }
+                txn.delete(k);
+            }
+            e.fuzzy_records += crate::fuzzy::erase(txn, self.rules.fuzzy.as_ref(), i)?;
+        }
+        txn.delete(node_key(&live));
+        e.erased_identifiers = node.identifiers;
+        Ok(Some(e))
     }
 
     /// Takes an identifier out of its profile: it never links to anything again.

@@ -13,6 +13,8 @@
 pub mod api;
 pub mod fuzzy;
 pub mod graph;
+pub mod privacy;
+pub mod privacy_api;
 pub mod rules;
 
 use std::sync::Arc;
@@ -32,7 +34,9 @@ use tessera_common::records::{
 use tessera_common::runner::{self, Message, Output, Processor, RunnerSpec};
 use tessera_common::service;
 use tessera_common::store::Txn;
+use tessera_common::suppressions::Suppressions;
 use tessera_common::topics::Topics;
+use tessera_common::vault::{Vault, subject_hash};
 use tessera_common::{Error, Result};
 
 use crate::graph::{Changes, Fact, Graph};
@@ -63,21 +67,47 @@ pub async fn run_with_listener(
         topics.splits(),
         topics.deadletter(),
     ];
-    let parts =
-        service::prepare(&config, "identity", &config.identity.state_dir, &produced).await?;
-    let processor = IdentityProcessor::new(topics.clone(), rules.clone(), &parts.admin);
+    let parts = service::prepare(
+        &config,
+        "identity",
+        &config.identity.state_dir,
+        &produced,
+        &shutdown,
+    )
+    .await?;
+    let mut processor = IdentityProcessor::new(topics.clone(), rules.clone(), &parts.admin);
+    processor.vault = Some(parts.vault.clone());
+    processor.suppressed = Suppressions::follow(
+        &config.kafka,
+        &topics.suppressions(),
+        "tessera-identity",
+        shutdown.clone(),
+    )
+    .await?;
     let spec = RunnerSpec::new(
         "identity",
         &topics,
         vec![topics.ingested(), topics.commands()],
     );
-    let routes = api::router(api::ApiState {
+    let state = api::ApiState {
         store: parts.store.clone(),
         producer: parts.producer.clone(),
         rules,
         commands_topic: topics.commands(),
         audit: tessera_common::audit::Audit::new(parts.producer.clone(), &topics, "identity"),
-    });
+        vault: parts.vault.clone(),
+        reports: privacy_api::Reports::follow(
+            &config.kafka,
+            &topics.privacy_reports(),
+            shutdown.clone(),
+        )
+        .await?,
+        reports_topic: topics.privacy_reports(),
+    };
+    let routes = service::ApiRoutes {
+        api: api::router(state.clone()),
+        privacy: privacy_api::router(state),
+    };
     service::run(&config, parts, listener, routes, spec, processor, shutdown).await
 }
 
@@ -176,6 +206,12 @@ pub fn resolve_event(
 pub struct IdentityProcessor {
     topics: Topics,
     rules: Arc<Rules>,
+    /// The subject keys, to name the keys an erasure destroys.
+    pub vault: Option<Arc<Vault>>,
+    /// Suppressed identifiers (the `privacy.suppressions` table).
+    pub suppressed: Suppressions,
+    dropped: IntCounterVec,
+    privacy: IntCounterVec,
     resolved: IntCounter,
     merges: IntCounterVec,
     splits: IntCounter,
@@ -202,6 +238,20 @@ impl IdentityProcessor {
         IdentityProcessor {
             topics,
             rules,
+            vault: None,
+            suppressed: Suppressions::default(),
+            dropped: counter_vec(
+                admin,
+                "tessera_identity_events_dropped_total",
+                "Events not resolved, by reason (suppressed: they carry a suppressed identifier)",
+                &["reason"],
+            ),
+            privacy: counter_vec(
+                admin,
+                "tessera_identity_privacy_requests_total",
+                "Privacy requests applied to the graph, by action and outcome (done, not_found)",
+                &["action", "outcome"],
+            ),
             resolved: counter(
                 admin,
                 "tessera_identity_events_resolved_total",
@@ -293,6 +343,7 @@ impl IdentityProcessor {
                 .inc();
             info!(survivor = %m.survivor, merged = %m.merged, rule = ?m.rule, "profiles merged");
             out.push(Output {
+                subject: None,
                 topic: self.topics.merges(),
                 key: m.merged.clone().into_bytes(),
                 payload: m.to_avro()?,
@@ -324,11 +375,12 @@ impl IdentityProcessor {
                 received_at,
             };
             info!(profile = %s.profile, parts = s.assignments.len(), "profile split");
-            out.push(Output {
-                topic: self.topics.splits(),
-                key: s.profile.clone().into_bytes(),
-                payload: split.to_avro()?,
-            });
+            out.push(Output::sealed(
+                self.topics.splits(),
+                s.profile.clone().into_bytes(),
+                split.to_avro()?,
+                &s.profile,
+            ));
         }
         Ok(())
     }
@@ -336,12 +388,33 @@ impl IdentityProcessor {
     fn on_event(
         &self,
         event: IngestedEvent,
+        subject: Option<&str>,
         txn: &mut Txn<'_>,
         out: &mut Vec<Output>,
     ) -> Result<()> {
         let started = std::time::Instant::now();
         let payload: Value = event.payload_json();
+        if !self.suppressed.is_empty() {
+            let (ids, _) = self.rules.extract(&payload);
+            if ids
+                .iter()
+                .any(|i| self.suppressed.contains(&graph::ident_hash(i)))
+            {
+                // Suppressed: neither linked nor passed on, and its key destroyed, so
+                // the record on events.ingested is noise too.
+                self.dropped.with_label_values(&["suppressed"]).inc();
+                if let Some(s) = subject {
+                    self.destroy_keys(&[subject_hash(s)], out);
+                }
+                return Ok(());
+            }
+        }
         let res = resolve_event(&self.rules, txn, &event, &payload)?;
+        if let Some(s) = subject
+            && !res.profile_id.is_empty()
+        {
+            graph::note_subject(txn, &res.profile_id, s);
+        }
         self.latency.observe(started.elapsed().as_secs_f64());
         for kind in &res.blocked {
             self.blocked.with_label_values(&[kind.as_str()]).inc();
@@ -361,11 +434,12 @@ impl IdentityProcessor {
             identifiers: res.identifiers,
             event,
         };
-        out.push(Output {
-            topic: self.topics.resolved(),
-            key: res.profile_id.into_bytes(),
-            payload: resolved.to_avro()?,
-        });
+        out.push(Output::sealed(
+            self.topics.resolved(),
+            res.profile_id.clone().into_bytes(),
+            resolved.to_avro()?,
+            &res.profile_id,
+        ));
         self.resolved.inc();
         Ok(())
     }
@@ -420,9 +494,16 @@ impl Processor for IdentityProcessor {
     fn process(&mut self, msg: &Message, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
         let bytes = msg.payload.as_deref().unwrap_or_default();
         let applied = if msg.topic == self.topics.commands() {
-            IdentityCommand::from_avro(bytes).map(|c| self.on_command(c, txn, out))
+            let key = msg.key.as_deref().map(String::from_utf8_lossy);
+            IdentityCommand::from_avro(bytes).map(|c| match c.action.as_str() {
+                "delete" | "suppress" | "unsuppress" | "export" => {
+                    self.on_privacy(&c, key.as_deref().unwrap_or(&c.command_id), txn, out)
+                }
+                _ => self.on_command(c, txn, out),
+            })
         } else if msg.topic == self.topics.ingested() {
-            IngestedEvent::from_avro(bytes).map(|e| self.on_event(e, txn, out))
+            let key = msg.key.as_deref().map(String::from_utf8_lossy);
+            IngestedEvent::from_avro(bytes).map(|e| self.on_event(e, key.as_deref(), txn, out))
         } else {
             Err(Error::Invalid(format!("unexpected topic {}", msg.topic)))
         };

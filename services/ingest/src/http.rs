@@ -25,7 +25,9 @@ use tracing::{debug, warn};
 use tessera_common::config::SourceConfig;
 use tessera_common::kafka::{ProduceError, Producer};
 use tessera_common::records::{AvroRecord, DeadLetter, IngestedEvent};
+use tessera_common::suppressions::Suppressions;
 use tessera_common::topics::Topics;
+use tessera_common::vault::{Vault, subject_hash};
 
 use crate::metrics::IngestMetrics;
 use crate::validate::{self, Envelope, Limits, Reject};
@@ -43,6 +45,10 @@ pub struct AppState {
     pub in_flight: Arc<tokio::sync::Semaphore>,
     /// write key → the source it belongs to
     pub sources: HashMap<String, SourceKey>,
+    /// Seals each event with its subject's key.
+    pub vault: Arc<Vault>,
+    /// Identifiers whose events are dropped.
+    pub suppressions: Suppressions,
 }
 
 /// A source as ingest enforces it: enabled or not, its rate limit.
@@ -459,11 +465,11 @@ async fn accept(
             };
             Refusal::from_reject(status, r)
         })?;
-        produce(st, vec![event], vec![]).await?;
+        let n = produce(st, vec![event], vec![]).await?;
         st.metrics
             .accepted
             .with_label_values(&["http", &source])
-            .inc();
+            .inc_by(n as u64);
         return Ok((
             StatusCode::OK,
             axum::Json(json!({"success": true, "accepted": 1, "rejected": []})),
@@ -546,13 +552,13 @@ async fn accept(
             }
         }
     }
-    let n = accepted.len();
-    produce(st, accepted, dead).await?;
+    let valid = accepted.len();
+    let n = produce(st, accepted, dead).await?;
     st.metrics
         .accepted
         .with_label_values(&["http", &source])
         .inc_by(n as u64);
-    if n == 0 {
+    if valid == 0 {
         return Err(Refusal {
             extra: Some(Value::Array(rejected)),
             ..Refusal::new(
@@ -570,27 +576,55 @@ async fn accept(
         .into_response())
 }
 
-/// Produces the accepted events and the dead letters, and waits for every
-/// acknowledgement. Any failure answers 429 (queue full) or 503: the client retries
+/// Produces the accepted events (sealed, less those of suppressed people, which are
+/// counted) and the dead letters, and waits for every acknowledgement; returns how many
+/// events were stored. Any failure answers 429 (queue full) or 503: the client retries
 /// and the messageIds let the pipeline drop what did get through.
 async fn produce(
     st: &AppState,
-    events: Vec<IngestedEvent>,
+    mut events: Vec<IngestedEvent>,
     dead: Vec<DeadLetter>,
-) -> Result<(), Refusal> {
+) -> Result<usize, Refusal> {
     let ingested = st.topics.ingested();
     let deadletter = st.topics.deadletter();
+    let before = events.len();
+    events.retain(|e| !validate::is_suppressed(e, &st.suppressions));
+    if events.len() < before {
+        st.metrics
+            .dropped
+            .with_label_values(&["http", "suppressed"])
+            .inc_by((before - events.len()) as u64);
+    }
     let mut records: Vec<(&str, Vec<u8>, Vec<u8>)> = Vec::with_capacity(events.len() + dead.len());
-    for e in &events {
-        let payload = e.to_avro().map_err(internal)?;
-        records.push((
-            &ingested,
-            validate::partition_key(e).as_bytes().to_vec(),
-            payload,
-        ));
+    // Sealed together: a new subject's key is stored (one round trip) before its event.
+    let sealed = futures::future::join_all(events.iter().map(|e| async move {
+        let subject = validate::partition_key(e);
+        let payload = e.to_avro()?;
+        let sealed = st.vault.seal(&subject_hash(&subject), &payload).await?;
+        Ok::<_, tessera_common::Error>((subject, sealed))
+    }))
+    .await;
+    for r in sealed {
+        let (subject, payload) = r.map_err(|e| {
+            warn!(error = %e, "an event could not be sealed, answering with a retry");
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "events could not be stored in Kafka, retry later",
+            )
+        })?;
+        records.push((&ingested, subject.into_bytes(), payload));
     }
     for d in &dead {
-        let payload = d.to_avro().map_err(internal)?;
+        let mut payload = d.to_avro().map_err(internal)?;
+        // A refused event that names a visitor is sealed like their events.
+        if let Some(subject) = serde_json::from_slice::<Value>(&d.original)
+            .ok()
+            .and_then(|v| validate::subject_of_input(&v))
+            && let Ok(sealed) = st.vault.seal(&subject_hash(&subject), &payload).await
+        {
+            payload = sealed;
+        }
         records.push((
             &deadletter,
             d.source.clone().unwrap_or_default().into_bytes(),
@@ -619,7 +653,7 @@ async fn produce(
         }
     }
     if failed == 0 {
-        return Ok(());
+        return Ok(events.len());
     }
     st.metrics.unavailable.inc();
     warn!(

@@ -22,8 +22,11 @@ use tessera_common::admin::{self, Admin};
 use tessera_common::config::Config;
 use tessera_common::kafka::{self, Producer, TopicKind};
 use tessera_common::runner::{self, OffsetStorage, RunnerSpec};
+use tessera_common::service;
 use tessera_common::store::MemStore;
+use tessera_common::suppressions::Suppressions;
 use tessera_common::topics::Topics;
+use tessera_common::vault::Vault;
 
 /// Runs ingest on the configured address until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
@@ -38,17 +41,29 @@ pub async fn run_with_listener(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let topics = Topics::new(&config.topics);
-    kafka::ensure_topics(
+    let mut needed = vec![
+        (topics.raw(), TopicKind::Events),
+        (topics.ingested(), TopicKind::Events),
+        (topics.deadletter(), TopicKind::Events),
+    ];
+    needed.extend(service::shared_topics(&topics));
+    kafka::ensure_topics(&config.kafka, &config.topics, &needed).await?;
+    let producer = Arc::new(Producer::new(&config.kafka, "tessera-ingest")?);
+    let vault = Vault::follow(
         &config.kafka,
-        &config.topics,
-        &[
-            (topics.raw(), TopicKind::Events),
-            (topics.ingested(), TopicKind::Events),
-            (topics.deadletter(), TopicKind::Events),
-        ],
+        topics.keys(),
+        "tessera-ingest",
+        Some(producer.clone()),
+        shutdown.clone(),
     )
     .await?;
-    let producer = Arc::new(Producer::new(&config.kafka, "tessera-ingest")?);
+    let suppressions = Suppressions::follow(
+        &config.kafka,
+        &topics.suppressions(),
+        "tessera-ingest",
+        shutdown.clone(),
+    )
+    .await?;
     let admin = Admin::new();
     producer.register_metrics(&admin.registry, "ingest")?;
     let metrics = metrics::IngestMetrics::new(&admin);
@@ -65,6 +80,8 @@ pub async fn run_with_listener(
             config.ingest.max_concurrent_requests.max(1),
         )),
         sources: http::source_keys(&config.ingest.sources),
+        vault: vault.clone(),
+        suppressions: suppressions.clone(),
     });
     let router = http::router(state).merge(admin.router());
 
@@ -74,14 +91,16 @@ pub async fn run_with_listener(
             // brokers' (below), whatever this consumer does.
             group_id: topics.group("ingest-raw"),
             offsets: OffsetStorage::Kafka,
+            vault: Some(vault),
             ..RunnerSpec::new("ingest", &topics, vec![topics.raw()])
         };
-        let processor = raw::RawProcessor::new(
+        let mut processor = raw::RawProcessor::new(
             topics.clone(),
             config.ingest.raw_topic_source.clone(),
             limits,
             metrics,
         );
+        processor.suppressions = suppressions;
         let (kafka_cfg, producer, registry, token) = (
             config.kafka.clone(),
             producer.clone(),

@@ -11,6 +11,7 @@ pub struct IngestMetrics {
     pub produce_seconds: Histogram,
     pub accepted: IntCounterVec,
     pub rejected: IntCounterVec,
+    pub dropped: IntCounterVec,
     pub unavailable: IntCounter,
     pub previous_key_requests: IntCounterVec,
 }
@@ -68,6 +69,17 @@ impl IngestMetrics {
                     Opts::new(
                         "tessera_ingest_events_rejected_total",
                         "Requests or events refused, by reason code",
+                    ),
+                    &["origin", "reason"],
+                )
+                .unwrap(),
+            ),
+            dropped: admin.register(
+                &IntCounterVec::new(
+                    Opts::new(
+                        "tessera_ingest_events_dropped_total",
+                        "Valid events not stored, by reason (suppressed: the person asked to \
+                         be suppressed); the client is answered as for a stored event",
                     ),
                     &["origin", "reason"],
                 )

@@ -9,6 +9,7 @@ use serde_json::Value;
 use tessera_common::records::{AvroRecord, DeadLetter};
 use tessera_common::runner::{Message, Output, Processor};
 use tessera_common::store::Txn;
+use tessera_common::suppressions::Suppressions;
 use tessera_common::topics::Topics;
 use tessera_common::{Result, ids};
 
@@ -20,6 +21,8 @@ pub struct RawProcessor {
     source: String,
     limits: Limits,
     metrics: IngestMetrics,
+    /// Identifiers whose events are dropped.
+    pub suppressions: Suppressions,
 }
 
 impl RawProcessor {
@@ -29,6 +32,7 @@ impl RawProcessor {
             source,
             limits,
             metrics,
+            suppressions: Suppressions::default(),
         }
     }
 
@@ -55,10 +59,23 @@ impl RawProcessor {
             input_offset: Some(msg.offset),
             original,
         };
-        Ok(Output {
-            topic: self.topics.deadletter(),
-            key: self.source.clone().into_bytes(),
-            payload: d.to_avro()?,
+        // A refused event that names a visitor is sealed like their events.
+        let subject = serde_json::from_slice::<Value>(&d.original)
+            .ok()
+            .and_then(|v| validate::subject_of_input(&v));
+        let (topic, key, payload) = (
+            self.topics.deadletter(),
+            self.source.clone().into_bytes(),
+            d.to_avro()?,
+        );
+        Ok(match subject {
+            Some(s) => Output::sealed(topic, key, payload, &s),
+            None => Output {
+                subject: None,
+                topic,
+                key,
+                payload,
+            },
         })
     }
 }
@@ -126,11 +143,20 @@ impl Processor for RawProcessor {
                         .accepted
                         .with_label_values(&["kafka", &self.source])
                         .inc();
-                    out.push(Output {
-                        topic: self.topics.ingested(),
-                        key: validate::partition_key(&e).as_bytes().to_vec(),
-                        payload: e.to_avro()?,
-                    });
+                    if validate::is_suppressed(&e, &self.suppressions) {
+                        self.metrics
+                            .dropped
+                            .with_label_values(&["kafka", "suppressed"])
+                            .inc();
+                        continue;
+                    }
+                    let subject = validate::partition_key(&e);
+                    out.push(Output::sealed(
+                        self.topics.ingested(),
+                        subject.clone().into_bytes(),
+                        e.to_avro()?,
+                        &subject,
+                    ));
                 }
                 Err(r) => {
                     let idx = in_batch.then_some(index as i32);

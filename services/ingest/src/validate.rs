@@ -16,6 +16,7 @@
 
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use serde_json::{Map, Value};
+use tessera_common::suppressions::{Suppressions, identifier_hash};
 
 use tessera_common::config::IngestConfig;
 use tessera_common::records::IngestedEvent;
@@ -292,13 +293,43 @@ pub fn normalise(
     })
 }
 
-/// The Kafka key of an event: anonymousId, else userId, so one visitor's events stay
-/// in order.
-pub fn partition_key(e: &IngestedEvent) -> &str {
-    e.anonymous_id
-        .as_deref()
-        .or(e.user_id.as_deref())
-        .unwrap_or(&e.message_id)
+/// The Kafka key of an event, its *subject*: a hash of its anonymousId, else userId,
+/// so one visitor's events stay in order, the key names nobody, and the record is
+/// sealed with that subject's key (erasing the person destroys it).
+pub fn partition_key(e: &IngestedEvent) -> String {
+    subject_of(
+        e.anonymous_id
+            .as_deref()
+            .or(e.user_id.as_deref())
+            .unwrap_or(&e.message_id),
+    )
+}
+
+fn subject_of(id: &str) -> String {
+    tessera_common::ids::deterministic_id("subject", &[id])
+}
+
+/// The subject of an input that was refused, when it names a visitor: its dead letter
+/// is sealed with that subject's key like the visitor's events.
+pub fn subject_of_input(v: &Value) -> Option<String> {
+    let m = v.as_object()?;
+    let id = id_field(m, "anonymousId")
+        .ok()
+        .flatten()
+        .or_else(|| id_field(m, "userId").ok().flatten())?;
+    Some(subject_of(&id))
+}
+
+/// Whether the event carries a suppressed userId or anonymousId (hashed as identity
+/// hashes them, trimmed).
+pub fn is_suppressed(e: &IngestedEvent, s: &Suppressions) -> bool {
+    !s.is_empty()
+        && [("user_id", &e.user_id), ("anonymous_id", &e.anonymous_id)]
+            .iter()
+            .any(|(kind, v)| {
+                v.as_deref()
+                    .is_some_and(|v| s.contains(&identifier_hash(kind, v.trim())))
+            })
 }
 
 #[cfg(test)]

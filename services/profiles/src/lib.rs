@@ -12,6 +12,7 @@
 pub mod api;
 pub mod catalog;
 pub mod computed;
+pub mod privacy;
 pub mod profile;
 pub mod segments;
 pub mod state;
@@ -78,7 +79,14 @@ pub async fn run_with_listener(
         topics.triggers(),
         topics.deadletter(),
     ];
-    let parts = service::prepare(&config, "profiles", &config.profiles.state_dir, &needed).await?;
+    let parts = service::prepare(
+        &config,
+        "profiles",
+        &config.profiles.state_dir,
+        &needed,
+        &shutdown,
+    )
+    .await?;
     kafka::ensure_topics(
         &config.kafka,
         &config.topics,
@@ -130,6 +138,7 @@ pub async fn run_with_listener(
         topics.merges(),
         topics.splits(),
         topics.transfers(),
+        topics.privacy_actions(),
     ];
     let spec = RunnerSpec {
         // Fires window timers, moves back-fills on, expires de-duplication entries.

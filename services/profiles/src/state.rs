@@ -28,8 +28,8 @@ use tracing::debug;
 use tessera_common::admin::Admin;
 use tessera_common::ids::deterministic_id;
 use tessera_common::records::{
-    AvroRecord, Identifier, MembershipChange, ProfileMerge, ProfileSplit, ProfileTransfer,
-    ResolvedEvent, TriggerFired,
+    AvroRecord, Identifier, MembershipChange, PrivacyAction, ProfileMerge, ProfileSplit,
+    ProfileTransfer, ResolvedEvent, TriggerFired,
 };
 use tessera_common::runner::{self, Message, Output, Processor};
 use tessera_common::store::{Store, Txn};
@@ -44,7 +44,7 @@ use crate::triggers;
 pub fn profile_key(id: &str) -> Vec<u8> {
     format!("p/{id}").into_bytes()
 }
-fn redirect_key(id: &str) -> Vec<u8> {
+pub(crate) fn redirect_key(id: &str) -> Vec<u8> {
     format!("redirect/{id}").into_bytes()
 }
 pub fn index_key(kind: &str, value: &str) -> Vec<u8> {
@@ -511,11 +511,12 @@ impl ProfilesProcessor {
             state: serde_json::to_string(&moved)?,
             received_at: cause.received_at,
         };
-        Ok(Output {
-            topic: self.topics.transfers(),
-            key: survivor.as_bytes().to_vec(),
-            payload: t.to_avro()?,
-        })
+        Ok(Output::sealed(
+            self.topics.transfers(),
+            survivor.as_bytes().to_vec(),
+            t.to_avro()?,
+            survivor,
+        ))
     }
 
     /// Loads (or starts) a profile, changes it, indexes new identifiers, re-evaluates
@@ -650,11 +651,12 @@ impl ProfilesProcessor {
                 consent: snap.consent.clone(),
                 segments: snap.segments.clone(),
             };
-            out.push(Output {
-                topic: self.topics.triggers(),
-                key: p.id.as_bytes().to_vec(),
-                payload: rec.to_avro()?,
-            });
+            out.push(Output::sealed(
+                self.topics.triggers(),
+                p.id.as_bytes().to_vec(),
+                rec.to_avro()?,
+                &p.id,
+            ));
         }
         Ok(())
     }
@@ -721,6 +723,44 @@ impl ProfilesProcessor {
         p
     }
 
+    /// Removes a profile with its group indexes and timer (not its memberships).
+    pub(crate) fn forget_profile(&self, txn: &mut Txn<'_>, p: &Profile) -> Result<()> {
+        index_groups(
+            txn,
+            &p.id,
+            (p.household.clone(), p.accounts.clone()),
+            &Profile::new(&p.id),
+        );
+        if let Some(due) = p.timer {
+            txn.delete(timer_key(due, &p.id));
+        }
+        txn.delete(profile_key(&p.id));
+        self.count_profiles(txn, -1)
+    }
+
+    /// A profile's kept history, oldest first.
+    pub(crate) fn read_history(&self, txn: &Txn<'_>, id: &str) -> Result<Vec<ResolvedEvent>> {
+        read_log(txn, id, self.history_limit)
+    }
+
+    /// Removes and returns a profile's kept history.
+    pub(crate) fn take_history(&self, txn: &mut Txn<'_>, id: &str) -> Result<Vec<ResolvedEvent>> {
+        self.take_log(txn, id)
+    }
+
+    /// Drops a message's de-duplication entry; returns whether there was one.
+    pub(crate) fn forget_message(&self, txn: &mut Txn<'_>, id: &str) -> Result<bool> {
+        let Some(v) = txn.get(&seen_key(id))? else {
+            return Ok(false);
+        };
+        if let Ok(b) = <[u8; 8]>::try_from(v.as_slice()) {
+            let expiry = i64::from_be_bytes(b);
+            txn.delete(format!("{SEEN_EXP_PREFIX}{expiry:020}/{id}").into_bytes());
+        }
+        txn.delete(seen_key(id));
+        Ok(true)
+    }
+
     /// A profile leaves: its memberships end and its indexes go.
     fn remove(
         &self,
@@ -741,17 +781,7 @@ impl ProfilesProcessor {
             ..p.clone()
         };
         self.emit(txn, &gone, &exits, cause, out)?;
-        index_groups(
-            txn,
-            &p.id,
-            (p.household.clone(), p.accounts.clone()),
-            &Profile::new(&p.id),
-        );
-        if let Some(due) = p.timer {
-            txn.delete(timer_key(due, &p.id));
-        }
-        txn.delete(profile_key(&p.id));
-        self.count_profiles(txn, -1)
+        self.forget_profile(txn, p)
     }
 
     /// Enter and exit records for membership changes; with `fields_changed`, an
@@ -832,11 +862,12 @@ impl ProfilesProcessor {
                 consent: snap.consent.clone(),
                 segments: snap.segments.clone(),
             };
-            out.push(Output {
-                topic: self.topics.membership(),
-                key: p.id.as_bytes().to_vec(),
-                payload: rec.to_avro()?,
-            });
+            out.push(Output::sealed(
+                self.topics.membership(),
+                p.id.as_bytes().to_vec(),
+                rec.to_avro()?,
+                &p.id,
+            ));
         }
         Ok(())
     }
@@ -1195,6 +1226,8 @@ impl Processor for ProfilesProcessor {
             ProfileSplit::from_avro(bytes).map(|s| self.on_split(s, txn, out))
         } else if msg.topic == self.topics.transfers() {
             ProfileTransfer::from_avro(bytes).map(|t| self.on_transfer(t, txn, out))
+        } else if msg.topic == self.topics.privacy_actions() {
+            PrivacyAction::from_avro(bytes).map(|a| self.on_privacy(a, txn, out))
         } else {
             Err(Error::Invalid(format!("unexpected topic {}", msg.topic)))
         };

@@ -1,0 +1,433 @@
+//! Crypto-shredding: how a person is erased from topics, which are logs.
+//!
+//! Every record that carries a person's data is **sealed** with a key of its *subject*:
+//! the ingest subject of an event (a hash of its anonymousId or userId), the profile id
+//! of everything downstream of identity, or a privacy request's id. Keys are random
+//! AES-256-GCM keys kept on `privacy.keys` (compacted, one partition, read whole by
+//! every service). Erasing a person writes a tombstone for each key of their subjects:
+//! every sealed record of theirs, on every topic and in every replay, is then noise. A
+//! record whose key is gone is *shredded*: the runner skips it and counts it.
+//!
+//! Subjects are only ever named by a hash ([`subject_hash`]): the keys topic holds no
+//! personal value. Several instances may create keys for one subject at once; each key
+//! has its own id, so none is lost.
+//!
+//! A sealed record: `C3 5E` | subject hash (16 bytes) | key id (8) | nonce (12) |
+//! AES-256-GCM ciphertext and tag of the plain record. Anything else is plain.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use aes_gcm::aead::{Aead, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::KafkaConfig;
+use crate::kafka::{Producer, consumer_config};
+use crate::records::{AvroRecord, SubjectKey};
+use crate::runner::Message;
+use crate::{Error, Result};
+
+pub const SEAL_MARKER: [u8; 2] = [0xC3, 0x5E];
+const HEADER_LEN: usize = 2 + 16 + 8 + 12;
+
+/// A subject's name on the keys topic and in sealed records.
+pub type SubjectHash = [u8; 16];
+
+pub fn subject_hash(subject: &str) -> SubjectHash {
+    let d = Sha256::digest(subject.as_bytes());
+    d[..16].try_into().expect("16 bytes")
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The keys topic's record key of one key.
+fn record_key(subject: &SubjectHash, key_id: &[u8; 8]) -> String {
+    format!("{}/{}", hex(subject), hex(key_id))
+}
+
+fn parse_record_key(k: &[u8]) -> Option<(SubjectHash, [u8; 8])> {
+    let s = std::str::from_utf8(k).ok()?;
+    let (a, b) = s.split_once('/')?;
+    Some((unhex(a)?.try_into().ok()?, unhex(b)?.try_into().ok()?))
+}
+
+pub fn is_sealed(bytes: &[u8]) -> bool {
+    bytes.len() > HEADER_LEN && bytes[..2] == SEAL_MARKER
+}
+
+/// The subject a sealed record was sealed for.
+pub fn sealed_subject(bytes: &[u8]) -> Option<SubjectHash> {
+    is_sealed(bytes).then(|| bytes[2..18].try_into().expect("16 bytes"))
+}
+
+/// What opening a record gave.
+#[derive(Debug, PartialEq)]
+pub enum Opened {
+    /// The plain record (it was sealed with a known key, or never sealed).
+    Plain(Vec<u8>),
+    /// Sealed with a key that no longer exists: its subject was erased.
+    Shredded,
+    /// Sealed, but it does not open with its key: damaged or forged.
+    Corrupt,
+}
+
+#[derive(Default)]
+struct Keys {
+    by_subject: HashMap<SubjectHash, Vec<([u8; 8], Aes256Gcm)>>,
+}
+
+impl Keys {
+    fn get(&self, s: &SubjectHash, id: &[u8; 8]) -> Option<&Aes256Gcm> {
+        self.by_subject
+            .get(s)?
+            .iter()
+            .find(|(k, _)| k == id)
+            .map(|(_, c)| c)
+    }
+}
+
+/// The keyring of one service instance: follows `privacy.keys`, creates keys for new
+/// subjects, seals and opens records.
+pub struct Vault {
+    topic: String,
+    producer: Option<Arc<Producer>>,
+    keys: Arc<RwLock<Keys>>,
+    /// The next offset of the keys topic not applied yet.
+    applied: Arc<AtomicI64>,
+    /// Asks the broker where the keys topic ends (`None`: a vault of fixed keys).
+    watermarks: Option<std::sync::Mutex<BaseConsumer>>,
+}
+
+impl Vault {
+    /// Reads the whole keys topic, then keeps following it until `shutdown`. With a
+    /// producer the vault can create keys (seal); without, it only opens.
+    pub async fn follow(
+        kafka: &KafkaConfig,
+        topic: String,
+        client_id: &str,
+        producer: Option<Arc<Producer>>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Vault>> {
+        let keys: Arc<RwLock<Keys>> = Arc::default();
+        let applied = Arc::new(AtomicI64::new(0));
+        let (k, a) = (keys.clone(), applied.clone());
+        crate::table::follow(
+            kafka,
+            &topic,
+            &format!("{client_id}-keys"),
+            move |m: &Message| {
+                apply(&k, m);
+                a.store(m.offset + 1, Ordering::Release);
+            },
+            shutdown,
+        )
+        .await?;
+        let watermarks: BaseConsumer =
+            consumer_config(kafka, client_id, &format!("{client_id}-keys-watermarks")).create()?;
+        Ok(Arc::new(Vault {
+            topic,
+            producer,
+            keys,
+            applied,
+            watermarks: Some(std::sync::Mutex::new(watermarks)),
+        }))
+    }
+
+    /// Seals `plain` with a key of subject `s`, creating (and storing on the keys
+    /// topic, acknowledged) one if the subject has none yet.
+    pub async fn seal(&self, s: &SubjectHash, plain: &[u8]) -> Result<Vec<u8>> {
+        let s = *s;
+        if let Some(sealed) = self.seal_known(&s, plain)? {
+            return Ok(sealed);
+        }
+        let producer = self.producer.as_ref().ok_or_else(|| {
+            Error::Invalid("this vault only opens records: it has no producer".into())
+        })?;
+        let key: [u8; 32] = rand::random();
+        let key_id: [u8; 8] = rand::random();
+        let record = SubjectKey {
+            subject: hex(&s),
+            key_id: hex(&key_id),
+            key: key.to_vec(),
+            created_at: crate::now_ms(),
+        };
+        producer
+            .send(
+                &self.topic,
+                record_key(&s, &key_id).as_bytes(),
+                &record.to_avro()?,
+            )
+            .await
+            .map_err(|e| Error::Invalid(format!("the subject key was not stored: {e}")))?;
+        let cipher = Aes256Gcm::new_from_slice(&key).expect("32-byte key");
+        self.keys
+            .write()
+            .expect("keys lock")
+            .by_subject
+            .entry(s)
+            .or_default()
+            .push((key_id, cipher));
+        Ok(self.seal_known(&s, plain)?.expect("the key was just added"))
+    }
+
+    fn seal_known(&self, s: &SubjectHash, plain: &[u8]) -> Result<Option<Vec<u8>>> {
+        let keys = self.keys.read().expect("keys lock");
+        let Some((key_id, cipher)) = keys.by_subject.get(s).and_then(|v| v.first()) else {
+            return Ok(None);
+        };
+        let nonce: [u8; 12] = rand::random();
+        let ct = cipher
+            .encrypt(Nonce::from_slice(&nonce), plain)
+            .map_err(|e| Error::Invalid(format!("sealing failed: {e}")))?;
+        let mut out = Vec::with_capacity(HEADER_LEN + ct.len());
+        out.extend_from_slice(&SEAL_MARKER);
+        out.extend_from_slice(s);
+        out.extend_from_slice(key_id);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ct);
+        Ok(Some(out))
+    }
+
+    /// Opens a record without waiting: `None` when it is sealed with a key this vault
+    /// has not seen (yet, or any more).
+    pub fn try_open(&self, bytes: &[u8]) -> Option<Opened> {
+        if !is_sealed(bytes) {
+            return Some(Opened::Plain(bytes.to_vec()));
+        }
+        let s: SubjectHash = bytes[2..18].try_into().expect("16 bytes");
+        let id: [u8; 8] = bytes[18..26].try_into().expect("8 bytes");
+        let keys = self.keys.read().expect("keys lock");
+        let cipher = keys.get(&s, &id)?;
+        Some(
+            match cipher.decrypt(
+                Nonce::from_slice(&bytes[26..HEADER_LEN]),
+                &bytes[HEADER_LEN..],
+            ) {
+                Ok(p) => Opened::Plain(p),
+                Err(_) => Opened::Corrupt,
+            },
+        )
+    }
+
+    /// Opens a record. A key not seen yet may be on its way (it is stored before any
+    /// record sealed with it): the vault first reads the keys topic up to its end; a key
+    /// still unknown then was destroyed. An error means the keys topic could not be
+    /// read: try again.
+    pub async fn open(&self, bytes: &[u8]) -> Result<Opened> {
+        if let Some(o) = self.try_open(bytes) {
+            return Ok(o);
+        }
+        self.catch_up().await?;
+        Ok(self.try_open(bytes).unwrap_or(Opened::Shredded))
+    }
+
+    /// Waits until every key stored so far has been read.
+    pub async fn catch_up(&self) -> Result<()> {
+        let Some(watermarks) = &self.watermarks else {
+            return Ok(());
+        };
+        let high = {
+            let c = watermarks.lock().expect("watermarks lock");
+            let (_, high) = c.fetch_watermarks(&self.topic, 0, Duration::from_secs(10))?;
+            high
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.applied.load(Ordering::Acquire) < high {
+            if Instant::now() > deadline {
+                return Err(Error::Invalid(
+                    "the keys topic was not read to its end within 10 s".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    /// The keys topic's record keys of every key of these subjects: what to tombstone
+    /// to erase them. Call after [`Vault::catch_up`] to include keys created elsewhere.
+    pub fn keys_of(&self, subjects: &[SubjectHash]) -> Vec<String> {
+        let keys = self.keys.read().expect("keys lock");
+        subjects
+            .iter()
+            .flat_map(|s| {
+                keys.by_subject
+                    .get(s)
+                    .into_iter()
+                    .flatten()
+                    .map(move |(id, _)| record_key(s, id))
+            })
+            .collect()
+    }
+
+    /// Drops these subjects' keys here at once (their tombstones follow on the topic).
+    pub fn forget(&self, subjects: &[SubjectHash]) {
+        let mut keys = self.keys.write().expect("keys lock");
+        for s in subjects {
+            keys.by_subject.remove(s);
+        }
+    }
+
+    /// How many keys this instance holds (a gauge for operators).
+    pub fn len(&self) -> usize {
+        let keys = self.keys.read().expect("keys lock");
+        keys.by_subject.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn apply(keys: &RwLock<Keys>, m: &Message) {
+    let Some((s, id)) = m.key.as_deref().and_then(parse_record_key) else {
+        tracing::warn!(
+            offset = m.offset,
+            "a keys record with a malformed key, skipped"
+        );
+        return;
+    };
+    let mut keys = keys.write().expect("keys lock");
+    match m.payload.as_deref() {
+        // A tombstone: the key is destroyed.
+        None | Some([]) => {
+            if let Some(v) = keys.by_subject.get_mut(&s) {
+                v.retain(|(k, _)| *k != id);
+                if v.is_empty() {
+                    keys.by_subject.remove(&s);
+                }
+            }
+        }
+        Some(bytes) => match SubjectKey::from_avro(bytes)
+            .ok()
+            .and_then(|r| Aes256Gcm::new_from_slice(&r.key).ok())
+        {
+            Some(cipher) => {
+                let v = keys.by_subject.entry(s).or_default();
+                if !v.iter().any(|(k, _)| *k == id) {
+                    v.push((id, cipher));
+                }
+            }
+            None => tracing::warn!(offset = m.offset, "an unreadable keys record, skipped"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(key: &str, payload: Option<Vec<u8>>) -> Message {
+        Message {
+            topic: "k".into(),
+            partition: 0,
+            offset: 0,
+            key: Some(key.as_bytes().to_vec()),
+            payload,
+            timestamp_ms: None,
+        }
+    }
+
+    fn key_record(subject: &str, id: [u8; 8]) -> (String, Vec<u8>) {
+        let s = subject_hash(subject);
+        let rec = SubjectKey {
+            subject: hex(&s),
+            key_id: hex(&id),
+            key: rand::random::<[u8; 32]>().to_vec(),
+            created_at: 1,
+        };
+        (record_key(&s, &id), rec.to_avro().unwrap())
+    }
+
+    /// A vault fed by hand instead of by the keys topic.
+    fn vault() -> Vault {
+        Vault {
+            topic: "keys".into(),
+            producer: None,
+            keys: Arc::default(),
+            applied: Arc::default(),
+            watermarks: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sealed_record_opens_with_its_key_and_is_shredded_without_it() {
+        let v = vault();
+        let (k, rec) = key_record("profile-1", [1; 8]);
+        apply(&v.keys, &msg(&k, Some(rec)));
+        let plain = b"jane.doe@example.com".to_vec();
+        let sealed = v.seal(&subject_hash("profile-1"), &plain).await.unwrap();
+        assert!(is_sealed(&sealed));
+        assert!(
+            !sealed.windows(8).any(|w| w == b"jane.doe"),
+            "no plain text in a sealed record"
+        );
+        assert_eq!(v.open(&sealed).await.unwrap(), Opened::Plain(plain.clone()));
+        // A record that was never sealed passes as it is.
+        assert_eq!(
+            v.open(b"\xC3\x01plain").await.unwrap(),
+            Opened::Plain(b"\xC3\x01plain".to_vec())
+        );
+        // A forged or damaged record is an error, not a shredded one.
+        let mut bad = sealed.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert_eq!(v.open(&bad).await.unwrap(), Opened::Corrupt);
+        // The tombstone destroys the key: the record is noise from then on.
+        assert_eq!(v.keys_of(&[subject_hash("profile-1")]), vec![k.clone()]);
+        apply(&v.keys, &msg(&k, None));
+        assert_eq!(v.open(&sealed).await.unwrap(), Opened::Shredded);
+        assert!(v.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_vault_without_a_producer_cannot_create_keys() {
+        let err = vault()
+            .seal(&subject_hash("new-subject"), b"x")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("no producer"), "{err}");
+    }
+
+    #[test]
+    fn several_keys_of_one_subject_all_count_and_malformed_records_are_skipped() {
+        let v = vault();
+        for id in [[1; 8], [2; 8]] {
+            let (k, rec) = key_record("anon-1", id);
+            apply(&v.keys, &msg(&k, Some(rec)));
+        }
+        apply(&v.keys, &msg("not-a-key", Some(vec![1])));
+        apply(
+            &v.keys,
+            &msg(&record_key(&subject_hash("x"), &[3; 8]), Some(vec![1])),
+        );
+        assert_eq!(v.len(), 2);
+        assert_eq!(v.keys_of(&[subject_hash("anon-1")]).len(), 2);
+        v.forget(&[subject_hash("anon-1")]);
+        assert!(v.is_empty());
+    }
+
+    #[test]
+    fn record_keys_round_trip_and_name_no_value() {
+        let s = subject_hash("jane@example.com");
+        let k = record_key(&s, &[0xab; 8]);
+        assert!(!k.contains("jane"));
+        assert_eq!(parse_record_key(k.as_bytes()), Some((s, [0xab; 8])));
+        assert_eq!(parse_record_key(b"zz/00"), None);
+    }
+}

@@ -1,0 +1,309 @@
+//! The privacy API, on identity (it resolves any identifier), with credentials of its
+//! own (`[admin] privacy_tokens`):
+//!
+//! - `POST /v1/privacy/requests` `{"action": "delete"|"suppress"|"unsuppress"|"export",
+//!   "identifier": {"type", "value"}, "request_id"?, "suppress"?}`: records the request
+//!   in the audit trail (who, which action, never the value) and on
+//!   `privacy.reports`, then writes it, sealed, to `identity.commands`: it is durable and
+//!   applied in order with the events, whatever restarts. 202 with the request id; the
+//!   same `request_id` again answers with that request's status (idempotent).
+//!   A delete suppresses the identifiers too unless `"suppress": false`.
+//! - `GET /v1/privacy/requests/{id}`: the request's status and what each service did
+//!   (counts and ids); an export's answer holds the person's data.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use axum::Router;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Extension, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use tessera_common::admin::Caller;
+use tessera_common::config::KafkaConfig;
+use tessera_common::records::{AvroRecord, IdentityCommand, PrivacyReport};
+use tessera_common::runner::Message;
+use tessera_common::store::Txn;
+use tessera_common::vault::{Opened, subject_hash};
+
+use crate::api::{ApiState, error, identifier, read, unavailable};
+use crate::graph;
+
+const ACTIONS: [&str; 4] = ["delete", "suppress", "unsuppress", "export"];
+/// The services that report on a request found in the graph, in order.
+const STAGES: [&str; 3] = ["identity", "profiles", "activation"];
+
+/// The reports on `privacy.reports`, by request and service (as stored: an export's
+/// are sealed).
+#[derive(Clone, Default)]
+pub struct Reports(Arc<RwLock<HashMap<String, ByService>>>);
+
+/// One request's reports: service → the stored record.
+type ByService = BTreeMap<String, Vec<u8>>;
+
+impl Reports {
+    pub async fn follow(
+        kafka: &KafkaConfig,
+        topic: &str,
+        shutdown: CancellationToken,
+    ) -> tessera_common::Result<Reports> {
+        let r = Reports::default();
+        let applied = r.clone();
+        tessera_common::table::follow(
+            kafka,
+            topic,
+            "tessera-identity-privacy-reports",
+            move |m: &Message| applied.apply(m),
+            shutdown,
+        )
+        .await?;
+        Ok(r)
+    }
+
+    fn apply(&self, m: &Message) {
+        let Some(key) = m.key.as_deref().map(String::from_utf8_lossy) else {
+            return;
+        };
+        let Some((request, service)) = key.rsplit_once('/') else {
+            return;
+        };
+        let mut all = self.0.write().expect("reports lock");
+        match m.payload.as_deref() {
+            None | Some([]) => {
+                if let Some(r) = all.get_mut(request) {
+                    r.remove(service);
+                }
+            }
+            Some(bytes) => {
+                all.entry(request.to_string())
+                    .or_default()
+                    .insert(service.to_string(), bytes.to_vec());
+            }
+        }
+    }
+
+    fn insert(&self, r: &PrivacyReport, bytes: Vec<u8>) {
+        self.0
+            .write()
+            .expect("reports lock")
+            .entry(r.request_id.clone())
+            .or_default()
+            .insert(r.service.clone(), bytes);
+    }
+
+    fn get(&self, request: &str) -> Option<ByService> {
+        self.0.read().expect("reports lock").get(request).cloned()
+    }
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/privacy/requests", post(create))
+        .route("/v1/privacy/requests/{id}", get(status))
+        .with_state(state)
+}
+
+fn valid_request_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+async fn create(
+    State(st): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    b: Result<axum::Json<Value>, JsonRejection>,
+) -> Response {
+    let v = match crate::api::body(b) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let action = v["action"].as_str().unwrap_or_default().to_string();
+    if !ACTIONS.contains(&action.as_str()) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_action",
+            "action must be one of delete, suppress, unsuppress, export",
+        );
+    }
+    let id = &v["identifier"];
+    let i = match identifier(&st.rules, id["type"].as_str(), id["value"].as_str()) {
+        Ok(i) => i,
+        Err(r) => return r,
+    };
+    let suppress = match &v["suppress"] {
+        Value::Null => action == "delete",
+        Value::Bool(b) if action == "delete" => *b,
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                "suppress is a boolean, and only for a delete",
+            );
+        }
+    };
+    let request_id = match &v["request_id"] {
+        Value::Null => uuid::Uuid::new_v4().to_string(),
+        Value::String(s) if valid_request_id(s) => s.clone(),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_id",
+                "request_id: 1 to 128 letters, digits, '-', '_' or '.'",
+            );
+        }
+    };
+    if let Some(known) = st.reports.get(&request_id) {
+        let same = known
+            .get("api")
+            .and_then(|b| PrivacyReport::from_avro(b).ok())
+            .is_some_and(|r| r.action == action);
+        if !same {
+            return error(
+                StatusCode::CONFLICT,
+                "request_id_taken",
+                "this request_id names another request",
+            );
+        }
+        return answer(&st, &request_id).await;
+    }
+    let probe = i.clone();
+    let profile = match read(&st, move |store| {
+        graph::lookup(&Txn::new(store.as_ref()), &probe)
+    })
+    .await
+    {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    // The request is sealed with the profile's key (erased with the person), or its own.
+    let key = profile.clone().unwrap_or_else(|| request_id.clone());
+    if let Err(e) = st
+        .audit
+        .record(
+            &caller.0,
+            &format!("privacy.{action}"),
+            &format!("privacy/{request_id}"),
+            json!({"request_id": request_id, "type": i.kind, "suppress": suppress}),
+        )
+        .await
+    {
+        return unavailable(e.to_string());
+    }
+    let now = tessera_common::now_ms();
+    let accepted = PrivacyReport {
+        request_id: request_id.clone(),
+        service: "api".into(),
+        action: action.clone(),
+        status: "accepted".into(),
+        profile_id: None,
+        at: now,
+        detail: json!({"type": i.kind, "suppress": suppress, "by": caller.0}).to_string(),
+    };
+    let cmd = IdentityCommand {
+        command_id: request_id.clone(),
+        action,
+        merge_id: None,
+        survivor_identifiers: Vec::new(),
+        merged_identifiers: Vec::new(),
+        kind: Some(i.kind),
+        value: Some(i.value),
+        reason: None,
+        suppress,
+        requested_at: now,
+    };
+    let sent = async {
+        let report = accepted.to_avro()?;
+        st.producer
+            .send(&st.reports_topic, accepted.key().as_bytes(), &report)
+            .await
+            .map_err(|e| tessera_common::Error::Invalid(e.to_string()))?;
+        st.reports.insert(&accepted, report);
+        let sealed = st.vault.seal(&subject_hash(&key), &cmd.to_avro()?).await?;
+        st.producer
+            .send(&st.commands_topic, key.as_bytes(), &sealed)
+            .await
+            .map_err(|e| tessera_common::Error::Invalid(e.to_string()))?;
+        Ok::<_, tessera_common::Error>(())
+    };
+    if let Err(e) = sent.await {
+        return unavailable(format!("the request could not be written: {e}"));
+    }
+    let mut r = answer(&st, &request_id).await;
+    *r.status_mut() = StatusCode::ACCEPTED;
+    r
+}
+
+async fn status(State(st): State<ApiState>, Path(id): Path<String>) -> Response {
+    if st.reports.get(&id).is_none() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such privacy request",
+        );
+    }
+    answer(&st, &id).await
+}
+
+/// The request's status: `accepted` (not applied yet), `in_progress`, `done`, or
+/// `not_found` (nobody has that identifier), with each service's report.
+async fn answer(st: &ApiState, id: &str) -> Response {
+    let reports = st.reports.get(id).unwrap_or_default();
+    let mut steps = serde_json::Map::new();
+    let mut data = serde_json::Map::new();
+    let (mut action, mut profile, mut found) = (String::new(), Value::Null, None);
+    for (service, bytes) in &reports {
+        let opened = match st.vault.open(bytes).await {
+            Ok(Opened::Plain(p)) => PrivacyReport::from_avro(&p).ok(),
+            Ok(_) => None,
+            Err(e) => return unavailable(e),
+        };
+        let Some(r) = opened else {
+            // Sealed with a key that is gone: the person was erased since.
+            steps.insert(service.clone(), json!({"status": "erased"}));
+            continue;
+        };
+        let detail: Value = serde_json::from_str(&r.detail).unwrap_or(Value::Null);
+        if r.action == "export"
+            && service != "api"
+            && let Value::Object(m) = &detail
+        {
+            data.extend(m.clone());
+        }
+        if service == "identity" {
+            found = Some(r.status == "done");
+            profile = json!(r.profile_id);
+        }
+        action = r.action.clone();
+        steps.insert(
+            service.clone(),
+            json!({
+                "status": r.status,
+                "at": r.at,
+                "detail": if r.action == "export" && service != "api" { Value::Null } else { detail },
+            }),
+        );
+    }
+    let status = match found {
+        None => "accepted",
+        Some(false) => "not_found",
+        Some(true) if STAGES.iter().all(|s| steps.contains_key(*s)) => "done",
+        Some(true) => "in_progress",
+    };
+    let mut body = json!({
+        "request_id": id,
+        "action": action,
+        "status": status,
+        "profile_id": profile,
+        "steps": steps,
+    });
+    if action == "export" && status == "done" {
+        body["data"] = Value::Object(data);
+    }
+    axum::Json(body).into_response()
+}
