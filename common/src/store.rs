@@ -13,6 +13,8 @@ use crate::Result;
 #[derive(Debug, Default, Clone)]
 pub struct WriteBatch {
     pub(crate) ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Its deletions erase a person: once written they must leave the disk too.
+    pub(crate) purge: bool,
 }
 
 impl WriteBatch {
@@ -27,6 +29,16 @@ impl WriteBatch {
     }
     pub fn len(&self) -> usize {
         self.ops.len()
+    }
+    /// The keys to purge from disk once this batch is written ([`Txn::purge_on_commit`]).
+    pub fn purged_keys(&self) -> Option<Vec<Vec<u8>>> {
+        self.purge.then(|| {
+            self.ops
+                .iter()
+                .filter(|(_, v)| v.is_none())
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
     }
 }
 
@@ -46,6 +58,12 @@ pub trait Store: Send + Sync + 'static {
     /// Up to `limit` entries under `prefix`, last key first.
     fn scan_last(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
     fn write(&self, batch: WriteBatch) -> Result<()>;
+    /// Makes deleted keys leave the disk: a deletion is first a tombstone beside the old
+    /// value (and the key itself holds values, like `id/email/<address>`); this rewrites
+    /// the files that hold them so neither is left. For erasure, so it may take a while.
+    fn purge(&self, _deleted: &[Vec<u8>]) -> Result<()> {
+        Ok(())
+    }
     /// Bytes on disk (live SST files), for a gauge; 0 where unknown.
     fn size_bytes(&self) -> u64 {
         0
@@ -156,6 +174,24 @@ impl Store for RocksStore {
         Ok(())
     }
 
+    fn purge(&self, deleted: &[Vec<u8>]) -> Result<()> {
+        // The memtable (and with it the write-ahead log holding the old values) goes to
+        // a table file first; then the ranges of the deleted keys are compacted down to
+        // the last level, where tombstones and what they hide are dropped. Many keys:
+        // one compaction of everything.
+        self.db.flush()?;
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        if deleted.len() > 1000 {
+            self.db.compact_range_opt::<&[u8], &[u8]>(None, None, &opts);
+        } else {
+            for k in deleted {
+                self.db.compact_range_opt(Some(k), Some(k), &opts);
+            }
+        }
+        Ok(())
+    }
+
     fn size_bytes(&self) -> u64 {
         self.db
             .property_int_value("rocksdb.total-sst-files-size")
@@ -238,6 +274,7 @@ pub struct Txn<'a> {
     order: Vec<Vec<u8>>,
     /// Each write's key and what `pending` held for it before, for [`Txn::rollback_to`].
     undo: Vec<(Vec<u8>, Option<Pending>)>,
+    purge: bool,
 }
 
 impl<'a> Txn<'a> {
@@ -247,7 +284,14 @@ impl<'a> Txn<'a> {
             pending: BTreeMap::new(),
             order: Vec::new(),
             undo: Vec::new(),
+            purge: false,
         }
+    }
+
+    /// This transaction erases a person: once committed, its deleted keys are purged
+    /// from disk ([`Store::purge`]).
+    pub fn purge_on_commit(&mut self) {
+        self.purge = true;
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -357,7 +401,10 @@ impl<'a> Txn<'a> {
 
     /// The buffered writes as one batch, in first-write order.
     pub fn into_batch(mut self) -> WriteBatch {
-        let mut batch = WriteBatch::default();
+        let mut batch = WriteBatch {
+            purge: self.purge,
+            ..WriteBatch::default()
+        };
         for k in self.order {
             let v = self
                 .pending

@@ -35,6 +35,8 @@ pub use tessera_common;
 pub const WRITE_KEY: &str = "test-write-key";
 /// The API token of the test platforms (name `tests`); [`http`] sends it.
 pub const ADMIN_TOKEN: &str = "tests-admin-token-0123456789";
+/// The test platform's privacy API token (that API takes no other).
+pub const PRIVACY_TOKEN: &str = "tests-privacy-token-0123456789";
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -111,7 +113,70 @@ pub fn test_config(dir: &Path) -> Config {
         name: "tests".into(),
         token: ADMIN_TOKEN.into(),
     }];
+    c.admin.privacy_tokens = vec![tessera_common::config::ApiToken {
+        name: "tests-dpo".into(),
+        token: PRIVACY_TOKEN.into(),
+    }];
     c
+}
+
+/// Every topic of the platform whose topics start with `prefix`.
+pub fn platform_topics(prefix: &str) -> Vec<String> {
+    use rdkafka::consumer::BaseConsumer;
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .expect("metadata client");
+    let md = c
+        .fetch_metadata(None, Duration::from_secs(10))
+        .expect("metadata");
+    let mut names: Vec<String> = md
+        .topics()
+        .iter()
+        .map(|t| t.name().to_string())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Where any of `needles` shows in a service's RocksDB (every key and value, read
+/// through RocksDB), as `key: needle` lines.
+pub fn store_mentions(dir: &Path, needles: &[&str]) -> Vec<String> {
+    use tessera_common::store::{RocksStore, Store};
+    let store = RocksStore::open(dir).expect("the state opens");
+    let mut found = Vec::new();
+    for (k, v) in store.scan_prefix(b"", usize::MAX).expect("scan") {
+        for n in needles {
+            if contains(&k, n.as_bytes()) || contains(&v, n.as_bytes()) {
+                found.push(format!("{}: {n}", String::from_utf8_lossy(&k)));
+            }
+        }
+    }
+    found
+}
+
+/// Which files under `dir` hold any of `needles` in their bytes (RocksDB's table, log
+/// and manifest files as they are on disk), as `file: needle` lines.
+pub fn files_mentioning(dir: &Path, needles: &[&str]) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("state dir") {
+        let path = entry.expect("entry").path();
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        for n in needles {
+            if contains(&bytes, n.as_bytes()) {
+                found.push(format!("{}: {n}", path.display()));
+            }
+        }
+    }
+    found
+}
+
+/// Whether `needle` occurs in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The four services, in-process, on a real broker.

@@ -112,6 +112,7 @@ impl ActivationProcessor {
         }
         let detail = match a.action.as_str() {
             "delete" => {
+                txn.purge_on_commit();
                 for id in &ids {
                     txn.delete(sends_key(id));
                     txn.delete(suppressed_key(id));

@@ -78,6 +78,7 @@ impl IdentityProcessor {
         info!(request = %cmd.command_id, action, found = profile.is_some(), "privacy request applied to the graph");
         match action {
             "delete" => {
+                txn.purge_on_commit();
                 let erased = match &profile {
                     Some(p) => Graph::new(&self.rules).erase(txn, p)?,
                     None => None,

@@ -38,6 +38,7 @@ impl ProfilesProcessor {
         let live = live_id(|k| txn.get(k), &a.profile_id)?;
         let detail = match a.action.as_str() {
             "delete" => {
+                txn.purge_on_commit();
                 let mut ids = vec![live.clone()];
                 ids.extend(a.merged_profiles.iter().cloned());
                 if live != a.profile_id {
