@@ -24,6 +24,29 @@ pub struct Config {
     pub activation: ActivationConfig,
     pub admin: AdminConfig,
     pub http: HttpConfig,
+    #[serde(default)]
+    pub privacy: PrivacyConfig,
+}
+
+/// Data classification: labels (`pii`, `sensitive`, ...) of profile fields and event
+/// properties, by name. A destination receives a labelled field only if it allows the
+/// label (`allow_labels`); an export names the labels of what it holds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyConfig {
+    #[serde(default)]
+    pub labels: BTreeMap<String, Vec<String>>,
+}
+
+impl PrivacyConfig {
+    /// The labels of a field (a trait, identifier or property name).
+    pub fn labels_of(&self, field: &str) -> Vec<&str> {
+        self.labels
+            .iter()
+            .filter(|(_, fields)| fields.iter().any(|f| f == field))
+            .map(|(label, _)| label.as_str())
+            .collect()
+    }
 }
 
 /// Limits of every service's HTTP server, against slow or oversized clients.
@@ -301,6 +324,14 @@ pub struct DestinationConfig {
     /// Messages (trigger sends) per person and window on this destination.
     #[serde(default)]
     pub frequency_cap: Option<FrequencyCap>,
+    /// Labels ([`PrivacyConfig`]) of the data this destination may receive: a field or
+    /// event property with another label never reaches it.
+    #[serde(default = "default_allowed_labels")]
+    pub allow_labels: Vec<String>,
+}
+
+fn default_allowed_labels() -> Vec<String> {
+    vec!["pii".into()]
 }
 
 fn default_kind() -> DestinationKind {
@@ -308,6 +339,12 @@ fn default_kind() -> DestinationKind {
 }
 
 impl DestinationConfig {
+    /// Whether a field with these labels may reach this destination.
+    pub fn allows(&self, labels: &[&str]) -> bool {
+        labels
+            .iter()
+            .all(|l| self.allow_labels.iter().any(|a| a == l))
+    }
     pub fn purposes(&self) -> Vec<String> {
         self.purposes
             .clone()
@@ -443,6 +480,15 @@ impl Config {
             if let Some(c) = &d.frequency_cap {
                 c.window_ms()?;
             }
+            for f in &d.fields {
+                let labels = self.privacy.labels_of(f);
+                if !d.allows(&labels) {
+                    return bad(format!(
+                        "destination {:?} lists field {f:?}, labelled {labels:?}; it allows only {:?} (allow_labels)",
+                        d.id, d.allow_labels
+                    ));
+                }
+            }
         }
         if self.http.max_header_bytes < 8192 || self.http.header_read_timeout_ms == 0 {
             return bad("http.max_header_bytes must be at least 8192 and http.header_read_timeout_ms above 0".into());
@@ -520,6 +566,41 @@ mod tests {
         .unwrap();
         let err = Config::load_without_env(Some(&f)).unwrap_err().to_string();
         assert!(err.contains("repeats a write key"), "{err}");
+    }
+
+    #[test]
+    fn a_destination_gets_a_sensitive_field_only_if_it_allows_the_label() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        let dest = |allow: &str| {
+            format!(
+                "[activation]\nsuppressions = []\ndestinations = [{{id=\"crm\", segments=[\"buyers\"], fields=[\"email\", \"health\"]{allow}}}]\n"
+            )
+        };
+        std::fs::write(&f, dest("")).unwrap();
+        let err = Config::load_without_env(Some(&f)).unwrap_err().to_string();
+        assert!(
+            err.contains("\"health\"") && err.contains("sensitive"),
+            "{err}"
+        );
+        std::fs::write(&f, dest(", allow_labels=[\"pii\", \"sensitive\"]")).unwrap();
+        Config::load_without_env(Some(&f)).unwrap();
+        let cfg = Config::load_without_env(None).unwrap();
+        assert_eq!(cfg.privacy.labels_of("email"), vec!["pii"]);
+        assert!(cfg.privacy.labels_of("cart_id").is_empty());
+    }
+
+    #[test]
+    fn privacy_tokens_are_apart_from_admin_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "[admin]\ntokens = [{name=\"a\", token=\"same-token-0123456789\"}]\nprivacy_tokens = [{name=\"b\", token=\"same-token-0123456789\"}]\n",
+        )
+        .unwrap();
+        let err = Config::load_without_env(Some(&f)).unwrap_err().to_string();
+        assert!(err.contains("unique"), "{err}");
     }
 
     #[test]

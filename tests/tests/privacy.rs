@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use tessera_common::records::Activation;
+use tessera_common::records::{Activation, AvroRecord};
 use tessera_common::topics::Topics;
 use tessera_tests::*;
 
@@ -351,4 +351,171 @@ async fn a_person_deleted_by_email_is_gone_from_every_topic_and_store() {
     );
     // Bob's data is still there to read (sealed, with a key that exists).
     assert!(!store_mentions(&cfg.profiles.state_dir, &[&bob_user]).is_empty());
+}
+
+/// Export returns what every service holds; suppression stops collection (ingest drops
+/// the person's events) and activation (the person leaves audiences), and unsuppress
+/// lifts it; each request is in the audit trail with who asked and no personal value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn export_returns_everything_and_suppression_stops_ingest_and_activation() {
+    let p = Platform::start().await;
+    let run = uid("dsar");
+    let (ann, bob) = (format!("{run}-ann"), format!("{run}-bob"));
+    let email = format!("{ann}@example.com");
+    for u in [&ann, &bob] {
+        send(&p.ingest, "/v1/identify", json!({"userId": u, "traits": {"email": format!("{u}@example.com"), "first_name": "Ann"}})).await;
+        send(
+            &p.ingest,
+            "/v1/track",
+            json!({"userId": u, "event": "Order Completed", "properties": {"total": 12}}),
+        )
+        .await;
+    }
+    let profile = p
+        .wait_profile("user_id", &ann, "ann in buyers", |v| {
+            v.to_string().contains("buyers")
+        })
+        .await;
+    let ann_id = profile["profile_id"].as_str().unwrap().to_string();
+    let email_topic = p.topics().activation("email-demo");
+    let has = |action: &'static str, id: String| {
+        move |rs: &[Vec<u8>]| {
+            rs.iter().any(|r| {
+                Activation::decode(r).is_ok_and(|a| a.profile_id == id && a.action == action)
+            })
+        }
+    };
+    read_topic(
+        &email_topic,
+        Duration::from_secs(60),
+        has("add", ann_id.clone()),
+    )
+    .await;
+
+    // Export: the graph, the profile with its events, what destinations received.
+    let (status, r) = privacy(
+        &p.identity,
+        &json!({"action": "export", "identifier": {"type": "user_id", "value": ann}}),
+    )
+    .await;
+    assert_eq!(status, 202, "{r}");
+    let export = finished(&p.identity, r["request_id"].as_str().unwrap()).await;
+    assert_eq!(export["status"], "done", "{export}");
+    let data = &export["data"];
+    assert!(
+        data["graph"]["identifiers"].to_string().contains(&email),
+        "{export}"
+    );
+    assert_eq!(
+        data["profile"]["traits"]["email"]["value"],
+        email.as_str(),
+        "{export}"
+    );
+    assert_eq!(data["events"].as_array().map(Vec::len), Some(2), "{export}");
+    assert_eq!(
+        data["audiences"][0]["destination"], "email-demo",
+        "{export}"
+    );
+    assert_eq!(
+        data["audiences"][0]["last_sent"]["email"],
+        email.as_str(),
+        "{export}"
+    );
+    let pii = export["classification"]["pii"].to_string();
+    assert!(
+        pii.contains("\"email\"") && pii.contains("\"first_name\""),
+        "{export}"
+    );
+    let (status, nobody) = privacy(&p.identity, &json!({"action": "export", "identifier": {"type": "email", "value": "nobody@example.com"}})).await;
+    assert_eq!(status, 202);
+    assert_eq!(
+        finished(&p.identity, nobody["request_id"].as_str().unwrap()).await["status"],
+        "not_found"
+    );
+
+    // Suppress: the audience loses her at once, ingest drops her events.
+    let (_, r) = privacy(
+        &p.identity,
+        &json!({"action": "suppress", "identifier": {"type": "email", "value": email}}),
+    )
+    .await;
+    let done = finished(&p.identity, r["request_id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "done", "{done}");
+    read_topic(
+        &email_topic,
+        Duration::from_secs(60),
+        has("remove", ann_id.clone()),
+    )
+    .await;
+    let events_before = profile["events_total"].as_u64().unwrap();
+    send(
+        &p.ingest,
+        "/v1/track",
+        json!({"userId": ann, "event": "Viewed"}),
+    )
+    .await;
+    send(
+        &p.ingest,
+        "/v1/track",
+        json!({"userId": bob, "event": "Viewed"}),
+    )
+    .await;
+    p.wait_profile("user_id", &bob, "bob's marker event", |v| {
+        v["events_total"].as_u64() >= Some(3)
+    })
+    .await;
+    let now = p.wait_profile("user_id", &ann, "ann", |_| true).await;
+    assert_eq!(
+        now["events_total"].as_u64(),
+        Some(events_before),
+        "a suppressed person's event is not collected"
+    );
+    let m = metrics_text(&p.ingest).await;
+    assert!(
+        m.contains(r#"tessera_ingest_events_dropped_total{origin="http",reason="suppressed"} 1"#),
+        "{m}"
+    );
+
+    // Unsuppress: collected again.
+    let (_, r) = privacy(
+        &p.identity,
+        &json!({"action": "unsuppress", "identifier": {"type": "user_id", "value": ann}}),
+    )
+    .await;
+    let done = finished(&p.identity, r["request_id"].as_str().unwrap()).await;
+    assert_eq!(
+        done["steps"]["identity"]["detail"]["unsuppressed_identifiers"]
+            .as_u64()
+            .map(|n| n >= 2),
+        Some(true),
+        "{done}"
+    );
+    send(
+        &p.ingest,
+        "/v1/track",
+        json!({"userId": ann, "event": "Viewed"}),
+    )
+    .await;
+    p.wait_profile("user_id", &ann, "ann's event after unsuppress", |v| {
+        v["events_total"].as_u64() == Some(events_before + 1)
+    })
+    .await;
+
+    // The audit trail names who asked, never the email.
+    let audit = read_topic(&p.topics().audit(), Duration::from_secs(30), |rs| {
+        rs.iter().filter(|r| contains(r, b"privacy.")).count() >= 4
+    })
+    .await;
+    let privacy_entries: Vec<_> = audit
+        .iter()
+        .filter_map(|r| tessera_common::records::AuditEntry::from_avro(r).ok())
+        .filter(|e| e.action.starts_with("privacy."))
+        .collect();
+    assert_eq!(privacy_entries.len(), 4, "{privacy_entries:?}");
+    assert!(
+        privacy_entries
+            .iter()
+            .all(|e| e.who == "tests-dpo" && !e.detail.contains(&email))
+    );
+    p.stop().await;
 }

@@ -28,7 +28,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use tessera_common::admin::{self, Admin};
-use tessera_common::config::{ActivationConfig, Config, DestinationKind, PayloadFormat};
+use tessera_common::config::{
+    ActivationConfig, Config, DestinationKind, PayloadFormat, PrivacyConfig,
+};
 use tessera_common::ids::deterministic_id;
 use tessera_common::records::{
     Activation, AvroRecord, MembershipChange, PrivacyAction, TriggerFired,
@@ -64,7 +66,8 @@ pub async fn run_with_listener(
     )
     .await?;
     info!(destinations = destinations.len(), "destinations configured");
-    let processor = ActivationProcessor::new(topics.clone(), &config.activation, &parts.admin)?;
+    let mut processor = ActivationProcessor::new(topics.clone(), &config.activation, &parts.admin)?;
+    processor.labels = config.privacy.clone();
     let spec = RunnerSpec::new(
         "activation",
         &topics,
@@ -92,6 +95,8 @@ const REPEAT_WINDOW_MS: i64 = 24 * 3600 * 1000;
 pub struct ActivationProcessor {
     topics: Topics,
     pub(crate) destinations: Vec<Destination>,
+    /// Data classification: what each destination may receive of event properties.
+    pub labels: PrivacyConfig,
     policy: Policy,
     region: phonenumber::country::Id,
     /// The longest frequency cap window, at least a day (older sends are forgotten).
@@ -125,6 +130,7 @@ impl ActivationProcessor {
         Ok(ActivationProcessor {
             topics,
             destinations,
+            labels: PrivacyConfig::default(),
             policy: Policy {
                 suppressions: cfg.suppressions.clone(),
                 opt_in: cfg
@@ -200,6 +206,19 @@ impl ActivationProcessor {
             out.insert(phone_key.into(), Value::String(h));
         }
         out
+    }
+
+    /// An event's properties less those whose labels the destination does not allow.
+    fn allowed_properties(&self, d: &Destination, properties: &Value) -> Value {
+        match properties {
+            Value::Object(m) => Value::Object(
+                m.iter()
+                    .filter(|(k, _)| d.config.allows(&self.labels.labels_of(k)))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
     }
 
     /// Consent, suppressions and an address; for ads, at least one usable identifier.
@@ -392,7 +411,7 @@ impl ActivationProcessor {
             if !t.event.is_empty() {
                 payload.insert(
                     "event".into(),
-                    json!({"name": t.event, "properties": properties}),
+                    json!({"name": t.event, "properties": self.allowed_properties(d, &properties)}),
                 );
             }
             let origin = Origin {
@@ -684,7 +703,7 @@ mod tests {
             event_time: at,
             received_at: at,
             event: "Cart Viewed".into(),
-            properties: r#"{"cart_id":"c1"}"#.into(),
+            properties: r#"{"cart_id":"c1","medical_condition":"asthma"}"#.into(),
             traits: r#"{"email":"a@b.co","phone":"+1"}"#.into(),
             consent: consent.to_string(),
             segments: vec![],
@@ -702,6 +721,8 @@ mod tests {
     #[test]
     fn trigger_sends_respect_consent_and_frequency_caps_and_are_sent_once() {
         let mut p = processor();
+        // A sensitive property never reaches a destination that does not allow the label.
+        p.labels = Config::load_without_env(None).unwrap().privacy;
         let s = MemStore::default();
         let out = step(&mut p, &s, &fired("f1", 1_000, json!({})));
         assert_eq!(actions(&out), vec![pair("cart", "send")]);

@@ -43,6 +43,8 @@ pub struct ApiState {
     pub vault: Arc<Vault>,
     pub reports: Reports,
     pub reports_topic: String,
+    /// Data classification, named in exports.
+    pub labels: tessera_common::config::PrivacyConfig,
 }
 
 pub fn router(state: ApiState) -> Router {

@@ -103,6 +103,7 @@ pub async fn run_with_listener(
         )
         .await?,
         reports_topic: topics.privacy_reports(),
+        labels: config.privacy.clone(),
     };
     let routes = service::ApiRoutes {
         api: api::router(state.clone()),

@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use tessera_common::admin::Caller;
-use tessera_common::config::KafkaConfig;
+use tessera_common::config::{KafkaConfig, PrivacyConfig};
 use tessera_common::records::{AvroRecord, IdentityCommand, PrivacyReport};
 use tessera_common::runner::Message;
 use tessera_common::store::Txn;
@@ -239,6 +239,36 @@ async fn create(
     r
 }
 
+/// The labels of the fields an export holds (traits, identifier types, event
+/// properties), so whoever receives it knows what is personal or sensitive.
+fn classify(labels: &PrivacyConfig, data: &Value) -> Value {
+    let mut fields: std::collections::BTreeSet<String> = Default::default();
+    let keys = |v: &Value| -> Vec<String> {
+        v.as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    fields.extend(keys(&data["profile"]["traits"]));
+    for i in data["graph"]["identifiers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        fields.extend(i["type"].as_str().map(str::to_string));
+    }
+    for e in data["events"].as_array().into_iter().flatten() {
+        fields.extend(keys(&e["properties"]));
+        fields.extend(keys(&e["traits"]));
+    }
+    let mut by_label: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for f in &fields {
+        for l in labels.labels_of(f) {
+            by_label.entry(l.to_string()).or_default().push(f.clone());
+        }
+    }
+    json!(by_label)
+}
+
 async fn status(State(st): State<ApiState>, Path(id): Path<String>) -> Response {
     if st.reports.get(&id).is_none() {
         return error(
@@ -303,7 +333,9 @@ async fn answer(st: &ApiState, id: &str) -> Response {
         "steps": steps,
     });
     if action == "export" && status == "done" {
-        body["data"] = Value::Object(data);
+        let data = Value::Object(data);
+        body["classification"] = classify(&st.labels, &data);
+        body["data"] = data;
     }
     axum::Json(body).into_response()
 }
