@@ -68,6 +68,19 @@ fn every_route_is_described_and_every_described_path_is_a_route() {
     );
 }
 
+/// A client that presents the privacy API token.
+fn privacy_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {PRIVACY_TOKEN}")).unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn live_answers_are_the_described_ones() {
     let doc = description();
@@ -75,7 +88,7 @@ async fn live_answers_are_the_described_ones() {
     let bare = reqwest::Client::new();
     let mut checked = 0;
     for (path, ops) in doc["paths"].as_object().unwrap() {
-        let base = if path.starts_with("/v1/identity") {
+        let base = if path.starts_with("/v1/identity") || path.starts_with("/v1/privacy") {
             &p.identity
         } else if path.starts_with("/v1/") && ops["post"]["security"][0].get("writeKey").is_some() {
             &p.ingest
@@ -91,7 +104,8 @@ async fn live_answers_are_the_described_ones() {
                 .map(|k| k.parse().unwrap())
                 .collect();
             let needs_key = op["security"][0].get("writeKey").is_some();
-            let needs_token = op["security"][0].get("apiToken").is_some();
+            let needs_privacy = op["security"][0].get("privacyToken").is_some();
+            let needs_token = op["security"][0].get("apiToken").is_some() || needs_privacy;
             // With credentials (an empty JSON body where one is taken), and without.
             let mut attempts = vec![true];
             if needs_key || needs_token {
@@ -102,6 +116,11 @@ async fn live_answers_are_the_described_ones() {
                     http()
                 } else {
                     bare.clone()
+                };
+                let client = if needs_privacy && with_credentials {
+                    privacy_client()
+                } else {
+                    client
                 };
                 let mut req = match method.as_str() {
                     "get" => client.get(&url),
@@ -166,6 +185,7 @@ async fn generated_requests_find_no_server_error() {
     let spec = repo_root().join("docs/openapi.yaml");
     let work = tempfile::tempdir().unwrap();
     let token = format!("Authorization: Bearer {ADMIN_TOKEN}");
+    let privacy = format!("Authorization: Bearer {PRIVACY_TOKEN}");
     let key = {
         use base64::Engine;
         format!(
@@ -185,6 +205,7 @@ async fn generated_requests_find_no_server_error() {
             "^/v1/(identify|track|page|screen|group|alias|batch|import)$",
         ),
         (&p.identity, token.as_str(), "^/v1/identity"),
+        (&p.identity, privacy.as_str(), "^/v1/privacy"),
     ];
     for (url, header, paths) in runs {
         let st = st.clone();
