@@ -2,9 +2,12 @@
 # Apache Kafka for Tessera, assembled from Maven Central and run in KRaft mode on loopback.
 #
 #   deploy/kafka.sh install                      fetch the broker's jars (cached, keyed by version)
-#   deploy/kafka.sh start --data DIR [--port P] [--controller-port C] [--watch-pid PID]
+#   deploy/kafka.sh start --data DIR [--port P] [--controller-port C] [--watch-pid PID] [--sasl]
 #                                                format DIR once, start a single-node broker+controller,
-#                                                wait until it answers; prints the bootstrap address
+#                                                wait until it answers; prints the bootstrap address.
+#                                                --sasl: also a SASL_PLAINTEXT listener (PLAIN, user
+#                                                tessera, password tessera-secret) whose address goes
+#                                                to DIR/sasl_bootstrap
 #   deploy/kafka.sh stop --data DIR              stop the broker started with that data folder
 #   deploy/kafka.sh cluster --data DIR [--nodes N] [--watch-pid PID]
 #                                                N nodes (default 3) as one KRaft quorum, each broker
@@ -51,10 +54,11 @@ free_port() {
 }
 
 start() {
-  local data="" port="" cport="" watch=""
+  local data="" port="" cport="" watch="" sasl=""
   while [ $# -gt 0 ]; do
     case "$1" in
       --data) data="$2"; shift 2 ;;
+      --sasl) sasl="yes"; shift ;;
       --port) port="$2"; shift 2 ;;
       --controller-port) cport="$2"; shift 2 ;;
       --watch-pid) watch="$2"; shift 2 ;;
@@ -71,10 +75,12 @@ start() {
     return
   fi
   # Ports are kept with the data so a restarted broker keeps its address.
-  if [ -z "$port" ] && [ -f "$data/ports" ]; then read -r port cport < "$data/ports"; fi
+  local sport=""
+  if [ -z "$port" ] && [ -f "$data/ports" ]; then read -r port cport sport < "$data/ports"; fi
   [ -n "$port" ] || port="$(free_port)"
   [ -n "$cport" ] || cport="$(free_port)"
-  start_node 1 "$data" "$port" "$cport" "1@127.0.0.1:$cport" 1 "$watch"
+  if [ -n "$sasl" ] && [ -z "$sport" ]; then sport="$(free_port)"; fi
+  start_node 1 "$data" "$port" "$cport" "1@127.0.0.1:$cport" 1 "$watch" "$sport"
   wait_started "$data" 90
   local pid
   pid="$(cat "$data/kafka.pid")"
@@ -83,17 +89,26 @@ start() {
 }
 
 # Starts node $1 of a quorum: data dir $2, ports $3/$4, voters $5, replication $6.
+# $8, if set: the port of a SASL_PLAINTEXT listener (PLAIN, one user: tessera).
 start_node() {
-  local id="$1" data="$2" port="$3" cport="$4" voters="$5" rf="$6" watch="$7"
+  local id="$1" data="$2" port="$3" cport="$4" voters="$5" rf="$6" watch="$7" sport="${8:-}"
   local isr=$(( rf > 1 ? rf - 1 : 1 ))
   mkdir -p "$data"
-  echo "$port $cport" > "$data/ports"
+  echo "$port $cport $sport" > "$data/ports"
+  local listeners="PLAINTEXT://127.0.0.1:$port" sasl_props=""
+  if [ -n "$sport" ]; then
+    listeners="$listeners,SASL_PLAINTEXT://127.0.0.1:$sport"
+    sasl_props="sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_tessera=\"tessera-secret\";"
+    echo "127.0.0.1:$sport" > "$data/sasl_bootstrap"
+  fi
   cat > "$data/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=$id
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listeners=$listeners,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=$listeners
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
+$sasl_props
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 controller.quorum.voters=$voters

@@ -35,7 +35,8 @@ pub async fn follow(
         .name(format!("table-{topic}"))
         .spawn(move || {
             let mut caught_up = Some(caught_up);
-            let start = (|| -> Result<Vec<(i32, i64)>> {
+            // A topic created a moment ago may have no leader yet: retried for a while.
+            let start_positions = || -> Result<Vec<(i32, i64)>> {
                 let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
                 let partitions: Vec<i32> = md
                     .topics()
@@ -55,7 +56,18 @@ pub async fn follow(
                 }
                 consumer.assign(&tpl)?;
                 Ok(ends)
-            })();
+            };
+            let mut attempt = 0;
+            let start = loop {
+                match start_positions() {
+                    Err(e) if attempt < 60 && !shutdown.is_cancelled() => {
+                        attempt += 1;
+                        warn!(%topic, error = %e, "table not readable yet, retrying");
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                    r => break r,
+                }
+            };
             let mut pending = match start {
                 Ok(ends) => ends,
                 Err(e) => {

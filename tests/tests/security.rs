@@ -335,3 +335,61 @@ async fn ingest_sheds_requests_beyond_its_concurrency() {
     assert_eq!(status, 200);
     p.stop().await;
 }
+
+/// A broker of our own with a SASL_PLAINTEXT listener (`deploy/kafka.sh start --sasl`).
+fn sasl_broker(dir: &std::path::Path) -> String {
+    let out = std::process::Command::new("bash")
+        .arg(repo_root().join("deploy/kafka.sh"))
+        .args(["start", "--sasl", "--data"])
+        .arg(dir)
+        .args(["--watch-pid", &std::process::id().to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("running deploy/kafka.sh");
+    assert!(
+        out.status.success(),
+        "deploy/kafka.sh could not start a broker"
+    );
+    std::fs::read_to_string(dir.join("sasl_bootstrap"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Kafka connections authenticate through configuration alone (librdkafka properties
+/// under `[kafka.properties]`): the whole platform runs against a SASL listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_connections_authenticate_with_sasl() {
+    let broker = tempfile::tempdir().unwrap();
+    let sasl = sasl_broker(broker.path());
+    let p = Platform::start_with(|c| {
+        c.kafka.bootstrap = sasl.clone();
+        for (k, v) in [
+            ("security.protocol", "SASL_PLAINTEXT"),
+            ("sasl.mechanism", "PLAIN"),
+            ("sasl.username", "tessera"),
+            ("sasl.password", "tessera-secret"),
+        ] {
+            c.kafka.properties.insert(k.into(), v.into());
+        }
+    })
+    .await;
+    assert_eq!(
+        p.config.kafka.bootstrap, sasl,
+        "every client goes through the SASL listener"
+    );
+    let user = format!("sasl-{}", uuid::Uuid::new_v4().simple());
+    let (status, _, answer) = send(
+        &p.ingest,
+        WRITE_KEY,
+        "/v1/track",
+        &json!({"userId": user, "event": "Signed In"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    p.wait_profile("user_id", &user, "the event, through SASL", |v| {
+        v["events_total"] == 1
+    })
+    .await;
+    p.stop().await;
+}
