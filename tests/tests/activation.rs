@@ -181,6 +181,7 @@ async fn audiences_follow_suppressions_and_consent_and_sends_respect_caps() {
                 max: 1,
                 per: "1h".into(),
             }),
+            allow_labels: vec!["pii".into()],
         });
     })
     .await;
