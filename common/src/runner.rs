@@ -632,35 +632,33 @@ fn seal_dead_letters(out: &mut [Output], topic: &str, subject: &Option<SubjectHa
     }
 }
 
-/// Seals the outputs that name a subject. `None` if shutdown came while a new key
-/// could not be stored.
+/// Seals the outputs that name a subject; the subjects new to the vault get their keys
+/// first, together. `None` if shutdown came while new keys could not be stored.
 async fn seal_all(
     vault: Option<&Vault>,
     mut outputs: Vec<Output>,
     shutdown: &CancellationToken,
 ) -> Result<Option<Vec<Output>>> {
+    let subjects: Vec<SubjectHash> = outputs.iter().filter_map(|o| o.subject).collect();
+    if subjects.is_empty() {
+        return Ok(Some(outputs));
+    }
+    let Some(v) = vault else {
+        return Err(Error::Invalid(
+            "records must be sealed, and this runner has no vault".into(),
+        ));
+    };
+    while let Err(e) = v.ensure_keys(&subjects).await {
+        warn!(error = %e, "cannot store new subject keys, retrying");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
     for o in outputs.iter_mut() {
-        let Some(subject) = o.subject.take() else {
-            continue;
-        };
-        let Some(v) = vault else {
-            return Err(Error::Invalid(format!(
-                "a record for {} must be sealed, and this runner has no vault",
-                o.topic
-            )));
-        };
-        o.payload = loop {
-            match v.seal(&subject, &o.payload).await {
-                Ok(sealed) => break sealed,
-                Err(e) => {
-                    warn!(error = %e, "cannot store a new subject key, retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(None),
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                }
-            }
-        };
+        if let Some(subject) = o.subject.take() {
+            o.payload = v.seal(&subject, &o.payload).await?;
+        }
     }
     Ok(Some(outputs))
 }

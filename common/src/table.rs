@@ -81,7 +81,10 @@ pub async fn follow(
                     && let Some(c) = caught_up.take()
                 {
                     info!(%topic, "table loaded");
-                    let _ = c.send(Ok(()));
+                    if c.send(Ok(())).is_err() {
+                        // The caller gave up waiting (it retries with a reader of its own).
+                        return;
+                    }
                 }
                 match consumer.poll(Duration::from_millis(100)) {
                     Some(Ok(m)) => {

@@ -88,19 +88,28 @@ pub enum Opened {
     Corrupt,
 }
 
+/// Keys are kept as their 32 bytes (about 90 bytes per key with the map) and expanded
+/// for each use: a million people hold two million keys.
 #[derive(Default)]
 struct Keys {
-    by_subject: HashMap<SubjectHash, Vec<([u8; 8], Aes256Gcm)>>,
+    by_subject: HashMap<SubjectHash, Vec<(KeyId, [u8; 32])>>,
 }
 
+/// A key's id: random, so instances creating keys for one subject at once never collide.
+type KeyId = [u8; 8];
+
 impl Keys {
-    fn get(&self, s: &SubjectHash, id: &[u8; 8]) -> Option<&Aes256Gcm> {
+    fn get(&self, s: &SubjectHash, id: &[u8; 8]) -> Option<Aes256Gcm> {
         self.by_subject
             .get(s)?
             .iter()
             .find(|(k, _)| k == id)
-            .map(|(_, c)| c)
+            .map(|(_, key)| cipher(key))
     }
+}
+
+fn cipher(key: &[u8; 32]) -> Aes256Gcm {
+    Aes256Gcm::new_from_slice(key).expect("32-byte key")
 }
 
 /// The keyring of one service instance: follows `privacy.keys`, creates keys for new
@@ -153,10 +162,30 @@ impl Vault {
     /// Seals `plain` with a key of subject `s`, creating (and storing on the keys
     /// topic, acknowledged) one if the subject has none yet.
     pub async fn seal(&self, s: &SubjectHash, plain: &[u8]) -> Result<Vec<u8>> {
-        let s = *s;
-        if let Some(sealed) = self.seal_known(&s, plain)? {
+        if let Some(sealed) = self.seal_known(s, plain)? {
             return Ok(sealed);
         }
+        self.ensure_keys(&[*s]).await?;
+        Ok(self.seal_known(s, plain)?.expect("the key was just added"))
+    }
+
+    /// Gives every subject that has none a key, all stored at once (one round trip to
+    /// the broker however many there are).
+    pub async fn ensure_keys(&self, subjects: &[SubjectHash]) -> Result<()> {
+        let missing: std::collections::BTreeSet<SubjectHash> = {
+            let keys = self.keys.read().expect("keys lock");
+            subjects
+                .iter()
+                .filter(|s| !keys.by_subject.contains_key(*s))
+                .copied()
+                .collect()
+        };
+        let created = futures::future::join_all(missing.iter().map(|s| self.create_key(s))).await;
+        created.into_iter().collect()
+    }
+
+    async fn create_key(&self, s: &SubjectHash) -> Result<()> {
+        let s = *s;
         let producer = self.producer.as_ref().ok_or_else(|| {
             Error::Invalid("this vault only opens records: it has no producer".into())
         })?;
@@ -176,30 +205,35 @@ impl Vault {
             )
             .await
             .map_err(|e| Error::Invalid(format!("the subject key was not stored: {e}")))?;
-        let cipher = Aes256Gcm::new_from_slice(&key).expect("32-byte key");
         self.keys
             .write()
             .expect("keys lock")
             .by_subject
             .entry(s)
             .or_default()
-            .push((key_id, cipher));
-        Ok(self.seal_known(&s, plain)?.expect("the key was just added"))
+            .push((key_id, key));
+        Ok(())
     }
 
     fn seal_known(&self, s: &SubjectHash, plain: &[u8]) -> Result<Option<Vec<u8>>> {
-        let keys = self.keys.read().expect("keys lock");
-        let Some((key_id, cipher)) = keys.by_subject.get(s).and_then(|v| v.first()) else {
+        let Some((key_id, key)) = self
+            .keys
+            .read()
+            .expect("keys lock")
+            .by_subject
+            .get(s)
+            .and_then(|v| v.first().copied())
+        else {
             return Ok(None);
         };
         let nonce: [u8; 12] = rand::random();
-        let ct = cipher
+        let ct = cipher(&key)
             .encrypt(Nonce::from_slice(&nonce), plain)
             .map_err(|e| Error::Invalid(format!("sealing failed: {e}")))?;
         let mut out = Vec::with_capacity(HEADER_LEN + ct.len());
         out.extend_from_slice(&SEAL_MARKER);
         out.extend_from_slice(s);
-        out.extend_from_slice(key_id);
+        out.extend_from_slice(&key_id);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&ct);
         Ok(Some(out))
@@ -213,8 +247,7 @@ impl Vault {
         }
         let s: SubjectHash = bytes[2..18].try_into().expect("16 bytes");
         let id: [u8; 8] = bytes[18..26].try_into().expect("8 bytes");
-        let keys = self.keys.read().expect("keys lock");
-        let cipher = keys.get(&s, &id)?;
+        let cipher = self.keys.read().expect("keys lock").get(&s, &id)?;
         Some(
             match cipher.decrypt(
                 Nonce::from_slice(&bytes[26..HEADER_LEN]),
@@ -316,12 +349,12 @@ fn apply(keys: &RwLock<Keys>, m: &Message) {
         }
         Some(bytes) => match SubjectKey::from_avro(bytes)
             .ok()
-            .and_then(|r| Aes256Gcm::new_from_slice(&r.key).ok())
+            .and_then(|r| <[u8; 32]>::try_from(r.key.as_slice()).ok())
         {
-            Some(cipher) => {
+            Some(key) => {
                 let v = keys.by_subject.entry(s).or_default();
                 if !v.iter().any(|(k, _)| *k == id) {
-                    v.push((id, cipher));
+                    v.push((id, key));
                 }
             }
             None => tracing::warn!(offset = m.offset, "an unreadable keys record, skipped"),

@@ -186,6 +186,8 @@ def test_sources_and_destinations_from_values_reach_the_services(tmp_path):
     kinds, caps and suppressions reach activation; a cap that is no duration is refused."""
     values = {
         "apiTokens": [{"name": "crm-sync", "token": "a-long-api-token-for-crm"}],
+        "privacyTokens": [{"name": "dpo", "token": "a-long-privacy-token-for-dpo"}],
+        "classification": {"pii": ["email", "phone"], "sensitive": ["health"]},
         "sources": [
             {"name": "web", "writeKey": "k-new", "previousWriteKeys": ["k-old"]},
             {"name": "old-app", "writeKey": "o", "enabled": False},
@@ -196,6 +198,8 @@ def test_sources_and_destinations_from_values_reach_the_services(tmp_path):
              "format": "avro"},
             {"id": "cart", "kind": "email", "triggers": ["abandoned-cart"], "fields": ["email"],
              "frequencyCap": {"max": 2, "per": "12h"}},
+            {"id": "care", "kind": "email", "segments": ["buyers"], "fields": ["email", "health"],
+             "allowLabels": ["pii", "sensitive"]},
         ],
         "suppressions": [{"id": "no-ads", "segment": "buyers", "destinations": ["ads"]}],
     }
@@ -214,9 +218,14 @@ def test_sources_and_destinations_from_values_reach_the_services(tmp_path):
     assert "k-old" not in out.stdout and '"enabled": false' in out.stdout
     assert '"max_events_per_second": 200' in out.stdout
     assert '"name": "crm-sync"' in out.stdout and "a-long-api-token" not in out.stdout
+    # The privacy API takes only the chart's privacy tokens, never the built-in demo one.
+    assert '"name": "dpo"' in out.stdout and "a-long-privacy-token" not in out.stdout
+    assert "demo-privacy" not in out.stdout
+    assert '"sensitive": [' in out.stdout
     out = check("activation")
     assert out.returncode == 0, out.stderr
     assert '"kind": "meta_ads"' in out.stdout and '"per": "12h"' in out.stdout
+    assert '"allow_labels": [' in out.stdout
     config.write_text(config.read_text().replace('per = "12h"', 'per = "twice"'))
     out = check("activation")
     assert out.returncode != 0 and "twice" in out.stderr, out.stderr

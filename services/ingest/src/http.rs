@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -45,9 +45,15 @@ pub struct AppState {
     pub in_flight: Arc<tokio::sync::Semaphore>,
     /// write key → the source it belongs to
     pub sources: HashMap<String, SourceKey>,
-    /// Seals each event with its subject's key.
+    /// The subject keys and suppressions, once read (until then: 503).
+    pub privacy: Arc<OnceLock<Privacy>>,
+}
+
+/// What ingest needs of the privacy topics: keys to seal each event with its subject's,
+/// and the identifiers whose events are dropped.
+#[derive(Clone)]
+pub struct Privacy {
     pub vault: Arc<Vault>,
-    /// Identifiers whose events are dropped.
     pub suppressions: Suppressions,
 }
 
@@ -587,8 +593,16 @@ async fn produce(
 ) -> Result<usize, Refusal> {
     let ingested = st.topics.ingested();
     let deadletter = st.topics.deadletter();
+    let Some(privacy) = st.privacy.get() else {
+        st.metrics.unavailable.inc();
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "events could not be stored in Kafka, retry later",
+        ));
+    };
     let before = events.len();
-    events.retain(|e| !validate::is_suppressed(e, &st.suppressions));
+    events.retain(|e| !validate::is_suppressed(e, &privacy.suppressions));
     if events.len() < before {
         st.metrics
             .dropped
@@ -600,7 +614,10 @@ async fn produce(
     let sealed = futures::future::join_all(events.iter().map(|e| async move {
         let subject = validate::partition_key(e);
         let payload = e.to_avro()?;
-        let sealed = st.vault.seal(&subject_hash(&subject), &payload).await?;
+        let sealed = privacy
+            .vault
+            .seal(&subject_hash(&subject), &payload)
+            .await?;
         Ok::<_, tessera_common::Error>((subject, sealed))
     }))
     .await;
@@ -621,7 +638,7 @@ async fn produce(
         if let Some(subject) = serde_json::from_slice::<Value>(&d.original)
             .ok()
             .and_then(|v| validate::subject_of_input(&v))
-            && let Ok(sealed) = st.vault.seal(&subject_hash(&subject), &payload).await
+            && let Ok(sealed) = privacy.vault.seal(&subject_hash(&subject), &payload).await
         {
             payload = sealed;
         }

@@ -10,12 +10,12 @@ pub mod metrics;
 pub mod raw;
 pub mod validate;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use tessera_common::Result;
 use tessera_common::admin::{self, Admin};
@@ -27,6 +27,34 @@ use tessera_common::store::MemStore;
 use tessera_common::suppressions::Suppressions;
 use tessera_common::topics::Topics;
 use tessera_common::vault::Vault;
+
+/// Reads the subject keys and the suppressed identifiers.
+async fn load_privacy(
+    config: &Config,
+    topics: &Topics,
+    producer: &Arc<Producer>,
+    shutdown: &CancellationToken,
+) -> Result<http::Privacy> {
+    let vault = Vault::follow(
+        &config.kafka,
+        topics.keys(),
+        "tessera-ingest",
+        Some(producer.clone()),
+        shutdown.clone(),
+    )
+    .await?;
+    let suppressions = Suppressions::follow(
+        &config.kafka,
+        &topics.suppressions(),
+        "tessera-ingest",
+        shutdown.clone(),
+    )
+    .await?;
+    Ok(http::Privacy {
+        vault,
+        suppressions,
+    })
+}
 
 /// Runs ingest on the configured address until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
@@ -49,25 +77,11 @@ pub async fn run_with_listener(
     needed.extend(service::shared_topics(&topics));
     kafka::ensure_topics(&config.kafka, &config.topics, &needed).await?;
     let producer = Arc::new(Producer::new(&config.kafka, "tessera-ingest")?);
-    let vault = Vault::follow(
-        &config.kafka,
-        topics.keys(),
-        "tessera-ingest",
-        Some(producer.clone()),
-        shutdown.clone(),
-    )
-    .await?;
-    let suppressions = Suppressions::follow(
-        &config.kafka,
-        &topics.suppressions(),
-        "tessera-ingest",
-        shutdown.clone(),
-    )
-    .await?;
     let admin = Admin::new();
     producer.register_metrics(&admin.registry, "ingest")?;
     let metrics = metrics::IngestMetrics::new(&admin);
     let limits = validate::Limits::from(&config.ingest);
+    let privacy: Arc<OnceLock<http::Privacy>> = Arc::default();
     let state = Arc::new(http::AppState {
         producer: producer.clone(),
         topics: topics.clone(),
@@ -80,37 +94,55 @@ pub async fn run_with_listener(
             config.ingest.max_concurrent_requests.max(1),
         )),
         sources: http::source_keys(&config.ingest.sources),
-        vault: vault.clone(),
-        suppressions: suppressions.clone(),
+        privacy: privacy.clone(),
     });
     let router = http::router(state).merge(admin.router());
 
-    let raw_task = config.ingest.consume_raw_topic.then(|| {
-        let spec = RunnerSpec {
-            // Stateless: offsets are committed to the group; ingest's readiness is the
-            // brokers' (below), whatever this consumer does.
-            group_id: topics.group("ingest-raw"),
-            offsets: OffsetStorage::Kafka,
-            vault: Some(vault),
-            ..RunnerSpec::new("ingest", &topics, vec![topics.raw()])
-        };
-        let mut processor = raw::RawProcessor::new(
+    // The subject keys and the suppressions are read in the background: ingest answers
+    // (503 until they are loaded, as without a broker) from the start. Then the raw
+    // topic's consumer starts, if configured.
+    let background = {
+        let (config, topics, producer, registry, token, privacy) = (
+            config.clone(),
             topics.clone(),
-            config.ingest.raw_topic_source.clone(),
-            limits,
-            metrics,
-        );
-        processor.suppressions = suppressions;
-        let (kafka_cfg, producer, registry, token) = (
-            config.kafka.clone(),
             producer.clone(),
             admin.registry.clone(),
             shutdown.clone(),
+            privacy.clone(),
         );
         tokio::spawn(async move {
+            let loaded = loop {
+                match load_privacy(&config, &topics, &producer, &token).await {
+                    Ok(p) => break p,
+                    Err(e) if !token.is_cancelled() => {
+                        warn!(error = %e, "privacy tables not read yet, retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(_) => return Ok(()),
+                }
+            };
+            let _ = privacy.set(loaded.clone());
+            if !config.ingest.consume_raw_topic {
+                return Ok(());
+            }
+            let spec = RunnerSpec {
+                // Stateless: offsets are committed to the group; ingest's readiness is
+                // the brokers' (below), whatever this consumer does.
+                group_id: topics.group("ingest-raw"),
+                offsets: OffsetStorage::Kafka,
+                vault: Some(loaded.vault),
+                ..RunnerSpec::new("ingest", &topics, vec![topics.raw()])
+            };
+            let mut processor = raw::RawProcessor::new(
+                topics.clone(),
+                config.ingest.raw_topic_source.clone(),
+                limits,
+                metrics,
+            );
+            processor.suppressions = loaded.suppressions;
             // Stateless: an empty in-memory store, offsets committed to the group.
             let r = runner::run(
-                &kafka_cfg,
+                &config.kafka,
                 spec,
                 processor,
                 Arc::new(MemStore::default()),
@@ -124,16 +156,16 @@ pub async fn run_with_listener(
             }
             r
         })
-    });
+    };
 
-    // Ready while the brokers answer.
+    // Ready while the brokers answer, once the privacy tables are read.
     let health = admin.health.clone();
     let (probe_producer, probe_token) = (producer.clone(), shutdown.clone());
     tokio::spawn(async move {
         loop {
             let p = probe_producer.clone();
-            let ok =
-                tokio::task::spawn_blocking(move || p.broker_reachable(Duration::from_secs(2)))
+            let ok = privacy.get().is_some()
+                && tokio::task::spawn_blocking(move || p.broker_reachable(Duration::from_secs(2)))
                     .await
                     .unwrap_or(false);
             health.set_ready(ok);
@@ -146,10 +178,9 @@ pub async fn run_with_listener(
 
     info!(addr = %listener.local_addr()?, "ingest listening");
     admin::serve(listener, router, &config.http, shutdown.clone()).await?;
-    if let Some(task) = raw_task {
-        task.await
-            .map_err(|e| tessera_common::Error::Invalid(format!("raw consumer task: {e}")))??;
-    }
+    background
+        .await
+        .map_err(|e| tessera_common::Error::Invalid(format!("raw consumer task: {e}")))??;
     producer.flush(tessera_common::shutdown::GRACE);
     Ok(())
 }
