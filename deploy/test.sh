@@ -43,6 +43,16 @@ if [ ! -f "$marker" ]; then
 fi
 TESSERA_BIN_DIR="$CARGO_TARGET_DIR/debug" "$venv/bin/python" -m pytest -q tests/ops 2>&1 | tee -a "$log" || status=$?
 
+# No personal data in logs: the test people's emails are at these domains, and the whole
+# run's output holds the in-process services' logs (the privacy test reads the logs of the
+# services it runs as processes). A failed assertion may quote one: that run fails anyway.
+pii='@(example\.(com|net|org)|mail\.test|guest\.example)'
+if grep -qE "$pii" "$log"; then
+  echo "test: the run's logs hold test people's emails:" >&2
+  grep -m 5 -E "$pii" "$log" | cut -c1-300 >&2
+  status=1
+fi
+
 # One closing line for the whole run (cargo prints one per test binary, pytest one).
 awk '/^test result:/ || / (passed|failed)[ ,].*in [0-9.]+s/ {
        for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
