@@ -56,6 +56,7 @@ async fn finished(identity: &str, request: &str) -> Value {
 /// (segment `buyers`, so the email destination gets her) and leaves a cart (the
 /// abandoned-cart trigger waits an hour). Bob does the same. A delete by Jane's email,
 /// through the privacy API with its own token:
+/// - survives profiles and activation being killed while it is under way;
 /// - reports what each service removed, and notifies every destination;
 /// - leaves no trace in lookups, the graph, segments or waiting triggers; Bob is intact;
 /// - her later events are dropped at ingest (the delete suppresses by default);
@@ -185,6 +186,13 @@ async fn a_person_deleted_by_email_is_gone_from_every_topic_and_store() {
         (again, same["request_id"].as_str()),
         (200, Some(request.as_str()))
     );
+    // Requests are durable: profiles and activation die (SIGKILL) as it is on its way.
+    for name in ["profiles", "activation"] {
+        services.get_mut(name).unwrap().restart();
+    }
+    for url in &urls {
+        wait_ready(url, Duration::from_secs(60)).await;
+    }
     let report = finished(&identity, &request).await;
     assert_eq!(report["status"], "done", "{report}");
     assert_eq!(report["profile_id"], jane_id.as_str());
