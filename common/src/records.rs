@@ -363,6 +363,17 @@ impl PrivacyReport {
     pub fn key(&self) -> String {
         format!("{}/{}", self.request_id, self.service)
     }
+
+    /// The record for `topic`: an export's report holds the person's data, so it is
+    /// sealed with their profile's key; the others hold counts and ids.
+    pub fn output(&self, topic: String) -> Result<crate::runner::Output> {
+        use crate::runner::Output;
+        let (key, payload) = (self.key().into_bytes(), self.to_avro()?);
+        Ok(match &self.profile_id {
+            Some(p) if self.action == "export" => Output::sealed(topic, key, payload, p),
+            _ => Output::plain(topic, key, payload),
+        })
+    }
 }
 
 /// `tessera.privacy.suppressions`: an identifier whose events ingest drops.

@@ -59,6 +59,16 @@ pub struct Output {
 }
 
 impl Output {
+    /// A record that carries nobody's data: produced as it is.
+    pub fn plain(topic: String, key: Vec<u8>, payload: Vec<u8>) -> Output {
+        Output {
+            topic,
+            key,
+            payload,
+            subject: None,
+        }
+    }
+
     /// A record sealed with `subject`'s key (a profile id, an ingest subject).
     pub fn sealed(topic: String, key: Vec<u8>, payload: Vec<u8>, subject: &str) -> Output {
         Output {

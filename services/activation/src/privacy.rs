@@ -17,7 +17,7 @@ use tracing::info;
 
 use tessera_common::Result;
 use tessera_common::ids::deterministic_id;
-use tessera_common::records::{AvroRecord, PrivacyAction, PrivacyReport};
+use tessera_common::records::{PrivacyAction, PrivacyReport};
 use tessera_common::runner::Output;
 use tessera_common::store::Txn;
 
@@ -143,18 +143,7 @@ impl ActivationProcessor {
             at: a.requested_at,
             detail: detail.to_string(),
         };
-        let (key, payload) = (r.key().into_bytes(), r.to_avro()?);
-        let topic = self.topics.privacy_reports();
-        out.push(if a.action == "export" {
-            Output::sealed(topic, key, payload, &a.profile_id)
-        } else {
-            Output {
-                subject: None,
-                topic,
-                key,
-                payload,
-            }
-        });
+        out.push(r.output(self.topics.privacy_reports())?);
         Ok(())
     }
 }

@@ -34,12 +34,11 @@ impl IdentityProcessor {
         };
         let keys = vault.keys_of(subjects);
         for k in &keys {
-            out.push(Output {
-                subject: None,
-                topic: self.topics.keys(),
-                key: k.clone().into_bytes(),
-                payload: Vec::new(),
-            });
+            out.push(Output::plain(
+                self.topics.keys(),
+                k.clone().into_bytes(),
+                Vec::new(),
+            ));
         }
         keys.len()
     }
@@ -177,12 +176,11 @@ impl IdentityProcessor {
                 request_id: cmd.command_id.clone(),
                 at: cmd.requested_at,
             };
-            out.push(Output {
-                subject: None,
-                topic: self.topics.suppressions(),
-                key: h.into_bytes(),
-                payload: record.to_avro()?,
-            });
+            out.push(Output::plain(
+                self.topics.suppressions(),
+                h.into_bytes(),
+                record.to_avro()?,
+            ));
         }
         Ok(n)
     }
@@ -195,12 +193,11 @@ impl IdentityProcessor {
         let lifted = self.suppressed.of_request(&request);
         for h in &lifted {
             self.suppressed.remove(h);
-            out.push(Output {
-                subject: None,
-                topic: self.topics.suppressions(),
-                key: h.clone().into_bytes(),
-                payload: Vec::new(),
-            });
+            out.push(Output::plain(
+                self.topics.suppressions(),
+                h.clone().into_bytes(),
+                Vec::new(),
+            ));
         }
         lifted.len()
     }
@@ -221,12 +218,11 @@ impl IdentityProcessor {
             merged_profiles,
             requested_at: cmd.requested_at,
         };
-        out.push(Output {
-            subject: None,
-            topic: self.topics.privacy_actions(),
-            key: profile.as_bytes().to_vec(),
-            payload: action.to_avro()?,
-        });
+        out.push(Output::plain(
+            self.topics.privacy_actions(),
+            profile.as_bytes().to_vec(),
+            action.to_avro()?,
+        ));
         Ok(())
     }
 
@@ -249,18 +245,7 @@ impl IdentityProcessor {
             at: cmd.requested_at,
             detail: detail.to_string(),
         };
-        let (key, payload) = (r.key().into_bytes(), r.to_avro()?);
-        out.push(match profile {
-            Some(p) if cmd.action == "export" => {
-                Output::sealed(self.topics.privacy_reports(), key, payload, p)
-            }
-            _ => Output {
-                subject: None,
-                topic: self.topics.privacy_reports(),
-                key,
-                payload,
-            },
-        });
+        out.push(r.output(self.topics.privacy_reports())?);
         Ok(())
     }
 }

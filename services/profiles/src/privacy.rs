@@ -66,12 +66,11 @@ impl ProfilesProcessor {
             stage: "activation".into(),
             ..a.clone()
         };
-        out.push(Output {
-            subject: None,
-            topic: self.topics.privacy_actions(),
-            key: live.as_bytes().to_vec(),
-            payload: next.to_avro()?,
-        });
+        out.push(Output::plain(
+            self.topics.privacy_actions(),
+            live.as_bytes().to_vec(),
+            next.to_avro()?,
+        ));
         let r = PrivacyReport {
             request_id: a.request_id.clone(),
             service: "profiles".into(),
@@ -81,18 +80,7 @@ impl ProfilesProcessor {
             at: a.requested_at,
             detail: detail.to_string(),
         };
-        let (key, payload) = (r.key().into_bytes(), r.to_avro()?);
-        let topic = self.topics.privacy_reports();
-        out.push(if a.action == "export" {
-            Output::sealed(topic, key, payload, &live)
-        } else {
-            Output {
-                subject: None,
-                topic,
-                key,
-                payload,
-            }
-        });
+        out.push(r.output(self.topics.privacy_reports())?);
         Ok(())
     }
 

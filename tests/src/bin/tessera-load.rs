@@ -35,7 +35,7 @@ use tessera_common::kafka::{TopicKind, consumer_config, ensure_topics, producer_
 use tessera_common::records::{
     Activation, AvroRecord, IngestedEvent, MembershipChange, ResolvedEvent,
 };
-use tessera_tests::{Platform, WRITE_KEY, bootstrap};
+use tessera_tests::{Platform, WRITE_KEY, bootstrap, open_record};
 
 #[derive(Parser)]
 struct Args {
@@ -242,6 +242,7 @@ async fn profiles_stage(platform: &Platform, expected: u64) -> anyhow::Result<Hi
     };
     let mut sent: HashMap<String, i64> = HashMap::new();
     for (ts, payload) in read(topics.resolved()).await? {
+        let payload = open_record(&topics.resolved(), &payload).await;
         if let Ok(r) = ResolvedEvent::from_avro(&payload)
             && r.event.event.as_deref() == Some("Order Completed")
         {
@@ -250,6 +251,7 @@ async fn profiles_stage(platform: &Platform, expected: u64) -> anyhow::Result<Hi
     }
     let mut h = Histogram::<u64>::new(3)?;
     for (ts, payload) in read(topics.membership()).await? {
+        let payload = open_record(&topics.membership(), &payload).await;
         if let Ok(m) = MembershipChange::from_avro(&payload)
             && m.segment_id == "buyers"
             && m.change == "enter"
@@ -513,7 +515,13 @@ async fn overload(
     while acked.iter().any(|id| !found.contains(id)) && started.elapsed() < Duration::from_secs(120)
     {
         if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await
-            && let Ok(e) = IngestedEvent::from_avro(m.payload().unwrap_or_default())
+            && let Ok(e) = IngestedEvent::from_avro(
+                &open_record(
+                    &platform.topics().ingested(),
+                    m.payload().unwrap_or_default(),
+                )
+                .await,
+            )
             && e.message_id.starts_with(&run)
         {
             found.insert(e.message_id);
