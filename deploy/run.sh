@@ -19,7 +19,7 @@ bindir="$CARGO_TARGET_DIR/$([ "$profile" = dev ] && echo debug || echo "$profile
 work="$root/.tessera"
 # The services refuse state written in an older format (common/src/service.rs,
 # state_format). Local state is disposable: when the formats changed, start afresh.
-state_formats="identity=2 profiles=2 activation=1"
+state_formats="identity=3 profiles=2 activation=1"
 if [ -d "$work/state" ] && [ "$(cat "$work/state/FORMATS" 2>/dev/null)" != "$state_formats" ] \
     && [ -n "$(ls -A "$work/state" 2>/dev/null)" ]; then
   echo "run: local state from an older Tessera (formats: $(cat "$work/state/FORMATS" 2>/dev/null || echo unstamped)) is reset" >&2
@@ -84,6 +84,7 @@ Tessera is running on Apache Kafka at $KAFKA_BOOTSTRAP.
 
   ingest      http://127.0.0.1:8080   Segment HTTP API (write key: demo-write-key)
   identity    http://127.0.0.1:8081   /v1/identity/lookup  /v1/identity/profiles/{id}  (merges, un-merge)
+                                      /v1/privacy/requests  (delete, suppress, export: token demo-privacy-token)
   profiles    http://127.0.0.1:8082   /v1/profiles/{id}  /v1/profiles/lookup  /v1/segments  /v1/computed-traits  /v1/households/{id}
   activation  http://127.0.0.1:8083   /metrics; records (JSON) on topics tessera.activation.email-demo,
                                       tessera.activation.cart-email, tessera.activation.google-audience
@@ -101,6 +102,11 @@ Try it (the services' own APIs take the demo token, [admin] tokens in the config
   tcurl http://127.0.0.1:8082/v1/segments
   tcurl http://127.0.0.1:8082/v1/segments/buyers/members
   tcurl http://127.0.0.1:8082/v1/triggers      # abandoned-cart: a Cart Viewed with no order within 1 h
+  # Export, then erase Ada everywhere (the privacy API takes only its own token):
+  pcurl() { curl -H "Authorization: Bearer demo-privacy-token" -H 'Content-Type: application/json' "\$@"; }
+  pcurl http://127.0.0.1:8081/v1/privacy/requests -d '{"action":"export","identifier":{"type":"email","value":"ada@example.com"}}'
+  pcurl http://127.0.0.1:8081/v1/privacy/requests -d '{"action":"delete","identifier":{"type":"user_id","value":"ada"}}'
+  pcurl http://127.0.0.1:8081/v1/privacy/requests/<request_id>
 
 Press Ctrl-C to stop.
 INFO
