@@ -204,6 +204,20 @@ mod tests {
     use super::*;
     use crate::store::MemStore;
 
+    /// The local run resets its state when the formats change: it must know them.
+    #[test]
+    fn the_local_run_knows_the_state_formats() {
+        let run = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/run.sh"))
+            .unwrap();
+        let want = format!(
+            "state_formats=\"identity={} profiles={} activation={}\"",
+            state_format("identity"),
+            state_format("profiles"),
+            state_format("activation")
+        );
+        assert!(run.contains(&want), "deploy/run.sh should say {want}");
+    }
+
     #[test]
     fn state_in_another_format_is_refused_with_what_to_do() {
         let dir = Path::new("/state");
