@@ -429,6 +429,16 @@ async fn vault_for(bootstrap: &str, topic: &str) -> std::sync::Arc<Vault> {
     v
 }
 
+/// Brings the keys that [`open_record`] uses for `topic`'s platform up to the end of its
+/// keys topic (destroyed keys included).
+pub async fn keys_caught_up(topic: &str) {
+    vault_for(bootstrap(), topic)
+        .await
+        .catch_up()
+        .await
+        .expect("the keys topic reads to its end");
+}
+
 /// A record of `topic` opened with its platform's keys if it is sealed (as stored if its
 /// key is gone).
 pub async fn open_record(topic: &str, payload: &[u8]) -> Vec<u8> {

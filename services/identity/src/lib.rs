@@ -401,10 +401,19 @@ impl IdentityProcessor {
                 .iter()
                 .any(|i| self.suppressed.contains(&graph::ident_hash(i)))
             {
-                // Suppressed: neither linked nor passed on, and its key destroyed, so
-                // the record on events.ingested is noise too.
+                // Suppressed: neither linked nor passed on. Its visitor's key is
+                // destroyed too (the record on events.ingested becomes noise) unless the
+                // visitor is known: a shared device's other events stay readable.
                 self.dropped.with_label_values(&["suppressed"]).inc();
-                if let Some(s) = subject {
+                let visitor_known = ids
+                    .iter()
+                    .filter(|i| matches!(i.kind.as_str(), "anonymous_id" | "user_id"))
+                    .map(|i| graph::lookup(txn, i).map(|p| p.is_some()))
+                    .collect::<Result<Vec<bool>>>()?
+                    .contains(&true);
+                if let Some(s) = subject
+                    && !visitor_known
+                {
                     self.destroy_keys(&[subject_hash(s)], out);
                 }
                 return Ok(());
