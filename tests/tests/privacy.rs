@@ -357,10 +357,7 @@ async fn a_person_deleted_by_email_is_gone_from_every_topic_and_store() {
         leaks.extend(store_mentions(state, &needles));
         leaks.extend(files_mentioning(state, &needles));
     }
-    assert!(
-        leaks.is_empty(),
-        "personal data left readable: {leaks:#?}"
-    );
+    assert!(leaks.is_empty(), "personal data left readable: {leaks:#?}");
     // Bob's data is still there to read (sealed, with a key that exists).
     assert!(!store_mentions(&cfg.profiles.state_dir, &[&bob_user]).is_empty());
 }

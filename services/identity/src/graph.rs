@@ -1035,6 +1035,60 @@ mod tests {
     }
 
     #[test]
+    fn erasing_a_person_leaves_no_key_or_value_of_theirs_and_spares_others() {
+        let (s, r) = (MemStore::default(), rules());
+        let (anon, user, email) = (
+            id("anonymous_id", "ann-device"),
+            id("user_id", "ann-user"),
+            id("email", "ann@mail.test"),
+        );
+        add(&s, &r, &[anon.clone()], 1, "m1");
+        add(&s, &r, &[user.clone(), email.clone()], 2, "m2");
+        add(&s, &r, &[anon.clone(), user.clone()], 3, "m3");
+        let bob = id("user_id", "bob-user");
+        add(
+            &s,
+            &r,
+            &[bob.clone(), id("email", "bob@mail.test")],
+            4,
+            "m4",
+        );
+        let ann = profile(&s, &email);
+        let mut txn = Txn::new(&s);
+        note_subject(&mut txn, &ann, "subject-of-ann-device");
+        let erased = Graph::new(&r).erase(&mut txn, &ann).unwrap().unwrap();
+        s.write(txn.into_batch()).unwrap();
+        assert_eq!(erased.identifiers, 3);
+        assert_eq!(
+            erased.merged_profiles.len(),
+            1,
+            "the anonymous profile merged into hers"
+        );
+        assert_eq!(erased.subjects, vec!["subject-of-ann-device".to_string()]);
+        let hashes: Vec<String> = [&anon, &user, &email]
+            .iter()
+            .map(|i| ident_hash(i))
+            .collect();
+        for (k, v) in s.scan_prefix(b"", usize::MAX).unwrap() {
+            let (k, v) = (String::from_utf8_lossy(&k), String::from_utf8_lossy(&v));
+            for needle in ["ann-", "ann@"]
+                .iter()
+                .map(|x| x.to_string())
+                .chain(hashes.clone())
+            {
+                assert!(!k.contains(&needle) && !v.contains(&needle), "{k} = {v}");
+            }
+            assert!(!k.contains(&ann), "{k}");
+        }
+        assert!(lookup(&Txn::new(&s), &email).unwrap().is_none());
+        assert!(
+            lookup(&Txn::new(&s), &bob).unwrap().is_some(),
+            "bob is untouched"
+        );
+        assert_eq!(Graph::new(&r).erase(&mut Txn::new(&s), &ann).unwrap(), None);
+    }
+
+    #[test]
     fn anonymous_then_known_merges_into_the_known_profile() {
         let r = rules();
         let s = MemStore::default();
