@@ -1042,7 +1042,7 @@ mod tests {
             id("user_id", "ann-user"),
             id("email", "ann@mail.test"),
         );
-        add(&s, &r, &[anon.clone()], 1, "m1");
+        add(&s, &r, std::slice::from_ref(&anon), 1, "m1");
         add(&s, &r, &[user.clone(), email.clone()], 2, "m2");
         add(&s, &r, &[anon.clone(), user.clone()], 3, "m3");
         let bob = id("user_id", "bob-user");

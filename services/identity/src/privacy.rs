@@ -10,7 +10,7 @@
 //! - `export`: reports the person's identifiers and merges, sealed with the profile's key.
 //!
 //! Each step reports on `privacy.reports` (counts and ids; only an export's report holds
-//! personal data, sealed).
+//! personal data, sealed). A request id is applied once (`preq/<request id>`).
 
 use serde_json::{Value, json};
 use tracing::info;
@@ -50,6 +50,12 @@ impl IdentityProcessor {
         txn: &mut Txn<'_>,
         out: &mut Vec<Output>,
     ) -> Result<()> {
+        // A request is applied once, even if it was written twice (a client retrying).
+        let applied = format!("preq/{}", cmd.command_id).into_bytes();
+        if txn.get(&applied)?.is_some() {
+            return Ok(());
+        }
+        txn.put(applied, Vec::new());
         let (Some(kind), Some(value)) = (&cmd.kind, &cmd.value) else {
             return self.report(
                 cmd,

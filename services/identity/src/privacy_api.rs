@@ -159,10 +159,11 @@ async fn create(
         }
     };
     if let Some(known) = st.reports.get(&request_id) {
+        // Any report that is not sealed names the request's action.
         let same = known
-            .get("api")
-            .and_then(|b| PrivacyReport::from_avro(b).ok())
-            .is_some_and(|r| r.action == action);
+            .values()
+            .find_map(|b| PrivacyReport::from_avro(b).ok())
+            .is_none_or(|r| r.action == action);
         if !same {
             return error(
                 StatusCode::CONFLICT,
@@ -217,18 +218,21 @@ async fn create(
         suppress,
         requested_at: now,
     };
+    // The command first: once it is written the request will be applied. A client that
+    // retries after a failure here sends it again under the same id, and identity
+    // applies a request once.
     let sent = async {
+        let sealed = st.vault.seal(&subject_hash(&key), &cmd.to_avro()?).await?;
+        st.producer
+            .send(&st.commands_topic, key.as_bytes(), &sealed)
+            .await
+            .map_err(|e| tessera_common::Error::Invalid(e.to_string()))?;
         let report = accepted.to_avro()?;
         st.producer
             .send(&st.reports_topic, accepted.key().as_bytes(), &report)
             .await
             .map_err(|e| tessera_common::Error::Invalid(e.to_string()))?;
         st.reports.insert(&accepted, report);
-        let sealed = st.vault.seal(&subject_hash(&key), &cmd.to_avro()?).await?;
-        st.producer
-            .send(&st.commands_topic, key.as_bytes(), &sealed)
-            .await
-            .map_err(|e| tessera_common::Error::Invalid(e.to_string()))?;
         Ok::<_, tessera_common::Error>(())
     };
     if let Err(e) = sent.await {

@@ -273,3 +273,99 @@ fn blocked_values_resolve_to_nobody_in_particular() {
         "blocked values never join two events"
     );
 }
+
+/// A privacy request through the processor: a delete erases the person, suppresses her
+/// identifiers (her next event is dropped, not resolved), hands on to profiles and
+/// reports; the same request written twice is applied once.
+#[test]
+fn a_delete_request_is_applied_once_and_suppresses_the_person() {
+    use tessera_common::config::Config;
+    use tessera_common::records::{AvroRecord, IdentityCommand, PrivacyAction, PrivacyReport};
+    use tessera_common::runner::{Message, Processor};
+    let cfg = Config::load_without_env(None).unwrap();
+    let topics = Topics::new(&cfg.topics);
+    let mut p = IdentityProcessor::new(
+        topics.clone(),
+        Arc::new(rules()),
+        &tessera_common::admin::Admin::new(),
+    );
+    let s = MemStore::default();
+    let msg = |topic: String, key: &str, payload: Vec<u8>| Message {
+        topic,
+        partition: 0,
+        offset: 0,
+        key: Some(key.as_bytes().to_vec()),
+        payload: Some(payload),
+        timestamp_ms: None,
+    };
+    let mut step = |m: &Message| {
+        let mut txn = Txn::new(&s);
+        let mut out = Vec::new();
+        p.process(m, &mut txn, &mut out).unwrap();
+        s.write(txn.into_batch()).unwrap();
+        out
+    };
+    let jane = event(
+        "m1",
+        1,
+        json!({"type": "identify", "userId": "jane", "traits": {"email": "jane@mail.test"}}),
+    );
+    step(&msg(
+        topics.ingested(),
+        "subject-1",
+        jane.to_avro().unwrap(),
+    ));
+    let delete = IdentityCommand {
+        command_id: "r1".into(),
+        action: "delete".into(),
+        merge_id: None,
+        survivor_identifiers: vec![],
+        merged_identifiers: vec![],
+        kind: Some("email".into()),
+        value: Some("jane@mail.test".into()),
+        reason: None,
+        suppress: true,
+        requested_at: 5,
+    };
+    let cmd = msg(topics.commands(), "r1", delete.to_avro().unwrap());
+    let out = step(&cmd);
+    let on = |t: String| out.iter().filter(move |o| o.topic == t).count();
+    assert_eq!(on(topics.suppressions()), 2, "her user id and email");
+    assert_eq!(on(topics.privacy_actions()), 1);
+    let action = out
+        .iter()
+        .find(|o| o.topic == topics.privacy_actions())
+        .unwrap();
+    assert_eq!(
+        PrivacyAction::from_avro(&action.payload).unwrap().stage,
+        "profiles"
+    );
+    let report = out
+        .iter()
+        .find(|o| o.topic == topics.privacy_reports())
+        .unwrap();
+    let report = PrivacyReport::from_avro(&report.payload).unwrap();
+    assert_eq!(
+        (report.status.as_str(), report.service.as_str()),
+        ("done", "identity")
+    );
+    let email = Identifier {
+        kind: "email".into(),
+        value: "jane@mail.test".into(),
+    };
+    assert!(graph::lookup(&Txn::new(&s), &email).unwrap().is_none());
+    assert!(step(&cmd).is_empty(), "the same request again does nothing");
+    // Her next event, from a new device, is dropped: nothing is resolved or linked.
+    let again = event(
+        "m2",
+        6,
+        json!({"type": "track", "anonymousId": "new-device", "context": {"traits": {"email": "jane@mail.test"}}}),
+    );
+    let out = step(&msg(
+        topics.ingested(),
+        "subject-2",
+        again.to_avro().unwrap(),
+    ));
+    assert!(out.iter().all(|o| o.topic != topics.resolved()), "{out:?}");
+    assert!(graph::lookup(&Txn::new(&s), &email).unwrap().is_none());
+}
