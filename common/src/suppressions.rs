@@ -104,10 +104,6 @@ impl Suppressions {
             .remove(hash)
             .is_some()
     }
-
-    pub fn len(&self) -> usize {
-        self.0.read().expect("suppressions lock").len()
-    }
 }
 
 #[cfg(test)]

@@ -309,21 +309,15 @@ impl Vault {
             .collect()
     }
 
-    /// Drops these subjects' keys here at once (their tombstones follow on the topic).
-    pub fn forget(&self, subjects: &[SubjectHash]) {
-        let mut keys = self.keys.write().expect("keys lock");
-        for s in subjects {
-            keys.by_subject.remove(s);
-        }
-    }
-
-    /// How many keys this instance holds (a gauge for operators).
-    pub fn len(&self) -> usize {
+    /// How many keys this instance holds.
+    #[cfg(test)]
+    fn len(&self) -> usize {
         let keys = self.keys.read().expect("keys lock");
         keys.by_subject.values().map(Vec::len).sum()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
@@ -451,8 +445,6 @@ mod tests {
         );
         assert_eq!(v.len(), 2);
         assert_eq!(v.keys_of(&[subject_hash("anon-1")]).len(), 2);
-        v.forget(&[subject_hash("anon-1")]);
-        assert!(v.is_empty());
     }
 
     #[test]
