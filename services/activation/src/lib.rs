@@ -285,7 +285,7 @@ impl ActivationProcessor {
         txn: &mut Txn<'_>,
         out: &mut Vec<Output>,
     ) -> Result<()> {
-        if self.person_suppressed(txn, &m.profile_id, "add")? {
+        if self.person_suppressed(txn, &m.profile_id, m.received_at, "add")? {
             return Ok(());
         }
         for d in &self.destinations {
@@ -376,7 +376,7 @@ impl ActivationProcessor {
         txn: &mut Txn<'_>,
         out: &mut Vec<Output>,
     ) -> Result<()> {
-        if self.person_suppressed(txn, &t.profile_id, "send")? {
+        if self.person_suppressed(txn, &t.profile_id, t.received_at, "send")? {
             return Ok(());
         }
         let properties: Value = serde_json::from_str(&t.properties).unwrap_or(Value::Null);

@@ -21,6 +21,8 @@ pub enum Outcome {
     Capped,
     /// The person asked to be suppressed (a privacy request).
     PersonSuppressed,
+    /// The person was erased after the record was sent.
+    Erased,
 }
 
 impl Outcome {
@@ -31,6 +33,7 @@ impl Outcome {
             Outcome::NoAddress => "no_address",
             Outcome::Capped => "capped",
             Outcome::PersonSuppressed => "person_suppressed",
+            Outcome::Erased => "erased",
         }
     }
 }

@@ -10,7 +10,9 @@
 //! - `export`: what each audience last received, in a report sealed with the profile's
 //!   key.
 //!
-//! State: `sup/<profile>` marks a suppressed person.
+//! State: `sup/<profile>` marks a suppressed person; `erased/<profile>` the time a
+//! profile id was erased (records about it received before then, still on their way,
+//! are refused as `erased`).
 
 use serde_json::{Map, Value, json};
 use tracing::info;
@@ -28,6 +30,11 @@ fn suppressed_key(profile: &str) -> Vec<u8> {
     format!("sup/{profile}").into_bytes()
 }
 
+/// When a profile id was erased: records about it received before then are dropped.
+fn erased_key(profile: &str) -> Vec<u8> {
+    format!("erased/{profile}").into_bytes()
+}
+
 /// An activation caused by a privacy request, its id derived from `parts`.
 fn origin<'a>(a: &'a PrivacyAction, profile: &'a str, parts: &[&str]) -> Origin<'a> {
     Origin {
@@ -42,18 +49,27 @@ fn origin<'a>(a: &'a PrivacyAction, profile: &'a str, parts: &[&str]) -> Origin<
 }
 
 impl ActivationProcessor {
-    /// Whether the person is suppressed; if so each destination counts the refusal.
+    /// Whether the person is suppressed, or was erased after this record (received at
+    /// `received_at`) was sent; if so each destination counts the refusal.
     pub(crate) fn person_suppressed(
         &self,
         txn: &Txn<'_>,
         profile: &str,
+        received_at: i64,
         action: &str,
     ) -> Result<bool> {
-        if txn.get(&suppressed_key(profile))?.is_none() {
+        let outcome = if txn.get(&suppressed_key(profile))?.is_some() {
+            Outcome::PersonSuppressed
+        } else if txn
+            .get_json::<i64>(&erased_key(profile))?
+            .is_some_and(|at| received_at <= at)
+        {
+            Outcome::Erased
+        } else {
             return Ok(false);
-        }
+        };
         for d in &self.destinations {
-            self.count(d, action, Outcome::PersonSuppressed.as_str());
+            self.count(d, action, outcome.as_str());
         }
         Ok(true)
     }
@@ -116,6 +132,7 @@ impl ActivationProcessor {
                 for id in &ids {
                     txn.delete(sends_key(id));
                     txn.delete(suppressed_key(id));
+                    txn.put_json(erased_key(id), &a.requested_at)?;
                 }
                 json!({"audience_entries": removed, "deletion_notices": notices})
             }

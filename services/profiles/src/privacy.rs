@@ -9,7 +9,9 @@
 //! - `export`: the profile and its kept events, in a report sealed with its key.
 //! - `suppress` / `unsuppress`: nothing kept here changes; handed on to activation.
 //!
-//! Each reports on `privacy.reports` (counts; an export's data, sealed).
+//! Each reports on `privacy.reports` (counts; an export's data, sealed). An erased
+//! profile id is remembered with the request's time (`erased/<profile>`): records about
+//! it received before then, still on their way, are dropped.
 
 use serde_json::{Value, json};
 use tracing::info;
@@ -25,7 +27,33 @@ use crate::state::{
     segment_size_key,
 };
 
+/// When a profile id was erased: records about it received before then are dropped.
+fn erased_key(profile: &str) -> Vec<u8> {
+    format!("erased/{profile}").into_bytes()
+}
+
 impl ProfilesProcessor {
+    /// Whether a record received at `received_at` about these profiles was sent before
+    /// one of them was erased (it was on its way): then it is dropped and counted. A
+    /// person who comes back after an erasure (not suppressed) starts afresh.
+    pub(crate) fn sent_before_erasure(
+        &self,
+        txn: &Txn<'_>,
+        profiles: &[&str],
+        received_at: i64,
+    ) -> Result<bool> {
+        for p in profiles {
+            if txn
+                .get_json::<i64>(&erased_key(p))?
+                .is_some_and(|at| received_at <= at)
+            {
+                self.metrics.erased_dropped.inc();
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     pub(crate) fn on_privacy(
         &self,
         a: PrivacyAction,
@@ -47,6 +75,8 @@ impl ProfilesProcessor {
                 let mut removed = Removed::default();
                 for id in &ids {
                     self.erase(txn, id, &mut removed)?;
+                    // Records about them sent before now may still be on their way.
+                    txn.put_json(erased_key(id), &a.requested_at)?;
                 }
                 info!(request = %a.request_id, profiles = removed.profiles, "profile erased");
                 serde_json::to_value(&removed)?

@@ -131,11 +131,20 @@ pub struct ProfilesMetrics {
     pub triggers: IntCounterVec,
     pub event_latency: Histogram,
     pub state_bytes: IntGauge,
+    pub erased_dropped: IntCounter,
 }
 
 impl ProfilesMetrics {
     pub fn new(admin: &Admin) -> Self {
         ProfilesMetrics {
+            erased_dropped: admin.register(
+                &IntCounter::new(
+                    "tessera_profiles_erased_records_dropped_total",
+                    "Records about an erased person that were sent before the erasure and \
+                     arrived after it, dropped",
+                )
+                .unwrap(),
+            ),
             splits: admin.register(
                 &IntCounterVec::new(
                     Opts::new(
@@ -874,6 +883,9 @@ impl ProfilesProcessor {
 
     fn on_event(&self, r: ResolvedEvent, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
         let e = &r.event;
+        if self.sent_before_erasure(txn, &[&r.profile_id], e.received_at)? {
+            return Ok(());
+        }
         if self.seen_before(txn, &e.message_id, e.received_at, "event")? {
             debug!(profile = %r.profile_id, "duplicate message dropped");
             return Ok(());
@@ -908,7 +920,9 @@ impl ProfilesProcessor {
     }
 
     fn on_merge(&self, m: ProfileMerge, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
-        if self.seen_before(txn, &m.merge_id, m.received_at, "merge")? {
+        if self.sent_before_erasure(txn, &[&m.survivor, &m.merged], m.received_at)?
+            || self.seen_before(txn, &m.merge_id, m.received_at, "merge")?
+        {
             return Ok(());
         }
         let cause = Cause {
@@ -938,7 +952,9 @@ impl ProfilesProcessor {
     /// identifier went). With more events than the kept history, the profile that keeps
     /// the id keeps its older totals too.
     fn on_split(&self, s: ProfileSplit, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
-        if self.seen_before(txn, &s.split_id, s.received_at, "split")? {
+        if self.sent_before_erasure(txn, &[&s.profile_id], s.received_at)?
+            || self.seen_before(txn, &s.split_id, s.received_at, "split")?
+        {
             return Ok(());
         }
         let cause = Cause {
@@ -1050,7 +1066,9 @@ impl ProfilesProcessor {
         txn: &mut Txn<'_>,
         out: &mut Vec<Output>,
     ) -> Result<()> {
-        if self.seen_before(txn, &t.transfer_id, t.received_at, "transfer")? {
+        if self.sent_before_erasure(txn, &[&t.survivor, &t.from_profile], t.received_at)?
+            || self.seen_before(txn, &t.transfer_id, t.received_at, "transfer")?
+        {
             return Ok(());
         }
         let Moved {
@@ -1354,6 +1372,71 @@ mod tests {
         s.get(&profile_key(id))
             .unwrap()
             .map(|b| serde_json::from_slice(&b).unwrap())
+    }
+
+    #[test]
+    fn a_delete_erases_the_profile_and_drops_records_sent_before_it() {
+        use tessera_common::records::{PrivacyAction, PrivacyReport};
+        let mut p = processor();
+        let s = MemStore::default();
+        step(&mut p, &s, &resolved("p1", "m1", "Order Completed"));
+        step(&mut p, &s, &resolved("p2", "m2", "Order Completed"));
+        assert!(load(&s, "p1").is_some());
+        let delete = PrivacyAction {
+            request_id: "r1".into(),
+            action: "delete".into(),
+            stage: "profiles".into(),
+            profile_id: "p1".into(),
+            merged_profiles: vec![],
+            requested_at: 150,
+        };
+        let msg = Message {
+            topic: "tessera.privacy.actions".into(),
+            partition: 0,
+            offset: 0,
+            key: None,
+            payload: Some(delete.to_avro().unwrap()),
+            timestamp_ms: None,
+        };
+        let out = step(&mut p, &s, &msg);
+        assert!(load(&s, "p1").is_none());
+        assert!(
+            s.get(&seen_key("m1")).unwrap().is_none(),
+            "its de-duplication entry"
+        );
+        assert!(
+            s.scan_prefix(b"", usize::MAX)
+                .unwrap()
+                .iter()
+                .all(|(k, _)| !String::from_utf8_lossy(k).contains("/p1")
+                    || String::from_utf8_lossy(k).starts_with("erased/")),
+            "nothing of p1 but its erasure time"
+        );
+        let next = out
+            .iter()
+            .find(|o| o.topic == "tessera.privacy.actions")
+            .unwrap();
+        assert_eq!(
+            PrivacyAction::from_avro(&next.payload).unwrap().stage,
+            "activation"
+        );
+        let report = out
+            .iter()
+            .find(|o| o.topic == "tessera.privacy.reports")
+            .unwrap();
+        let detail: serde_json::Value =
+            serde_json::from_str(&PrivacyReport::from_avro(&report.payload).unwrap().detail)
+                .unwrap();
+        assert_eq!(
+            (detail["profiles"].as_u64(), detail["events"].as_u64()),
+            (Some(1), Some(1))
+        );
+        // An event sent before the delete (received at 100) and arriving after it does
+        // not bring the person back; p2 is untouched.
+        step(&mut p, &s, &resolved("p1", "m3", "Order Completed"));
+        assert!(load(&s, "p1").is_none());
+        assert_eq!(p.metrics.erased_dropped.get(), 1);
+        assert!(load(&s, "p2").is_some());
     }
 
     #[test]
