@@ -208,8 +208,63 @@ pub enum TopicKind {
     Erasable,
 }
 
+/// Remembers an authentication failure reported by librdkafka (a wrong SASL password,
+/// a refused certificate), which otherwise shows only as requests timing out.
+#[derive(Default)]
+struct LoginContext {
+    refused: std::sync::Mutex<Option<String>>,
+}
+
+impl rdkafka::ClientContext for LoginContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Authentication) {
+            *self.refused.lock().expect("login context") = Some(reason.to_string());
+        }
+    }
+}
+
+impl rdkafka::producer::ProducerContext for LoginContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
+}
+
+/// Asks the brokers for metadata once with these settings: refused credentials are an
+/// error that says so; anything else (brokers not up yet) is left to the retries.
+pub async fn check_login(kafka: &KafkaConfig) -> Result<()> {
+    let producer: rdkafka::producer::BaseProducer<LoginContext> =
+        client_config(kafka, "tessera-login-check").create_with_context(LoginContext::default())?;
+    tokio::task::spawn_blocking(move || {
+        if producer
+            .client()
+            .fetch_metadata(None, Duration::from_secs(5))
+            .is_ok()
+        {
+            return Ok(());
+        }
+        // The error events are served by polling.
+        for _ in 0..10 {
+            producer.poll(Duration::from_millis(100));
+            if let Some(reason) = producer
+                .context()
+                .refused
+                .lock()
+                .expect("login context")
+                .clone()
+            {
+                return Err(Error::Config(format!(
+                    "kafka refused this client's credentials ([kafka.properties]): {reason}"
+                )));
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| Error::Invalid(format!("login check: {e}")))?
+}
+
 /// Creates the topics that do not exist yet (partitions, replication and retention
-/// from configuration). Existing topics are left as they are.
+/// from configuration). Existing topics are left as they are. Refused credentials stop
+/// here with an error that says so.
 pub async fn ensure_topics(
     kafka: &KafkaConfig,
     cfg: &TopicsConfig,
@@ -218,6 +273,7 @@ pub async fn ensure_topics(
     if !cfg.create || names.is_empty() {
         return Ok(());
     }
+    check_login(kafka).await?;
     let admin: AdminClient<DefaultClientContext> =
         client_config(kafka, "tessera-admin").create()?;
     let retention = cfg.events_retention_ms.to_string();

@@ -357,23 +357,24 @@ fn sasl_broker(dir: &std::path::Path) -> String {
 }
 
 /// Kafka connections authenticate through configuration alone (librdkafka properties
-/// under `[kafka.properties]`): the whole platform runs against a SASL listener.
+/// under `[kafka.properties]`): the whole platform runs against a SASL listener, and a
+/// wrong password stops a service at start with an error that says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kafka_connections_authenticate_with_sasl() {
     let broker = tempfile::tempdir().unwrap();
     let sasl = sasl_broker(broker.path());
-    let p = Platform::start_with(|c| {
+    let login = |c: &mut tessera_common::config::Config, password: &str| {
         c.kafka.bootstrap = sasl.clone();
         for (k, v) in [
             ("security.protocol", "SASL_PLAINTEXT"),
             ("sasl.mechanism", "PLAIN"),
             ("sasl.username", "tessera"),
-            ("sasl.password", "tessera-secret"),
+            ("sasl.password", password),
         ] {
             c.kafka.properties.insert(k.into(), v.into());
         }
-    })
-    .await;
+    };
+    let p = Platform::start_with(|c| login(c, "tessera-secret")).await;
     assert_eq!(
         p.config.kafka.bootstrap, sasl,
         "every client goes through the SASL listener"
@@ -392,4 +393,23 @@ async fn kafka_connections_authenticate_with_sasl() {
     })
     .await;
     p.stop().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    login(&mut cfg, "not-the-password");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let start = tessera_identity::run_with_listener(
+        cfg,
+        listener,
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let err = tokio::time::timeout(std::time::Duration::from_secs(60), start)
+        .await
+        .expect("refused credentials end the start")
+        .expect_err("no service runs with a wrong password")
+        .to_string();
+    assert!(
+        err.contains("refused this client's credentials") && err.contains("Authentication failed"),
+        "{err}"
+    );
 }
