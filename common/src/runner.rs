@@ -707,12 +707,11 @@ pub fn dead_letter(topic: &str, msg: &Message, reason: &str) -> Result<Output> {
         input_offset: Some(msg.offset),
         original: msg.payload.clone().unwrap_or_default(),
     };
-    Ok(Output {
-        subject: None,
-        topic: topic.to_string(),
-        key: msg.topic.clone().into_bytes(),
-        payload: d.to_avro()?,
-    })
+    Ok(Output::plain(
+        topic.to_string(),
+        msg.topic.clone().into_bytes(),
+        d.to_avro()?,
+    ))
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

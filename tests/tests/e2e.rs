@@ -985,12 +985,11 @@ async fn runner_commits_state_and_offsets_together_across_a_crash() {
             );
             let n: u64 = txn.get_json(key.as_bytes())?.unwrap_or(0);
             txn.put_json(key.into_bytes(), &(n + 1))?;
-            out.push(Output {
-                subject: None,
-                topic: self.out_topic.clone(),
-                key: msg.key.clone().unwrap_or_default(),
-                payload: vec![1],
-            });
+            out.push(Output::plain(
+                self.out_topic.clone(),
+                msg.key.clone().unwrap_or_default(),
+                vec![1],
+            ));
             Ok(())
         }
     }

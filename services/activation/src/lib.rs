@@ -265,15 +265,16 @@ impl ActivationProcessor {
         self.latency
             .with_label_values(&[o.source])
             .observe(latency_ms as f64 / 1000.0);
-        Ok(Output {
-            subject: None,
-            topic: d.topic.clone(),
-            key: a.profile_id.clone().into_bytes(),
-            payload: match d.config.format {
-                PayloadFormat::Json => a.to_json()?,
-                PayloadFormat::Avro => a.to_avro()?,
-            },
-        })
+        let payload = match d.config.format {
+            PayloadFormat::Json => a.to_json()?,
+            PayloadFormat::Avro => a.to_avro()?,
+        };
+        // Destinations read their topic in clear: it is the hand-off.
+        Ok(Output::plain(
+            d.topic.clone(),
+            a.profile_id.clone().into_bytes(),
+            payload,
+        ))
     }
 
     /// Brings the audiences this record can change in line with the profile it

@@ -343,12 +343,11 @@ impl IdentityProcessor {
                 .with_label_values(&[m.rule.as_deref().unwrap_or("identifier")])
                 .inc();
             info!(survivor = %m.survivor, merged = %m.merged, rule = ?m.rule, "profiles merged");
-            out.push(Output {
-                subject: None,
-                topic: self.topics.merges(),
-                key: m.merged.clone().into_bytes(),
-                payload: m.to_avro()?,
-            });
+            out.push(Output::plain(
+                self.topics.merges(),
+                m.merged.clone().into_bytes(),
+                m.to_avro()?,
+            ));
         }
         for s in &changes.splits {
             self.splits.inc();

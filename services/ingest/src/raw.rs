@@ -70,12 +70,7 @@ impl RawProcessor {
         );
         Ok(match subject {
             Some(s) => Output::sealed(topic, key, payload, &s),
-            None => Output {
-                subject: None,
-                topic,
-                key,
-                payload,
-            },
+            None => Output::plain(topic, key, payload),
         })
     }
 }
