@@ -132,7 +132,17 @@ pub fn resolve_event(
     event: &IngestedEvent,
     payload: &Value,
 ) -> Result<Resolution> {
-    let g = Graph::new(rules);
+    let (ids, blocked) = event_identifiers(rules, event, payload);
+    resolve_identifiers(rules, txn, event, payload, ids, blocked)
+}
+
+/// An event's identifiers as the rules extract them (with an alias's previousId), and
+/// the types of those refused by the blocked-value rules.
+pub fn event_identifiers(
+    rules: &Rules,
+    event: &IngestedEvent,
+    payload: &Value,
+) -> (Vec<Identifier>, Vec<String>) {
     let (mut ids, blocked) = rules.extract(payload);
     if event.kind == "alias" {
         // previousId is the id the user was known by before: an anonymous id.
@@ -153,6 +163,19 @@ pub fn resolve_event(
             }
         }
     }
+    (ids, blocked)
+}
+
+/// [`resolve_event`] with the event's identifiers already extracted.
+pub fn resolve_identifiers(
+    rules: &Rules,
+    txn: &mut Txn<'_>,
+    event: &IngestedEvent,
+    payload: &Value,
+    ids: Vec<Identifier>,
+    blocked: Vec<String>,
+) -> Result<Resolution> {
+    let g = Graph::new(rules);
     let mut res = Resolution {
         blocked,
         ..Default::default()
@@ -394,31 +417,31 @@ impl IdentityProcessor {
     ) -> Result<()> {
         let started = std::time::Instant::now();
         let payload: Value = event.payload_json();
-        if !self.suppressed.is_empty() {
-            let (ids, _) = self.rules.extract(&payload);
-            if ids
+        // Extracted once: for the suppression check and for resolving.
+        let (ids, blocked) = event_identifiers(&self.rules, &event, &payload);
+        if !self.suppressed.is_empty()
+            && ids
                 .iter()
                 .any(|i| self.suppressed.contains(&graph::ident_hash(i)))
+        {
+            // Suppressed: neither linked nor passed on. Its visitor's key is
+            // destroyed too (the record on events.ingested becomes noise) unless the
+            // visitor is known: a shared device's other events stay readable.
+            self.dropped.with_label_values(&["suppressed"]).inc();
+            let visitor_known = ids
+                .iter()
+                .filter(|i| matches!(i.kind.as_str(), "anonymous_id" | "user_id"))
+                .map(|i| graph::lookup(txn, i).map(|p| p.is_some()))
+                .collect::<Result<Vec<bool>>>()?
+                .contains(&true);
+            if let Some(s) = subject
+                && !visitor_known
             {
-                // Suppressed: neither linked nor passed on. Its visitor's key is
-                // destroyed too (the record on events.ingested becomes noise) unless the
-                // visitor is known: a shared device's other events stay readable.
-                self.dropped.with_label_values(&["suppressed"]).inc();
-                let visitor_known = ids
-                    .iter()
-                    .filter(|i| matches!(i.kind.as_str(), "anonymous_id" | "user_id"))
-                    .map(|i| graph::lookup(txn, i).map(|p| p.is_some()))
-                    .collect::<Result<Vec<bool>>>()?
-                    .contains(&true);
-                if let Some(s) = subject
-                    && !visitor_known
-                {
-                    self.destroy_keys(&[subject_hash(s)], out);
-                }
-                return Ok(());
+                self.destroy_keys(&[subject_hash(s)], out);
             }
+            return Ok(());
         }
-        let res = resolve_event(&self.rules, txn, &event, &payload)?;
+        let res = resolve_identifiers(&self.rules, txn, &event, &payload, ids, blocked)?;
         if let Some(s) = subject
             && !res.profile_id.is_empty()
         {
