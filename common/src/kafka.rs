@@ -230,7 +230,7 @@ impl rdkafka::producer::ProducerContext for LoginContext {
 
 /// Asks the brokers for metadata once with these settings: refused credentials are an
 /// error that says so; anything else (brokers not up yet) is left to the retries.
-pub async fn check_login(kafka: &KafkaConfig) -> Result<()> {
+async fn check_login(kafka: &KafkaConfig) -> Result<()> {
     let producer: rdkafka::producer::BaseProducer<LoginContext> =
         client_config(kafka, "tessera-login-check").create_with_context(LoginContext::default())?;
     tokio::task::spawn_blocking(move || {

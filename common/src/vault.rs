@@ -241,7 +241,7 @@ impl Vault {
 
     /// Opens a record without waiting: `None` when it is sealed with a key this vault
     /// has not seen (yet, or any more).
-    pub fn try_open(&self, bytes: &[u8]) -> Option<Opened> {
+    fn try_open(&self, bytes: &[u8]) -> Option<Opened> {
         if !is_sealed(bytes) {
             return Some(Opened::Plain(bytes.to_vec()));
         }
