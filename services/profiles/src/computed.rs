@@ -26,11 +26,22 @@ pub const MAX_DISTINCT: usize = 200;
 const MINUTE_MS: i64 = 60_000;
 /// The longest window: a leap year.
 const MAX_WINDOW_MS: i64 = 366 * 24 * 60 * MINUTE_MS;
+/// The most tests one `where` holds.
+pub const MAX_TESTS: usize = 16;
+
+/// Checks every test of a `where` list, and that there are at most [`MAX_TESTS`].
+pub fn validate_tests(tests: &[Test], what: &str) -> Result<(), String> {
+    if tests.len() > MAX_TESTS {
+        return Err(format!("{what}: at most {MAX_TESTS} tests"));
+    }
+    tests.iter().try_for_each(|t| t.validate(what))
+}
 
 /// A duration written `15m`, `12h`, `30d` or `8w`: whole minutes to 366 days.
 pub fn parse_window(text: &str) -> Result<i64, String> {
     let t = text.trim();
-    let (digits, unit) = t.split_at(t.len().saturating_sub(1));
+    // The unit is the last character, whatever its width.
+    let (digits, unit) = t.split_at(t.char_indices().last().map_or(0, |(i, _)| i));
     let n: i64 = digits
         .parse()
         .map_err(|_| format!("window {text:?}: write a number and a unit, like 30d"))?;
@@ -236,9 +247,7 @@ impl ComputedTrait {
                 "{what}: event is empty (leave it out for any event)"
             ));
         }
-        for t in &self.filter {
-            t.validate(&format!("{what}: where"))?;
-        }
+        validate_tests(&self.filter, &format!("{what}: where"))?;
         match (&self.aggregate, &self.property) {
             (Aggregate::Count, Some(_)) => {
                 return Err(format!("{what}: count takes no property"));
@@ -508,7 +517,16 @@ mod tests {
     fn windows_parse_and_refuse() {
         assert_eq!(parse_window("30d").unwrap(), 30 * 86_400_000);
         assert_eq!(parse_window("15m").unwrap(), 900_000);
-        for bad in ["30", "d", "0m", "400d", "3y", "-5m"] {
+        for bad in ["30", "d", "0m", "400d", "3y", "-5m", ""] {
+            assert!(parse_window(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// Found by schemathesis: a window ending in a multi-byte character panicked the
+    /// definitions API (the unit was cut at a byte, not a character).
+    #[test]
+    fn a_window_ending_in_a_wide_character_is_refused() {
+        for bad in ["1\u{80}", "12\u{130f6}", "\u{130f6}", "5 \u{e9}"] {
             assert!(parse_window(bad).is_err(), "{bad}");
         }
     }
