@@ -128,9 +128,22 @@ pub async fn serve(
     use hyper_util::server::graceful::GracefulShutdown;
     use hyper_util::service::TowerToHyperService;
 
-    let router = router.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-        Duration::from_millis(http.body_timeout_ms),
-    ));
+    let router = router
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            Duration::from_millis(http.body_timeout_ms),
+        ))
+        // A defect that panics a handler answers 500 with a JSON reason (and is logged
+        // by the panic hook) instead of dropping the connection.
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                let body = r#"{"error":"internal","reason":"the request failed on a defect in the service; it is logged"}"#;
+                axum::response::Response::builder()
+                    .status(axum::http::StatusCode::INTERNAL_SERVER_ERROR)
+                    .header(axum::http::header::CONTENT_TYPE, "application/json")
+                    .body(axum::body::Body::from(body))
+                    .expect("a static response")
+            },
+        ));
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -238,5 +251,55 @@ pub async fn require_token(
             );
             resp
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A handler that panics answers 500 with a JSON reason; the server goes on serving.
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_and_the_server_lives_on() {
+        let listener = bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new()
+            .route(
+                "/boom",
+                axum::routing::get(|| async {
+                    let cut: &str = "\u{130f6}";
+                    // The defect class schemathesis found: slicing inside a character.
+                    cut.split_at(1).0.to_string()
+                }),
+            )
+            .route("/ok", axum::routing::get(|| async { "ok" }));
+        let http = HttpConfig {
+            header_read_timeout_ms: 5_000,
+            max_header_bytes: 16 * 1024,
+            body_timeout_ms: 5_000,
+        };
+        let stop = CancellationToken::new();
+        let server = tokio::spawn({
+            let stop = stop.clone();
+            async move { serve(listener, router, &http, stop).await }
+        });
+        let get = |path: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let boom = get("/boom").await;
+        assert!(boom.starts_with("HTTP/1.1 500"), "{boom}");
+        assert!(boom.contains(r#""error":"internal""#), "{boom}");
+        assert!(get("/ok").await.starts_with("HTTP/1.1 200"));
+        stop.cancel();
+        server.await.unwrap().unwrap();
     }
 }
