@@ -18,7 +18,7 @@ use base64::Engine;
 use futures::StreamExt;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tower_http::cors::{Any, CorsLayer};
 use tracing::{debug, warn};
 
@@ -171,10 +171,10 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// A refusal as HTTP: status + `{error, reason}`.
-struct Refusal {
-    status: StatusCode,
-    code: &'static str,
-    reason: String,
+pub struct Refusal {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub reason: String,
     extra: Option<Value>,
     /// Seconds for `Retry-After` (with 429 and 503).
     retry_after: u64,
@@ -361,13 +361,17 @@ async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Vec
     }
     let encoding = headers
         .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().to_ascii_lowercase());
-    match encoding.as_deref() {
+        .and_then(|v| v.to_str().ok());
+    decode_body(encoding, raw, limit)
+}
+
+/// Undoes a body's `Content-Encoding` (gzip or none); at most `limit` bytes come out.
+pub fn decode_body(encoding: Option<&str>, raw: Vec<u8>, limit: usize) -> Result<Vec<u8>, Refusal> {
+    match encoding.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
         None | Some("") | Some("identity") => Ok(raw),
         Some("gzip") | Some("x-gzip") => {
             // Stop reading one byte past the limit: a decompression bomb costs at most that.
-            let mut out = Vec::with_capacity(raw.len() * 4);
+            let mut out = Vec::with_capacity(raw.len().saturating_mul(4).min(limit + 1));
             flate2::read::MultiGzDecoder::new(&raw[..])
                 .take(limit as u64 + 1)
                 .read_to_end(&mut out)
@@ -395,6 +399,172 @@ async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Vec
     }
 }
 
+/// A body as the JSON object every endpoint takes.
+pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, Refusal> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("body is not valid JSON: {e}"),
+        )
+    })?;
+    match value {
+        Value::Object(root) => Ok(root),
+        _ => Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "not_an_object",
+            "body must be a JSON object",
+        )),
+    }
+}
+
+/// What a request's events are checked against.
+pub struct Decoding<'a> {
+    pub limits: &'a Limits,
+    pub max_batch_events: usize,
+    pub source: &'a str,
+    pub received_at: i64,
+}
+
+/// A request's events, checked and normalised, before anything is produced.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    pub accepted: Vec<IngestedEvent>,
+    /// The refused items of a batch, as dead letters with their reasons...
+    pub dead: Vec<DeadLetter>,
+    /// ...and as the answer's `rejected` entries (`index`, `error`, `reason`).
+    pub rejected: Vec<Value>,
+}
+
+/// The events of a request body: the one event of `/v1/<type>` (refused whole when
+/// invalid) or the items of a batch (each refused alone). `admit` is asked for the number
+/// of events before any is checked (the source's rate limit).
+pub fn events_of(
+    endpoint: &'static str,
+    mut root: Map<String, Value>,
+    body_len: usize,
+    d: &Decoding<'_>,
+    admit: impl FnOnce(usize) -> Result<(), Refusal>,
+) -> Result<Decoded, Refusal> {
+    let new_id = || uuid::Uuid::new_v4().to_string();
+    if endpoint != "batch" {
+        if body_len > d.limits.max_event_bytes {
+            return Err(Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "event_too_large",
+                format!("event is larger than {} bytes", d.limits.max_event_bytes),
+            ));
+        }
+        admit(1)?;
+        let event = validate::normalise(
+            Value::Object(root),
+            Some(endpoint),
+            &Envelope::default(),
+            d.source,
+            d.received_at,
+            d.limits,
+            new_id,
+        )
+        .map_err(|r| {
+            let status = if r.code == "event_too_large" {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            Refusal::from_reject(status, r)
+        })?;
+        return Ok(Decoded {
+            accepted: vec![event],
+            ..Decoded::default()
+        });
+    }
+
+    let items = match root.remove("batch") {
+        Some(Value::Array(items)) => items,
+        Some(_) => {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_batch",
+                "batch must be an array",
+            ));
+        }
+        None => {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_batch",
+                "batch is missing",
+            ));
+        }
+    };
+    if items.len() > d.max_batch_events {
+        return Err(Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            format!(
+                "a batch holds at most {} events, got {}",
+                d.max_batch_events,
+                items.len()
+            ),
+        ));
+    }
+    if items.is_empty() {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_batch",
+            "batch is empty",
+        ));
+    }
+    if root
+        .get("context")
+        .is_some_and(|c| !c.is_object() && !c.is_null())
+    {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_batch",
+            "the batch's context must be an object",
+        ));
+    }
+    admit(items.len())?;
+    let envelope = Envelope {
+        sent_at: root.get("sentAt"),
+        context: root.get("context").and_then(Value::as_object),
+    };
+    let mut out = Decoded {
+        accepted: Vec::with_capacity(items.len()),
+        ..Decoded::default()
+    };
+    for (index, item) in items.into_iter().enumerate() {
+        let original = serde_json::to_vec(&item).unwrap_or_default();
+        match validate::normalise(
+            item,
+            None,
+            &envelope,
+            d.source,
+            d.received_at,
+            d.limits,
+            new_id,
+        ) {
+            Ok(e) => out.accepted.push(e),
+            Err(r) => {
+                out.rejected
+                    .push(json!({"index": index, "error": r.code, "reason": r.reason}));
+                out.dead.push(DeadLetter {
+                    origin: "http".into(),
+                    source: Some(d.source.to_string()),
+                    reason: format!("{}: {}", r.code, r.reason),
+                    received_at: d.received_at,
+                    batch_index: Some(index as i32),
+                    input_topic: None,
+                    input_partition: None,
+                    input_offset: None,
+                    original,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
 async fn accept(
     st: &AppState,
     endpoint: &'static str,
@@ -407,20 +577,7 @@ async fn accept(
         source_of(st, k)?;
     }
     let bytes = read_body(st, headers, body).await?;
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
-        Refusal::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("body is not valid JSON: {e}"),
-        )
-    })?;
-    let Value::Object(mut root) = value else {
-        return Err(Refusal::new(
-            StatusCode::BAD_REQUEST,
-            "not_an_object",
-            "body must be a JSON object",
-        ));
-    };
+    let root = parse_object(&bytes)?;
     let key = match header_key {
         Some(k) => k,
         None => match root.get("writeKey") {
@@ -442,131 +599,28 @@ async fn accept(
             .inc();
     }
     let source = key.source.name.clone();
-    let received_at = tessera_common::now_ms();
-    let new_id = || uuid::Uuid::new_v4().to_string();
-
-    if endpoint != "batch" {
-        if bytes.len() > st.limits.max_event_bytes {
-            return Err(Refusal::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "event_too_large",
-                format!("event is larger than {} bytes", st.limits.max_event_bytes),
-            ));
-        }
-        key.source.admit(1)?;
-        let event = validate::normalise(
-            Value::Object(root),
-            Some(endpoint),
-            &Envelope::default(),
-            &source,
-            received_at,
-            &st.limits,
-            new_id,
-        )
-        .map_err(|r| {
-            let status = if r.code == "event_too_large" {
-                StatusCode::PAYLOAD_TOO_LARGE
-            } else {
-                StatusCode::BAD_REQUEST
-            };
-            Refusal::from_reject(status, r)
-        })?;
-        let n = produce(st, vec![event], vec![]).await?;
-        st.metrics
-            .accepted
-            .with_label_values(&["http", &source])
-            .inc_by(n as u64);
-        return Ok((
-            StatusCode::OK,
-            axum::Json(json!({"success": true, "accepted": 1, "rejected": []})),
-        )
-            .into_response());
-    }
-
-    let items = match root.remove("batch") {
-        Some(Value::Array(items)) => items,
-        Some(_) => {
-            return Err(Refusal::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_batch",
-                "batch must be an array",
-            ));
-        }
-        None => {
-            return Err(Refusal::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_batch",
-                "batch is missing",
-            ));
-        }
+    let decoding = Decoding {
+        limits: &st.limits,
+        max_batch_events: st.max_batch_events,
+        source: &source,
+        received_at: tessera_common::now_ms(),
     };
-    if items.len() > st.max_batch_events {
-        return Err(Refusal::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "batch_too_large",
-            format!(
-                "a batch holds at most {} events, got {}",
-                st.max_batch_events,
-                items.len()
-            ),
-        ));
+    let decoded = events_of(endpoint, root, bytes.len(), &decoding, |n| {
+        key.source.admit(n)
+    })?;
+    for r in &decoded.rejected {
+        let code = r["error"].as_str().unwrap_or("invalid");
+        st.metrics.rejected.with_label_values(&["http", code]).inc();
     }
-    if items.is_empty() {
-        return Err(Refusal::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_batch",
-            "batch is empty",
-        ));
-    }
-    key.source.admit(items.len())?;
-    let envelope = Envelope {
-        sent_at: root.get("sentAt"),
-        context: root.get("context").and_then(Value::as_object),
-    };
-    let mut accepted = Vec::with_capacity(items.len());
-    let mut dead = Vec::new();
-    let mut rejected = Vec::new();
-    for (index, item) in items.into_iter().enumerate() {
-        let original = serde_json::to_vec(&item).unwrap_or_default();
-        match validate::normalise(
-            item,
-            None,
-            &envelope,
-            &source,
-            received_at,
-            &st.limits,
-            new_id,
-        ) {
-            Ok(e) => accepted.push(e),
-            Err(r) => {
-                st.metrics
-                    .rejected
-                    .with_label_values(&["http", r.code])
-                    .inc();
-                rejected.push(json!({"index": index, "error": r.code, "reason": r.reason}));
-                dead.push(DeadLetter {
-                    origin: "http".into(),
-                    source: Some(source.clone()),
-                    reason: format!("{}: {}", r.code, r.reason),
-                    received_at,
-                    batch_index: Some(index as i32),
-                    input_topic: None,
-                    input_partition: None,
-                    input_offset: None,
-                    original,
-                });
-            }
-        }
-    }
-    let valid = accepted.len();
-    let n = produce(st, accepted, dead).await?;
+    let valid = decoded.accepted.len();
+    let n = produce(st, decoded.accepted, decoded.dead).await?;
     st.metrics
         .accepted
         .with_label_values(&["http", &source])
         .inc_by(n as u64);
     if valid == 0 {
         return Err(Refusal {
-            extra: Some(Value::Array(rejected)),
+            extra: Some(Value::Array(decoded.rejected)),
             ..Refusal::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_batch",
@@ -574,10 +628,17 @@ async fn accept(
             )
         });
     }
-    debug!(accepted = n, rejected = rejected.len(), "batch accepted");
+    if endpoint == "batch" {
+        debug!(
+            accepted = n,
+            rejected = decoded.rejected.len(),
+            "batch accepted"
+        );
+    }
     Ok((
         StatusCode::OK,
-        axum::Json(json!({"success": true, "accepted": n, "rejected": rejected})),
+        // Events dropped for a suppressed person count as accepted: the sender is not told.
+        axum::Json(json!({"success": true, "accepted": valid, "rejected": decoded.rejected})),
     )
         .into_response())
 }

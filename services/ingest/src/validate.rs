@@ -247,10 +247,10 @@ pub fn normalise(
         Some(id) => id,
         None => message_id(),
     };
-    if message_id.len() > 256 {
+    if message_id.chars().count() > 256 {
         return Err(Reject::new(
             "invalid_field",
-            "messageId is longer than 256 bytes",
+            "messageId is longer than 256 characters",
         ));
     }
 
