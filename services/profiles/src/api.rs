@@ -240,8 +240,13 @@ fn timeline_length(q: &HashMap<String, String>, st: &ApiState) -> Result<usize, 
     }
 }
 
-fn explain(q: &HashMap<String, String>) -> bool {
-    q.get("explain").is_some_and(|v| v == "true" || v == "1")
+/// `explain=true` (or 1) shows where each trait value came from.
+fn explain(q: &HashMap<String, String>) -> Result<bool, String> {
+    match q.get("explain").map(String::as_str) {
+        None | Some("false" | "0") => Ok(false),
+        Some("true" | "1") => Ok(true),
+        Some(_) => Err("explain must be true or false".into()),
+    }
 }
 
 async fn by_id(
@@ -259,13 +264,13 @@ async fn profile_response(
     q: &HashMap<String, String>,
     missing: &str,
 ) -> Response {
-    let events = match timeline_length(q, st) {
-        Ok(n) => n,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_query", e),
+    let (events, explain) = match (timeline_length(q, st), explain(q)) {
+        (Ok(n), Ok(x)) => (n, x),
+        (Err(e), _) | (_, Err(e)) => return error(StatusCode::BAD_REQUEST, "invalid_query", e),
     };
     match load_live(st.store.clone(), id, events).await {
         Ok(Some((p, recent))) => {
-            axum::Json(view(&p, &recent, explain(q), &st.strategies)).into_response()
+            axum::Json(view(&p, &recent, explain, &st.strategies)).into_response()
         }
         Ok(None) => error(StatusCode::NOT_FOUND, "not_found", missing),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),

@@ -26,6 +26,9 @@ use crate::triggers::Trigger;
 pub const SEGMENT: &str = "segment";
 pub const COMPUTED_TRAIT: &str = "computed_trait";
 pub const TRIGGER: &str = "trigger";
+/// Limits of a definition's `name` and `description` (they are shown, not evaluated).
+const MAX_NAME_CHARS: usize = 200;
+const MAX_DESCRIPTION_CHARS: usize = 2000;
 
 // Definitions are few and rarely copied: the size difference does not matter.
 #[allow(clippy::large_enum_variant)]
@@ -97,27 +100,41 @@ impl Definition {
                 );
             }
         };
-        match kind {
+        let def = match kind {
             SEGMENT => {
                 let mut s: Segment = serde_json::from_value(doc)
                     .map_err(|e| format!("invalid segment definition: {e}"))?;
                 s.compile()?;
-                Ok(Definition::Segment(s))
+                Definition::Segment(s)
             }
             COMPUTED_TRAIT => {
                 let mut c: ComputedTrait = serde_json::from_value(doc)
                     .map_err(|e| format!("invalid computed trait definition: {e}"))?;
                 c.validate()?;
-                Ok(Definition::Computed(c))
+                Definition::Computed(c)
             }
             TRIGGER => {
                 let mut t: Trigger = serde_json::from_value(doc)
                     .map_err(|e| format!("invalid trigger definition: {e}"))?;
                 t.validate()?;
-                Ok(Definition::Trigger(t))
+                Definition::Trigger(t)
             }
-            other => Err(format!("unknown definition kind {other:?}")),
+            other => return Err(format!("unknown definition kind {other:?}")),
+        };
+        let (name, description) = match &def {
+            Definition::Segment(s) => (&s.name, &s.description),
+            Definition::Computed(c) => (&c.name, &c.description),
+            Definition::Trigger(t) => (&t.name, &t.description),
+        };
+        if name.chars().count() > MAX_NAME_CHARS {
+            return Err(format!("name is longer than {MAX_NAME_CHARS} characters"));
         }
+        if description.chars().count() > MAX_DESCRIPTION_CHARS {
+            return Err(format!(
+                "description is longer than {MAX_DESCRIPTION_CHARS} characters"
+            ));
+        }
+        Ok(def)
     }
 }
 

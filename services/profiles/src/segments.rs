@@ -24,6 +24,8 @@ use crate::computed::{self, Aggregate, ComputedTrait, Test};
 use crate::profile::Profile;
 
 const MAX_DEPTH: usize = 16;
+/// The most conditions one `all` or `any` holds.
+const MAX_BRANCHES: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -226,8 +228,8 @@ impl Condition {
             }
             Condition::InSegment(_) => Ok(()),
             Condition::All(cs) | Condition::Any(cs) => {
-                if cs.is_empty() {
-                    return Err("all/any needs at least one condition".into());
+                if cs.is_empty() || cs.len() > MAX_BRANCHES {
+                    return Err(format!("all/any needs 1 to {MAX_BRANCHES} conditions"));
                 }
                 cs.iter_mut()
                     .try_for_each(|c| c.compile(segment, depth + 1, counters))

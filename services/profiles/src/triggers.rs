@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::computed::{Test, lookup, valid_id};
+use crate::computed::{Test, lookup, valid_id, validate_tests};
 use crate::profile::Profile;
 
 /// The longest wait: a leap year.
@@ -105,9 +105,7 @@ impl Trigger {
             }
             _ => return Err("when: give an event or a segment (one of them)".into()),
         }
-        for t in &self.when.filter {
-            t.validate("when: where")?;
-        }
+        validate_tests(&self.when.filter, "when: where")?;
         self.wait_ms = match &self.wait {
             None => 0,
             Some(w) => {
@@ -127,9 +125,7 @@ impl Trigger {
             if u.event.trim().is_empty() {
                 return Err("unless: the event is empty".into());
             }
-            for t in &u.filter {
-                t.validate("unless: where")?;
-            }
+            validate_tests(&u.filter, "unless: where")?;
         }
         Ok(())
     }
