@@ -479,12 +479,14 @@ fn lookup<'m>(message: &'m Value, path: &MessagePath) -> Vec<String> {
         .collect()
 }
 
+/// The normalised form of `raw`, or `None` when it is not valid for `how` or nothing of
+/// it is left (a name of digits only): an empty value is an absent one.
 pub fn normalise(how: Normalise, raw: &str, region: phonenumber::country::Id) -> Option<String> {
     let t = raw.trim();
     if t.is_empty() {
         return None;
     }
-    Some(match how {
+    let v = match how {
         Normalise::Trim => t.to_string(),
         Normalise::Lowercase => t.to_lowercase(),
         Normalise::Email => {
@@ -517,22 +519,27 @@ pub fn normalise(how: Normalise, raw: &str, region: phonenumber::country::Id) ->
         Normalise::Date => normalise_date(t)?,
         Normalise::Postcode => text::normalise_postcode(t),
         Normalise::Address => text::normalise_address(t),
-    })
+    };
+    (!v.is_empty()).then_some(v)
 }
 
 /// A birth date as YYYY-MM-DD from ISO dates and timestamps, YYYYMMDD, or D/M/Y (the
 /// day first when it cannot be a month).
+/// Only years 1 to 9999: they are the ones written with four digits, so the result reads
+/// back as itself.
 fn normalise_date(t: &str) -> Option<String> {
+    use chrono::Datelike;
     let date = t.get(..10).unwrap_or(t);
-    if let Ok(d) = chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d") {
-        return Some(d.format("%Y-%m-%d").to_string());
-    }
-    for fmt in ["%Y%m%d", "%m/%d/%Y", "%d/%m/%Y", "%d.%m.%Y"] {
-        if let Ok(d) = chrono::NaiveDate::parse_from_str(t, fmt) {
-            return Some(d.format("%Y-%m-%d").to_string());
-        }
-    }
-    None
+    let parsed = chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d")
+        .ok()
+        .or_else(|| {
+            ["%Y%m%d", "%m/%d/%Y", "%d/%m/%Y", "%d.%m.%Y"]
+                .iter()
+                .find_map(|fmt| chrono::NaiveDate::parse_from_str(t, fmt).ok())
+        })?;
+    (1..=9999)
+        .contains(&parsed.year())
+        .then(|| parsed.format("%Y-%m-%d").to_string())
 }
 
 #[cfg(test)]
@@ -542,6 +549,27 @@ mod tests {
 
     fn rules() -> Rules {
         Rules::parse(DEFAULT_RULES, "test").unwrap()
+    }
+
+    /// Found by fuzzing (identifiers): a name of digits and punctuation normalised to an
+    /// empty string, which counted as a value (so a later path with a real name was not
+    /// looked at, and an identifier could be empty).
+    #[test]
+    fn a_value_with_nothing_left_after_normalising_is_absent() {
+        let region = phonenumber::country::Id::US;
+        assert_eq!(normalise(Normalise::Name, "1990-02-28", region), None);
+        assert_eq!(normalise(Normalise::Postcode, "--", region), None);
+        assert_eq!(normalise(Normalise::Address, "#", region), None);
+        // Also found by fuzzing: a negative year read back as another date.
+        assert_eq!(normalise(Normalise::Date, "-190-02-2811", region), None);
+        assert_eq!(
+            normalise(Normalise::Date, "1990-02-28T10:00:00Z", region).as_deref(),
+            Some("1990-02-28")
+        );
+        assert_eq!(
+            normalise(Normalise::Name, " José ", region).as_deref(),
+            Some("jose")
+        );
     }
 
     #[test]
