@@ -397,6 +397,11 @@ impl Config {
         Self::load_from(file, Env::prefixed("TESSERA_IGNORED_IN_TESTS__"), false)
     }
 
+    /// Defaults and the TOML `text` only (no file, no environment).
+    pub fn parse(text: &str) -> Result<Config> {
+        Self::extract(Figment::from(Toml::string(DEFAULT_TOML)).merge(Toml::string(text)))
+    }
+
     fn load_from(file: Option<&Path>, env: Env, bootstrap_shorthand: bool) -> Result<Config> {
         let mut fig = Figment::from(Toml::string(DEFAULT_TOML));
         if let Some(path) = file {
@@ -416,6 +421,10 @@ impl Config {
                     .map(|_| "kafka.bootstrap".into()),
             );
         }
+        Self::extract(fig)
+    }
+
+    fn extract(fig: Figment) -> Result<Config> {
         let cfg: Config = fig.extract().map_err(|e| Error::Config(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)

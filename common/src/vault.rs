@@ -239,6 +239,23 @@ impl Vault {
         Ok(Some(out))
     }
 
+    /// A vault that follows no topic: it holds the keys records [`apply`](Self::apply)
+    /// hands it, and only opens (tools, tests and fuzzing).
+    pub fn detached() -> Vault {
+        Vault {
+            topic: String::new(),
+            producer: None,
+            keys: Arc::default(),
+            applied: Arc::default(),
+            watermarks: None,
+        }
+    }
+
+    /// Takes in one record of the keys topic (a key, or a tombstone that destroys one).
+    pub fn apply(&self, m: &Message) {
+        apply(&self.keys, m)
+    }
+
     /// Opens a record without waiting: `None` when it is sealed with a key this vault
     /// has not seen (yet, or any more).
     fn try_open(&self, bytes: &[u8]) -> Option<Opened> {
@@ -382,22 +399,11 @@ mod tests {
         (record_key(&s, &id), rec.to_avro().unwrap())
     }
 
-    /// A vault fed by hand instead of by the keys topic.
-    fn vault() -> Vault {
-        Vault {
-            topic: "keys".into(),
-            producer: None,
-            keys: Arc::default(),
-            applied: Arc::default(),
-            watermarks: None,
-        }
-    }
-
     #[tokio::test]
     async fn a_sealed_record_opens_with_its_key_and_is_shredded_without_it() {
-        let v = vault();
+        let v = Vault::detached();
         let (k, rec) = key_record("profile-1", [1; 8]);
-        apply(&v.keys, &msg(&k, Some(rec)));
+        v.apply(&msg(&k, Some(rec)));
         let plain = b"jane.doe@example.com".to_vec();
         let sealed = v.seal(&subject_hash("profile-1"), &plain).await.unwrap();
         assert!(is_sealed(&sealed));
@@ -417,14 +423,14 @@ mod tests {
         assert_eq!(v.open(&bad).await.unwrap(), Opened::Corrupt);
         // The tombstone destroys the key: the record is noise from then on.
         assert_eq!(v.keys_of(&[subject_hash("profile-1")]), vec![k.clone()]);
-        apply(&v.keys, &msg(&k, None));
+        v.apply(&msg(&k, None));
         assert_eq!(v.open(&sealed).await.unwrap(), Opened::Shredded);
         assert!(v.is_empty());
     }
 
     #[tokio::test]
     async fn a_vault_without_a_producer_cannot_create_keys() {
-        let err = vault()
+        let err = Vault::detached()
             .seal(&subject_hash("new-subject"), b"x")
             .await
             .unwrap_err();
@@ -433,16 +439,16 @@ mod tests {
 
     #[test]
     fn several_keys_of_one_subject_all_count_and_malformed_records_are_skipped() {
-        let v = vault();
+        let v = Vault::detached();
         for id in [[1; 8], [2; 8]] {
             let (k, rec) = key_record("anon-1", id);
-            apply(&v.keys, &msg(&k, Some(rec)));
+            v.apply(&msg(&k, Some(rec)));
         }
-        apply(&v.keys, &msg("not-a-key", Some(vec![1])));
-        apply(
-            &v.keys,
-            &msg(&record_key(&subject_hash("x"), &[3; 8]), Some(vec![1])),
-        );
+        v.apply(&msg("not-a-key", Some(vec![1])));
+        v.apply(&msg(
+            &record_key(&subject_hash("x"), &[3; 8]),
+            Some(vec![1]),
+        ));
         assert_eq!(v.len(), 2);
         assert_eq!(v.keys_of(&[subject_hash("anon-1")]).len(), 2);
     }
