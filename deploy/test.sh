@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # README command 2: installs what is missing, starts one fresh Apache Kafka on free
 # loopback ports for the whole run (unless KAFKA_BOOTSTRAP names one), builds the
-# service binaries and runs every unit and end-to-end test.
+# service binaries and runs every unit and end-to-end test, the chart and monitoring
+# checks, and a short fuzzing run.
 #
 # Caches outside the clone, reused when present: $TESSERA_CACHE (default
-# ~/.cache/tessera) holds the Kafka jars, the Python SDK's venv and the cargo target
-# directory (CARGO_TARGET_DIR, if you set one, wins).
+# ~/.cache/tessera) holds the Kafka jars, the Python SDK's venv, the cargo target
+# directory (CARGO_TARGET_DIR, if you set one, wins), cargo-fuzz and the fuzz build.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -42,6 +43,11 @@ if [ ! -f "$marker" ]; then
   touch "$marker"
 fi
 TESSERA_BIN_DIR="$CARGO_TARGET_DIR/debug" "$venv/bin/python" -m pytest -q tests/ops 2>&1 | tee -a "$log" || status=$?
+
+# Fuzzing (tests/fuzz, cargo fuzz): every target runs briefly, after replaying every input
+# that ever crashed it. The first run builds the targets instrumented (RocksDB and
+# librdkafka again: ~20 min on 2 cores); later runs reuse $TESSERA_CACHE/fuzz-target.
+bash deploy/fuzz.sh smoke "${TESSERA_FUZZ_SECONDS:-20}" 2>&1 | tee -a "$log" || status=$?
 
 # No personal data in logs: the test people's emails are at these domains, and the whole
 # run's output holds the in-process services' logs (the privacy test reads the logs of the
