@@ -504,11 +504,16 @@ pub fn normalise(how: Normalise, raw: &str, region: phonenumber::country::Id) ->
             e
         }
         Normalise::Phone => {
-            let n = phonenumber::parse(Some(region), t).ok()?;
-            if !phonenumber::is_valid(&n) {
-                return None;
-            }
-            n.format().mode(phonenumber::Mode::E164).to_string()
+            let e164 = |n: &phonenumber::PhoneNumber| {
+                phonenumber::is_valid(n)
+                    .then(|| n.format().mode(phonenumber::Mode::E164).to_string())
+            };
+            let stored = e164(&phonenumber::parse(Some(region), t).ok()?)?;
+            // Only a number whose stored form reads back as itself: an odd input (letters,
+            // national prefixes) can be valid as typed but not as stored, and could then
+            // never be looked up again.
+            let again = e164(&phonenumber::parse(None, &stored).ok()?)?;
+            (again == stored).then_some(stored)?
         }
         Normalise::Name => text::fold(t, false),
         Normalise::Text => t
@@ -560,6 +565,23 @@ mod tests {
         assert_eq!(normalise(Normalise::Name, "1990-02-28", region), None);
         assert_eq!(normalise(Normalise::Postcode, "--", region), None);
         assert_eq!(normalise(Normalise::Address, "#", region), None);
+        // Also found by fuzzing: a phone number valid as typed whose stored form is not.
+        assert_eq!(
+            normalise(
+                Normalise::Phone,
+                "0000379B9B4A+",
+                phonenumber::country::Id::JP
+            ),
+            None
+        );
+        assert_eq!(
+            normalise(Normalise::Phone, "(415) 555-0100", region).as_deref(),
+            Some("+14155550100")
+        );
+        assert_eq!(
+            normalise(Normalise::Phone, "+44 20 7946 0958", region).as_deref(),
+            Some("+442079460958")
+        );
         // Also found by fuzzing: a negative year read back as another date.
         assert_eq!(normalise(Normalise::Date, "-190-02-2811", region), None);
         assert_eq!(
