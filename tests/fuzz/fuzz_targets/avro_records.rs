@@ -3,15 +3,13 @@
 //!
 //! Byte 0 picks the record type and whether the rest follows that type's own header (so
 //! the datum decoder itself is reached, not only the header check). Checked: no panic,
-//! and a record that decodes encodes back to the same record.
+//! and a record that decodes encodes back to the same record (compared as encoded).
 #![no_main]
-use std::fmt::Debug;
-
 use libfuzzer_sys::fuzz_target;
 use tessera_common::avro::MARKER;
 use tessera_common::records::*;
 
-fn check<T: AvroRecord + PartialEq + Debug>(bytes: &[u8], framed: bool) {
+fn check<T: AvroRecord>(bytes: &[u8], framed: bool) {
     let mut input = Vec::with_capacity(bytes.len() + 10);
     if framed {
         input.extend_from_slice(&MARKER);
@@ -19,9 +17,10 @@ fn check<T: AvroRecord + PartialEq + Debug>(bytes: &[u8], framed: bool) {
     }
     input.extend_from_slice(bytes);
     if let Ok(record) = T::from_avro(&input) {
-        let again = T::from_avro(&record.to_avro().expect("a decoded record encodes"))
-            .expect("an encoded record decodes");
-        assert_eq!(again, record);
+        let bytes = record.to_avro().expect("a decoded record encodes");
+        let again = T::from_avro(&bytes).expect("an encoded record decodes");
+        // Compared as encoded: a float may be NaN, which equals nothing.
+        assert_eq!(again.to_avro().unwrap(), bytes);
     }
 }
 
