@@ -512,13 +512,16 @@ where
     }
 }
 
-/// The path of a workspace binary built beside the test binary (target/<profile>/).
+/// The path of a workspace binary built beside the test binary or program
+/// (target/<profile>/, the test binaries being in its deps/).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/..");
+    let dir = exe.parent().expect("target/<profile>/");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("target/<profile>/deps/..")
+    } else {
+        dir
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -604,6 +607,11 @@ impl ServiceProcess {
             .spawn()
             .expect("spawn service");
         self.child = Some(child);
+    }
+
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILL: no shutdown handler runs, nothing is flushed.

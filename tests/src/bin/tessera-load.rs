@@ -14,7 +14,9 @@
 //! `tessera-load overload --concurrency 256 --seconds 10 --batch 50` pushes ingest beyond
 //! its capacity from many clients at once (no pacing) and reports how it sheds load:
 //! answers by status, whether every 429/503 carried `Retry-After`, the process's peak
-//! memory, and whether every event answered 200 is on `events.ingested`.
+//! memory, and whether every event answered 200 is on `events.ingested`. With
+//! `--ingest-process` the load goes to an ingest of its own process, whose memory is then
+//! measured alone.
 //!
 //! Both pipeline and null first send `--warmup` seconds of traffic that is not measured (page views, which
 //! cause no activation; records the null reader ignores).
@@ -35,7 +37,7 @@ use tessera_common::kafka::{TopicKind, consumer_config, ensure_topics, producer_
 use tessera_common::records::{
     Activation, AvroRecord, IngestedEvent, MembershipChange, ResolvedEvent,
 };
-use tessera_tests::{Platform, WRITE_KEY, bootstrap, open_record};
+use tessera_tests::{Platform, ServiceProcess, WRITE_KEY, bootstrap, open_record, wait_ready};
 
 #[derive(Parser)]
 struct Args {
@@ -68,6 +70,10 @@ enum Mode {
         /// Overrides `ingest.max_concurrent_requests`.
         #[arg(long)]
         max_in_flight: Option<usize>,
+        /// Load an ingest of its own process (the release binary beside this one), so its
+        /// memory is measured alone.
+        #[arg(long)]
+        ingest_process: bool,
     },
     /// Plain Kafka consume → produce relays: the floor.
     Null {
@@ -120,7 +126,8 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             batch,
             max_in_flight,
-        } => overload(concurrency, seconds, batch, max_in_flight).await,
+            ingest_process,
+        } => overload(concurrency, seconds, batch, max_in_flight, ingest_process).await,
     }
 }
 
@@ -397,8 +404,9 @@ fn reader() -> anyhow::Result<StreamConsumer> {
 }
 
 /// This process's resident memory in MiB (services and load generator together).
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+/// The resident memory of process `pid`.
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -413,6 +421,7 @@ async fn overload(
     seconds: u64,
     batch: usize,
     max_in_flight: Option<usize>,
+    ingest_process: bool,
 ) -> anyhow::Result<()> {
     use std::collections::{BTreeMap, HashSet};
     use std::sync::{Arc, Mutex};
@@ -423,18 +432,44 @@ async fn overload(
         }
     })
     .await;
+    // Ingest in a process of its own, beside the platform's (same topics).
+    let dir = tempfile::tempdir()?;
+    let own = if ingest_process {
+        let mut c = platform.config.clone();
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        c.ingest.http_listen = l.local_addr()?.to_string();
+        drop(l);
+        let url = format!("http://{}", c.ingest.http_listen);
+        let p = ServiceProcess::start("ingest", &c, dir.path());
+        wait_ready(&url, Duration::from_secs(60)).await;
+        Some((p, url))
+    } else {
+        None
+    };
+    let (ingest_url, pid, measured) = match &own {
+        Some((p, url)) => (
+            url.clone(),
+            p.pid().expect("running"),
+            "ingest process alone",
+        ),
+        None => (
+            platform.ingest.clone(),
+            std::process::id(),
+            "whole process: broker client, four services, load generator",
+        ),
+    };
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
     let statuses: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let missing_retry_after = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let rss_start = rss_mib();
+    let rss_start = rss_mib(pid);
     let peak = Arc::new(Mutex::new(rss_start));
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let sampler = {
         let peak = peak.clone();
         tokio::spawn(async move {
             while Instant::now() < deadline {
-                let now = rss_mib();
+                let now = rss_mib(pid);
                 {
                     let mut p = peak.lock().unwrap();
                     *p = p.max(now);
@@ -451,7 +486,7 @@ async fn overload(
     for w in 0..concurrency {
         let (client, url, run) = (
             client.clone(),
-            format!("{}/v1/batch", platform.ingest),
+            format!("{ingest_url}/v1/batch"),
             run.clone(),
         );
         let (acked, statuses, missing) =
@@ -503,7 +538,7 @@ async fn overload(
         missing_retry_after.load(std::sync::atomic::Ordering::Relaxed)
     );
     println!(
-        "memory (whole process: broker client, four services, load generator): {:.0} MiB at start, peak {:.0} MiB",
+        "memory ({measured}): {:.0} MiB at start, peak {:.0} MiB",
         rss_start,
         *peak.lock().unwrap()
     );
