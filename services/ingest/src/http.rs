@@ -171,6 +171,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// A refusal as HTTP: status + `{error, reason}`.
+#[derive(Debug)]
 pub struct Refusal {
     pub status: StatusCode,
     pub code: &'static str,
@@ -760,4 +761,85 @@ fn internal(e: tessera_common::Error) -> Refusal {
         "internal",
         format!("encoding failed: {e}"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(endpoint: &'static str, body: Value) -> Result<Decoded, Refusal> {
+        let limits = Limits {
+            max_event_bytes: 32 * 1024,
+            max_depth: 32,
+            max_string_bytes: 16 * 1024,
+            future_tolerance_ms: 60_000,
+        };
+        let d = Decoding {
+            limits: &limits,
+            max_batch_events: 3,
+            source: "web",
+            received_at: 1_700_000_000_000,
+        };
+        let bytes = serde_json::to_vec(&body).unwrap();
+        events_of(endpoint, parse_object(&bytes)?, bytes.len(), &d, |_| Ok(()))
+    }
+
+    #[test]
+    fn a_batch_is_taken_item_by_item_within_its_limits() {
+        let ok = decode(
+            "batch",
+            json!({"batch": [{"type": "track", "userId": "u", "event": "E"}, {"type": "track", "userId": "u"}, 7],
+                   "context": {"library": {"name": "x"}}}),
+        )
+        .unwrap();
+        assert_eq!(ok.accepted.len(), 1);
+        assert_eq!(ok.dead.len(), 2);
+        assert_eq!(ok.rejected[0]["index"], 1);
+        assert_eq!(ok.rejected[0]["error"], "missing_event");
+        assert_eq!(ok.rejected[1]["error"], "not_an_object");
+        // The envelope's own faults refuse the whole request.
+        for (body, status, code) in [
+            (
+                json!({"batch": [{"type": "page", "userId": "u"}], "context": [1]}),
+                400,
+                "invalid_batch",
+            ),
+            (json!({"batch": []}), 400, "invalid_batch"),
+            (json!({"batch": {}}), 400, "invalid_batch"),
+            (json!({"batch": [1, 2, 3, 4]}), 413, "batch_too_large"),
+        ] {
+            let r = decode("batch", body).unwrap_err();
+            assert_eq!((r.status.as_u16(), r.code), (status, code));
+        }
+    }
+
+    #[test]
+    fn a_single_event_is_refused_whole_and_bodies_decode_or_say_why() {
+        let r = decode("track", json!({"userId": "u"})).unwrap_err();
+        assert_eq!((r.status.as_u16(), r.code), (400, "missing_event"));
+        assert_eq!(
+            decode("page", json!({"anonymousId": "a"}))
+                .unwrap()
+                .accepted
+                .len(),
+            1
+        );
+        assert_eq!(parse_object(b"[1]").unwrap_err().code, "not_an_object");
+        assert_eq!(parse_object(b"{").unwrap_err().code, "invalid_json");
+        assert_eq!(
+            decode_body(Some("br"), vec![], 10).unwrap_err().code,
+            "unsupported_encoding"
+        );
+        assert_eq!(
+            decode_body(Some(" GZIP "), b"nope".to_vec(), 10)
+                .unwrap_err()
+                .code,
+            "invalid_gzip"
+        );
+        // A gzip body that inflates past the limit is refused, having read one byte past it.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut gz, &[b' '; 10_000]).unwrap();
+        let r = decode_body(Some("gzip"), gz.finish().unwrap(), 100).unwrap_err();
+        assert_eq!((r.status.as_u16(), r.code), (413, "request_too_large"));
+    }
 }

@@ -574,6 +574,19 @@ mod tests {
     }
 
     #[test]
+    fn names_and_descriptions_are_bounded() {
+        let doc = |name: usize, description: usize| {
+            serde_json::json!({"id": "s", "name": "n".repeat(name), "description": "é".repeat(description),
+                   "condition": {"has_identifier": "email"}})
+        };
+        assert!(Definition::from_value(doc(200, 2000), Some(SEGMENT)).is_ok());
+        let e = Definition::from_value(doc(201, 0), Some(SEGMENT)).unwrap_err();
+        assert!(e.contains("name is longer than 200"), "{e}");
+        let e = Definition::from_value(doc(0, 2001), Some(SEGMENT)).unwrap_err();
+        assert!(e.contains("description is longer than 2000"), "{e}");
+    }
+
+    #[test]
     fn example_definitions_load() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/definitions");
         let defs = load_dir(&dir).unwrap();

@@ -345,7 +345,7 @@ mod tests {
             ),
             (
                 r#"{"id":"b","version":1,"condition":{"all":[]}}"#,
-                "at least one",
+                "1 to 64 conditions",
             ),
             (
                 r#"{"id":"b","version":1,"condition":{"has_identifier":"email"},"extra":1}"#,
@@ -356,6 +356,23 @@ mod tests {
             let err = Segment::parse(text).unwrap_err();
             assert!(err.contains(want), "{text}: {err}");
         }
+        // The bounds themselves: 64 conditions and 16 tests pass, one more does not.
+        let any = |n: usize| {
+            let c = vec![r#"{"consent":"email"}"#; n].join(",");
+            format!(r#"{{"id":"b","condition":{{"any":[{c}]}}}}"#)
+        };
+        let tests = |n: usize| {
+            let t = vec![r#"{"name":"total","gt":1}"#; n].join(",");
+            format!(r#"{{"id":"b","condition":{{"event_count":{{"event":"x","where":[{t}]}}}}}}"#)
+        };
+        assert!(Segment::parse(&any(64)).is_ok());
+        assert!(Segment::parse(&any(65)).unwrap_err().contains("1 to 64"));
+        assert!(Segment::parse(&tests(16)).is_ok());
+        assert!(
+            Segment::parse(&tests(17))
+                .unwrap_err()
+                .contains("at most 16 tests")
+        );
     }
 
     #[test]
