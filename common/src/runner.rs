@@ -172,6 +172,7 @@ struct RunnerMetrics {
     panics: prometheus::IntCounter,
     suppressed: prometheus::IntCounter,
     shredded: IntCounterVec,
+    state_bytes: prometheus::IntGauge,
 }
 
 impl RunnerMetrics {
@@ -251,6 +252,14 @@ impl RunnerMetrics {
         )
         .map_err(reg)?;
         registry.register(Box::new(shredded.clone())).map_err(reg)?;
+        let state_bytes = prometheus::IntGauge::new(
+            format!("tessera_{service}_state_size_bytes"),
+            "Live SST bytes of this instance's RocksDB state (read after each batch)",
+        )
+        .map_err(reg)?;
+        registry
+            .register(Box::new(state_bytes.clone()))
+            .map_err(reg)?;
         Ok(RunnerMetrics {
             consumed,
             produced,
@@ -260,6 +269,7 @@ impl RunnerMetrics {
             panics,
             suppressed,
             shredded,
+            state_bytes,
         })
     }
 }
@@ -567,6 +577,7 @@ pub async fn run<P: Processor>(
             metrics
                 .batch_seconds
                 .observe(started.elapsed().as_secs_f64());
+            metrics.state_bytes.set(store.size_bytes() as i64);
             debug!(
                 records = next_offsets.len(),
                 outputs = outputs.len(),

@@ -718,6 +718,19 @@ async fn health_readiness_and_metrics_are_served_by_every_service() {
         lag_gauges.iter().all(|l| l.ends_with(" 0")),
         "caught up: {lag_gauges:?}"
     );
+    // Every stateful service tells the size of its RocksDB state (the runner's gauge).
+    for (name, url) in [
+        ("identity", &p.identity),
+        ("profiles", &p.profiles),
+        ("activation", &p.activation),
+    ] {
+        let text = metrics_text(url).await;
+        let series = format!("tessera_{name}_state_size_bytes ");
+        assert!(
+            text.lines().any(|l| l.starts_with(&series)),
+            "{name} has no {series}"
+        );
+    }
     // Every metric the alert rules and the dashboard name exists (a refusal first, so
     // the rejection counter has a series).
     let (status, _) = post(&p.ingest, "/v1/track", &json!({"userId": "u"})).await;

@@ -131,7 +131,6 @@ pub async fn run_with_listener(
         history_limit: config.profiles.history_events,
         dedup_window_ms: config.profiles.dedup_window_ms,
         metrics: state::ProfilesMetrics::new(&parts.admin),
-        store_for_size: Some(parts.store.clone()),
     };
     let inputs = vec![
         topics.resolved(),

@@ -19,10 +19,9 @@
 //! are forwarded the same way.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts};
 use tracing::debug;
 
 use tessera_common::admin::Admin;
@@ -130,7 +129,6 @@ pub struct ProfilesMetrics {
     pub membership: IntCounterVec,
     pub triggers: IntCounterVec,
     pub event_latency: Histogram,
-    pub state_bytes: IntGauge,
     pub erased_dropped: IntCounter,
 }
 
@@ -219,13 +217,6 @@ impl ProfilesMetrics {
                 )
                 .unwrap(),
             ),
-            state_bytes: admin.register(
-                &IntGauge::new(
-                    "tessera_profiles_state_size_bytes",
-                    "RocksDB live SST bytes",
-                )
-                .unwrap(),
-            ),
         }
     }
 }
@@ -244,7 +235,6 @@ pub struct ProfilesProcessor {
     pub history_limit: usize,
     pub dedup_window_ms: i64,
     pub metrics: ProfilesMetrics,
-    pub store_for_size: Option<Arc<dyn Store>>,
 }
 
 /// A profile's state on the transfer topic, with its kept events.
@@ -1271,9 +1261,6 @@ impl Processor for ProfilesProcessor {
             txn.delete(seen_key(id));
             txn.delete(k);
         }
-        if let Some(store) = &self.store_for_size {
-            self.metrics.state_bytes.set(store.size_bytes() as i64);
-        }
         Ok(())
     }
 }
@@ -1327,7 +1314,6 @@ mod tests {
             history_limit: 100,
             dedup_window_ms: 1000,
             metrics: ProfilesMetrics::new(&Admin::new()),
-            store_for_size: None,
         }
     }
 

@@ -221,7 +221,6 @@ fn main() {
         history_limit: cfg.profiles.history_events,
         dedup_window_ms: cfg.profiles.dedup_window_ms,
         metrics: ProfilesMetrics::new(&Admin::new()),
-        store_for_size: None,
     };
     let now = tessera_common::now_ms();
     let mut rng = Rng(0x5eed);
