@@ -10,6 +10,7 @@ pub mod audit;
 pub mod avro;
 pub mod cli;
 pub mod config;
+pub mod erasure;
 pub mod error;
 pub mod ids;
 pub mod kafka;

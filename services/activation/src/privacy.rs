@@ -18,6 +18,7 @@ use serde_json::{Map, Value, json};
 use tracing::info;
 
 use tessera_common::Result;
+use tessera_common::erasure;
 use tessera_common::ids::deterministic_id;
 use tessera_common::records::{PrivacyAction, PrivacyReport};
 use tessera_common::runner::Output;
@@ -28,11 +29,6 @@ use crate::{ActivationProcessor, Origin, sends_key, sent_key};
 
 fn suppressed_key(profile: &str) -> Vec<u8> {
     format!("sup/{profile}").into_bytes()
-}
-
-/// When a profile id was erased: records about it received before then are dropped.
-fn erased_key(profile: &str) -> Vec<u8> {
-    format!("erased/{profile}").into_bytes()
 }
 
 /// An activation caused by a privacy request, its id derived from `parts`.
@@ -60,10 +56,7 @@ impl ActivationProcessor {
     ) -> Result<bool> {
         let outcome = if txn.get(&suppressed_key(profile))?.is_some() {
             Outcome::PersonSuppressed
-        } else if txn
-            .get_json::<i64>(&erased_key(profile))?
-            .is_some_and(|at| received_at <= at)
-        {
+        } else if erasure::sent_before(txn, profile, received_at)? {
             Outcome::Erased
         } else {
             return Ok(false);
@@ -132,7 +125,7 @@ impl ActivationProcessor {
                 for id in &ids {
                     txn.delete(sends_key(id));
                     txn.delete(suppressed_key(id));
-                    txn.put_json(erased_key(id), &a.requested_at)?;
+                    erasure::mark(txn, id, a.requested_at)?;
                 }
                 json!({"audience_entries": removed, "deletion_notices": notices})
             }

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use tracing::info;
 
 use tessera_common::Result;
+use tessera_common::erasure;
 use tessera_common::records::{AvroRecord, PrivacyAction, PrivacyReport};
 use tessera_common::runner::Output;
 use tessera_common::store::Txn;
@@ -26,11 +27,6 @@ use crate::state::{
     ProfilesProcessor, index_key, live_id, member_key_prefix, profile_key, redirect_key,
     segment_size_key,
 };
-
-/// When a profile id was erased: records about it received before then are dropped.
-fn erased_key(profile: &str) -> Vec<u8> {
-    format!("erased/{profile}").into_bytes()
-}
 
 impl ProfilesProcessor {
     /// Whether a record received at `received_at` about these profiles was sent before
@@ -43,10 +39,7 @@ impl ProfilesProcessor {
         received_at: i64,
     ) -> Result<bool> {
         for p in profiles {
-            if txn
-                .get_json::<i64>(&erased_key(p))?
-                .is_some_and(|at| received_at <= at)
-            {
+            if erasure::sent_before(txn, p, received_at)? {
                 self.metrics.erased_dropped.inc();
                 return Ok(true);
             }
@@ -76,7 +69,7 @@ impl ProfilesProcessor {
                 for id in &ids {
                     self.erase(txn, id, &mut removed)?;
                     // Records about them sent before now may still be on their way.
-                    txn.put_json(erased_key(id), &a.requested_at)?;
+                    erasure::mark(txn, id, a.requested_at)?;
                 }
                 info!(request = %a.request_id, profiles = removed.profiles, "profile erased");
                 serde_json::to_value(&removed)?
