@@ -90,6 +90,9 @@ pub trait Processor: Send + 'static {
     fn tick(&mut self, _now_ms: i64, _txn: &mut Txn<'_>, _out: &mut Vec<Output>) -> Result<()> {
         Ok(())
     }
+
+    /// Called once a batch's state is committed (readers now see it).
+    fn committed(&mut self) {}
 }
 
 /// Where consumed offsets live.
@@ -557,6 +560,7 @@ pub async fn run<P: Processor>(
                 commit_kafka(&consumer, &next_offsets, CommitMode::Async);
             }
         }
+        processor.committed();
         done.extend(next_offsets.iter().map(|(k, v)| (k.clone(), *v)));
         if was_rebuilding {
             // A rebuild is over once the partition passed the committed offset.

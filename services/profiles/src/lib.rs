@@ -12,6 +12,7 @@
 pub mod api;
 pub mod catalog;
 pub mod computed;
+pub mod live;
 pub mod privacy;
 pub mod profile;
 pub mod segments;
@@ -119,6 +120,7 @@ pub async fn run_with_listener(
         computed_traits = defs.computed.len(),
         "definitions loaded"
     );
+    let changes = live::Changes::default();
     let processor = state::ProfilesProcessor {
         topics: topics.clone(),
         catalog: catalog.clone(),
@@ -131,6 +133,7 @@ pub async fn run_with_listener(
         history_limit: config.profiles.history_events,
         dedup_window_ms: config.profiles.dedup_window_ms,
         metrics: state::ProfilesMetrics::new(&parts.admin),
+        changes: changes.clone(),
     };
     let inputs = vec![
         topics.resolved(),
@@ -153,6 +156,10 @@ pub async fn run_with_listener(
         strategies: std::sync::Arc::new(config.profiles.trait_strategies.clone()),
         history_limit: config.profiles.history_events,
         recent_events: config.profiles.recent_events,
-    });
+    })
+    .merge(live::routes(live::LiveState {
+        store: parts.store.clone(),
+        changes,
+    }));
     service::run(&config, parts, listener, routes, spec, processor, shutdown).await
 }

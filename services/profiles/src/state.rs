@@ -235,6 +235,8 @@ pub struct ProfilesProcessor {
     pub history_limit: usize,
     pub dedup_window_ms: i64,
     pub metrics: ProfilesMetrics,
+    /// Profiles changed by the batch, announced to live readers after commit.
+    pub changes: crate::live::Changes,
 }
 
 /// A profile's state on the transfer topic, with its kept events.
@@ -568,6 +570,7 @@ impl ProfilesProcessor {
             }
             p.timer = next;
         }
+        self.changes.touch(id);
         txn.put_json(profile_key(id), &p)
     }
 
@@ -734,6 +737,7 @@ impl ProfilesProcessor {
             txn.delete(timer_key(due, &p.id));
         }
         txn.delete(profile_key(&p.id));
+        self.changes.touch(&p.id);
         self.count_profiles(txn, -1)
     }
 
@@ -923,6 +927,7 @@ impl ProfilesProcessor {
             event: None,
         };
         txn.put(redirect_key(&m.merged), m.survivor.as_bytes().to_vec());
+        self.changes.touch(&m.merged);
         let Some(mut merged) = txn.get_json::<Profile>(&profile_key(&m.merged))? else {
             return Ok(());
         };
@@ -1263,6 +1268,10 @@ impl Processor for ProfilesProcessor {
         }
         Ok(())
     }
+
+    fn committed(&mut self) {
+        self.changes.committed();
+    }
 }
 
 #[cfg(test)]
@@ -1314,6 +1323,7 @@ mod tests {
             history_limit: 100,
             dedup_window_ms: 1000,
             metrics: ProfilesMetrics::new(&Admin::new()),
+            changes: Default::default(),
         }
     }
 

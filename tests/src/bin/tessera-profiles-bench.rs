@@ -221,6 +221,7 @@ fn main() {
         history_limit: cfg.profiles.history_events,
         dedup_window_ms: cfg.profiles.dedup_window_ms,
         metrics: ProfilesMetrics::new(&Admin::new()),
+        changes: Default::default(),
     };
     let now = tessera_common::now_ms();
     let mut rng = Rng(0x5eed);

@@ -1,0 +1,165 @@
+//! Live profile changes: `GET /v1/profiles/{id}/changes` is a server-sent event stream
+//! with one `changed` event each time the profile (or one merged into it) is committed
+//! with a change, so a screen showing it can read it again at once instead of polling.
+//!
+//! The processor notes the profiles a batch touches ([`Changes::touch`]); the runner
+//! calls [`Changes::committed`] once the batch's state is in RocksDB, so a reader woken
+//! by an event reads the new state. Each open stream filters the instance's broadcast of
+//! changed ids; a stream that falls behind is told `changed` once (it reads the profile
+//! anyway).
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use serde_json::json;
+use tokio::sync::broadcast;
+
+use tessera_common::store::SharedStore;
+
+use crate::state::live_id;
+
+/// Changed profile ids, announced after commit.
+#[derive(Clone)]
+pub struct Changes {
+    tx: broadcast::Sender<Arc<str>>,
+    pending: Arc<Mutex<BTreeSet<String>>>,
+}
+
+impl Default for Changes {
+    fn default() -> Self {
+        Changes {
+            // Room for a few batches of changes; a slower stream is told "changed".
+            tx: broadcast::channel(8192).0,
+            pending: Arc::default(),
+        }
+    }
+}
+
+impl Changes {
+    /// The batch being processed changed profile `id`.
+    pub fn touch(&self, id: &str) {
+        if self.tx.receiver_count() > 0 {
+            self.pending.lock().expect("changes").insert(id.to_string());
+        }
+    }
+
+    /// The batch is committed: announce what it changed.
+    pub fn committed(&self) {
+        let ids = std::mem::take(&mut *self.pending.lock().expect("changes"));
+        for id in ids {
+            // No receiver left: nobody to tell.
+            let _ = self.tx.send(id.into());
+        }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
+        self.tx.subscribe()
+    }
+}
+
+#[derive(Clone)]
+pub struct LiveState {
+    pub store: SharedStore,
+    pub changes: Changes,
+}
+
+/// The stream of a profile's changes (by any id it had: a merged-away id follows its
+/// survivor). The first event, `ready`, names the live profile id.
+pub async fn changes(State(st): State<LiveState>, Path(id): Path<String>) -> Response {
+    let rx = st.changes.subscribe();
+    let store = st.store.clone();
+    let resolve = move |id: String| {
+        let store = store.clone();
+        async move {
+            tokio::task::spawn_blocking(move || live_id(|k| store.get(k), &id).ok())
+                .await
+                .ok()
+                .flatten()
+        }
+    };
+    let Some(live) = resolve(id.clone()).await else {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"error": "unavailable", "reason": "the state store cannot be read"})),
+        )
+            .into_response();
+    };
+    Sse::new(stream(id, live, rx, resolve))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
+fn stream<F, Fut>(
+    requested: String,
+    live: String,
+    rx: broadcast::Receiver<Arc<str>>,
+    resolve: F,
+) -> impl Stream<Item = Result<Event, Infallible>>
+where
+    F: Fn(String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Option<String>> + Send,
+{
+    let first = Event::default()
+        .event("ready")
+        .data(json!({ "profile_id": live }).to_string());
+    let state = (requested, live, rx, resolve, Some(first));
+    futures::stream::unfold(
+        state,
+        |(requested, mut live, mut rx, resolve, first)| async move {
+            if let Some(e) = first {
+                return Some((Ok(e), (requested, live, rx, resolve, None)));
+            }
+            loop {
+                let changed = match rx.recv().await {
+                    Ok(id) => *id == *live || *id == *requested,
+                    Err(broadcast::error::RecvError::Lagged(_)) => true,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                };
+                if changed {
+                    // A merge moves the profile: follow it.
+                    if let Some(now) = resolve(requested.clone()).await {
+                        live = now;
+                    }
+                    let e = Event::default()
+                        .event("changed")
+                        .data(json!({ "profile_id": live }).to_string());
+                    return Some((Ok(e), (requested, live, rx, resolve, None)));
+                }
+            }
+        },
+    )
+}
+
+pub fn routes(state: LiveState) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/profiles/{id}/changes", axum::routing::get(changes))
+        .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_are_announced_only_after_commit_and_only_when_someone_listens() {
+        let c = Changes::default();
+        c.touch("p-1");
+        c.committed();
+        let mut rx = c.subscribe();
+        c.touch("p-2");
+        c.touch("p-2");
+        assert!(rx.try_recv().is_err(), "nothing before the commit");
+        c.committed();
+        assert_eq!(&*rx.try_recv().unwrap(), "p-2");
+        assert!(
+            rx.try_recv().is_err(),
+            "one announcement per profile per batch"
+        );
+    }
+}
