@@ -74,6 +74,10 @@ fn toml_summary(config: &Config) -> String {
     for t in c.admin.tokens.iter_mut().chain(&mut c.admin.privacy_tokens) {
         t.token = "***".into();
     }
+    c.console.api_token = "***".into();
+    for u in &mut c.console.users {
+        u.password = "***".into();
+    }
     for (k, v) in c.kafka.properties.iter_mut() {
         if k.contains("password") || k.contains("secret") {
             *v = "***".into();

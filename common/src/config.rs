@@ -26,6 +26,40 @@ pub struct Config {
     pub http: HttpConfig,
     #[serde(default)]
     pub privacy: PrivacyConfig,
+    pub console: ConsoleConfig,
+}
+
+/// The web console (services/console): where it listens, the services' APIs it uses
+/// like any other client, who may log in, and how long a session lasts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    pub http_listen: String,
+    pub ingest_url: String,
+    pub identity_url: String,
+    pub profiles_url: String,
+    pub activation_url: String,
+    /// The token the console presents to the services' APIs (one of `admin.tokens`).
+    pub api_token: String,
+    /// Production mode: the demo password, passwords under 12 characters and the demo
+    /// API token are refused at start, and the session cookie is `Secure`.
+    pub production: bool,
+    pub users: Vec<ConsoleUser>,
+    /// A session ends after this long without a request, and at the latest after
+    /// `session_max_minutes`.
+    pub session_idle_minutes: u64,
+    pub session_max_minutes: u64,
+    /// How often the charts' figures are read from the services, and how many readings
+    /// each chart keeps.
+    pub sample_every_ms: u64,
+    pub keep_samples: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleUser {
+    pub name: String,
+    pub password: String,
 }
 
 /// Data classification: labels (`pii`, `sensitive`, ...) of profile fields and event
