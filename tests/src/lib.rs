@@ -496,6 +496,11 @@ async fn read_records(
     out.into_iter().zip(times).collect()
 }
 
+/// A unique name for a test's people and definitions: `tag-<12 hex digits>`.
+pub fn uid(tag: &str) -> String {
+    format!("{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
 /// Polls `f` until it returns `Some`, or panics after `timeout` naming `what`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
@@ -717,22 +722,45 @@ fn python_with(name: &str, module: &str, package: &str) -> PathBuf {
 pub fn node_with_rudderstack_sdk() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = cache_dir().join("node-rudderstack-sdk");
-        let marker = dir.join("node_modules/@rudderstack/rudder-sdk-node/package.json");
-        if !marker.exists() {
-            std::fs::create_dir_all(&dir).expect("cache dir");
-            let status = Command::new("npm")
-                .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
-                .arg(&dir)
-                .arg("@rudderstack/rudder-sdk-node@3.0.13")
-                .status()
-                .expect("npm runs");
-            assert!(
-                status.success() && marker.exists(),
-                "npm install @rudderstack/rudder-sdk-node failed"
-            );
-        }
-        dir
+        npm_folder(
+            "node-rudderstack-sdk",
+            "@rudderstack/rudder-sdk-node@3.0.13",
+            "@rudderstack/rudder-sdk-node",
+        )
     })
     .clone()
+}
+
+/// A folder whose `node_modules` holds `playwright-core` (it drives the system's
+/// Chromium; it downloads no browser), cached outside the clone.
+pub fn node_with_playwright() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        npm_folder(
+            "node-playwright",
+            "playwright-core@1.65.1",
+            "playwright-core",
+        )
+    })
+    .clone()
+}
+
+/// `npm install <spec>` into `$TESSERA_CACHE/<name>`, unless `package` is there already.
+fn npm_folder(name: &str, spec: &str, package: &str) -> PathBuf {
+    let dir = cache_dir().join(name);
+    let marker = dir.join("node_modules").join(package).join("package.json");
+    if !marker.exists() {
+        std::fs::create_dir_all(&dir).expect("cache dir");
+        let status = Command::new("npm")
+            .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&dir)
+            .arg(spec)
+            .status()
+            .expect("npm runs");
+        assert!(
+            status.success() && marker.exists(),
+            "npm install {spec} failed"
+        );
+    }
+    dir
 }

@@ -10,10 +10,6 @@ use tessera_common::ids::deterministic_id;
 use tessera_common::records::Activation;
 use tessera_tests::*;
 
-fn uid(tag: &str) -> String {
-    format!("{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
-}
-
 fn iso(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .unwrap()

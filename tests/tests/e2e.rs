@@ -12,10 +12,6 @@ use serde_json::{Value, json};
 use tessera_common::records::{Activation, AvroRecord, DeadLetter};
 use tessera_tests::*;
 
-fn uid(tag: &str) -> String {
-    format!("{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
-}
-
 /// Runs an SDK driver script; it exits non-zero when the SDK reported an error.
 async fn run_sdk(mut cmd: tokio::process::Command) {
     let out = cmd.output().await.expect("the SDK driver runs");

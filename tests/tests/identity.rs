@@ -8,10 +8,6 @@ use serde_json::{Value, json};
 
 use tessera_tests::*;
 
-fn uid(tag: &str) -> String {
-    format!("{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
-}
-
 /// The identity API's view of the profile an identifier belongs to.
 async fn identity_lookup(p: &Platform, kind: &str, value: &str) -> Option<Value> {
     let r = http()

@@ -8,10 +8,6 @@ use tessera_common::records::{Activation, AvroRecord};
 use tessera_common::topics::Topics;
 use tessera_tests::*;
 
-fn uid(tag: &str) -> String {
-    format!("{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
-}
-
 async fn send(ingest: &str, path: &str, body: Value) {
     let (status, answer) = post(ingest, path, &body).await;
     assert_eq!(status, 200, "{answer}");

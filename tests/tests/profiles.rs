@@ -5,10 +5,6 @@ use serde_json::{Value, json};
 use tessera_common::config::{SourceConfig, TraitStrategy};
 use tessera_tests::*;
 
-fn uid(tag: &str) -> String {
-    format!("{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
-}
-
 /// Each trait is chosen by its configured strategy whatever order the events arrive in,
 /// and `explain` says which strategy chose it and from which source and event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
