@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # README command 1: runs Tessera locally.
 # Installs what is missing, builds, starts Apache Kafka (data kept in .tessera/kafka)
-# unless KAFKA_BOOTSTRAP names an existing cluster, starts ingest, identity, profiles and
-# activation on the embedded default configuration with the example definitions in
-# deploy/definitions, waits until they are ready and prints where to look.
+# unless KAFKA_BOOTSTRAP names an existing cluster, starts ingest, identity, profiles,
+# activation and the console on the embedded default configuration with the example
+# definitions in deploy/definitions, sends the demo people (deploy/demo/people.json)
+# and a trickle of demo events, waits until all is ready and prints where to look.
 # Ctrl-C stops everything it started.
 #
 # Options through the environment: KAFKA_BOOTSTRAP=host:port (use that Kafka),
-# TESSERA_CONFIG=file.toml (layered over the defaults), TESSERA_PROFILE=release.
+# TESSERA_CONFIG=file.toml (layered over the defaults), TESSERA_PROFILE=release,
+# TESSERA_DEMO=0 (no demo people, no demo traffic).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -35,10 +37,12 @@ cargo build --locked --profile "$profile" --workspace --bins
 
 pids=()
 kafka_started=""
+demo_pid=""
 stop_all() {
   trap - INT TERM EXIT
   echo >&2
   echo "run: stopping" >&2
+  [ -n "$demo_pid" ] && kill -TERM "$demo_pid" 2>/dev/null
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   if [ -n "$kafka_started" ]; then bash deploy/kafka.sh stop --data "$work/kafka"; fi
@@ -63,13 +67,14 @@ export TESSERA__IDENTITY__STATE_DIR="${TESSERA__IDENTITY__STATE_DIR:-$work/state
 export TESSERA__PROFILES__STATE_DIR="${TESSERA__PROFILES__STATE_DIR:-$work/state/profiles}"
 export TESSERA__ACTIVATION__STATE_DIR="${TESSERA__ACTIVATION__STATE_DIR:-$work/state/activation}"
 
-for svc in ingest identity profiles activation; do
+services=(ingest identity profiles activation console)
+for svc in "${services[@]}"; do
   "$bindir/tessera-$svc" >>"$work/logs/$svc.log" 2>&1 &
   pids+=($!)
 done
 
-declare -A ports=([ingest]=8080 [identity]=8081 [profiles]=8082 [activation]=8083)
-for svc in ingest identity profiles activation; do
+declare -A ports=([ingest]=8080 [identity]=8081 [profiles]=8082 [activation]=8083 [console]=8084)
+for svc in "${services[@]}"; do
   url="http://127.0.0.1:${ports[$svc]}/readyz"
   for _ in $(seq 1 120); do
     curl -fsS "$url" >/dev/null 2>&1 && break
@@ -78,10 +83,23 @@ for svc in ingest identity profiles activation; do
   curl -fsS "$url" >/dev/null 2>&1 || { echo "run: $svc did not become ready; see $work/logs/$svc.log" >&2; exit 1; }
 done
 
+if [ "${TESSERA_DEMO:-1}" != 0 ]; then
+  # The demo people (the same message ids each time: a second run changes nothing),
+  # then a trickle of their events.
+  curl -fsS -o /dev/null -u demo-write-key: -H 'Content-Type: application/json' \
+    http://127.0.0.1:8080/v1/batch --data-binary @deploy/demo/people.json \
+    || echo "run: the demo people were not accepted; see $work/logs/ingest.log" >&2
+  bash deploy/demo/traffic.sh http://127.0.0.1:8080 demo-write-key >>"$work/logs/demo-traffic.log" 2>&1 &
+  demo_pid=$!
+fi
+
 cat <<INFO
 
 Tessera is running on Apache Kafka at $KAFKA_BOOTSTRAP.
 
+  console     http://127.0.0.1:8084   log in as admin / tessera-demo; search ada@example.com,
+                                      build a segment, watch the pipeline (demo events flow:
+                                      TESSERA_DEMO=0 turns them off)
   ingest      http://127.0.0.1:8080   Segment HTTP API (write key: demo-write-key)
   identity    http://127.0.0.1:8081   /v1/identity/lookup  /v1/identity/profiles/{id}  (merges, un-merge)
                                       /v1/privacy/requests  (delete, suppress, export: token demo-privacy-token)
