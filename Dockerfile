@@ -1,4 +1,4 @@
-# One image holding the four service binaries; the Helm chart runs
+# One image holding the four service binaries and the console; the Helm chart runs
 # /usr/local/bin/tessera-<service>. Not built in CI here (no Docker engine on the
 # project's machines); build it where Docker runs:
 #   docker build -t tessera:0.1.0 .
@@ -9,10 +9,11 @@ RUN apt-get update \
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked \
-      -p tessera-ingest -p tessera-identity -p tessera-profiles -p tessera-activation \
+      -p tessera-ingest -p tessera-identity -p tessera-profiles -p tessera-activation -p tessera-console \
  && mkdir /out \
  && cp target/release/tessera-ingest target/release/tessera-identity \
-       target/release/tessera-profiles target/release/tessera-activation /out/
+       target/release/tessera-profiles target/release/tessera-activation \
+       target/release/tessera-console /out/
 
 FROM debian:bookworm-slim
 RUN apt-get update \

@@ -12,10 +12,12 @@ for p in libclang-dev pkg-config libssl-dev zlib1g-dev build-essential curl; do 
 command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
 command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-venv)
-# The tests also check the services' metrics with promtool (Debian's prometheus package).
+# The tests also check the services' metrics with promtool (Debian's prometheus package)
+# and drive the console in Debian's Chromium (playwright-core from npm; no browser download).
 if [ "${1:-}" = "--for-tests" ]; then
   command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
   command -v npm >/dev/null 2>&1 || missing+=(npm)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 fi
 
 if [ ${#missing[@]} -gt 0 ]; then

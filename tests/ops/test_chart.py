@@ -80,8 +80,7 @@ def test_stateful_services_keep_rocksdb_on_volumes_and_are_probed(name):
         assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
         names = [e["name"] for e in container["env"]]
         assert "TESSERA__KAFKA__GROUP_INSTANCE_ID" in names, "static membership from the pod name"
-    deployment = by_kind(docs, "Deployment")[0]
-    assert deployment["metadata"]["name"] == "shop-tessera-ingest"
+    assert "shop-tessera-ingest" in {d["metadata"]["name"] for d in by_kind(docs, "Deployment")}
     assert {d["metadata"]["name"] for d in by_kind(docs, "PodDisruptionBudget")} == {
         "shop-tessera-ingest", "shop-tessera-identity", "shop-tessera-profiles", "shop-tessera-activation"
     }
@@ -91,7 +90,10 @@ def test_production_values_autoscale_ingest_and_take_config_from_an_existing_sec
     docs = render(PRODUCTION)
     assert not by_kind(docs, "Secret"), "write keys stay out of the chart"
     assert by_kind(docs, "HorizontalPodAutoscaler")[0]["spec"]["maxReplicas"] == 20
-    assert "replicas" not in by_kind(docs, "Deployment")[0]["spec"], "the HPA owns replicas"
+    ingest = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-ingest")][0]
+    assert "replicas" not in ingest["spec"], "the HPA owns replicas"
+    console = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-console")]
+    assert console and console[0]["spec"]["template"]["spec"]["containers"][0]["command"] == ["/usr/local/bin/tessera-console"]
     for workload in by_kind(docs, "Deployment") + by_kind(docs, "StatefulSet"):
         volumes = workload["spec"]["template"]["spec"]["volumes"]
         assert {"name": "config", "secret": {"secretName": "tessera-config-prod"}} in volumes
@@ -99,10 +101,15 @@ def test_production_values_autoscale_ingest_and_take_config_from_an_existing_sec
 
 
 def test_the_rendered_configuration_is_accepted_by_every_service(tmp_path):
-    values = {"kafka": {"properties": {"security.protocol": "SASL_SSL", "sasl.password": "s3cret"}}}
+    values = {
+        "kafka": {"properties": {"security.protocol": "SASL_SSL", "sasl.password": "s3cret"}},
+        "apiTokens": [{"name": "console", "token": "change-me-console-token"}],
+        "console": {"enabled": True, "apiToken": "change-me-console-token",
+                    "users": [{"name": "ops", "password": "change-me-long-passphrase"}]},
+    }
     config = configuration(render(values), tmp_path)
     bin_dir = pathlib.Path(os.environ["TESSERA_BIN_DIR"])
-    for service in ["ingest", "identity", "profiles", "activation"]:
+    for service in ["ingest", "identity", "profiles", "activation", "console"]:
         out = subprocess.run(
             [bin_dir / f"tessera-{service}", "--config", config, "--check-config"],
             capture_output=True, text=True, env={"PATH": os.environ["PATH"]},
@@ -229,3 +236,23 @@ def test_sources_and_destinations_from_values_reach_the_services(tmp_path):
     config.write_text(config.read_text().replace('per = "12h"', 'per = "twice"'))
     out = check("activation")
     assert out.returncode != 0 and "twice" in out.stderr, out.stderr
+
+
+def test_the_console_runs_in_production_mode_and_needs_its_users(tmp_path):
+    """Enabled without users the chart refuses to render; with a short password the
+    console refuses the rendered configuration (production mode)."""
+    with pytest.raises(Exception, match="console.users"):
+        render({"console": {"enabled": True, "apiToken": "change-me-console-token"}})
+    values = {
+        "apiTokens": [{"name": "console", "token": "change-me-console-token"}],
+        "console": {"enabled": True, "apiToken": "change-me-console-token",
+                    "users": [{"name": "ops", "password": "short"}]},
+    }
+    docs = render(values)
+    assert [s["spec"]["ports"][0]["port"] for s in by_kind(docs, "Service") if s["metadata"]["name"].endswith("-console")] == [80]
+    config = configuration(docs, tmp_path)
+    out = subprocess.run(
+        [pathlib.Path(os.environ["TESSERA_BIN_DIR"]) / "tessera-console", "--config", config, "--check-config"],
+        capture_output=True, text=True, env={"PATH": os.environ["PATH"]},
+    )
+    assert out.returncode != 0 and "12 characters" in out.stderr, out.stderr
