@@ -417,3 +417,111 @@ async fn a_definition_added_at_run_time_is_back_filled() {
     );
     p.stop().await;
 }
+
+/// Reads a server-sent event stream until an event named `name` arrives; its data.
+async fn next_event<B: AsRef<[u8]>>(
+    stream: &mut (impl futures::Stream<Item = reqwest::Result<B>> + Unpin),
+    buf: &mut String,
+    name: &str,
+) -> Value {
+    use futures::StreamExt;
+    loop {
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let event = block.lines().find_map(|l| l.strip_prefix("event: "));
+            let data = block.lines().find_map(|l| l.strip_prefix("data: "));
+            if let (Some(e), Some(d)) = (event, data)
+                && e == name
+            {
+                return serde_json::from_str(d).unwrap();
+            }
+        }
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(30), stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {name} event within 30 s"))
+            .expect("the stream stays open")
+            .unwrap();
+        buf.push_str(&String::from_utf8_lossy(chunk.as_ref()));
+    }
+}
+
+/// A program can follow a profile: `GET /v1/profiles/{id}/changes` says `changed` after
+/// each committed change, also when the profile is merged into another (it then names
+/// the survivor).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_profile_s_changes_stream_as_server_sent_events() {
+    let p = Platform::start().await;
+    let (user, anon) = (uid("live"), uid("anon"));
+    let (s, _) = post(
+        &p.ingest,
+        "/v1/track",
+        &json!({"anonymousId": anon, "event": "Page Viewed"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let first = p
+        .wait_profile("anonymous_id", &anon, "the anonymous profile", |_| true)
+        .await;
+    let id = first["profile_id"].as_str().unwrap().to_string();
+    let resp = http()
+        .get(format!("{}/v1/profiles/{id}/changes", p.profiles))
+        .timeout(std::time::Duration::from_secs(120))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut stream = Box::pin(resp.bytes_stream());
+    let mut buf = String::new();
+    assert_eq!(
+        next_event(&mut stream, &mut buf, "ready").await["profile_id"],
+        id.as_str()
+    );
+
+    let (s, _) = post(
+        &p.ingest,
+        "/v1/track",
+        &json!({"anonymousId": anon, "event": "Product Viewed"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        next_event(&mut stream, &mut buf, "changed").await["profile_id"],
+        id.as_str()
+    );
+    let now = get_json(&format!("{}/v1/profiles/{id}", p.profiles)).await;
+    assert_eq!(
+        now["events_total"], 2,
+        "the change is readable when announced"
+    );
+
+    // A known person logs in on this device: whichever profile survives the merge, the
+    // stream keeps following the person.
+    let (s, _) = post(
+        &p.ingest,
+        "/v1/identify",
+        &json!({"userId": user, "traits": {"plan": "pro"}}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    p.wait_profile("user_id", &user, "the known profile", |_| true)
+        .await;
+    let (s, _) = post(
+        &p.ingest,
+        "/v1/identify",
+        &json!({"userId": user, "anonymousId": anon}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let merged = p
+        .wait_profile("anonymous_id", &anon, "the merge", |v| {
+            v["traits"]["plan"] == "pro"
+        })
+        .await;
+    let survivor = merged["profile_id"].as_str().unwrap();
+    let mut last = next_event(&mut stream, &mut buf, "changed").await;
+    while last["profile_id"] != survivor {
+        last = next_event(&mut stream, &mut buf, "changed").await;
+    }
+    p.stop().await;
+}
