@@ -496,6 +496,33 @@ async fn read_records(
     out.into_iter().zip(times).collect()
 }
 
+/// Reads a server-sent event stream until an event named `name` arrives; its data.
+pub async fn next_sse_event<B: AsRef<[u8]>>(
+    stream: &mut (impl futures::Stream<Item = reqwest::Result<B>> + Unpin),
+    buf: &mut String,
+    name: &str,
+) -> Value {
+    use futures::StreamExt;
+    loop {
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let event = block.lines().find_map(|l| l.strip_prefix("event: "));
+            let data = block.lines().find_map(|l| l.strip_prefix("data: "));
+            if let (Some(e), Some(d)) = (event, data)
+                && e == name
+            {
+                return serde_json::from_str(d).unwrap();
+            }
+        }
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(30), stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {name} event within 30 s"))
+            .expect("the stream stays open")
+            .unwrap();
+        buf.push_str(&String::from_utf8_lossy(chunk.as_ref()));
+    }
+}
+
 /// A unique name for a test's people and definitions: `tag-<12 hex digits>`.
 pub fn uid(tag: &str) -> String {
     format!("{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])

@@ -418,33 +418,6 @@ async fn a_definition_added_at_run_time_is_back_filled() {
     p.stop().await;
 }
 
-/// Reads a server-sent event stream until an event named `name` arrives; its data.
-async fn next_event<B: AsRef<[u8]>>(
-    stream: &mut (impl futures::Stream<Item = reqwest::Result<B>> + Unpin),
-    buf: &mut String,
-    name: &str,
-) -> Value {
-    use futures::StreamExt;
-    loop {
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            let event = block.lines().find_map(|l| l.strip_prefix("event: "));
-            let data = block.lines().find_map(|l| l.strip_prefix("data: "));
-            if let (Some(e), Some(d)) = (event, data)
-                && e == name
-            {
-                return serde_json::from_str(d).unwrap();
-            }
-        }
-        let chunk = tokio::time::timeout(std::time::Duration::from_secs(30), stream.next())
-            .await
-            .unwrap_or_else(|_| panic!("no {name} event within 30 s"))
-            .expect("the stream stays open")
-            .unwrap();
-        buf.push_str(&String::from_utf8_lossy(chunk.as_ref()));
-    }
-}
-
 /// A program can follow a profile: `GET /v1/profiles/{id}/changes` says `changed` after
 /// each committed change, also when the profile is merged into another (it then names
 /// the survivor).
@@ -474,7 +447,7 @@ async fn a_profile_s_changes_stream_as_server_sent_events() {
     let mut stream = Box::pin(resp.bytes_stream());
     let mut buf = String::new();
     assert_eq!(
-        next_event(&mut stream, &mut buf, "ready").await["profile_id"],
+        next_sse_event(&mut stream, &mut buf, "ready").await["profile_id"],
         id.as_str()
     );
 
@@ -486,7 +459,7 @@ async fn a_profile_s_changes_stream_as_server_sent_events() {
     .await;
     assert_eq!(s, 200);
     assert_eq!(
-        next_event(&mut stream, &mut buf, "changed").await["profile_id"],
+        next_sse_event(&mut stream, &mut buf, "changed").await["profile_id"],
         id.as_str()
     );
     let now = get_json(&format!("{}/v1/profiles/{id}", p.profiles)).await;
@@ -519,9 +492,9 @@ async fn a_profile_s_changes_stream_as_server_sent_events() {
         })
         .await;
     let survivor = merged["profile_id"].as_str().unwrap();
-    let mut last = next_event(&mut stream, &mut buf, "changed").await;
+    let mut last = next_sse_event(&mut stream, &mut buf, "changed").await;
     while last["profile_id"] != survivor {
-        last = next_event(&mut stream, &mut buf, "changed").await;
+        last = next_sse_event(&mut stream, &mut buf, "changed").await;
     }
     p.stop().await;
 }

@@ -18,6 +18,11 @@
 //! `--ingest-process` the load goes to an ingest of its own process, whose memory is then
 //! measured alone.
 //!
+//! `tessera-load live --people 20 --events 500` measures what a screen following a profile
+//! sees (the console's 360 view): for each event, from sending it over HTTP to the
+//! `changed` event on the profile's change stream (`/v1/profiles/{id}/changes`), one
+//! event at a time, each for one of `--people` followed profiles.
+//!
 //! Both pipeline and null first send `--warmup` seconds of traffic that is not measured (page views, which
 //! cause no activation; records the null reader ignores).
 
@@ -75,6 +80,13 @@ enum Mode {
         #[arg(long)]
         ingest_process: bool,
     },
+    /// From an HTTP event to the `changed` on its profile's change stream.
+    Live {
+        #[arg(long, default_value_t = 20)]
+        people: usize,
+        #[arg(long, default_value_t = 500)]
+        events: usize,
+    },
     /// Plain Kafka consume → produce relays: the floor.
     Null {
         #[arg(long, default_value_t = 200)]
@@ -121,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
             warmup,
             hops,
         } => null(rate, seconds, warmup, hops).await,
+        Mode::Live { people, events } => live(people, events).await,
         Mode::Overload {
             concurrency,
             seconds,
@@ -570,5 +583,64 @@ async fn overload(
     );
     platform.stop().await;
     anyhow::ensure!(lost == 0, "{lost} acknowledged events are missing");
+    Ok(())
+}
+
+/// One event at a time, each to one of `people` followed profiles: the time from sending
+/// it to its profile's `changed`.
+async fn live(people: usize, events: usize) -> anyhow::Result<()> {
+    let p = Platform::start().await;
+    let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let client = tessera_tests::http();
+    let send = |user: String, event: &'static str| {
+        let (client, url) = (client.clone(), format!("{}/v1/track", p.ingest));
+        async move {
+            let r = client
+                .post(url)
+                .basic_auth(WRITE_KEY, Some(""))
+                .json(&json!({"userId": user, "event": event}))
+                .send()
+                .await?;
+            anyhow::ensure!(r.status() == 200, "ingest answered {}", r.status());
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+    let mut streams = Vec::new();
+    for i in 0..people {
+        let user = format!("live-{run}-{i}");
+        send(user.clone(), "Signed Up").await?;
+        let profile = p
+            .wait_profile("user_id", &user, "the profile", |_| true)
+            .await;
+        let id = profile["profile_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let resp = client
+            .get(format!("{}/v1/profiles/{id}/changes", p.profiles))
+            .timeout(Duration::from_secs(3600))
+            .send()
+            .await?;
+        let mut stream = Box::pin(resp.bytes_stream());
+        let mut buf = String::new();
+        tessera_tests::next_sse_event(&mut stream, &mut buf, "ready").await;
+        streams.push((user, stream, buf));
+    }
+    let mut h = Histogram::<u64>::new(3)?;
+    let started = Instant::now();
+    for n in 0..events {
+        let (user, stream, buf) = &mut streams[n % people];
+        let t0 = Instant::now();
+        send(user.clone(), "Product Viewed").await?;
+        tessera_tests::next_sse_event(stream, buf, "changed").await;
+        h.record(t0.elapsed().as_micros() as u64)?;
+    }
+    report(
+        "event → profile changed (SSE)",
+        &h,
+        events as u64,
+        started.elapsed(),
+    );
+    p.stop().await;
     Ok(())
 }
