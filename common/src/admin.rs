@@ -185,6 +185,9 @@ pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// The header naming on whose behalf a token holder acts (see [`require_token`]).
+pub const ON_BEHALF_OF: &str = "x-on-behalf-of";
+
 /// Who made an API request: the name of its token (a request extension set by
 /// [`require_token`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -218,7 +221,9 @@ fn digest(s: &str) -> Vec<u8> {
 }
 
 /// Middleware for a service's own API routes: `Authorization: Bearer <token>` with a
-/// configured token, else 401 with a JSON reason.
+/// configured token, else 401 with a JSON reason. A client acting for someone (the
+/// console, for its logged-in user) names them in `X-On-Behalf-Of`; the audit trail then
+/// records `<token name> for <them>`.
 pub async fn require_token(
     State(tokens): State<Tokens>,
     mut req: axum::extract::Request,
@@ -235,7 +240,17 @@ pub async fn require_token(
         .map(str::trim);
     match presented.and_then(|t| tokens.name_of(t)) {
         Some(name) => {
-            req.extensions_mut().insert(Caller(name));
+            let actor = req
+                .headers()
+                .get(ON_BEHALF_OF)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|a| !a.is_empty() && a.len() <= 64 && a.chars().all(|c| !c.is_control()));
+            let caller = match actor {
+                Some(a) => format!("{name} for {a}"),
+                None => name,
+            };
+            req.extensions_mut().insert(Caller(caller));
             next.run(req).await
         }
         None => {

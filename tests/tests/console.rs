@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use tessera_common::config::{Config, ConsoleUser};
+use tessera_common::records::{AuditEntry, AvroRecord};
 use tessera_tests::*;
 
 const USER: &str = "console-tester";
@@ -189,6 +190,36 @@ async fn sessions_csrf_and_headers_guard_the_console() {
         reason,
         direct["reason"].as_str().unwrap(),
         "the same message as the API"
+    );
+
+    // A definition saved in the console is audited under the token, for the user.
+    let good =
+        json!({"definition": {"id": "console-saved", "condition": {"has_identifier": "email"}}});
+    let r = c
+        .post(format!("{url}/segments/save"))
+        .header("x-csrf-token", &token)
+        .json(&good)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(r.json::<Value>().await.unwrap()["version"], 1);
+    let audit = read_topic(&p.topics().audit(), Duration::from_secs(30), |rs| {
+        !rs.is_empty()
+    })
+    .await;
+    let entry = AuditEntry::from_avro(&audit[0]).unwrap();
+    assert_eq!(
+        (
+            entry.who.as_str(),
+            entry.action.as_str(),
+            entry.target.as_str()
+        ),
+        (
+            "tests for console-tester",
+            "definition.create",
+            "segment/console-saved"
+        )
     );
 
     // A search keeps the identifier out of the address.

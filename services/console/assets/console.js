@@ -57,7 +57,7 @@ function draw(fig, series) {
   }
   const svg = el('svg', { svg: true, viewBox: `0 0 ${w} ${h}`, class: 'lines', role: 'img', 'aria-label': fig.querySelector('figcaption')?.textContent || 'chart' });
   if (!keys.length || tmin === Infinity) {
-    plot.replaceChildren(el('p', { class: 'none', text: 'no readings yet' }));
+    plot.replaceChildren(el('p', { class: 'none', text: fig.dataset.empty || 'No readings yet.' }));
     if (legend) legend.replaceChildren();
     return;
   }
@@ -71,7 +71,7 @@ function draw(fig, series) {
   });
   if (!spark) {
     svg.append(el('text', { svg: true, x: 4, y: 12, class: 'axis', text: `${fmt(top)} ${fig.dataset.unit || ''}` }));
-    svg.append(el('text', { svg: true, x: 4, y: h - 4, class: 'axis', text: `${Math.round(span / 60000)} min` }));
+    svg.append(el('text', { svg: true, x: w - 4, y: h - 4, class: 'axis end', text: `last ${span >= 120000 ? `${Math.round(span / 60000)} min` : `${Math.round(span / 1000)} s`}` }));
   }
   plot.replaceChildren(svg);
   if (legend) {
@@ -303,6 +303,7 @@ function builder() {
     const remove = el('button', { type: 'button', class: 'remove', 'aria-label': 'remove condition', text: '✕', onclick: () => { parent.children.splice(parent.children.indexOf(n), 1); rerender(); } });
     const head = el('span', { class: 'kind', text: KINDS[n.kind] });
     let fields = [];
+    let below = null;
     switch (n.kind) {
       case 'trait': fields = testRow(n, 'trait', null); break;
       case 'computed': fields = [select(n, 'name', fromList(lists.computed.length ? lists.computed : [n.name]), { name: 'computed-name', 'aria-label': 'computed trait' }), ...testRow(n, 'computed trait', null).slice(1)]; break;
@@ -318,7 +319,7 @@ function builder() {
           el('span', { text: 'where property' }), ...testRow(w, 'property', null),
           el('button', { type: 'button', class: 'remove', 'aria-label': 'remove filter', text: '✕', onclick: () => { n.where.splice(n.where.indexOf(w), 1); rerender(); } }))),
           el('button', { type: 'button', class: 'add-filter', text: '+ property filter', onclick: () => { n.where.push({ name: '', op: 'equals', value: '' }); rerender(); } }));
-        fields.push(where);
+        below = where;
         break;
       }
       case 'in_segment': fields = [select(n, 'segment', fromList(lists.segments.length ? lists.segments : [n.segment]), { name: 'segment', 'aria-label': 'segment' })]; break;
@@ -327,6 +328,7 @@ function builder() {
       default: break;
     }
     row.append(negate, head, ...fields, remove);
+    if (below) row.append(below);
     return row;
   }
 

@@ -626,7 +626,11 @@ fn passed_on(r: std::result::Result<(u16, Value), Failure>) -> Response {
 }
 
 /// The builder's dry run: the profiles API's `POST /v1/segments/dry-run`.
-async fn dry_run(State(st): State<Console>, axum::Json(def): axum::Json<Value>) -> Response {
+async fn dry_run(
+    State(st): State<Console>,
+    Extension(s): Extension<Session>,
+    axum::Json(def): axum::Json<Value>,
+) -> Response {
     passed_on(
         st.upstream
             .call(
@@ -635,6 +639,7 @@ async fn dry_run(State(st): State<Console>, axum::Json(def): axum::Json<Value>) 
                 "/v1/segments/dry-run",
                 &[],
                 Some(&def),
+                Some(&s.user),
             )
             .await,
     )
@@ -650,7 +655,11 @@ struct Save {
 
 /// The builder's save: `POST /v1/segments` (new) or `PUT /v1/segments/{id}` (a new
 /// version), with the API's answer or refusal.
-async fn save_segment(State(st): State<Console>, axum::Json(save): axum::Json<Save>) -> Response {
+async fn save_segment(
+    State(st): State<Console>,
+    Extension(s): Extension<Session>,
+    axum::Json(save): axum::Json<Save>,
+) -> Response {
     let r = match &save.replaces {
         Some(id) => match api_path("/v1/segments", id, "") {
             Ok(path) => {
@@ -661,6 +670,7 @@ async fn save_segment(State(st): State<Console>, axum::Json(save): axum::Json<Sa
                         &path,
                         &[],
                         Some(&save.definition),
+                        Some(&s.user),
                     )
                     .await
             }
@@ -674,6 +684,7 @@ async fn save_segment(State(st): State<Console>, axum::Json(save): axum::Json<Sa
                     "/v1/segments",
                     &[],
                     Some(&save.definition),
+                    Some(&s.user),
                 )
                 .await
         }

@@ -69,8 +69,13 @@ pub fn login(csrf: &str, error: Option<&str>, demo_hint: bool) -> Markup {
 
 /// A chart drawn by the script from the series whose names start with `prefixes`.
 fn chart(title: &str, prefixes: &str, unit: &str) -> Markup {
+    chart_or(title, prefixes, unit, "No readings yet.")
+}
+
+/// A chart that says `empty` while it has no series (e.g. no event was rejected).
+fn chart_or(title: &str, prefixes: &str, unit: &str, empty: &str) -> Markup {
     html! {
-        figure.chart data-chart=(prefixes) data-unit=(unit) {
+        figure.chart data-chart=(prefixes) data-unit=(unit) data-empty=(empty) {
             figcaption { (title) }
             div.plot {}
             ul.legend {}
@@ -85,9 +90,9 @@ pub fn pipeline() -> Markup {
         div.status data-status="up." {}
         div.grid {
             (chart("Events accepted", "events.accepted", "/s"))
-            (chart("Events rejected, by reason", "events.rejected.", "/s"))
+            (chart_or("Events rejected, by reason", "events.rejected.", "/s", "No event rejected since ingest started."))
             (chart("Event to profile update (p50, p99)", "latency.", "ms"))
-            (chart("Event to activation (p50, p99)", "activation_latency.", "ms"))
+            (chart_or("Event to activation (p50, p99)", "activation_latency.", "ms", "No activation yet."))
             (chart("Consumer lag, by service", "lag.", "records"))
             (chart("Segment entries", "segment.enter.", "/s"))
         }
@@ -167,7 +172,7 @@ pub fn profile_panel(view: &Value, identity: Option<&Value>) -> Markup {
             dt { "Events" } dd #events-total { (text(&view["events_total"])) }
         }
         div.columns {
-            section.card {
+            section.card.wide {
                 h2 { "Identifiers" }
                 table { thead { tr { th { "Type" } th { "Value" } th { "Source" } th { "First seen" } } }
                     tbody { @for i in &identifiers { tr {

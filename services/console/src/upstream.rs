@@ -83,7 +83,8 @@ impl Upstream {
         format!("{}{path}", self.urls[s as usize])
     }
 
-    /// A JSON request; `Ok` for a 2xx with its status and body.
+    /// A JSON request; `Ok` for a 2xx with its status and body. `user`, the console user
+    /// it is made for, is named to the service (its audit trail records them).
     pub async fn call(
         &self,
         s: Service,
@@ -91,12 +92,16 @@ impl Upstream {
         path: &str,
         query: &[(&str, &str)],
         body: Option<&Value>,
+        user: Option<&str>,
     ) -> Result<(u16, Value), Failure> {
         let mut req = self
             .client
             .request(method, self.url(s, path))
             .bearer_auth(&self.token)
             .query(query);
+        if let Some(u) = user {
+            req = req.header(tessera_common::admin::ON_BEHALF_OF, u);
+        }
         if let Some(b) = body {
             req = req.json(b);
         }
@@ -141,7 +146,7 @@ impl Upstream {
         path: &str,
         query: &[(&str, &str)],
     ) -> Result<Value, Failure> {
-        self.call(s, Method::GET, path, query, None)
+        self.call(s, Method::GET, path, query, None, None)
             .await
             .map(|(_, v)| v)
     }
