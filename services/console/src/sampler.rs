@@ -102,12 +102,15 @@ impl Samples {
         let mut inner = self.inner.lock().expect("samples");
         let elapsed = inner.last_at.map(|t| now.duration_since(t).as_secs_f64());
         inner.last_at = Some(now);
+        // After the first reading, a series seen for the first time started from zero (a
+        // labelled counter or histogram appears with its first observation).
+        let start = |v: f64| if elapsed.is_some() { 0.0 } else { v };
         for (name, v) in &r.gauges {
             Self::push(&mut inner, self.keep, name.clone(), at_ms, *v);
         }
         for (name, v) in &r.counters {
-            let before = inner.previous.insert(name.clone(), *v);
-            if let (Some(before), Some(secs)) = (before, elapsed.filter(|s| *s > 0.0)) {
+            let before = inner.previous.insert(name.clone(), *v).unwrap_or(start(*v));
+            if let Some(secs) = elapsed.filter(|s| *s > 0.0) {
                 let delta = if *v >= before { v - before } else { *v };
                 Self::push(&mut inner, self.keep, name.clone(), at_ms, delta / secs);
             }
@@ -116,7 +119,7 @@ impl Samples {
             let mut deltas = Vec::with_capacity(buckets.len());
             for (le, count) in buckets {
                 let key = format!("{name}/{le}");
-                let before = inner.previous.insert(key, *count).unwrap_or(*count);
+                let before = inner.previous.insert(key, *count).unwrap_or(start(*count));
                 deltas.push((
                     *le,
                     if *count >= before {
@@ -430,6 +433,38 @@ tessera_profiles_event_latency_seconds_count 10
         assert_eq!(samples.totals()["rejected"]["invalid_event"], json!(2.0));
         let s = samples.series(&["segment."]);
         assert!(s.get("segment.size.buyers").is_some() && s.get("lag.profiles").is_none());
+    }
+
+    #[test]
+    fn a_series_that_appears_later_counts_from_zero() {
+        let samples = Samples::new(10);
+        let t0 = Instant::now();
+        let quiet = "tessera_ingest_events_accepted_total{source=\"d\"} 7\n";
+        samples.record(0, t0, read(&[(Service::Ingest, parse(quiet))], None));
+        let rejected =
+            format!("{quiet}tessera_ingest_events_rejected_total{{reason=\"too_large\"}} 4\n");
+        let later = t0 + Duration::from_secs(2);
+        samples.record(
+            2000,
+            later,
+            read(&[(Service::Ingest, parse(&rejected))], None),
+        );
+        assert_eq!(
+            samples.latest("events.rejected.too_large"),
+            Some(2.0),
+            "4 in 2 s"
+        );
+        let activation = "tessera_activation_event_to_activation_seconds_bucket{source=\"segment\",le=\"0.05\"} 3\n\
+            tessera_activation_event_to_activation_seconds_bucket{source=\"segment\",le=\"+Inf\"} 3\n";
+        let text = format!(
+            "# TYPE tessera_activation_event_to_activation_seconds histogram\n{activation}"
+        );
+        let at = later + Duration::from_secs(1);
+        samples.record(3000, at, read(&[(Service::Activation, parse(&text))], None));
+        assert!(
+            samples.latest("activation_latency.p50").is_some(),
+            "its first observations count"
+        );
     }
 
     #[test]
