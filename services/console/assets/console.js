@@ -354,8 +354,10 @@ function builder() {
   dryRun.addEventListener('click', async () => {
     say('Counting…');
     const r = await postJson('/segments/dry-run', definition());
-    if (r.ok) say(`${r.data.size} of ${r.data.profiles_scanned} profiles would be in this segment now.`, 'ok');
-    else say(r.data?.reason || `refused (${r.status})`, 'error');
+    if (!r.ok) say(r.data?.reason || `refused (${r.status})`, 'error');
+    else if (r.data.estimated) {
+      say(`About ${r.data.size.toLocaleString('en')} of ${r.data.profiles_total.toLocaleString('en')} profiles would be in this segment now (estimated from ${r.data.profiles_scanned.toLocaleString('en')}).`, 'ok');
+    } else say(`${r.data.size} of ${r.data.profiles_scanned} profiles would be in this segment now.`, 'ok');
   });
   save.addEventListener('click', async () => {
     say('Saving…');

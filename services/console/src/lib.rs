@@ -45,6 +45,9 @@ use upstream::{Failure, Service, Upstream};
 /// The demo password of the embedded configuration, refused in production mode.
 pub const DEMO_PASSWORD: &str = "tessera-demo";
 const DEMO_TOKEN: &str = "demo-admin-token";
+/// The builder's dry run evaluates at most this many profiles (an answer within a few
+/// seconds at any size); beyond, the size is estimated from them.
+const DRY_RUN_SAMPLE: &str = "20000";
 /// Identifier types offered in the search and the builder (custom ones can be typed).
 const IDENTIFIER_TYPES: [&str; 4] = ["email", "phone", "user_id", "anonymous_id"];
 
@@ -637,7 +640,7 @@ async fn dry_run(
                 Service::Profiles,
                 Method::POST,
                 "/v1/segments/dry-run",
-                &[],
+                &[("sample", DRY_RUN_SAMPLE)],
                 Some(&def),
                 Some(&s.user),
             )

@@ -557,7 +557,25 @@ async fn remove(
     change(&st, &caller, kind, &id, None, false).await
 }
 
-async fn dry_run(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+/// `POST /v1/segments/dry-run[?sample=N]`: the size a segment would have now. With
+/// `sample`, at most N profiles are evaluated and the size is estimated from them.
+async fn dry_run(
+    State(st): State<ApiState>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let limit = match q.get("sample").map(|n| n.parse::<u64>()) {
+        None => None,
+        Some(Ok(n)) if (1..=10_000_000).contains(&n) => Some(n),
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                "sample must be 1 to 10000000 profiles",
+            );
+        }
+    };
     let def = match definition(&headers, &body, None, SEGMENT) {
         Ok(d) => d,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_definition", e),
@@ -566,13 +584,25 @@ async fn dry_run(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) ->
         Ok(s) => s,
         Err(e) => return error(StatusCode::CONFLICT, "conflict", e),
     };
-    let (store, id, limit) = (st.store.clone(), def.id().to_string(), st.history_limit);
+    let (store, id) = (st.store.clone(), def.id().to_string());
     let now = tessera_common::now_ms();
-    match blocking(move || state::dry_run(store.as_ref(), &set, &id, limit, now)).await {
-        Ok(r) => axum::Json(json!({
-            "segment": def.id(), "size": r.size, "profiles_scanned": r.scanned, "sample": r.sample,
-        }))
-        .into_response(),
+    let history = st.history_limit;
+    match blocking(move || state::dry_run(store.as_ref(), &set, &id, history, now, limit)).await {
+        Ok(r) => {
+            // Scanning stopped short of every profile: the share found, scaled up.
+            let estimated = r.scanned < r.total;
+            let size = if estimated && r.scanned > 0 {
+                (r.size as f64 * r.total as f64 / r.scanned as f64).round() as u64
+            } else {
+                r.size
+            };
+            axum::Json(json!({
+                "segment": def.id(), "size": size, "estimated": estimated,
+                "members_found": r.size, "profiles_scanned": r.scanned, "profiles_total": r.total,
+                "sample": r.sample,
+            }))
+            .into_response()
+        }
         Err(r) => r,
     }
 }

@@ -342,29 +342,39 @@ fn read_log(txn: &Txn<'_>, id: &str, history_limit: usize) -> Result<Vec<Resolve
 /// profiles lack are derived from their kept history).
 #[derive(Debug, serde::Serialize)]
 pub struct DryRun {
+    /// Members among the profiles scanned.
     pub size: u64,
     pub scanned: u64,
+    /// Profiles on this instance.
+    pub total: u64,
     /// Up to ten members.
     pub sample: Vec<String>,
 }
 
+/// Evaluates `segment` of `defs` on the stored profiles, at most `limit` of them (in key
+/// order: profile ids are hashes, so the first ones are a fair sample).
 pub fn dry_run(
     store: &dyn Store,
     defs: &DefinitionSet,
     segment: &str,
     history_limit: usize,
     now: i64,
+    limit: Option<u64>,
 ) -> Result<DryRun> {
     let txn = Txn::new(store);
     let mut res = DryRun {
         size: 0,
         scanned: 0,
+        total: txn.get_json(META_PROFILES)?.unwrap_or(0),
         sample: Vec::new(),
     };
     let mut start = b"p/".to_vec();
     loop {
         let rows = store.scan_from(b"p/", &start, 1000)?;
         for (k, v) in &rows {
+            if limit.is_some_and(|l| res.scanned >= l) {
+                return Ok(res);
+            }
             let mut p: Profile = serde_json::from_slice(v)?;
             ensure_computed(&txn, &mut p, defs, history_limit)?;
             p.refresh_computed(defs, now, &mut Touched::default());
@@ -1768,9 +1778,12 @@ mod tests {
         )
         .unwrap();
         let set = p.catalog.with_candidate(&candidate).unwrap();
-        let r = dry_run(&s, &set, "loyal", 100, 2_000).unwrap();
-        assert_eq!((r.size, r.scanned), (1, 3));
+        let r = dry_run(&s, &set, "loyal", 100, 2_000, None).unwrap();
+        assert_eq!((r.size, r.scanned, r.total), (1, 3, 3));
         assert_eq!(r.sample, vec!["c".to_string()]);
+        // A sample stops after that many profiles (the first in key order).
+        let r = dry_run(&s, &set, "loyal", 100, 2_000, Some(2)).unwrap();
+        assert_eq!((r.size, r.scanned, r.total), (0, 2, 3));
         // Deleting the segment ends its memberships on the next back-fill.
         let del = p.catalog.propose("segment", "repeat", None, "api").unwrap();
         p.catalog.apply(del);
