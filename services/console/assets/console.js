@@ -312,8 +312,9 @@ function builder() {
           input(n, 'event', { name: 'event', placeholder: 'event name, e.g. Order Completed', 'aria-label': 'event name', class: 'wide' }),
           el('label', {}, 'at least ', input(n, 'min', { name: 'min', type: 'number', min: 0, class: 'num' })),
           el('label', {}, 'at most ', input(n, 'max', { name: 'max', type: 'number', min: 0, class: 'num', placeholder: 'any' })),
-          el('label', {}, 'in the last ', input(n, 'within', { name: 'within', type: 'number', min: 1, class: 'num', placeholder: 'ever' }),
-            select(n, 'unit', { m: 'minutes', h: 'hours', d: 'days', w: 'weeks' }, { name: 'unit', 'aria-label': 'window unit' })),
+          el('label', {}, 'in the last ', el('span', { class: 'row' },
+            input(n, 'within', { name: 'within', type: 'number', min: 1, class: 'num', placeholder: 'ever' }),
+            select(n, 'unit', { m: 'minutes', h: 'hours', d: 'days', w: 'weeks' }, { name: 'unit', 'aria-label': 'window unit' }))),
         ];
         const where = el('div', { class: 'where' }, ...n.where.map((w) => el('div', { class: 'filter' },
           el('span', { text: 'where property' }), ...testRow(w, 'property', null),
