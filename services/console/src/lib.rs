@@ -211,7 +211,7 @@ fn page(title: &str, s: &Session, active: &str, body: Markup) -> Response {
 }
 
 fn problem(s: &Session, f: &Failure) -> Response {
-    let status = StatusCode::from_u16(f.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let status = f.status_code();
     let title = if f.status == 404 {
         "Not found"
     } else {
@@ -398,10 +398,7 @@ async fn search(
         Err(f) if f.status == 404 => {
             again(StatusCode::NOT_FOUND, "No profile has this identifier.")
         }
-        Err(f) => again(
-            StatusCode::from_u16(f.status).unwrap_or(StatusCode::BAD_GATEWAY),
-            &f.reason,
-        ),
+        Err(f) => again(f.status_code(), &f.reason),
     }
 }
 
@@ -461,11 +458,7 @@ async fn profile(
 async fn profile_panel(State(st): State<Console>, Path(id): Path<String>) -> Response {
     match load_profile(&st, &id).await {
         Ok(panel) => Html(panel.into_string()).into_response(),
-        Err(f) => auth::refusal(
-            StatusCode::from_u16(f.status).unwrap_or(StatusCode::BAD_GATEWAY),
-            "upstream",
-            &f.reason,
-        ),
+        Err(f) => f.response(),
     }
 }
 
@@ -483,11 +476,7 @@ async fn profile_stream(
     let resp = match resp {
         Ok(r) => r,
         Err(f) => {
-            return auth::refusal(
-                StatusCode::from_u16(f.status).unwrap_or(StatusCode::BAD_GATEWAY),
-                "upstream",
-                &f.reason,
-            );
+            return f.response();
         }
     };
     let gauge = st.streams.clone();
@@ -620,11 +609,7 @@ fn passed_on(r: std::result::Result<(u16, Value), Failure>) -> Response {
             axum::Json(v),
         )
             .into_response(),
-        Err(f) => auth::refusal(
-            StatusCode::from_u16(f.status).unwrap_or(StatusCode::BAD_GATEWAY),
-            "refused",
-            &f.reason,
-        ),
+        Err(f) => f.response(),
     }
 }
 

@@ -347,7 +347,7 @@ pub fn activations(config: &Config, totals: &Value) -> Markup {
         p.lead { "Records sent to each destination's topic, by outcome, since the activation service started; the charts show the rate." }
         @for d in &config.activation.destinations {
             section.card {
-                h2 { (d.id) " " small { (serde_json::to_value(&d.kind).ok().and_then(|k| k.as_str().map(str::to_string)).unwrap_or_default()) } }
+                h2 { (d.id) " " small { (serde_json::to_value(d.kind).ok().and_then(|k| k.as_str().map(str::to_string)).unwrap_or_default()) } }
                 p {
                     @if !d.segments.is_empty() { "Segments: " (d.segments.join(", ")) ". " }
                     @if !d.triggers.is_empty() { "Triggers: " (d.triggers.join(", ")) ". " }

@@ -45,6 +45,23 @@ pub struct Failure {
     pub reason: String,
 }
 
+impl Failure {
+    pub fn status_code(&self) -> axum::http::StatusCode {
+        axum::http::StatusCode::from_u16(self.status).unwrap_or(axum::http::StatusCode::BAD_GATEWAY)
+    }
+
+    /// The failure as a JSON answer to the console's own client: the service's status
+    /// (502 when it did not answer) and reason.
+    pub fn response(&self) -> axum::response::Response {
+        let code = if self.status == 502 {
+            "upstream"
+        } else {
+            "refused"
+        };
+        crate::auth::refusal(self.status_code(), code, &self.reason)
+    }
+}
+
 #[derive(Clone)]
 pub struct Upstream {
     client: reqwest::Client,
