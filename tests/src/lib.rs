@@ -523,6 +523,30 @@ pub async fn next_sse_event<B: AsRef<[u8]>>(
     }
 }
 
+/// What `promtool check metrics` finds wrong with a `/metrics` page (empty: nothing).
+/// test.sh installs promtool from Debian.
+pub fn promtool_findings(text: &str) -> String {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (deploy/setup.sh --for-tests)");
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let findings = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match (out.status.success(), findings.trim()) {
+        (true, "") => String::new(),
+        (_, "") => "promtool failed without a word".into(),
+        (_, f) => f.to_string(),
+    }
+}
+
 /// A unique name for a test's people and definitions: `tag-<12 hex digits>`.
 pub fn uid(tag: &str) -> String {
     format!("{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])

@@ -282,6 +282,8 @@ async fn sessions_csrf_and_headers_guard_the_console() {
     ] {
         assert!(m.contains(needle), "{needle} in\n{m}");
     }
+    let findings = promtool_findings(&m);
+    assert!(findings.is_empty(), "promtool on the console: {findings}");
     stop.cancel();
     tokio::time::timeout(Duration::from_secs(30), task)
         .await

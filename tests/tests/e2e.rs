@@ -807,24 +807,8 @@ async fn health_readiness_and_metrics_are_served_by_every_service() {
             .text()
             .await
             .unwrap();
-        let mut promtool = std::process::Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("promtool is installed (deploy/setup.sh --for-tests)");
-        std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), text.as_bytes()).unwrap();
-        let out = promtool.wait_with_output().unwrap();
-        let findings = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success() && findings.trim().is_empty(),
-            "promtool on {name}: {findings}"
-        );
+        let findings = promtool_findings(&text);
+        assert!(findings.is_empty(), "promtool on {name}: {findings}");
     }
     let segments: Value = http()
         .get(format!("{}/v1/segments", p.profiles))
