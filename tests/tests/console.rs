@@ -256,6 +256,13 @@ async fn sessions_csrf_and_headers_guard_the_console() {
     assert_eq!(r.status(), 200);
     assert!(r.text().await.unwrap().contains(&email));
 
+    // The profile page's live stream, through the console; it ends with the session.
+    let live = c.get(format!("{url}{found}/stream")).send().await.unwrap();
+    assert_eq!(live.status(), 200);
+    let mut stream = Box::pin(live.bytes_stream());
+    let mut buf = String::new();
+    next_sse_event(&mut stream, &mut buf, "ready").await;
+
     // Logging out ends the session for good.
     let r = c
         .post(format!("{url}/logout"))
@@ -266,6 +273,12 @@ async fn sessions_csrf_and_headers_guard_the_console() {
     assert_eq!(r.status(), 303);
     let r = c.get(format!("{url}/profiles")).send().await.unwrap();
     assert_eq!(r.status(), 303, "the session is gone");
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        use futures::StreamExt;
+        while stream.next().await.is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the live stream ends with the session");
 
     // The console's own metrics.
     let m = reqwest::get(format!("{url}/metrics"))

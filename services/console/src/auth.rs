@@ -36,15 +36,10 @@ const MAX_FORM_BYTES: usize = 64 * 1024;
 pub struct Session {
     pub user: String,
     pub csrf: String,
+    /// The digest of its token: where the session is kept.
+    key: Vec<u8>,
     created: Instant,
     last_seen: Instant,
-}
-
-impl Session {
-    /// What is left of the session's lifetime (a live stream ends with it).
-    pub fn remaining(&self, max_age: Duration) -> Duration {
-        max_age.saturating_sub(self.created.elapsed())
-    }
 }
 
 #[derive(Clone)]
@@ -127,6 +122,7 @@ impl Auth {
             Session {
                 user: user.to_string(),
                 csrf: random_token(),
+                key: digest(&token),
                 created: now,
                 last_seen: now,
             },
@@ -150,6 +146,15 @@ impl Auth {
         }
         s.last_seen = now;
         Some(s.clone())
+    }
+
+    /// Whether a session is still live (not logged out, not expired), without counting
+    /// this as activity: a live stream asks it to end with its session.
+    pub fn still_live(&self, s: &Session) -> bool {
+        let sessions = self.sessions.lock().expect("sessions");
+        sessions
+            .get(&s.key)
+            .is_some_and(|held| self.live(held, Instant::now()))
     }
 
     pub fn logout(&self, token: &str) {
@@ -316,8 +321,10 @@ mod tests {
         assert_eq!(s.user, "ops");
         assert_ne!(s.csrf, token, "the CSRF token is not the session token");
         assert!(auth.session("forged").is_none());
+        assert!(auth.still_live(&s));
         auth.logout(&token);
         assert!(auth.session(&token).is_none());
+        assert!(!auth.still_live(&s), "a stream of this session ends too");
     }
 
     #[test]

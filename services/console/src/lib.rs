@@ -463,7 +463,7 @@ async fn profile_panel(State(st): State<Console>, Path(id): Path<String>) -> Res
 }
 
 /// The profile's change stream (profiles' `/v1/profiles/{id}/changes`), passed through
-/// to the page until the browser leaves or the session's lifetime ends.
+/// to the page until the browser leaves or the session ends.
 async fn profile_stream(
     State(st): State<Console>,
     Extension(s): Extension<Session>,
@@ -482,7 +482,13 @@ async fn profile_stream(
     let gauge = st.streams.clone();
     gauge.inc();
     let open = OpenStream(gauge);
-    let ends = tokio::time::sleep(s.remaining(st.auth.max_age));
+    // The stream ends with the session: logged out, idle or past its maximum age.
+    let auth = st.auth.clone();
+    let ends = async move {
+        while auth.still_live(&s) {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    };
     let body = resp.bytes_stream().take_until(ends).map(move |chunk| {
         let _ = &open;
         chunk
