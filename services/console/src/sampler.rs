@@ -23,6 +23,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::upstream::{Service, Upstream};
 
+/// The most readings of one series sent to a page.
+pub const MAX_POINTS: usize = 300;
+
 #[derive(Default)]
 struct Inner {
     series: BTreeMap<String, VecDeque<(i64, f64)>>,
@@ -57,6 +60,8 @@ impl Samples {
     }
 
     /// The series whose names start with one of `prefixes`, as `[[ms, value], ...]`.
+    /// Each series keeps at most [`MAX_POINTS`] readings, evenly spread, the newest always
+    /// included (a chart is a few hundred pixels wide; the page asks every second).
     pub fn series(&self, prefixes: &[&str]) -> Value {
         let inner = self.inner.lock().expect("samples");
         let map: serde_json::Map<String, Value> = inner
@@ -64,10 +69,16 @@ impl Samples {
             .iter()
             .filter(|(k, _)| prefixes.iter().any(|p| k.starts_with(p)))
             .map(|(k, v)| {
-                (
-                    k.clone(),
-                    json!(v.iter().map(|(t, x)| json!([t, x])).collect::<Vec<_>>()),
-                )
+                let step = v.len().div_ceil(MAX_POINTS).max(1);
+                // Counted back from the newest, so it is always shown.
+                let mut points: Vec<Value> = v
+                    .iter()
+                    .rev()
+                    .step_by(step)
+                    .map(|(t, x)| json!([t, x]))
+                    .collect();
+                points.reverse();
+                (k.clone(), Value::Array(points))
             })
             .collect();
         Value::Object(map)
@@ -433,6 +444,37 @@ tessera_profiles_event_latency_seconds_count 10
         assert_eq!(samples.totals()["rejected"]["invalid_event"], json!(2.0));
         let s = samples.series(&["segment."]);
         assert!(s.get("segment.size.buyers").is_some() && s.get("lag.profiles").is_none());
+    }
+
+    #[test]
+    fn a_long_series_is_thinned_for_the_page_and_keeps_its_newest_reading() {
+        let samples = Samples::new(1000);
+        let t0 = Instant::now();
+        for i in 0..1000u64 {
+            let text = format!(
+                "tessera_ingest_events_accepted_total{{source=\"d\"}} {}\n",
+                i * i
+            );
+            let at = t0 + Duration::from_secs(i);
+            samples.record(
+                i as i64 * 1000,
+                at,
+                read(&[(Service::Ingest, parse(&text))], None),
+            );
+        }
+        let sent = samples.series(&["events.accepted"]);
+        let points = sent["events.accepted"].as_array().unwrap();
+        assert!(
+            points.len() <= MAX_POINTS && points.len() >= MAX_POINTS / 2,
+            "{}",
+            points.len()
+        );
+        assert_eq!(
+            points.last().unwrap()[0],
+            json!(999_000),
+            "the newest reading"
+        );
+        assert_eq!(samples.latest("events.accepted"), Some(1997.0));
     }
 
     #[test]
