@@ -707,6 +707,18 @@ impl ServiceProcess {
         }
         (assigned? - started?).to_std().ok()
     }
+
+    /// When this process was last given partitions (its log's last "partitions
+    /// assigned").
+    pub fn last_assigned(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.log()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|v| v["message"] == "partitions assigned")
+            .filter_map(|v| chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str()?).ok())
+            .next_back()
+            .map(|t| t.with_timezone(&chrono::Utc))
+    }
 }
 
 impl Drop for ServiceProcess {

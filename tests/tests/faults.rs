@@ -105,3 +105,88 @@ async fn a_run_with_every_service_killed_in_turn_equals_the_fault_free_run() {
         assert!(!s.log().contains(&run), "{name} logged a user id");
     }
 }
+
+/// Activation scaled out and in under load: a second instance joins mid-stream (the
+/// group moves half the partitions to it; it rebuilds their state by replaying them),
+/// then the first is killed (its partitions move to the second after the session
+/// timeout). The activations are the fault-free run's, by id, plus repeats of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn activation_partitions_move_with_their_state_when_instances_come_and_go() {
+    tessera_common::telemetry::init();
+    let run = format!("s{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let t0 = chrono::Utc::now().timestamp_millis() - 2 * 3_600_000;
+    let chunks = input(&run, t0);
+
+    let clean = Platform::start().await;
+    for c in &chunks {
+        deliver(&clean.ingest, c).await;
+    }
+    profiles_of(&clean.profiles, &run).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (clean_ids, _) = activations(bootstrap(), &clean.topics(), None).await;
+    clean.stop().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    let (mut services, urls) = start_processes(&mut cfg, dir.path()).await;
+    let ingest = urls[0].clone();
+    // The second activation instance: its own state, port and static member name.
+    let second_dir = dir.path().join("second");
+    std::fs::create_dir_all(&second_dir).unwrap();
+    let mut second_cfg = cfg.clone();
+    second_cfg.kafka.group_instance_id = Some("pod-1".into());
+    second_cfg.activation.state_dir = second_dir.join("activation");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    second_cfg.activation.http_listen = port.local_addr().unwrap().to_string();
+    drop(port);
+    let second_url = format!("http://{}", second_cfg.activation.http_listen);
+
+    let third = chunks.len() / 3;
+    let started = Instant::now();
+    let (mut second, mut killed_at) = (None, None);
+    for (i, c) in chunks.iter().enumerate() {
+        if i == third {
+            second = Some(ServiceProcess::start(
+                "activation",
+                &second_cfg,
+                &second_dir,
+            ));
+            wait_ready(&second_url, Duration::from_secs(60)).await;
+        }
+        if i == 2 * third {
+            services.get_mut("activation").unwrap().kill9();
+            killed_at = Some(chrono::Utc::now());
+        }
+        deliver(&ingest, c).await;
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+    let sent_in = started.elapsed();
+    let topics = tessera_common::topics::Topics::new(&cfg.topics);
+    let (ids, records) = activations(bootstrap(), &topics, Some(&clean_ids)).await;
+    assert_eq!(
+        ids, clean_ids,
+        "the same activations, by id, as the fault-free run"
+    );
+    let second = second.expect("the second instance ran");
+    let log = second.log();
+    assert!(
+        log.contains("replaying to rebuild state"),
+        "the second instance rebuilt the partitions it was given"
+    );
+    assert!(
+        log.matches("partitions assigned").count() >= 2,
+        "the second instance got partitions when it joined and again when the first died"
+    );
+    let distinct: usize = ids.values().map(BTreeSet::len).sum();
+    let takeover = second.last_assigned().zip(killed_at).map(|(a, k)| a - k);
+    eprintln!(
+        "scale run: {} events in {:.1} s; activation scaled 1 → 2 → 1; {distinct} activations, \
+         {records} records ({} repeated with the same id); the second took the first's \
+         partitions {} ms after the kill",
+        USERS * ROUNDS,
+        sent_in.as_secs_f64(),
+        records - distinct,
+        takeover.map_or(-1, |d| d.num_milliseconds()),
+    );
+    assert!(!log.contains(&run), "the second instance logged a user id");
+}
