@@ -27,6 +27,8 @@ pub const SESSION_COOKIE: &str = "tessera_session";
 /// there is no session yet to keep it in.
 pub const LOGIN_COOKIE: &str = "tessera_login";
 const MAX_FAILURES: usize = 5;
+/// User names with recent failures kept at most (see [`Auth::login`]).
+const MAX_TRACKED_NAMES: usize = 10_000;
 const FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
 /// A form body larger than this is refused before it is read for its CSRF token.
 const MAX_FORM_BYTES: usize = 64 * 1024;
@@ -50,6 +52,7 @@ pub struct Auth {
     pub idle: Duration,
     pub max_age: Duration,
     secure: bool,
+    max_tracked_names: usize,
 }
 
 pub enum Login {
@@ -88,6 +91,7 @@ impl Auth {
             idle: Duration::from_secs(c.session_idle_minutes * 60),
             max_age: Duration::from_secs(c.session_max_minutes * 60),
             secure: c.production,
+            max_tracked_names: MAX_TRACKED_NAMES,
         }
     }
 
@@ -95,6 +99,11 @@ impl Auth {
         let now = Instant::now();
         {
             let mut failures = self.failures.lock().expect("failures");
+            // Failures are counted by name; a flood of made-up names would grow that
+            // count without end. Beyond the limit every login waits for names to expire.
+            if failures.len() >= self.max_tracked_names && !failures.contains_key(user) {
+                return Login::Locked;
+            }
             let recent = failures.entry(user.to_string()).or_default();
             recent.retain(|t| now.duration_since(*t) < FAILURE_WINDOW);
             if recent.len() >= MAX_FAILURES {
@@ -334,6 +343,22 @@ mod tests {
             assert!(matches!(auth.login("ops", "guess"), Login::Refused));
         }
         assert!(matches!(auth.login("ops", "correct horse"), Login::Locked));
+    }
+
+    #[test]
+    fn a_flood_of_made_up_names_locks_logins_instead_of_growing_memory() {
+        let mut auth = Auth::new(&config());
+        auth.max_tracked_names = 3;
+        for name in ["a", "b", "c"] {
+            assert!(matches!(auth.login(name, "guess"), Login::Refused));
+        }
+        assert!(matches!(auth.login("d", "guess"), Login::Locked));
+        assert!(matches!(auth.login("ops", "correct horse"), Login::Locked));
+        assert_eq!(
+            auth.failures.lock().unwrap().len(),
+            3,
+            "nothing more is kept"
+        );
     }
 
     #[test]
