@@ -256,3 +256,14 @@ def test_the_console_runs_in_production_mode_and_needs_its_users(tmp_path):
         capture_output=True, text=True, env={"PATH": os.environ["PATH"]},
     )
     assert out.returncode != 0 and "12 characters" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("component", ["identity", "profiles"])
+def test_the_chart_refuses_replicas_a_service_cannot_share_its_state_with(component):
+    """Identity and profiles keep state that is not partition-local yet: a second replica
+    would act on state it no longer owns. Activation scales (tests/tests/faults.rs)."""
+    with pytest.raises(Exception, match=f"{component} runs one replica"):
+        render({component: {"replicas": 2}})
+    docs = render({"activation": {"replicas": 3}})
+    sets = {d["metadata"]["name"]: d for d in by_kind(docs, "StatefulSet")}
+    assert sets["shop-tessera-activation"]["spec"]["replicas"] == 3
