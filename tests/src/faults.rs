@@ -151,3 +151,37 @@ pub async fn activations(
     }
     (ids, records)
 }
+
+/// The input of a run named `tag…`, and what it gives on a platform that runs undisturbed
+/// (in-process): every user's profile and the activation ids per destination.
+pub struct FaultFree {
+    pub run: String,
+    pub chunks: Vec<Vec<Value>>,
+    pub profiles: BTreeMap<String, Value>,
+    pub activation_ids: BTreeMap<String, BTreeSet<String>>,
+}
+
+pub async fn fault_free_run(tag: &str) -> FaultFree {
+    tessera_common::telemetry::init();
+    let run = format!("{tag}{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    // Event times two hours back: every window holds the same in both runs, and each
+    // abandoned cart (a 1 h wait) is already due when it arrives, so it fires at once in
+    // both runs instead of at a wall-clock moment between them.
+    let t0 = chrono::Utc::now().timestamp_millis() - 2 * 3_600_000;
+    let chunks = input(&run, t0);
+    let clean = crate::Platform::start().await;
+    for c in &chunks {
+        deliver(&clean.ingest, c).await;
+    }
+    let profiles = profiles_of(&clean.profiles, &run).await;
+    // Every profile is complete; activation follows within milliseconds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (activation_ids, _) = activations(crate::bootstrap(), &clean.topics(), None).await;
+    clean.stop().await;
+    FaultFree {
+        run,
+        chunks,
+        profiles,
+        activation_ids,
+    }
+}

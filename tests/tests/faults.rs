@@ -11,24 +11,12 @@ use tessera_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_run_with_every_service_killed_in_turn_equals_the_fault_free_run() {
-    tessera_common::telemetry::init();
-    let run = format!("f{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-    // Event times two hours back: every window holds the same in both runs, and each
-    // abandoned cart (a 1 h wait) is already due when it arrives, so it fires at once in
-    // both runs instead of at a wall-clock moment between them.
-    let t0 = chrono::Utc::now().timestamp_millis() - 2 * 3_600_000;
-    let chunks = input(&run, t0);
-
-    // The fault-free run, in-process.
-    let clean = Platform::start().await;
-    for c in &chunks {
-        deliver(&clean.ingest, c).await;
-    }
-    let expected = profiles_of(&clean.profiles, &run).await;
-    // Every profile is complete; activation follows within milliseconds.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let (clean_ids, _) = activations(bootstrap(), &clean.topics(), None).await;
-    clean.stop().await;
+    let FaultFree {
+        run,
+        chunks,
+        profiles: expected,
+        activation_ids: clean_ids,
+    } = fault_free_run("f").await;
 
     // The faulted run: real processes, each killed once while events flow.
     let dir = tempfile::tempdir().unwrap();
@@ -112,19 +100,12 @@ async fn a_run_with_every_service_killed_in_turn_equals_the_fault_free_run() {
 /// timeout). The activations are the fault-free run's, by id, plus repeats of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn activation_partitions_move_with_their_state_when_instances_come_and_go() {
-    tessera_common::telemetry::init();
-    let run = format!("s{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-    let t0 = chrono::Utc::now().timestamp_millis() - 2 * 3_600_000;
-    let chunks = input(&run, t0);
-
-    let clean = Platform::start().await;
-    for c in &chunks {
-        deliver(&clean.ingest, c).await;
-    }
-    profiles_of(&clean.profiles, &run).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let (clean_ids, _) = activations(bootstrap(), &clean.topics(), None).await;
-    clean.stop().await;
+    let FaultFree {
+        run,
+        chunks,
+        activation_ids: clean_ids,
+        ..
+    } = fault_free_run("s").await;
 
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(dir.path());

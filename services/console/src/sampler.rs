@@ -85,6 +85,7 @@ impl Samples {
     }
 
     /// The newest value of a series.
+    #[cfg(test)]
     pub fn latest(&self, name: &str) -> Option<f64> {
         let inner = self.inner.lock().expect("samples");
         inner
