@@ -224,6 +224,11 @@ pub struct ProfilesConfig {
     /// traits not listed take the most recent value by event time.
     #[serde(default)]
     pub trait_strategies: BTreeMap<String, TraitStrategy>,
+    /// The base URLs of every profiles instance (this one included) when several run:
+    /// each answers the API for the partitions it serves and asks the others for the
+    /// rest. Empty: one instance, which answers for everyone.
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 /// How a trait's value is chosen. Each is independent of arrival order: ties go to the
@@ -531,6 +536,13 @@ impl Config {
                         d.id, d.allow_labels
                     ));
                 }
+            }
+        }
+        for peer in &self.profiles.peers {
+            if !(peer.starts_with("http://") || peer.starts_with("https://")) {
+                return bad(format!(
+                    "profiles.peers: {peer:?} is not an http:// or https:// base URL"
+                ));
             }
         }
         if self.http.max_header_bytes < 8192 || self.http.header_read_timeout_ms == 0 {

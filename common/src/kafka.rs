@@ -60,8 +60,36 @@ pub fn producer_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
         .set("linger.ms", cfg.linger_ms.to_string())
         .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
         .set("compression.type", "lz4")
-        .set("queue.buffering.max.messages", "200000");
+        .set("queue.buffering.max.messages", "200000")
+        // Pinned (a `partitioner` in [kafka.properties] does not apply): services that
+        // keep state per key compute where a key lives with [`partition_of`].
+        .set("partitioner", "consistent_random");
     c
+}
+
+/// The partition a keyed record goes to among `partitions`: librdkafka's
+/// `consistent_random` partitioner, which every Tessera producer uses (CRC-32 of the
+/// key, modulo the partition count). Profiles uses it to know which profiles belong to
+/// the partitions it owns.
+pub fn partition_of(key: &[u8], partitions: i32) -> i32 {
+    (crc32fast::hash(key) % partitions.max(1) as u32) as i32
+}
+
+/// The number of partitions of `topic`, from the brokers' metadata.
+pub async fn partition_count(cfg: &KafkaConfig, topic: &str) -> Result<i32> {
+    use rdkafka::consumer::Consumer as _;
+    let consumer: rdkafka::consumer::BaseConsumer =
+        client_config(cfg, "tessera-metadata").create()?;
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        match md.topics().first().map(|t| t.partitions().len()) {
+            Some(n) if n > 0 => Ok(n as i32),
+            _ => Err(Error::Invalid(format!("topic {topic} has no partitions"))),
+        }
+    })
+    .await
+    .map_err(|e| Error::Invalid(format!("metadata: {e}")))?
 }
 
 /// Why a produce did not succeed.
@@ -369,6 +397,32 @@ mod tests {
     use super::*;
     use rdkafka::mocking::MockCluster;
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    /// Keyed records land where [`partition_of`] says: profiles relies on it to know
+    /// which profiles its partitions hold.
+    #[tokio::test]
+    async fn keyed_records_land_on_the_partition_partition_of_computes() {
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic("placed", 7, 1).unwrap();
+        let cfg = KafkaConfig {
+            bootstrap: mock.bootstrap_servers(),
+            fetch_wait_max_ms: 10,
+            linger_ms: 0,
+            message_timeout_ms: 5000,
+            group_instance_id: None,
+            properties: [("partitioner".to_string(), "murmur2".to_string())].into(),
+        };
+        let producer = Producer::new(&cfg, "placement-test").unwrap();
+        assert_eq!(partition_count(&cfg, "placed").await.unwrap(), 7);
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..200 {
+            let key = format!("{:032x}", (i as u128).wrapping_mul(0x9e3779b97f4a7c15));
+            let (partition, _) = producer.send("placed", key.as_bytes(), b"x").await.unwrap();
+            assert_eq!(partition, partition_of(key.as_bytes(), 7), "key {key}");
+            seen.insert(partition);
+        }
+        assert_eq!(seen.len(), 7, "keys spread over every partition");
+    }
 
     /// A fatal producer error (forced here with librdkafka's mock cluster and the
     /// gapless guarantee) is never reported as delivered, and the next send goes

@@ -13,7 +13,7 @@
 //! same outputs with the same deterministic ids: at-least-once output, exactly-once state.
 //! On partition assignment the consumer starts from the offsets stored with the state.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -104,6 +104,53 @@ pub enum OffsetStorage {
     Kafka,
 }
 
+/// Which partitions this instance consumes now, and which of them it is still
+/// rebuilding: the runner keeps it current on every assignment, revocation and finished
+/// rebuild. A processor whose state is keyed like its input (profiles) acts only on what
+/// it owns, and its API answers only for partitions it serves.
+#[derive(Clone, Default)]
+pub struct Ownership(Arc<Mutex<Owned>>);
+
+#[derive(Default)]
+struct Owned {
+    assigned: BTreeSet<(String, i32)>,
+    /// Partitions being rebuilt from their topic's beginning, and the group's committed
+    /// offset below which their outputs were already produced (so are not produced again).
+    rebuilding: HashMap<(String, i32), i64>,
+}
+
+impl Ownership {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Owned> {
+        self.0.lock().expect("ownership")
+    }
+
+    /// Whether `partition` of `topic` is assigned to this instance.
+    pub fn owns(&self, topic: &str, partition: i32) -> bool {
+        self.lock()
+            .assigned
+            .contains(&(topic.to_string(), partition))
+    }
+
+    /// The partitions of `topic` assigned here and caught up (not being rebuilt).
+    pub fn serving(&self, topic: &str) -> Vec<i32> {
+        let o = self.lock();
+        o.assigned
+            .iter()
+            .filter(|tp| tp.0 == topic && !o.rebuilding.contains_key(*tp))
+            .map(|(_, p)| *p)
+            .collect()
+    }
+
+    /// Sets what this instance owns, as a test or a single-instance tool would.
+    pub fn set_assigned(&self, parts: impl IntoIterator<Item = (String, i32)>) {
+        self.lock().assigned = parts.into_iter().collect();
+    }
+
+    fn rebuilding(&self) -> HashMap<(String, i32), i64> {
+        self.lock().rebuilding.clone()
+    }
+}
+
 pub struct RunnerSpec {
     /// `tessera_<service>_...` metric names.
     pub service: &'static str,
@@ -119,6 +166,8 @@ pub struct RunnerSpec {
     /// Opens sealed input records and seals outputs that name a subject. A runner
     /// without one refuses to produce such an output.
     pub vault: Option<Arc<Vault>>,
+    /// Kept current by the runner (see [`Ownership`]).
+    pub ownership: Ownership,
 }
 
 impl RunnerSpec {
@@ -139,6 +188,7 @@ impl RunnerSpec {
             ready: None,
             dead_letter_topic: topics.deadletter(),
             vault: None,
+            ownership: Ownership::default(),
         }
     }
 }
@@ -283,9 +333,7 @@ struct RunnerContext {
     store: Option<SharedStore>,
     lag: IntGaugeVec,
     ready: Option<Arc<Health>>,
-    /// Partitions being rebuilt from their topic's beginning, and the group's committed
-    /// offset below which their outputs were already produced (so are not produced again).
-    rebuilding: Arc<Mutex<HashMap<(String, i32), i64>>>,
+    ownership: Ownership,
 }
 
 impl ClientContext for RunnerContext {
@@ -354,9 +402,9 @@ impl ConsumerContext for RunnerContext {
                             });
                         if let Some(done) = committed {
                             warn!(%topic, partition, from, committed = done, "replaying to rebuild state, not producing again below the committed offset");
-                            self.rebuilding
+                            self.ownership
                                 .lock()
-                                .expect("rebuild map")
+                                .rebuilding
                                 .insert((topic.clone(), partition), done);
                         }
                         if let Err(e) = tpl.set_partition_offset(&topic, partition, start) {
@@ -364,6 +412,11 @@ impl ConsumerContext for RunnerContext {
                         }
                     }
                 }
+                self.ownership.lock().assigned = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
                 info!(partitions = tpl.count(), "partitions assigned");
                 match consumer.assign(tpl) {
                     Ok(()) => {
@@ -376,6 +429,11 @@ impl ConsumerContext for RunnerContext {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 info!(partitions = tpl.count(), "partitions revoked");
+                {
+                    let mut o = self.ownership.lock();
+                    o.assigned.clear();
+                    o.rebuilding.clear();
+                }
                 self.lag.reset();
                 if let Err(e) = consumer.unassign() {
                     error!(error = %e, "unassigning partitions failed");
@@ -401,12 +459,12 @@ pub async fn run<P: Processor>(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let metrics = RunnerMetrics::new(registry, spec.service)?;
-    let rebuilding: Arc<Mutex<HashMap<(String, i32), i64>>> = Arc::default();
+    let ownership = spec.ownership.clone();
     let context = RunnerContext {
         store: matches!(spec.offsets, OffsetStorage::State).then(|| store.clone()),
         lag: metrics.lag.clone(),
         ready: spec.ready.clone(),
-        rebuilding: rebuilding.clone(),
+        ownership: ownership.clone(),
     };
     let client_id = format!("tessera-{}", spec.service);
     let consumer: StreamConsumer<RunnerContext> =
@@ -468,7 +526,7 @@ pub async fn run<P: Processor>(
         let st = store.clone();
         let (dead_letter_topic, panics) = (spec.dead_letter_topic.clone(), metrics.panics.clone());
         // Partitions being rebuilt, as of this batch (pruned once the batch is committed).
-        let replaying = rebuilding.lock().expect("rebuild map").clone();
+        let replaying = ownership.rebuilding();
         let was_rebuilding = !replaying.is_empty();
         let (suppressed, replayed) = (metrics.suppressed.clone(), replaying.clone());
         let (p, result) = tokio::task::spawn_blocking(move || {
@@ -564,9 +622,9 @@ pub async fn run<P: Processor>(
         done.extend(next_offsets.iter().map(|(k, v)| (k.clone(), *v)));
         if was_rebuilding {
             // A rebuild is over once the partition passed the committed offset.
-            rebuilding
+            ownership
                 .lock()
-                .expect("rebuild map")
+                .rebuilding
                 .retain(|(topic, partition), committed| {
                     let over = next_offsets
                         .get(&(topic.clone(), *partition))

@@ -86,8 +86,9 @@ pub fn state_format(service: &str) -> u32 {
         // 2: the fact graph (issue 3); 3: fuzzy records indexed by anchor, ingest
         // subjects per profile (erasure, issue 6).
         "identity" => 3,
-        // 2: segment member index, timers and applied definition versions (issue 4).
-        "profiles" => 2,
+        // 2: segment member index, timers and applied definition versions (issue 4);
+        // 3: timers, sizes and profile counts per partition (several instances).
+        "profiles" => 3,
         _ => 1,
     }
 }

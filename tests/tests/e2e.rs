@@ -1034,6 +1034,7 @@ async fn runner_commits_state_and_offsets_together_across_a_crash() {
         ready: None,
         dead_letter_topic: dead_letter_topic.clone(),
         vault: None,
+        ownership: Default::default(),
     };
     let total = |store: &SharedStore| -> u64 {
         (0..KEYS)

@@ -34,8 +34,8 @@ use tessera_common::topics::Topics;
 use crate::catalog::{self, COMPUTED_TRAIT, Catalog, Definition, SEGMENT, TRIGGER};
 use crate::profile::Profile;
 use crate::state::{
-    self, Backfill, META_BACKFILL, index_key, live_id, member_key_prefix, member_prefix,
-    profile_key, segment_size_key,
+    self, Backfill, META_BACKFILL, Placement, index_key, live_id, member_key_prefix, member_prefix,
+    profile_key, segment_size_key, sum_partitions,
 };
 
 #[derive(Clone)]
@@ -52,6 +52,8 @@ pub struct ApiState {
     pub history_limit: usize,
     /// The timeline's length (the newest kept events).
     pub recent_events: usize,
+    /// Which profiles this instance answers for (see [`crate::peers`]).
+    pub placement: Placement,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -206,22 +208,54 @@ fn properties(payload: &str) -> Value {
 }
 
 /// The live profile (following merges) and its newest `recent` kept events.
-async fn load_live(
-    store: SharedStore,
+/// A profile as this instance knows it.
+pub(crate) enum Loaded {
+    Found(Box<Profile>, Vec<ResolvedEvent>),
+    /// Not here (or not at all, if this instance serves its partition).
+    Missing,
+    /// Merged into this profile, whose partition another instance serves.
+    Elsewhere(String),
+}
+
+/// The answer that sends a peer's gatherer on to the profile a merge moved to.
+pub(crate) fn elsewhere(live: &str) -> Response {
+    let mut r = error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "merged into a profile another instance serves",
+    );
+    if let Ok(v) = axum::http::HeaderValue::from_str(live) {
+        r.headers_mut().insert(crate::peers::LIVE_HEADER, v);
+    }
+    r
+}
+
+/// Follows merges to the live profile; answers only for profiles of the partitions
+/// this instance serves.
+pub(crate) async fn load_live(
+    store: &SharedStore,
+    placement: &Placement,
     id: String,
     recent: usize,
-) -> Result<Option<(Profile, Vec<ResolvedEvent>)>, String> {
+) -> Result<Loaded, String> {
+    let (store, placement) = (store.clone(), placement.clone());
     tokio::task::spawn_blocking(move || {
+        if !placement.serves(&id) {
+            return Ok(Loaded::Missing);
+        }
         let live = live_id(|k| store.get(k), &id).map_err(|e| e.to_string())?;
+        if !placement.serves(&live) {
+            return Ok(Loaded::Elsewhere(live));
+        }
         let Some(b) = store.get(&profile_key(&live)).map_err(|e| e.to_string())? else {
-            return Ok(None);
+            return Ok(Loaded::Missing);
         };
         let p: Profile = serde_json::from_slice(&b).map_err(|e| e.to_string())?;
         let events = match recent {
             0 => Vec::new(),
             n => state::recent_events(store.as_ref(), &live, n).map_err(|e| e.to_string())?,
         };
-        Ok(Some((p, events)))
+        Ok(Loaded::Found(Box::new(p), events))
     })
     .await
     .map_err(|e| e.to_string())?
@@ -268,11 +302,12 @@ async fn profile_response(
         (Ok(n), Ok(x)) => (n, x),
         (Err(e), _) | (_, Err(e)) => return error(StatusCode::BAD_REQUEST, "invalid_query", e),
     };
-    match load_live(st.store.clone(), id, events).await {
-        Ok(Some((p, recent))) => {
+    match load_live(&st.store, &st.placement, id, events).await {
+        Ok(Loaded::Found(p, recent)) => {
             axum::Json(view(&p, &recent, explain, &st.strategies)).into_response()
         }
-        Ok(None) => error(StatusCode::NOT_FOUND, "not_found", missing),
+        Ok(Loaded::Missing) => error(StatusCode::NOT_FOUND, "not_found", missing),
+        Ok(Loaded::Elsewhere(live)) => elsewhere(&live),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
     }
 }
@@ -299,9 +334,17 @@ async fn lookup(State(st): State<ApiState>, Query(q): Query<HashMap<String, Stri
     };
     let store = st.store.clone();
     let key = index_key(kind, &value);
-    let id = match blocking(move || store.get(&key)).await {
-        Ok(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
-        Ok(None) => {
+    let placement = st.placement.clone();
+    // An index entry left behind by a partition that moved counts as none.
+    let found = blocking(move || {
+        Ok(store
+            .get(&key)?
+            .map(|b| String::from_utf8_lossy(&b).into_owned()))
+    })
+    .await;
+    let id = match found {
+        Ok(Some(id)) if placement.serves(&id) => id,
+        Ok(_) => {
             return error(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -314,14 +357,15 @@ async fn lookup(State(st): State<ApiState>, Query(q): Query<HashMap<String, Stri
 }
 
 async fn profile_segments(State(st): State<ApiState>, Path(id): Path<String>) -> Response {
-    match load_live(st.store, id, 0).await {
-        Ok(Some((p, _))) => axum::Json(json!({
+    match load_live(&st.store, &st.placement, id, 0).await {
+        Ok(Loaded::Elsewhere(live)) => elsewhere(&live),
+        Ok(Loaded::Found(p, _)) => axum::Json(json!({
             "profile_id": p.id,
             "segments": p.segments.iter().map(|(id, m)| json!({"id": id, "version": m.version, "entered_at": iso(m.entered_at)})).collect::<Vec<_>>(),
         "waiting_triggers": p.pending.iter().map(|(id, w)| json!({"id": id, "started_at": iso(w.started_at), "due": iso(w.due)})).collect::<Vec<_>>(),
         }))
         .into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, "not_found", "no such profile"),
+        Ok(Loaded::Missing) => error(StatusCode::NOT_FOUND, "not_found", "no such profile"),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
     }
 }
@@ -345,37 +389,38 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-fn segment_size(store: &SharedStore, id: &str) -> i64 {
-    store
-        .get(&segment_size_key(id))
-        .ok()
-        .flatten()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(0)
+/// A segment's members in the partitions this instance serves.
+fn segment_size(store: &SharedStore, placement: &Placement, id: &str) -> i64 {
+    sum_partitions(
+        |k| store.get(k),
+        &placement.serving(),
+        |p| segment_size_key(id, p),
+    )
+    .unwrap_or(0)
 }
 
 /// A definition as the API shows it: the document, its version, where it came from
 /// and, for a segment, its current size.
-fn shown(store: &SharedStore, r: &DefinitionChange) -> Value {
+fn shown(store: &SharedStore, placement: &Placement, r: &DefinitionChange) -> Value {
     let mut v = json!({
         "id": r.id, "kind": r.kind, "version": r.version, "origin": r.origin,
         "changed_at": iso(r.changed_at),
         "definition": serde_json::from_str::<Value>(&r.definition).unwrap_or(Value::Null),
     });
     if r.kind == SEGMENT {
-        v["size"] = json!(segment_size(store, &r.id));
+        v["size"] = json!(segment_size(store, placement, &r.id));
     }
     v
 }
 
 async fn list(State(st): State<ApiState>, kind: &'static str) -> Response {
-    let store = st.store.clone();
+    let (store, placement) = (st.store.clone(), st.placement.clone());
     let records = st.catalog.records();
     let found = blocking(move || {
         Ok(records
             .iter()
             .filter(|r| r.kind == kind && !r.deleted)
-            .map(|r| shown(&store, r))
+            .map(|r| shown(&store, &placement, r))
             .collect::<Vec<_>>())
     })
     .await;
@@ -402,8 +447,8 @@ async fn get_one(
             format!("no {kind} {id}"),
         ),
         Some(r) => {
-            let store = st.store.clone();
-            match blocking(move || Ok(shown(&store, &r))).await {
+            let (store, placement) = (st.store.clone(), st.placement.clone());
+            match blocking(move || Ok(shown(&store, &placement, &r))).await {
                 Ok(v) => axum::Json(v).into_response(),
                 Err(r) => r,
             }
@@ -451,7 +496,7 @@ async fn publish(st: &ApiState, change: DefinitionChange, created: bool) -> Resp
                 (true, true) => StatusCode::CREATED,
                 (true, false) => StatusCode::OK,
             };
-            let mut body = shown(&st.store, &change);
+            let mut body = shown(&st.store, &st.placement, &change);
             body["backfill"] = json!("started: GET /v1/definitions/backfill");
             (status, axum::Json(body)).into_response()
         }
@@ -584,10 +629,14 @@ async fn dry_run(
         Ok(s) => s,
         Err(e) => return error(StatusCode::CONFLICT, "conflict", e),
     };
-    let (store, id) = (st.store.clone(), def.id().to_string());
+    let (store, id, placement) = (st.store.clone(), def.id().to_string(), st.placement.clone());
     let now = tessera_common::now_ms();
     let history = st.history_limit;
-    match blocking(move || state::dry_run(store.as_ref(), &set, &id, history, now, limit)).await {
+    match blocking(move || {
+        state::dry_run(store.as_ref(), &set, &id, history, now, limit, &placement)
+    })
+    .await
+    {
         Ok(r) => {
             // Scanning stopped short of every profile: the share found, scaled up.
             let estimated = r.scanned < r.total;
@@ -635,15 +684,34 @@ async fn members_of_segment(
         Some(after) => format!("{prefix}{after}\0"),
         None => prefix.clone(),
     };
-    let store = st.store.clone();
-    let rows =
-        match blocking(move || store.scan_from(prefix.as_bytes(), start.as_bytes(), limit + 1))
-            .await
-        {
-            Ok(r) => r,
-            Err(r) => return r,
-        };
-    let prefix_len = member_key_prefix(&id).len();
+    let (store, placement) = (st.store.clone(), st.placement.clone());
+    let prefix_len = prefix.len();
+    // Members of the partitions this instance serves (others' are left behind here).
+    let rows = match blocking(move || {
+        let mut rows = Vec::new();
+        let mut start = start.into_bytes();
+        loop {
+            let page = store.scan_from(prefix.as_bytes(), &start, 1000)?;
+            for (k, v) in &page {
+                start = k.clone();
+                start.push(0);
+                if placement.serves(&String::from_utf8_lossy(&k[prefix_len..])) {
+                    rows.push((k.clone(), v.clone()));
+                    if rows.len() > limit {
+                        return Ok(rows);
+                    }
+                }
+            }
+            if page.len() < 1000 {
+                return Ok(rows);
+            }
+        }
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
     let members: Vec<Value> = rows
         .iter()
         .take(limit)
@@ -656,7 +724,7 @@ async fn members_of_segment(
         .then(|| members.last().map(|m| m["profile_id"].clone()))
         .flatten();
     axum::Json(json!({
-        "segment": id, "size": segment_size(&st.store, &id), "members": members, "next_after": next,
+        "segment": id, "size": segment_size(&st.store, &st.placement, &id), "members": members, "next_after": next,
     }))
     .into_response()
 }
@@ -691,12 +759,13 @@ async fn backfill(State(st): State<ApiState>) -> Response {
 
 /// Profile ids of a household or an account (at most 1000).
 async fn members(st: ApiState, kind: &'static str, id: String) -> Response {
-    let store = st.store.clone();
+    let (store, placement) = (st.store.clone(), st.placement.clone());
     let prefix = member_prefix(kind, &id);
     let found = blocking(move || {
         store.scan_prefix(prefix.as_bytes(), 1000).map(|rows| {
             rows.into_iter()
                 .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+                .filter(|id| placement.serves(id))
                 .collect::<Vec<_>>()
         })
     })

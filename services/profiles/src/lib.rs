@@ -13,6 +13,7 @@ pub mod api;
 pub mod catalog;
 pub mod computed;
 pub mod live;
+pub mod peers;
 pub mod privacy;
 pub mod profile;
 pub mod segments;
@@ -121,6 +122,12 @@ pub async fn run_with_listener(
         "definitions loaded"
     );
     let changes = live::Changes::default();
+    let ownership = tessera_common::runner::Ownership::default();
+    let placement = state::Placement {
+        partitions: kafka::partition_count(&config.kafka, &topics.resolved()).await?,
+        topic: topics.resolved(),
+        ownership: Some(ownership.clone()),
+    };
     let processor = state::ProfilesProcessor {
         topics: topics.clone(),
         catalog: catalog.clone(),
@@ -134,6 +141,7 @@ pub async fn run_with_listener(
         dedup_window_ms: config.profiles.dedup_window_ms,
         metrics: state::ProfilesMetrics::new(&parts.admin),
         changes: changes.clone(),
+        placement: placement.clone(),
     };
     let inputs = vec![
         topics.resolved(),
@@ -145,6 +153,7 @@ pub async fn run_with_listener(
     let spec = RunnerSpec {
         // Fires window timers, moves back-fills on, expires de-duplication entries.
         tick_every: Some(Duration::from_millis(250)),
+        ownership,
         ..RunnerSpec::new("profiles", &topics, inputs)
     };
     let routes = api::router(api::ApiState {
@@ -156,10 +165,15 @@ pub async fn run_with_listener(
         strategies: std::sync::Arc::new(config.profiles.trait_strategies.clone()),
         history_limit: config.profiles.history_events,
         recent_events: config.profiles.recent_events,
+        placement: placement.clone(),
     })
     .merge(live::routes(live::LiveState {
         store: parts.store.clone(),
         changes,
+        placement: placement.clone(),
     }));
+    let peers = (!config.profiles.peers.is_empty())
+        .then(|| peers::Peers::new(&config.profiles.peers, placement, &parts.admin));
+    let routes = routes.layer(axum::middleware::from_fn_with_state(peers, peers::gather));
     service::run(&config, parts, listener, routes, spec, processor, shutdown).await
 }

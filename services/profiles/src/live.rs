@@ -67,11 +67,20 @@ impl Changes {
 pub struct LiveState {
     pub store: SharedStore,
     pub changes: Changes,
+    pub placement: crate::state::Placement,
 }
 
 /// The stream of a profile's changes (by any id it had: a merged-away id follows its
 /// survivor). The first event, `ready`, names the live profile id.
 pub async fn changes(State(st): State<LiveState>, Path(id): Path<String>) -> Response {
+    // Another instance's profile: its peers' gatherer finds the one that serves it.
+    if !st.placement.serves(&id) {
+        return (
+            axum::http::StatusCode::NOT_FOUND,
+            axum::Json(json!({"error": "not_found", "reason": "no such profile here"})),
+        )
+            .into_response();
+    }
     let rx = st.changes.subscribe();
     let store = st.store.clone();
     let resolve = move |id: String| {
@@ -90,6 +99,9 @@ pub async fn changes(State(st): State<LiveState>, Path(id): Path<String>) -> Res
         )
             .into_response();
     };
+    if !st.placement.serves(&live) {
+        return crate::api::elsewhere(&live);
+    }
     Sse::new(stream(id, live, rx, resolve))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()

@@ -25,7 +25,6 @@ use tessera_common::store::Txn;
 use crate::profile::Profile;
 use crate::state::{
     ProfilesProcessor, index_key, live_id, member_key_prefix, profile_key, redirect_key,
-    segment_size_key,
 };
 
 impl ProfilesProcessor {
@@ -111,9 +110,7 @@ impl ProfilesProcessor {
     fn erase(&self, txn: &mut Txn<'_>, id: &str, removed: &mut Removed) -> Result<()> {
         if let Some(p) = txn.get_json::<Profile>(&profile_key(id))? {
             for segment in p.segments.keys() {
-                let size_key = segment_size_key(segment);
-                let size: i64 = txn.get_json(&size_key)?.unwrap_or(0);
-                txn.put_json(size_key, &(size - 1).max(0))?;
+                self.count_member(txn, segment, id, -1)?;
                 txn.delete(format!("{}{id}", member_key_prefix(segment)).into_bytes());
                 removed.memberships += 1;
             }

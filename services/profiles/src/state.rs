@@ -30,7 +30,7 @@ use tessera_common::records::{
     AvroRecord, Identifier, MembershipChange, PrivacyAction, ProfileMerge, ProfileSplit,
     ProfileTransfer, ResolvedEvent, TriggerFired,
 };
-use tessera_common::runner::{self, Message, Output, Processor};
+use tessera_common::runner::{self, Message, Output, Ownership, Processor};
 use tessera_common::store::{Store, Txn};
 use tessera_common::topics::Topics;
 use tessera_common::{Error, Result};
@@ -49,20 +49,29 @@ pub(crate) fn redirect_key(id: &str) -> Vec<u8> {
 pub fn index_key(kind: &str, value: &str) -> Vec<u8> {
     format!("idx/{kind}/{value}").into_bytes()
 }
-pub fn segment_size_key(segment: &str) -> Vec<u8> {
-    format!("segsize/{segment}").into_bytes()
+/// A segment's members in one partition (the API adds up the partitions it serves).
+pub fn segment_size_key(segment: &str, partition: i32) -> Vec<u8> {
+    format!("segsize/{segment}/{partition:05}").into_bytes()
+}
+/// Profiles in one partition.
+pub fn profiles_count_key(partition: i32) -> Vec<u8> {
+    format!("meta/profiles/{partition:05}").into_bytes()
 }
 /// Members of a segment: `sm/<segment>/<profile>` → entry time.
 pub fn member_key_prefix(segment: &str) -> String {
     format!("sm/{segment}/")
 }
-fn timer_key(due: i64, id: &str) -> Vec<u8> {
-    format!("{TIMER_PREFIX}{:020}/{id}", due.max(0)).into_bytes()
+/// A profile's next window edge or trigger, under its partition: an instance fires the
+/// timers of the partitions it serves, and those a moved partition left here wait for
+/// it to come back (by then replaying its records has brought them up to date).
+fn timer_key(partition: i32, due: i64, id: &str) -> Vec<u8> {
+    format!("{}{:020}/{id}", timer_prefix(partition), due.max(0)).into_bytes()
 }
-const TIMER_PREFIX: &str = "tm/";
+fn timer_prefix(partition: i32) -> String {
+    format!("tm/{partition:05}/")
+}
 pub const META_BACKFILL: &[u8] = b"meta/backfill";
 const META_APPLIED: &[u8] = b"meta/applied";
-pub const META_PROFILES: &[u8] = b"meta/profiles";
 /// Timers and back-fill take at most this long of each tick (every 250 ms), so live
 /// events keep flowing while a million timers fire or a back-fill runs; what is left
 /// waits for the next tick. Due timers go first.
@@ -117,6 +126,69 @@ pub fn live_id(get: impl Fn(&[u8]) -> Result<Option<Vec<u8>>>, id: &str) -> Resu
     Err(Error::Invalid(format!(
         "redirect chain from profile {id} is too long"
     )))
+}
+
+/// Which profiles this instance acts on. Every input of profiles is keyed by profile id
+/// and has as many partitions as `events.resolved`; the range assignor gives an
+/// instance the same partition numbers of each. So a profile belongs to the partition
+/// its id hashes to ([`tessera_common::kafka::partition_of`]), and this instance owns
+/// it while it owns that partition of `events.resolved`.
+#[derive(Clone)]
+pub struct Placement {
+    pub topic: String,
+    pub partitions: i32,
+    /// `None`: one instance that owns everything (unit tests, tools).
+    pub ownership: Option<Ownership>,
+}
+
+impl Placement {
+    /// A single instance that owns every profile.
+    pub fn everything() -> Placement {
+        Placement {
+            topic: String::new(),
+            partitions: 1,
+            ownership: None,
+        }
+    }
+
+    pub fn partition(&self, id: &str) -> i32 {
+        tessera_common::kafka::partition_of(id.as_bytes(), self.partitions)
+    }
+
+    /// Whether this instance owns the profile's partition (assigned, maybe rebuilding).
+    pub fn owns(&self, id: &str) -> bool {
+        self.ownership
+            .as_ref()
+            .is_none_or(|o| o.owns(&self.topic, self.partition(id)))
+    }
+
+    /// The partitions this instance serves: assigned and caught up.
+    pub fn serving(&self) -> Vec<i32> {
+        match &self.ownership {
+            None => (0..self.partitions).collect(),
+            Some(o) => o.serving(&self.topic),
+        }
+    }
+
+    /// Whether the profile's partition is served here (its state is current).
+    pub fn serves(&self, id: &str) -> bool {
+        self.serving().contains(&self.partition(id))
+    }
+}
+
+/// The sum of a per-partition counter over `partitions`.
+pub fn sum_partitions(
+    get: impl Fn(&[u8]) -> Result<Option<Vec<u8>>>,
+    partitions: &[i32],
+    key: impl Fn(i32) -> Vec<u8>,
+) -> Result<i64> {
+    let mut total = 0;
+    for p in partitions {
+        if let Some(v) = get(&key(*p))? {
+            total += serde_json::from_slice::<i64>(&v)?;
+        }
+    }
+    Ok(total)
 }
 
 #[derive(Clone)]
@@ -237,6 +309,8 @@ pub struct ProfilesProcessor {
     pub metrics: ProfilesMetrics,
     /// Profiles changed by the batch, announced to live readers after commit.
     pub changes: crate::live::Changes,
+    /// Which profiles are this instance's to act on.
+    pub placement: Placement,
 }
 
 /// A profile's state on the transfer topic, with its kept events.
@@ -360,12 +434,14 @@ pub fn dry_run(
     history_limit: usize,
     now: i64,
     limit: Option<u64>,
+    placement: &Placement,
 ) -> Result<DryRun> {
     let txn = Txn::new(store);
+    let serving = placement.serving();
     let mut res = DryRun {
         size: 0,
         scanned: 0,
-        total: txn.get_json(META_PROFILES)?.unwrap_or(0),
+        total: sum_partitions(|k| store.get(k), &serving, profiles_count_key)? as u64,
         sample: Vec::new(),
     };
     let mut start = b"p/".to_vec();
@@ -374,6 +450,11 @@ pub fn dry_run(
         for (k, v) in &rows {
             if limit.is_some_and(|l| res.scanned >= l) {
                 return Ok(res);
+            }
+            start = k.clone();
+            start.push(0);
+            if !serving.contains(&placement.partition(&String::from_utf8_lossy(&k[2..]))) {
+                continue;
             }
             let mut p: Profile = serde_json::from_slice(v)?;
             ensure_computed(&txn, &mut p, defs, history_limit)?;
@@ -386,8 +467,6 @@ pub fn dry_run(
                     res.sample.push(p.id.clone());
                 }
             }
-            start = k.clone();
-            start.push(0);
         }
         if rows.len() < 1000 {
             return Ok(res);
@@ -543,7 +622,7 @@ impl ProfilesProcessor {
         let (mut p, created) = match txn.get_json::<Profile>(&profile_key(id))? {
             Some(p) => (p, false),
             None => {
-                self.count_profiles(txn, 1)?;
+                self.count_profiles(txn, id, 1)?;
                 (Profile::new(id), true)
             }
         };
@@ -572,11 +651,12 @@ impl ProfilesProcessor {
             (a, b) => a.or(b),
         };
         if next != p.timer {
+            let partition = self.placement.partition(id);
             if let Some(old) = p.timer {
-                txn.delete(timer_key(old, id));
+                txn.delete(timer_key(partition, old, id));
             }
             if let Some(due) = next {
-                txn.put(timer_key(due, id), Vec::new());
+                txn.put(timer_key(partition, due, id), Vec::new());
             }
             p.timer = next;
         }
@@ -673,9 +753,23 @@ impl ProfilesProcessor {
         Ok(())
     }
 
-    fn count_profiles(&self, txn: &mut Txn<'_>, delta: i64) -> Result<()> {
-        let n: i64 = txn.get_json(META_PROFILES)?.unwrap_or(0);
-        txn.put_json(META_PROFILES.to_vec(), &(n + delta).max(0))
+    fn count_profiles(&self, txn: &mut Txn<'_>, id: &str, delta: i64) -> Result<()> {
+        let key = profiles_count_key(self.placement.partition(id));
+        let n: i64 = txn.get_json(&key)?.unwrap_or(0);
+        txn.put_json(key, &(n + delta).max(0))
+    }
+
+    /// Adds `delta` to a segment's size in the profile's partition.
+    pub(crate) fn count_member(
+        &self,
+        txn: &mut Txn<'_>,
+        segment: &str,
+        id: &str,
+        delta: i64,
+    ) -> Result<()> {
+        let key = segment_size_key(segment, self.placement.partition(id));
+        let size: i64 = txn.get_json(&key)?.unwrap_or(0);
+        txn.put_json(key, &(size + delta).max(0))
     }
 
     /// Appends events to a profile's kept history, dropping the oldest beyond the limit.
@@ -744,11 +838,11 @@ impl ProfilesProcessor {
             &Profile::new(&p.id),
         );
         if let Some(due) = p.timer {
-            txn.delete(timer_key(due, &p.id));
+            txn.delete(timer_key(self.placement.partition(&p.id), due, &p.id));
         }
         txn.delete(profile_key(&p.id));
         self.changes.touch(&p.id);
-        self.count_profiles(txn, -1)
+        self.count_profiles(txn, &p.id, -1)
     }
 
     /// A profile's kept history, oldest first.
@@ -845,9 +939,7 @@ impl ProfilesProcessor {
                 _ => 0,
             };
             if delta != 0 {
-                let size_key = segment_size_key(segment);
-                let size: i64 = txn.get_json(&size_key)?.unwrap_or(0);
-                txn.put_json(size_key, &(size + delta).max(0))?;
+                self.count_member(txn, segment, &p.id, delta)?;
                 let member = format!("{}{}", member_key_prefix(segment), p.id).into_bytes();
                 if delta > 0 {
                     txn.put(member, cause.event_time.to_string().into_bytes());
@@ -944,8 +1036,16 @@ impl ProfilesProcessor {
         // The merged profile leaves its segments; the survivor is re-evaluated on arrival.
         self.remove(txn, &merged, "profile merged", &cause, out)?;
         merged.segments.clear();
+        // The identifiers are the survivor's now: where it lives, its transfer indexes
+        // them; an index here would outlive the person's erasure there.
+        let here = self.placement.partition(&m.merged) == self.placement.partition(&m.survivor);
         for i in &merged.identifiers {
-            txn.put(index_key(&i.kind, &i.value), m.survivor.as_bytes().to_vec());
+            let key = index_key(&i.kind, &i.value);
+            if here {
+                txn.put(key, m.survivor.as_bytes().to_vec());
+            } else {
+                txn.delete(key);
+            }
         }
         let history = self.take_log(txn, &m.merged)?;
         out.push(self.transfer(&m.survivor, &merged, history, false, &cause)?);
@@ -1138,7 +1238,8 @@ impl ProfilesProcessor {
         job.id = deterministic_id("backfill", &[&versions]);
         job.cursor = None;
         job.scanned = 0;
-        job.total = txn.get_json(META_PROFILES)?.unwrap_or(0);
+        let every: Vec<i32> = (0..self.placement.partitions).collect();
+        job.total = sum_partitions(|k| txn.get(k), &every, profiles_count_key)? as u64;
         job.started_at = (self.clock)();
         job.finished_at = None;
         tracing::info!(definitions = ?job.definitions, profiles = job.total, "definitions changed: back-fill started");
@@ -1154,11 +1255,33 @@ impl ProfilesProcessor {
         txn: &mut Txn<'_>,
         out: &mut Vec<Output>,
     ) -> Result<()> {
-        for (k, _) in txn.scan(TIMER_PREFIX.as_bytes(), TIMERS_PER_SCAN)? {
+        let serving = self.placement.serving();
+        // Partitions take turns at going first, so none waits behind another's backlog.
+        let first = (now / 250).rem_euclid(serving.len().max(1) as i64) as usize;
+        for i in 0..serving.len() {
+            let partition = serving[(first + i) % serving.len()];
             if Instant::now() >= deadline {
                 break;
             }
-            let rest = String::from_utf8_lossy(&k[TIMER_PREFIX.len()..]).into_owned();
+            self.fire_partition_timers(partition, now, deadline, txn, out)?;
+        }
+        Ok(())
+    }
+
+    fn fire_partition_timers(
+        &self,
+        partition: i32,
+        now: i64,
+        deadline: Instant,
+        txn: &mut Txn<'_>,
+        out: &mut Vec<Output>,
+    ) -> Result<()> {
+        let prefix = timer_prefix(partition);
+        for (k, _) in txn.scan(prefix.as_bytes(), TIMERS_PER_SCAN)? {
+            if Instant::now() >= deadline {
+                break;
+            }
+            let rest = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
             let Some((due, id)) = rest.split_once('/') else {
                 txn.delete(k);
                 continue;
@@ -1219,7 +1342,16 @@ impl ProfilesProcessor {
             let rows = txn.scan_from(b"p/", &start, BACKFILL_CHUNK)?;
             for (k, _) in &rows {
                 let id = String::from_utf8_lossy(&k[2..]).into_owned();
-                self.update(txn, &id, &cause, out, |_, t| {
+                // A profile whose partition moved away is brought up to date too, so it
+                // is current if the partition comes back; its records are the new
+                // owner's to send.
+                let mut elsewhere = Vec::new();
+                let sink = if self.placement.owns(&id) {
+                    &mut *out
+                } else {
+                    &mut elsewhere
+                };
+                self.update(txn, &id, &cause, sink, |_, t| {
                     *t = Touched::all();
                     false
                 })?;
@@ -1334,6 +1466,7 @@ mod tests {
             dedup_window_ms: 1000,
             metrics: ProfilesMetrics::new(&Admin::new()),
             changes: Default::default(),
+            placement: Placement::everything(),
         }
     }
 
@@ -1459,7 +1592,7 @@ mod tests {
         assert!(step(&mut p, &s, &resolved("a", "m1", "Order Completed")).is_empty());
         assert_eq!(load(&s, "a").unwrap().event_counts["Order Completed"], 1);
         assert_eq!(
-            s.get(&segment_size_key("buyers")).unwrap(),
+            s.get(&segment_size_key("buyers", 0)).unwrap(),
             Some(b"1".to_vec())
         );
         // After the window the entry is forgotten.
@@ -1658,6 +1791,73 @@ mod tests {
         }
     }
 
+    /// With several instances, each fires the timers of the partitions it serves and
+    /// counts sizes per partition; a timer a moved partition left behind waits here and
+    /// fires when the partition comes back.
+    #[test]
+    fn timers_and_sizes_follow_the_partitions_this_instance_serves() {
+        let _clock = hold_clock();
+        let (hour, t0) = (3_600_000, 1_000_000);
+        CLOCK.store(t0, Ordering::SeqCst);
+        let mut p = processor_with(&[
+            r#"{"id":"active","condition":{"event_count":{"event":"Order Completed","min":1,"within":"1h"}}}"#,
+        ]);
+        let ownership = Ownership::default();
+        p.placement = Placement {
+            topic: "resolved".into(),
+            partitions: 4,
+            ownership: Some(ownership.clone()),
+        };
+        // Two profiles on different partitions.
+        let ids: Vec<String> = (0..50).map(|i| format!("prof{i}")).collect();
+        let a = ids[0].clone();
+        let b = ids
+            .iter()
+            .find(|i| p.placement.partition(i) != p.placement.partition(&a))
+            .unwrap()
+            .clone();
+        let (pa, pb) = (p.placement.partition(&a), p.placement.partition(&b));
+        ownership.set_assigned([("resolved".to_string(), pa), ("resolved".to_string(), pb)]);
+        let s = MemStore::default();
+        step(&mut p, &s, &order(&a, "m1", t0, 10));
+        step(&mut p, &s, &order(&b, "m2", t0, 10));
+        assert_eq!(
+            s.get(&segment_size_key("active", pa)).unwrap(),
+            Some(b"1".to_vec())
+        );
+        assert_eq!(
+            s.get(&segment_size_key("active", pb)).unwrap(),
+            Some(b"1".to_vec())
+        );
+        // The back-fill of the first definitions finishes while both are served.
+        assert!(tick_at(&mut p, &s, t0 + 1).is_empty());
+        // b's partition moves to another instance: only a's window closes here.
+        ownership.set_assigned([("resolved".to_string(), pa)]);
+        let out = tick_at(&mut p, &s, t0 + hour);
+        let left: Vec<String> = out
+            .iter()
+            .map(|o| String::from_utf8_lossy(&o.key).into_owned())
+            .collect();
+        assert_eq!(
+            left,
+            vec![a.clone()],
+            "only the served partition's timer fired"
+        );
+        assert!(load(&s, &b).unwrap().segments.contains_key("active"));
+        // It comes back: the timer left behind fires.
+        ownership.set_assigned([("resolved".to_string(), pa), ("resolved".to_string(), pb)]);
+        let out = tick_at(&mut p, &s, t0 + hour + 250);
+        let left: Vec<String> = out
+            .iter()
+            .map(|o| String::from_utf8_lossy(&o.key).into_owned())
+            .collect();
+        assert_eq!(left, vec![b.clone()]);
+        assert_eq!(
+            s.get(&segment_size_key("active", pb)).unwrap(),
+            Some(b"0".to_vec())
+        );
+    }
+
     /// A windowed segment is entered on events and left by the timer at the window's
     /// edge, with no event; its complement is entered by the same timer.
     #[test]
@@ -1778,11 +1978,29 @@ mod tests {
         )
         .unwrap();
         let set = p.catalog.with_candidate(&candidate).unwrap();
-        let r = dry_run(&s, &set, "loyal", 100, 2_000, None).unwrap();
+        let r = dry_run(
+            &s,
+            &set,
+            "loyal",
+            100,
+            2_000,
+            None,
+            &Placement::everything(),
+        )
+        .unwrap();
         assert_eq!((r.size, r.scanned, r.total), (1, 3, 3));
         assert_eq!(r.sample, vec!["c".to_string()]);
         // A sample stops after that many profiles (the first in key order).
-        let r = dry_run(&s, &set, "loyal", 100, 2_000, Some(2)).unwrap();
+        let r = dry_run(
+            &s,
+            &set,
+            "loyal",
+            100,
+            2_000,
+            Some(2),
+            &Placement::everything(),
+        )
+        .unwrap();
         assert_eq!((r.size, r.scanned, r.total), (0, 2, 3));
         // Deleting the segment ends its memberships on the next back-fill.
         let del = p.catalog.propose("segment", "repeat", None, "api").unwrap();
@@ -1796,7 +2014,7 @@ mod tests {
             2
         );
         assert_eq!(
-            s.get(&segment_size_key("repeat")).unwrap(),
+            s.get(&segment_size_key("repeat", 0)).unwrap(),
             Some(b"0".to_vec())
         );
     }

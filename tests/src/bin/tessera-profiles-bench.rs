@@ -222,6 +222,7 @@ fn main() {
         dedup_window_ms: cfg.profiles.dedup_window_ms,
         metrics: ProfilesMetrics::new(&Admin::new()),
         changes: Default::default(),
+        placement: tessera_profiles::state::Placement::everything(),
     };
     let now = tessera_common::now_ms();
     let mut rng = Rng(0x5eed);
@@ -292,6 +293,7 @@ fn main() {
             strategies: Arc::new(Default::default()),
             history_limit: cfg.profiles.history_events,
             recent_events: cfg.profiles.recent_events,
+            placement: tessera_profiles::state::Placement::everything(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
