@@ -4,6 +4,7 @@ accepted by the services' own configuration loader (`--check-config`)."""
 
 import os
 import pathlib
+import tomllib
 import subprocess
 
 import kubernetes_validate
@@ -258,12 +259,23 @@ def test_the_console_runs_in_production_mode_and_needs_its_users(tmp_path):
     assert out.returncode != 0 and "12 characters" in out.stderr, out.stderr
 
 
-@pytest.mark.parametrize("component", ["identity", "profiles"])
-def test_the_chart_refuses_replicas_a_service_cannot_share_its_state_with(component):
-    """Identity and profiles keep state that is not partition-local yet: a second replica
-    would act on state it no longer owns. Activation scales (tests/tests/faults.rs)."""
-    with pytest.raises(Exception, match=f"{component} runs one replica"):
-        render({component: {"replicas": 2}})
-    docs = render({"activation": {"replicas": 3}})
+def test_the_chart_refuses_a_second_identity_and_scales_the_others(tmp_path):
+    """Identity's graph is not partition-local: a second replica would resolve against
+    part of it. Profiles and activation scale (tests/tests/faults.rs); profiles
+    instances are told each other's addresses, and profiles accepts them."""
+    with pytest.raises(Exception, match="identity runs one replica"):
+        render({"identity": {"replicas": 2}})
+    docs = render({"activation": {"replicas": 3}, "profiles": {"replicas": 3}})
     sets = {d["metadata"]["name"]: d for d in by_kind(docs, "StatefulSet")}
     assert sets["shop-tessera-activation"]["spec"]["replicas"] == 3
+    assert sets["shop-tessera-profiles"]["spec"]["replicas"] == 3
+    config = configuration(docs, tmp_path)
+    peers = [f"http://shop-tessera-profiles-{i}.shop-tessera-profiles.cdp.svc:8080" for i in range(3)]
+    assert tomllib.loads(config.read_text())["profiles"]["peers"] == peers
+    out = subprocess.run(
+        [pathlib.Path(os.environ["TESSERA_BIN_DIR"]) / "tessera-profiles", "--config", config, "--check-config"],
+        capture_output=True, text=True, env={"PATH": os.environ["PATH"]},
+    )
+    assert out.returncode == 0, out.stderr
+    single = configuration(render({}), tmp_path)
+    assert "peers" not in tomllib.loads(single.read_text())["profiles"], "one instance has no peers"

@@ -591,6 +591,12 @@ pub fn binary(name: &str) -> PathBuf {
 /// in a StatefulSet (a restarted process keeps its name and gets its partitions back at
 /// once). Returns them by name, and their base URLs in the order ingest, identity,
 /// profiles, activation, once all are ready. `config` gets the chosen ports.
+/// A loopback address with a free port, for a service to listen on.
+pub fn free_listen() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    l.local_addr().expect("bound").to_string()
+}
+
 pub async fn start_processes(
     config: &mut Config,
     dir: &Path,
@@ -606,8 +612,10 @@ pub async fn start_processes(
         &mut config.profiles.http_listen,
         &mut config.activation.http_listen,
     ] {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-        *listen = l.local_addr().expect("bound").to_string();
+        // A port the test chose (a peer list names it) stays.
+        if listen.ends_with(":0") {
+            *listen = free_listen();
+        }
         urls.push(format!("http://{listen}"));
     }
     let mut services = std::collections::HashMap::new();

@@ -171,3 +171,159 @@ async fn activation_partitions_move_with_their_state_when_instances_come_and_go(
     );
     assert!(!log.contains(&run), "the second instance logged a user id");
 }
+
+/// Profiles scaled out and in under load, each instance answering the API for every
+/// profile (it asks its peer for the partitions it does not serve): a second instance
+/// joins mid-stream and rebuilds the partitions it is given by replay; both answer
+/// alike; then the first is killed and its partitions move to the second. Every profile
+/// ends up identical to the fault-free run's, and so do the activations, by id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn profiles_partitions_move_with_their_state_when_instances_come_and_go() {
+    let FaultFree {
+        run,
+        chunks,
+        profiles: expected,
+        activation_ids: clean_ids,
+    } = fault_free_run("m").await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    let (first_listen, second_listen) = (free_listen(), free_listen());
+    cfg.profiles.http_listen = first_listen.clone();
+    cfg.profiles.peers = vec![
+        format!("http://{first_listen}"),
+        format!("http://{second_listen}"),
+    ];
+    let (mut services, urls) = start_processes(&mut cfg, dir.path()).await;
+    let (ingest, first_url) = (urls[0].clone(), urls[2].clone());
+    let second_dir = dir.path().join("second");
+    std::fs::create_dir_all(&second_dir).unwrap();
+    let mut second_cfg = cfg.clone();
+    second_cfg.kafka.group_instance_id = Some("pod-1".into());
+    second_cfg.profiles.state_dir = second_dir.join("profiles");
+    second_cfg.profiles.http_listen = second_listen.clone();
+    let second_url = format!("http://{second_listen}");
+
+    let third = chunks.len() / 3;
+    let started = Instant::now();
+    let (mut second, mut killed_at) = (None, None);
+    for (i, c) in chunks.iter().enumerate() {
+        if i == third {
+            second = Some(ServiceProcess::start("profiles", &second_cfg, &second_dir));
+            wait_ready(&second_url, Duration::from_secs(60)).await;
+        }
+        if i == 2 * third {
+            // Both serve: each holds some partitions, and both answer alike for all.
+            let (a, b) = (serving(&first_url).await, serving(&second_url).await);
+            assert!(
+                !a.is_empty() && !b.is_empty() && a.is_disjoint(&b) && a.len() + b.len() == 3,
+                "the partitions are split between the instances: {a:?} and {b:?}"
+            );
+            // What was sent has gone through (within milliseconds; 2 s to be sure).
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let done = i * CHUNK / USERS;
+            for u in 0..USERS {
+                let user = format!("{run}-u{u}");
+                let via_first = wait_profile(&first_url, "user_id", &user, "its events", |v| {
+                    v["events_total"].as_u64() >= Some(done.saturating_sub(1) as u64)
+                })
+                .await;
+                let via_second = profile_of(&second_url, &user).await;
+                assert_eq!(
+                    canonical(&via_first),
+                    canonical(&via_second),
+                    "both instances answer alike for {user}"
+                );
+            }
+            assert_eq!(
+                segment_sizes(&first_url).await,
+                segment_sizes(&second_url).await,
+                "both instances add up the same segment sizes"
+            );
+            services.get_mut("profiles").unwrap().kill9();
+            killed_at = Some(chrono::Utc::now());
+        }
+        deliver(&ingest, c).await;
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+    let sent_in = started.elapsed();
+    let got = profiles_of(&second_url, &run).await;
+    let differ: Vec<String> = expected
+        .iter()
+        .filter(|(user, want)| got[*user] != **want)
+        .map(|(user, want)| format!("{user}:\n want {want}\n  got {}", got[user]))
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "profiles differ from the fault-free run:\n{}",
+        differ.join("\n")
+    );
+    let topics = tessera_common::topics::Topics::new(&cfg.topics);
+    let (ids, records) = activations(bootstrap(), &topics, Some(&clean_ids)).await;
+    assert_eq!(
+        ids, clean_ids,
+        "the same activations, by id, as the fault-free run"
+    );
+    let second = second.expect("the second instance ran");
+    let log = second.log();
+    assert!(
+        log.contains("replaying to rebuild state"),
+        "the second instance rebuilt the partitions it was given"
+    );
+    let distinct: usize = ids.values().map(BTreeSet::len).sum();
+    let takeover = second.last_assigned().zip(killed_at).map(|(a, k)| a - k);
+    eprintln!(
+        "profiles scale run: {} events in {:.1} s; profiles scaled 1 → 2 → 1; {USERS} profiles \
+         identical to the fault-free run; {distinct} activations, {records} records ({} \
+         repeated with the same id); the second took the first's partitions {} ms after the kill",
+        USERS * ROUNDS,
+        sent_in.as_secs_f64(),
+        records - distinct,
+        takeover.map_or(-1, |d| d.num_milliseconds()),
+    );
+    assert!(!log.contains(&run), "the second instance logged a user id");
+}
+
+/// The partitions a profiles instance serves (its answer to a local request).
+async fn serving(base: &str) -> BTreeSet<i32> {
+    let r = http()
+        .get(format!("{base}/v1/segments"))
+        .header("x-tessera-local", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.headers()["x-tessera-serving"]
+        .to_str()
+        .unwrap()
+        .split(',')
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// A user's profile as an instance answers (retrying while partitions move).
+async fn profile_of(base: &str, user: &str) -> serde_json::Value {
+    wait_profile(base, "user_id", user, "an answer", |_| true).await
+}
+
+async fn segment_sizes(base: &str) -> Vec<(String, u64)> {
+    let v: serde_json::Value = http()
+        .get(format!("{base}/v1/segments"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().to_string(),
+                s["size"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}

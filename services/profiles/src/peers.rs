@@ -262,7 +262,7 @@ impl Peers {
             let r = match req.send().await {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::warn!(peer = %base, error = %e, "a profiles instance did not answer");
+                    tracing::warn!(peer = %base, error = %e.without_url(), "a profiles instance did not answer");
                     self.requests.with_label_values(&["peer_failed"]).inc();
                     return None;
                 }
