@@ -102,7 +102,11 @@ pub async fn changes(State(st): State<LiveState>, Path(id): Path<String>) -> Res
     if !st.placement.serves(&live) {
         return crate::api::elsewhere(&live);
     }
-    Sse::new(stream(id, live, rx, resolve))
+    let placement = st.placement.clone();
+    // A merge that moves the profile to another instance ends the stream: the client
+    // reconnects (EventSource does by itself) and is sent to that instance.
+    let moved = move |live: &str| !placement.serves(live);
+    Sse::new(stream(id, live, rx, resolve, moved))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
 }
@@ -112,6 +116,7 @@ fn stream<F, Fut>(
     live: String,
     rx: broadcast::Receiver<Arc<str>>,
     resolve: F,
+    moved: impl Fn(&str) -> bool + Send + 'static,
 ) -> impl Stream<Item = Result<Event, Infallible>>
 where
     F: Fn(String) -> Fut + Send + 'static,
@@ -120,12 +125,15 @@ where
     let first = Event::default()
         .event("ready")
         .data(json!({ "profile_id": live }).to_string());
-    let state = (requested, live, rx, resolve, Some(first));
+    let state = (requested, live, rx, resolve, moved, Some(first), false);
     futures::stream::unfold(
         state,
-        |(requested, mut live, mut rx, resolve, first)| async move {
+        |(requested, mut live, mut rx, resolve, moved, first, ended)| async move {
             if let Some(e) = first {
-                return Some((Ok(e), (requested, live, rx, resolve, None)));
+                return Some((Ok(e), (requested, live, rx, resolve, moved, None, false)));
+            }
+            if ended {
+                return None;
             }
             loop {
                 let changed = match rx.recv().await {
@@ -141,7 +149,8 @@ where
                     let e = Event::default()
                         .event("changed")
                         .data(json!({ "profile_id": live }).to_string());
-                    return Some((Ok(e), (requested, live, rx, resolve, None)));
+                    let ended = moved(&live);
+                    return Some((Ok(e), (requested, live, rx, resolve, moved, None, ended)));
                 }
             }
         },
