@@ -172,8 +172,7 @@ pub async fn run_with_listener(
         changes,
         placement: placement.clone(),
     }));
-    let peers = (!config.profiles.peers.is_empty())
-        .then(|| peers::Peers::new(&config.profiles.peers, placement, &parts.admin));
+    let peers = peers::Peers::new(&config.profiles.peers, placement, &parts.admin);
     let routes = routes.layer(axum::middleware::from_fn_with_state(peers, peers::gather));
     service::run(&config, parts, listener, routes, spec, processor, shutdown).await
 }

@@ -12,8 +12,9 @@
 //!
 //! Unless the answers together cover every partition, the request gets a 503 with
 //! `Retry-After` (an instance is starting, rebuilding its partitions, or gone and not
-//! yet replaced by the group), never a partial answer. Writes (definitions) are not
-//! fanned out: they go through Kafka and every instance reads them.
+//! yet replaced by the group), never a partial answer. A single instance (no peers)
+//! answers reads likewise only once it serves every partition. Writes (definitions) are
+//! not fanned out: they go through Kafka and every instance reads them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -110,11 +111,17 @@ fn kind_of(method: &Method, path: &str) -> Option<Kind> {
 
 /// The middleware: a local request is answered here and says what this instance
 /// serves; a read from outside is asked of every instance and the answers combined.
-pub async fn gather(State(peers): State<Option<Peers>>, req: Request, next: Next) -> Response {
-    let Some(peers) = peers else {
-        return next.run(req).await;
-    };
+pub async fn gather(State(peers): State<Peers>, req: Request, next: Next) -> Response {
     let kind = kind_of(req.method(), req.uri().path());
+    if peers.urls.is_empty() {
+        // One instance: it answers once it serves every partition (not while it starts
+        // or rebuilds one), like several would.
+        let serving = peers.placement.serving().len() as i32;
+        if kind.is_some() && serving < peers.placement.partitions {
+            return incomplete();
+        }
+        return next.run(req).await;
+    }
     if req.headers().contains_key(LOCAL_HEADER) || kind.is_none() {
         let mut r = next.run(req).await;
         let serving = peers
@@ -144,19 +151,9 @@ pub async fn gather(State(peers): State<Option<Peers>>, req: Request, next: Next
     // A merged profile is asked for again under its survivor's id (chains are short).
     for _ in 0..4 {
         let answers = peers.ask(&method, &path, &headers, &body, kind).await;
-        if let Err(missing) = covered(&answers, peers.placement.partitions) {
+        if covered(&answers, peers.placement.partitions).is_err() {
             peers.requests.with_label_values(&["incomplete"]).inc();
-            let mut r = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                format!(
-                    "partitions {missing:?} are not served right now (an instance is starting, \
-                     rebuilding its state or gone): retry shortly"
-                ),
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
-            return r;
+            return incomplete();
         }
         peers.requests.with_label_values(&["ok"]).inc();
         let answers: Vec<Answer> = answers.into_iter().flatten().collect();
@@ -332,6 +329,19 @@ fn rename(path: &str, live: &str) -> String {
         true => parts.join("/"),
         false => format!("{}?{}", parts.join("/"), query.join("&")),
     }
+}
+
+/// Some partition is not served right now: no partial answer.
+fn incomplete() -> Response {
+    let mut r = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "some partitions are not served right now (an instance is starting, rebuilding its \
+         state or gone): retry shortly",
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+    r
 }
 
 fn first_or_404(answers: Vec<Answer>) -> Response {
