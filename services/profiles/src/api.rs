@@ -684,7 +684,8 @@ async fn members_of_segment(
         Some(after) => format!("{prefix}{after}\0"),
         None => prefix.clone(),
     };
-    let (store, placement) = (st.store.clone(), st.placement.clone());
+    let placement = st.placement.clone();
+    let (store, serving) = (st.store.clone(), placement.serving());
     let prefix_len = prefix.len();
     // Members of the partitions this instance serves (others' are left behind here).
     let rows = match blocking(move || {
@@ -695,7 +696,8 @@ async fn members_of_segment(
             for (k, v) in &page {
                 start = k.clone();
                 start.push(0);
-                if placement.serves(&String::from_utf8_lossy(&k[prefix_len..])) {
+                let id = String::from_utf8_lossy(&k[prefix_len..]);
+                if serving.contains(&placement.partition(&id)) {
                     rows.push((k.clone(), v.clone()));
                     if rows.len() > limit {
                         return Ok(rows);
@@ -760,12 +762,13 @@ async fn backfill(State(st): State<ApiState>) -> Response {
 /// Profile ids of a household or an account (at most 1000).
 async fn members(st: ApiState, kind: &'static str, id: String) -> Response {
     let (store, placement) = (st.store.clone(), st.placement.clone());
+    let serving = placement.serving();
     let prefix = member_prefix(kind, &id);
     let found = blocking(move || {
         store.scan_prefix(prefix.as_bytes(), 1000).map(|rows| {
             rows.into_iter()
                 .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
-                .filter(|id| placement.serves(id))
+                .filter(|id| serving.contains(&placement.partition(id)))
                 .collect::<Vec<_>>()
         })
     })

@@ -1036,11 +1036,16 @@ impl ProfilesProcessor {
         // The merged profile leaves its segments; the survivor is re-evaluated on arrival.
         self.remove(txn, &merged, "profile merged", &cause, out)?;
         merged.segments.clear();
-        // The identifiers are the survivor's now: where it lives, its transfer indexes
-        // them; an index here would outlive the person's erasure there.
+        // The identifiers are the survivor's now. In the survivor's partition they point
+        // to it; in another, the survivor's transfer indexes them where it lives (an
+        // index left here would outlive the person's erasure there). An entry that
+        // already names another profile (the survivor's own events) is not touched.
         let here = self.placement.partition(&m.merged) == self.placement.partition(&m.survivor);
         for i in &merged.identifiers {
             let key = index_key(&i.kind, &i.value);
+            if txn.get(&key)?.is_some_and(|v| v != m.merged.as_bytes()) {
+                continue;
+            }
             if here {
                 txn.put(key, m.survivor.as_bytes().to_vec());
             } else {
@@ -1664,6 +1669,122 @@ mod tests {
         // Replaying the transfer changes nothing.
         assert!(step(&mut p, &s, &transfer).is_empty());
         assert_eq!(load(&s, "known").unwrap().events_total, 2);
+    }
+
+    fn merge_of(survivor: &str, merged: &str) -> Message {
+        let merge = ProfileMerge {
+            merge_id: format!("mg-{merged}"),
+            survivor: survivor.into(),
+            merged: merged.into(),
+            cause_message_id: "m-merge".into(),
+            event_time: 200,
+            received_at: 200,
+            rule: None,
+            score: None,
+        };
+        Message {
+            topic: "tessera.identity.merges".into(),
+            partition: 0,
+            offset: 1,
+            key: None,
+            payload: Some(merge.to_avro().unwrap()),
+            timestamp_ms: None,
+        }
+    }
+
+    fn transfer_of(out: &[Output]) -> Message {
+        let t = out
+            .iter()
+            .find(|o| o.topic == "tessera.profiles.transfers")
+            .expect("a transfer");
+        Message {
+            topic: t.topic.clone(),
+            partition: 0,
+            offset: 2,
+            key: None,
+            payload: Some(t.payload.clone()),
+            timestamp_ms: None,
+        }
+    }
+
+    /// A processor over 8 partitions that owns `partitions`, and a survivor id whose
+    /// partition differs from `anon`'s.
+    fn partitioned(partitions: &[i32]) -> (ProfilesProcessor, String) {
+        let mut p = processor();
+        let ownership = Ownership::default();
+        ownership.set_assigned(
+            partitions
+                .iter()
+                .map(|n| ("tessera.events.resolved".to_string(), *n)),
+        );
+        p.placement = Placement {
+            topic: "tessera.events.resolved".into(),
+            partitions: 8,
+            ownership: Some(ownership),
+        };
+        let known = (0..)
+            .map(|i| format!("known{i}"))
+            .find(|k| p.placement.partition(k) != p.placement.partition("anon"))
+            .unwrap();
+        (p, known)
+    }
+
+    /// The merged profile's instance keeps no index of identifiers that went to a
+    /// survivor living elsewhere: erasing the survivor there erases them all.
+    #[test]
+    fn a_merge_across_instances_leaves_no_identifier_index_behind() {
+        let (probe, known) = partitioned(&[]);
+        let (pa, pk) = (
+            probe.placement.partition("anon"),
+            probe.placement.partition(&known),
+        );
+        let (mut a, _) = partitioned(&[pa]);
+        let (mut b, _) = partitioned(&[pk]);
+        let (sa, sb) = (MemStore::default(), MemStore::default());
+        step(&mut a, &sa, &resolved("anon", "m1", "Order Completed"));
+        step(&mut b, &sb, &resolved(&known, "m2", "Page Viewed"));
+        let out = step(&mut a, &sa, &merge_of(&known, "anon"));
+        step(&mut b, &sb, &transfer_of(&out));
+        assert!(
+            sa.scan_prefix(b"idx/", 10).unwrap().is_empty(),
+            "no identifier index stays with the merged profile's instance"
+        );
+        assert_eq!(
+            sb.get(&index_key("anonymous_id", "anon-anon")).unwrap(),
+            Some(known.as_bytes().to_vec())
+        );
+    }
+
+    /// A merge record that arrives after the survivor's own event carrying the merged
+    /// profile's identifier does not take that identifier's index away.
+    #[test]
+    fn a_merge_keeps_an_index_the_survivor_already_holds() {
+        let (mut p, known) = partitioned(&(0..8).collect::<Vec<_>>());
+        let s = MemStore::default();
+        step(&mut p, &s, &resolved("anon", "m1", "Order Completed"));
+        let mut r = ResolvedEvent::from_avro(
+            resolved(&known, "m2", "Page Viewed")
+                .payload
+                .as_ref()
+                .unwrap(),
+        )
+        .unwrap();
+        r.identifiers.push(Identifier {
+            kind: "anonymous_id".into(),
+            value: "anon-anon".into(),
+        });
+        let m = Message {
+            payload: Some(r.to_avro().unwrap()),
+            ..resolved(&known, "m2", "x")
+        };
+        step(&mut p, &s, &m);
+        let out = step(&mut p, &s, &merge_of(&known, "anon"));
+        step(&mut p, &s, &transfer_of(&out));
+        assert_eq!(
+            s.get(&index_key("anonymous_id", "anon-anon")).unwrap(),
+            Some(known.as_bytes().to_vec()),
+            "the survivor is still found by the identifier"
+        );
     }
 
     #[test]
