@@ -4,7 +4,7 @@ accepted by the services' own configuration loader (`--check-config`)."""
 
 import os
 import pathlib
-import tomllib
+import json
 import subprocess
 
 import kubernetes_validate
@@ -269,13 +269,18 @@ def test_the_chart_refuses_a_second_identity_and_scales_the_others(tmp_path):
     sets = {d["metadata"]["name"]: d for d in by_kind(docs, "StatefulSet")}
     assert sets["shop-tessera-activation"]["spec"]["replicas"] == 3
     assert sets["shop-tessera-profiles"]["spec"]["replicas"] == 3
-    config = configuration(docs, tmp_path)
+    env = {e["name"]: e.get("value") for e in sets["shop-tessera-profiles"]["spec"]["template"]["spec"]["containers"][0]["env"]}
     peers = [f"http://shop-tessera-profiles-{i}.shop-tessera-profiles.cdp.svc:8080" for i in range(3)]
-    assert tomllib.loads(config.read_text())["profiles"]["peers"] == peers
+    config = configuration(docs, tmp_path)
     out = subprocess.run(
         [pathlib.Path(os.environ["TESSERA_BIN_DIR"]) / "tessera-profiles", "--config", config, "--check-config"],
-        capture_output=True, text=True, env={"PATH": os.environ["PATH"]},
+        capture_output=True, text=True,
+        env={"PATH": os.environ["PATH"], "TESSERA__PROFILES__PEERS": env["TESSERA__PROFILES__PEERS"]},
     )
     assert out.returncode == 0, out.stderr
-    single = configuration(render({}), tmp_path)
-    assert "peers" not in tomllib.loads(single.read_text())["profiles"], "one instance has no peers"
+    shown = json.loads(out.stdout[out.stdout.index("{"):])
+    assert shown["profiles"]["peers"] == peers, "profiles reads the pods' addresses"
+    single = by_kind(render({}), "StatefulSet")
+    for s in single:
+        names = {e["name"] for e in s["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert "TESSERA__PROFILES__PEERS" not in names, "one instance has no peers"

@@ -53,6 +53,14 @@ app.kubernetes.io/component: {{ .component }}
         fieldRef:
           fieldPath: metadata.name
     {{- end }}
+    {{- if and (eq .component "profiles") (gt (int $root.Values.profiles.replicas) 1) }}
+    {{- $name := printf "%s-profiles" (include "tessera.fullname" $root) }}
+    # Every profiles pod's address (the headless Service names each): each answers the
+    # API for its partitions and asks these for the rest. Set here, not in tessera.toml,
+    # so that a configuration from existingConfigSecret gets it too.
+    - name: TESSERA__PROFILES__PEERS
+      value: '[{{ range $i, $_ := until (int $root.Values.profiles.replicas) }}{{ if $i }}, {{ end }}"http://{{ $name }}-{{ $i }}.{{ $name }}.{{ $root.Release.Namespace }}.svc:8080"{{ end }}]'
+    {{- end }}
   ports:
     - name: http
       containerPort: 8080
