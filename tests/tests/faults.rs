@@ -206,7 +206,7 @@ async fn profiles_partitions_move_with_their_state_when_instances_come_and_go() 
 
     let third = chunks.len() / 3;
     let started = Instant::now();
-    let (mut second, mut killed_at) = (None, None);
+    let (mut second, mut killed_at, mut read_latency) = (None, None, None);
     for (i, c) in chunks.iter().enumerate() {
         if i == third {
             second = Some(ServiceProcess::start("profiles", &second_cfg, &second_dir));
@@ -222,6 +222,7 @@ async fn profiles_partitions_move_with_their_state_when_instances_come_and_go() 
             // What was sent has gone through (within milliseconds; 2 s to be sure).
             tokio::time::sleep(Duration::from_secs(2)).await;
             let done = i * CHUNK / USERS;
+            let mut ids = Vec::new();
             for u in 0..USERS {
                 let user = format!("{run}-u{u}");
                 let via_first = wait_profile(&first_url, "user_id", &user, "its events", |v| {
@@ -229,6 +230,7 @@ async fn profiles_partitions_move_with_their_state_when_instances_come_and_go() 
                 })
                 .await;
                 let via_second = profile_of(&second_url, &user).await;
+                ids.push(via_first["profile_id"].as_str().unwrap().to_string());
                 assert_eq!(
                     canonical(&via_first),
                     canonical(&via_second),
@@ -240,6 +242,7 @@ async fn profiles_partitions_move_with_their_state_when_instances_come_and_go() 
                 segment_sizes(&second_url).await,
                 "both instances add up the same segment sizes"
             );
+            read_latency = Some(read_times(&[&first_url, &second_url], &ids).await);
             services.get_mut("profiles").unwrap().kill9();
             killed_at = Some(chrono::Utc::now());
         }
@@ -281,7 +284,52 @@ async fn profiles_partitions_move_with_their_state_when_instances_come_and_go() 
         records - distinct,
         takeover.map_or(-1, |d| d.num_milliseconds()),
     );
+    let (local, gathered) = read_latency.expect("measured with two instances");
+    eprintln!(
+        "profiles scale run: GET /v1/profiles/{{id}} (debug build, loopback) from the instance \
+         that has the profile p50 {:?} p99 {:?}; through either instance, asking both, p50 \
+         {:?} p99 {:?}",
+        local.0, local.1, gathered.0, gathered.1
+    );
     assert!(!log.contains(&run), "the second instance logged a user id");
+}
+
+/// p50 and p99 of profile reads: answered locally by the instance that has the profile
+/// (`x-tessera-local`), and through each instance, which asks both.
+async fn read_times(
+    bases: &[&str],
+    ids: &[String],
+) -> ((Duration, Duration), (Duration, Duration)) {
+    let (mut local, mut gathered) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        for id in ids {
+            for base in bases {
+                let url = format!("{base}/v1/profiles/{id}");
+                let t = Instant::now();
+                let r = http().get(&url).send().await.unwrap();
+                assert_eq!(r.status(), 200, "{base} answers for every profile");
+                r.bytes().await.unwrap();
+                gathered.push(t.elapsed());
+                let t = Instant::now();
+                let r = http()
+                    .get(&url)
+                    .header("x-tessera-local", "1")
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status();
+                r.bytes().await.unwrap();
+                if status == 200 {
+                    local.push(t.elapsed());
+                }
+            }
+        }
+    }
+    let quantiles = |mut v: Vec<Duration>| {
+        v.sort();
+        (v[v.len() / 2], v[v.len() * 99 / 100])
+    };
+    (quantiles(local), quantiles(gathered))
 }
 
 /// The partitions a profiles instance serves (its answer to a local request).
