@@ -168,6 +168,11 @@ pub struct RunnerSpec {
     pub vault: Option<Arc<Vault>>,
     /// Kept current by the runner (see [`Ownership`]).
     pub ownership: Ownership,
+    /// The processor's state spans every partition (identity's graph): it must be the
+    /// group's only consumer. An assignment of only some partitions (a second instance
+    /// joined the group) is held paused and the service unready, with an error, until
+    /// the group gives this instance every partition again.
+    pub sole_consumer: bool,
 }
 
 impl RunnerSpec {
@@ -189,6 +194,7 @@ impl RunnerSpec {
             dead_letter_topic: topics.deadletter(),
             vault: None,
             ownership: Ownership::default(),
+            sole_consumer: false,
         }
     }
 }
@@ -334,6 +340,8 @@ struct RunnerContext {
     lag: IntGaugeVec,
     ready: Option<Arc<Health>>,
     ownership: Ownership,
+    /// With [`RunnerSpec::sole_consumer`]: the assigned partitions held paused.
+    paused: Option<prometheus::IntGauge>,
 }
 
 impl ClientContext for RunnerContext {
@@ -418,13 +426,44 @@ impl ConsumerContext for RunnerContext {
                     .map(|e| (e.topic().to_string(), e.partition()))
                     .collect();
                 info!(partitions = tpl.count(), "partitions assigned");
+                let partial = self.paused.as_ref().and_then(|_| partial(consumer, tpl));
                 match consumer.assign(tpl) {
-                    Ok(()) => {
-                        if let Some(h) = &self.ready {
-                            h.set_ready(true);
-                        }
+                    Ok(()) => {}
+                    Err(e) => {
+                        error!(error = %e, "assigning partitions failed");
+                        return;
                     }
-                    Err(e) => error!(error = %e, "assigning partitions failed"),
+                }
+                if let Some((got, all)) = partial {
+                    // Acting on part of a state that spans every partition would resolve
+                    // against part of it: hold everything until the group settles on one
+                    // consumer (nothing is consumed, so nothing is lost).
+                    error!(
+                        assigned = got,
+                        partitions = all,
+                        "this service must be its group's only consumer, and another instance \
+                         shares the group: holding every partition paused until it leaves"
+                    );
+                    if let Err(e) = consumer.pause(tpl) {
+                        error!(error = %e, "pausing partitions failed");
+                    }
+                    if let Some(g) = &self.paused {
+                        g.set(got as i64);
+                    }
+                    if let Some(h) = &self.ready {
+                        h.set_ready(false);
+                    }
+                    return;
+                }
+                if let Some(g) = &self.paused {
+                    // A pause outlives a reassignment in librdkafka: lift it.
+                    if let Err(e) = consumer.resume(tpl) {
+                        error!(error = %e, "resuming partitions failed");
+                    }
+                    g.set(0);
+                }
+                if let Some(h) = &self.ready {
+                    h.set_ready(true);
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -447,6 +486,31 @@ impl ConsumerContext for RunnerContext {
     }
 }
 
+/// `Some((assigned, all))` when `tpl` lacks some partition of a topic it names (the
+/// brokers' metadata says how many there are); `None` when it is complete or the
+/// metadata cannot be read (then the assignment stands, as without the check).
+fn partial(
+    consumer: &BaseConsumer<RunnerContext>,
+    tpl: &TopicPartitionList,
+) -> Option<(usize, usize)> {
+    let topics: BTreeSet<String> = tpl
+        .elements()
+        .iter()
+        .map(|e| e.topic().to_string())
+        .collect();
+    let mut all = 0;
+    for topic in &topics {
+        match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
+            Ok(md) => all += md.topics().first().map_or(0, |t| t.partitions().len()),
+            Err(e) => {
+                warn!(%topic, error = %e, "cannot read the partition count");
+                return None;
+            }
+        }
+    }
+    (tpl.count() < all).then_some((tpl.count(), all))
+}
+
 /// Runs `processor` over `spec.topics` until `shutdown` is cancelled. `store` holds the
 /// processor's state (and the offsets, with [`OffsetStorage::State`]).
 pub async fn run<P: Processor>(
@@ -460,11 +524,27 @@ pub async fn run<P: Processor>(
 ) -> Result<()> {
     let metrics = RunnerMetrics::new(registry, spec.service)?;
     let ownership = spec.ownership.clone();
+    let paused = match spec.sole_consumer {
+        false => None,
+        true => {
+            let g = prometheus::IntGauge::new(
+                format!("tessera_{}_paused_partitions", spec.service),
+                "Assigned partitions held paused because another instance shares the group \
+                 of a service that must be its only consumer",
+            )
+            .map_err(|e| Error::Invalid(format!("metrics: {e}")))?;
+            registry
+                .register(Box::new(g.clone()))
+                .map_err(|e| Error::Invalid(format!("metrics: {e}")))?;
+            Some(g)
+        }
+    };
     let context = RunnerContext {
         store: matches!(spec.offsets, OffsetStorage::State).then(|| store.clone()),
         lag: metrics.lag.clone(),
         ready: spec.ready.clone(),
         ownership: ownership.clone(),
+        paused,
     };
     let client_id = format!("tessera-{}", spec.service);
     let consumer: StreamConsumer<RunnerContext> =

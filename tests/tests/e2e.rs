@@ -1035,6 +1035,7 @@ async fn runner_commits_state_and_offsets_together_across_a_crash() {
         dead_letter_topic: dead_letter_topic.clone(),
         vault: None,
         ownership: Default::default(),
+        sole_consumer: false,
     };
     let total = |store: &SharedStore| -> u64 {
         (0..KEYS)

@@ -375,3 +375,85 @@ async fn segment_sizes(base: &str) -> Vec<(String, u64)> {
         })
         .collect()
 }
+
+/// Identity's graph spans every partition, so it runs as its group's only consumer. A
+/// second instance that joins anyway (a scaled compose file, a copied deployment) does
+/// not split the graph: both hold their partitions paused, unready, and say why; when
+/// the second leaves, the first takes every partition and the event sent meanwhile
+/// goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_identity_instance_holds_both_still_and_nothing_is_lost() {
+    tessera_common::telemetry::init();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    let (services, urls) = start_processes(&mut cfg, dir.path()).await;
+    let (ingest, identity, profiles) = (urls[0].clone(), urls[1].clone(), urls[2].clone());
+    let second_dir = dir.path().join("second");
+    std::fs::create_dir_all(&second_dir).unwrap();
+    let mut second_cfg = cfg.clone();
+    second_cfg.kafka.group_instance_id = Some("pod-1".into());
+    second_cfg.identity.state_dir = second_dir.join("identity");
+    second_cfg.identity.http_listen = free_listen();
+    let second_url = format!("http://{}", second_cfg.identity.http_listen);
+    let mut second = ServiceProcess::start("identity", &second_cfg, &second_dir);
+
+    let held = "must be its group's only consumer";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(services["identity"].log().contains(held) && second.log().contains(held)) {
+        assert!(
+            Instant::now() < deadline,
+            "both instances noticed the shared group"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for base in [&identity, &second_url] {
+        let r = http().get(format!("{base}/readyz")).send().await.unwrap();
+        assert_eq!(r.status(), 503, "{base} is not ready while it holds still");
+        let paused = metrics_text(base).await;
+        assert!(
+            paused
+                .lines()
+                .any(|l| l.starts_with("tessera_identity_paused_partitions ") && !l.ends_with(" 0")),
+            "the held partitions are counted:\n{paused}"
+        );
+    }
+    let user = uid("solo");
+    deliver(
+        &ingest,
+        &[
+            serde_json::json!({"type": "identify", "userId": user, "messageId": uid("m"),
+            "traits": {"plan": "pro"}}),
+        ],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = http()
+        .get(format!("{profiles}/v1/profiles/lookup"))
+        .query(&[("type", "user_id"), ("value", user.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        404,
+        "no instance resolved the event while both held"
+    );
+
+    second.kill9();
+    let p = wait_profile(
+        &profiles,
+        "user_id",
+        &user,
+        "the event sent meanwhile",
+        |v| v["traits"]["plan"] == "pro",
+    )
+    .await;
+    assert_eq!(p["events_total"], 1, "resolved once");
+    wait_ready(&identity, Duration::from_secs(30)).await;
+    assert!(
+        metrics_text(&identity)
+            .await
+            .contains("tessera_identity_paused_partitions 0"),
+        "nothing is held any more"
+    );
+}

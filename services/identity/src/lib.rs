@@ -84,11 +84,15 @@ pub async fn run_with_listener(
         shutdown.clone(),
     )
     .await?;
-    let spec = RunnerSpec::new(
-        "identity",
-        &topics,
-        vec![topics.ingested(), topics.commands()],
-    );
+    let spec = RunnerSpec {
+        // The graph spans every partition: one instance consumes them all.
+        sole_consumer: true,
+        ..RunnerSpec::new(
+            "identity",
+            &topics,
+            vec![topics.ingested(), topics.commands()],
+        )
+    };
     let state = api::ApiState {
         store: parts.store.clone(),
         producer: parts.producer.clone(),

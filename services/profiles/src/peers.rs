@@ -64,6 +64,9 @@ impl Peers {
             )
             .expect("metric"),
         );
+        for outcome in ["ok", "incomplete", "peer_failed"] {
+            requests.with_label_values(&[outcome]);
+        }
         Peers {
             urls: Arc::new(
                 urls.iter()
