@@ -207,7 +207,6 @@ fn properties(payload: &str) -> Value {
         .unwrap_or_else(|| json!({}))
 }
 
-/// The live profile (following merges) and its newest `recent` kept events.
 /// A profile as this instance knows it.
 pub(crate) enum Loaded {
     Found(Box<Profile>, Vec<ResolvedEvent>),
@@ -230,8 +229,8 @@ pub(crate) fn elsewhere(live: &str) -> Response {
     r
 }
 
-/// Follows merges to the live profile; answers only for profiles of the partitions
-/// this instance serves.
+/// The live profile (following merges) and its newest `recent` kept events, for
+/// profiles of the partitions this instance serves.
 pub(crate) async fn load_live(
     store: &SharedStore,
     placement: &Placement,
