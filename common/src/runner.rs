@@ -232,6 +232,7 @@ struct RunnerMetrics {
     suppressed: prometheus::IntCounter,
     shredded: IntCounterVec,
     state_bytes: prometheus::IntGauge,
+    retention_gap: IntCounterVec,
 }
 
 impl RunnerMetrics {
@@ -319,7 +320,20 @@ impl RunnerMetrics {
         registry
             .register(Box::new(state_bytes.clone()))
             .map_err(reg)?;
+        let retention_gap = IntCounterVec::new(
+            Opts::new(
+                format!("tessera_{service}_retention_gap_records_total"),
+                "Input records deleted by the topic's retention before this instance's state \
+                 read them (its stored offset was below the partition's first offset)",
+            ),
+            &["topic"],
+        )
+        .map_err(reg)?;
+        registry
+            .register(Box::new(retention_gap.clone()))
+            .map_err(reg)?;
         Ok(RunnerMetrics {
+            retention_gap,
             consumed,
             produced,
             produce_retries,
@@ -342,6 +356,7 @@ struct RunnerContext {
     ownership: Ownership,
     /// With [`RunnerSpec::sole_consumer`]: the assigned partitions held paused.
     paused: Option<prometheus::IntGauge>,
+    retention_gap: IntCounterVec,
 }
 
 impl ClientContext for RunnerContext {
@@ -361,6 +376,38 @@ impl ClientContext for RunnerContext {
                     .with_label_values(&[topic.as_str(), &partition.to_string()])
                     .set((p.hi_offset - position).max(0));
             }
+        }
+    }
+}
+
+impl RunnerContext {
+    /// The state resumes at `next`: if retention already deleted records from there on
+    /// (an instance away longer than the topic keeps records, a restored old copy of the
+    /// state), the state never sees them. Said loudly and counted: it cannot be undone
+    /// here, only by a state restored from a newer copy.
+    fn check_retention(
+        &self,
+        consumer: &BaseConsumer<RunnerContext>,
+        topic: &str,
+        partition: i32,
+        next: i64,
+    ) {
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Ok((low, _)) if next < low => {
+                error!(
+                    %topic,
+                    partition,
+                    stored = next,
+                    first = low,
+                    "records this state never read were deleted by retention: it resumes at \
+                     the partition's first offset without them"
+                );
+                self.retention_gap
+                    .with_label_values(&[topic])
+                    .inc_by((low - next) as u64);
+            }
+            Ok(_) => {}
+            Err(e) => warn!(%topic, partition, error = %e, "cannot read the partition's offsets"),
         }
     }
 }
@@ -387,7 +434,10 @@ impl ConsumerContext for RunnerContext {
                         .ok();
                     for (topic, partition) in parts {
                         let (start, from) = match stored_offset(store, &topic, partition) {
-                            Ok(Some(next)) => (Offset::Offset(next), next),
+                            Ok(Some(next)) => {
+                                self.check_retention(consumer, &topic, partition, next);
+                                (Offset::Offset(next), next)
+                            }
                             // No local state for this partition (a new node, a lost disk):
                             // rebuild it by replaying the topic from its start.
                             Ok(None) => (Offset::Beginning, 0),
@@ -545,6 +595,7 @@ pub async fn run<P: Processor>(
         ready: spec.ready.clone(),
         ownership: ownership.clone(),
         paused,
+        retention_gap: metrics.retention_gap.clone(),
     };
     let client_id = format!("tessera-{}", spec.service);
     let consumer: StreamConsumer<RunnerContext> =

@@ -1153,6 +1153,128 @@ async fn runner_commits_state_and_offsets_together_across_a_crash() {
     );
 }
 
+/// A state that resumes below its partition's first offset (retention deleted records
+/// it never read: an instance away too long, an old copy of the state restored) says so
+/// and counts the records it missed, then goes on from the first offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_state_behind_the_retention_counts_the_records_it_never_read() {
+    use std::sync::Arc;
+
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::{Offset, TopicPartitionList};
+    use tessera_common::kafka::{Producer, TopicKind, ensure_topics};
+    use tessera_common::runner::{self, Message, Output, Processor, RunnerSpec};
+    use tessera_common::store::{RocksStore, SharedStore, Txn};
+
+    struct Count;
+    impl Processor for Count {
+        fn process(
+            &mut self,
+            _: &Message,
+            txn: &mut Txn<'_>,
+            _: &mut Vec<Output>,
+        ) -> tessera_common::Result<()> {
+            let n: u64 = txn.get_json(b"count")?.unwrap_or(0);
+            txn.put_json(b"count".to_vec(), &(n + 1))
+        }
+    }
+
+    tessera_common::telemetry::init();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.topics.partitions = 1;
+    let input = format!("{}gap-in", cfg.topics.prefix);
+    let topics = tessera_common::topics::Topics::new(&cfg.topics);
+    ensure_topics(
+        &cfg.kafka,
+        &cfg.topics,
+        &[
+            (input.clone(), TopicKind::Events),
+            (topics.deadletter(), TopicKind::Events),
+        ],
+    )
+    .await
+    .unwrap();
+    let source: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    let send = |n: usize| {
+        let (source, input) = (source.clone(), input.clone());
+        async move {
+            for _ in 0..n {
+                source
+                    .send(
+                        FutureRecord::to(&input).key("k").payload("x"),
+                        Duration::from_secs(5),
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    let store: SharedStore = Arc::new(RocksStore::open(&dir.path().join("gap")).unwrap());
+    let producer = Arc::new(Producer::new(&cfg.kafka, "gap-test").unwrap());
+    let count = |store: &SharedStore| -> u64 {
+        store
+            .get(b"count")
+            .unwrap()
+            .map_or(0, |b| serde_json::from_slice(&b).unwrap())
+    };
+    // Runs the counter until it has counted `want`; returns the runner's metrics.
+    let run_until = |want: u64| {
+        let (kafka, store, producer) = (cfg.kafka.clone(), store.clone(), producer.clone());
+        let spec = RunnerSpec::new("gaptest", &topics, vec![input.clone()]);
+        async move {
+            let (stop, registry) = (
+                tokio_util::sync::CancellationToken::new(),
+                prometheus::Registry::new(),
+            );
+            let task = {
+                let (store, stop, registry) = (store.clone(), stop.clone(), registry.clone());
+                tokio::spawn(async move {
+                    runner::run(&kafka, spec, Count, store, producer, &registry, stop).await
+                })
+            };
+            eventually("counted", Duration::from_secs(60), || {
+                let store = store.clone();
+                async move { (count(&store) >= want).then_some(()) }
+            })
+            .await;
+            stop.cancel();
+            task.await.unwrap().unwrap();
+            registry
+        }
+    };
+
+    send(5).await;
+    run_until(5).await;
+    // While it is away, 10 more arrive and retention takes the first 7 of them.
+    send(10).await;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    let mut upto = TopicPartitionList::new();
+    upto.add_partition_offset(&input, 0, Offset::Offset(12))
+        .unwrap();
+    admin
+        .delete_records(&upto, &AdminOptions::new())
+        .await
+        .unwrap();
+    let registry = run_until(8).await;
+    assert_eq!(count(&store), 8, "it went on from the first offset left");
+    let gap: f64 = registry
+        .gather()
+        .iter()
+        .filter(|m| m.name() == "tessera_gaptest_retention_gap_records_total")
+        .flat_map(|m| m.get_metric().iter().map(|v| v.get_counter().get_value()))
+        .sum();
+    assert_eq!(gap, 7.0, "the 7 records it never read are counted");
+}
+
 /// With no broker to acknowledge, ingest never answers 200: it answers 503 with
 /// Retry-After, and says it is not ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
