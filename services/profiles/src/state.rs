@@ -1206,6 +1206,12 @@ impl ProfilesProcessor {
             *t = Touched::all();
             p.absorb(&moved, &self.rules)
         })?;
+        // The moved identifiers find this profile now. The merged side dropped its own
+        // entries (or a late event of the merged profile pointed one back to it), so
+        // they are written here even when the survivor already had them.
+        for i in &moved.identifiers {
+            txn.put(index_key(&i.kind, &i.value), live.as_bytes().to_vec());
+        }
         self.log_events(txn, &live, &history)
     }
 }
@@ -1755,15 +1761,37 @@ mod tests {
         );
     }
 
-    /// A merge record that arrives after the survivor's own event carrying the merged
-    /// profile's identifier does not take that identifier's index away.
+    /// Whatever order the merged profile's event, the survivor's own event carrying the
+    /// same identifier, the merge and the transfer arrive in (they come on different
+    /// partitions), the identifier ends up finding the survivor.
     #[test]
-    fn a_merge_keeps_an_index_the_survivor_already_holds() {
-        let (mut p, known) = partitioned(&(0..8).collect::<Vec<_>>());
-        let s = MemStore::default();
-        step(&mut p, &s, &resolved("anon", "m1", "Order Completed"));
+    fn a_merge_leaves_the_identifier_finding_the_survivor_in_any_order() {
+        for merged_first in [true, false] {
+            let (mut p, known) = partitioned(&(0..8).collect::<Vec<_>>());
+            let s = MemStore::default();
+            let ours = survivor_event_with_anon(&known);
+            if merged_first {
+                step(&mut p, &s, &resolved("anon", "m1", "Order Completed"));
+                step(&mut p, &s, &ours);
+            } else {
+                // The merged profile's event comes late and points the index back to it.
+                step(&mut p, &s, &ours);
+                step(&mut p, &s, &resolved("anon", "m1", "Order Completed"));
+            }
+            let out = step(&mut p, &s, &merge_of(&known, "anon"));
+            step(&mut p, &s, &transfer_of(&out));
+            assert_eq!(
+                s.get(&index_key("anonymous_id", "anon-anon")).unwrap(),
+                Some(known.as_bytes().to_vec()),
+                "the survivor is found by the identifier (merged first: {merged_first})"
+            );
+        }
+    }
+
+    /// The survivor's event that also carries the merged profile's anonymous id.
+    fn survivor_event_with_anon(known: &str) -> Message {
         let mut r = ResolvedEvent::from_avro(
-            resolved(&known, "m2", "Page Viewed")
+            resolved(known, "m2", "Page Viewed")
                 .payload
                 .as_ref()
                 .unwrap(),
@@ -1773,18 +1801,10 @@ mod tests {
             kind: "anonymous_id".into(),
             value: "anon-anon".into(),
         });
-        let m = Message {
+        Message {
             payload: Some(r.to_avro().unwrap()),
-            ..resolved(&known, "m2", "x")
-        };
-        step(&mut p, &s, &m);
-        let out = step(&mut p, &s, &merge_of(&known, "anon"));
-        step(&mut p, &s, &transfer_of(&out));
-        assert_eq!(
-            s.get(&index_key("anonymous_id", "anon-anon")).unwrap(),
-            Some(known.as_bytes().to_vec()),
-            "the survivor is still found by the identifier"
-        );
+            ..resolved(known, "m2", "x")
+        }
     }
 
     #[test]
