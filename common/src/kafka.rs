@@ -398,20 +398,28 @@ mod tests {
     use rdkafka::mocking::MockCluster;
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
+    /// Settings for librdkafka's mock cluster, with one extra property.
+    fn mock_config(
+        mock: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+        (key, value): (&str, &str),
+    ) -> KafkaConfig {
+        KafkaConfig {
+            bootstrap: mock.bootstrap_servers(),
+            fetch_wait_max_ms: 10,
+            linger_ms: 0,
+            message_timeout_ms: 5000,
+            group_instance_id: None,
+            properties: [(key.to_string(), value.to_string())].into(),
+        }
+    }
+
     /// Keyed records land where [`partition_of`] says: profiles relies on it to know
     /// which profiles its partitions hold.
     #[tokio::test]
     async fn keyed_records_land_on_the_partition_partition_of_computes() {
         let mock = MockCluster::new(1).unwrap();
         mock.create_topic("placed", 7, 1).unwrap();
-        let cfg = KafkaConfig {
-            bootstrap: mock.bootstrap_servers(),
-            fetch_wait_max_ms: 10,
-            linger_ms: 0,
-            message_timeout_ms: 5000,
-            group_instance_id: None,
-            properties: [("partitioner".to_string(), "murmur2".to_string())].into(),
-        };
+        let cfg = mock_config(&mock, ("partitioner", "murmur2"));
         let producer = Producer::new(&cfg, "placement-test").unwrap();
         assert_eq!(partition_count(&cfg, "placed").await.unwrap(), 7);
         let mut seen = std::collections::BTreeSet::new();
@@ -431,14 +439,7 @@ mod tests {
     async fn a_fatal_error_fails_the_send_and_the_producer_is_rebuilt() {
         let mock = MockCluster::new(1).unwrap();
         mock.create_topic("t", 1, 1).unwrap();
-        let cfg = KafkaConfig {
-            bootstrap: mock.bootstrap_servers(),
-            fetch_wait_max_ms: 10,
-            linger_ms: 0,
-            message_timeout_ms: 5000,
-            group_instance_id: None,
-            properties: [("enable.gapless.guarantee".to_string(), "true".to_string())].into(),
-        };
+        let cfg = mock_config(&mock, ("enable.gapless.guarantee", "true"));
         let producer = Producer::new(&cfg, "fatal-test").unwrap();
         let registry = Registry::new();
         producer.register_metrics(&registry, "test").unwrap();

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use tessera_common::records::Activation;
 
-use crate::{WRITE_KEY, http, read_timed_from, wait_profile};
+use crate::{WRITE_KEY, bootstrap, http, read_timed_from, wait_profile};
 
 pub const USERS: usize = 30;
 pub const ROUNDS: usize = 8;
@@ -184,4 +184,56 @@ pub async fn fault_free_run(tag: &str) -> FaultFree {
         profiles,
         activation_ids,
     }
+}
+
+/// A second instance of `service` beside the one `cfg` runs: its own state folder
+/// (under `dir/second`), listen address and static member name. Its configuration and
+/// folder.
+pub fn second_instance(
+    cfg: &tessera_common::config::Config,
+    dir: &std::path::Path,
+    service: &str,
+    listen: String,
+) -> (tessera_common::config::Config, std::path::PathBuf) {
+    let second_dir = dir.join("second");
+    std::fs::create_dir_all(&second_dir).unwrap();
+    let mut c = cfg.clone();
+    c.kafka.group_instance_id = Some("pod-1".into());
+    let state_dir = second_dir.join(service);
+    match service {
+        "identity" => (c.identity.state_dir, c.identity.http_listen) = (state_dir, listen),
+        "profiles" => (c.profiles.state_dir, c.profiles.http_listen) = (state_dir, listen),
+        "activation" => (c.activation.state_dir, c.activation.http_listen) = (state_dir, listen),
+        other => panic!("{other} keeps no state"),
+    }
+    (c, second_dir)
+}
+
+/// Asserts that every profile equals the fault-free run's.
+pub fn assert_same_profiles(expected: &BTreeMap<String, Value>, got: &BTreeMap<String, Value>) {
+    let differ: Vec<String> = expected
+        .iter()
+        .filter(|(user, want)| got[*user] != **want)
+        .map(|(user, want)| format!("{user}:\n want {want}\n  got {}", got[user]))
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "profiles differ from the fault-free run:\n{}",
+        differ.join("\n")
+    );
+}
+
+/// Asserts that the run configured by `cfg` produced the fault-free run's activations,
+/// by id; returns them and the number of records read.
+pub async fn assert_same_activations(
+    cfg: &tessera_common::config::Config,
+    clean: &BTreeMap<String, BTreeSet<String>>,
+) -> (BTreeMap<String, BTreeSet<String>>, usize) {
+    let topics = tessera_common::topics::Topics::new(&cfg.topics);
+    let (ids, records) = activations(bootstrap(), &topics, Some(clean)).await;
+    assert_eq!(
+        &ids, clean,
+        "the same activations, by id, as the fault-free run"
+    );
+    (ids, records)
 }

@@ -120,13 +120,18 @@ pub fn test_config(dir: &Path) -> Config {
     c
 }
 
+/// A plain client (producer, consumer, admin) of the test broker.
+pub fn kafka_client<T: rdkafka::config::FromClientConfig>() -> T {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .expect("kafka client")
+}
+
 /// Every topic of the platform whose topics start with `prefix`.
 pub fn platform_topics(prefix: &str) -> Vec<String> {
     use rdkafka::consumer::BaseConsumer;
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .create()
-        .expect("metadata client");
+    let c: BaseConsumer = kafka_client();
     let md = c
         .fetch_metadata(None, Duration::from_secs(10))
         .expect("metadata");

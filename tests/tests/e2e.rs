@@ -585,10 +585,7 @@ async fn a_retried_batch_with_the_same_message_ids_counts_once() {
 async fn raw_kafka_topic_accepts_segment_json_and_dead_letters_the_rest() {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let p = Platform::start().await;
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .create()
-        .unwrap();
+    let producer: FutureProducer = kafka_client();
     let raw = p.topics().raw();
     let user = uid("raw");
     let good = json!({"type": "track", "userId": user, "event": "Order Completed", "properties": {"total": 3}}).to_string();
@@ -1006,10 +1003,7 @@ async fn runner_commits_state_and_offsets_together_across_a_crash() {
     )
     .await
     .unwrap();
-    let source: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .create()
-        .unwrap();
+    let source: FutureProducer = kafka_client();
     const KEYS: usize = 10;
     const PER_KEY: usize = 30;
     for i in 0..KEYS * PER_KEY {
@@ -1197,10 +1191,7 @@ async fn a_state_behind_the_retention_counts_the_records_it_never_read() {
     )
     .await
     .unwrap();
-    let source: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .create()
-        .unwrap();
+    let source: FutureProducer = kafka_client();
     let send = |n: usize| {
         let (source, input) = (source.clone(), input.clone());
         async move {
@@ -1253,10 +1244,7 @@ async fn a_state_behind_the_retention_counts_the_records_it_never_read() {
     run_until(5).await;
     // While it is away, 10 more arrive and retention takes the first 7 of them.
     send(10).await;
-    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .create()
-        .unwrap();
+    let admin: AdminClient<DefaultClientContext> = kafka_client();
     let mut upto = TopicPartitionList::new();
     upto.add_partition_offset(&input, 0, Offset::Offset(12))
         .unwrap();

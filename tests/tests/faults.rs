@@ -53,24 +53,8 @@ async fn a_run_with_every_service_killed_in_turn_equals_the_fault_free_run() {
         tokio::time::sleep(Duration::from_millis(120)).await;
     }
     let sent_in = started.elapsed();
-    let got = profiles_of(&profiles, &run).await;
-    let mut differ = Vec::new();
-    for (user, want) in &expected {
-        if got[user] != *want {
-            differ.push(format!("{user}:\n want {want}\n  got {}", got[user]));
-        }
-    }
-    assert!(
-        differ.is_empty(),
-        "profiles differ from the fault-free run:\n{}",
-        differ.join("\n")
-    );
-    let topics = tessera_common::topics::Topics::new(&cfg.topics);
-    let (ids, records) = activations(bootstrap(), &topics, Some(&clean_ids)).await;
-    assert_eq!(
-        ids, clean_ids,
-        "the same activations, by id, as the fault-free run"
-    );
+    assert_same_profiles(&expected, &profiles_of(&profiles, &run).await);
+    let (ids, records) = assert_same_activations(&cfg, &clean_ids).await;
     let distinct: usize = ids.values().map(BTreeSet::len).sum();
     let combined = expected
         .values()
@@ -111,16 +95,9 @@ async fn activation_partitions_move_with_their_state_when_instances_come_and_go(
     let mut cfg = test_config(dir.path());
     let (mut services, urls) = start_processes(&mut cfg, dir.path()).await;
     let ingest = urls[0].clone();
-    // The second activation instance: its own state, port and static member name.
-    let second_dir = dir.path().join("second");
-    std::fs::create_dir_all(&second_dir).unwrap();
-    let mut second_cfg = cfg.clone();
-    second_cfg.kafka.group_instance_id = Some("pod-1".into());
-    second_cfg.activation.state_dir = second_dir.join("activation");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    second_cfg.activation.http_listen = port.local_addr().unwrap().to_string();
-    drop(port);
-    let second_url = format!("http://{}", second_cfg.activation.http_listen);
+    let listen = free_listen();
+    let second_url = format!("http://{listen}");
+    let (second_cfg, second_dir) = second_instance(&cfg, dir.path(), "activation", listen);
 
     let third = chunks.len() / 3;
     let started = Instant::now();
@@ -142,12 +119,7 @@ async fn activation_partitions_move_with_their_state_when_instances_come_and_go(
         tokio::time::sleep(Duration::from_millis(120)).await;
     }
     let sent_in = started.elapsed();
-    let topics = tessera_common::topics::Topics::new(&cfg.topics);
-    let (ids, records) = activations(bootstrap(), &topics, Some(&clean_ids)).await;
-    assert_eq!(
-        ids, clean_ids,
-        "the same activations, by id, as the fault-free run"
-    );
+    let (ids, records) = assert_same_activations(&cfg, &clean_ids).await;
     let second = second.expect("the second instance ran");
     let log = second.log();
     assert!(
@@ -196,13 +168,8 @@ async fn profiles_partitions_move_with_their_state_when_instances_come_and_go() 
     ];
     let (mut services, urls) = start_processes(&mut cfg, dir.path()).await;
     let (ingest, first_url) = (urls[0].clone(), urls[2].clone());
-    let second_dir = dir.path().join("second");
-    std::fs::create_dir_all(&second_dir).unwrap();
-    let mut second_cfg = cfg.clone();
-    second_cfg.kafka.group_instance_id = Some("pod-1".into());
-    second_cfg.profiles.state_dir = second_dir.join("profiles");
-    second_cfg.profiles.http_listen = second_listen.clone();
     let second_url = format!("http://{second_listen}");
+    let (second_cfg, second_dir) = second_instance(&cfg, dir.path(), "profiles", second_listen);
 
     let third = chunks.len() / 3;
     let started = Instant::now();
@@ -250,23 +217,8 @@ async fn profiles_partitions_move_with_their_state_when_instances_come_and_go() 
         tokio::time::sleep(Duration::from_millis(120)).await;
     }
     let sent_in = started.elapsed();
-    let got = profiles_of(&second_url, &run).await;
-    let differ: Vec<String> = expected
-        .iter()
-        .filter(|(user, want)| got[*user] != **want)
-        .map(|(user, want)| format!("{user}:\n want {want}\n  got {}", got[user]))
-        .collect();
-    assert!(
-        differ.is_empty(),
-        "profiles differ from the fault-free run:\n{}",
-        differ.join("\n")
-    );
-    let topics = tessera_common::topics::Topics::new(&cfg.topics);
-    let (ids, records) = activations(bootstrap(), &topics, Some(&clean_ids)).await;
-    assert_eq!(
-        ids, clean_ids,
-        "the same activations, by id, as the fault-free run"
-    );
+    assert_same_profiles(&expected, &profiles_of(&second_url, &run).await);
+    let (ids, records) = assert_same_activations(&cfg, &clean_ids).await;
     let second = second.expect("the second instance ran");
     let log = second.log();
     assert!(
@@ -388,13 +340,9 @@ async fn a_second_identity_instance_holds_both_still_and_nothing_is_lost() {
     let mut cfg = test_config(dir.path());
     let (services, urls) = start_processes(&mut cfg, dir.path()).await;
     let (ingest, identity, profiles) = (urls[0].clone(), urls[1].clone(), urls[2].clone());
-    let second_dir = dir.path().join("second");
-    std::fs::create_dir_all(&second_dir).unwrap();
-    let mut second_cfg = cfg.clone();
-    second_cfg.kafka.group_instance_id = Some("pod-1".into());
-    second_cfg.identity.state_dir = second_dir.join("identity");
-    second_cfg.identity.http_listen = free_listen();
-    let second_url = format!("http://{}", second_cfg.identity.http_listen);
+    let listen = free_listen();
+    let second_url = format!("http://{listen}");
+    let (second_cfg, second_dir) = second_instance(&cfg, dir.path(), "identity", listen);
     let mut second = ServiceProcess::start("identity", &second_cfg, &second_dir);
 
     let held = "must be its group's only consumer";

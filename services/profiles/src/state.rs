@@ -1619,25 +1619,7 @@ mod tests {
         let s = MemStore::default();
         step(&mut p, &s, &resolved("anon", "m1", "Order Completed"));
         step(&mut p, &s, &resolved("known", "m2", "Page Viewed"));
-        let merge = ProfileMerge {
-            merge_id: "mg".into(),
-            survivor: "known".into(),
-            merged: "anon".into(),
-            cause_message_id: "m3".into(),
-            event_time: 200,
-            received_at: 200,
-            rule: None,
-            score: None,
-        };
-        let mm = Message {
-            topic: "tessera.identity.merges".into(),
-            partition: 0,
-            offset: 1,
-            key: None,
-            payload: Some(merge.to_avro().unwrap()),
-            timestamp_ms: None,
-        };
-        let out = step(&mut p, &s, &mm);
+        let out = step(&mut p, &s, &merge_of("known", "anon"));
         assert_eq!(
             out.len(),
             2,
@@ -1648,14 +1630,7 @@ mod tests {
             "exit"
         );
         assert!(load(&s, "anon").is_none());
-        let transfer = Message {
-            topic: "tessera.profiles.transfers".into(),
-            partition: 0,
-            offset: 2,
-            key: None,
-            payload: Some(out[1].payload.clone()),
-            timestamp_ms: None,
-        };
+        let transfer = transfer_of(&out);
         let out = step(&mut p, &s, &transfer);
         assert_eq!(
             MembershipChange::from_avro(&out[0].payload).unwrap().change,
@@ -2119,29 +2094,23 @@ mod tests {
         )
         .unwrap();
         let set = p.catalog.with_candidate(&candidate).unwrap();
-        let r = dry_run(
-            &s,
-            &set,
-            "loyal",
-            100,
-            2_000,
-            None,
-            &Placement::everything(),
-        )
-        .unwrap();
+        let run = |limit| {
+            dry_run(
+                &s,
+                &set,
+                "loyal",
+                100,
+                2_000,
+                limit,
+                &Placement::everything(),
+            )
+            .unwrap()
+        };
+        let r = run(None);
         assert_eq!((r.size, r.scanned, r.total), (1, 3, 3));
         assert_eq!(r.sample, vec!["c".to_string()]);
         // A sample stops after that many profiles (the first in key order).
-        let r = dry_run(
-            &s,
-            &set,
-            "loyal",
-            100,
-            2_000,
-            Some(2),
-            &Placement::everything(),
-        )
-        .unwrap();
+        let r = run(Some(2));
         assert_eq!((r.size, r.scanned, r.total), (0, 2, 3));
         // Deleting the segment ends its memberships on the next back-fill.
         let del = p.catalog.propose("segment", "repeat", None, "api").unwrap();
