@@ -131,6 +131,13 @@ impl Ownership {
             .contains(&(topic.to_string(), partition))
     }
 
+    /// Whether `partition` of `topic` is assigned here and caught up.
+    pub fn serves(&self, topic: &str, partition: i32) -> bool {
+        let o = self.lock();
+        let tp = (topic.to_string(), partition);
+        o.assigned.contains(&tp) && !o.rebuilding.contains_key(&tp)
+    }
+
     /// The partitions of `topic` assigned here and caught up (not being rebuilt).
     pub fn serving(&self, topic: &str) -> Vec<i32> {
         let o = self.lock();

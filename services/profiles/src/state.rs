@@ -172,7 +172,9 @@ impl Placement {
 
     /// Whether the profile's partition is served here (its state is current).
     pub fn serves(&self, id: &str) -> bool {
-        self.serving().contains(&self.partition(id))
+        self.ownership
+            .as_ref()
+            .is_none_or(|o| o.serves(&self.topic, self.partition(id)))
     }
 }
 
