@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
@@ -80,11 +80,22 @@ async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI)
 }
 
+/// The one shape of every refusal: `{"error": <code>, "reason": <what is wrong>}`.
+pub fn error(status: StatusCode, code: &str, reason: impl Into<String>) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({"error": code, "reason": reason.into()})),
+    )
+        .into_response()
+}
+
 /// Every unknown path, on every service: a JSON refusal like all the others.
-async fn not_found(uri: axum::http::Uri) -> impl IntoResponse {
-    let body =
-        serde_json::json!({"error": "not_found", "reason": format!("no route for {}", uri.path())});
-    (StatusCode::NOT_FOUND, axum::Json(body))
+async fn not_found(uri: axum::http::Uri) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {}", uri.path()),
+    )
 }
 
 async fn readyz(State(admin): State<Admin>) -> impl IntoResponse {
@@ -258,8 +269,7 @@ pub async fn require_token(
                 None => "an API token is required: Authorization: Bearer <token>",
                 Some(_) => "unknown API token",
             };
-            let body = serde_json::json!({"error": "unauthorized", "reason": reason});
-            let mut resp = (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
+            let mut resp = error(StatusCode::UNAUTHORIZED, "unauthorized", reason);
             resp.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
                 axum::http::HeaderValue::from_static("Bearer"),

@@ -250,11 +250,7 @@ fn wants_json(h: &HeaderMap) -> bool {
 }
 
 pub fn refusal(status: StatusCode, code: &str, reason: &str) -> Response {
-    (
-        status,
-        axum::Json(serde_json::json!({"error": code, "reason": reason})),
-    )
-        .into_response()
+    tessera_common::admin::error(status, code, reason)
 }
 
 /// The request, if it carries `expected` as `X-CSRF-Token` or as the `csrf` field of its

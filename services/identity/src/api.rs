@@ -56,13 +56,7 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-pub(crate) fn error(status: StatusCode, code: &str, reason: impl Into<String>) -> Response {
-    (
-        status,
-        axum::Json(json!({"error": code, "reason": reason.into()})),
-    )
-        .into_response()
-}
+pub(crate) use tessera_common::admin::error;
 
 pub(crate) fn unavailable(e: impl std::fmt::Display) -> Response {
     error(

@@ -100,13 +100,7 @@ fn definition_routes(router: Router<ApiState>, base: &str, kind: &'static str) -
         )
 }
 
-fn error(status: StatusCode, code: &str, reason: impl Into<String>) -> Response {
-    (
-        status,
-        axum::Json(json!({"error": code, "reason": reason.into()})),
-    )
-        .into_response()
-}
+use tessera_common::admin::error;
 
 fn iso(ms: i64) -> Value {
     match Utc.timestamp_millis_opt(ms).single() {

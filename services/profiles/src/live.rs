@@ -14,12 +14,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use serde_json::json;
 use tokio::sync::broadcast;
 
+use tessera_common::admin::error;
 use tessera_common::store::SharedStore;
 
 use crate::state::live_id;
@@ -75,11 +77,7 @@ pub struct LiveState {
 pub async fn changes(State(st): State<LiveState>, Path(id): Path<String>) -> Response {
     // Another instance's profile: its peers' gatherer finds the one that serves it.
     if !st.placement.serves(&id) {
-        return (
-            axum::http::StatusCode::NOT_FOUND,
-            axum::Json(json!({"error": "not_found", "reason": "no such profile here"})),
-        )
-            .into_response();
+        return error(StatusCode::NOT_FOUND, "not_found", "no such profile here");
     }
     let rx = st.changes.subscribe();
     let store = st.store.clone();
@@ -93,11 +91,11 @@ pub async fn changes(State(st): State<LiveState>, Path(id): Path<String>) -> Res
         }
     };
     let Some(live) = resolve(id.clone()).await else {
-        return (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"error": "unavailable", "reason": "the state store cannot be read"})),
-        )
-            .into_response();
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the state store cannot be read",
+        );
     };
     if !st.placement.serves(&live) {
         return crate::api::elsewhere(&live);

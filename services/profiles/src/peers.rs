@@ -28,6 +28,8 @@ use axum::response::{IntoResponse, Response};
 use prometheus::IntCounterVec;
 use serde_json::{Value, json};
 
+use tessera_common::admin::error;
+
 use crate::state::Placement;
 
 /// On a request: answer from this instance's partitions only.
@@ -352,14 +354,6 @@ fn first_or_404(answers: Vec<Answer>) -> Response {
         Some(a) => a.into_response(),
         None => error(StatusCode::NOT_FOUND, "not_found", "no such profile"),
     }
-}
-
-fn error(status: StatusCode, code: &str, reason: impl Into<String>) -> Response {
-    (
-        status,
-        axum::Json(json!({"error": code, "reason": reason.into()})),
-    )
-        .into_response()
 }
 
 fn query_limit(path: &str) -> usize {
