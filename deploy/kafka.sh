@@ -39,6 +39,7 @@ install() {
   if [ -f "$libs/kafka_2.13-$version.jar" ]; then echo "$libs"; return; fi
   log "assembling Apache Kafka $version from Maven Central into $libs"
   local tmp
+  mkdir -p "$cache"
   tmp="$(mktemp -d "$cache/kafka-tmp.XXXXXX")"
   (cd "$here/kafka" && mvn -q -B -Dstyle.color=never dependency:copy-dependencies -DincludeScope=runtime \
     -DoutputDirectory="$tmp/libs" >&2)

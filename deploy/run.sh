@@ -9,16 +9,21 @@
 #
 # Options through the environment: KAFKA_BOOTSTRAP=host:port (use that Kafka),
 # TESSERA_CONFIG=file.toml (layered over the defaults), TESSERA_PROFILE=release,
-# TESSERA_DEMO=0 (no demo people, no demo traffic).
+# TESSERA_DEMO=0 (no demo people, no demo traffic), TESSERA_WORK=dir (state, logs and
+# the broker's data; default .tessera).
+#
+# It runs the services in demo mode (TESSERA__DEMO=true): the built-in demo credentials
+# below work. Outside demo mode the services refuse to start with them.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 export TESSERA_CACHE="${TESSERA_CACHE:-$HOME/.cache/tessera}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TESSERA_CACHE/target}"
+mkdir -p "$TESSERA_CACHE"
 profile="${TESSERA_PROFILE:-dev}"
 bindir="$CARGO_TARGET_DIR/$([ "$profile" = dev ] && echo debug || echo "$profile")"
-work="$root/.tessera"
+work="${TESSERA_WORK:-$root/.tessera}"
 # The services refuse state written in an older format (common/src/service.rs,
 # state_format). Local state is disposable: when the formats changed, start afresh.
 state_formats="identity=3 profiles=3 activation=1"
@@ -62,6 +67,7 @@ if [ -z "${KAFKA_BOOTSTRAP:-}" ]; then
   kafka_started=1
 fi
 export KAFKA_BOOTSTRAP
+export TESSERA__DEMO=true
 export TESSERA__PROFILES__DEFINITIONS_DIR="${TESSERA__PROFILES__DEFINITIONS_DIR:-$root/deploy/definitions}"
 export TESSERA__IDENTITY__STATE_DIR="${TESSERA__IDENTITY__STATE_DIR:-$work/state/identity}"
 export TESSERA__PROFILES__STATE_DIR="${TESSERA__PROFILES__STATE_DIR:-$work/state/profiles}"

@@ -2,7 +2,7 @@
 # README command 2: installs what is missing, starts one fresh Apache Kafka on free
 # loopback ports for the whole run (unless KAFKA_BOOTSTRAP names one), builds the
 # service binaries and runs every unit and end-to-end test, the chart and monitoring
-# checks, and a short fuzzing run.
+# checks, the README's run command from an empty cache, and a short fuzzing run.
 #
 # Caches outside the clone, reused when present: $TESSERA_CACHE (default
 # ~/.cache/tessera) holds the Kafka jars, the Python SDK's venv, the cargo target
@@ -44,6 +44,10 @@ if [ ! -f "$marker" ]; then
 fi
 TESSERA_BIN_DIR="$CARGO_TARGET_DIR/debug" "$venv/bin/python" -m pytest -q tests/ops 2>&1 | tee -a "$log" || status=$?
 
+# The README's first command on a machine with nothing cached (tests/readme-run.sh):
+# deploy/run.sh against an empty TESSERA_CACHE, one event through, Ctrl-C.
+bash tests/readme-run.sh 2>&1 | tee -a "$log" || status=$?
+
 # Fuzzing (tests/fuzz, cargo fuzz): every target runs briefly, after replaying every input
 # that ever crashed it. The first run builds the targets instrumented (RocksDB and
 # librdkafka again: ~20 min on 2 cores); later runs reuse $TESSERA_CACHE/fuzz-target.
@@ -60,7 +64,7 @@ if grep -qE "$pii" "$log"; then
 fi
 
 # One closing line for the whole run (cargo prints one per test binary, pytest one).
-awk '/^test result:/ || / (passed|failed)[ ,].*in [0-9.]+s/ {
+awk '/^test result:/ || / (passed|failed)[ ,].*in [0-9.]+s/ || /^readme-run: [0-9]+ passed/ {
        for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "\n%d passed, %d failed\n", p, f }' "$log"
 rm -f "$log"

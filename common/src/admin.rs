@@ -206,23 +206,39 @@ pub struct Caller(pub String);
 
 /// The configured API tokens, kept as SHA-256 digests.
 #[derive(Clone)]
-pub struct Tokens(std::sync::Arc<Vec<(String, Vec<u8>)>>);
+pub struct Tokens(std::sync::Arc<Vec<TokenEntry>>);
+
+#[derive(Clone)]
+struct TokenEntry {
+    name: String,
+    digest: Vec<u8>,
+    delegate: bool,
+}
 
 impl Tokens {
     pub fn new(tokens: &[crate::config::ApiToken]) -> Tokens {
         Tokens(std::sync::Arc::new(
             tokens
                 .iter()
-                .map(|t| (t.name.clone(), digest(&t.token)))
+                .map(|t| TokenEntry {
+                    name: t.name.clone(),
+                    digest: digest(&t.token),
+                    delegate: t.delegate,
+                })
                 .collect(),
         ))
     }
 
-    /// The name of the token presented, if it is one of them. Digests are compared, so
-    /// the time taken says nothing about the tokens themselves.
-    pub fn name_of(&self, presented: &str) -> Option<String> {
+    /// The token presented, if it is one of them. Digests are compared, so the time
+    /// taken says nothing about the tokens themselves.
+    fn find(&self, presented: &str) -> Option<&TokenEntry> {
         let d = digest(presented);
-        self.0.iter().find(|(_, t)| *t == d).map(|(n, _)| n.clone())
+        self.0.iter().find(|t| t.digest == d)
+    }
+
+    /// The name of the token presented, if it is one of them.
+    pub fn name_of(&self, presented: &str) -> Option<String> {
+        self.find(presented).map(|t| t.name.clone())
     }
 }
 
@@ -234,7 +250,9 @@ fn digest(s: &str) -> Vec<u8> {
 /// Middleware for a service's own API routes: `Authorization: Bearer <token>` with a
 /// configured token, else 401 with a JSON reason. A client acting for someone (the
 /// console, for its logged-in user) names them in `X-On-Behalf-Of`; the audit trail then
-/// records `<token name> for <them>`.
+/// records `<token name> for <them>`. Only tokens configured with `delegate = true` may
+/// do so: any other that names someone is refused with 403, so a token holder cannot
+/// write another name into the audit trail.
 pub async fn require_token(
     State(tokens): State<Tokens>,
     mut req: axum::extract::Request,
@@ -249,8 +267,8 @@ pub async fn require_token(
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .map(str::trim);
-    match presented.and_then(|t| tokens.name_of(t)) {
-        Some(name) => {
+    match presented.and_then(|t| tokens.find(t)) {
+        Some(token) => {
             let actor = req
                 .headers()
                 .get(ON_BEHALF_OF)
@@ -258,8 +276,16 @@ pub async fn require_token(
                 .map(str::trim)
                 .filter(|a| !a.is_empty() && a.len() <= 64 && a.chars().all(|c| !c.is_control()));
             let caller = match actor {
-                Some(a) => format!("{name} for {a}"),
-                None => name,
+                Some(_) if !token.delegate => {
+                    return error(
+                        StatusCode::FORBIDDEN,
+                        "forbidden",
+                        "this API token may not act on behalf of others (X-On-Behalf-Of): \
+                         only tokens configured with delegate = true may",
+                    );
+                }
+                Some(a) => format!("{} for {a}", token.name),
+                None => token.name.clone(),
             };
             req.extensions_mut().insert(Caller(caller));
             next.run(req).await
@@ -283,6 +309,76 @@ pub async fn require_token(
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The audit's finding: any token holder could set `X-On-Behalf-Of` to any name and
+    /// so write it into the audit trail. Only a delegating token may.
+    #[tokio::test]
+    async fn only_a_delegating_token_acts_on_behalf_of_someone() {
+        let tokens = Tokens::new(&[
+            crate::config::ApiToken {
+                name: "crm-sync".into(),
+                token: "plain-token-0123456789".into(),
+                delegate: false,
+            },
+            crate::config::ApiToken {
+                name: "console".into(),
+                token: "console-token-0123456789".into(),
+                delegate: true,
+            },
+        ]);
+        let router = Router::new()
+            .route(
+                "/who",
+                axum::routing::get(|axum::Extension(c): axum::Extension<Caller>| async move {
+                    format!("caller={}", c.0)
+                }),
+            )
+            .layer(axum::middleware::from_fn_with_state(tokens, require_token));
+        let listener = bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let http = HttpConfig {
+            header_read_timeout_ms: 5_000,
+            max_header_bytes: 16 * 1024,
+            body_timeout_ms: 5_000,
+        };
+        let stop = CancellationToken::new();
+        let server = tokio::spawn({
+            let stop = stop.clone();
+            async move { serve(listener, router, &http, stop).await }
+        });
+        let ask = |token: &'static str, actor: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let actor = if actor.is_empty() {
+                String::new()
+            } else {
+                format!("X-On-Behalf-Of: {actor}\r\n")
+            };
+            s.write_all(
+                format!("GET /who HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n{actor}Connection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let plain = ask("plain-token-0123456789", "").await;
+        assert!(
+            plain.starts_with("HTTP/1.1 200") && plain.contains("caller=crm-sync"),
+            "{plain}"
+        );
+        let posing = ask("plain-token-0123456789", "the-ceo").await;
+        assert!(posing.starts_with("HTTP/1.1 403"), "{posing}");
+        assert!(
+            posing.contains("delegate") && !posing.contains("caller="),
+            "{posing}"
+        );
+        let console = ask("console-token-0123456789", "ops").await;
+        assert!(console.contains("caller=console for ops"), "{console}");
+        stop.cancel();
+        server.await.unwrap().unwrap();
+    }
 
     /// A handler that panics answers 500 with a JSON reason; the server goes on serving.
     #[tokio::test]

@@ -61,8 +61,26 @@ where
     })
 }
 
-/// What the service will use, without secrets: write keys, API tokens and Kafka
-/// properties whose name mentions a password or secret are masked.
+/// librdkafka properties that hold a secret without saying so in their name (librdkafka
+/// marks them sensitive): private keys and OAUTHBEARER configuration.
+const SECRET_PROPERTIES: [&str; 4] = [
+    "ssl.key.pem",
+    "ssl_key",
+    "sasl.oauthbearer.config",
+    "sasl.oauthbearer.assertion.private.key.pem",
+];
+
+/// Whether a librdkafka property's value is a secret.
+fn secret_property(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    SECRET_PROPERTIES.contains(&name.as_str())
+        || ["password", "secret", "passphrase"]
+            .iter()
+            .any(|w| name.contains(w))
+}
+
+/// What the service will use, without secrets: write keys, API tokens, passwords and
+/// secret Kafka properties ([`secret_property`]) are masked.
 fn toml_summary(config: &Config) -> String {
     let mut c = config.clone();
     for s in &mut c.ingest.sources {
@@ -79,9 +97,40 @@ fn toml_summary(config: &Config) -> String {
         u.password = "***".into();
     }
     for (k, v) in c.kafka.properties.iter_mut() {
-        if k.contains("password") || k.contains("secret") {
+        if secret_property(k) {
             *v = "***".into();
         }
     }
     serde_json::to_string_pretty(&c).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DEMO_SECRETS;
+
+    /// The audit's finding: `--check-config` printed `ssl.key.pem` and
+    /// `sasl.oauthbearer.config`, whose names mention no password.
+    #[test]
+    fn the_summary_masks_every_secret_property() {
+        let mut c = Config::parse("demo = true").unwrap();
+        for (k, v) in [
+            ("ssl.key.pem", "-----BEGIN PRIVATE KEY-----abc"),
+            ("sasl.oauthbearer.config", "principal=x clientSecret=abc"),
+            ("sasl.password", "abc-password"),
+            ("ssl.keystore.password", "abc-store"),
+            ("sasl.oauthbearer.client.secret", "abc-client"),
+            ("SSL.KEY.PASSWORD", "abc-upper"),
+            ("security.protocol", "SASL_SSL"),
+            ("ssl.ca.pem", "-----BEGIN CERTIFICATE-----public"),
+        ] {
+            c.kafka.properties.insert(k.into(), v.into());
+        }
+        let out = toml_summary(&c);
+        assert!(!out.contains("abc"), "{out}");
+        for secret in DEMO_SECRETS {
+            assert!(!out.contains(secret), "{secret}: {out}");
+        }
+        assert!(out.contains("SASL_SSL") && out.contains("public"), "{out}");
+    }
 }

@@ -1,6 +1,7 @@
-//! Configuration in layers: the embedded defaults (`default.toml`), then an optional TOML
-//! file, then `TESSERA__SECTION__KEY` environment variables (and `KAFKA_BOOTSTRAP`).
-//! Unknown keys are refused. The result is passed explicitly; there is no global.
+//! Configuration in layers: the embedded defaults (`default.toml`), in demo mode the demo
+//! credentials (`demo.toml`), then an optional TOML file, then `TESSERA__SECTION__KEY`
+//! environment variables (and `KAFKA_BOOTSTRAP`). Unknown keys are refused. The result is
+//! passed explicitly; there is no global.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,10 +13,24 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
 
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
+/// The demo credentials, a layer only in demo mode (`demo = true`).
+pub const DEMO_TOML: &str = include_str!("demo.toml");
+/// The secrets of `demo.toml`. They are public (the README prints them), so outside demo
+/// mode a configuration holding any of them is refused.
+pub const DEMO_SECRETS: [&str; 4] = [
+    "demo-write-key",
+    "demo-admin-token",
+    "demo-privacy-token",
+    "tessera-demo",
+];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Demo mode, for a local run on one's own machine: the demo credentials of
+    /// `demo.toml` are added and accepted. Off, a service refuses to start with them.
+    #[serde(default)]
+    pub demo: bool,
     pub kafka: KafkaConfig,
     pub topics: TopicsConfig,
     pub ingest: IngestConfig,
@@ -70,6 +85,13 @@ pub struct ConsoleUser {
 pub struct PrivacyConfig {
     #[serde(default)]
     pub labels: BTreeMap<String, Vec<String>>,
+    /// A record sealed with a subject key that the keys topic does not hold and that was
+    /// never erased means the keys topic lost records: the services hold there, unready
+    /// (`tessera_<service>_missing_key_hold`), until the key is back. Set this only once
+    /// the keys are known to be lost for good: such records are then skipped and counted
+    /// (their data is lost). See the runbook, "Subject keys are missing".
+    #[serde(default)]
+    pub skip_missing_keys: bool,
 }
 
 impl PrivacyConfig {
@@ -116,6 +138,11 @@ pub struct ApiToken {
     pub name: String,
     /// At least 16 characters.
     pub token: String,
+    /// Whether its holder may act for someone else (`X-On-Behalf-Of`, which the audit
+    /// trail records): the console's token does, for its logged-in users. Others are
+    /// refused (403) when they name someone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delegate: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -193,8 +220,10 @@ pub struct IngestConfig {
     pub max_depth: usize,
     pub max_string_bytes: usize,
     pub future_tolerance_ms: i64,
-    /// Requests handled at once; more are refused with 429 and `Retry-After`, so memory
-    /// stays bounded (about this many request bodies) however many clients push.
+    /// Requests processed at once, once their bodies are read; more are refused with 429
+    /// and `Retry-After`. Bodies being read hold at most this many times
+    /// `max_request_bytes` in all (429 beyond), so memory stays bounded however many
+    /// clients push, and slow clients hold only the bytes they sent.
     pub max_concurrent_requests: usize,
     pub sources: Vec<SourceConfig>,
 }
@@ -438,29 +467,47 @@ impl Config {
 
     /// Defaults and the TOML `text` only (no file, no environment).
     pub fn parse(text: &str) -> Result<Config> {
-        Self::extract(Figment::from(Toml::string(DEFAULT_TOML)).merge(Toml::string(text)))
+        Self::layered(|fig| fig.merge(Toml::string(text)))
     }
 
     fn load_from(file: Option<&Path>, env: Env, bootstrap_shorthand: bool) -> Result<Config> {
-        let mut fig = Figment::from(Toml::string(DEFAULT_TOML));
-        if let Some(path) = file {
-            if !path.exists() {
-                return Err(Error::Config(format!(
-                    "config file {} not found",
-                    path.display()
-                )));
+        if let Some(path) = file
+            && !path.exists()
+        {
+            return Err(Error::Config(format!(
+                "config file {} not found",
+                path.display()
+            )));
+        }
+        Self::layered(|mut fig| {
+            if let Some(path) = file {
+                fig = fig.merge(Toml::file(path));
             }
-            fig = fig.merge(Toml::file(path));
-        }
-        fig = fig.merge(env);
-        if bootstrap_shorthand {
-            fig = fig.merge(
-                Env::raw()
-                    .only(&["KAFKA_BOOTSTRAP"])
-                    .map(|_| "kafka.bootstrap".into()),
-            );
-        }
-        Self::extract(fig)
+            fig = fig.merge(env.clone());
+            if bootstrap_shorthand {
+                fig = fig.merge(
+                    Env::raw()
+                        .only(&["KAFKA_BOOTSTRAP"])
+                        .map(|_| "kafka.bootstrap".into()),
+                );
+            }
+            fig
+        })
+    }
+
+    /// The defaults, the demo credentials if the layers above them ask for demo mode, and
+    /// those layers (`over`) on top.
+    fn layered(over: impl Fn(Figment) -> Figment) -> Result<Config> {
+        let defaults = || Figment::from(Toml::string(DEFAULT_TOML));
+        let demo = over(defaults())
+            .extract_inner::<bool>("demo")
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let base = if demo {
+            defaults().merge(Toml::string(DEMO_TOML))
+        } else {
+            defaults()
+        };
+        Self::extract(over(base))
     }
 
     fn extract(fig: Figment) -> Result<Config> {
@@ -471,6 +518,12 @@ impl Config {
 
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
+        if let Some(place) = self.demo_secret_in_use() {
+            return bad(format!(
+                "{place} is a built-in demo credential, which works only in demo mode \
+                 (demo = true, set by deploy/run.sh for a local run); configure your own"
+            ));
+        }
         if self.kafka.bootstrap.trim().is_empty() {
             return bad("kafka.bootstrap is empty".into());
         }
@@ -579,6 +632,39 @@ impl Config {
         }
         Ok(())
     }
+
+    /// Where this configuration uses a demo secret ([`DEMO_SECRETS`]) outside demo mode.
+    fn demo_secret_in_use(&self) -> Option<String> {
+        if self.demo {
+            return None;
+        }
+        let demo = |secret: &str| DEMO_SECRETS.contains(&secret);
+        for s in &self.ingest.sources {
+            if std::iter::once(&s.write_key)
+                .chain(&s.previous_write_keys)
+                .any(|k| demo(k))
+            {
+                return Some(format!("the write key of ingest source {:?}", s.name));
+            }
+        }
+        for (list, t) in (self.admin.tokens.iter().map(|t| ("admin.tokens", t))).chain(
+            self.admin
+                .privacy_tokens
+                .iter()
+                .map(|t| ("admin.privacy_tokens", t)),
+        ) {
+            if demo(&t.token) {
+                return Some(format!("the token {:?} of {list}", t.name));
+            }
+        }
+        if demo(&self.console.api_token) {
+            return Some("console.api_token".into());
+        }
+        if let Some(u) = self.console.users.iter().find(|u| demo(&u.password)) {
+            return Some(format!("the password of console user {:?}", u.name));
+        }
+        None
+    }
 }
 
 #[cfg(test)]
@@ -589,8 +675,76 @@ mod tests {
     fn embedded_defaults_load_and_validate() {
         let cfg = Config::load_without_env(None).unwrap();
         assert_eq!(cfg.topics.prefix, "tessera.");
-        assert_eq!(cfg.ingest.sources[0].write_key, "demo-write-key");
         assert_eq!(cfg.ingest.max_batch_events, 2500);
+        assert!(!cfg.demo);
+        assert!(cfg.ingest.sources.is_empty() && cfg.admin.tokens.is_empty());
+        assert!(cfg.admin.privacy_tokens.is_empty() && cfg.console.users.is_empty());
+    }
+
+    #[test]
+    fn demo_mode_adds_the_demo_credentials_and_every_one_is_listed() {
+        let cfg = Config::parse("demo = true").unwrap();
+        assert_eq!(cfg.ingest.sources[0].write_key, "demo-write-key");
+        let secrets = [
+            cfg.ingest.sources[0].write_key.as_str(),
+            &cfg.admin.tokens[0].token,
+            &cfg.admin.privacy_tokens[0].token,
+            &cfg.console.api_token,
+            &cfg.console.users[0].password,
+        ];
+        for s in secrets {
+            assert!(
+                DEMO_SECRETS.contains(&s),
+                "{s} is refused outside demo mode"
+            );
+        }
+    }
+
+    /// The audit's finding: layers merge key by key, so a file that set only its own
+    /// admin token kept the demo privacy token, and anyone who read the README could
+    /// export or erase any person.
+    #[test]
+    fn outside_demo_mode_no_demo_credential_is_left_or_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "[admin]\ntokens = [{name=\"ops\", token=\"ops-token-0123456789\"}]\n",
+        )
+        .unwrap();
+        let cfg = Config::load_without_env(Some(&f)).unwrap();
+        assert!(cfg.admin.privacy_tokens.is_empty(), "no demo privacy token");
+        assert!(cfg.ingest.sources.is_empty() && cfg.console.users.is_empty());
+        assert!(cfg.console.api_token.is_empty());
+
+        for (text, place) in [
+            (
+                "[admin]\nprivacy_tokens = [{name=\"dpo\", token=\"demo-privacy-token\"}]\n",
+                "admin.privacy_tokens",
+            ),
+            (
+                "[admin]\ntokens = [{name=\"x\", token=\"demo-admin-token\"}]\n",
+                "admin.tokens",
+            ),
+            (
+                "[ingest]\nsources = [{name=\"web\", write_key=\"k-new\", previous_write_keys=[\"demo-write-key\"]}]\n",
+                "ingest source \"web\"",
+            ),
+            (
+                "[console]\napi_token = \"demo-admin-token\"\n",
+                "console.api_token",
+            ),
+            (
+                "[console]\nusers = [{name=\"admin\", password=\"tessera-demo\"}]\n",
+                "console user \"admin\"",
+            ),
+        ] {
+            std::fs::write(&f, text).unwrap();
+            let err = Config::load_without_env(Some(&f)).unwrap_err().to_string();
+            assert!(err.contains(place) && err.contains("demo mode"), "{err}");
+            std::fs::write(&f, format!("demo = true\n{text}")).unwrap();
+            Config::load_without_env(Some(&f)).expect("demo mode accepts them");
+        }
     }
 
     #[test]

@@ -284,3 +284,46 @@ def test_the_chart_refuses_a_second_identity_and_scales_the_others(tmp_path):
     for s in single:
         names = {e["name"] for e in s["spec"]["template"]["spec"]["containers"][0]["env"]}
         assert "TESSERA__PROFILES__PEERS" not in names, "one instance has no peers"
+
+
+def check_config(service, config, **env):
+    return subprocess.run(
+        [pathlib.Path(os.environ["TESSERA_BIN_DIR"]) / f"tessera-{service}", "--config", config,
+         "--check-config"],
+        capture_output=True, text=True, env={"PATH": os.environ["PATH"], **env},
+    )
+
+
+def test_a_configuration_of_ones_own_has_no_demo_credential_and_refuses_them(tmp_path):
+    """The audit's finding: configuration layers merge key by key, so a Secret of one's own
+    (existingConfigSecret) that set `[admin] tokens` but not `privacy_tokens` kept the
+    built-in demo privacy token, and anyone who read the README could export or erase any
+    person. The demo credentials exist only in demo mode, and outside it every service
+    refuses to start with one of them."""
+    config = tmp_path / "tessera.toml"
+    config.write_text('[admin]\ntokens = [{ name = "ops", token = "ops-token-0123456789" }]\n')
+    for service in ["ingest", "identity", "profiles", "activation"]:
+        out = check_config(service, config)
+        assert out.returncode == 0, out.stderr
+        assert '"name": "ops"' in out.stdout
+        assert '"privacy_tokens": []' in out.stdout and '"sources": []' in out.stdout, out.stdout
+        assert "demo-privacy" not in out.stdout and '"name": "demo"' not in out.stdout, out.stdout
+        assert '"demo": false' in out.stdout
+    demo_credentials = [
+        '[admin]\nprivacy_tokens = [{ name = "dpo", token = "demo-privacy-token" }]\n',
+        '[admin]\ntokens = [{ name = "ops", token = "demo-admin-token" }]\n',
+        '[ingest]\nsources = [{ name = "web", write_key = "demo-write-key" }]\n',
+        '[console]\nusers = [{ name = "admin", password = "tessera-demo" }]\n',
+    ]
+    for text in demo_credentials:
+        config.write_text(text)
+        for service in ["ingest", "identity", "console"]:
+            out = check_config(service, config)
+            assert out.returncode != 0, (service, text, out.stdout)
+            assert "demo credential" in out.stderr and "demo mode" in out.stderr, out.stderr
+    # Demo mode (deploy/run.sh) accepts them, and the console starts with its demo user.
+    config.write_text("")
+    out = check_config("console", config, TESSERA__DEMO="true")
+    assert out.returncode == 0, out.stderr
+    out = check_config("console", config)
+    assert out.returncode != 0 and "console.users" in out.stderr, out.stderr

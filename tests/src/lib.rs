@@ -109,13 +109,16 @@ pub fn test_config(dir: &Path) -> Config {
     c.activation.state_dir = dir.join("activation");
     c.profiles.definitions_dir = repo_root().join("deploy/definitions");
     c.ingest.sources = vec![tessera_common::config::SourceConfig::new("test", WRITE_KEY)];
+    // The console's token in the console tests, so it may act for its users.
     c.admin.tokens = vec![tessera_common::config::ApiToken {
         name: "tests".into(),
         token: ADMIN_TOKEN.into(),
+        delegate: true,
     }];
     c.admin.privacy_tokens = vec![tessera_common::config::ApiToken {
         name: "tests-dpo".into(),
         token: PRIVACY_TOKEN.into(),
+        delegate: false,
     }];
     c
 }

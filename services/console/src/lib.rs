@@ -59,6 +59,17 @@ pub fn check(config: &Config) -> Result<()> {
     if c.users.is_empty() {
         return bad("console.users is empty: nobody could log in");
     }
+    if c.api_token.is_empty() {
+        return bad("console.api_token is empty: set it to one of [admin] tokens");
+    }
+    if let Some(t) = config.admin.tokens.iter().find(|t| t.token == c.api_token)
+        && !t.delegate
+    {
+        return bad(&format!(
+            "console.api_token is the admin token {:?}, which may not act on behalf of the console's users: set delegate = true on it",
+            t.name
+        ));
+    }
     if c.users
         .iter()
         .any(|u| u.name.trim().is_empty() || u.password.is_empty())
@@ -251,7 +262,7 @@ fn login_form(st: &Console, jar: CookieJar, error: Option<&str>, status: StatusC
         st.auth
             .cookie(LOGIN_COOKIE, csrf.clone(), Duration::from_secs(3600)),
     );
-    let demo = !st.config.console.production
+    let demo = st.config.demo
         && st
             .config
             .console
@@ -721,7 +732,7 @@ mod tests {
 
     #[test]
     fn production_mode_refuses_the_demo_credentials() {
-        let mut c = Config::load_without_env(None).unwrap();
+        let mut c = Config::parse("demo = true").unwrap();
         check(&c).expect("the demo configuration starts in demo mode");
         c.console.production = true;
         assert!(check(&c).unwrap_err().to_string().contains("demo password"));
@@ -736,6 +747,21 @@ mod tests {
         );
         c.console.api_token = "a-real-token-from-a-secret".into();
         check(&c).expect("real credentials");
+        c.admin.tokens = vec![tessera_common::config::ApiToken {
+            name: "console".into(),
+            token: c.console.api_token.clone(),
+            delegate: false,
+        }];
+        assert!(
+            check(&c)
+                .unwrap_err()
+                .to_string()
+                .contains("delegate = true")
+        );
+        c.admin.tokens[0].delegate = true;
+        check(&c).expect("a delegating token");
+        c.console.api_token.clear();
+        assert!(check(&c).unwrap_err().to_string().contains("api_token"));
         c.console.users.clear();
         assert!(check(&c).is_err());
     }

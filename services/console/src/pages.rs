@@ -60,7 +60,7 @@ pub fn login(csrf: &str, error: Option<&str>, demo_hint: bool) -> Markup {
                     button type="submit" { "Log in" }
                 }
                 @if demo_hint {
-                    p.hint { "Demo mode: the configured demo user is admin / tessera-demo (console.users; set console.production = true in a real deployment)." }
+                    p.hint { "Demo mode: the configured demo user is admin / tessera-demo (demo mode; a real deployment sets its own console.users)." }
                 }
             }
         },
