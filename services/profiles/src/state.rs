@@ -1526,6 +1526,32 @@ mod tests {
             .map(|b| serde_json::from_slice(&b).unwrap())
     }
 
+    /// The audit's finding: once a history was full, a batch with several events of one
+    /// profile trimmed its own new events and kept old ones (the overlay scan let the
+    /// batch's deletes push live rows out of its page).
+    #[test]
+    fn a_full_history_keeps_the_newest_events_when_a_batch_brings_several() {
+        let mut p = processor();
+        p.history_limit = 5;
+        let s = MemStore::default();
+        for n in 0..5 {
+            step(&mut p, &s, &resolved("p1", &format!("m{n:02}"), "Viewed"));
+        }
+        let mut txn = Txn::new(&s);
+        let mut out = Vec::new();
+        for n in 5..10 {
+            let m = resolved("p1", &format!("m{n:02}"), "Viewed");
+            p.process(&m, &mut txn, &mut out).unwrap();
+        }
+        s.write(txn.into_batch()).unwrap();
+        let kept: Vec<String> = read_log(&Txn::new(&s), "p1", 100)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.event.message_id)
+            .collect();
+        assert_eq!(kept, ["m05", "m06", "m07", "m08", "m09"]);
+    }
+
     #[test]
     fn a_delete_erases_the_profile_and_drops_records_sent_before_it() {
         use tessera_common::records::{PrivacyAction, PrivacyReport};
