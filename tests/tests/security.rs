@@ -291,48 +291,91 @@ async fn slow_and_oversized_clients_are_cut_off() {
     p.stop().await;
 }
 
-/// Beyond `ingest.max_concurrent_requests` in flight, ingest refuses at once with 429 and
-/// `Retry-After` instead of queueing (memory stays bounded); a freed slot serves again.
+/// Ingest sheds load by what it holds, not by connections. The audit's finding: a slot
+/// was taken before the body was read (up to 30 s), so ~17 trickling connections a second
+/// held every slot and every client got 429. Now clients that trickle their bodies hold
+/// only the bytes they sent; beyond the budget of bytes being read
+/// (`max_concurrent_requests` × `max_request_bytes`) ingest refuses at once with 429 and
+/// `Retry-After` instead of queueing, and serves again once the bytes are released.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn ingest_sheds_requests_beyond_its_concurrency() {
+async fn slow_bodies_hold_bytes_not_slots_and_ingest_sheds_beyond_its_budget() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
-    let p = Platform::start_with(|c| c.ingest.max_concurrent_requests = 1).await;
+    let p = Platform::start_with(|c| {
+        c.ingest.max_concurrent_requests = 2;
+        c.ingest.max_request_bytes = 4096;
+    })
+    .await;
     let addr = p.ingest.trim_start_matches("http://").to_string();
-    let body = r#"{"userId":"holder","event":"Page Viewed"}"#;
-    // A request whose body is still coming holds the only slot.
-    let mut holder = TcpStream::connect(&addr).await.unwrap();
-    let head = format!(
-        "POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Basic dGVzdC13cml0ZS1rZXk6\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    holder.write_all(head.as_bytes()).await.unwrap();
-    holder.write_all(&body.as_bytes()[..10]).await.unwrap();
+    let head = |len: usize| {
+        format!(
+            "POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Basic dGVzdC13cml0ZS1rZXk6\r\nContent-Type: application/json\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    // Twenty connections trickle their bodies: a few bytes each, then nothing yet.
+    let mut slow = Vec::new();
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        s.write_all(head(100).as_bytes()).await.unwrap();
+        s.write_all(b"{\"userId\"").await.unwrap();
+        slow.push(s);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (status, _, answer) = send(
+        &p.ingest,
+        WRITE_KEY,
+        "/v1/track",
+        &json!({"userId": "served", "event": "Page Viewed"}),
+    )
+    .await;
+    assert_eq!(status, 200, "slow clients took the slots: {answer}");
+
+    // A body that has nearly all arrived holds nearly the whole budget (2 × 4096 bytes
+    // less the tricklers'): a request that needs more than is left is refused at once.
+    let body = |user: &str, len: usize| {
+        let mut b = format!(r#"{{"userId":"{user}","event":"Page Viewed","properties":{{"pad":""#);
+        let pad = len - b.len() - 3;
+        b.push_str(&"x".repeat(pad));
+        b.push_str(r#""}}"#);
+        assert_eq!(b.len(), len);
+        b
+    };
+    let big = body("holder", 4000);
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        s.write_all(head(big.len()).as_bytes()).await.unwrap();
+        s.write_all(&big.as_bytes()[..3900]).await.unwrap();
+        holders.push(s);
+    }
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let (status, retry, answer) = send(
         &p.ingest,
         WRITE_KEY,
         "/v1/track",
-        &json!({"userId": "second", "event": "Page Viewed"}),
+        &json!({"userId": "second", "event": "Page Viewed", "properties": {"pad": "x".repeat(600)}}),
     )
     .await;
     assert_eq!(status, 429, "{answer}");
     assert_eq!(answer["error"], "overloaded");
     assert_eq!(retry.as_deref(), Some("1"));
-    // The first request completes and is stored; then the slot serves again.
-    holder.write_all(&body.as_bytes()[10..]).await.unwrap();
-    let mut reply = Vec::new();
-    holder.read_to_end(&mut reply).await.unwrap();
-    assert!(String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 200"));
+    // The held requests complete and are stored; then ingest serves again.
+    for mut s in holders {
+        s.write_all(&big.as_bytes()[3900..]).await.unwrap();
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply).await.unwrap();
+        assert!(String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 200"));
+    }
     let (status, _, _) = send(
         &p.ingest,
         WRITE_KEY,
         "/v1/track",
-        &json!({"userId": "third", "event": "Page Viewed"}),
+        &json!({"userId": "third", "event": "Page Viewed", "properties": {"pad": "x".repeat(600)}}),
     )
     .await;
     assert_eq!(status, 200);
+    drop(slow);
     p.stop().await;
 }
 

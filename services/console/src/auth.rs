@@ -96,17 +96,20 @@ impl Auth {
     }
 
     pub fn login(&self, user: &str, password: &str) -> Login {
-        let now = Instant::now();
+        self.login_at(user, password, Instant::now())
+    }
+
+    fn login_at(&self, user: &str, password: &str, now: Instant) -> Login {
         {
             let mut failures = self.failures.lock().expect("failures");
-            // Failures are counted by name; a flood of made-up names would grow that
-            // count without end. Beyond the limit every login waits for names to expire.
-            if failures.len() >= self.max_tracked_names && !failures.contains_key(user) {
-                return Login::Locked;
-            }
-            let recent = failures.entry(user.to_string()).or_default();
-            recent.retain(|t| now.duration_since(*t) < FAILURE_WINDOW);
-            if recent.len() >= MAX_FAILURES {
+            // Expired failures go first, so a lock always lifts with its window.
+            failures.retain(|_, v| {
+                v.retain(|t| now.duration_since(*t) < FAILURE_WINDOW);
+                !v.is_empty()
+            });
+            if let Some(recent) = failures.get(user)
+                && recent.len() >= MAX_FAILURES
+            {
                 return Login::Locked;
             }
         }
@@ -117,9 +120,16 @@ impl Auth {
         });
         if !ok {
             let mut failures = self.failures.lock().expect("failures");
-            failures.entry(user.to_string()).or_default().push(now);
-            // Bounded: names that only ever failed long ago are forgotten.
-            failures.retain(|_, v| v.iter().any(|t| now.duration_since(*t) < FAILURE_WINDOW));
+            // Failures are counted by name, and a flood of made-up names must neither
+            // grow memory without end nor lock anyone else out. Beyond the limit only
+            // the configured users' failures are still counted (at most one entry
+            // each): a made-up name can never log in, so leaving it uncounted loses
+            // nothing.
+            let tracked = failures.contains_key(user);
+            let is_user = self.users.iter().any(|(name, _)| name == user);
+            if tracked || is_user || failures.len() < self.max_tracked_names {
+                failures.entry(user.to_string()).or_default().push(now);
+            }
             return Login::Refused;
         }
         self.failures.lock().expect("failures").remove(user);
@@ -341,19 +351,57 @@ mod tests {
         assert!(matches!(auth.login("ops", "correct horse"), Login::Locked));
     }
 
+    /// The audit's finding: once the table of failing names was full, every name not
+    /// in it was `Locked`, real users included, and the check returned before expired
+    /// failures were forgotten, so the lock never lifted until a restart.
     #[test]
-    fn a_flood_of_made_up_names_locks_logins_instead_of_growing_memory() {
+    fn a_flood_of_made_up_names_neither_grows_memory_nor_locks_anyone_out() {
         let mut auth = Auth::new(&config());
         auth.max_tracked_names = 3;
-        for name in ["a", "b", "c"] {
-            assert!(matches!(auth.login(name, "guess"), Login::Refused));
+        let start = Instant::now();
+        for name in ["a", "b", "c", "d", "e"] {
+            assert!(matches!(
+                auth.login_at(name, "guess", start),
+                Login::Refused
+            ));
         }
-        assert!(matches!(auth.login("d", "guess"), Login::Locked));
-        assert!(matches!(auth.login("ops", "correct horse"), Login::Locked));
         assert_eq!(
             auth.failures.lock().unwrap().len(),
             3,
             "nothing more is kept"
+        );
+        assert!(
+            matches!(
+                auth.login_at("ops", "correct horse", start),
+                Login::Ok { .. }
+            ),
+            "a real user still logs in"
+        );
+        // A real user's failures are still counted while the table is full.
+        for _ in 0..MAX_FAILURES {
+            auth.login_at("a", "guess", start);
+            auth.login_at("ops", "guess", start);
+        }
+        assert!(matches!(
+            auth.login_at("ops", "correct horse", start),
+            Login::Locked
+        ));
+        assert_eq!(
+            auth.failures.lock().unwrap().len(),
+            4,
+            "the user's one entry more"
+        );
+        // And every lock lifts with its window.
+        let later = start + FAILURE_WINDOW + Duration::from_secs(1);
+        assert!(matches!(
+            auth.login_at("ops", "correct horse", later),
+            Login::Ok { .. }
+        ));
+        assert!(matches!(auth.login_at("a", "guess", later), Login::Refused));
+        assert_eq!(
+            auth.failures.lock().unwrap().len(),
+            1,
+            "expired names are forgotten"
         );
     }
 

@@ -41,8 +41,13 @@ pub struct AppState {
     pub max_batch_events: usize,
     /// A request body must arrive whole within this.
     pub body_timeout: Duration,
-    /// Permits for requests in flight (`ingest.max_concurrent_requests`).
+    /// Permits for requests being processed (`ingest.max_concurrent_requests`), taken
+    /// once the body is read.
     pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// Bytes of request bodies being read, one permit a byte
+    /// (`max_concurrent_requests` × `max_request_bytes`): a slow client holds only what
+    /// it has sent.
+    pub reading: Arc<tokio::sync::Semaphore>,
     /// write key → the source it belongs to
     pub sources: HashMap<String, SourceKey>,
     /// The subject keys and suppressions, once read (until then: 503).
@@ -234,16 +239,7 @@ async fn handle(
             }
         },
     };
-    // Beyond the requests in flight it can hold, ingest sheds load instead of queueing.
-    let permit = st.in_flight.clone().try_acquire_owned();
-    let accepted = match permit {
-        Ok(_permit) => accept(&st, endpoint, &headers, body).await,
-        Err(_) => Err(Refusal::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "overloaded",
-            "ingest is at capacity (requests in flight), retry later",
-        )),
-    };
+    let accepted = receive(&st, endpoint, &headers, body).await;
     let resp = match accepted {
         Ok(r) => r,
         Err(refusal) => {
@@ -263,6 +259,38 @@ async fn handle(
         .with_label_values(&[endpoint])
         .observe(started.elapsed().as_secs_f64());
     resp
+}
+
+/// Reads a request, then processes it. The body is read first, against the budget of
+/// bytes being read, and only then is a processing slot taken: clients that trickle
+/// their bodies hold the few bytes they sent, never a slot. Beyond either limit ingest
+/// sheds load (429) instead of queueing.
+async fn receive(
+    st: &AppState,
+    endpoint: &'static str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, Refusal> {
+    // A key in the header is checked before any body work.
+    let header_key = basic_user(headers).filter(|k| !k.is_empty());
+    if let Some(k) = &header_key {
+        source_of(st, k)?;
+    }
+    let (bytes, _read) = read_body(st, headers, body).await?;
+    let _slot = st
+        .in_flight
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| overloaded())?;
+    accept(st, endpoint, header_key, &bytes).await
+}
+
+fn overloaded() -> Refusal {
+    Refusal::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "overloaded",
+        "ingest is at capacity (requests in flight), retry later",
+    )
 }
 
 /// The source of a write key: 401 for an unknown key, 403 for a disabled source.
@@ -298,8 +326,13 @@ fn basic_user(headers: &HeaderMap) -> Option<String> {
     )
 }
 
-/// Reads the body within the limit, undoing gzip whatever the Content-Type says.
-async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Vec<u8>, Refusal> {
+/// Reads the body within the limit, undoing gzip whatever the Content-Type says; the
+/// permits of `st.reading` for the bytes received come with it.
+async fn read_body(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Vec<u8>, Option<tokio::sync::OwnedSemaphorePermit>), Refusal> {
     let limit = st.max_request_bytes;
     let too_large = || {
         Refusal::new(
@@ -320,6 +353,7 @@ async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Vec
     // still sending, gets to read the 413 instead of a reset connection.
     let mut stream = body.into_data_stream();
     let mut raw: Vec<u8> = Vec::new();
+    let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
     let mut seen = 0usize;
     // The whole body within the deadline: a client trickling bytes is cut off.
     let deadline = tokio::time::Instant::now() + st.body_timeout;
@@ -352,6 +386,14 @@ async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Vec
         })?;
         seen += chunk.len();
         if seen <= limit {
+            let permit = u32::try_from(chunk.len())
+                .ok()
+                .and_then(|n| st.reading.clone().try_acquire_many_owned(n).ok())
+                .ok_or_else(overloaded)?;
+            match &mut held {
+                Some(h) => h.merge(permit),
+                None => held = Some(permit),
+            }
             raw.extend_from_slice(&chunk);
         } else if seen > DRAIN_CAP {
             break;
@@ -363,7 +405,7 @@ async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Vec
     let encoding = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok());
-    decode_body(encoding, raw, limit)
+    Ok((decode_body(encoding, raw, limit)?, held))
 }
 
 /// Undoes a body's `Content-Encoding` (gzip or none); at most `limit` bytes come out.
@@ -569,16 +611,10 @@ pub fn events_of(
 async fn accept(
     st: &AppState,
     endpoint: &'static str,
-    headers: &HeaderMap,
-    body: Body,
+    header_key: Option<String>,
+    bytes: &[u8],
 ) -> Result<Response, Refusal> {
-    // A key in the header is checked before any body work.
-    let header_key = basic_user(headers).filter(|k| !k.is_empty());
-    if let Some(k) = &header_key {
-        source_of(st, k)?;
-    }
-    let bytes = read_body(st, headers, body).await?;
-    let root = parse_object(&bytes)?;
+    let root = parse_object(bytes)?;
     let key = match header_key {
         Some(k) => k,
         None => match root.get("writeKey") {
@@ -644,6 +680,30 @@ async fn accept(
         .into_response())
 }
 
+/// A dead letter as it goes on the topic. One whose event names a visitor is sealed like
+/// their events, so an erasure shreds it too; if it cannot be sealed the request is
+/// refused (503, the client retries), never written in clear.
+async fn dead_letter_payload(vault: &Vault, d: &DeadLetter) -> Result<Vec<u8>, Refusal> {
+    let payload = d.to_avro().map_err(internal)?;
+    let Some(subject) = serde_json::from_slice::<Value>(&d.original)
+        .ok()
+        .and_then(|v| validate::subject_of_input(&v))
+    else {
+        return Ok(payload);
+    };
+    vault
+        .seal(&subject_hash(&subject), &payload)
+        .await
+        .map_err(|e| {
+            warn!(error = %e, "a dead letter could not be sealed, answering with a retry");
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "events could not be stored in Kafka, retry later",
+            )
+        })
+}
+
 /// Produces the accepted events (sealed, less those of suppressed people, which are
 /// counted) and the dead letters, and waits for every acknowledgement; returns how many
 /// events were stored. Any failure answers 429 (queue full) or 503: the client retries
@@ -695,19 +755,10 @@ async fn produce(
         records.push((&ingested, subject.into_bytes(), payload));
     }
     for d in &dead {
-        let mut payload = d.to_avro().map_err(internal)?;
-        // A refused event that names a visitor is sealed like their events.
-        if let Some(subject) = serde_json::from_slice::<Value>(&d.original)
-            .ok()
-            .and_then(|v| validate::subject_of_input(&v))
-            && let Ok(sealed) = privacy.vault.seal(&subject_hash(&subject), &payload).await
-        {
-            payload = sealed;
-        }
         records.push((
             &deadletter,
             d.source.clone().unwrap_or_default().into_bytes(),
-            payload,
+            dead_letter_payload(&privacy.vault, d).await?,
         ));
     }
     let started = Instant::now();
@@ -782,6 +833,31 @@ mod tests {
         };
         let bytes = serde_json::to_vec(&body).unwrap();
         events_of(endpoint, parse_object(&bytes)?, bytes.len(), &d, |_| Ok(()))
+    }
+
+    /// The audit's finding: when sealing failed, the refused event went to the
+    /// dead-letter topic in clear, with its PII, beyond any erasure.
+    #[tokio::test]
+    async fn a_dead_letter_that_cannot_be_sealed_is_refused_not_written_in_clear() {
+        let dead = decode(
+            "batch",
+            json!({"batch": [{"type": "identify", "userId": "u-1", "traits": {"email": "x@mail.test"}, "timestamp": 7},
+                             {"type": "track", "userId": "u-1", "event": "E"}]}),
+        )
+        .unwrap()
+        .dead
+        .remove(0);
+        // A vault without a producer cannot create the visitor's key.
+        let vault = Vault::detached();
+        let refused = dead_letter_payload(&vault, &dead).await.unwrap_err();
+        assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+        // One that names no visitor has no subject to be erased with: it goes as it is.
+        let anonymous = DeadLetter {
+            original: b"7".to_vec(),
+            ..dead
+        };
+        let plain = dead_letter_payload(&vault, &anonymous).await.unwrap();
+        assert_eq!(plain, anonymous.to_avro().unwrap());
     }
 
     #[test]

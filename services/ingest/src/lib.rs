@@ -93,6 +93,11 @@ pub async fn run_with_listener(
         in_flight: Arc::new(tokio::sync::Semaphore::new(
             config.ingest.max_concurrent_requests.max(1),
         )),
+        reading: Arc::new(tokio::sync::Semaphore::new(
+            (config.ingest.max_concurrent_requests.max(1))
+                .saturating_mul(config.ingest.max_request_bytes.max(1))
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        )),
         sources: http::source_keys(&config.ingest.sources),
         privacy: privacy.clone(),
     });

@@ -138,10 +138,10 @@ impl Definition {
     }
 }
 
-/// A JSON or YAML document.
+/// A JSON or YAML document (YAML with a bound on what its aliases expand to).
 pub fn parse_document(text: &str, yaml: bool) -> Result<Value, String> {
     if yaml {
-        serde_yaml_ng::from_str(text).map_err(|e| format!("invalid YAML: {e}"))
+        crate::yaml::parse(text)
     } else {
         serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))
     }

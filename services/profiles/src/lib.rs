@@ -19,6 +19,7 @@ pub mod profile;
 pub mod segments;
 pub mod state;
 pub mod triggers;
+pub mod yaml;
 
 use std::time::Duration;
 
