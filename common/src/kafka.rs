@@ -291,19 +291,128 @@ async fn check_login(kafka: &KafkaConfig) -> Result<()> {
 }
 
 /// Creates the topics that do not exist yet (partitions, replication and retention
-/// from configuration). Existing topics are left as they are. Refused credentials stop
-/// here with an error that says so.
+/// from configuration), then checks the settings of the compacted ones, created here or
+/// before ([`check_compacted`]). Refused credentials stop here with an error that says so.
 pub async fn ensure_topics(
     kafka: &KafkaConfig,
     cfg: &TopicsConfig,
     names: &[(String, TopicKind)],
 ) -> Result<()> {
-    if !cfg.create || names.is_empty() {
+    if names.is_empty() {
         return Ok(());
     }
     check_login(kafka).await?;
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(kafka, "tessera-admin").create()?;
+    let admin: Arc<AdminClient<DefaultClientContext>> =
+        Arc::new(client_config(kafka, "tessera-admin").create()?);
+    if cfg.create {
+        create_topics(&admin, cfg, names).await?;
+    }
+    check_compacted(&admin, cfg, names).await
+}
+
+/// The compacted topics (tables, subject keys) hold state whose loss is silent: a key
+/// removed by retention looks like an erased one. Each existing one must be compacted
+/// only (no `delete` in `cleanup.policy`), have at least `topics.replication_factor`
+/// replicas, and with several replicas need at least two in sync for a write. A topic
+/// that does not is refused with what to change.
+async fn check_compacted(
+    admin: &Arc<AdminClient<DefaultClientContext>>,
+    cfg: &TopicsConfig,
+    names: &[(String, TopicKind)],
+) -> Result<()> {
+    use rdkafka::admin::ResourceSpecifier;
+    let compacted: Vec<&str> = names
+        .iter()
+        .filter(|(_, k)| matches!(k, TopicKind::Table | TopicKind::Erasable))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if compacted.is_empty() {
+        return Ok(());
+    }
+    let md = {
+        let a = admin.clone();
+        tokio::task::spawn_blocking(move || a.inner().fetch_metadata(None, Duration::from_secs(10)))
+            .await
+            .map_err(|e| Error::Invalid(format!("reading the topics' metadata: {e}")))??
+    };
+    let specs: Vec<ResourceSpecifier<'_>> = compacted
+        .iter()
+        .filter(|n| md.topics().iter().any(|t| t.name() == **n))
+        .map(|n| ResourceSpecifier::Topic(n))
+        .collect();
+    if specs.is_empty() {
+        return Ok(());
+    }
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    for described in admin.describe_configs(specs.iter(), &opts).await? {
+        let resource = described
+            .map_err(|code| Error::Invalid(format!("reading a topic's settings: {code}")))?;
+        let rdkafka::admin::OwnedResourceSpecifier::Topic(name) = &resource.specifier else {
+            continue;
+        };
+        let value = |key: &str| resource.get(key).and_then(|e| e.value.clone());
+        let replicas = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == name)
+            .and_then(|t| t.partitions().iter().map(|p| p.replicas().len()).min())
+            .unwrap_or(0);
+        let min_isr = value("min.insync.replicas").and_then(|v| v.parse::<usize>().ok());
+        problem_of_compacted(
+            name,
+            value("cleanup.policy").as_deref(),
+            replicas,
+            min_isr,
+            cfg.replication_factor.max(1) as usize,
+        )?;
+    }
+    Ok(())
+}
+
+/// What is wrong with a compacted topic's settings, as the refusal to start.
+fn problem_of_compacted(
+    name: &str,
+    cleanup_policy: Option<&str>,
+    replicas: usize,
+    min_isr: Option<usize>,
+    wanted_replicas: usize,
+) -> Result<()> {
+    let refuse = |what: String| {
+        Err(Error::Config(format!(
+            "topic {name} holds state whose loss is silent (subject keys, tables), and {what}. \
+             Fix the topic (docs/operations.md, \"Topic settings refused\") and start again"
+        )))
+    };
+    let policy = cleanup_policy.unwrap_or("delete");
+    if policy.split(',').any(|p| p.trim() != "compact") {
+        return refuse(format!(
+            "its cleanup.policy is {policy:?}: retention would delete its records. It must be \
+             \"compact\" only (kafka-configs --alter --entity-type topics --entity-name {name} \
+             --add-config cleanup.policy=compact)"
+        ));
+    }
+    if replicas < wanted_replicas {
+        return refuse(format!(
+            "it has {replicas} replica(s) where topics.replication_factor asks for \
+             {wanted_replicas}: reassign its partitions to more brokers"
+        ));
+    }
+    if replicas >= 2 && min_isr.unwrap_or(1) < 2 {
+        return refuse(format!(
+            "its min.insync.replicas is {}: with {replicas} replicas, a write acknowledged by \
+             one broker alone can be lost. Set it to 2 or more",
+            min_isr.unwrap_or(1)
+        ));
+    }
+    Ok(())
+}
+
+/// Creates the topics that do not exist yet. Existing topics are left as they are.
+async fn create_topics(
+    admin: &Arc<AdminClient<DefaultClientContext>>,
+    cfg: &TopicsConfig,
+    names: &[(String, TopicKind)],
+) -> Result<()> {
     let retention = cfg.events_retention_ms.to_string();
     let audit_retention = cfg.audit_retention_ms.to_string();
     let new: Vec<NewTopic<'_>> = names
@@ -344,8 +453,11 @@ pub async fn ensure_topics(
                         }
                     }
                 }
-                return wait_for_metadata(admin, names.iter().map(|(n, _)| n.clone()).collect())
-                    .await;
+                return wait_for_metadata(
+                    admin.clone(),
+                    names.iter().map(|(n, _)| n.clone()).collect(),
+                )
+                .await;
             }
             Err(e) => {
                 warn!(attempt, error = %e, "creating topics failed, retrying");
@@ -361,10 +473,9 @@ pub async fn ensure_topics(
 /// topic with a leader for each partition. A consumer that subscribed earlier would not
 /// see a missing topic until its next metadata refresh.
 async fn wait_for_metadata(
-    admin: AdminClient<DefaultClientContext>,
+    admin: Arc<AdminClient<DefaultClientContext>>,
     names: Vec<String>,
 ) -> Result<()> {
-    let admin = Arc::new(admin);
     for _ in 0..120 {
         let (a, wanted) = (admin.clone(), names.clone());
         let ready = tokio::task::spawn_blocking(move || {
@@ -395,6 +506,28 @@ async fn wait_for_metadata(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The audit's finding: a pre-created keys topic with `delete` retention loses
+    /// subject keys silently. Such topics are refused at start.
+    #[test]
+    fn compacted_topics_with_unsafe_settings_are_refused() {
+        let ok = |p, r, isr, want| problem_of_compacted("t.privacy.keys", p, r, isr, want);
+        ok(Some("compact"), 1, Some(1), 1).unwrap();
+        ok(Some("compact"), 3, Some(2), 3).unwrap();
+        for (policy, replicas, isr, want, says) in [
+            (Some("delete"), 1, Some(1), 1, "cleanup.policy"),
+            (Some("compact,delete"), 1, Some(1), 1, "cleanup.policy"),
+            (None, 1, Some(1), 1, "cleanup.policy"),
+            (Some("compact"), 1, Some(1), 3, "replica"),
+            (Some("compact"), 3, Some(1), 3, "min.insync.replicas"),
+        ] {
+            let err = ok(policy, replicas, isr, want).unwrap_err().to_string();
+            assert!(
+                err.contains(says) && err.contains("t.privacy.keys"),
+                "{err}"
+            );
+        }
+    }
     use rdkafka::mocking::MockCluster;
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 

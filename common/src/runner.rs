@@ -131,6 +131,14 @@ impl Ownership {
             .contains(&(topic.to_string(), partition))
     }
 
+    /// Keeps only the offsets of partitions assigned here now. A batch may outlive its
+    /// partitions (revoked while it was processed): committing their offsets to the
+    /// group could move back what their new owner already committed.
+    fn retain_owned(&self, offsets: &mut BTreeMap<(String, i32), i64>) {
+        let o = self.lock();
+        offsets.retain(|tp, _| o.assigned.contains(tp));
+    }
+
     /// Whether `partition` of `topic` is assigned here and caught up.
     pub fn serves(&self, topic: &str, partition: i32) -> bool {
         let o = self.lock();
@@ -180,6 +188,10 @@ pub struct RunnerSpec {
     /// joined the group) is held paused and the service unready, with an error, until
     /// the group gives this instance every partition again.
     pub sole_consumer: bool,
+    /// A record sealed with a key that is missing (neither held nor erased) is skipped
+    /// and counted instead of holding the runner (`privacy.skip_missing_keys`: the
+    /// operator's decision once the keys are known to be lost).
+    pub skip_missing_keys: bool,
 }
 
 impl RunnerSpec {
@@ -202,6 +214,7 @@ impl RunnerSpec {
             vault: None,
             ownership: Ownership::default(),
             sole_consumer: false,
+            skip_missing_keys: false,
         }
     }
 }
@@ -240,6 +253,9 @@ struct RunnerMetrics {
     shredded: IntCounterVec,
     state_bytes: prometheus::IntGauge,
     retention_gap: IntCounterVec,
+    /// 1 while the runner holds on a record whose subject key is missing.
+    missing_key_hold: prometheus::IntGauge,
+    missing_key_skipped: IntCounterVec,
 }
 
 impl RunnerMetrics {
@@ -339,8 +355,31 @@ impl RunnerMetrics {
         registry
             .register(Box::new(retention_gap.clone()))
             .map_err(reg)?;
+        let missing_key_hold = prometheus::IntGauge::new(
+            format!("tessera_{service}_missing_key_hold"),
+            "1 while consumption is held on a record sealed with a subject key that the keys \
+             topic does not hold and that was never erased (the keys topic lost records)",
+        )
+        .map_err(reg)?;
+        registry
+            .register(Box::new(missing_key_hold.clone()))
+            .map_err(reg)?;
+        let missing_key_skipped = IntCounterVec::new(
+            Opts::new(
+                format!("tessera_{service}_missing_key_records_skipped_total"),
+                "Records skipped because their subject key is missing, by the operator's \
+                 choice (privacy.skip_missing_keys): their data is lost",
+            ),
+            &["topic"],
+        )
+        .map_err(reg)?;
+        registry
+            .register(Box::new(missing_key_skipped.clone()))
+            .map_err(reg)?;
         Ok(RunnerMetrics {
             retention_gap,
+            missing_key_hold,
+            missing_key_skipped,
             consumed,
             produced,
             produce_retries,
@@ -580,6 +619,12 @@ pub async fn run<P: Processor>(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let metrics = RunnerMetrics::new(registry, spec.service)?;
+    {
+        let st = store.clone();
+        tokio::task::spawn_blocking(move || resume_purge(&st))
+            .await
+            .map_err(|e| Error::Invalid(format!("purge panicked: {e}")))??;
+    }
     let ownership = spec.ownership.clone();
     let paused = match spec.sole_consumer {
         false => None,
@@ -656,7 +701,13 @@ pub async fn run<P: Processor>(
 
         // Sealed records are opened; those of erased subjects are skipped (their offsets
         // still advance).
-        let Some(batch) = open_all(spec.vault.as_deref(), batch, &metrics, &shutdown).await else {
+        let opening = Opening {
+            vault: spec.vault.as_deref(),
+            metrics: &metrics,
+            ready: spec.ready.as_deref(),
+            skip_missing: spec.skip_missing_keys,
+        };
+        let Some(batch) = open_all(&opening, batch, &shutdown).await else {
             break;
         };
 
@@ -747,13 +798,16 @@ pub async fn run<P: Processor>(
                         .get(tp)
                         .is_none_or(|committed| *next >= *committed)
                 });
+                ownership.retain_owned(&mut forward);
                 commit_kafka(&consumer, &forward, CommitMode::Async);
             }
             OffsetStorage::Kafka => {
                 if !write.is_empty() {
                     commit_state(&store, write).await?;
                 }
-                commit_kafka(&consumer, &next_offsets, CommitMode::Async);
+                let mut owned = next_offsets.clone();
+                ownership.retain_owned(&mut owned);
+                commit_kafka(&consumer, &owned, CommitMode::Async);
             }
         }
         processor.committed();
@@ -787,52 +841,95 @@ pub async fn run<P: Processor>(
     }
     if matches!(spec.offsets, OffsetStorage::Kafka) {
         // Make sure the last processed offsets land before leaving the group (never the
-        // consumer's position: it may be ahead of what was processed).
+        // consumer's position: it may be ahead of what was processed), for the
+        // partitions still assigned here.
+        ownership.retain_owned(&mut done);
         commit_kafka(&consumer, &done, CommitMode::Sync);
     }
     info!(service = spec.service, "consumer stopped");
     Ok(())
 }
 
+/// What opening a batch's sealed records needs.
+struct Opening<'a> {
+    vault: Option<&'a Vault>,
+    metrics: &'a RunnerMetrics,
+    ready: Option<&'a Health>,
+    skip_missing: bool,
+}
+
 /// Opens the sealed records of a batch: each comes with the subject it was sealed for;
-/// a shredded one is counted and left out. `None` if shutdown came while the keys
-/// topic could not be read.
+/// a shredded one (its key was erased) is counted and left out. A record whose key is
+/// missing (never erased: the keys topic lost it) holds the runner, unready, retrying
+/// until the key is back or the operator chooses to skip such records. `None` if
+/// shutdown came meanwhile.
 async fn open_all(
-    vault: Option<&Vault>,
+    o: &Opening<'_>,
     batch: Vec<Message>,
-    metrics: &RunnerMetrics,
     shutdown: &CancellationToken,
 ) -> Option<Vec<(Message, Option<SubjectHash>)>> {
     let mut opened = Vec::with_capacity(batch.len());
     for mut m in batch {
-        let (Some(v), Some(subject)) =
-            (vault, m.payload.as_deref().and_then(vault::sealed_subject))
-        else {
+        let (Some(v), Some(subject)) = (
+            o.vault,
+            m.payload.as_deref().and_then(vault::sealed_subject),
+        ) else {
             opened.push((m, None));
             continue;
         };
         let sealed = m.payload.take().unwrap_or_default();
+        let mut held = false;
         let result = loop {
-            match v.open(&sealed).await {
+            let wait = match v.open(&sealed).await {
+                Ok(Opened::Missing) if !o.skip_missing => {
+                    if !held {
+                        error!(topic = %m.topic, partition = m.partition, offset = m.offset,
+                            "a record is sealed with a subject key that the keys topic does not \
+                             hold and that was never erased: the keys topic lost records. Holding \
+                             here, unready, until the key is back (runbook: subject keys are missing)");
+                        held = true;
+                        o.metrics.missing_key_hold.set(1);
+                        if let Some(h) = o.ready {
+                            h.set_ready(false);
+                        }
+                    }
+                    Duration::from_secs(5)
+                }
                 Ok(r) => break r,
                 Err(e) => {
                     warn!(error = %e, "cannot read the keys topic, retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return None,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
+                    Duration::from_secs(1)
                 }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(wait) => {}
             }
         };
+        if held {
+            info!(topic = %m.topic, partition = m.partition, offset = m.offset, "the missing subject key is back: going on");
+            o.metrics.missing_key_hold.set(0);
+            if let Some(h) = o.ready {
+                h.set_ready(true);
+            }
+        }
         match result {
             Opened::Plain(p) => {
                 m.payload = Some(p);
                 opened.push((m, Some(subject)));
             }
-            Opened::Shredded => metrics
+            Opened::Shredded => o
+                .metrics
                 .shredded
                 .with_label_values(&[m.topic.as_str()])
                 .inc(),
+            Opened::Missing => {
+                warn!(topic = %m.topic, partition = m.partition, offset = m.offset, "a record whose subject key is missing is skipped (privacy.skip_missing_keys)");
+                o.metrics
+                    .missing_key_skipped
+                    .with_label_values(&[m.topic.as_str()])
+                    .inc();
+            }
             // Left sealed: the processor cannot decode it and dead-letters it.
             Opened::Corrupt => {
                 m.payload = Some(sealed);
@@ -992,16 +1089,25 @@ async fn produce_all(
     true
 }
 
+/// Written with an erasure's deletions and removed once they are purged from disk: a
+/// purge that failed, or a crash before it ended, is done again at the next start
+/// ([`resume_purge`]).
+const PURGE_OWED: &[u8] = b"~purge-owed";
+
 /// Writes the batch; one that erased a person is then purged from disk before the
 /// runner goes on (erasures are rare, and the report says it is done).
-async fn commit_state(store: &SharedStore, write: WriteBatch) -> Result<()> {
+async fn commit_state(store: &SharedStore, mut write: WriteBatch) -> Result<()> {
     let st = store.clone();
     tokio::task::spawn_blocking(move || {
         let purge = write.purged_keys();
+        if purge.is_some() {
+            write.put(PURGE_OWED, Vec::new());
+        }
         st.write(write)?;
         if let Some(keys) = purge {
             let started = Instant::now();
             st.purge(&keys)?;
+            purged(&st)?;
             info!(
                 keys = keys.len(),
                 seconds = started.elapsed().as_secs_f64(),
@@ -1012,6 +1118,26 @@ async fn commit_state(store: &SharedStore, write: WriteBatch) -> Result<()> {
     })
     .await
     .map_err(|e| Error::Invalid(format!("state write panicked: {e}")))?
+}
+
+fn purged(store: &SharedStore) -> Result<()> {
+    let mut done = WriteBatch::default();
+    done.delete(PURGE_OWED);
+    store.write(done)
+}
+
+/// Finishes a purge owed from before: the whole store is compacted, since which keys it
+/// was for is not kept (they may name people).
+pub fn resume_purge(store: &SharedStore) -> Result<()> {
+    if store.get(PURGE_OWED)?.is_none() {
+        return Ok(());
+    }
+    warn!("an erasure's purge from disk did not finish before; purging everything now");
+    let started = Instant::now();
+    store.purge_all()?;
+    purged(store)?;
+    info!(seconds = started.elapsed().as_secs_f64(), "owed purge done");
+    Ok(())
 }
 
 fn commit_kafka(
@@ -1031,5 +1157,121 @@ fn commit_kafka(
     }
     if let Err(e) = consumer.commit(&tpl, mode) {
         debug!(error = %e, "offset commit to the group failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{MemStore, Store};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A store whose first purges fail, counting what it was asked to purge.
+    #[derive(Default)]
+    struct FailingPurge {
+        inner: MemStore,
+        failures_left: AtomicUsize,
+        purges: AtomicUsize,
+        purges_of_all: AtomicUsize,
+    }
+
+    impl Store for FailingPurge {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+            self.inner.get(key)
+        }
+        fn scan_from(&self, p: &[u8], s: &[u8], l: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+            self.inner.scan_from(p, s, l)
+        }
+        fn scan_last(&self, p: &[u8], l: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+            self.inner.scan_last(p, l)
+        }
+        fn write(&self, batch: WriteBatch) -> Result<()> {
+            self.inner.write(batch)
+        }
+        fn purge(&self, _deleted: &[Vec<u8>]) -> Result<()> {
+            self.purges.fetch_add(1, Ordering::SeqCst);
+            self.failed()
+        }
+        fn purge_all(&self) -> Result<()> {
+            self.purges_of_all.fetch_add(1, Ordering::SeqCst);
+            self.failed()
+        }
+    }
+
+    impl FailingPurge {
+        fn failed(&self) -> Result<()> {
+            match self
+                .failures_left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            {
+                Ok(_) => Err(Error::Invalid("disk full".into())),
+                Err(_) => Ok(()),
+            }
+        }
+    }
+
+    /// The audit's finding: a batch's offsets were committed to the group for every
+    /// partition in it, revoked ones included, which could move back what their new
+    /// owner had committed (and the final commit named every partition ever processed).
+    #[test]
+    fn only_partitions_assigned_now_are_committed() {
+        let ownership = Ownership::default();
+        ownership.set_assigned([("in".to_string(), 0), ("in".to_string(), 2)]);
+        let mut offsets: BTreeMap<(String, i32), i64> = [
+            (("in".to_string(), 0), 10),
+            (("in".to_string(), 1), 20),
+            (("in".to_string(), 2), 30),
+        ]
+        .into();
+        ownership.retain_owned(&mut offsets);
+        assert_eq!(offsets.keys().map(|(_, p)| *p).collect::<Vec<_>>(), [0, 2]);
+        ownership.set_assigned([]);
+        ownership.retain_owned(&mut offsets);
+        assert!(offsets.is_empty(), "all revoked: nothing is committed");
+    }
+
+    /// The audit's finding: an erasure's purge that failed after its batch was written
+    /// was never done again (the batch, offsets included, was committed).
+    #[tokio::test]
+    async fn a_purge_that_failed_is_done_at_the_next_start() {
+        let failing = Arc::new(FailingPurge::default());
+        failing.failures_left.store(1, Ordering::SeqCst);
+        let store: SharedStore = failing.clone();
+        let mut write = WriteBatch::default();
+        write.put(b"p/1".to_vec(), b"x".to_vec());
+        store.write(write).unwrap();
+        let mut txn = crate::store::Txn::new(store.as_ref());
+        txn.delete(b"p/1".to_vec());
+        txn.put(offset_key("t", 0), 8i64.to_be_bytes().to_vec());
+        txn.purge_on_commit();
+        let write = txn.into_batch();
+        assert!(
+            commit_state(&store, write).await.is_err(),
+            "the purge failed"
+        );
+        assert!(
+            store.get(b"p/1").unwrap().is_none(),
+            "the batch was written"
+        );
+        assert_eq!(stored_offset(&store, "t", 0).unwrap(), Some(8));
+
+        // The next start purges everything, once.
+        resume_purge(&store).unwrap();
+        assert_eq!(failing.purges_of_all.load(Ordering::SeqCst), 1);
+        resume_purge(&store).unwrap();
+        assert_eq!(
+            failing.purges_of_all.load(Ordering::SeqCst),
+            1,
+            "nothing owed any more"
+        );
+
+        // A purge that succeeds owes nothing.
+        let mut txn = crate::store::Txn::new(store.as_ref());
+        txn.delete(b"p/2".to_vec());
+        txn.purge_on_commit();
+        commit_state(&store, txn.into_batch()).await.unwrap();
+        assert_eq!(failing.purges.load(Ordering::SeqCst), 2);
+        resume_purge(&store).unwrap();
+        assert_eq!(failing.purges_of_all.load(Ordering::SeqCst), 1);
     }
 }

@@ -164,6 +164,7 @@ pub async fn run<P: Processor>(
     } = parts;
     spec.ready = Some(admin.health.clone());
     spec.vault = Some(vault);
+    spec.skip_missing_keys = config.privacy.skip_missing_keys;
     let service = spec.service;
     // The service's own API needs a token; health, readiness and metrics do not. The
     // privacy API has credentials of its own.

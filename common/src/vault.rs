@@ -4,9 +4,13 @@
 //! the ingest subject of an event (a hash of its anonymousId or userId), the profile id
 //! of everything downstream of identity, or a privacy request's id. Keys are random
 //! AES-256-GCM keys kept on `privacy.keys` (compacted, one partition, read whole by
-//! every service). Erasing a person writes a tombstone for each key of their subjects:
-//! every sealed record of theirs, on every topic and in every replay, is then noise. A
-//! record whose key is gone is *shredded*: the runner skips it and counts it.
+//! every service). Erasing a person overwrites each key of their subjects with an
+//! erasure marker (the same record key, no key bytes; compaction then drops the key
+//! itself): every sealed record of theirs, on every topic and in every replay, is then
+//! noise. A record whose key was erased is *shredded*: the runner skips it and counts it.
+//! A record whose key is simply not there (the keys topic lost, truncated or cleaned by
+//! retention) is *missing*, which is never taken for an erasure: the runner stops and
+//! says so (see the runbook, "Subject keys are missing").
 //!
 //! Subjects are only ever named by a hash ([`subject_hash`]): the keys topic holds no
 //! personal value. Several instances may create keys for one subject at once; each key
@@ -15,7 +19,7 @@
 //! A sealed record: `C3 5E` | subject hash (16 bytes) | key id (8) | nonce (12) |
 //! AES-256-GCM ciphertext and tag of the plain record. Anything else is plain.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -82,8 +86,11 @@ pub fn sealed_subject(bytes: &[u8]) -> Option<SubjectHash> {
 pub enum Opened {
     /// The plain record (it was sealed with a known key, or never sealed).
     Plain(Vec<u8>),
-    /// Sealed with a key that no longer exists: its subject was erased.
+    /// Sealed with a key that was erased (an erasure marker or a tombstone was seen).
     Shredded,
+    /// Sealed with a key the keys topic does not hold, and that was never erased: the
+    /// keys topic lost records. Not an erasure: the record must not be skipped.
+    Missing,
     /// Sealed, but it does not open with its key: damaged or forged.
     Corrupt,
 }
@@ -93,6 +100,8 @@ pub enum Opened {
 #[derive(Default)]
 struct Keys {
     by_subject: HashMap<SubjectHash, Vec<(KeyId, [u8; 32])>>,
+    /// Keys whose erasure was seen (about 24 bytes each: erasures are rare).
+    erased: HashSet<(SubjectHash, KeyId)>,
 }
 
 /// A key's id: random, so instances creating keys for one subject at once never collide.
@@ -264,7 +273,14 @@ impl Vault {
         }
         let s: SubjectHash = bytes[2..18].try_into().expect("16 bytes");
         let id: [u8; 8] = bytes[18..26].try_into().expect("8 bytes");
-        let cipher = self.keys.read().expect("keys lock").get(&s, &id)?;
+        let cipher = {
+            let keys = self.keys.read().expect("keys lock");
+            match keys.get(&s, &id) {
+                Some(c) => c,
+                None if keys.erased.contains(&(s, id)) => return Some(Opened::Shredded),
+                None => return None,
+            }
+        };
         Some(
             match cipher.decrypt(
                 Nonce::from_slice(&bytes[26..HEADER_LEN]),
@@ -278,14 +294,14 @@ impl Vault {
 
     /// Opens a record. A key not seen yet may be on its way (it is stored before any
     /// record sealed with it): the vault first reads the keys topic up to its end; a key
-    /// still unknown then was destroyed. An error means the keys topic could not be
-    /// read: try again.
+    /// neither held nor erased then is missing. An error means the keys topic could not
+    /// be read: try again.
     pub async fn open(&self, bytes: &[u8]) -> Result<Opened> {
         if let Some(o) = self.try_open(bytes) {
             return Ok(o);
         }
         self.catch_up().await?;
-        Ok(self.try_open(bytes).unwrap_or(Opened::Shredded))
+        Ok(self.try_open(bytes).unwrap_or(Opened::Missing))
     }
 
     /// Waits until every key stored so far has been read.
@@ -293,13 +309,14 @@ impl Vault {
         let Some(watermarks) = &self.watermarks else {
             return Ok(());
         };
-        let high = {
+        let (low, high) = {
             let c = watermarks.lock().expect("watermarks lock");
-            let (_, high) = c.fetch_watermarks(&self.topic, 0, Duration::from_secs(10))?;
-            high
+            c.fetch_watermarks(&self.topic, 0, Duration::from_secs(10))?
         };
+        // Records below the first offset are gone (deleted or truncated): there is
+        // nothing to wait for there.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.applied.load(Ordering::Acquire) < high {
+        while self.applied.load(Ordering::Acquire).max(low) < high {
             if Instant::now() > deadline {
                 return Err(Error::Invalid(
                     "the keys topic was not read to its end within 10 s".into(),
@@ -310,8 +327,24 @@ impl Vault {
         Ok(())
     }
 
-    /// The keys topic's record keys of every key of these subjects: what to tombstone
-    /// to erase them. Call after [`Vault::catch_up`] to include keys created elsewhere.
+    /// The record that erases one key (named by its record key on the keys topic, as
+    /// [`Vault::keys_of`] gives it): the key's own record key with no key bytes. Unlike
+    /// a tombstone, compaction keeps it, so every vault, now and after any restart,
+    /// tells an erased key from a missing one.
+    pub fn erasure_record(record_key: &str) -> Result<Vec<u8>> {
+        let (s, id) = parse_record_key(record_key.as_bytes())
+            .ok_or_else(|| Error::Invalid("not a subject key's record key".into()))?;
+        SubjectKey {
+            subject: hex(&s),
+            key_id: hex(&id),
+            key: Vec::new(),
+            created_at: crate::now_ms(),
+        }
+        .to_avro()
+    }
+
+    /// The keys topic's record keys of every key of these subjects: what to erase.
+    /// Call after [`Vault::catch_up`] to include keys created elsewhere.
     pub fn keys_of(&self, subjects: &[SubjectHash]) -> Vec<String> {
         let keys = self.keys.read().expect("keys lock");
         subjects
@@ -348,28 +381,42 @@ fn apply(keys: &RwLock<Keys>, m: &Message) {
         return;
     };
     let mut keys = keys.write().expect("keys lock");
-    match m.payload.as_deref() {
-        // A tombstone: the key is destroyed.
-        None | Some([]) => {
+    let record = match m.payload.as_deref() {
+        // A tombstone (an erasure before erasure markers): the key is destroyed.
+        None | Some([]) => None,
+        Some(bytes) => match SubjectKey::from_avro(bytes) {
+            Ok(r) => Some(r.key),
+            Err(_) => {
+                tracing::warn!(offset = m.offset, "an unreadable keys record, skipped");
+                return;
+            }
+        },
+    };
+    match record.as_deref().map(<[u8; 32]>::try_from) {
+        Some(Ok(key)) if !keys.erased.contains(&(s, id)) => {
+            let v = keys.by_subject.entry(s).or_default();
+            if !v.iter().any(|(k, _)| *k == id) {
+                v.push((id, key));
+            }
+        }
+        Some(Ok(_)) => {}
+        // An erasure marker (no key bytes) or a tombstone.
+        Some(Err(_)) | None => {
+            if record.as_deref().is_some_and(|k| !k.is_empty()) {
+                tracing::warn!(
+                    offset = m.offset,
+                    "a keys record with a malformed key, skipped"
+                );
+                return;
+            }
             if let Some(v) = keys.by_subject.get_mut(&s) {
                 v.retain(|(k, _)| *k != id);
                 if v.is_empty() {
                     keys.by_subject.remove(&s);
                 }
             }
+            keys.erased.insert((s, id));
         }
-        Some(bytes) => match SubjectKey::from_avro(bytes)
-            .ok()
-            .and_then(|r| <[u8; 32]>::try_from(r.key.as_slice()).ok())
-        {
-            Some(key) => {
-                let v = keys.by_subject.entry(s).or_default();
-                if !v.iter().any(|(k, _)| *k == id) {
-                    v.push((id, key));
-                }
-            }
-            None => tracing::warn!(offset = m.offset, "an unreadable keys record, skipped"),
-        },
     }
 }
 
@@ -421,11 +468,48 @@ mod tests {
         let mut bad = sealed.clone();
         *bad.last_mut().unwrap() ^= 1;
         assert_eq!(v.open(&bad).await.unwrap(), Opened::Corrupt);
-        // The tombstone destroys the key: the record is noise from then on.
+        // The erasure marker destroys the key: the record is noise from then on.
         assert_eq!(v.keys_of(&[subject_hash("profile-1")]), vec![k.clone()]);
-        v.apply(&msg(&k, None));
+        v.apply(&msg(&k, Some(Vault::erasure_record(&k).unwrap())));
         assert_eq!(v.open(&sealed).await.unwrap(), Opened::Shredded);
         assert!(v.is_empty());
+    }
+
+    /// The audit's finding: losing the keys topic (or a keys topic cleaned by retention)
+    /// made every record "shredded": counted, skipped, offsets moved on. A key that was
+    /// erased and a key that is missing are told apart, after a restart too.
+    #[tokio::test]
+    async fn a_missing_key_is_not_an_erased_one() {
+        let v = Vault::detached();
+        let (k1, rec1) = key_record("profile-1", [1; 8]);
+        let (k2, rec2) = key_record("profile-2", [2; 8]);
+        let (k3, rec3) = key_record("profile-3", [3; 8]);
+        for (k, rec) in [(&k1, &rec1), (&k2, &rec2), (&k3, &rec3)] {
+            v.apply(&msg(k, Some(rec.clone())));
+        }
+        let mut sealed = Vec::new();
+        for s in ["profile-1", "profile-2", "profile-3"] {
+            sealed.push(v.seal(&subject_hash(s), b"x").await.unwrap());
+        }
+        let [one, two, three] = <[Vec<u8>; 3]>::try_from(sealed).unwrap();
+        // A vault that reads the topic afresh: profile-1 erased by a marker, profile-2 by
+        // an older tombstone, profile-3's key lost with the topic's records.
+        let fresh = Vault::detached();
+        fresh.apply(&msg(&k1, Some(rec1)));
+        fresh.apply(&msg(&k1, Some(Vault::erasure_record(&k1).unwrap())));
+        fresh.apply(&msg(&k2, Some(rec2)));
+        fresh.apply(&msg(&k2, None));
+        assert_eq!(fresh.open(&one).await.unwrap(), Opened::Shredded);
+        assert_eq!(fresh.open(&two).await.unwrap(), Opened::Shredded);
+        assert_eq!(fresh.open(&three).await.unwrap(), Opened::Missing);
+        // After compaction only the marker is left of profile-1's key: still erased.
+        let compacted = Vault::detached();
+        compacted.apply(&msg(&k1, Some(Vault::erasure_record(&k1).unwrap())));
+        assert_eq!(compacted.open(&one).await.unwrap(), Opened::Shredded);
+        // A key record that arrives after its marker (replayed out of order) stays erased.
+        compacted.apply(&msg(&k1, Some(key_record("profile-1", [1; 8]).1)));
+        assert_eq!(compacted.open(&one).await.unwrap(), Opened::Shredded);
+        assert!(Vault::erasure_record("not-a-key").is_err());
     }
 
     #[tokio::test]

@@ -1030,6 +1030,7 @@ async fn runner_commits_state_and_offsets_together_across_a_crash() {
         vault: None,
         ownership: Default::default(),
         sole_consumer: false,
+        skip_missing_keys: false,
     };
     let total = |store: &SharedStore| -> u64 {
         (0..KEYS)

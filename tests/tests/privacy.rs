@@ -529,3 +529,209 @@ async fn export_returns_everything_and_suppression_stops_ingest_and_activation()
     );
     p.stop().await;
 }
+
+/// The audit's finding: the subject keys sit on one topic, and a pre-created keys topic
+/// with `delete` retention loses them silently (every record then looked erased). A
+/// service refuses to start on such a topic and says what to change; on a compacted one
+/// it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keys_topic_that_would_lose_keys_is_refused_at_start() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(dir.path());
+    let keys = Topics::new(&config.topics).keys();
+    let admin: AdminClient<DefaultClientContext> = kafka_client();
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(&keys, 1, TopicReplication::Fixed(1))
+                .set("cleanup.policy", "delete")
+                .set("retention.ms", "3600000")],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    assert!(created[0].is_ok(), "{created:?}");
+    let err = tokio::time::timeout(
+        Duration::from_secs(60),
+        tessera_activation::run(config.clone(), tokio_util::sync::CancellationToken::new()),
+    )
+    .await
+    .expect("it refuses at once")
+    .expect_err("a keys topic with delete retention is refused");
+    let err = err.to_string();
+    assert!(
+        err.contains(&keys) && err.contains("cleanup.policy"),
+        "{err}"
+    );
+
+    // Made compacted, as the refusal says, the service starts.
+    admin
+        .alter_configs(
+            &[
+                rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(&keys))
+                    .set("cleanup.policy", "compact"),
+            ],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(tessera_activation::run(config, shutdown.clone()));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!running.is_finished(), "it runs: {:?}", running.await);
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+}
+
+/// The audit's finding: losing the keys topic's records made every record sealed with a
+/// lost key look erased: counted as shredded, skipped, its offset moved on, the data
+/// gone without a word. Now a key that is missing (never erased) holds the service,
+/// unready, with `tessera_<service>_missing_key_hold` at 1, and the service goes on by
+/// itself once the keys are restored to the topic, as the runbook says to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_record_whose_key_the_topic_lost_holds_the_service_until_the_key_is_back() {
+    use rdkafka::Message as _;
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    let (mut services, urls) = start_processes(&mut cfg, dir.path()).await;
+    let (ingest, identity, profiles) = (urls[0].clone(), urls[1].clone(), urls[2].clone());
+    let topics = Topics::new(&cfg.topics);
+    // Profiles is away while the person's first event goes through identity.
+    services.get_mut("profiles").unwrap().kill9();
+    let user = uid("lostkey");
+    send(
+        &ingest,
+        "/v1/identify",
+        json!({"userId": user, "traits": {"plan": "gold"}}),
+    )
+    .await;
+    eventually(
+        "identity to resolve the event",
+        Duration::from_secs(60),
+        || {
+            let url = format!("{identity}/v1/identity/lookup?type=user_id&value={user}");
+            async move {
+                let r = http().get(&url).send().await.ok()?;
+                (r.status() == 200).then_some(())
+            }
+        },
+    )
+    .await;
+
+    // The keys topic loses every record; a copy of them is kept.
+    let keys = topics.keys();
+    let reader: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", uid("keys-backup"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let (_, high) = reader
+        .fetch_watermarks(&keys, 0, Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&keys, 0, Offset::Beginning)
+        .unwrap();
+    reader.assign(&tpl).unwrap();
+    let mut backup = Vec::new();
+    while (backup.len() as i64) < high {
+        if let Some(Ok(m)) = reader.poll(Duration::from_secs(5)) {
+            backup.push((m.key().unwrap().to_vec(), m.payload().map(<[u8]>::to_vec)));
+        }
+    }
+    // (A compacted topic takes no DeleteRecords: it is lost whole, deleted by mistake.)
+    drop(reader);
+    let admin: AdminClient<DefaultClientContext> = kafka_client();
+    let deleted = admin
+        .delete_topics(&[&keys], &AdminOptions::new())
+        .await
+        .unwrap();
+    assert!(deleted[0].is_ok(), "{deleted:?}");
+    eventually("the keys topic to be gone", Duration::from_secs(60), || {
+        let (prefix, keys) = (cfg.topics.prefix.clone(), keys.clone());
+        async move { (!platform_topics(&prefix).contains(&keys)).then_some(()) }
+    })
+    .await;
+
+    // Profiles comes back (re-creating the keys topic, empty), reads no key, and holds at
+    // the person's event.
+    services.get_mut("profiles").unwrap().restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = match http().get(format!("{profiles}/metrics")).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if text
+            .lines()
+            .any(|l| l == "tessera_profiles_missing_key_hold 1")
+        {
+            break;
+        }
+        let log = services["profiles"].log();
+        let notable: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("starting"))
+            .collect();
+        let consumed: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("consumed") || l.contains("shredded") || l.contains("missing"))
+            .collect();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "profiles never held on the missing key; warnings:\n{}\nmetrics:\n{}",
+            notable.join("\n"),
+            consumed.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ready = http()
+        .get(format!("{profiles}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 503, "unready while it holds");
+    let metrics = metrics_text(&profiles).await;
+    assert!(
+        !metrics.contains("tessera_profiles_shredded_records_total{"),
+        "nothing taken for erased:\n{metrics}"
+    );
+    assert!(
+        services["profiles"]
+            .log()
+            .contains("keys topic lost records"),
+        "it says why"
+    );
+
+    // The keys are restored from the copy: profiles goes on by itself, nothing lost.
+    let producer: FutureProducer = kafka_client();
+    for (k, v) in &backup {
+        let mut r = FutureRecord::to(&keys).key(k);
+        if let Some(v) = v {
+            r = r.payload(v);
+        }
+        producer.send(r, Duration::from_secs(10)).await.unwrap();
+    }
+    let profile = wait_profile(&profiles, "user_id", &user, "the person's profile", |p| {
+        p["traits"]["plan"] == "gold"
+    })
+    .await;
+    assert_eq!(profile["events_total"], 1, "{profile}");
+    let metrics = metrics_text(&profiles).await;
+    assert!(
+        metrics.contains("tessera_profiles_missing_key_hold 0"),
+        "{metrics}"
+    );
+    for (_, svc) in services.iter_mut() {
+        svc.kill9();
+    }
+}

@@ -21,26 +21,31 @@ use tessera_common::records::{
 };
 use tessera_common::runner::Output;
 use tessera_common::store::Txn;
-use tessera_common::vault::{SubjectHash, subject_hash};
+use tessera_common::vault::{SubjectHash, Vault, subject_hash};
 
 use crate::IdentityProcessor;
 use crate::graph::{self, Graph};
 
 impl IdentityProcessor {
-    /// Tombstones every key of these subjects: what was sealed with them is noise.
-    pub(crate) fn destroy_keys(&self, subjects: &[SubjectHash], out: &mut Vec<Output>) -> usize {
+    /// Overwrites every key of these subjects with its erasure marker: what was sealed
+    /// with them is noise, and is known to be erased, not lost.
+    pub(crate) fn destroy_keys(
+        &self,
+        subjects: &[SubjectHash],
+        out: &mut Vec<Output>,
+    ) -> Result<usize> {
         let Some(vault) = &self.vault else {
-            return 0;
+            return Ok(0);
         };
         let keys = vault.keys_of(subjects);
         for k in &keys {
             out.push(Output::plain(
                 self.topics.keys(),
                 k.clone().into_bytes(),
-                Vec::new(),
+                Vault::erasure_record(k)?,
             ));
         }
-        keys.len()
+        Ok(keys.len())
     }
 
     pub(crate) fn on_privacy(
@@ -105,7 +110,7 @@ impl IdentityProcessor {
                     subjects.extend(e.merged_profiles.iter().map(|p| subject_hash(p)));
                     subjects.extend(e.subjects.iter().map(|s| subject_hash(s)));
                 }
-                let keys = self.destroy_keys(&subjects, out);
+                let keys = self.destroy_keys(&subjects, out)?;
                 let Some(e) = erased else {
                     return self.report(
                         cmd,
