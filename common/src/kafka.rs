@@ -290,23 +290,36 @@ async fn check_login(kafka: &KafkaConfig) -> Result<()> {
     .map_err(|e| Error::Invalid(format!("login check: {e}")))?
 }
 
-/// Creates the topics that do not exist yet (partitions, replication and retention
-/// from configuration), then checks the settings of the compacted ones, created here or
-/// before ([`check_compacted`]). Refused credentials stop here with an error that says so.
+/// With `topics.create`: creates the topics that do not exist yet (partitions,
+/// replication and retention from configuration), then checks the settings of the
+/// compacted ones, created here or before ([`check_compacted`]). Refused credentials
+/// stop here with an error that says so. Without it, nothing is asked of the brokers
+/// here: see [`check_topic_settings`].
 pub async fn ensure_topics(
     kafka: &KafkaConfig,
     cfg: &TopicsConfig,
     names: &[(String, TopicKind)],
 ) -> Result<()> {
-    if names.is_empty() {
+    if !cfg.create || names.is_empty() {
         return Ok(());
     }
     check_login(kafka).await?;
     let admin: Arc<AdminClient<DefaultClientContext>> =
         Arc::new(client_config(kafka, "tessera-admin").create()?);
-    if cfg.create {
-        create_topics(&admin, cfg, names).await?;
-    }
+    create_topics(&admin, cfg, names).await?;
+    check_compacted(&admin, cfg, names).await
+}
+
+/// The settings check of [`ensure_topics`] alone, for topics created by someone else
+/// (`topics.create = false`): a compacted topic with unsafe settings is refused.
+pub async fn check_topic_settings(
+    kafka: &KafkaConfig,
+    cfg: &TopicsConfig,
+    names: &[(String, TopicKind)],
+) -> Result<()> {
+    check_login(kafka).await?;
+    let admin: Arc<AdminClient<DefaultClientContext>> =
+        Arc::new(client_config(kafka, "tessera-admin").create()?);
     check_compacted(&admin, cfg, names).await
 }
 

@@ -58,6 +58,9 @@ pub async fn prepare(
         }
     }
     kafka::ensure_topics(&config.kafka, &config.topics, &needed).await?;
+    if !config.topics.create {
+        kafka::check_topic_settings(&config.kafka, &config.topics, &needed).await?;
+    }
     let admin = Admin::new();
     let producer = Arc::new(Producer::new(&config.kafka, &format!("tessera-{service}"))?);
     producer.register_metrics(&admin.registry, service)?;

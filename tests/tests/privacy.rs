@@ -565,6 +565,18 @@ async fn a_keys_topic_that_would_lose_keys_is_refused_at_start() {
         err.contains(&keys) && err.contains("cleanup.policy"),
         "{err}"
     );
+    // The same where the topics are someone else's to create (topics.create = false).
+    let mut theirs = config.clone();
+    theirs.topics.create = false;
+    let err = tokio::time::timeout(
+        Duration::from_secs(60),
+        tessera_activation::run(theirs, tokio_util::sync::CancellationToken::new()),
+    )
+    .await
+    .expect("it refuses at once")
+    .expect_err("refused with topics.create = false too")
+    .to_string();
+    assert!(err.contains("cleanup.policy"), "{err}");
 
     // Made compacted, as the refusal says, the service starts.
     admin

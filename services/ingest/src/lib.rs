@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use tessera_common::Result;
 use tessera_common::admin::{self, Admin};
@@ -35,6 +35,15 @@ async fn load_privacy(
     producer: &Arc<Producer>,
     shutdown: &CancellationToken,
 ) -> Result<http::Privacy> {
+    if !config.topics.create {
+        // Checked here, not before serving: ingest answers (503) without a broker.
+        kafka::check_topic_settings(
+            &config.kafka,
+            &config.topics,
+            &service::shared_topics(topics),
+        )
+        .await?;
+    }
     let vault = Vault::follow(
         &config.kafka,
         topics.keys(),
@@ -119,6 +128,12 @@ pub async fn run_with_listener(
             let loaded = loop {
                 match load_privacy(&config, &topics, &producer, &token).await {
                     Ok(p) => break p,
+                    // Settings that cannot work (a keys topic that would lose keys): stop.
+                    Err(e @ tessera_common::Error::Config(_)) => {
+                        error!(error = %e, "refusing to run");
+                        token.cancel();
+                        return Err(e);
+                    }
                     Err(e) if !token.is_cancelled() => {
                         warn!(error = %e, "privacy tables not read yet, retrying");
                         tokio::time::sleep(Duration::from_secs(1)).await;
