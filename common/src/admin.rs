@@ -310,6 +310,43 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// Serves `router` on a free loopback port until the token is cancelled.
+    async fn serve_for_test(
+        router: Router,
+    ) -> (
+        std::net::SocketAddr,
+        CancellationToken,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let listener = bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let http = HttpConfig {
+            header_read_timeout_ms: 5_000,
+            max_header_bytes: 16 * 1024,
+            body_timeout_ms: 5_000,
+        };
+        let stop = CancellationToken::new();
+        let server = tokio::spawn({
+            let stop = stop.clone();
+            async move { serve(listener, router, &http, stop).await }
+        });
+        (addr, stop, server)
+    }
+
+    /// Sends one raw request (its head, `Connection: close` added) and reads the answer.
+    async fn raw_get(addr: std::net::SocketAddr, path: &str, headers: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\n{headers}Connection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
     /// The audit's finding: any token holder could set `X-On-Behalf-Of` to any name and
     /// so write it into the audit trail. Only a delegating token may.
     #[tokio::test]
@@ -334,34 +371,19 @@ mod tests {
                 }),
             )
             .layer(axum::middleware::from_fn_with_state(tokens, require_token));
-        let listener = bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let http = HttpConfig {
-            header_read_timeout_ms: 5_000,
-            max_header_bytes: 16 * 1024,
-            body_timeout_ms: 5_000,
-        };
-        let stop = CancellationToken::new();
-        let server = tokio::spawn({
-            let stop = stop.clone();
-            async move { serve(listener, router, &http, stop).await }
-        });
+        let (addr, stop, server) = serve_for_test(router).await;
         let ask = |token: &'static str, actor: &'static str| async move {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
             let actor = if actor.is_empty() {
                 String::new()
             } else {
                 format!("X-On-Behalf-Of: {actor}\r\n")
             };
-            s.write_all(
-                format!("GET /who HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n{actor}Connection: close\r\n\r\n")
-                    .as_bytes(),
+            raw_get(
+                addr,
+                "/who",
+                &format!("Authorization: Bearer {token}\r\n{actor}"),
             )
             .await
-            .unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.unwrap();
-            out
         };
         let plain = ask("plain-token-0123456789", "").await;
         assert!(
@@ -383,8 +405,6 @@ mod tests {
     /// A handler that panics answers 500 with a JSON reason; the server goes on serving.
     #[tokio::test]
     async fn a_panicking_handler_answers_500_and_the_server_lives_on() {
-        let listener = bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let router = Router::new()
             .route(
                 "/boom",
@@ -395,27 +415,8 @@ mod tests {
                 }),
             )
             .route("/ok", axum::routing::get(|| async { "ok" }));
-        let http = HttpConfig {
-            header_read_timeout_ms: 5_000,
-            max_header_bytes: 16 * 1024,
-            body_timeout_ms: 5_000,
-        };
-        let stop = CancellationToken::new();
-        let server = tokio::spawn({
-            let stop = stop.clone();
-            async move { serve(listener, router, &http, stop).await }
-        });
-        let get = |path: &'static str| async move {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
-            )
-            .await
-            .unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.unwrap();
-            out
-        };
+        let (addr, stop, server) = serve_for_test(router).await;
+        let get = |path: &'static str| raw_get(addr, path, "");
         let boom = get("/boom").await;
         assert!(boom.starts_with("HTTP/1.1 500"), "{boom}");
         assert!(boom.contains(r#""error":"internal""#), "{boom}");
