@@ -509,11 +509,13 @@ pub fn normalise(how: Normalise, raw: &str, region: phonenumber::country::Id) ->
                     .then(|| n.format().mode(phonenumber::Mode::E164).to_string())
             };
             let stored = e164(&phonenumber::parse(Some(region), t).ok()?)?;
-            // Only a number whose stored form reads back as itself: an odd input (letters,
-            // national prefixes) can be valid as typed but not as stored, and could then
-            // never be looked up again.
-            let again = e164(&phonenumber::parse(None, &stored).ok()?)?;
-            (again == stored).then_some(stored)?
+            // Only a number whose stored form reads back as itself, with or without the
+            // region: an odd input (letters, national prefixes) can be valid as typed but
+            // not as stored, and could then never be looked up again.
+            let reads_back = |r: Option<phonenumber::country::Id>| -> Option<bool> {
+                Some(e164(&phonenumber::parse(r, &stored).ok()?)? == stored)
+            };
+            (reads_back(None)? && reads_back(Some(region))?).then_some(stored.clone())?
         }
         Normalise::Name => text::fold(t, false),
         Normalise::Text => t
@@ -665,6 +667,15 @@ mod tests {
             Some("+442079460958")
         );
         assert_eq!(r.normalise("phone", "555"), None);
+        // Found by the fuzzer: valid as typed in Germany, but the stored form did not
+        // normalise to itself there. Whatever is stored must.
+        let de = phonenumber::country::Id::DE;
+        if let Some(stored) = normalise(Normalise::Phone, "003900039B7B9+", de) {
+            assert_eq!(
+                normalise(Normalise::Phone, &stored, de).as_deref(),
+                Some(stored.as_str())
+            );
+        }
     }
 
     #[test]
