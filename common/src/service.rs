@@ -87,11 +87,12 @@ pub async fn prepare(
 pub fn state_format(service: &str) -> u32 {
     match service {
         // 2: the fact graph (issue 3); 3: fuzzy records indexed by anchor, ingest
-        // subjects per profile (erasure, issue 6).
-        "identity" => 3,
+        // subjects per profile (erasure, issue 6); 4: identifiers in keys by hash.
+        "identity" => 4,
         // 2: segment member index, timers and applied definition versions (issue 4);
-        // 3: timers, sizes and profile counts per partition (several instances).
-        "profiles" => 3,
+        // 3: timers, sizes and profile counts per partition (several instances);
+        // 4: the identifier index by hash.
+        "profiles" => 4,
         _ => 1,
     }
 }

@@ -747,3 +747,76 @@ async fn a_record_whose_key_the_topic_lost_holds_the_service_until_the_key_is_ba
         svc.kill9();
     }
 }
+
+/// The audit's finding: after a delete by email, the address was still on disk as raw
+/// bytes in identity's MANIFEST. RocksDB records the smallest and largest key of every
+/// table file there, compaction does not rewrite that history, and identity's keys held
+/// identifier values (`id/email/<address>`). With the person alone in the stores her keys
+/// are at every file boundary; after her deletion every file of every store is read as
+/// raw bytes, and none holds any of her values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_person_alone_in_the_stores_leaves_no_byte_of_hers_in_any_store_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    let (mut services, urls) = start_processes(&mut cfg, dir.path()).await;
+    let (ingest, identity, profiles) = (urls[0].clone(), urls[1].clone(), urls[2].clone());
+    let run = uid("alone");
+    let (user, anon) = (format!("{run}-user"), format!("{run}-anon"));
+    let email = format!("{run}@example.com");
+    let (phone, first_name) = ("+1 415 555 0177", format!("Solenne{}", &run[6..12]));
+    send(
+        &ingest,
+        "/v1/identify",
+        json!({"userId": user, "anonymousId": anon,
+        "traits": {"email": email, "phone": phone, "first_name": first_name}}),
+    )
+    .await;
+    send(
+        &ingest,
+        "/v1/track",
+        json!({"userId": user, "event": "Order Completed", "properties": {"total": 12}}),
+    )
+    .await;
+    wait_profile(
+        &profiles,
+        "email",
+        &email,
+        "her profile with both events",
+        |p| p["events_total"].as_u64() >= Some(2),
+    )
+    .await;
+    let (status, accepted) = privacy(
+        &identity,
+        &json!({"action": "delete", "identifier": {"type": "email", "value": email}}),
+    )
+    .await;
+    assert_eq!(status, 202, "{accepted}");
+    let report = finished(&identity, accepted["request_id"].as_str().unwrap()).await;
+    assert_eq!(report["status"], "done", "{report}");
+    // Each service reports once its batch is produced; its state is written just after.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (_, svc) in services.iter_mut() {
+        svc.kill9();
+    }
+    let needles = [
+        user.as_str(),
+        anon.as_str(),
+        email.as_str(),
+        "4155550177",
+        phone,
+        first_name.as_str(),
+    ];
+    let mut leaks = Vec::new();
+    let mut files = 0;
+    for state in [
+        &cfg.identity.state_dir,
+        &cfg.profiles.state_dir,
+        &cfg.activation.state_dir,
+    ] {
+        files += std::fs::read_dir(state).unwrap().count();
+        leaks.extend(files_mentioning(state, &needles));
+        leaks.extend(store_mentions(state, &needles));
+    }
+    assert!(files > 10, "the stores' files were read ({files})");
+    assert!(leaks.is_empty(), "her values left on disk: {leaks:#?}");
+}

@@ -25,11 +25,11 @@
 //! from its facts, and what changed goes out as merges and splits.
 //!
 //! Keys (`<h>` is a hash of an identifier, so values may hold any character):
-//! `id/<kind>/<value>` → profile id; `seen/<kind>/<value>` → [`Seen`];
+//! `id/<h>` → profile id; `seen/<h>` → [`Seen`];
 //! `fact/<key>` → [`Fact`]; `if/<h>/<fact key>` → facts of an identifier;
 //! `pr/<profile>` → [`Node`]; `mergedinto/<profile>` → survivor;
 //! `merge/<merge id>` → [`MergeInfo`]; `mh/<survivor>/<merge id>` → merge history;
-//! `sep/<id>` → [`Separation`]; `sepidx/<h>/<id>`; `detached/<kind>/<value>`;
+//! `sep/<id>` → [`Separation`]; `sepidx/<h>/<id>`; `detached/<h>`;
 //! `sj/<profile>/<subject>`: the ingest subjects (Kafka keys of `events.ingested`) of a
 //! profile's events, whose keys an erasure destroys.
 
@@ -188,11 +188,14 @@ impl Changes {
 pub fn ident_hash(i: &Identifier) -> String {
     tessera_common::suppressions::identifier_hash(&i.kind, &i.value)
 }
+// Keys name identifiers by hash, never by value: RocksDB keeps the smallest and largest
+// key of every table file in its MANIFEST, whose history compaction does not rewrite, so
+// a value in a key would outlive the person's erasure there.
 fn id_key(i: &Identifier) -> Vec<u8> {
-    format!("id/{}/{}", i.kind, i.value).into_bytes()
+    format!("id/{}", ident_hash(i)).into_bytes()
 }
 fn seen_key(i: &Identifier) -> Vec<u8> {
-    format!("seen/{}/{}", i.kind, i.value).into_bytes()
+    format!("seen/{}", ident_hash(i)).into_bytes()
 }
 fn fact_key(key: &str) -> Vec<u8> {
     format!("fact/{key}").into_bytes()
@@ -219,7 +222,7 @@ fn sepidx_prefix(i: &Identifier) -> String {
     format!("sepidx/{}/", ident_hash(i))
 }
 fn detached_key(i: &Identifier) -> Vec<u8> {
-    format!("detached/{}/{}", i.kind, i.value).into_bytes()
+    format!("detached/{}", ident_hash(i)).into_bytes()
 }
 
 fn subjects_prefix(profile: &str) -> String {

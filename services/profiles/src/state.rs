@@ -1,8 +1,8 @@
 //! The profiles processor: applies resolved events, merges and transfers to profiles in
 //! RocksDB, evaluates segments on every change and emits membership changes.
 //!
-//! Keys: `p/<id>` profile JSON; `redirect/<id>` → survivor of a merge; `idx/<kind>/<value>`
-//! → profile id (for lookups); `segsize/<segment>` → member count; `sm/<segment>/<id>`
+//! Keys: `p/<id>` profile JSON; `redirect/<id>` → survivor of a merge; `idx/<identifier
+//! hash>` → profile id (for lookups); `segsize/<segment>` → member count; `sm/<segment>/<id>`
 //! → entry time (the members); `tm/<due>/<id>` → a profile's timer (its next window
 //! edge); `seen/<id>` and `seenexp/<expiry>/<id>` → de-duplication of message, merge and
 //! transfer ids within the window; `meta/applied` → the definition versions in force,
@@ -46,8 +46,14 @@ pub fn profile_key(id: &str) -> Vec<u8> {
 pub(crate) fn redirect_key(id: &str) -> Vec<u8> {
     format!("redirect/{id}").into_bytes()
 }
+/// By the identifier's hash, never its value: a value in a key would outlive the
+/// person's erasure in RocksDB's MANIFEST (it keeps every table file's first and last key).
 pub fn index_key(kind: &str, value: &str) -> Vec<u8> {
-    format!("idx/{kind}/{value}").into_bytes()
+    format!(
+        "idx/{}",
+        tessera_common::suppressions::identifier_hash(kind, value)
+    )
+    .into_bytes()
 }
 /// A segment's members in one partition (the API adds up the partitions it serves).
 pub fn segment_size_key(segment: &str, partition: i32) -> Vec<u8> {
