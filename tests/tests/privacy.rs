@@ -688,21 +688,25 @@ async fn a_record_whose_key_the_topic_lost_holds_the_service_until_the_key_is_ba
         {
             break;
         }
-        let log = services["profiles"].log();
-        let notable: Vec<&str> = log
-            .lines()
-            .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("starting"))
-            .collect();
-        let consumed: Vec<&str> = text
-            .lines()
-            .filter(|l| l.contains("consumed") || l.contains("shredded") || l.contains("missing"))
-            .collect();
-        assert!(
-            std::time::Instant::now() < deadline,
-            "profiles never held on the missing key; warnings:\n{}\nmetrics:\n{}",
-            notable.join("\n"),
-            consumed.join("\n")
-        );
+        if std::time::Instant::now() > deadline {
+            // What it did instead: its warnings and what it counted.
+            let log = services["profiles"].log();
+            let notable: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect();
+            let counted: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    l.contains("consumed") || l.contains("shredded") || l.contains("missing")
+                })
+                .collect();
+            panic!(
+                "profiles never held on the missing key; warnings:\n{}\nmetrics:\n{}",
+                notable.join("\n"),
+                counted.join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
