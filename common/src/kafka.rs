@@ -303,9 +303,7 @@ pub async fn ensure_topics(
     if !cfg.create || names.is_empty() {
         return Ok(());
     }
-    check_login(kafka).await?;
-    let admin: Arc<AdminClient<DefaultClientContext>> =
-        Arc::new(client_config(kafka, "tessera-admin").create()?);
+    let admin = admin_client(kafka).await?;
     create_topics(&admin, cfg, names).await?;
     check_compacted(&admin, cfg, names).await
 }
@@ -317,10 +315,14 @@ pub async fn check_topic_settings(
     cfg: &TopicsConfig,
     names: &[(String, TopicKind)],
 ) -> Result<()> {
-    check_login(kafka).await?;
-    let admin: Arc<AdminClient<DefaultClientContext>> =
-        Arc::new(client_config(kafka, "tessera-admin").create()?);
+    let admin = admin_client(kafka).await?;
     check_compacted(&admin, cfg, names).await
+}
+
+/// An admin client, once the brokers accept this configuration's credentials.
+async fn admin_client(kafka: &KafkaConfig) -> Result<Arc<AdminClient<DefaultClientContext>>> {
+    check_login(kafka).await?;
+    Ok(Arc::new(client_config(kafka, "tessera-admin").create()?))
 }
 
 /// The compacted topics (tables, subject keys) hold state whose loss is silent: a key

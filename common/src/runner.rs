@@ -12,6 +12,11 @@
 //! A crash anywhere before step 3 replays the batch against the old state, producing the
 //! same outputs with the same deterministic ids: at-least-once output, exactly-once state.
 //! On partition assignment the consumer starts from the offsets stored with the state.
+//!
+//! Opening and sealing records is in `runner/sealing.rs`, the state commit and the
+//! purge an erasure owes in `runner/purge.rs`. What is left here (~850 lines of code:
+//! the spec, metrics, the rebalance callback and the loop) is still one file; splitting
+//! it into a pure, unit-tested core is issue 21.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -31,9 +36,16 @@ use tracing::{debug, error, info, warn};
 use crate::admin::Health;
 use crate::config::KafkaConfig;
 use crate::kafka::{ProduceError, Producer, consumer_config};
-use crate::store::{SharedStore, Txn, WriteBatch};
-use crate::vault::{self, Opened, SubjectHash, Vault};
+use crate::store::{SharedStore, Txn};
+use crate::vault::Vault;
 use crate::{Error, Result};
+
+mod purge;
+mod sealing;
+
+use purge::commit_state;
+pub use purge::resume_purge;
+use sealing::{Opening, open_all, seal_all, seal_dead_letters};
 
 /// One consumed record, owned.
 #[derive(Debug, Clone)]
@@ -850,137 +862,6 @@ pub async fn run<P: Processor>(
     Ok(())
 }
 
-/// What opening a batch's sealed records needs.
-struct Opening<'a> {
-    vault: Option<&'a Vault>,
-    metrics: &'a RunnerMetrics,
-    ready: Option<&'a Health>,
-    skip_missing: bool,
-}
-
-/// Opens the sealed records of a batch: each comes with the subject it was sealed for;
-/// a shredded one (its key was erased) is counted and left out. A record whose key is
-/// missing (never erased: the keys topic lost it) holds the runner, unready, retrying
-/// until the key is back or the operator chooses to skip such records. `None` if
-/// shutdown came meanwhile.
-async fn open_all(
-    o: &Opening<'_>,
-    batch: Vec<Message>,
-    shutdown: &CancellationToken,
-) -> Option<Vec<(Message, Option<SubjectHash>)>> {
-    let mut opened = Vec::with_capacity(batch.len());
-    for mut m in batch {
-        let (Some(v), Some(subject)) = (
-            o.vault,
-            m.payload.as_deref().and_then(vault::sealed_subject),
-        ) else {
-            opened.push((m, None));
-            continue;
-        };
-        let sealed = m.payload.take().unwrap_or_default();
-        let mut held = false;
-        let result = loop {
-            let wait = match v.open(&sealed).await {
-                Ok(Opened::Missing) if !o.skip_missing => {
-                    if !held {
-                        error!(topic = %m.topic, partition = m.partition, offset = m.offset,
-                            "a record is sealed with a subject key that the keys topic does not \
-                             hold and that was never erased: the keys topic lost records. Holding \
-                             here, unready, until the key is back (runbook: subject keys are missing)");
-                        held = true;
-                        o.metrics.missing_key_hold.set(1);
-                        if let Some(h) = o.ready {
-                            h.set_ready(false);
-                        }
-                    }
-                    Duration::from_secs(5)
-                }
-                Ok(r) => break r,
-                Err(e) => {
-                    warn!(error = %e, "cannot read the keys topic, retrying");
-                    Duration::from_secs(1)
-                }
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => return None,
-                _ = tokio::time::sleep(wait) => {}
-            }
-        };
-        if held {
-            info!(topic = %m.topic, partition = m.partition, offset = m.offset, "the missing subject key is back: going on");
-            o.metrics.missing_key_hold.set(0);
-            if let Some(h) = o.ready {
-                h.set_ready(true);
-            }
-        }
-        match result {
-            Opened::Plain(p) => {
-                m.payload = Some(p);
-                opened.push((m, Some(subject)));
-            }
-            Opened::Shredded => o
-                .metrics
-                .shredded
-                .with_label_values(&[m.topic.as_str()])
-                .inc(),
-            Opened::Missing => {
-                warn!(topic = %m.topic, partition = m.partition, offset = m.offset, "a record whose subject key is missing is skipped (privacy.skip_missing_keys)");
-                o.metrics
-                    .missing_key_skipped
-                    .with_label_values(&[m.topic.as_str()])
-                    .inc();
-            }
-            // Left sealed: the processor cannot decode it and dead-letters it.
-            Opened::Corrupt => {
-                m.payload = Some(sealed);
-                opened.push((m, None));
-            }
-        }
-    }
-    Some(opened)
-}
-
-/// Dead letters written for a record that was sealed are sealed for its subject.
-fn seal_dead_letters(out: &mut [Output], topic: &str, subject: &Option<SubjectHash>) {
-    for o in out
-        .iter_mut()
-        .filter(|o| o.topic == topic && o.subject.is_none())
-    {
-        o.subject = *subject;
-    }
-}
-
-/// Seals the outputs that name a subject; the subjects new to the vault get their keys
-/// first, together. `None` if shutdown came while new keys could not be stored.
-async fn seal_all(
-    vault: Option<&Vault>,
-    mut outputs: Vec<Output>,
-    shutdown: &CancellationToken,
-) -> Result<Option<Vec<Output>>> {
-    let subjects: Vec<SubjectHash> = outputs.iter().filter_map(|o| o.subject).collect();
-    if subjects.is_empty() {
-        return Ok(Some(outputs));
-    }
-    let Some(v) = vault else {
-        return Err(Error::Invalid(
-            "records must be sealed, and this runner has no vault".into(),
-        ));
-    };
-    while let Err(e) = v.ensure_keys(&subjects).await {
-        warn!(error = %e, "cannot store new subject keys, retrying");
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
-    for o in outputs.iter_mut() {
-        if let Some(subject) = o.subject.take() {
-            o.payload = v.seal(&subject, &o.payload).await?;
-        }
-    }
-    Ok(Some(outputs))
-}
-
 /// The result of handling a record that may not have decoded: a decoding error sends
 /// the record to the dead-letter topic (with a warning) and returns `Ok(true)`; a
 /// handled record returns the handler's result.
@@ -1089,57 +970,6 @@ async fn produce_all(
     true
 }
 
-/// Written with an erasure's deletions and removed once they are purged from disk: a
-/// purge that failed, or a crash before it ended, is done again at the next start
-/// ([`resume_purge`]).
-const PURGE_OWED: &[u8] = b"~purge-owed";
-
-/// Writes the batch; one that erased a person is then purged from disk before the
-/// runner goes on (erasures are rare, and the report says it is done).
-async fn commit_state(store: &SharedStore, mut write: WriteBatch) -> Result<()> {
-    let st = store.clone();
-    tokio::task::spawn_blocking(move || {
-        let purge = write.purged_keys();
-        if purge.is_some() {
-            write.put(PURGE_OWED, Vec::new());
-        }
-        st.write(write)?;
-        if let Some(keys) = purge {
-            let started = Instant::now();
-            st.purge(&keys)?;
-            purged(&st)?;
-            info!(
-                keys = keys.len(),
-                seconds = started.elapsed().as_secs_f64(),
-                "erased keys purged from disk"
-            );
-        }
-        Ok(())
-    })
-    .await
-    .map_err(|e| Error::Invalid(format!("state write panicked: {e}")))?
-}
-
-fn purged(store: &SharedStore) -> Result<()> {
-    let mut done = WriteBatch::default();
-    done.delete(PURGE_OWED);
-    store.write(done)
-}
-
-/// Finishes a purge owed from before: the whole store is compacted, since which keys it
-/// was for is not kept (they may name people).
-pub fn resume_purge(store: &SharedStore) -> Result<()> {
-    if store.get(PURGE_OWED)?.is_none() {
-        return Ok(());
-    }
-    warn!("an erasure's purge from disk did not finish before; purging everything now");
-    let started = Instant::now();
-    store.purge_all()?;
-    purged(store)?;
-    info!(seconds = started.elapsed().as_secs_f64(), "owed purge done");
-    Ok(())
-}
-
 fn commit_kafka(
     consumer: &StreamConsumer<RunnerContext>,
     next: &BTreeMap<(String, i32), i64>,
@@ -1163,52 +993,6 @@ fn commit_kafka(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{MemStore, Store};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// A store whose first purges fail, counting what it was asked to purge.
-    #[derive(Default)]
-    struct FailingPurge {
-        inner: MemStore,
-        failures_left: AtomicUsize,
-        purges: AtomicUsize,
-        purges_of_all: AtomicUsize,
-    }
-
-    impl Store for FailingPurge {
-        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-            self.inner.get(key)
-        }
-        fn scan_from(&self, p: &[u8], s: &[u8], l: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-            self.inner.scan_from(p, s, l)
-        }
-        fn scan_last(&self, p: &[u8], l: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-            self.inner.scan_last(p, l)
-        }
-        fn write(&self, batch: WriteBatch) -> Result<()> {
-            self.inner.write(batch)
-        }
-        fn purge(&self, _deleted: &[Vec<u8>]) -> Result<()> {
-            self.purges.fetch_add(1, Ordering::SeqCst);
-            self.failed()
-        }
-        fn purge_all(&self) -> Result<()> {
-            self.purges_of_all.fetch_add(1, Ordering::SeqCst);
-            self.failed()
-        }
-    }
-
-    impl FailingPurge {
-        fn failed(&self) -> Result<()> {
-            match self
-                .failures_left
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            {
-                Ok(_) => Err(Error::Invalid("disk full".into())),
-                Err(_) => Ok(()),
-            }
-        }
-    }
 
     /// The audit's finding: a batch's offsets were committed to the group for every
     /// partition in it, revoked ones included, which could move back what their new
@@ -1228,50 +1012,5 @@ mod tests {
         ownership.set_assigned([]);
         ownership.retain_owned(&mut offsets);
         assert!(offsets.is_empty(), "all revoked: nothing is committed");
-    }
-
-    /// The audit's finding: an erasure's purge that failed after its batch was written
-    /// was never done again (the batch, offsets included, was committed).
-    #[tokio::test]
-    async fn a_purge_that_failed_is_done_at_the_next_start() {
-        let failing = Arc::new(FailingPurge::default());
-        failing.failures_left.store(1, Ordering::SeqCst);
-        let store: SharedStore = failing.clone();
-        let mut write = WriteBatch::default();
-        write.put(b"p/1".to_vec(), b"x".to_vec());
-        store.write(write).unwrap();
-        let mut txn = crate::store::Txn::new(store.as_ref());
-        txn.delete(b"p/1".to_vec());
-        txn.put(offset_key("t", 0), 8i64.to_be_bytes().to_vec());
-        txn.purge_on_commit();
-        let write = txn.into_batch();
-        assert!(
-            commit_state(&store, write).await.is_err(),
-            "the purge failed"
-        );
-        assert!(
-            store.get(b"p/1").unwrap().is_none(),
-            "the batch was written"
-        );
-        assert_eq!(stored_offset(&store, "t", 0).unwrap(), Some(8));
-
-        // The next start purges everything, once.
-        resume_purge(&store).unwrap();
-        assert_eq!(failing.purges_of_all.load(Ordering::SeqCst), 1);
-        resume_purge(&store).unwrap();
-        assert_eq!(
-            failing.purges_of_all.load(Ordering::SeqCst),
-            1,
-            "nothing owed any more"
-        );
-
-        // A purge that succeeds owes nothing.
-        let mut txn = crate::store::Txn::new(store.as_ref());
-        txn.delete(b"p/2".to_vec());
-        txn.purge_on_commit();
-        commit_state(&store, txn.into_batch()).await.unwrap();
-        assert_eq!(failing.purges.load(Ordering::SeqCst), 2);
-        resume_purge(&store).unwrap();
-        assert_eq!(failing.purges_of_all.load(Ordering::SeqCst), 1);
     }
 }
