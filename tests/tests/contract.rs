@@ -17,6 +17,20 @@ fn description() -> Value {
     serde_json::to_value(doc).unwrap()
 }
 
+/// The Rust files under `dir`, in its subfolders too (a module may be a folder).
+fn rust_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(rust_files(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            files.push(path);
+        }
+    }
+    files
+}
+
 /// Every route the services define, read from their source.
 fn routes_in_source() -> BTreeSet<String> {
     let route = regex::Regex::new(r#"\.route\(\s*"([^"]+)""#).unwrap();
@@ -28,8 +42,8 @@ fn routes_in_source() -> BTreeSet<String> {
         "services/profiles/src",
         "common/src",
     ] {
-        for f in std::fs::read_dir(repo_root().join(dir)).unwrap() {
-            let text = std::fs::read_to_string(f.unwrap().path()).unwrap();
+        for path in rust_files(&repo_root().join(dir)) {
+            let text = std::fs::read_to_string(path).unwrap();
             // Unit tests define routes of their own.
             let text = text.split("#[cfg(test)]\nmod tests").next().unwrap();
             for c in route.captures_iter(text) {
