@@ -79,8 +79,8 @@ fn secret_property(name: &str) -> bool {
             .any(|w| name.contains(w))
 }
 
-/// What the service will use, without secrets: write keys, API tokens, passwords and
-/// secret Kafka properties ([`secret_property`]) are masked.
+/// What the service will use, without secrets: write keys, API tokens, passwords, the
+/// pseudonym secret and secret Kafka properties ([`secret_property`]) are masked.
 fn toml_summary(config: &Config) -> String {
     let mut c = config.clone();
     for s in &mut c.ingest.sources {
@@ -93,6 +93,7 @@ fn toml_summary(config: &Config) -> String {
         t.token = "***".into();
     }
     c.console.api_token = "***".into();
+    c.privacy.pseudonym_secret = "***".into();
     for u in &mut c.console.users {
         u.password = "***".into();
     }

@@ -13,15 +13,19 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
 
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
+/// The shortest pseudonym secret accepted.
+const MIN_PSEUDONYM_SECRET: usize = 32;
+
 /// The demo credentials, a layer only in demo mode (`demo = true`).
 pub const DEMO_TOML: &str = include_str!("demo.toml");
 /// The secrets of `demo.toml`. They are public (the README prints them), so outside demo
 /// mode a configuration holding any of them is refused.
-pub const DEMO_SECRETS: [&str; 4] = [
+pub const DEMO_SECRETS: [&str; 5] = [
     "demo-write-key",
     "demo-admin-token",
     "demo-privacy-token",
     "tessera-demo",
+    crate::ids::DEMO_PSEUDONYM_SECRET,
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,6 +89,13 @@ pub struct ConsoleUser {
 pub struct PrivacyConfig {
     #[serde(default)]
     pub labels: BTreeMap<String, Vec<String>>,
+    /// The deployment's pseudonym secret: profile ids, the state's keys and the keys
+    /// topic's names of people are keyed hashes under it ([`crate::ids`]), so that nobody
+    /// without it can tell whose they are from an email. Random, at least 32 characters,
+    /// the same in every service, and never changed (the keys topic records its
+    /// fingerprint and a service with another one refuses to start).
+    #[serde(default)]
+    pub pseudonym_secret: String,
     /// A record sealed with a subject key that the keys topic does not hold and that was
     /// never erased means the keys topic lost records: the services hold there, unready
     /// (`tessera_<service>_missing_key_hold`), until the key is back. Set this only once
@@ -465,6 +476,12 @@ impl Config {
         Self::load_from(file, Env::prefixed("TESSERA_IGNORED_IN_TESTS__"), false)
     }
 
+    /// The embedded defaults in demo mode (its public credentials and pseudonym secret):
+    /// a configuration for unit tests and tools that run no deployment of their own.
+    pub fn demo() -> Config {
+        Self::parse("demo = true").expect("the demo configuration is valid")
+    }
+
     /// Defaults and the TOML `text` only (no file, no environment).
     pub fn parse(text: &str) -> Result<Config> {
         Self::layered(|fig| fig.merge(Toml::string(text)))
@@ -522,6 +539,14 @@ impl Config {
             return bad(format!(
                 "{place} is a built-in demo credential, which works only in demo mode \
                  (demo = true, set by deploy/run.sh for a local run); configure your own"
+            ));
+        }
+        if self.privacy.pseudonym_secret.chars().count() < MIN_PSEUDONYM_SECRET {
+            return bad(format!(
+                "privacy.pseudonym_secret must be a random secret of at least \
+                 {MIN_PSEUDONYM_SECRET} characters, the same in every service and never \
+                 changed: every id derived from personal data is keyed with it (e.g. \
+                 `openssl rand -hex 32`; demo mode has one of its own)"
             ));
         }
         if self.kafka.bootstrap.trim().is_empty() {
@@ -660,6 +685,9 @@ impl Config {
         if demo(&self.console.api_token) {
             return Some("console.api_token".into());
         }
+        if demo(&self.privacy.pseudonym_secret) {
+            return Some("privacy.pseudonym_secret".into());
+        }
         if let Some(u) = self.console.users.iter().find(|u| demo(&u.password)) {
             return Some(format!("the password of console user {:?}", u.name));
         }
@@ -671,9 +699,20 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// Writes a config file: `text` and a pseudonym secret (every deployment has one).
+    fn write(f: &Path, text: &str) {
+        let secret = "[privacy]\npseudonym_secret = \"0123456789abcdef0123456789abcdef\"\n";
+        std::fs::write(f, format!("{text}\n{secret}")).unwrap();
+    }
+
     #[test]
-    fn embedded_defaults_load_and_validate() {
-        let cfg = Config::load_without_env(None).unwrap();
+    fn embedded_defaults_need_only_a_pseudonym_secret() {
+        let err = Config::load_without_env(None).unwrap_err().to_string();
+        assert!(err.contains("privacy.pseudonym_secret"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        write(&f, "");
+        let cfg = Config::load_without_env(Some(&f)).unwrap();
         assert_eq!(cfg.topics.prefix, "tessera.");
         assert_eq!(cfg.ingest.max_batch_events, 2500);
         assert!(!cfg.demo);
@@ -691,6 +730,7 @@ mod tests {
             &cfg.admin.privacy_tokens[0].token,
             &cfg.console.api_token,
             &cfg.console.users[0].password,
+            &cfg.privacy.pseudonym_secret,
         ];
         for s in secrets {
             assert!(
@@ -707,11 +747,10 @@ mod tests {
     fn outside_demo_mode_no_demo_credential_is_left_or_accepted() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
-        std::fs::write(
+        write(
             &f,
             "[admin]\ntokens = [{name=\"ops\", token=\"ops-token-0123456789\"}]\n",
-        )
-        .unwrap();
+        );
         let cfg = Config::load_without_env(Some(&f)).unwrap();
         assert!(cfg.admin.privacy_tokens.is_empty(), "no demo privacy token");
         assert!(cfg.ingest.sources.is_empty() && cfg.console.users.is_empty());
@@ -739,25 +778,38 @@ mod tests {
                 "console user \"admin\"",
             ),
         ] {
-            std::fs::write(&f, text).unwrap();
+            write(&f, text);
             let err = Config::load_without_env(Some(&f)).unwrap_err().to_string();
             assert!(err.contains(place) && err.contains("demo mode"), "{err}");
-            std::fs::write(&f, format!("demo = true\n{text}")).unwrap();
+            write(&f, &format!("demo = true\n{text}"));
             Config::load_without_env(Some(&f)).expect("demo mode accepts them");
         }
+        let demo_secret = format!(
+            "[privacy]\npseudonym_secret = \"{}\"\n",
+            crate::ids::DEMO_PSEUDONYM_SECRET
+        );
+        std::fs::write(&f, &demo_secret).unwrap();
+        let err = Config::load_without_env(Some(&f)).unwrap_err().to_string();
+        assert!(
+            err.contains("privacy.pseudonym_secret") && err.contains("demo mode"),
+            "{err}"
+        );
+        std::fs::write(&f, "[privacy]\npseudonym_secret = \"too short\"\n").unwrap();
+        let err = Config::load_without_env(Some(&f)).unwrap_err().to_string();
+        assert!(err.contains("at least 32"), "{err}");
     }
 
     #[test]
     fn file_overrides_defaults_and_unknown_keys_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let good = dir.path().join("good.toml");
-        std::fs::write(&good, "[kafka]\nbootstrap = \"k:1\"\n").unwrap();
+        write(&good, "[kafka]\nbootstrap = \"k:1\"\n");
         let cfg = Config::load_without_env(Some(&good)).unwrap();
         assert_eq!(cfg.kafka.bootstrap, "k:1");
         assert_eq!(cfg.kafka.linger_ms, 1, "untouched keys keep their defaults");
 
         let bad = dir.path().join("bad.toml");
-        std::fs::write(&bad, "[kafka]\nbootstrapp = \"k:1\"\n").unwrap();
+        write(&bad, "[kafka]\nbootstrapp = \"k:1\"\n");
         let err = Config::load_without_env(Some(&bad))
             .unwrap_err()
             .to_string();
@@ -768,11 +820,10 @@ mod tests {
     fn duplicate_write_keys_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
-        std::fs::write(
+        write(
             &f,
             "[ingest]\nsources = [{name=\"a\", write_key=\"k\"}, {name=\"b\", write_key=\"k\"}]\n",
-        )
-        .unwrap();
+        );
         let err = Config::load_without_env(Some(&f)).unwrap_err().to_string();
         assert!(err.contains("repeats a write key"), "{err}");
     }
@@ -786,15 +837,14 @@ mod tests {
                 "[activation]\nsuppressions = []\ndestinations = [{{id=\"crm\", segments=[\"buyers\"], fields=[\"email\", \"health\"]{allow}}}]\n"
             )
         };
-        std::fs::write(&f, dest("")).unwrap();
+        write(&f, &dest(""));
         let err = Config::load_without_env(Some(&f)).unwrap_err().to_string();
         assert!(
             err.contains("\"health\"") && err.contains("sensitive"),
             "{err}"
         );
-        std::fs::write(&f, dest(", allow_labels=[\"pii\", \"sensitive\"]")).unwrap();
-        Config::load_without_env(Some(&f)).unwrap();
-        let cfg = Config::load_without_env(None).unwrap();
+        write(&f, &dest(", allow_labels=[\"pii\", \"sensitive\"]"));
+        let cfg = Config::load_without_env(Some(&f)).unwrap();
         assert_eq!(cfg.privacy.labels_of("email"), vec!["pii"]);
         assert!(cfg.privacy.labels_of("cart_id").is_empty());
     }
@@ -803,11 +853,10 @@ mod tests {
     fn privacy_tokens_are_apart_from_admin_tokens() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
-        std::fs::write(
+        write(
             &f,
             "[admin]\ntokens = [{name=\"a\", token=\"same-token-0123456789\"}]\nprivacy_tokens = [{name=\"b\", token=\"same-token-0123456789\"}]\n",
-        )
-        .unwrap();
+        );
         let err = Config::load_without_env(Some(&f)).unwrap_err().to_string();
         assert!(err.contains("unique"), "{err}");
     }

@@ -64,14 +64,7 @@ pub async fn prepare(
     let admin = Admin::new();
     let producer = Arc::new(Producer::new(&config.kafka, &format!("tessera-{service}"))?);
     producer.register_metrics(&admin.registry, service)?;
-    let vault = Vault::follow(
-        &config.kafka,
-        names.keys(),
-        &format!("tessera-{service}"),
-        Some(producer.clone()),
-        shutdown.clone(),
-    )
-    .await?;
+    let vault = follow_keys(config, service, producer.clone(), shutdown).await?;
     let store: SharedStore = Arc::new(RocksStore::open(state_dir)?);
     check_state_format(store.as_ref(), service, state_dir)?;
     Ok(Parts {
@@ -82,17 +75,42 @@ pub async fn prepare(
     })
 }
 
+/// Installs the deployment's pseudonym secret (every id derived from personal data is
+/// keyed with it, [`crate::ids`]), reads the subject keys and checks that the deployment's
+/// ids were made with this secret (recording it if it is the first service to start).
+pub async fn follow_keys(
+    config: &Config,
+    service: &str,
+    producer: Arc<Producer>,
+    shutdown: &CancellationToken,
+) -> Result<Arc<Vault>> {
+    crate::ids::install_secret(&config.privacy.pseudonym_secret)?;
+    let vault = Vault::follow(
+        &config.kafka,
+        crate::topics::Topics::new(&config.topics).keys(),
+        &format!("tessera-{service}"),
+        Some(producer),
+        shutdown.clone(),
+    )
+    .await?;
+    vault.check_secret().await?;
+    Ok(vault)
+}
+
 /// The format of each service's state. Bump a service's number when its state layout
 /// changes incompatibly; state in an older format is refused with what to do.
 pub fn state_format(service: &str) -> u32 {
     match service {
         // 2: the fact graph (issue 3); 3: fuzzy records indexed by anchor, ingest
-        // subjects per profile (erasure, issue 6); 4: identifiers in keys by hash.
-        "identity" => 4,
+        // subjects per profile (erasure, issue 6); 4: identifiers in keys by hash;
+        // 5: ids keyed with the pseudonym secret.
+        "identity" => 5,
         // 2: segment member index, timers and applied definition versions (issue 4);
         // 3: timers, sizes and profile counts per partition (several instances);
-        // 4: the identifier index by hash.
-        "profiles" => 4,
+        // 4: the identifier index by hash; 5: ids keyed with the pseudonym secret.
+        "profiles" => 5,
+        // 2: profile ids keyed with the pseudonym secret.
+        "activation" => 2,
         _ => 1,
     }
 }

@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 use aes_gcm::aead::{Aead, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
@@ -42,9 +41,13 @@ const HEADER_LEN: usize = 2 + 16 + 8 + 12;
 /// A subject's name on the keys topic and in sealed records.
 pub type SubjectHash = [u8; 16];
 
+/// A keyed hash ([`crate::ids::keyed_hash`]): the keys topic's record keys and a sealed
+/// record's header name the subject, and nobody without the pseudonym secret can tell
+/// whose key it is by hashing a list of ids.
 pub fn subject_hash(subject: &str) -> SubjectHash {
-    let d = Sha256::digest(subject.as_bytes());
-    d[..16].try_into().expect("16 bytes")
+    crate::ids::keyed_hash("subject-key", &[subject])[..16]
+        .try_into()
+        .expect("16 bytes")
 }
 
 fn hex(b: &[u8]) -> String {
@@ -102,7 +105,15 @@ struct Keys {
     by_subject: HashMap<SubjectHash, Vec<(KeyId, [u8; 32])>>,
     /// Keys whose erasure was seen (about 24 bytes each: erasures are rare).
     erased: HashSet<(SubjectHash, KeyId)>,
+    /// The fingerprint of the pseudonym secret the deployment's ids were made with
+    /// ([`SECRET_RECORD_KEY`]).
+    secret_fingerprint: Option<String>,
 }
+
+/// The keys topic's record of the deployment's pseudonym secret: its fingerprint
+/// ([`crate::ids::secret_fingerprint`]), written by the first service that starts, checked
+/// by every later one. A subject hash is hex, so it cannot be mistaken for one.
+const SECRET_RECORD_KEY: &str = "~pseudonym-secret";
 
 /// A key's id: random, so instances creating keys for one subject at once never collide.
 type KeyId = [u8; 8];
@@ -260,6 +271,44 @@ impl Vault {
         }
     }
 
+    /// Checks that this process's pseudonym secret is the deployment's (the one its ids
+    /// were made with, recorded on the keys topic), recording it if the deployment has
+    /// none yet. Another secret would name every person differently: their keys, their
+    /// profiles, their erasure.
+    pub async fn check_secret(&self) -> Result<()> {
+        let mine = crate::ids::secret_fingerprint();
+        let recorded = || {
+            self.keys
+                .read()
+                .expect("keys lock")
+                .secret_fingerprint
+                .clone()
+        };
+        if recorded().is_none() {
+            let producer = self.producer.as_ref().ok_or_else(|| {
+                Error::Invalid("this vault only opens records: it has no producer".into())
+            })?;
+            producer
+                .send(&self.topic, SECRET_RECORD_KEY.as_bytes(), mine.as_bytes())
+                .await
+                .map_err(|e| {
+                    Error::Invalid(format!("the secret's fingerprint was not stored: {e}"))
+                })?;
+            // Read it back: of instances starting at once with different secrets, the
+            // last record wins and the others refuse to start.
+            self.catch_up().await?;
+        }
+        if recorded().as_deref() == Some(mine.as_str()) {
+            return Ok(());
+        }
+        Err(Error::Config(
+            "privacy.pseudonym_secret is not the one this deployment's ids were made with \
+             (the keys topic records its fingerprint): every service must use the same \
+             secret, and it never changes"
+                .into(),
+        ))
+    }
+
     /// Takes in one record of the keys topic (a key, or a tombstone that destroys one).
     pub fn apply(&self, m: &Message) {
         apply(&self.keys, m)
@@ -373,6 +422,14 @@ impl Vault {
 }
 
 fn apply(keys: &RwLock<Keys>, m: &Message) {
+    if m.key.as_deref() == Some(SECRET_RECORD_KEY.as_bytes()) {
+        let fingerprint = m
+            .payload
+            .as_deref()
+            .map(|p| String::from_utf8_lossy(p).into_owned());
+        keys.write().expect("keys lock").secret_fingerprint = fingerprint;
+        return;
+    }
     let Some((s, id)) = m.key.as_deref().and_then(parse_record_key) else {
         tracing::warn!(
             offset = m.offset,

@@ -16,10 +16,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "tessera"
 PRODUCTION = yaml.safe_load((CHART / "values-production.yaml").read_text())
 KUBE_VERSION = "1.30.0"
-VALUES = {"default": None, "production": PRODUCTION}
+SECRET = {"pseudonymSecret": "chart-test-pseudonym-secret-0123456789abcdef"}
+# The defaults with the one value a deployment must set.
+VALUES = {"default": SECRET, "production": PRODUCTION}
 
 
-def render(values):
+def render(values, secret=True):
+    """The chart's manifests for these values (with a pseudonym secret, which a
+    deployment must set, unless `secret` is false)."""
+    if secret and not (values or {}).get("existingConfigSecret"):
+        values = {**SECRET, **(values or {})}
     with Chart.load(CHART) as chart:
         out = chart.render(values, name="shop", namespace="cdp", is_install=True)
     docs = []
@@ -118,6 +124,15 @@ def test_the_rendered_configuration_is_accepted_by_every_service(tmp_path):
         assert out.returncode == 0, out.stderr
         assert '"bootstrap": "kafka:9092"' in out.stdout
         assert "s3cret" not in out.stdout and "change-me" not in out.stdout, "secrets are masked"
+
+
+def test_the_chart_needs_a_pseudonym_secret_and_the_services_get_it(tmp_path):
+    with pytest.raises(Exception, match="pseudonymSecret"):
+        render({}, secret=False)
+    with pytest.raises(Exception, match="pseudonymSecret"):
+        render({"pseudonymSecret": "short"}, secret=False)
+    config = configuration(render({}), tmp_path)
+    assert SECRET["pseudonymSecret"] in config.read_text()
 
 
 def test_a_broken_value_is_refused_by_the_services(tmp_path):
@@ -301,7 +316,8 @@ def test_a_configuration_of_ones_own_has_no_demo_credential_and_refuses_them(tmp
     person. The demo credentials exist only in demo mode, and outside it every service
     refuses to start with one of them."""
     config = tmp_path / "tessera.toml"
-    config.write_text('[admin]\ntokens = [{ name = "ops", token = "ops-token-0123456789" }]\n')
+    secret = '\n[privacy]\npseudonym_secret = "own-pseudonym-secret-0123456789abcdef"\n'
+    config.write_text('[admin]\ntokens = [{ name = "ops", token = "ops-token-0123456789" }]\n' + secret)
     for service in ["ingest", "identity", "profiles", "activation"]:
         out = check_config(service, config)
         assert out.returncode == 0, out.stderr
@@ -316,14 +332,22 @@ def test_a_configuration_of_ones_own_has_no_demo_credential_and_refuses_them(tmp
         '[console]\nusers = [{ name = "admin", password = "tessera-demo" }]\n',
     ]
     for text in demo_credentials:
-        config.write_text(text)
+        config.write_text(text + secret)
         for service in ["ingest", "identity", "console"]:
             out = check_config(service, config)
             assert out.returncode != 0, (service, text, out.stdout)
             assert "demo credential" in out.stderr and "demo mode" in out.stderr, out.stderr
+    # The demo mode's pseudonym secret is public too, and a deployment has to have one.
+    config.write_text('[privacy]\npseudonym_secret = "demo-pseudonym-secret-not-for-production"\n')
+    out = check_config("identity", config)
+    assert out.returncode != 0 and "privacy.pseudonym_secret" in out.stderr, out.stderr
+    config.write_text("")
+    out = check_config("ingest", config)
+    assert out.returncode != 0 and "privacy.pseudonym_secret" in out.stderr, out.stderr
     # Demo mode (deploy/run.sh) accepts them, and the console starts with its demo user.
     config.write_text("")
     out = check_config("console", config, TESSERA__DEMO="true")
     assert out.returncode == 0, out.stderr
+    config.write_text(secret)
     out = check_config("console", config)
     assert out.returncode != 0 and "console.users" in out.stderr, out.stderr

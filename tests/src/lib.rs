@@ -37,6 +37,8 @@ pub const WRITE_KEY: &str = "test-write-key";
 pub const ADMIN_TOKEN: &str = "tests-admin-token-0123456789";
 /// The test platform's privacy API token (that API takes no other).
 pub const PRIVACY_TOKEN: &str = "tests-privacy-token-0123456789";
+/// The tests' deployment's pseudonym secret.
+pub const PSEUDONYM_SECRET: &str = "tests-pseudonym-secret-0123456789abcdef";
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -90,7 +92,10 @@ pub fn bootstrap() -> &'static str {
 /// A configuration for one isolated platform: unique topic prefix, state in `dir`,
 /// the example segment definitions, ports chosen by the OS, one demo source.
 pub fn test_config(dir: &Path) -> Config {
-    let mut c = Config::load_without_env(None).expect("embedded defaults load");
+    let mut c = Config::parse(&format!(
+        "[privacy]\npseudonym_secret = \"{PSEUDONYM_SECRET}\""
+    ))
+    .expect("the defaults and a secret load");
     let prefix = format!("t{}.", &uuid::Uuid::new_v4().simple().to_string()[..10]);
     c.kafka.bootstrap = bootstrap().to_string();
     c.kafka.fetch_wait_max_ms = 50;
@@ -108,6 +113,8 @@ pub fn test_config(dir: &Path) -> Config {
     c.profiles.state_dir = dir.join("profiles");
     c.activation.state_dir = dir.join("activation");
     c.profiles.definitions_dir = repo_root().join("deploy/definitions");
+    // Ids the tests compute are the services' (one secret per process).
+    tessera_common::ids::install_secret(PSEUDONYM_SECRET).expect("one secret in the tests");
     c.ingest.sources = vec![tessera_common::config::SourceConfig::new("test", WRITE_KEY)];
     // The console's token in the console tests, so it may act for its users.
     c.admin.tokens = vec![tessera_common::config::ApiToken {
@@ -422,7 +429,7 @@ async fn vault_for(bootstrap: &str, topic: &str) -> std::sync::Arc<Vault> {
     if let Some(v) = vaults.get(prefix) {
         return v.clone();
     }
-    let mut kafka = Config::load_without_env(None).expect("defaults").kafka;
+    let mut kafka = Config::demo().kafka;
     kafka.bootstrap = bootstrap.to_string();
     let v = Vault::follow(
         &kafka,

@@ -757,7 +757,9 @@ async fn a_record_whose_key_the_topic_lost_holds_the_service_until_the_key_is_ba
 /// table file there, compaction does not rewrite that history, and identity's keys held
 /// identifier values (`id/email/<address>`). With the person alone in the stores her keys
 /// are at every file boundary; after her deletion every file of every store is read as
-/// raw bytes, and none holds any of her values.
+/// raw bytes, and none holds any of her values, nor any id anyone could derive from them
+/// without the deployment's pseudonym secret (ids were once unkeyed UUIDv5s, so her
+/// email's hash in a MANIFEST named her to anyone with a list of emails).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_person_alone_in_the_stores_leaves_no_byte_of_hers_in_any_store_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -781,7 +783,7 @@ async fn a_person_alone_in_the_stores_leaves_no_byte_of_hers_in_any_store_file()
         json!({"userId": user, "event": "Order Completed", "properties": {"total": 12}}),
     )
     .await;
-    wait_profile(
+    let profile = wait_profile(
         &profiles,
         "email",
         &email,
@@ -789,6 +791,31 @@ async fn a_person_alone_in_the_stores_leaves_no_byte_of_hers_in_any_store_file()
         |p| p["events_total"].as_u64() >= Some(2),
     )
     .await;
+    // What anyone holding a list of emails computes: the ids her values gave before ids
+    // were keyed with the deployment's secret (UUIDv5 under a constant namespace).
+    let unkeyed = |kind: &str, parts: &[&str]| {
+        let ns = uuid::Uuid::from_u128(0x7e55e7a0_cd90_4c1b_9a57_4f3d2b1c0e11);
+        let mut name = kind.to_string();
+        for p in parts {
+            name.push('\u{1f}');
+            name.push_str(p);
+        }
+        uuid::Uuid::new_v5(&ns, name.as_bytes()).to_string()
+    };
+    let mut derived = Vec::new();
+    for (kind, value) in [
+        ("user_id", &user),
+        ("anonymous_id", &anon),
+        ("email", &email),
+    ] {
+        derived.push(unkeyed("profile", &[kind, value]));
+        derived.push(unkeyed("identifier", &[kind, value]));
+    }
+    let profile_id = profile["profile_id"].as_str().expect("a profile id");
+    assert!(
+        !derived.iter().any(|d| d == profile_id),
+        "her profile id is the public formula of one of her identifiers"
+    );
     let (status, accepted) = privacy(
         &identity,
         &json!({"action": "delete", "identifier": {"type": "email", "value": email}}),
@@ -802,7 +829,7 @@ async fn a_person_alone_in_the_stores_leaves_no_byte_of_hers_in_any_store_file()
     for (_, svc) in services.iter_mut() {
         svc.kill9();
     }
-    let needles = [
+    let mut needles = vec![
         user.as_str(),
         anon.as_str(),
         email.as_str(),
@@ -810,6 +837,7 @@ async fn a_person_alone_in_the_stores_leaves_no_byte_of_hers_in_any_store_file()
         phone,
         first_name.as_str(),
     ];
+    needles.extend(derived.iter().map(String::as_str));
     let mut leaks = Vec::new();
     let mut files = 0;
     for state in [
@@ -823,4 +851,68 @@ async fn a_person_alone_in_the_stores_leaves_no_byte_of_hers_in_any_store_file()
     }
     assert!(files > 10, "the stores' files were read ({files})");
     assert!(leaks.is_empty(), "her values left on disk: {leaks:#?}");
+}
+
+/// Every id derived from personal data is keyed with the deployment's pseudonym secret: a
+/// service started with another one would name every person differently (her keys, her
+/// profile, her erasure). The first service records the secret's fingerprint on the keys
+/// topic; a service with another secret then refuses to start, saying why, and one with
+/// the same secret starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_service_with_another_pseudonym_secret_refuses_to_start() {
+    use std::process::Command;
+    use std::sync::Arc;
+    use tessera_common::kafka::Producer;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tessera_common::kafka::ensure_topics(
+        &cfg.kafka,
+        &cfg.topics,
+        &tessera_common::service::shared_topics(&Topics::new(&cfg.topics)),
+    )
+    .await
+    .unwrap();
+    let producer = Arc::new(Producer::new(&cfg.kafka, "first-service").unwrap());
+    tessera_common::service::follow_keys(&cfg, "first", producer, &shutdown)
+        .await
+        .expect("the first service records the deployment's secret");
+    shutdown.cancel();
+
+    cfg.activation.http_listen = free_listen();
+    let run = |secret: &str, name: &str| {
+        let mut c = cfg.clone();
+        c.privacy.pseudonym_secret = secret.into();
+        c.activation.state_dir = dir.path().join(name);
+        let file = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&file, toml::to_string(&c).unwrap()).unwrap();
+        let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
+        Command::new(binary("tessera-activation"))
+            .arg("--config")
+            .arg(&file)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    };
+    let mut other = run("another-pseudonym-secret-0123456789abcdef", "other");
+    let status = tokio::task::spawn_blocking(move || other.wait().unwrap())
+        .await
+        .unwrap();
+    let stderr = std::fs::read_to_string(dir.path().join("other.log")).unwrap();
+    assert!(!status.success(), "it started: {stderr}");
+    assert!(
+        stderr.contains("privacy.pseudonym_secret is not the one this deployment"),
+        "{stderr}"
+    );
+
+    let mut same = run(PSEUDONYM_SECRET, "same");
+    wait_ready(
+        &format!("http://{}", cfg.activation.http_listen),
+        Duration::from_secs(60),
+    )
+    .await;
+    same.kill().unwrap();
+    same.wait().unwrap();
 }

@@ -518,7 +518,7 @@ mod tests {
             "phone_default_region": "US",
         }))
         .unwrap();
-        let topics = Topics::new(&Config::load_without_env(None).unwrap().topics);
+        let topics = Topics::new(&Config::demo().topics);
         ActivationProcessor::new(topics, &cfg, &Admin::new()).unwrap()
     }
 
@@ -723,7 +723,7 @@ mod tests {
     fn trigger_sends_respect_consent_and_frequency_caps_and_are_sent_once() {
         let mut p = processor();
         // A sensitive property never reaches a destination that does not allow the label.
-        p.labels = Config::load_without_env(None).unwrap().privacy;
+        p.labels = Config::demo().privacy;
         let s = MemStore::default();
         let out = step(&mut p, &s, &fired("f1", 1_000, json!({})));
         assert_eq!(actions(&out), vec![pair("cart", "send")]);

@@ -311,9 +311,7 @@ mod tests {
     use super::*;
 
     fn config() -> ConsoleConfig {
-        let mut c = tessera_common::config::Config::load_without_env(None)
-            .unwrap()
-            .console;
+        let mut c = tessera_common::config::Config::demo().console;
         c.users = vec![tessera_common::config::ConsoleUser {
             name: "ops".into(),
             password: "correct horse".into(),

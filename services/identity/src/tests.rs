@@ -282,7 +282,7 @@ fn a_delete_request_is_applied_once_and_suppresses_the_person() {
     use tessera_common::config::Config;
     use tessera_common::records::{AvroRecord, IdentityCommand, PrivacyAction, PrivacyReport};
     use tessera_common::runner::{Message, Processor};
-    let cfg = Config::load_without_env(None).unwrap();
+    let cfg = Config::demo();
     let topics = Topics::new(&cfg.topics);
     let mut p = IdentityProcessor::new(
         topics.clone(),

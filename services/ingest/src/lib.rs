@@ -26,7 +26,6 @@ use tessera_common::service;
 use tessera_common::store::MemStore;
 use tessera_common::suppressions::Suppressions;
 use tessera_common::topics::Topics;
-use tessera_common::vault::Vault;
 
 /// Reads the subject keys and the suppressed identifiers.
 async fn load_privacy(
@@ -44,14 +43,7 @@ async fn load_privacy(
         )
         .await?;
     }
-    let vault = Vault::follow(
-        &config.kafka,
-        topics.keys(),
-        "tessera-ingest",
-        Some(producer.clone()),
-        shutdown.clone(),
-    )
-    .await?;
+    let vault = service::follow_keys(config, "ingest", producer.clone(), shutdown).await?;
     let suppressions = Suppressions::follow(
         &config.kafka,
         &topics.suppressions(),

@@ -172,7 +172,7 @@ mod tests {
     use tessera_common::store::MemStore;
 
     fn processor() -> RawProcessor {
-        let cfg = Config::load_without_env(None).unwrap();
+        let cfg = Config::demo();
         RawProcessor::new(
             Topics::new(&cfg.topics),
             "kafka-raw".into(),

@@ -1472,7 +1472,7 @@ mod tests {
     }
 
     fn processor_with(docs: &[&str]) -> ProfilesProcessor {
-        let cfg = Config::load_without_env(None).unwrap();
+        let cfg = Config::demo();
         let catalog = Catalog::default();
         define(&catalog, docs);
         ProfilesProcessor {

@@ -309,7 +309,7 @@ async fn read_latencies(
 }
 
 async fn null(rate: u64, seconds: u64, warmup: u64, hops: usize) -> anyhow::Result<()> {
-    let cfg = Config::load_without_env(None)?;
+    let cfg = Config::demo();
     let mut kafka = cfg.kafka.clone();
     kafka.bootstrap = bootstrap().to_string();
     let prefix = format!("null-{}.", &uuid::Uuid::new_v4().simple().to_string()[..8]);

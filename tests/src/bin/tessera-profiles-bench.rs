@@ -200,7 +200,7 @@ fn main() {
     let args = Args::parse();
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Arc::new(RocksStore::open(dir.path()).expect("rocksdb"));
-    let cfg = Config::load_without_env(None).expect("defaults");
+    let cfg = Config::demo();
     let topics = Topics::new(&cfg.topics);
     let docs = definitions();
     let catalog = Catalog::default();
