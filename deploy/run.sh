@@ -69,6 +69,7 @@ fi
 export KAFKA_BOOTSTRAP
 export TESSERA__DEMO=true
 export TESSERA__PROFILES__DEFINITIONS_DIR="${TESSERA__PROFILES__DEFINITIONS_DIR:-$root/deploy/definitions}"
+export TESSERA__INGEST__STATE_DIR="${TESSERA__INGEST__STATE_DIR:-$work/state/ingest}"
 export TESSERA__IDENTITY__STATE_DIR="${TESSERA__IDENTITY__STATE_DIR:-$work/state/identity}"
 export TESSERA__PROFILES__STATE_DIR="${TESSERA__PROFILES__STATE_DIR:-$work/state/profiles}"
 export TESSERA__ACTIVATION__STATE_DIR="${TESSERA__ACTIVATION__STATE_DIR:-$work/state/activation}"

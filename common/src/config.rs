@@ -103,6 +103,9 @@ pub struct PrivacyConfig {
     /// (their data is lost). See the runbook, "Subject keys are missing".
     #[serde(default)]
     pub skip_missing_keys: bool,
+    /// How many subjects' keys each service holds in memory; the others are read from
+    /// its RocksDB when needed.
+    pub key_cache_subjects: usize,
 }
 
 impl PrivacyConfig {
@@ -237,6 +240,9 @@ pub struct IngestConfig {
     /// clients push, and slow clients hold only the bytes they sent.
     pub max_concurrent_requests: usize,
     pub sources: Vec<SourceConfig>,
+    /// Ingest's RocksDB: the subject keys it read (a cache of `privacy.keys`, rebuilt
+    /// from the topic when empty, so a pod's scratch volume will do).
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -429,6 +429,14 @@ async fn create_topics(
     names: &[(String, TopicKind)],
 ) -> Result<()> {
     let retention = cfg.events_retention_ms.to_string();
+    // Segments roll daily at most, so a record is deleted at most a day after its
+    // retention: the subject keys that sealed events expire on that promise.
+    let segment = if cfg.events_retention_ms > 0 {
+        cfg.events_retention_ms.min(86_400_000)
+    } else {
+        86_400_000
+    }
+    .to_string();
     let audit_retention = cfg.audit_retention_ms.to_string();
     let new: Vec<NewTopic<'_>> = names
         .iter()
@@ -443,7 +451,9 @@ async fn create_topics(
                 TopicReplication::Fixed(cfg.replication_factor),
             );
             match kind {
-                TopicKind::Events => t.set("retention.ms", &retention),
+                TopicKind::Events => t
+                    .set("retention.ms", &retention)
+                    .set("segment.ms", &segment),
                 TopicKind::Table => t.set("cleanup.policy", "compact"),
                 TopicKind::Audit => t.set("retention.ms", &audit_retention),
                 TopicKind::Erasable => t

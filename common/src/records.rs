@@ -370,7 +370,8 @@ impl PrivacyReport {
         use crate::runner::Output;
         let (key, payload) = (self.key().into_bytes(), self.to_avro()?);
         Ok(match &self.profile_id {
-            Some(p) if self.action == "export" => Output::sealed(topic, key, payload, p),
+            // The report stays on its compacted topic: its key must not expire.
+            Some(p) if self.action == "export" => Output::sealed_lasting(topic, key, payload, p),
             _ => Output::plain(topic, key, payload),
         })
     }

@@ -68,6 +68,9 @@ pub struct Output {
     pub key: Vec<u8>,
     pub payload: Vec<u8>,
     pub subject: Option<crate::vault::SubjectHash>,
+    /// Sealed with a key that never expires: the record stays (a compacted topic).
+    /// Otherwise the key expires once the events topics' retention has removed it.
+    pub lasting: bool,
 }
 
 impl Output {
@@ -78,6 +81,7 @@ impl Output {
             key,
             payload,
             subject: None,
+            lasting: false,
         }
     }
 
@@ -88,6 +92,16 @@ impl Output {
             key,
             payload,
             subject: Some(crate::vault::subject_hash(subject)),
+            lasting: false,
+        }
+    }
+
+    /// [`Output::sealed`] for a record that stays on a compacted topic (an export
+    /// report): its key never expires.
+    pub fn sealed_lasting(topic: String, key: Vec<u8>, payload: Vec<u8>, subject: &str) -> Output {
+        Output {
+            lasting: true,
+            ..Output::sealed(topic, key, payload, subject)
         }
     }
 }

@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::kafka::{self, Producer, TopicKind};
 use crate::runner::{self, Processor, RunnerSpec};
 use crate::store::{RocksStore, SharedStore, Store, WriteBatch};
-use crate::vault::Vault;
+use crate::vault::{Keeping, Lifetime, Vault};
 use crate::{Error, Result};
 
 /// What a service builds its processor and routes from.
@@ -64,9 +64,9 @@ pub async fn prepare(
     let admin = Admin::new();
     let producer = Arc::new(Producer::new(&config.kafka, &format!("tessera-{service}"))?);
     producer.register_metrics(&admin.registry, service)?;
-    let vault = follow_keys(config, service, producer.clone(), shutdown).await?;
     let store: SharedStore = Arc::new(RocksStore::open(state_dir)?);
     check_state_format(store.as_ref(), service, state_dir)?;
+    let vault = follow_keys(config, service, producer.clone(), store.clone(), shutdown).await?;
     Ok(Parts {
         admin,
         store,
@@ -76,12 +76,13 @@ pub async fn prepare(
 }
 
 /// Installs the deployment's pseudonym secret (every id derived from personal data is
-/// keyed with it, [`crate::ids`]), reads the subject keys and checks that the deployment's
+/// keyed with it, [`crate::ids`]), reads the subject keys into `store` and checks that the deployment's
 /// ids were made with this secret (recording it if it is the first service to start).
 pub async fn follow_keys(
     config: &Config,
     service: &str,
     producer: Arc<Producer>,
+    store: SharedStore,
     shutdown: &CancellationToken,
 ) -> Result<Arc<Vault>> {
     crate::ids::install_secret(&config.privacy.pseudonym_secret)?;
@@ -90,11 +91,37 @@ pub async fn follow_keys(
         crate::topics::Topics::new(&config.topics).keys(),
         &format!("tessera-{service}"),
         Some(producer),
+        Keeping {
+            store,
+            cache_subjects: config.privacy.key_cache_subjects,
+            lifetime: Lifetime::for_retention(config.topics.events_retention_ms),
+        },
         shutdown.clone(),
     )
     .await?;
     vault.check_secret().await?;
     Ok(vault)
+}
+
+/// Tombstones expired subject keys every hour until `shutdown` (one service does it
+/// for the deployment; every vault then drops them).
+pub fn sweep_expired_keys(vault: Arc<Vault>, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            match vault.sweep_expired(10_000).await {
+                Ok(10_000) => continue,
+                Ok(n) if n > 0 => info!(keys = n, "expired subject keys swept"),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "expired subject keys not swept, retrying later")
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+            }
+        }
+    });
 }
 
 /// The format of each service's state. Bump a service's number when its state layout
@@ -259,6 +286,7 @@ mod tests {
             err.contains("format 1") && err.contains("Remove that folder"),
             "{err}"
         );
-        check_state_format(&old, "activation", dir).unwrap();
+        // Unstamped state is format 1, which a service still in format 1 takes.
+        check_state_format(&old, "ingest", dir).unwrap();
     }
 }

@@ -22,6 +22,19 @@ pub async fn follow(
     kafka: &KafkaConfig,
     topic: &str,
     client_id: &str,
+    apply: impl FnMut(&Message) + Send + 'static,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    follow_from(kafka, topic, client_id, 0, apply, shutdown).await
+}
+
+/// [`follow`] from offset `from` of every partition on (a reader that keeps what it
+/// read resumes there).
+pub async fn follow_from(
+    kafka: &KafkaConfig,
+    topic: &str,
+    client_id: &str,
+    from: i64,
     mut apply: impl FnMut(&Message) + Send + 'static,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -51,8 +64,14 @@ pub async fn follow(
                 for p in partitions {
                     let (_, high) =
                         consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
-                    tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
-                    ends.push((p, high));
+                    let start = if from > 0 {
+                        Offset::Offset(from)
+                    } else {
+                        Offset::Beginning
+                    };
+                    tpl.add_partition_offset(&topic, p, start)?;
+                    // Nothing to wait for where the reader is already at the end.
+                    ends.push((p, if from >= high { 0 } else { high }));
                 }
                 consumer.assign(&tpl)?;
                 Ok(ends)

@@ -19,9 +19,8 @@
 //! A sealed record: `C3 5E` | subject hash (16 bytes) | key id (8) | nonce (12) |
 //! AES-256-GCM ciphertext and tag of the plain record. Anything else is plain.
 
-use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use aes_gcm::aead::{Aead, KeyInit};
@@ -33,7 +32,12 @@ use crate::config::KafkaConfig;
 use crate::kafka::{Producer, consumer_config};
 use crate::records::{AvroRecord, SubjectKey};
 use crate::runner::Message;
+use crate::store::{MemStore, SharedStore};
 use crate::{Error, Result};
+
+mod keyring;
+pub use keyring::Lifetime;
+use keyring::{KeyId, Keyring};
 
 pub const SEAL_MARKER: [u8; 2] = [0xC3, 0x5E];
 const HEADER_LEN: usize = 2 + 16 + 8 + 12;
@@ -98,46 +102,43 @@ pub enum Opened {
     Corrupt,
 }
 
-/// Keys are kept as their 32 bytes (about 90 bytes per key with the map) and expanded
-/// for each use: a million people hold two million keys.
-#[derive(Default)]
-struct Keys {
-    by_subject: HashMap<SubjectHash, Vec<(KeyId, [u8; 32])>>,
-    /// Keys whose erasure was seen (about 24 bytes each: erasures are rare).
-    erased: HashSet<(SubjectHash, KeyId)>,
-    /// The fingerprint of the pseudonym secret the deployment's ids were made with
-    /// ([`SECRET_RECORD_KEY`]).
-    secret_fingerprint: Option<String>,
-}
-
 /// The keys topic's record of the deployment's pseudonym secret: its fingerprint
 /// ([`crate::ids::secret_fingerprint`]), written by the first service that starts, checked
 /// by every later one. A subject hash is hex, so it cannot be mistaken for one.
 const SECRET_RECORD_KEY: &str = "~pseudonym-secret";
 
-/// A key's id: random, so instances creating keys for one subject at once never collide.
-type KeyId = [u8; 8];
-
-impl Keys {
-    fn get(&self, s: &SubjectHash, id: &[u8; 8]) -> Option<Aes256Gcm> {
-        self.by_subject
-            .get(s)?
-            .iter()
-            .find(|(k, _)| k == id)
-            .map(|(_, key)| cipher(key))
-    }
-}
-
 fn cipher(key: &[u8; 32]) -> Aes256Gcm {
     Aes256Gcm::new_from_slice(key).expect("32-byte key")
 }
 
-/// The keyring of one service instance: follows `privacy.keys`, creates keys for new
-/// subjects, seals and opens records.
+/// Where and how long a vault keeps its keys.
+pub struct Keeping {
+    /// The service's RocksDB (keys under `vault/`).
+    pub store: SharedStore,
+    /// How many subjects' keys are held in memory (the others are read from the store).
+    pub cache_subjects: usize,
+    /// How long keys for events live.
+    pub lifetime: Lifetime,
+}
+
+impl Keeping {
+    /// In memory, for a vault that follows no topic (tools, tests and fuzzing).
+    pub fn in_memory() -> Keeping {
+        Keeping {
+            store: Arc::new(MemStore::default()),
+            cache_subjects: 1024,
+            lifetime: Lifetime::for_retention(7 * 86_400_000),
+        }
+    }
+}
+
+/// The keyring of one service instance: follows `privacy.keys` into its store, creates
+/// keys for new subjects, seals and opens records.
 pub struct Vault {
     topic: String,
     producer: Option<Arc<Producer>>,
-    keys: Arc<RwLock<Keys>>,
+    keyring: Arc<Keyring>,
+    lifetime: Lifetime,
     /// The next offset of the keys topic not applied yet.
     applied: Arc<AtomicI64>,
     /// Asks the broker where the keys topic ends (`None`: a vault of fixed keys).
@@ -145,74 +146,145 @@ pub struct Vault {
 }
 
 impl Vault {
-    /// Reads the whole keys topic, then keeps following it until `shutdown`. With a
-    /// producer the vault can create keys (seal); without, it only opens.
+    /// Reads the keys topic from where this store left it (the whole topic the first
+    /// time), then keeps following it until `shutdown`. With a producer the vault can
+    /// create keys (seal); without, it only opens.
     pub async fn follow(
         kafka: &KafkaConfig,
         topic: String,
         client_id: &str,
         producer: Option<Arc<Producer>>,
+        keeping: Keeping,
         shutdown: CancellationToken,
     ) -> Result<Arc<Vault>> {
-        let keys: Arc<RwLock<Keys>> = Arc::default();
-        let applied = Arc::new(AtomicI64::new(0));
-        let (k, a) = (keys.clone(), applied.clone());
-        crate::table::follow(
+        let keyring = Arc::new(Keyring::new(keeping.store, keeping.cache_subjects));
+        let watermarks: BaseConsumer =
+            consumer_config(kafka, client_id, &format!("{client_id}-keys-watermarks")).create()?;
+        let mut from = keyring.offset()?;
+        if from > 0 {
+            let (_, high) = watermarks.fetch_watermarks(&topic, 0, Duration::from_secs(10))?;
+            if from > high {
+                // The topic is not the one this store read: it was replaced.
+                tracing::warn!(%topic, from, high, "the keys topic is shorter than when last read: reading it again from its start");
+                keyring.restart()?;
+                from = 0;
+            }
+        }
+        let applied = Arc::new(AtomicI64::new(from));
+        let (k, a) = (keyring.clone(), applied.clone());
+        crate::table::follow_from(
             kafka,
             &topic,
             &format!("{client_id}-keys"),
+            from,
             move |m: &Message| {
-                apply(&k, m);
+                if let Err(e) = k.apply(m, SECRET_RECORD_KEY.as_bytes()) {
+                    // Not applied: a record sealed with it is then missing, which holds the
+                    // service instead of losing anything.
+                    tracing::error!(offset = m.offset, error = %e, "a keys record could not be stored");
+                    return;
+                }
                 a.store(m.offset + 1, Ordering::Release);
             },
             shutdown,
         )
         .await?;
-        let watermarks: BaseConsumer =
-            consumer_config(kafka, client_id, &format!("{client_id}-keys-watermarks")).create()?;
         Ok(Arc::new(Vault {
             topic,
             producer,
-            keys,
+            keyring,
+            lifetime: keeping.lifetime,
             applied,
             watermarks: Some(std::sync::Mutex::new(watermarks)),
         }))
     }
 
-    /// Seals `plain` with a key of subject `s`, creating (and storing on the keys
-    /// topic, acknowledged) one if the subject has none yet.
-    pub async fn seal(&self, s: &SubjectHash, plain: &[u8]) -> Result<Vec<u8>> {
-        if let Some(sealed) = self.seal_known(s, plain)? {
-            return Ok(sealed);
+    /// Checks that this process's pseudonym secret is the deployment's (the one its ids
+    /// were made with, recorded on the keys topic), recording it if the deployment has
+    /// none yet. Another secret would name every person differently: their keys, their
+    /// profiles, their erasure.
+    pub async fn check_secret(&self) -> Result<()> {
+        let mine = crate::ids::secret_fingerprint();
+        if self.keyring.secret_fingerprint()?.is_none() {
+            self.producer()?
+                .send(&self.topic, SECRET_RECORD_KEY.as_bytes(), mine.as_bytes())
+                .await
+                .map_err(|e| {
+                    Error::Invalid(format!("the secret's fingerprint was not stored: {e}"))
+                })?;
+            // Read it back: of instances starting at once with different secrets, the
+            // last record wins and the others refuse to start.
+            self.catch_up().await?;
         }
-        self.ensure_keys(&[*s]).await?;
-        Ok(self.seal_known(s, plain)?.expect("the key was just added"))
+        if self.keyring.secret_fingerprint()?.as_deref() == Some(mine.as_str()) {
+            return Ok(());
+        }
+        Err(Error::Config(
+            "privacy.pseudonym_secret is not the one this deployment's ids were made with \
+             (the keys topic records its fingerprint): every service must use the same \
+             secret, and it never changes"
+                .into(),
+        ))
     }
 
-    /// Gives every subject that has none a key, all stored at once (one round trip to
-    /// the broker however many there are).
-    pub async fn ensure_keys(&self, subjects: &[SubjectHash]) -> Result<()> {
-        let missing: std::collections::BTreeSet<SubjectHash> = {
-            let keys = self.keys.read().expect("keys lock");
-            subjects
-                .iter()
-                .filter(|s| !keys.by_subject.contains_key(*s))
-                .copied()
-                .collect()
-        };
-        let created = futures::future::join_all(missing.iter().map(|s| self.create_key(s))).await;
+    fn producer(&self) -> Result<&Producer> {
+        self.producer.as_deref().ok_or_else(|| {
+            Error::Invalid("this vault only opens records: it has no producer".into())
+        })
+    }
+
+    /// Seals `plain`, a record for a topic of events, with a key of subject `s` that
+    /// outlives it, creating (and storing on the keys topic, acknowledged) one if the
+    /// subject has none.
+    pub async fn seal(&self, s: &SubjectHash, plain: &[u8]) -> Result<Vec<u8>> {
+        self.seal_for(s, plain, false).await
+    }
+
+    /// [`Vault::seal`] with a key that never expires, for a record that stays (an
+    /// export report on a compacted topic).
+    pub async fn seal_lasting(&self, s: &SubjectHash, plain: &[u8]) -> Result<Vec<u8>> {
+        self.seal_for(s, plain, true).await
+    }
+
+    async fn seal_for(&self, s: &SubjectHash, plain: &[u8], lasting: bool) -> Result<Vec<u8>> {
+        if let Some(sealed) = self.seal_known(s, plain, lasting)? {
+            return Ok(sealed);
+        }
+        self.ensure_keys(&[*s], lasting).await?;
+        Ok(self
+            .seal_known(s, plain, lasting)?
+            .expect("the key was just added"))
+    }
+
+    /// Gives every subject that has no key to seal with one, all stored at once (one
+    /// round trip to the broker however many there are).
+    pub async fn ensure_keys(&self, subjects: &[SubjectHash], lasting: bool) -> Result<()> {
+        let mut missing = std::collections::BTreeSet::new();
+        for s in subjects {
+            if self.sealing_key(s, lasting)?.is_none() {
+                missing.insert(*s);
+            }
+        }
+        let created =
+            futures::future::join_all(missing.iter().map(|s| self.create_key(s, lasting))).await;
         created.into_iter().collect()
     }
 
-    async fn create_key(&self, s: &SubjectHash) -> Result<()> {
-        let s = *s;
-        let producer = self.producer.as_ref().ok_or_else(|| {
-            Error::Invalid("this vault only opens records: it has no producer".into())
-        })?;
+    fn sealing_key(&self, s: &SubjectHash, lasting: bool) -> Result<Option<(KeyId, [u8; 32])>> {
+        let today = keyring::today();
+        Ok(self
+            .keyring
+            .keys(s)?
+            .into_iter()
+            .find(|(id, _)| self.lifetime.seals(id, lasting, today)))
+    }
+
+    async fn create_key(&self, s: &SubjectHash, lasting: bool) -> Result<()> {
+        let producer = self.producer()?;
         let key: [u8; 32] = rand::random();
-        let key_id: [u8; 8] = rand::random();
+        let key_id = keyring::new_key_id(self.lifetime.new_expiry(lasting, keyring::today()));
         let record = SubjectKey {
-            subject: hex(&s),
+            subject: hex(s),
             key_id: hex(&key_id),
             key: key.to_vec(),
             created_at: crate::now_ms(),
@@ -220,30 +292,16 @@ impl Vault {
         producer
             .send(
                 &self.topic,
-                record_key(&s, &key_id).as_bytes(),
+                record_key(s, &key_id).as_bytes(),
                 &record.to_avro()?,
             )
             .await
             .map_err(|e| Error::Invalid(format!("the subject key was not stored: {e}")))?;
-        self.keys
-            .write()
-            .expect("keys lock")
-            .by_subject
-            .entry(s)
-            .or_default()
-            .push((key_id, key));
-        Ok(())
+        self.keyring.add(s, &key_id, &key)
     }
 
-    fn seal_known(&self, s: &SubjectHash, plain: &[u8]) -> Result<Option<Vec<u8>>> {
-        let Some((key_id, key)) = self
-            .keys
-            .read()
-            .expect("keys lock")
-            .by_subject
-            .get(s)
-            .and_then(|v| v.first().copied())
-        else {
+    fn seal_known(&self, s: &SubjectHash, plain: &[u8], lasting: bool) -> Result<Option<Vec<u8>>> {
+        let Some((key_id, key)) = self.sealing_key(s, lasting)? else {
             return Ok(None);
         };
         let nonce: [u8; 12] = rand::random();
@@ -260,97 +318,63 @@ impl Vault {
     }
 
     /// A vault that follows no topic: it holds the keys records [`apply`](Self::apply)
-    /// hands it, and only opens (tools, tests and fuzzing).
+    /// hands it, in memory, and only opens (tools, tests and fuzzing).
     pub fn detached() -> Vault {
+        let keeping = Keeping::in_memory();
         Vault {
             topic: String::new(),
             producer: None,
-            keys: Arc::default(),
+            keyring: Arc::new(Keyring::new(keeping.store, keeping.cache_subjects)),
+            lifetime: keeping.lifetime,
             applied: Arc::default(),
             watermarks: None,
         }
     }
 
-    /// Checks that this process's pseudonym secret is the deployment's (the one its ids
-    /// were made with, recorded on the keys topic), recording it if the deployment has
-    /// none yet. Another secret would name every person differently: their keys, their
-    /// profiles, their erasure.
-    pub async fn check_secret(&self) -> Result<()> {
-        let mine = crate::ids::secret_fingerprint();
-        let recorded = || {
-            self.keys
-                .read()
-                .expect("keys lock")
-                .secret_fingerprint
-                .clone()
-        };
-        if recorded().is_none() {
-            let producer = self.producer.as_ref().ok_or_else(|| {
-                Error::Invalid("this vault only opens records: it has no producer".into())
-            })?;
-            producer
-                .send(&self.topic, SECRET_RECORD_KEY.as_bytes(), mine.as_bytes())
-                .await
-                .map_err(|e| {
-                    Error::Invalid(format!("the secret's fingerprint was not stored: {e}"))
-                })?;
-            // Read it back: of instances starting at once with different secrets, the
-            // last record wins and the others refuse to start.
-            self.catch_up().await?;
-        }
-        if recorded().as_deref() == Some(mine.as_str()) {
-            return Ok(());
-        }
-        Err(Error::Config(
-            "privacy.pseudonym_secret is not the one this deployment's ids were made with \
-             (the keys topic records its fingerprint): every service must use the same \
-             secret, and it never changes"
-                .into(),
-        ))
-    }
-
-    /// Takes in one record of the keys topic (a key, or a tombstone that destroys one).
+    /// Takes in one record of the keys topic (a key, or a marker or tombstone that
+    /// destroys one).
     pub fn apply(&self, m: &Message) {
-        apply(&self.keys, m)
+        if let Err(e) = self.keyring.apply(m, SECRET_RECORD_KEY.as_bytes()) {
+            tracing::error!(offset = m.offset, error = %e, "a keys record could not be stored");
+        }
     }
 
     /// Opens a record without waiting: `None` when it is sealed with a key this vault
     /// has not seen (yet, or any more).
-    fn try_open(&self, bytes: &[u8]) -> Option<Opened> {
+    fn try_open(&self, bytes: &[u8]) -> Result<Option<Opened>> {
         if !is_sealed(bytes) {
-            return Some(Opened::Plain(bytes.to_vec()));
+            return Ok(Some(Opened::Plain(bytes.to_vec())));
         }
         let s: SubjectHash = bytes[2..18].try_into().expect("16 bytes");
-        let id: [u8; 8] = bytes[18..26].try_into().expect("8 bytes");
-        let cipher = {
-            let keys = self.keys.read().expect("keys lock");
-            match keys.get(&s, &id) {
-                Some(c) => c,
-                None if keys.erased.contains(&(s, id)) => return Some(Opened::Shredded),
-                None => return None,
-            }
+        let id: KeyId = bytes[18..26].try_into().expect("8 bytes");
+        let Some(key) = self.keyring.get(&s, &id)? else {
+            // Erased, or expired (swept once nothing sealed with it could be left): the
+            // record is noise on purpose.
+            let gone =
+                self.keyring.is_erased(&s, &id)? || keyring::expiry_day(&id) < keyring::today();
+            return Ok(gone.then_some(Opened::Shredded));
         };
-        Some(
-            match cipher.decrypt(
+        Ok(Some(
+            match cipher(&key).decrypt(
                 Nonce::from_slice(&bytes[26..HEADER_LEN]),
                 &bytes[HEADER_LEN..],
             ) {
                 Ok(p) => Opened::Plain(p),
                 Err(_) => Opened::Corrupt,
             },
-        )
+        ))
     }
 
     /// Opens a record. A key not seen yet may be on its way (it is stored before any
     /// record sealed with it): the vault first reads the keys topic up to its end; a key
-    /// neither held nor erased then is missing. An error means the keys topic could not
-    /// be read: try again.
+    /// neither held nor erased then is missing. An error means the keys topic (or the
+    /// store) could not be read: try again.
     pub async fn open(&self, bytes: &[u8]) -> Result<Opened> {
-        if let Some(o) = self.try_open(bytes) {
+        if let Some(o) = self.try_open(bytes)? {
             return Ok(o);
         }
         self.catch_up().await?;
-        Ok(self.try_open(bytes).unwrap_or(Opened::Missing))
+        Ok(self.try_open(bytes)?.unwrap_or(Opened::Missing))
     }
 
     /// Waits until every key stored so far has been read.
@@ -394,86 +418,37 @@ impl Vault {
 
     /// The keys topic's record keys of every key of these subjects: what to erase.
     /// Call after [`Vault::catch_up`] to include keys created elsewhere.
-    pub fn keys_of(&self, subjects: &[SubjectHash]) -> Vec<String> {
-        let keys = self.keys.read().expect("keys lock");
-        subjects
-            .iter()
-            .flat_map(|s| {
-                keys.by_subject
-                    .get(s)
-                    .into_iter()
-                    .flatten()
-                    .map(move |(id, _)| record_key(s, id))
-            })
-            .collect()
-    }
-
-    /// How many keys this instance holds.
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        let keys = self.keys.read().expect("keys lock");
-        keys.by_subject.values().map(Vec::len).sum()
-    }
-
-    #[cfg(test)]
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-fn apply(keys: &RwLock<Keys>, m: &Message) {
-    if m.key.as_deref() == Some(SECRET_RECORD_KEY.as_bytes()) {
-        let fingerprint = m
-            .payload
-            .as_deref()
-            .map(|p| String::from_utf8_lossy(p).into_owned());
-        keys.write().expect("keys lock").secret_fingerprint = fingerprint;
-        return;
-    }
-    let Some((s, id)) = m.key.as_deref().and_then(parse_record_key) else {
-        tracing::warn!(
-            offset = m.offset,
-            "a keys record with a malformed key, skipped"
-        );
-        return;
-    };
-    let mut keys = keys.write().expect("keys lock");
-    let record = match m.payload.as_deref() {
-        // A tombstone (an erasure before erasure markers): the key is destroyed.
-        None | Some([]) => None,
-        Some(bytes) => match SubjectKey::from_avro(bytes) {
-            Ok(r) => Some(r.key),
-            Err(_) => {
-                tracing::warn!(offset = m.offset, "an unreadable keys record, skipped");
-                return;
-            }
-        },
-    };
-    match record.as_deref().map(<[u8; 32]>::try_from) {
-        Some(Ok(key)) if !keys.erased.contains(&(s, id)) => {
-            let v = keys.by_subject.entry(s).or_default();
-            if !v.iter().any(|(k, _)| *k == id) {
-                v.push((id, key));
+    pub fn keys_of(&self, subjects: &[SubjectHash]) -> Result<Vec<String>> {
+        let mut keys = Vec::new();
+        for s in subjects {
+            for (id, _) in self.keyring.keys(s)? {
+                keys.push(record_key(s, &id));
             }
         }
-        Some(Ok(_)) => {}
-        // An erasure marker (no key bytes) or a tombstone.
-        Some(Err(_)) | None => {
-            if record.as_deref().is_some_and(|k| !k.is_empty()) {
-                tracing::warn!(
-                    offset = m.offset,
-                    "a keys record with a malformed key, skipped"
-                );
-                return;
-            }
-            if let Some(v) = keys.by_subject.get_mut(&s) {
-                v.retain(|(k, _)| *k != id);
-                if v.is_empty() {
-                    keys.by_subject.remove(&s);
-                }
-            }
-            keys.erased.insert((s, id));
+        Ok(keys)
+    }
+
+    /// Tombstones keys that expired (up to `limit`): nothing sealed with them is left
+    /// on any topic, and every vault then drops them. Returns how many.
+    pub async fn sweep_expired(&self, limit: usize) -> Result<usize> {
+        let expired = self.keyring.expired(keyring::today(), limit)?;
+        let producer = self.producer()?;
+        let names: Vec<String> = expired.iter().map(|(s, id)| record_key(s, id)).collect();
+        let sent = futures::future::join_all(
+            names
+                .iter()
+                .map(|k| producer.send(&self.topic, k.as_bytes(), &[])),
+        )
+        .await;
+        for r in sent {
+            r.map_err(|e| Error::Invalid(format!("an expired key was not swept: {e}")))?;
         }
+        Ok(expired.len())
+    }
+
+    /// How many subjects' keys are held in memory.
+    pub fn cached_subjects(&self) -> usize {
+        self.keyring.cached()
     }
 }
 
@@ -492,6 +467,13 @@ mod tests {
         }
     }
 
+    /// A key id `n` that seals events today (it expires in 30 days).
+    fn live(n: u8) -> KeyId {
+        let mut id = [n; 8];
+        id[..2].copy_from_slice(&(keyring::today() + 30).to_be_bytes());
+        id
+    }
+
     fn key_record(subject: &str, id: [u8; 8]) -> (String, Vec<u8>) {
         let s = subject_hash(subject);
         let rec = SubjectKey {
@@ -506,7 +488,7 @@ mod tests {
     #[tokio::test]
     async fn a_sealed_record_opens_with_its_key_and_is_shredded_without_it() {
         let v = Vault::detached();
-        let (k, rec) = key_record("profile-1", [1; 8]);
+        let (k, rec) = key_record("profile-1", live(1));
         v.apply(&msg(&k, Some(rec)));
         let plain = b"jane.doe@example.com".to_vec();
         let sealed = v.seal(&subject_hash("profile-1"), &plain).await.unwrap();
@@ -526,10 +508,13 @@ mod tests {
         *bad.last_mut().unwrap() ^= 1;
         assert_eq!(v.open(&bad).await.unwrap(), Opened::Corrupt);
         // The erasure marker destroys the key: the record is noise from then on.
-        assert_eq!(v.keys_of(&[subject_hash("profile-1")]), vec![k.clone()]);
+        assert_eq!(
+            v.keys_of(&[subject_hash("profile-1")]).unwrap(),
+            vec![k.clone()]
+        );
         v.apply(&msg(&k, Some(Vault::erasure_record(&k).unwrap())));
         assert_eq!(v.open(&sealed).await.unwrap(), Opened::Shredded);
-        assert!(v.is_empty());
+        assert_eq!(v.keyring.len(), 0);
     }
 
     /// The audit's finding: losing the keys topic (or a keys topic cleaned by retention)
@@ -538,9 +523,9 @@ mod tests {
     #[tokio::test]
     async fn a_missing_key_is_not_an_erased_one() {
         let v = Vault::detached();
-        let (k1, rec1) = key_record("profile-1", [1; 8]);
-        let (k2, rec2) = key_record("profile-2", [2; 8]);
-        let (k3, rec3) = key_record("profile-3", [3; 8]);
+        let (k1, rec1) = key_record("profile-1", live(1));
+        let (k2, rec2) = key_record("profile-2", live(2));
+        let (k3, rec3) = key_record("profile-3", live(3));
         for (k, rec) in [(&k1, &rec1), (&k2, &rec2), (&k3, &rec3)] {
             v.apply(&msg(k, Some(rec.clone())));
         }
@@ -564,7 +549,7 @@ mod tests {
         compacted.apply(&msg(&k1, Some(Vault::erasure_record(&k1).unwrap())));
         assert_eq!(compacted.open(&one).await.unwrap(), Opened::Shredded);
         // A key record that arrives after its marker (replayed out of order) stays erased.
-        compacted.apply(&msg(&k1, Some(key_record("profile-1", [1; 8]).1)));
+        compacted.apply(&msg(&k1, Some(key_record("profile-1", live(1)).1)));
         assert_eq!(compacted.open(&one).await.unwrap(), Opened::Shredded);
         assert!(Vault::erasure_record("not-a-key").is_err());
     }
@@ -581,17 +566,17 @@ mod tests {
     #[test]
     fn several_keys_of_one_subject_all_count_and_malformed_records_are_skipped() {
         let v = Vault::detached();
-        for id in [[1; 8], [2; 8]] {
+        for id in [live(1), live(2)] {
             let (k, rec) = key_record("anon-1", id);
             v.apply(&msg(&k, Some(rec)));
         }
         v.apply(&msg("not-a-key", Some(vec![1])));
         v.apply(&msg(
-            &record_key(&subject_hash("x"), &[3; 8]),
+            &record_key(&subject_hash("x"), &live(3)),
             Some(vec![1]),
         ));
-        assert_eq!(v.len(), 2);
-        assert_eq!(v.keys_of(&[subject_hash("anon-1")]).len(), 2);
+        assert_eq!(v.keyring.len(), 2);
+        assert_eq!(v.keys_of(&[subject_hash("anon-1")]).unwrap().len(), 2);
     }
 
     #[test]
@@ -601,5 +586,91 @@ mod tests {
         assert!(!k.contains("jane"));
         assert_eq!(parse_record_key(k.as_bytes()), Some((s, [0xab; 8])));
         assert_eq!(parse_record_key(b"zz/00"), None);
+    }
+
+    /// The audit's finding: every visitor's key was held in every service's memory for
+    /// ever. Keys are kept in the store; memory holds the subjects used lately only.
+    #[tokio::test]
+    async fn memory_holds_a_bounded_number_of_subjects_and_the_store_the_rest() {
+        let store: SharedStore = Arc::new(MemStore::default());
+        let v = Vault {
+            keyring: Arc::new(Keyring::new(store.clone(), 100)),
+            ..Vault::detached()
+        };
+        let mut sealed = Vec::new();
+        for n in 0..1000 {
+            let subject = format!("anon-{n}");
+            let (k, rec) = key_record(&subject, live((n % 250) as u8));
+            v.apply(&msg(&k, Some(rec)));
+            sealed.push(v.seal(&subject_hash(&subject), b"x").await.unwrap());
+        }
+        assert!(
+            v.cached_subjects() <= 100,
+            "{} subjects in memory",
+            v.cached_subjects()
+        );
+        for s in &sealed {
+            assert_eq!(v.open(s).await.unwrap(), Opened::Plain(b"x".to_vec()));
+        }
+        assert!(v.cached_subjects() <= 100);
+        // A vault on the same store (a restart) has every key without reading the topic.
+        let again = Vault {
+            keyring: Arc::new(Keyring::new(store, 100)),
+            ..Vault::detached()
+        };
+        assert_eq!(again.keyring.len(), 1000);
+        assert_eq!(
+            again.open(&sealed[0]).await.unwrap(),
+            Opened::Plain(b"x".to_vec())
+        );
+    }
+
+    /// Keys of events expire: a key stops sealing before the records it sealed can
+    /// outlive it, and once expired and swept (a tombstone) what it sealed is gone on
+    /// purpose, not missing. A key for a record that stays never expires.
+    #[tokio::test]
+    async fn event_keys_expire_with_the_events_and_lasting_keys_do_not() {
+        let today = keyring::today();
+        let week = Lifetime::for_retention(7 * 86_400_000);
+        let fresh = keyring::new_key_id(week.new_expiry(false, today));
+        assert!(week.seals(&fresh, false, today) && !week.seals(&fresh, true, today));
+        // Sealing stops when a record sealed that day could outlive the key.
+        assert!(week.seals(&fresh, false, today + 7));
+        assert!(!week.seals(&fresh, false, today + 8));
+        let lasting = keyring::new_key_id(week.new_expiry(true, today));
+        assert!(week.seals(&lasting, true, today + 10_000) && !week.seals(&lasting, false, today));
+        let forever = Lifetime::for_retention(-1);
+        assert!(forever.seals(&lasting, false, today));
+
+        let v = Vault::detached();
+        let mut old = live(1);
+        old[..2].copy_from_slice(&(today - 1).to_be_bytes());
+        let (k, rec) = key_record("anon-1", old);
+        v.apply(&msg(&k, Some(rec)));
+        // An expired key seals nothing (a new one would be made: this vault cannot).
+        assert!(v.seal(&subject_hash("anon-1"), b"x").await.is_err());
+        assert_eq!(
+            v.keyring.expired(today, 10).unwrap(),
+            vec![(subject_hash("anon-1"), old)]
+        );
+        // A record it sealed before: readable until the sweep, then shredded (not missing).
+        let mut sealed = SEAL_MARKER.to_vec();
+        sealed.extend_from_slice(&subject_hash("anon-1"));
+        sealed.extend_from_slice(&old);
+        sealed.extend_from_slice(&[0; 12 + 20]);
+        assert_eq!(v.open(&sealed).await.unwrap(), Opened::Corrupt);
+        v.apply(&msg(&k, None));
+        assert_eq!(v.open(&sealed).await.unwrap(), Opened::Shredded);
+        assert!(v.keyring.expired(today, 10).unwrap().is_empty());
+        assert!(
+            !v.keyring.is_erased(&subject_hash("anon-1"), &old).unwrap(),
+            "a sweep is no erasure"
+        );
+        // A key of a later day that the topic does not hold is missing, not expired.
+        let (_, _) = key_record("anon-2", live(2));
+        let mut missing = sealed.clone();
+        missing[2..18].copy_from_slice(&subject_hash("anon-2"));
+        missing[18..26].copy_from_slice(&live(2));
+        assert_eq!(v.open(&missing).await.unwrap(), Opened::Missing);
     }
 }

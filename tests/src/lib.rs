@@ -109,6 +109,7 @@ pub fn test_config(dir: &Path) -> Config {
     ] {
         *listen = "127.0.0.1:0".into();
     }
+    c.ingest.state_dir = dir.join("ingest");
     c.identity.state_dir = dir.join("identity");
     c.profiles.state_dir = dir.join("profiles");
     c.activation.state_dir = dir.join("activation");
@@ -436,6 +437,7 @@ async fn vault_for(bootstrap: &str, topic: &str) -> std::sync::Arc<Vault> {
         format!("{prefix}.{}", tessera_common::topics::PRIVACY_KEYS),
         &format!("test-reader-{prefix}"),
         None,
+        tessera_common::vault::Keeping::in_memory(),
         CancellationToken::new(),
     )
     .await

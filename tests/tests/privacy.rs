@@ -875,7 +875,8 @@ async fn a_service_with_another_pseudonym_secret_refuses_to_start() {
     .await
     .unwrap();
     let producer = Arc::new(Producer::new(&cfg.kafka, "first-service").unwrap());
-    tessera_common::service::follow_keys(&cfg, "first", producer, &shutdown)
+    let store = std::sync::Arc::new(tessera_common::store::MemStore::default());
+    tessera_common::service::follow_keys(&cfg, "first", producer, store, &shutdown)
         .await
         .expect("the first service records the deployment's secret");
     shutdown.cancel();

@@ -119,8 +119,7 @@ pub(super) async fn seal_all(
     mut outputs: Vec<Output>,
     shutdown: &CancellationToken,
 ) -> Result<Option<Vec<Output>>> {
-    let subjects: Vec<SubjectHash> = outputs.iter().filter_map(|o| o.subject).collect();
-    if subjects.is_empty() {
+    if outputs.iter().all(|o| o.subject.is_none()) {
         return Ok(Some(outputs));
     }
     let Some(v) = vault else {
@@ -128,16 +127,30 @@ pub(super) async fn seal_all(
             "records must be sealed, and this runner has no vault".into(),
         ));
     };
-    while let Err(e) = v.ensure_keys(&subjects).await {
-        warn!(error = %e, "cannot store new subject keys, retrying");
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+    for lasting in [false, true] {
+        let subjects: Vec<SubjectHash> = outputs
+            .iter()
+            .filter(|o| o.lasting == lasting)
+            .filter_map(|o| o.subject)
+            .collect();
+        if subjects.is_empty() {
+            continue;
+        }
+        while let Err(e) = v.ensure_keys(&subjects, lasting).await {
+            warn!(error = %e, "cannot store new subject keys, retrying");
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
         }
     }
     for o in outputs.iter_mut() {
         if let Some(subject) = o.subject.take() {
-            o.payload = v.seal(&subject, &o.payload).await?;
+            o.payload = if o.lasting {
+                v.seal_lasting(&subject, &o.payload).await?
+            } else {
+                v.seal(&subject, &o.payload).await?
+            };
         }
     }
     Ok(Some(outputs))

@@ -91,6 +91,10 @@ app.kubernetes.io/component: {{ .component }}
     {{- if .stateful }}
     - name: state
       mountPath: /var/lib/tessera
+    {{- else if eq .component "ingest" }}
+    # The subject keys ingest read: a cache of the keys topic, rebuilt when empty.
+    - name: keys
+      mountPath: /var/lib/tessera
     {{- end }}
 {{- end -}}
 

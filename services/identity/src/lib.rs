@@ -75,6 +75,8 @@ pub async fn run_with_listener(
         &shutdown,
     )
     .await?;
+    // Identity runs one instance: it sweeps the deployment's expired subject keys.
+    service::sweep_expired_keys(parts.vault.clone(), shutdown.clone());
     let mut processor = IdentityProcessor::new(topics.clone(), rules.clone(), &parts.admin);
     processor.vault = Some(parts.vault.clone());
     processor.suppressed = Suppressions::follow(

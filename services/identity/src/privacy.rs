@@ -37,7 +37,7 @@ impl IdentityProcessor {
         let Some(vault) = &self.vault else {
             return Ok(0);
         };
-        let keys = vault.keys_of(subjects);
+        let keys = vault.keys_of(subjects)?;
         for k in &keys {
             out.push(Output::plain(
                 self.topics.keys(),

@@ -23,7 +23,7 @@ use tessera_common::config::Config;
 use tessera_common::kafka::{self, Producer, TopicKind};
 use tessera_common::runner::{self, OffsetStorage, RunnerSpec};
 use tessera_common::service;
-use tessera_common::store::MemStore;
+use tessera_common::store::{MemStore, RocksStore, SharedStore};
 use tessera_common::suppressions::Suppressions;
 use tessera_common::topics::Topics;
 
@@ -32,6 +32,7 @@ async fn load_privacy(
     config: &Config,
     topics: &Topics,
     producer: &Arc<Producer>,
+    store: &SharedStore,
     shutdown: &CancellationToken,
 ) -> Result<http::Privacy> {
     if !config.topics.create {
@@ -43,7 +44,8 @@ async fn load_privacy(
         )
         .await?;
     }
-    let vault = service::follow_keys(config, "ingest", producer.clone(), shutdown).await?;
+    let vault =
+        service::follow_keys(config, "ingest", producer.clone(), store.clone(), shutdown).await?;
     let suppressions = Suppressions::follow(
         &config.kafka,
         &topics.suppressions(),
@@ -70,6 +72,10 @@ pub async fn run_with_listener(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let topics = Topics::new(&config.topics);
+    // The subject keys ingest read (a cache of the keys topic).
+    let dir = &config.ingest.state_dir;
+    let store: SharedStore = Arc::new(RocksStore::open(dir)?);
+    service::check_state_format(store.as_ref(), "ingest", dir)?;
     let mut needed = vec![
         (topics.raw(), TopicKind::Events),
         (topics.ingested(), TopicKind::Events),
@@ -116,9 +122,10 @@ pub async fn run_with_listener(
             shutdown.clone(),
             privacy.clone(),
         );
+        let store = store.clone();
         tokio::spawn(async move {
             let loaded = loop {
-                match load_privacy(&config, &topics, &producer, &token).await {
+                match load_privacy(&config, &topics, &producer, &store, &token).await {
                     Ok(p) => break p,
                     // Settings that cannot work (a keys topic that would lose keys): stop.
                     Err(e @ tessera_common::Error::Config(_)) => {

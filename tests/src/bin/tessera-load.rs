@@ -79,6 +79,13 @@ enum Mode {
         /// memory is measured alone.
         #[arg(long)]
         ingest_process: bool,
+        /// Every event from a visitor never seen before (its own anonymousId, no
+        /// userId): each needs a subject key of its own.
+        #[arg(long)]
+        new_visitors: bool,
+        /// Overrides `privacy.key_cache_subjects` (the subjects' keys held in memory).
+        #[arg(long)]
+        key_cache: Option<usize>,
     },
     /// From an HTTP event to the `changed` on its profile's change stream.
     Live {
@@ -140,7 +147,20 @@ async fn main() -> anyhow::Result<()> {
             batch,
             max_in_flight,
             ingest_process,
-        } => overload(concurrency, seconds, batch, max_in_flight, ingest_process).await,
+            new_visitors,
+            key_cache,
+        } => {
+            overload(
+                concurrency,
+                seconds,
+                batch,
+                max_in_flight,
+                ingest_process,
+                new_visitors,
+                key_cache,
+            )
+            .await
+        }
     }
 }
 
@@ -435,6 +455,8 @@ async fn overload(
     batch: usize,
     max_in_flight: Option<usize>,
     ingest_process: bool,
+    new_visitors: bool,
+    key_cache: Option<usize>,
 ) -> anyhow::Result<()> {
     use std::collections::{BTreeMap, HashSet};
     use std::sync::{Arc, Mutex};
@@ -442,6 +464,9 @@ async fn overload(
     let platform = Platform::start_with(|c| {
         if let Some(m) = max_in_flight {
             c.ingest.max_concurrent_requests = m;
+        }
+        if let Some(k) = key_cache {
+            c.privacy.key_cache_subjects = k;
         }
     })
     .await;
@@ -451,6 +476,7 @@ async fn overload(
         let mut c = platform.config.clone();
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         c.ingest.http_listen = l.local_addr()?.to_string();
+        c.ingest.state_dir = dir.path().join("ingest");
         drop(l);
         let url = format!("http://{}", c.ingest.http_listen);
         let p = ServiceProcess::start("ingest", &c, dir.path());
@@ -511,7 +537,11 @@ async fn overload(
                 seq += 1;
                 let events: Vec<Value> = ids
                     .iter()
-                    .map(|id| json!({"type": "track", "userId": format!("{run}-u{w}"), "event": "Page Viewed", "messageId": id}))
+                    .map(|id| if new_visitors {
+                        json!({"type": "track", "anonymousId": format!("v-{id}"), "event": "Page Viewed", "messageId": id})
+                    } else {
+                        json!({"type": "track", "userId": format!("{run}-u{w}"), "event": "Page Viewed", "messageId": id})
+                    })
                     .collect();
                 let sent = client
                     .post(&url)
