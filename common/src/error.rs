@@ -19,6 +19,10 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Invalid(String),
+    /// Sealing for a subject that was erased a moment ago: what was to be sealed is about
+    /// an erased person and must not be written ([`crate::vault`]).
+    #[error("the subject was erased")]
+    Erased,
 }
 
 impl From<apache_avro::Error> for Error {

@@ -277,6 +277,7 @@ struct RunnerMetrics {
     panics: prometheus::IntCounter,
     suppressed: prometheus::IntCounter,
     shredded: IntCounterVec,
+    erased_outputs: IntCounterVec,
     state_bytes: prometheus::IntGauge,
     retention_gap: IntCounterVec,
     /// 1 while the runner holds on a record whose subject key is missing.
@@ -361,6 +362,17 @@ impl RunnerMetrics {
         )
         .map_err(reg)?;
         registry.register(Box::new(shredded.clone())).map_err(reg)?;
+        let erased_outputs = IntCounterVec::new(
+            Opts::new(
+                format!("tessera_{service}_erased_outputs_dropped_total"),
+                "Records not produced because their subject had just been erased",
+            ),
+            &["topic"],
+        )
+        .map_err(reg)?;
+        registry
+            .register(Box::new(erased_outputs.clone()))
+            .map_err(reg)?;
         let state_bytes = prometheus::IntGauge::new(
             format!("tessera_{service}_state_size_bytes"),
             "Live SST bytes of this instance's RocksDB state (read after each batch)",
@@ -414,6 +426,7 @@ impl RunnerMetrics {
             panics,
             suppressed,
             shredded,
+            erased_outputs,
             state_bytes,
         })
     }
@@ -790,7 +803,14 @@ pub async fn run<P: Processor>(
         .map_err(|e| Error::Invalid(format!("processor panicked: {e}")))?;
         processor = p;
         let (mut write, outputs) = result?;
-        let Some(outputs) = seal_all(spec.vault.as_deref(), outputs, &shutdown).await? else {
+        let Some(outputs) = seal_all(
+            spec.vault.as_deref(),
+            outputs,
+            &metrics.erased_outputs,
+            &shutdown,
+        )
+        .await?
+        else {
             warn!(
                 service = spec.service,
                 "shutdown while sealing: the batch will be replayed"

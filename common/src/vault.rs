@@ -247,6 +247,9 @@ impl Vault {
     }
 
     async fn seal_for(&self, s: &SubjectHash, plain: &[u8], lasting: bool) -> Result<Vec<u8>> {
+        if self.keyring.held(s)? {
+            return Err(Error::Erased);
+        }
         if let Some(sealed) = self.seal_known(s, plain, lasting)? {
             return Ok(sealed);
         }
@@ -261,7 +264,8 @@ impl Vault {
     pub async fn ensure_keys(&self, subjects: &[SubjectHash], lasting: bool) -> Result<()> {
         let mut missing = std::collections::BTreeSet::new();
         for s in subjects {
-            if self.sealing_key(s, lasting)?.is_none() {
+            // A subject erased a moment ago gets no key: what was for it is dropped.
+            if self.sealing_key(s, lasting)?.is_none() && !self.keyring.held(s)? {
                 missing.insert(*s);
             }
         }
@@ -414,6 +418,16 @@ impl Vault {
             created_at: crate::now_ms(),
         }
         .to_avro()
+    }
+
+    /// A subject's erasure marker (record key and value for the keys topic), written
+    /// with the markers of its keys: every vault then erases every key of the subject it
+    /// holds, and for a while ([`keyring::ERASURE_HOLD_MS`]) makes no new one and erases
+    /// any made elsewhere around the erasure, so nothing about the person is sealed
+    /// with a live key between the erasure and its last step.
+    /// `at` is the erasure's time in ms (its request's, so a replay writes the same).
+    pub fn subject_erasure(s: &SubjectHash, at: i64) -> (String, Vec<u8>) {
+        (keyring::subject_marker_key(s), at.to_string().into_bytes())
     }
 
     /// The keys topic's record keys of every key of these subjects: what to erase.
@@ -672,5 +686,54 @@ mod tests {
         missing[2..18].copy_from_slice(&subject_hash("anon-2"));
         missing[18..26].copy_from_slice(&live(2));
         assert_eq!(v.open(&missing).await.unwrap(), Opened::Missing);
+    }
+
+    /// The audit's finding: an erasure destroyed only the keys identity held at that
+    /// moment, so a key another instance made meanwhile (profiles' timer, the visitor's
+    /// next event at ingest) sealed the person's data with a live key. The subject's
+    /// marker erases every key of it, also one made around the erasure and read after
+    /// it, and no key is made for it for a while: sealing for it is refused.
+    #[tokio::test]
+    async fn a_subject_marker_erases_keys_made_around_the_erasure_too() {
+        let s = subject_hash("profile-1");
+        let v = Vault::detached();
+        let (k1, rec1) = key_record("profile-1", live(1));
+        v.apply(&msg(&k1, Some(rec1)));
+        let before = v.seal(&s, b"before").await.unwrap();
+        // Another instance made a key a moment after the erasure, before it read the
+        // marker, and sealed with it.
+        let elsewhere = Vault::detached();
+        let now = crate::now_ms();
+        let late = SubjectKey {
+            subject: hex(&s),
+            key_id: hex(&live(2)),
+            key: vec![9; 32],
+            created_at: now + 1_000,
+        };
+        let k2 = record_key(&s, &live(2));
+        elsewhere.apply(&msg(&k2, Some(late.to_avro().unwrap())));
+        let after = elsewhere.seal(&s, b"after").await.unwrap();
+
+        let (marker_key, marker) = Vault::subject_erasure(&s, now);
+        v.apply(&msg(&marker_key, Some(marker)));
+        v.apply(&msg(&k2, Some(late.to_avro().unwrap())));
+        assert_eq!(v.open(&before).await.unwrap(), Opened::Shredded);
+        assert_eq!(v.open(&after).await.unwrap(), Opened::Shredded);
+        assert!(v.keys_of(&[s]).unwrap().is_empty());
+        assert!(matches!(v.seal(&s, b"x").await, Err(Error::Erased)));
+        assert!(
+            v.ensure_keys(&[s], false).await.is_ok(),
+            "no key is made for it"
+        );
+
+        // Long after, the subject may come back (an unsuppressed visitor) with new keys.
+        let old = Vault::detached();
+        let (marker_key, marker) = Vault::subject_erasure(&s, now - keyring::ERASURE_HOLD_MS - 1);
+        old.apply(&msg(&marker_key, Some(marker)));
+        old.apply(&msg(&k2, Some(late.to_avro().unwrap())));
+        assert_eq!(
+            old.open(&after).await.unwrap(),
+            Opened::Plain(b"after".to_vec())
+        );
     }
 }

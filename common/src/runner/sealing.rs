@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use prometheus::IntCounterVec;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -113,10 +114,12 @@ pub(super) fn seal_dead_letters(out: &mut [Output], topic: &str, subject: &Optio
 }
 
 /// Seals the outputs that name a subject; the subjects new to the vault get their keys
-/// first, together. `None` if shutdown came while new keys could not be stored.
+/// first, together. Outputs about a subject erased a moment ago are dropped (counted in
+/// `erased`). `None` if shutdown came while new keys could not be stored.
 pub(super) async fn seal_all(
     vault: Option<&Vault>,
-    mut outputs: Vec<Output>,
+    outputs: Vec<Output>,
+    erased: &IntCounterVec,
     shutdown: &CancellationToken,
 ) -> Result<Option<Vec<Output>>> {
     if outputs.iter().all(|o| o.subject.is_none()) {
@@ -144,14 +147,26 @@ pub(super) async fn seal_all(
             }
         }
     }
-    for o in outputs.iter_mut() {
+    let mut sealed = Vec::with_capacity(outputs.len());
+    for mut o in outputs {
         if let Some(subject) = o.subject.take() {
-            o.payload = if o.lasting {
-                v.seal_lasting(&subject, &o.payload).await?
+            let payload = if o.lasting {
+                v.seal_lasting(&subject, &o.payload).await
             } else {
-                v.seal(&subject, &o.payload).await?
+                v.seal(&subject, &o.payload).await
             };
+            match payload {
+                Ok(p) => o.payload = p,
+                // About a person erased a moment ago (a timer, a record in flight): it
+                // must not be written.
+                Err(Error::Erased) => {
+                    erased.with_label_values(&[o.topic.as_str()]).inc();
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
         }
+        sealed.push(o);
     }
-    Ok(Some(outputs))
+    Ok(Some(sealed))
 }

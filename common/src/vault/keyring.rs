@@ -14,6 +14,7 @@
 //! - `vault/k/<subject><key id>`: the key's 32 bytes;
 //! - `vault/e/<subject><key id>`: an erased key (its erasure marker was read);
 //! - `vault/x/<expiry day><subject><key id>`: expiring keys by day, for the sweep;
+//! - `vault/s/<subject>`: when the subject was erased (its subject marker was read);
 //! - `vault/offset`: the next offset of the keys topic to read;
 //! - `vault/secret`: the fingerprint of the deployment's pseudonym secret.
 
@@ -120,7 +121,18 @@ fn expiry_key(s: &SubjectHash, id: &KeyId) -> Vec<u8> {
 const KEYS: &[u8] = b"vault/k/";
 const ERASED: &[u8] = b"vault/e/";
 const EXPIRING: &[u8] = b"vault/x/";
+const SUBJECTS: &[u8] = b"vault/s/";
 const OFFSET: &[u8] = b"vault/offset";
+
+/// How long after a subject's erasure no key of it is made or kept: a key another
+/// instance made around the erasure (before it read the marker) is erased too. After
+/// it, the subject may come back (an unsuppressed visitor) with new keys.
+pub const ERASURE_HOLD_MS: i64 = 24 * 3_600_000;
+
+/// The keys topic's record key of a subject's erasure marker.
+pub fn subject_marker_key(s: &SubjectHash) -> String {
+    format!("~erased/{}", super::hex(s))
+}
 const SECRET: &[u8] = b"vault/secret";
 
 /// The keys of the subjects used lately: two generations, the older dropped whole
@@ -206,6 +218,22 @@ impl Keyring {
         Ok(self.store.get(&key_of(ERASED, s, id))?.is_some())
     }
 
+    /// When the subject was erased, if it was.
+    pub fn erased_since(&self, s: &SubjectHash) -> Result<Option<i64>> {
+        Ok(self
+            .store
+            .get(&key_of(SUBJECTS, s, &[]))?
+            .and_then(|v| <[u8; 8]>::try_from(v).ok())
+            .map(i64::from_be_bytes))
+    }
+
+    /// Whether no key of the subject may be made or kept now (its erasure is recent).
+    pub fn held(&self, s: &SubjectHash) -> Result<bool> {
+        Ok(self
+            .erased_since(s)?
+            .is_some_and(|at| crate::now_ms() < at + ERASURE_HOLD_MS))
+    }
+
     /// Holds a key this instance just created and stored on the topic.
     pub fn add(&self, s: &SubjectHash, id: &KeyId, key: &[u8; 32]) -> Result<()> {
         let mut b = WriteBatch::default();
@@ -264,6 +292,9 @@ impl Keyring {
             }
             return self.store.write(b);
         }
+        if let Some(hex) = key.strip_prefix(b"~erased/".as_slice()) {
+            return self.apply_subject_marker(b, hex, m);
+        }
         let Some((s, id)) = parse_record_key(key) else {
             tracing::warn!(
                 offset = m.offset,
@@ -274,6 +305,15 @@ impl Keyring {
         let record = match m.payload.as_deref() {
             None | Some([]) => None,
             Some(bytes) => match SubjectKey::from_avro(bytes) {
+                // A key made around its subject's erasure, before its maker read the
+                // marker: erased like the others.
+                Ok(r)
+                    if self
+                        .erased_since(&s)?
+                        .is_some_and(|at| r.created_at < at + ERASURE_HOLD_MS) =>
+                {
+                    Some(Vec::new())
+                }
                 Ok(r) => Some(r.key),
                 Err(_) => {
                     tracing::warn!(offset = m.offset, "an unreadable keys record, skipped");
@@ -304,6 +344,38 @@ impl Keyring {
         self.cache.lock().expect("key cache").forget(&s);
         if !purged.is_empty() {
             // The key's bytes must leave the disk too, not only the topic.
+            self.store.purge(&purged)?;
+        }
+        Ok(())
+    }
+
+    /// A subject's erasure marker (`~erased/<subject>`, the time in ms as text): every
+    /// key of it held now is erased, and keys made around then will be.
+    fn apply_subject_marker(&self, mut b: WriteBatch, hex: &[u8], m: &Message) -> Result<()> {
+        let subject = std::str::from_utf8(hex)
+            .ok()
+            .and_then(super::unhex)
+            .and_then(|v| SubjectHash::try_from(v).ok());
+        let at = m
+            .payload
+            .as_deref()
+            .and_then(|p| std::str::from_utf8(p).ok()?.parse::<i64>().ok());
+        let (Some(s), Some(at)) = (subject, at) else {
+            tracing::warn!(
+                offset = m.offset,
+                "a malformed subject erasure marker, skipped"
+            );
+            return self.store.write(b);
+        };
+        b.put(key_of(SUBJECTS, &s, &[]), at.to_be_bytes().to_vec());
+        let mut purged = Vec::new();
+        for (id, _) in self.keys(&s)? {
+            purged.extend(self.remove(&mut b, &s, &id));
+            b.put(key_of(ERASED, &s, &id), Vec::new());
+        }
+        self.store.write(b)?;
+        self.cache.lock().expect("key cache").forget(&s);
+        if !purged.is_empty() {
             self.store.purge(&purged)?;
         }
         Ok(())

@@ -249,6 +249,13 @@ async fn send(st: &ApiState, caller: &Caller, cmd: IdentityCommand, profile: &st
     };
     let payload = match st.vault.seal(&subject_hash(profile), &payload).await {
         Ok(p) => p,
+        Err(tessera_common::Error::Erased) => {
+            return error(
+                StatusCode::CONFLICT,
+                "erased",
+                "this profile was erased a moment ago",
+            );
+        }
         Err(e) => return unavailable(e),
     };
     match st

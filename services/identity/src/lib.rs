@@ -443,7 +443,7 @@ impl IdentityProcessor {
             if let Some(s) = subject
                 && !visitor_known
             {
-                self.destroy_keys(&[subject_hash(s)], out)?;
+                self.destroy_keys(&[subject_hash(s)], event.received_at, out)?;
             }
             return Ok(());
         }

@@ -28,10 +28,12 @@ use crate::graph::{self, Graph};
 
 impl IdentityProcessor {
     /// Overwrites every key of these subjects with its erasure marker: what was sealed
-    /// with them is noise, and is known to be erased, not lost.
+    /// with them is noise, and is known to be erased, not lost. `at`: when (the
+    /// request's time, the same in a replay).
     pub(crate) fn destroy_keys(
         &self,
         subjects: &[SubjectHash],
+        at: i64,
         out: &mut Vec<Output>,
     ) -> Result<usize> {
         let Some(vault) = &self.vault else {
@@ -44,6 +46,11 @@ impl IdentityProcessor {
                 k.clone().into_bytes(),
                 Vault::erasure_record(k)?,
             ));
+        }
+        // Keys made elsewhere meanwhile (a timer, a visitor's next event) are erased too.
+        for s in subjects {
+            let (key, marker) = Vault::subject_erasure(s, at);
+            out.push(Output::plain(self.topics.keys(), key.into_bytes(), marker));
         }
         Ok(keys.len())
     }
@@ -110,7 +117,7 @@ impl IdentityProcessor {
                     subjects.extend(e.merged_profiles.iter().map(|p| subject_hash(p)));
                     subjects.extend(e.subjects.iter().map(|s| subject_hash(s)));
                 }
-                let keys = self.destroy_keys(&subjects, out)?;
+                let keys = self.destroy_keys(&subjects, cmd.requested_at, out)?;
                 let Some(e) = erased else {
                     return self.report(
                         cmd,

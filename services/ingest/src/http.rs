@@ -683,25 +683,27 @@ async fn accept(
 /// A dead letter as it goes on the topic. One whose event names a visitor is sealed like
 /// their events, so an erasure shreds it too; if it cannot be sealed the request is
 /// refused (503, the client retries), never written in clear.
-async fn dead_letter_payload(vault: &Vault, d: &DeadLetter) -> Result<Vec<u8>, Refusal> {
+async fn dead_letter_payload(vault: &Vault, d: &DeadLetter) -> Result<Option<Vec<u8>>, Refusal> {
     let payload = d.to_avro().map_err(internal)?;
     let Some(subject) = serde_json::from_slice::<Value>(&d.original)
         .ok()
         .and_then(|v| validate::subject_of_input(&v))
     else {
-        return Ok(payload);
+        return Ok(Some(payload));
     };
-    vault
-        .seal(&subject_hash(&subject), &payload)
-        .await
-        .map_err(|e| {
+    match vault.seal(&subject_hash(&subject), &payload).await {
+        Ok(sealed) => Ok(Some(sealed)),
+        // The visitor was erased a moment ago: nothing of theirs is written.
+        Err(tessera_common::Error::Erased) => Ok(None),
+        Err(e) => {
             warn!(error = %e, "a dead letter could not be sealed, answering with a retry");
-            Refusal::new(
+            Err(Refusal::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 "events could not be stored in Kafka, retry later",
-            )
-        })
+            ))
+        }
+    }
 }
 
 /// Produces the accepted events (sealed, less those of suppressed people, which are
@@ -736,30 +738,41 @@ async fn produce(
     let sealed = futures::future::join_all(events.iter().map(|e| async move {
         let subject = validate::partition_key(e);
         let payload = e.to_avro()?;
-        let sealed = privacy
-            .vault
-            .seal(&subject_hash(&subject), &payload)
-            .await?;
+        let sealed = privacy.vault.seal(&subject_hash(&subject), &payload).await;
         Ok::<_, tessera_common::Error>((subject, sealed))
     }))
     .await;
     for r in sealed {
-        let (subject, payload) = r.map_err(|e| {
-            warn!(error = %e, "an event could not be sealed, answering with a retry");
-            Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "events could not be stored in Kafka, retry later",
-            )
-        })?;
+        let (subject, payload) = match r {
+            Ok((subject, Ok(payload))) => (subject, payload),
+            // The visitor was erased a moment ago: their event is dropped, like a
+            // suppressed one.
+            Ok((_, Err(tessera_common::Error::Erased))) => {
+                st.metrics
+                    .dropped
+                    .with_label_values(&["http", "erased"])
+                    .inc();
+                continue;
+            }
+            Ok((_, Err(e))) | Err(e) => {
+                warn!(error = %e, "an event could not be sealed, answering with a retry");
+                return Err(Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "events could not be stored in Kafka, retry later",
+                ));
+            }
+        };
         records.push((&ingested, subject.into_bytes(), payload));
     }
     for d in &dead {
-        records.push((
-            &deadletter,
-            d.source.clone().unwrap_or_default().into_bytes(),
-            dead_letter_payload(&privacy.vault, d).await?,
-        ));
+        if let Some(payload) = dead_letter_payload(&privacy.vault, d).await? {
+            records.push((
+                &deadletter,
+                d.source.clone().unwrap_or_default().into_bytes(),
+                payload,
+            ));
+        }
     }
     let started = Instant::now();
     let results =
@@ -857,7 +870,7 @@ mod tests {
             ..dead
         };
         let plain = dead_letter_payload(&vault, &anonymous).await.unwrap();
-        assert_eq!(plain, anonymous.to_avro().unwrap());
+        assert_eq!(plain, Some(anonymous.to_avro().unwrap()));
     }
 
     #[test]
