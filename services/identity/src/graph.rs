@@ -499,13 +499,17 @@ pub struct Graph<'r> {
     pub rules: &'r Rules,
     /// The most facts a recomputation may load; a larger part is updated in arrival order.
     pub max_component_facts: usize,
+    /// The time of the input record being applied (its `received_at`, a command's
+    /// `requested_at`): what merges are stamped with, so a replay writes the same.
+    pub received_at: i64,
 }
 
 impl<'r> Graph<'r> {
-    pub fn new(rules: &'r Rules) -> Self {
+    pub fn new(rules: &'r Rules, received_at: i64) -> Self {
         Graph {
             rules,
             max_component_facts: 20_000,
+            received_at,
         }
     }
 
@@ -866,7 +870,7 @@ impl<'r> Graph<'r> {
             merged: merged.to_string(),
             cause_message_id: cause.order.msg.clone(),
             event_time: cause.order.t,
-            received_at: tessera_common::now_ms(),
+            received_at: self.received_at,
             rule: cause.rule.clone(),
             score: cause.score,
         });
@@ -1025,7 +1029,7 @@ mod tests {
     }
 
     fn add(s: &MemStore, r: &Rules, ids: &[Identifier], t: i64, msg: &str) -> Changes {
-        let g = Graph::new(r);
+        let g = Graph::new(r, 1);
         let mut txn = Txn::new(s);
         let c = g
             .add_fact(&mut txn, Fact::new(r, ids, t, msg, "src", None))
@@ -1059,7 +1063,7 @@ mod tests {
         let ann = profile(&s, &email);
         let mut txn = Txn::new(&s);
         note_subject(&mut txn, &ann, "subject-of-ann-device");
-        let erased = Graph::new(&r).erase(&mut txn, &ann).unwrap().unwrap();
+        let erased = Graph::new(&r, 1).erase(&mut txn, &ann).unwrap().unwrap();
         s.write(txn.into_batch()).unwrap();
         assert_eq!(erased.identifiers, 3);
         assert_eq!(
@@ -1088,7 +1092,10 @@ mod tests {
             lookup(&Txn::new(&s), &bob).unwrap().is_some(),
             "bob is untouched"
         );
-        assert_eq!(Graph::new(&r).erase(&mut Txn::new(&s), &ann).unwrap(), None);
+        assert_eq!(
+            Graph::new(&r, 1).erase(&mut Txn::new(&s), &ann).unwrap(),
+            None
+        );
     }
 
     #[test]
@@ -1206,7 +1213,7 @@ mod tests {
         add(&s, &r, std::slice::from_ref(&b), 2, "m2");
         let c = add(&s, &r, &[a.clone(), b.clone()], 3, "m3");
         let merge_id = c.merges[0].merge_id.clone();
-        let g = Graph::new(&r);
+        let g = Graph::new(&r, 1);
         let mut txn = Txn::new(&s);
         let c = g
             .unmerge(&mut txn, &merge_id, (&[], &[]), (4, "cmd"))
@@ -1248,7 +1255,7 @@ mod tests {
         let u = id("user_id", "u");
         let e = id("email", "info@shop.io");
         add(&s, &r, &[u.clone(), e.clone()], 1, "m1");
-        let g = Graph::new(&r);
+        let g = Graph::new(&r, 1);
         let mut txn = Txn::new(&s);
         let c = g.detach(&mut txn, &e, (2, "cmd")).unwrap();
         s.write(txn.into_batch()).unwrap();
@@ -1270,7 +1277,7 @@ mod tests {
                 &format!("k{n}"),
             );
         }
-        let mut g = Graph::new(&r);
+        let mut g = Graph::new(&r, 1);
         g.max_component_facts = 2;
         let mut txn = Txn::new(&big);
         let c = g.detach(&mut txn, &k, (9, "cmd")).unwrap();

@@ -181,7 +181,7 @@ pub fn resolve_identifiers(
     ids: Vec<Identifier>,
     blocked: Vec<String>,
 ) -> Result<Resolution> {
-    let g = Graph::new(rules);
+    let g = Graph::new(rules, event.received_at);
     let mut res = Resolution {
         blocked,
         ..Default::default()
@@ -488,7 +488,7 @@ impl IdentityProcessor {
         txn: &mut Txn<'_>,
         out: &mut Vec<Output>,
     ) -> Result<()> {
-        let g = Graph::new(&self.rules);
+        let g = Graph::new(&self.rules, cmd.requested_at);
         let at = (cmd.requested_at, cmd.command_id.as_str());
         let changes = match (cmd.action.as_str(), &cmd.merge_id, &cmd.kind, &cmd.value) {
             ("unmerge", Some(merge_id), _, _) => g.unmerge(

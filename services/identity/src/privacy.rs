@@ -97,7 +97,7 @@ impl IdentityProcessor {
             "delete" => {
                 txn.purge_on_commit();
                 let erased = match &profile {
-                    Some(p) => Graph::new(&self.rules).erase(txn, p)?,
+                    Some(p) => Graph::new(&self.rules, cmd.requested_at).erase(txn, p)?,
                     None => None,
                 };
                 let suppressed = if cmd.suppress {

@@ -369,3 +369,38 @@ fn a_delete_request_is_applied_once_and_suppresses_the_person() {
     assert!(out.iter().all(|o| o.topic != topics.resolved()), "{out:?}");
     assert!(graph::lookup(&Txn::new(&s), &email).unwrap().is_none());
 }
+
+/// The audit's finding: merges were stamped with the wall clock, so a replay wrote other
+/// merge records than the original run. They carry the time of the record that caused
+/// them.
+#[test]
+fn a_merge_is_stamped_with_its_record_time_not_the_clock() {
+    let rules = rules();
+    let s = MemStore::default();
+    let mut merges = Vec::new();
+    for e in [
+        event(
+            "m1",
+            1_000,
+            json!({"type": "track", "anonymousId": "anon-1"}),
+        ),
+        event("m2", 2_000, json!({"type": "track", "userId": "u-1"})),
+        event(
+            "m3",
+            3_000,
+            json!({"type": "identify", "userId": "u-1", "anonymousId": "anon-1"}),
+        ),
+    ] {
+        let mut txn = Txn::new(&s);
+        let payload: Value = serde_json::from_str(&e.payload).unwrap();
+        merges.extend(
+            resolve_event(&rules, &mut txn, &e, &payload)
+                .unwrap()
+                .changes
+                .merges,
+        );
+        s.write(txn.into_batch()).unwrap();
+    }
+    assert_eq!(merges.len(), 1, "{merges:?}");
+    assert_eq!(merges[0].received_at, 3_000);
+}

@@ -207,6 +207,9 @@ pub struct Profile {
     /// due (the profile's timer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timer: Option<i64>,
+    /// The record time windows were last evaluated at (they never go back in time).
+    #[serde(default)]
+    pub evaluated_at: i64,
 }
 
 impl Profile {

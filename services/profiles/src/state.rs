@@ -643,7 +643,10 @@ impl ProfilesProcessor {
             ..Default::default()
         };
         let fields_changed = change(&mut p, &mut touched);
-        let now = (self.clock)();
+        // Windows are evaluated at the record's time, never earlier than the profile was
+        // last evaluated at: a replay evaluates the same as the original run.
+        let now = cause.received_at.max(p.evaluated_at);
+        p.evaluated_at = now;
         let next_edge = p.refresh_computed(&self.rules.defs, now, &mut touched);
         if p.identifiers.len() != identifiers_before {
             // Rare (a new identifier or a merge): (re)index them all, idempotently.
@@ -1296,34 +1299,42 @@ impl ProfilesProcessor {
         out: &mut Vec<Output>,
     ) -> Result<()> {
         let prefix = timer_prefix(partition);
-        for (k, _) in txn.scan(prefix.as_bytes(), TIMERS_PER_SCAN)? {
-            if Instant::now() >= deadline {
-                break;
-            }
-            let rest = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            let Some((due, id)) = rest.split_once('/') else {
+        // A profile is evaluated at each edge in turn (a firing may set a timer that is
+        // due already): what a replay or a late tick gives is what firing on time gave.
+        let mut fired = true;
+        while fired {
+            fired = false;
+            for (k, _) in txn.scan(prefix.as_bytes(), TIMERS_PER_SCAN)? {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let rest = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                let Some((due, id)) = rest.split_once('/') else {
+                    txn.delete(k);
+                    continue;
+                };
+                let due: i64 = due.parse().unwrap_or(0);
+                if due > now {
+                    break;
+                }
                 txn.delete(k);
-                continue;
-            };
-            let due: i64 = due.parse().unwrap_or(0);
-            if due > now {
-                break;
+                if txn.get(&profile_key(id))?.is_none() {
+                    continue;
+                }
+                let cause_id = format!("timer/{id}/{due}");
+                // Stamped with when it was due, not when it fired: the same in a replay.
+                let cause = Cause {
+                    id: &cause_id,
+                    why: "window",
+                    event_time: due,
+                    received_at: due,
+                    event: None,
+                };
+                self.metrics.timers.inc();
+                fired = true;
+                // Only what left a window is re-evaluated.
+                self.update(txn, id, &cause, out, |_, _| false)?;
             }
-            txn.delete(k);
-            if txn.get(&profile_key(id))?.is_none() {
-                continue;
-            }
-            let cause_id = format!("timer/{id}/{due}");
-            let cause = Cause {
-                id: &cause_id,
-                why: "window",
-                event_time: due,
-                received_at: now,
-                event: None,
-            };
-            self.metrics.timers.inc();
-            // Only what left a window is re-evaluated.
-            self.update(txn, id, &cause, out, |_, _| false)?;
         }
         Ok(())
     }
@@ -1346,7 +1357,7 @@ impl ProfilesProcessor {
             id: &job.id.clone(),
             why: "definition",
             event_time: job.started_at,
-            received_at: now,
+            received_at: job.started_at,
             event: None,
         };
         while Instant::now() < deadline {
@@ -2010,6 +2021,51 @@ mod tests {
 
     /// A windowed segment is entered on events and left by the timer at the window's
     /// edge, with no event; its complement is entered by the same timer.
+    /// The audit's finding: windows were evaluated with the wall clock and timers
+    /// stamped with the time they fired, so a replay (a rebuild a day later) gave other
+    /// segment changes than the original run. Evaluated at the records' time and at
+    /// each edge's, a replay writes the same records.
+    #[test]
+    fn a_replay_a_day_later_writes_what_the_original_run_wrote() {
+        let _clock = hold_clock();
+        let (hour, t0) = (3_600_000, 1_000_000);
+        let run = |clock: i64| {
+            CLOCK.store(clock, Ordering::SeqCst);
+            let mut p = processor_with(&[
+                r#"{"id":"active","condition":{"event_count":{"event":"Order Completed","min":2,"within":"1h"}}}"#,
+                r#"{"id":"spend_1h","event":"Order Completed","aggregate":"sum","property":"total","window":"1h"}"#,
+            ]);
+            let s = MemStore::default();
+            let mut out = step(&mut p, &s, &order("a", "m1", t0, 60));
+            out.extend(step(&mut p, &s, &order("a", "m2", t0 + 10, 70)));
+            out.extend(step(&mut p, &s, &order("a", "m3", t0 + 3 * hour, 80)));
+            out.extend(tick_at(&mut p, &s, clock.max(t0 + 5 * hour)));
+            let written: Vec<(String, Vec<u8>, Vec<u8>)> = out
+                .into_iter()
+                .map(|o| (o.topic, o.key, o.payload))
+                .collect();
+            (
+                written,
+                load(&s, "a").unwrap().computed["spend_1h"].value.clone(),
+            )
+        };
+        let original = run(t0);
+        let replay = run(t0 + 24 * hour);
+        assert!(
+            original
+                .0
+                .iter()
+                .any(|(t, _, p)| t == "tessera.segments.membership"
+                    && MembershipChange::from_avro(p).unwrap().change == "exit"),
+            "the original run entered and left the segment"
+        );
+        assert_eq!(original.0.len(), replay.0.len());
+        for (a, b) in original.0.iter().zip(&replay.0) {
+            assert_eq!(a, b, "a record of the replay differs");
+        }
+        assert_eq!(original.1, replay.1);
+    }
+
     #[test]
     fn a_window_edge_moves_a_profile_without_an_event() {
         let _clock = hold_clock();
