@@ -152,6 +152,19 @@ impl Producer {
         key: &[u8],
         payload: &[u8],
     ) -> Result<(i32, i64), ProduceError> {
+        self.enqueue(topic, key, payload)?.await
+    }
+
+    /// Puts one record in the producer's queue, in the order of the calls, and gives
+    /// what waits for its acknowledgement. [`ProduceError::QueueFull`] at once when the
+    /// queue is full.
+    pub fn enqueue(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+    ) -> Result<impl Future<Output = Result<(i32, i64), ProduceError>> + Send + '_, ProduceError>
+    {
         let producer = self.current();
         let mut record = FutureRecord::to(topic).key(key);
         if !payload.is_empty() {
@@ -167,14 +180,16 @@ impl Producer {
                 return Err(ProduceError::Unavailable(e.to_string()));
             }
         };
-        match delivery.await {
-            Ok(Ok(d)) => Ok((d.partition, d.offset)),
-            Ok(Err((e, _))) => {
-                self.rebuild_if_fatal(&producer);
-                Err(ProduceError::Unavailable(e.to_string()))
+        Ok(async move {
+            match delivery.await {
+                Ok(Ok(d)) => Ok((d.partition, d.offset)),
+                Ok(Err((e, _))) => {
+                    self.rebuild_if_fatal(&producer);
+                    Err(ProduceError::Unavailable(e.to_string()))
+                }
+                Err(_canceled) => Err(ProduceError::Unavailable("producer was dropped".into())),
             }
-            Err(_canceled) => Err(ProduceError::Unavailable("producer was dropped".into())),
-        }
+        })
     }
 
     fn rebuild_if_fatal(&self, failed: &FutureProducer) {

@@ -35,14 +35,16 @@ use tracing::{debug, error, info, warn};
 
 use crate::admin::Health;
 use crate::config::KafkaConfig;
-use crate::kafka::{ProduceError, Producer, consumer_config};
+use crate::kafka::{Producer, consumer_config};
 use crate::store::{SharedStore, Txn};
 use crate::vault::Vault;
 use crate::{Error, Result};
 
+mod producing;
 mod purge;
 mod sealing;
 
+use producing::produce_all;
 use purge::commit_state;
 pub use purge::resume_purge;
 use sealing::{Opening, open_all, seal_all, seal_dead_letters};
@@ -819,7 +821,7 @@ pub async fn run<P: Processor>(
         };
 
         // 2. Produce and wait for every acknowledgement.
-        if !produce_all(&producer, &outputs, &metrics, &shutdown).await {
+        if !produce_all(producer.as_ref(), &outputs, &metrics, &shutdown).await {
             warn!(
                 service = spec.service,
                 "shutdown while producing: the batch will be replayed"
@@ -954,54 +956,6 @@ pub(crate) fn owned(m: rdkafka::message::BorrowedMessage<'_>) -> Message {
         payload: m.payload().map(<[u8]>::to_vec),
         timestamp_ms: m.timestamp().to_millis(),
     }
-}
-
-/// Produces every output and waits for all acknowledgements, retrying failures with
-/// backoff. Returns false if shutdown came first (nothing may then be committed).
-async fn produce_all(
-    producer: &Producer,
-    outputs: &[Output],
-    metrics: &RunnerMetrics,
-    shutdown: &CancellationToken,
-) -> bool {
-    let mut pending: Vec<&Output> = outputs.iter().collect();
-    let mut backoff = Duration::from_millis(50);
-    while !pending.is_empty() {
-        let results = futures::future::join_all(
-            pending
-                .iter()
-                .map(|o| producer.send(&o.topic, &o.key, &o.payload)),
-        )
-        .await;
-        let mut failed = Vec::new();
-        for (o, r) in pending.into_iter().zip(results) {
-            match r {
-                Ok(_) => metrics
-                    .produced
-                    .with_label_values(&[o.topic.as_str()])
-                    .inc(),
-                Err(e) => {
-                    metrics
-                        .produce_retries
-                        .with_label_values(&[o.topic.as_str()])
-                        .inc();
-                    if !matches!(e, ProduceError::QueueFull) {
-                        warn!(topic = %o.topic, error = %e, "produce failed, retrying");
-                    }
-                    failed.push(o);
-                }
-            }
-        }
-        pending = failed;
-        if !pending.is_empty() {
-            tokio::select! {
-                _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
-        }
-    }
-    true
 }
 
 fn commit_kafka(
