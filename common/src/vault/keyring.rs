@@ -340,11 +340,16 @@ impl Keyring {
                 b.put(key_of(ERASED, &s, &id), Vec::new());
             }
         }
+        self.commit(b, &s, &purged)
+    }
+
+    /// Writes a record's changes to a subject's keys; erased keys' bytes must leave the
+    /// disk too, not only the topic.
+    fn commit(&self, b: WriteBatch, s: &SubjectHash, purged: &[Vec<u8>]) -> Result<()> {
         self.store.write(b)?;
-        self.cache.lock().expect("key cache").forget(&s);
+        self.cache.lock().expect("key cache").forget(s);
         if !purged.is_empty() {
-            // The key's bytes must leave the disk too, not only the topic.
-            self.store.purge(&purged)?;
+            self.store.purge(purged)?;
         }
         Ok(())
     }
@@ -373,12 +378,7 @@ impl Keyring {
             purged.extend(self.remove(&mut b, &s, &id));
             b.put(key_of(ERASED, &s, &id), Vec::new());
         }
-        self.store.write(b)?;
-        self.cache.lock().expect("key cache").forget(&s);
-        if !purged.is_empty() {
-            self.store.purge(&purged)?;
-        }
-        Ok(())
+        self.commit(b, &s, &purged)
     }
 
     fn remove(&self, b: &mut WriteBatch, s: &SubjectHash, id: &KeyId) -> Vec<Vec<u8>> {
