@@ -247,11 +247,13 @@ impl Vault {
     }
 
     async fn seal_for(&self, s: &SubjectHash, plain: &[u8], lasting: bool) -> Result<Vec<u8>> {
-        if self.keyring.held(s)? {
-            return Err(Error::Erased);
-        }
         if let Some(sealed) = self.seal_known(s, plain, lasting)? {
             return Ok(sealed);
+        }
+        // Only a subject without a key can be held: its marker erased every key it had,
+        // and none is made during the hold (so the common case reads no marker).
+        if self.keyring.held(s)? {
+            return Err(Error::Erased);
         }
         self.ensure_keys(&[*s], lasting).await?;
         Ok(self
