@@ -213,8 +213,17 @@ impl Vault {
                     Error::Invalid(format!("the secret's fingerprint was not stored: {e}"))
                 })?;
             // Read it back: of instances starting at once with different secrets, the
-            // last record wins and the others refuse to start.
-            self.catch_up().await?;
+            // last record wins and the others refuse to start. A cluster still electing
+            // leaders (a fresh one, or one restarting) can take longer than one
+            // catch-up: the service waits, unready, for up to two minutes.
+            let mut attempts = 1;
+            while let Err(e) = self.catch_up().await {
+                if attempts == 12 {
+                    return Err(e);
+                }
+                attempts += 1;
+                tracing::warn!(error = %e, "the keys topic is not read back yet: waiting");
+            }
         }
         if self.keyring.secret_fingerprint()?.as_deref() == Some(mine.as_str()) {
             return Ok(());

@@ -235,7 +235,7 @@ impl Platform {
         start!("identity", tessera_identity);
         start!("profiles", tessera_profiles);
         start!("activation", tessera_activation);
-        let p = Platform {
+        let mut p = Platform {
             config,
             ingest: urls[0].clone(),
             identity: urls[1].clone(),
@@ -245,10 +245,48 @@ impl Platform {
             tasks,
             _dir: dir,
         };
-        for url in [&p.ingest, &p.identity, &p.profiles, &p.activation] {
-            wait_ready(url, Duration::from_secs(60)).await;
-        }
+        p.wait_ready(Duration::from_secs(60)).await;
         p
+    }
+
+    /// Waits until every service is ready; a service that stopped instead fails the
+    /// test at once with its own error, and one that stays unready is named.
+    async fn wait_ready(&mut self, timeout: Duration) {
+        let client = http();
+        let urls = [
+            &self.ingest,
+            &self.identity,
+            &self.profiles,
+            &self.activation,
+        ];
+        let deadline = Instant::now() + timeout;
+        let mut waiting: Vec<usize> = (0..urls.len()).collect();
+        while !waiting.is_empty() {
+            if let Some(i) = self.tasks.iter().position(|(_, t)| t.is_finished()) {
+                let (name, task) = self.tasks.remove(i);
+                match task.await {
+                    Ok(Err(e)) => panic!("{name} stopped while starting: {e}"),
+                    Ok(Ok(())) => panic!("{name} stopped while starting, with no error"),
+                    Err(e) => panic!("{name} panicked while starting: {e}"),
+                }
+            }
+            if Instant::now() > deadline {
+                let names: Vec<&str> = waiting.iter().map(|i| self.tasks[*i].0).collect();
+                panic!("not ready within {timeout:?}: {names:?}");
+            }
+            let mut still = Vec::new();
+            for i in waiting {
+                let ready = match client.get(format!("{}/readyz", urls[i])).send().await {
+                    Ok(r) => r.status().is_success(),
+                    Err(_) => false,
+                };
+                if !ready {
+                    still.push(i);
+                }
+            }
+            waiting = still;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub fn topics(&self) -> tessera_common::topics::Topics {
