@@ -242,8 +242,26 @@ async fn a_fuzzy_match_merges_crm_and_shop_records_and_an_unmerge_splits_them() 
     })
     .await;
     let merge = &graph["merges"][0];
-    assert_eq!(merge["rule"], "name+birthday+postcode");
-    assert!(merge["score"].as_f64().unwrap() > 20.0, "{merge}");
+    assert_eq!(merge["rule"], "probabilistic");
+    // The merge explains itself: each field's level and weight, the probability.
+    let explain = &merge["explain"];
+    assert!(explain["probability"].as_f64().unwrap() >= 0.999, "{merge}");
+    assert_eq!(explain["threshold"], 0.999);
+    let level = |field: &str| {
+        explain["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["field"] == field)
+            .map(|f| f["level"].as_str().unwrap().to_string())
+    };
+    assert_eq!(level("birthday").as_deref(), Some("exact"), "{merge}");
+    assert_eq!(level("first_name").as_deref(), Some("jaro_winkler>=0.92"));
+    assert_eq!(
+        level("street").as_deref(),
+        Some("exact"),
+        "12 Oak Street and 12 Oak St. normalise alike"
+    );
     let merge_id = merge["merge_id"].as_str().unwrap().to_string();
 
     // Bad requests are refused with a reason.
@@ -525,6 +543,77 @@ async fn accounts_and_households_group_profiles() {
     assert_eq!(acct["members"], json!([a["profile_id"]]));
     let r = http()
         .get(format!("{}/v1/accounts/{}", p.profiles, uid("none")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    p.stop().await;
+}
+
+/// A CRM extract with a duplicate inside it is deduplicated by the embedded rules; a
+/// namesake (same names, nothing that tells people apart in common) stays apart; and
+/// the matcher's parameters are shown by the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crm_duplicate_merges_and_a_namesake_stays_apart() {
+    let p = Platform::start().await;
+    let (c1, c2, web) = (uid("C"), uid("C"), uid("W"));
+    let last = uid("Okafor");
+    let record = |crm: &str, first: &str| {
+        json!({"anonymousId": uid("import"), "traits": {
+        "crm_id": crm, "firstName": first, "lastName": last, "birthday": "1975-03-09",
+        "address": {"street": "4 Elm Road", "postalCode": "N1 7AA"}}})
+    };
+    send(&p, "/v1/identify", record(&c1, "Chidi")).await;
+    send(&p, "/v1/identify", record(&c2, "Chidy")).await;
+    // Same names, an email of her own, and nothing else in common.
+    send(
+        &p,
+        "/v1/identify",
+        json!({"anonymousId": uid("web"), "userId": web, "traits": {
+        "email": format!("{web}@mail.test"), "firstName": "Chidi", "lastName": last}}),
+    )
+    .await;
+    let first = wait_identity(&p, "crm_id", &c1, "the duplicate merged", |v| {
+        v["identifiers"]
+            .as_array()
+            .is_some_and(|ids| ids.iter().any(|i| i["value"] == c2.as_str()))
+    })
+    .await;
+    let merge = &first["merges"][0];
+    assert_eq!(merge["rule"], "probabilistic", "{merge}");
+    assert!(merge["explain"]["discriminating"] == true, "{merge}");
+    let second = identity_lookup(&p, "crm_id", &c2).await.unwrap();
+    assert_eq!(second["profile_id"], first["profile_id"]);
+    let namesake = wait_identity(&p, "user_id", &web, "the web profile", |_| true).await;
+    assert_ne!(
+        namesake["profile_id"], first["profile_id"],
+        "names alone never link"
+    );
+    let r = http()
+        .get(format!("{}/v1/identity/matching", p.identity))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let m: Value = r.json().await.unwrap();
+    assert_eq!(m["mode"], "probabilistic");
+    assert!(m["records"].as_u64().unwrap() >= 3, "{m}");
+    let birthday = m["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["field"] == "birthday")
+        .unwrap();
+    assert_eq!(birthday["levels"][0]["level"], "exact");
+    assert!(
+        birthday["levels"][0]["weight"].as_f64().unwrap() > 5.0,
+        "{m}"
+    );
+    let r = http()
+        .get(format!(
+            "{}/v1/identity/matching?version=999999",
+            p.identity
+        ))
         .send()
         .await
         .unwrap();

@@ -235,6 +235,17 @@ pub fn profile_panel(view: &Value, identity: Option<&Value>) -> Markup {
                     @if !m["score"].is_null() { ", score " (text(&m["score"])) }
                     ")"
                     @if m["undone"] == Value::Bool(true) { " — undone" }
+                    @if let Some(fields) = m["explain"]["fields"].as_array() {
+                        table.explain {
+                            caption { "Why: match probability " (text(&m["explain"]["probability"]))
+                                " (threshold " (text(&m["explain"]["threshold"])) ", parameters v"
+                                (text(&m["explain"]["params_version"])) ")" }
+                            tbody { @for f in fields { tr {
+                                th { (text(&f["field"])) } td { (text(&f["level"])) }
+                                td.weight { (text(&f["weight"])) " bits" }
+                            } } }
+                        }
+                    }
                     @let ids = m["merged_identifiers"].as_array().cloned().unwrap_or_default();
                     @if !ids.is_empty() { ul { @for i in &ids { li { (text(&i["type"])) ": " (text(&i["value"])) } } } }
                 } } }

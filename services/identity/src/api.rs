@@ -3,8 +3,12 @@
 //! - `GET /v1/identity/lookup?type=&value=`: the profile an identifier (of any type,
 //!   custom ones included, normalised as the rules say) belongs to.
 //! - `GET /v1/identity/profiles/{id}`: a profile's identifiers with where and when each
-//!   was first seen, and its merge history (with the rule and score of fuzzy links).
+//!   was first seen, and its merge history (with the rule, score and explanation of
+//!   fuzzy links: each field's level and weight).
 //!   A merged-away id answers with its survivor.
+//! - `GET /v1/identity/matching[?version=N]`: the fuzzy matcher: its mode, thresholds
+//!   and, per field, each comparison level's m, u and weight in the current (or a
+//!   given) version of the learned parameters, with what they were learned from.
 //! - `POST /v1/identity/unmerge` `{"merge_id", "reason"?}` and `POST /v1/identity/detach`
 //!   `{"type", "value", "reason"?}`: corrections, written to `identity.commands` and
 //!   applied in order with the events (202 with the command id).
@@ -53,6 +57,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/identity/profiles/{id}", get(by_id))
         .route("/v1/identity/unmerge", post(unmerge))
         .route("/v1/identity/detach", post(detach))
+        .route("/v1/identity/matching", get(matching))
         .with_state(state)
 }
 
@@ -128,6 +133,7 @@ pub fn view_in(txn: &Txn<'_>, id: &str) -> tessera_common::Result<Option<Value>>
             "cause_message_id": m.cause_message_id,
             "rule": m.rule.as_deref().unwrap_or("shared identifier"),
             "score": m.score,
+            "explain": m.explain,
             "event_time": iso(m.event_time),
             "undone": m.undone,
         })).collect::<Vec<_>>(),
@@ -371,6 +377,97 @@ async fn detach(
             send(&st, &caller, cmd, &profile).await
         }
         Ok(None) => found_or_404(None, "no profile has this identifier"),
+        Err(r) => r,
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct MatchingQuery {
+    version: Option<u64>,
+}
+
+/// The fuzzy matcher and its learned parameters.
+async fn matching(
+    State(st): State<ApiState>,
+    query: Result<Query<MatchingQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = query else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "version must be a whole number",
+        );
+    };
+    let rules = st.rules.clone();
+    let answer = read(&st, move |store| {
+        let Some(f) = &rules.fuzzy else {
+            return Ok(Some(json!({"mode": "off"})));
+        };
+        if !f.rules.is_empty() {
+            return Ok(Some(json!({
+                "mode": "rules",
+                "rules": f.rules.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
+            })));
+        }
+        let txn = Txn::new(store.as_ref());
+        let current = crate::fuzzy::model::current(&txn, f)?;
+        let params = match q.version {
+            None => current.clone(),
+            Some(v) if v <= current.version => match crate::fuzzy::model::version(&txn, f, v)? {
+                Some(p) => p,
+                None => return Ok(None),
+            },
+            Some(_) => return Ok(None),
+        };
+        let acc = crate::fuzzy::model::accumulators(&txn)?;
+        let fields: Vec<Value> = f
+            .fields
+            .iter()
+            .map(|field| {
+                let levels: Vec<Value> = field
+                    .compare
+                    .levels()
+                    .iter()
+                    .enumerate()
+                    .map(|(l, name)| {
+                        let (m, u) = (params.m[&field.name][l], params.u[&field.name][l]);
+                        json!({"level": name, "m": m, "u": u, "weight": ((m / u).log2() * 1000.0).round() / 1000.0})
+                    })
+                    .collect();
+                json!({
+                    "field": field.name,
+                    "compare": format!("{:?}", field.compare).to_lowercase(),
+                    "discriminating": field.discriminating,
+                    "term_frequencies": f.learn,
+                    "levels": levels,
+                })
+            })
+            .collect();
+        Ok(Some(json!({
+            "mode": "probabilistic",
+            "threshold": f.threshold,
+            "thresholds": f.thresholds.iter().map(|p| json!({"sources": p.sources, "threshold": p.threshold})).collect::<Vec<_>>(),
+            "prior_population": f.prior_population,
+            "learn": f.learn,
+            "refresh_every": f.refresh_every,
+            "version": params.version,
+            "current_version": current.version,
+            "learned_from": {
+                "candidate_pairs": params.candidate_pairs,
+                "random_pairs": params.random_pairs,
+            },
+            "records": acc.records,
+            "fields": fields,
+        })))
+    })
+    .await;
+    match answer {
+        Ok(Some(v)) => axum::Json(v).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such version of the parameters",
+        ),
         Err(r) => r,
     }
 }

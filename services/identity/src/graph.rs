@@ -42,6 +42,7 @@ use tessera_common::ids::deterministic_id;
 use tessera_common::records::{Identifier, ProfileMerge};
 use tessera_common::store::Txn;
 
+use crate::fuzzy::model::Explanation;
 use crate::rules::Rules;
 
 /// Where a fact sits in the canonical order: event time, message id, deterministic
@@ -65,6 +66,9 @@ pub struct Fact {
     /// identifiers.
     pub rule: Option<String>,
     pub score: Option<f64>,
+    /// Why the model linked the records: each field's level and weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explain: Option<Explanation>,
 }
 
 impl Fact {
@@ -102,6 +106,7 @@ impl Fact {
             source: source.to_string(),
             rule,
             score,
+            explain: None,
         }
     }
 }
@@ -143,6 +148,8 @@ pub struct MergeInfo {
     pub cause_message_id: String,
     pub rule: Option<String>,
     pub score: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explain: Option<Explanation>,
     pub event_time: i64,
     #[serde(default)]
     pub undone: bool,
@@ -355,15 +362,26 @@ impl Clusters {
         self.sets.len() - 1
     }
 
-    fn allowed(&self, ctx: &Context<'_>, members: &[usize]) -> bool {
-        let mut counts: HashMap<&str, usize> = HashMap::new();
+    /// Whether `members` may join. A limit bounds what a link adds: the joined profile
+    /// may hold no more values of a kind than the limit, or than one member already
+    /// holds (a profile past its limit through deduplication). A fuzzy link may join
+    /// values of a `dedupe` kind beyond it.
+    fn allowed(&self, ctx: &Context<'_>, members: &[usize], fuzzy: bool) -> bool {
+        let mut counts: HashMap<&str, (usize, usize)> = HashMap::new();
         for &c in members {
+            let mut own: HashMap<&str, usize> = HashMap::new();
             for (_, i) in &self.sets[c].ids {
-                let n = counts.entry(i.kind.as_str()).or_default();
-                *n += 1;
-                if *n > ctx.rules.limit(&i.kind) {
-                    return false;
-                }
+                *own.entry(i.kind.as_str()).or_default() += 1;
+            }
+            for (kind, n) in own {
+                let (total, most) = counts.entry(kind).or_default();
+                *total += n;
+                *most = (*most).max(n);
+            }
+        }
+        for (kind, (total, most)) in counts {
+            if total > ctx.rules.limit(kind).max(most) && !(fuzzy && ctx.rules.dedupes(kind)) {
+                return false;
             }
         }
         let seps: BTreeSet<&String> = members
@@ -406,7 +424,7 @@ impl Clusters {
             let mut members: Vec<usize> = linking.iter().map(|i| self.of[*i]).collect();
             members.sort_unstable();
             members.dedup();
-            if self.allowed(ctx, &members) {
+            if self.allowed(ctx, &members, fact.rule.is_some()) {
                 self.union(&members);
                 break;
             }
@@ -856,6 +874,7 @@ impl<'r> Graph<'r> {
             cause_message_id: cause.order.msg.clone(),
             rule: cause.rule.clone(),
             score: cause.score,
+            explain: cause.explain.clone(),
             event_time: cause.order.t,
             undone: false,
         };

@@ -128,6 +128,7 @@ pub struct Resolution {
     pub blocked: Vec<String>,
     pub fuzzy_compared: usize,
     pub fuzzy_oversized_blocks: usize,
+    pub fuzzy_names_only: usize,
 }
 
 /// Resolves one event: records its fact (and fuzzy facts), updates the graph, and
@@ -203,14 +204,26 @@ pub fn resolve_identifiers(
     if let Some(f) = &rules.fuzzy {
         let fields = rules.fuzzy_fields(payload);
         if fields.len() >= 2 {
-            let rec = fuzzy::FuzzyRecord::new(&first, fields, event.event_time, &event.message_id);
-            let (rec, outcome) = fuzzy::upsert_and_match(txn, f, rec)?;
+            let rec = fuzzy::FuzzyRecord::new(
+                &first,
+                fields,
+                event.event_time,
+                &event.message_id,
+                &event.source,
+            );
+            let linked = |txn: &Txn<'_>, a: &Identifier, b: &Identifier| -> Result<bool> {
+                Ok(graph::lookup(txn, a)?.is_some_and(|p| {
+                    graph::lookup(txn, b).ok().flatten().as_deref() == Some(p.as_str())
+                }))
+            };
+            let (rec, outcome) = fuzzy::upsert_and_match(txn, f, rec, &linked)?;
             res.fuzzy_compared = outcome.compared;
             res.fuzzy_oversized_blocks = outcome.oversized_blocks;
+            res.fuzzy_names_only = outcome.names_only;
             for m in outcome.matches {
                 // The link exists from when the later of the two records was seen.
                 let (t, msg) = std::cmp::max((rec.t, &rec.msg), (m.other.t, &m.other.msg));
-                let link = Fact::new(
+                let mut link = Fact::new(
                     rules,
                     &[rec.anchor.clone(), m.other.anchor.clone()],
                     t,
@@ -218,6 +231,7 @@ pub fn resolve_identifiers(
                     &event.source,
                     Some((m.rule, m.score)),
                 );
+                link.explain = m.explain;
                 res.changes.extend(g.add_fact(txn, link)?);
             }
         }
@@ -251,6 +265,7 @@ pub struct IdentityProcessor {
     too_large: IntCounter,
     fuzzy_compared: IntCounter,
     fuzzy_oversized: IntCounter,
+    fuzzy_names_only: IntCounter,
     commands: IntCounterVec,
     undecodable: IntCounterVec,
     latency: Histogram,
@@ -328,6 +343,11 @@ impl IdentityProcessor {
                 admin,
                 "tessera_identity_fuzzy_oversized_blocks_total",
                 "Blocking keys skipped because too many records share them",
+            ),
+            fuzzy_names_only: counter(
+                admin,
+                "tessera_identity_fuzzy_names_only_total",
+                "Fuzzy pairs likely enough to link but with no discriminating field in common (kept apart: names alone never link)",
             ),
             commands: counter_vec(
                 admin,
@@ -460,6 +480,7 @@ impl IdentityProcessor {
         self.fuzzy_compared.inc_by(res.fuzzy_compared as u64);
         self.fuzzy_oversized
             .inc_by(res.fuzzy_oversized_blocks as u64);
+        self.fuzzy_names_only.inc_by(res.fuzzy_names_only as u64);
         self.emit_changes(
             &res.changes,
             &event.message_id,

@@ -14,6 +14,8 @@ use serde_json::Value;
 use tessera_common::records::Identifier;
 use tessera_common::{Error, Result, text};
 
+use crate::fuzzy::compare::Compare;
+
 pub const DEFAULT_RULES: &str = include_str!("../rules.toml");
 
 #[derive(Debug, Clone, Deserialize)]
@@ -32,6 +34,10 @@ struct RulesFile {
 pub struct IdentifierRule {
     pub kind: String,
     pub limit: usize,
+    /// A fuzzy match may join two values of this type in one profile (duplicates of a
+    /// person within a source), beyond `limit`.
+    #[serde(default)]
+    pub dedupe: bool,
     #[serde(default)]
     pub normalise: Normalise,
     pub paths: Vec<MessagePath>,
@@ -58,19 +64,65 @@ struct FuzzyFile {
     enabled: bool,
     max_block_size: usize,
     blocking_keys: Vec<String>,
-    fields: Vec<FuzzyField>,
+    fields: Vec<FieldFile>,
+    /// Declarative mode: when rules are given, a pair matches on a rule and the
+    /// probabilistic model is not used.
     #[serde(default)]
     rules: Vec<MatchRule>,
+    #[serde(default = "default_threshold")]
+    threshold: f64,
     #[serde(default)]
-    score: Option<ScoreRule>,
+    thresholds: Vec<SourcePair>,
+    #[serde(default = "default_prior_population")]
+    prior_population: u64,
+    #[serde(default = "default_learn")]
+    learn: bool,
+    #[serde(default = "default_refresh_every")]
+    refresh_every: u64,
+}
+
+fn default_threshold() -> f64 {
+    0.999
+}
+fn default_prior_population() -> u64 {
+    1000
+}
+fn default_learn() -> bool {
+    true
+}
+fn default_refresh_every() -> u64 {
+    1000
+}
+
+/// A match-probability threshold for the pairs of records of two sources (in either
+/// order; the same source twice is deduplication within it).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourcePair {
+    pub sources: [String; 2],
+    pub threshold: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct FieldFile {
+    name: String,
+    normalise: Normalise,
+    paths: Vec<MessagePath>,
+    #[serde(default)]
+    compare: Option<Compare>,
+    #[serde(default)]
+    discriminating: Option<bool>,
+}
+
+#[derive(Debug, Clone)]
 pub struct FuzzyField {
     pub name: String,
     pub normalise: Normalise,
     pub paths: Vec<MessagePath>,
+    pub compare: Compare,
+    /// Agreeing on it tells people apart: a fuzzy link needs one such field to agree.
+    pub discriminating: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -91,15 +143,6 @@ pub struct Criterion {
     /// levenshtein: the most edits that agree.
     #[serde(default)]
     pub max: Option<usize>,
-    /// jaro_winkler, score only: from this similarity up to `min` the field is a partial
-    /// agreement: it adds nothing and does not veto (a typo in a short name).
-    #[serde(default)]
-    pub partial: Option<f64>,
-    /// Score only: P(agree | same person) and P(agree | different people).
-    #[serde(default)]
-    pub m: Option<f64>,
-    #[serde(default)]
-    pub u: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -110,20 +153,23 @@ pub enum Method {
     Levenshtein,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScoreRule {
-    pub threshold: f64,
-    #[serde(default)]
-    pub required: Vec<String>,
-    pub fields: Vec<Criterion>,
-}
-
-/// A blocking key: fields, each whole or its first N characters.
+/// A blocking key: fields, each transformed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockingKey {
     pub spec: String,
-    pub parts: Vec<(String, Option<usize>)>,
+    pub parts: Vec<(String, KeyPart)>,
+}
+
+/// What a blocking key takes of a field.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KeyPart {
+    Whole,
+    /// The first N characters.
+    Prefix(usize),
+    /// The Double Metaphone code (`:dm`).
+    Phonetic,
+    /// A street's house number (`:number`).
+    Number,
 }
 
 #[derive(Debug, Clone)]
@@ -131,8 +177,29 @@ pub struct Fuzzy {
     pub max_block_size: usize,
     pub blocking_keys: Vec<BlockingKey>,
     pub fields: Vec<FuzzyField>,
+    /// Declarative rules; when empty, the probabilistic model decides.
     pub rules: Vec<MatchRule>,
-    pub score: Option<ScoreRule>,
+    /// The match probability a link needs (default 0.999).
+    pub threshold: f64,
+    pub thresholds: Vec<SourcePair>,
+    /// The prior odds of two records matching are 1 / max(records, this).
+    pub prior_population: u64,
+    /// Whether m and u are learned from the stream (else the priors stay).
+    pub learn: bool,
+    /// Candidate pairs between two versions of the parameters.
+    pub refresh_every: u64,
+}
+
+impl Fuzzy {
+    /// The threshold for a pair of records from sources `a` and `b`.
+    pub fn threshold_for(&self, a: &str, b: &str) -> f64 {
+        self.thresholds
+            .iter()
+            .find(|p| {
+                (p.sources[0] == a && p.sources[1] == b) || (p.sources[0] == b && p.sources[1] == a)
+            })
+            .map_or(self.threshold, |p| p.threshold)
+    }
 }
 
 /// Validated rules, ready to use.
@@ -232,6 +299,11 @@ impl Rules {
             .map_or(usize::MAX, |i| i.limit)
     }
 
+    /// Whether a fuzzy match may join two values of a kind beyond its limit.
+    pub fn dedupes(&self, kind: &str) -> bool {
+        self.kind(kind).is_some_and(|k| k.dedupe)
+    }
+
     pub fn kind(&self, kind: &str) -> Option<&IdentifierRule> {
         self.identifiers.iter().find(|i| i.kind == kind)
     }
@@ -315,53 +387,38 @@ fn validate_fuzzy(f: FuzzyFile) -> std::result::Result<Fuzzy, String> {
             ))
         }
     };
-    let check = |c: &Criterion, at: &str, scored: bool| -> std::result::Result<(), String> {
-        known(&c.field, at)?;
-        match c.method {
-            Method::JaroWinkler => match (c.min, c.partial) {
-                (Some(t), None) if (0.0..=1.0).contains(&t) => {}
-                (Some(t), Some(p)) if (0.0..=1.0).contains(&t) && (0.0..t).contains(&p) => {}
-                (Some(_), Some(_)) => {
-                    return Err(format!("{at}: partial must be between 0 and min"));
-                }
-                _ => return Err(format!("{at}: jaro_winkler needs min between 0 and 1")),
-            },
-            Method::Levenshtein if c.max.is_none() => {
-                return Err(format!("{at}: levenshtein needs max (edits)"));
-            }
-            _ => {}
-        }
-        if scored {
-            match (c.m, c.u) {
-                (Some(m), Some(u)) if 0.0 < u && u < m && m < 1.0 => {}
-                _ => return Err(format!("{at}: a score field needs 0 < u < m < 1")),
-            }
-        }
-        Ok(())
-    };
     for (n, r) in f.rules.iter().enumerate() {
         let at = format!("fuzzy.rules[{n}] ({})", r.name);
         if r.criteria.is_empty() {
             return Err(format!("{at}: no criteria"));
         }
         for c in &r.criteria {
-            check(c, &at, false)?;
-        }
-    }
-    if let Some(s) = &f.score {
-        for c in &s.fields {
-            check(c, "fuzzy.score", true)?;
-        }
-        for r in &s.required {
-            if !s.fields.iter().any(|c| &c.field == r) {
-                return Err(format!(
-                    "fuzzy.score.required: {r:?} is not one of the score's fields"
-                ));
+            known(&c.field, &at)?;
+            match c.method {
+                Method::JaroWinkler if !c.min.is_some_and(|t| (0.0..=1.0).contains(&t)) => {
+                    return Err(format!("{at}: jaro_winkler needs min between 0 and 1"));
+                }
+                Method::Levenshtein if c.max.is_none() => {
+                    return Err(format!("{at}: levenshtein needs max (edits)"));
+                }
+                _ => {}
             }
         }
     }
-    if f.rules.is_empty() && f.score.is_none() {
-        return Err("fuzzy: enabled with neither rules nor a score".into());
+    let probability = |x: f64| x > 0.0 && x < 1.0;
+    if !probability(f.threshold) {
+        return Err("fuzzy.threshold: a match probability, between 0 and 1 (excluded)".into());
+    }
+    for p in &f.thresholds {
+        if !probability(p.threshold) {
+            return Err(format!(
+                "fuzzy.thresholds {:?}: a match probability, between 0 and 1 (excluded)",
+                p.sources
+            ));
+        }
+    }
+    if f.refresh_every == 0 {
+        return Err("fuzzy.refresh_every must be at least 1".into());
     }
     if f.blocking_keys.is_empty() {
         return Err("fuzzy.blocking_keys: at least one key is needed (no scans)".into());
@@ -370,17 +427,23 @@ fn validate_fuzzy(f: FuzzyFile) -> std::result::Result<Fuzzy, String> {
     for spec in &f.blocking_keys {
         let mut parts = Vec::new();
         for part in spec.split('+') {
-            let (field, len) = match part.split_once(':') {
+            let (field, how) = match part.split_once(':') {
+                Some((field, "dm")) => (field, KeyPart::Phonetic),
+                Some((field, "number")) => (field, KeyPart::Number),
                 Some((field, n)) => (
                     field,
-                    Some(n.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
-                        format!("fuzzy.blocking_keys {spec:?}: {n:?} is not a length")
-                    })?),
+                    KeyPart::Prefix(n.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(
+                        || {
+                            format!(
+                                "fuzzy.blocking_keys {spec:?}: {n:?} is not a length, dm or number"
+                            )
+                        },
+                    )?),
                 ),
-                None => (part, None),
+                None => (part, KeyPart::Whole),
             };
             known(field, &format!("fuzzy.blocking_keys {spec:?}"))?;
-            parts.push((field.to_string(), len));
+            parts.push((field.to_string(), how));
         }
         keys.push(BlockingKey {
             spec: spec.clone(),
@@ -390,12 +453,46 @@ fn validate_fuzzy(f: FuzzyFile) -> std::result::Result<Fuzzy, String> {
     if f.max_block_size == 0 {
         return Err("fuzzy.max_block_size must be at least 1".into());
     }
+    let fields: Vec<FuzzyField> = f
+        .fields
+        .into_iter()
+        .map(|x| {
+            let compare = x.compare.unwrap_or(match x.normalise {
+                Normalise::Name => Compare::Name,
+                Normalise::Date => Compare::Date,
+                Normalise::Address => Compare::Street,
+                Normalise::Postcode => Compare::Postcode,
+                Normalise::Phone => Compare::Phone,
+                Normalise::Email => Compare::Email,
+                Normalise::Text => Compare::Text,
+                Normalise::Trim | Normalise::Lowercase => Compare::Id,
+            });
+            FuzzyField {
+                discriminating: x.discriminating.unwrap_or(compare.discriminating()),
+                name: x.name,
+                normalise: x.normalise,
+                paths: x.paths,
+                compare,
+            }
+        })
+        .collect();
+    if f.rules.is_empty() && !fields.iter().any(|x| x.discriminating) {
+        return Err(
+            "fuzzy.fields: the model never links on names alone, so at least one field must \
+             be discriminating (a date, street, phone, email or id)"
+                .into(),
+        );
+    }
     Ok(Fuzzy {
         max_block_size: f.max_block_size,
         blocking_keys: keys,
-        fields: f.fields,
+        fields,
         rules: f.rules,
-        score: f.score,
+        threshold: f.threshold,
+        thresholds: f.thresholds,
+        prior_population: f.prior_population,
+        learn: f.learn,
+        refresh_every: f.refresh_every,
     })
 }
 

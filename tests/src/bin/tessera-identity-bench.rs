@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tessera_common::records::{Identifier, IngestedEvent};
 use tessera_common::store::{RocksStore, Store, Txn};
 use tessera_identity::rules::Rules;
-use tessera_identity::{graph, resolve_event};
+use tessera_identity::{fuzzy, graph, resolve_event};
 use tessera_tests::synth;
 
 #[derive(Parser)]
@@ -37,6 +37,16 @@ enum Mode {
         #[arg(long, default_value_t = 0.05)]
         late: f64,
         /// Print examples of wrong merges and of people split over profiles.
+        #[arg(long)]
+        explain: bool,
+    },
+    /// Public linkage data (`tests/linkage/febrl.py export`): each line's message is
+    /// resolved in order; prints pairwise quality, blocking's pairs completeness,
+    /// candidates per record and matching time.
+    Linkage {
+        /// JSON lines: {"message": identify event, "entity": the true person}.
+        input: std::path::PathBuf,
+        /// Print the wrong merges and missed pairs, with their explanation.
         #[arg(long)]
         explain: bool,
     },
@@ -201,6 +211,7 @@ fn main() {
                 count as f64 / took.as_secs_f64()
             );
         }
+        Mode::Linkage { input, explain } => linkage(&rules, &store, &input, explain),
         Mode::Speed {
             identifiers,
             events,
@@ -307,17 +318,23 @@ fn main() {
             let mut b = a.clone();
             b.insert("first_name".into(), "katharine".into());
             let n = 200_000;
+            let txn = Txn::new(&store);
+            let params = fuzzy::model::current(&txn, f).expect("params");
+            let acc = fuzzy::model::accumulators(&txn).expect("accumulators");
             let s = Instant::now();
             let mut matched = 0;
             for _ in 0..n {
-                matched += usize::from(
-                    tessera_identity::fuzzy::compare(
-                        f,
-                        std::hint::black_box(&a),
-                        std::hint::black_box(&b),
-                    )
-                    .is_some(),
-                );
+                let e = fuzzy::model::score(
+                    &txn,
+                    f,
+                    &params,
+                    &acc,
+                    std::hint::black_box(&a),
+                    std::hint::black_box(&b),
+                    f.threshold,
+                )
+                .expect("scored");
+                matched += usize::from(e.links());
             }
             let per_pair = s.elapsed().as_nanos() as f64 / n as f64;
             println!(
@@ -330,6 +347,172 @@ fn main() {
                 per_pair
             );
             println!("  state on disk: {} MiB", store.size_bytes() / (1 << 20));
+        }
+    }
+}
+
+fn linkage(rules: &Rules, store: &RocksStore, input: &std::path::Path, explain: bool) {
+    use std::collections::{BTreeMap, BTreeSet, HashMap};
+    let text = std::fs::read_to_string(input).expect("the input file");
+    let lines: Vec<Value> = text
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let f = rules.fuzzy.as_ref().expect("fuzzy matching on");
+    let id_of = |m: &Value| -> Identifier {
+        let t = &m["traits"];
+        let (kind, v) = match t.get("crm_id") {
+            Some(v) => ("crm_id", v),
+            None => ("loyalty_id", &t["loyalty_id"]),
+        };
+        Identifier {
+            kind: kind.into(),
+            value: v.as_str().expect("an id").into(),
+        }
+    };
+    let mut entities: HashMap<String, usize> = HashMap::new();
+    let mut records = Vec::new();
+    for (n, l) in lines.iter().enumerate() {
+        let m = &l["message"];
+        let next = entities.len();
+        let entity = *entities
+            .entry(l["entity"].as_str().expect("entity").to_string())
+            .or_insert(next);
+        let t = chrono::DateTime::parse_from_rfc3339(m["timestamp"].as_str().unwrap_or(""))
+            .map_or(n as i64, |d| d.timestamp_millis());
+        let mut e = ingested(
+            m["messageId"].as_str().expect("messageId"),
+            "identify",
+            t,
+            m,
+        );
+        e.source = l["source"].as_str().unwrap_or("bench").to_string();
+        records.push((e, m.clone(), entity, id_of(m)));
+    }
+    // Blocking's reach: the share of true pairs that share a blocking key.
+    let mut by_entity: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, r) in records.iter().enumerate() {
+        by_entity.entry(r.2).or_default().push(i);
+    }
+    let blocks: Vec<BTreeSet<String>> = records
+        .iter()
+        .map(|r| {
+            fuzzy::blocking_values(f, &rules.fuzzy_fields(&r.1))
+                .into_iter()
+                .collect()
+        })
+        .collect();
+    let (mut true_pairs, mut reached) = (0usize, 0usize);
+    for members in by_entity.values() {
+        for (x, &a) in members.iter().enumerate() {
+            for &b in &members[x + 1..] {
+                true_pairs += 1;
+                reached += usize::from(!blocks[a].is_disjoint(&blocks[b]));
+            }
+        }
+    }
+    let mut h = Histogram::<u64>::new(3).unwrap();
+    let mut compared = 0usize;
+    let started = Instant::now();
+    let mut txn = Txn::new(store);
+    for (n, (e, payload, _, _)) in records.iter().enumerate() {
+        let s = Instant::now();
+        let r = resolve_event(rules, &mut txn, e, payload).expect("resolves");
+        h.record((s.elapsed().as_nanos() as u64).max(1)).unwrap();
+        compared += r.fuzzy_compared;
+        if n % 500 == 499 {
+            store
+                .write(std::mem::replace(&mut txn, Txn::new(store)).into_batch())
+                .expect("commit");
+        }
+    }
+    store.write(txn.into_batch()).expect("commit");
+    let took = started.elapsed();
+    let txn = Txn::new(store);
+    let assigned: Vec<(usize, String)> = records
+        .iter()
+        .map(|(_, _, entity, id)| {
+            let p = graph::lookup(&txn, id).expect("lookup").unwrap_or_default();
+            (*entity, p)
+        })
+        .collect();
+    let q = synth::quality(&assigned);
+    let params = fuzzy::model::current(&txn, f).expect("params");
+    println!(
+        "identity linkage: {} ({} records)",
+        input.display(),
+        records.len()
+    );
+    println!(
+        "  pairwise precision {:.5}  recall {:.5}  F1 {:.5}  (true pairs {true_pairs}, profiles {})",
+        q.precision, q.recall, q.f1, q.profiles
+    );
+    println!(
+        "  blocking: pairs completeness {:.4} ({reached} of {true_pairs} true pairs share a key); {:.1} candidates scored per record",
+        reached as f64 / true_pairs.max(1) as f64,
+        compared as f64 / records.len() as f64
+    );
+    println!(
+        "  matching per record p50 {:.1} us  p99 {:.1} us; {:.2} s; parameters version {}",
+        h.value_at_quantile(0.5) as f64 / 1000.0,
+        h.value_at_quantile(0.99) as f64 / 1000.0,
+        took.as_secs_f64(),
+        params.version
+    );
+    if explain {
+        let acc = fuzzy::model::accumulators(&txn).expect("accumulators");
+        for field in &f.fields {
+            let w: Vec<String> = params.m[&field.name]
+                .iter()
+                .zip(&params.u[&field.name])
+                .map(|(m, u)| format!("{:.1}", (m / u).log2()))
+                .collect();
+            println!("  weights {}: [{}]", field.name, w.join(", "));
+        }
+        let mut shown = (0, 0);
+        for members in by_entity.values() {
+            for (x, &a) in members.iter().enumerate() {
+                for &b in &members[x + 1..] {
+                    if assigned[a].1 != assigned[b].1 && shown.0 < 12 {
+                        shown.0 += 1;
+                        let (fa, fb) = (
+                            rules.fuzzy_fields(&records[a].1),
+                            rules.fuzzy_fields(&records[b].1),
+                        );
+                        let e = fuzzy::model::score(&txn, f, &params, &acc, &fa, &fb, f.threshold)
+                            .expect("scored");
+                        println!(
+                            "  missed (blocked together: {}): {fa:?}\n       {fb:?}\n    {:.4} {:?} veto {:?}",
+                            !blocks[a].is_disjoint(&blocks[b]),
+                            e.probability,
+                            e.fields
+                                .iter()
+                                .map(|x| format!("{} {} {}", x.field, x.level, x.weight))
+                                .collect::<Vec<_>>(),
+                            e.veto
+                        );
+                    }
+                }
+            }
+        }
+        let mut by_profile: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, (_, p)) in assigned.iter().enumerate() {
+            by_profile.entry(p.as_str()).or_default().push(i);
+        }
+        for members in by_profile.values() {
+            for (x, &a) in members.iter().enumerate() {
+                for &b in &members[x + 1..] {
+                    if records[a].2 != records[b].2 && shown.1 < 12 {
+                        shown.1 += 1;
+                        println!(
+                            "  wrong merge: {:?}\n               {:?}",
+                            rules.fuzzy_fields(&records[a].1),
+                            rules.fuzzy_fields(&records[b].1)
+                        );
+                    }
+                }
+            }
         }
     }
 }
