@@ -84,7 +84,7 @@ print(f"sent {len(lines)} records in {sent:.1f} s", file=sys.stderr)
 PY
   ours="$("$py" tests/linkage/febrl.py score "$file" "$work/assigned.json")"
   matching="$(curl -fsS -H 'Authorization: Bearer demo-admin-token' http://127.0.0.1:8081/v1/identity/matching | "$py" -c 'import json,sys; m=json.load(sys.stdin); print(m["version"])')"
-  kill -INT "$run"; wait "$run" || true
+  kill -TERM "$run"; wait "$run" || true
   splink="$("$py" tests/linkage/febrl.py splink "$file" 2>/dev/null | tail -1)"
   "$py" - "$set" "$ours" "$splink" "$matching" <<'PY'
 import json, sys

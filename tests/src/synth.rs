@@ -14,7 +14,7 @@ use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
-const FIRST: &[&str] = &[
+pub const FIRST: &[&str] = &[
     "james",
     "mary",
     "john",
@@ -96,7 +96,7 @@ const FIRST: &[&str] = &[
     "brandon",
     "emma",
 ];
-const LAST: &[&str] = &[
+pub const LAST: &[&str] = &[
     "smith",
     "johnson",
     "williams",

@@ -406,7 +406,9 @@ mod tests {
             "recent_events": [{"type": "track", "event": evil, "source": evil, "message_id": evil, "properties": {"x": evil}}],
         });
         let identity = json!({"identifiers": [{"type": "email", "value": evil, "source": evil}],
-            "merges": [{"merged": evil, "rule": evil, "merged_identifiers": [{"type": "email", "value": evil}]}]});
+            "merges": [{"merged": evil, "rule": evil, "merged_identifiers": [{"type": "email", "value": evil}],
+                "explain": {"probability": 0.9999, "threshold": 0.999, "params_version": 3,
+                    "fields": [{"field": evil, "level": evil, "weight": 13.2}]}}]});
         let html = layout(
             "t",
             Some(("u", "c")),
@@ -417,6 +419,11 @@ mod tests {
         assert!(!html.contains("<script>alert"), "{html}");
         assert!(!html.contains("<img src=x"));
         assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+        // A fuzzy merge says why: each field's level and weight.
+        assert!(
+            html.contains("match probability 0.9999") && html.contains("13.2 bits"),
+            "{html}"
+        );
         let seg = segments(&[json!({"id": evil, "definition": {"name": evil}})]).into_string();
         assert!(
             !seg.contains("<script>alert") && !seg.contains("<img src=x"),

@@ -55,6 +55,9 @@ enum Mode {
         identifiers: usize,
         #[arg(long, default_value_t = 200_000)]
         events: usize,
+        /// Fuzzy records in the graph before matching is timed.
+        #[arg(long, default_value_t = 1_000_000)]
+        fuzzy_records: usize,
     },
 }
 
@@ -215,6 +218,7 @@ fn main() {
         Mode::Speed {
             identifiers,
             events,
+            fuzzy_records,
         } => {
             // Fill: people with a user id, an email and two devices (4 identifiers each).
             let people = identifiers.div_ceil(4);
@@ -270,40 +274,86 @@ fn main() {
                 h.value_at_quantile(0.99) as f64 / 1000.0,
                 h.max() as f64 / 1000.0
             );
-            // Fuzzy: CRM-like records sharing surnames and postcodes, so blocks fill up.
+            // Fuzzy: a CRM of `fuzzy_records` people (names from a small table, so name
+            // blocks fill up), then 20,000 more records timed, a tenth of them duplicates
+            // of earlier people with a typo.
             let f = rules.fuzzy.as_ref().expect("fuzzy rules");
-            let world = synth::generate(20_000, 3);
-            let records: Vec<(IngestedEvent, Value)> = world
-                .events
-                .iter()
-                .filter(|e| {
-                    e.message["traits"].get("firstName").is_some()
-                        || e.message["traits"].get("first_name").is_some()
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            let mut rnd = move |n: usize| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % n as u64) as usize
+            };
+            let person = |p: usize, rnd: &mut dyn FnMut(usize) -> usize| {
+                let first = synth::FIRST[p % synth::FIRST.len()];
+                let last = synth::LAST[(p / synth::FIRST.len()) % synth::LAST.len()];
+                let street = synth::LAST[(p * 7 + 3) % synth::LAST.len()];
+                json!({
+                    "firstName": first, "lastName": last,
+                    "birthday": format!("{}-{:02}-{:02}", 1930 + rnd(75), 1 + rnd(12), 1 + rnd(28)),
+                    "address": {"street": format!("{} {street} street", 1 + rnd(300)), "postalCode": format!("{}", 1000 + rnd(8000))},
                 })
-                .map(|e| {
-                    (
-                        ingested(
-                            &e.message_id,
-                            e.kind,
-                            later + events as i64 + e.event_time - 1_700_000_000_000,
-                            &e.message,
-                        ),
-                        e.message.clone(),
-                    )
+            };
+            let start = later + events as i64 + 1;
+            let mut people: Vec<Value> = Vec::with_capacity(fuzzy_records);
+            let mut txn = Txn::new(&store);
+            let started = Instant::now();
+            for p in 0..fuzzy_records {
+                let mut traits = person(p, &mut rnd);
+                people.push(traits.clone());
+                traits["crm_id"] = json!(format!("c{p}"));
+                let m =
+                    json!({"type": "identify", "anonymousId": format!("i{p}"), "traits": traits});
+                let e = ingested(&format!("fz{p}"), "identify", start + p as i64, &m);
+                resolve_event(&rules, &mut txn, &e, &m).expect("resolves");
+                if p % 1000 == 999 {
+                    store
+                        .write(std::mem::replace(&mut txn, Txn::new(&store)).into_batch())
+                        .expect("commit");
+                }
+            }
+            store.write(txn.into_batch()).expect("commit");
+            println!(
+                "  fuzzy: {fuzzy_records} CRM records filled in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            let timed: Vec<(IngestedEvent, Value)> = (0..20_000)
+                .map(|n| {
+                    let p = fuzzy_records + n;
+                    let mut traits = if n % 10 == 0 {
+                        let mut t = people[rnd(people.len())].clone();
+                        let name = t["firstName"].as_str().unwrap_or("x").to_string();
+                        t["firstName"] = json!(format!("{name}e"));
+                        t
+                    } else {
+                        person(p, &mut rnd)
+                    };
+                    traits["crm_id"] = json!(format!("c{p}"));
+                    let m = json!({"type": "identify", "anonymousId": format!("i{p}"), "traits": traits});
+                    (ingested(&format!("fz{p}"), "identify", start + p as i64, &m), m)
                 })
                 .collect();
             let mut h = Histogram::<u64>::new(3).unwrap();
-            let mut compared = 0usize;
+            let (mut compared, mut merged, mut oversized) = (0usize, 0usize, 0usize);
             let started = Instant::now();
             let mut txn = Txn::new(&store);
-            for (e, payload) in &records {
+            for (n, (e, payload)) in timed.iter().enumerate() {
                 let s = Instant::now();
                 let r = resolve_event(&rules, &mut txn, e, payload).expect("resolves");
                 h.record((s.elapsed().as_nanos() as u64).max(1)).unwrap();
                 compared += r.fuzzy_compared;
+                oversized += r.fuzzy_oversized_blocks;
+                merged += r.changes.merges.len();
+                if n % 1000 == 999 {
+                    store
+                        .write(std::mem::replace(&mut txn, Txn::new(&store)).into_batch())
+                        .expect("commit");
+                }
             }
             store.write(txn.into_batch()).expect("commit");
             let took = started.elapsed();
+            let records = timed;
             let a: std::collections::BTreeMap<String, String> = [
                 ("first_name", "katherine"),
                 ("last_name", "johnson"),
@@ -338,9 +388,10 @@ fn main() {
             }
             let per_pair = s.elapsed().as_nanos() as f64 / n as f64;
             println!(
-                "  fuzzy records: {} in {:.2} s; {:.1} candidates scored per record; per record p50 {:.1} us  p99 {:.1} us; one pair scored in {:.0} ns ({matched} matched)",
+                "  fuzzy records with {fuzzy_records} in the graph: {} in {:.2} s ({merged} merges, {:.2} oversized blocks per record); {:.1} candidates scored per record; per record p50 {:.1} us  p99 {:.1} us; one pair scored in {:.0} ns ({matched} matched)",
                 records.len(),
                 took.as_secs_f64(),
+                oversized as f64 / records.len() as f64,
                 compared as f64 / records.len() as f64,
                 h.value_at_quantile(0.5) as f64 / 1000.0,
                 h.value_at_quantile(0.99) as f64 / 1000.0,

@@ -334,6 +334,21 @@ fn round(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
+/// Adds `weight` to each level a pair showed, per field, in `into`.
+fn add_levels(
+    f: &Fuzzy,
+    into: &mut BTreeMap<String, Vec<f64>>,
+    a: &BTreeMap<String, String>,
+    b: &BTreeMap<String, String>,
+    weight: f64,
+) {
+    for (i, level) in levels(f, a, b).0 {
+        let field = &f.fields[i];
+        into.entry(field.name.clone())
+            .or_insert_with(|| vec![0.0; field.compare.levels().len()])[level] += weight;
+    }
+}
+
 /// Learns from a random pair: its levels are those of different people.
 pub fn learn_random(
     f: &Fuzzy,
@@ -341,15 +356,7 @@ pub fn learn_random(
     a: &BTreeMap<String, String>,
     b: &BTreeMap<String, String>,
 ) {
-    let (levels, _) = levels(f, a, b);
-    for (i, level) in levels {
-        let field = &f.fields[i];
-        let v = acc
-            .u
-            .entry(field.name.clone())
-            .or_insert_with(|| vec![0.0; field.compare.levels().len()]);
-        v[level] += 1.0;
-    }
+    add_levels(f, &mut acc.u, a, b, 1.0);
     acc.random_pairs += 1;
 }
 
@@ -362,15 +369,7 @@ pub fn learn_candidate(
     b: &BTreeMap<String, String>,
     p: f64,
 ) {
-    let (levels, _) = levels(f, a, b);
-    for (i, level) in levels {
-        let field = &f.fields[i];
-        let v = acc
-            .m
-            .entry(field.name.clone())
-            .or_insert_with(|| vec![0.0; field.compare.levels().len()]);
-        v[level] += p;
-    }
+    add_levels(f, &mut acc.m, a, b, p);
     acc.candidate_pairs += 1;
     acc.since_refresh += 1;
 }
