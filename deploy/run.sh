@@ -26,7 +26,7 @@ bindir="$CARGO_TARGET_DIR/$([ "$profile" = dev ] && echo debug || echo "$profile
 work="${TESSERA_WORK:-$root/.tessera}"
 # The services refuse state written in an older format (common/src/service.rs,
 # state_format). Local state is disposable: when the formats changed, start afresh.
-state_formats="identity=5 profiles=5 activation=2"
+state_formats="identity=6 profiles=5 activation=2"
 if [ -d "$work/state" ] && [ "$(cat "$work/state/FORMATS" 2>/dev/null)" != "$state_formats" ] \
     && [ -n "$(ls -A "$work/state" 2>/dev/null)" ]; then
   echo "run: local state from an older Tessera (formats: $(cat "$work/state/FORMATS" 2>/dev/null || echo unstamped)) is reset" >&2

@@ -130,8 +130,9 @@ pub fn state_format(service: &str) -> u32 {
     match service {
         // 2: the fact graph (issue 3); 3: fuzzy records indexed by anchor, ingest
         // subjects per profile (erasure, issue 6); 4: identifiers in keys by hash;
-        // 5: ids keyed with the pseudonym secret.
-        "identity" => 5,
+        // 5: ids keyed with the pseudonym secret; 6: blocks ordered by event time and
+        // the learned matcher's state (issue 25).
+        "identity" => 6,
         // 2: segment member index, timers and applied definition versions (issue 4);
         // 3: timers, sizes and profile counts per partition (several instances);
         // 4: the identifier index by hash; 5: ids keyed with the pseudonym secret.

@@ -397,6 +397,21 @@ fn main() {
                 h.value_at_quantile(0.99) as f64 / 1000.0,
                 per_pair
             );
+            let txn = Txn::new(&store);
+            let params = fuzzy::model::current(&txn, f).expect("params");
+            for field in &f.fields {
+                let w: Vec<String> = params.m[&field.name]
+                    .iter()
+                    .zip(&params.u[&field.name])
+                    .map(|(m, u)| format!("{:.1}", (m / u).log2()))
+                    .collect();
+                println!(
+                    "  weights v{} {}: [{}]",
+                    params.version,
+                    field.name,
+                    w.join(", ")
+                );
+            }
             println!("  state on disk: {} MiB", store.size_bytes() / (1 << 20));
         }
     }

@@ -131,7 +131,9 @@ pub fn erase(txn: &mut Txn<'_>, f: Option<&Fuzzy>, anchor: &Identifier) -> Resul
         if let Some(rec) = txn.get_json::<FuzzyRecord>(&record_key(&key))? {
             if let Some(f) = f {
                 index(txn, f, &rec, false);
-                model::count_record(txn, &mut acc, &rec.fields, -1)?;
+                if f.rules.is_empty() {
+                    model::count_record(txn, &mut acc, &rec.fields, -1)?;
+                }
             }
             txn.delete(record_key(&key));
             n += 1;
@@ -290,7 +292,13 @@ pub fn upsert_and_match(
             } else {
                 e.probability
             };
-            model::learn_candidate(f, &mut acc, &rec.fields, &other.fields, p);
+            // Only pairs more likely than not to match teach m: millions of unlikely
+            // pairs, each a little overconfident, would otherwise drag m towards u.
+            if p >= 0.5 {
+                model::learn_candidate(f, &mut acc, &rec.fields, &other.fields, p);
+            }
+            acc.candidate_pairs += 1;
+            acc.since_refresh += 1;
         }
         if e.links() {
             out.matches.push(Match {

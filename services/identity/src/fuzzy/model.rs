@@ -10,8 +10,9 @@
 //!   Splink samples random pairs. On an exact agreement u is the value's own frequency
 //!   (**term-frequency adjustment**: agreeing on "smith" says less than on "zorglub").
 //! - **m** (how often the same person agrees at a level) comes from expectation–
-//!   maximisation over the blocked candidate pairs: each pair adds its match
-//!   probability to the levels it showed; a pair whose records already share a profile
+//!   maximisation over the blocked candidate pairs: each pair more likely than not to
+//!   match adds its match probability to the levels it showed (the unlikely ones, by the
+//!   million, would drag m towards u); a pair whose records already share a profile
 //!   through an identifier counts as a match (a seed).
 //! - Both start from priors (pseudo-counts, so a new deployment behaves sensibly) and
 //!   are refreshed into a new **version** of the parameters every `refresh_every`
@@ -360,8 +361,9 @@ pub fn learn_random(
     acc.random_pairs += 1;
 }
 
-/// Learns from a candidate pair (the E step): each level it showed gains its match
-/// probability `p` (1 for a pair already linked by an identifier).
+/// Learns from a likely match among the candidate pairs (the E step): each level it
+/// showed gains its match probability `p` (1 for a pair already linked by an
+/// identifier).
 pub fn learn_candidate(
     f: &Fuzzy,
     acc: &mut Accumulators,
@@ -370,8 +372,6 @@ pub fn learn_candidate(
     p: f64,
 ) {
     add_levels(f, &mut acc.m, a, b, p);
-    acc.candidate_pairs += 1;
-    acc.since_refresh += 1;
 }
 
 /// The M step, when due: a new version of the parameters from the priors and what was
