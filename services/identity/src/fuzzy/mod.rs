@@ -586,6 +586,10 @@ mod tests {
         }
         let p = model::current(&txn, &f).unwrap();
         assert!(p.version >= 1, "{p:?}");
+        assert_eq!(
+            model::version(&txn, &f, p.version).unwrap(),
+            Some(p.clone())
+        );
         assert!(p.candidate_pairs > 0 && p.random_pairs > 0);
         let acc = model::accumulators(&txn).unwrap();
         assert_eq!(acc.records, 40);

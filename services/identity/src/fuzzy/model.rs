@@ -29,7 +29,8 @@
 //!   with the parameters current when it is compared (recorded in its explanation); the
 //!   decision is kept as a fact.
 //!
-//! Keys: `fzm/params` → [`Params`] (current); `fzm/v/<version>` → each version;
+//! Keys: `fzm/params` → [`Params`] (current); `fzm/v/<version>` → the last
+//! [`KEPT_VERSIONS`] versions;
 //! `fzm/acc` → [`Accumulators`]; `fzm/tf/<field>/<hash of value>` → count.
 
 use std::collections::BTreeMap;
@@ -50,6 +51,8 @@ const U_PRIOR_PAIRS: f64 = 1000.0;
 const TF_PRIOR_RECORDS: f64 = 200.0;
 /// No level is certain: m and u stay within these bounds.
 const FLOOR: f64 = 1e-6;
+/// Versions of the parameters kept for the API (each link records its version).
+pub const KEPT_VERSIONS: u64 = 1000;
 /// How often two different people of one household share a family name.
 const HOUSEHOLD: f64 = 0.5;
 
@@ -413,6 +416,9 @@ pub fn refresh(txn: &mut Txn<'_>, f: &Fuzzy, acc: &mut Accumulators) -> Result<O
     acc.since_refresh = 0;
     txn.put_json(PARAMS.to_vec(), &p)?;
     txn.put_json(version_key(p.version), &p)?;
+    if let Some(old) = p.version.checked_sub(KEPT_VERSIONS) {
+        txn.delete(version_key(old));
+    }
     Ok(Some(p))
 }
 
