@@ -606,3 +606,65 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod changed_rules {
+    use super::*;
+    use crate::rules::{DEFAULT_RULES, Rules};
+    use tessera_common::store::MemStore;
+
+    /// Parameters learned under one rules file stay in the store when an operator adds a
+    /// field or changes how one is compared: the new rules must score with them (the
+    /// missing field from its priors), not panic on every event.
+    #[test]
+    fn parameters_learned_under_other_rules_still_score() {
+        let mut old = Rules::parse(DEFAULT_RULES, "t").unwrap().fuzzy.unwrap();
+        old.refresh_every = 1;
+        old.fields.retain(|f| f.name != "national_id");
+        old.fields
+            .iter_mut()
+            .find(|f| f.name == "birthday")
+            .unwrap()
+            .compare = compare::Compare::Postcode;
+        let s = MemStore::default();
+        let mut txn = Txn::new(&s);
+        let no = |_: &Txn<'_>, _: &Identifier, _: &Identifier| Ok(false);
+        for n in 0..4 {
+            let anchor = Identifier {
+                kind: "crm_id".into(),
+                value: format!("c{n}"),
+            };
+            let fields: BTreeMap<String, String> = [
+                ("first_name", "ann"),
+                ("last_name", "lee"),
+                ("birthday", "1990-01-01"),
+                ("city", "paris"),
+                ("national_id", "123"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+            let rec = FuzzyRecord::new(&anchor, fields, n, &format!("m{n}"), "crm");
+            upsert_and_match(&mut txn, &old, rec, &no).unwrap();
+        }
+        assert!(model::current(&txn, &old).unwrap().version > 0);
+        let new = Rules::parse(DEFAULT_RULES, "t").unwrap().fuzzy.unwrap();
+        let anchor = Identifier {
+            kind: "crm_id".into(),
+            value: "c9".into(),
+        };
+        let fields: BTreeMap<String, String> = [
+            ("first_name", "ann"),
+            ("last_name", "lee"),
+            ("birthday", "1975-09-30"),
+            ("city", "paris"),
+            ("national_id", "123"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let rec = FuzzyRecord::new(&anchor, fields, 9, "m9", "crm");
+        let (_, o) = upsert_and_match(&mut txn, &new, rec, &no).unwrap();
+        assert!(o.compared > 0);
+    }
+}

@@ -163,7 +163,9 @@ pub fn initial(f: &Fuzzy) -> Params {
 
 /// The current parameters (the priors until the first refresh).
 pub fn current(txn: &Txn<'_>, f: &Fuzzy) -> Result<Params> {
-    Ok(txn.get_json(PARAMS)?.unwrap_or_else(|| initial(f)))
+    Ok(txn
+        .get_json(PARAMS)?
+        .map_or_else(|| initial(f), |p| fitted(f, p)))
 }
 
 /// A stored version, for the API.
@@ -171,7 +173,24 @@ pub fn version(txn: &Txn<'_>, f: &Fuzzy, v: u64) -> Result<Option<Params>> {
     if v == 0 {
         return Ok(Some(initial(f)));
     }
-    txn.get_json(&version_key(v))
+    Ok(txn
+        .get_json::<Params>(&version_key(v))?
+        .map(|p| fitted(f, p)))
+}
+
+/// Parameters learned under other rules, fitted to these: a field that was added, or
+/// whose comparison (hence levels) changed, starts again from its priors.
+fn fitted(f: &Fuzzy, mut p: Params) -> Params {
+    for field in &f.fields {
+        let (m, u) = priors(field.compare);
+        for (learned, prior) in [(&mut p.m, m), (&mut p.u, u)] {
+            let v = learned.entry(field.name.clone()).or_default();
+            if v.len() != prior.len() {
+                *v = prior.to_vec();
+            }
+        }
+    }
+    p
 }
 
 pub fn accumulators(txn: &Txn<'_>) -> Result<Accumulators> {
@@ -348,8 +367,13 @@ fn add_levels(
 ) {
     for (i, level) in levels(f, a, b).0 {
         let field = &f.fields[i];
-        into.entry(field.name.clone())
-            .or_insert_with(|| vec![0.0; field.compare.levels().len()])[level] += weight;
+        let n = field.compare.levels().len();
+        let v = into.entry(field.name.clone()).or_default();
+        if v.len() != n {
+            // New, or counted under another comparison: start again.
+            *v = vec![0.0; n];
+        }
+        v[level] += weight;
     }
 }
 
@@ -394,6 +418,7 @@ pub fn refresh(txn: &mut Txn<'_>, f: &Fuzzy, acc: &mut Accumulators) -> Result<O
     for field in &f.fields {
         let (m0, u0) = priors(field.compare);
         let estimate = |prior: &[f64], seen: Option<&Vec<f64>>, strength: f64| {
+            let seen = seen.filter(|s| s.len() == prior.len());
             let total: f64 = seen.map_or(0.0, |s| s.iter().sum());
             prior
                 .iter()
