@@ -424,6 +424,7 @@ async fn matching(
             .fields
             .iter()
             .map(|field| {
+                let weights = params.weights(&field.name);
                 let levels: Vec<Value> = field
                     .compare
                     .levels()
@@ -431,7 +432,7 @@ async fn matching(
                     .enumerate()
                     .map(|(l, name)| {
                         let (m, u) = (params.m[&field.name][l], params.u[&field.name][l]);
-                        json!({"level": name, "m": m, "u": u, "weight": ((m / u).log2() * 1000.0).round() / 1000.0})
+                        json!({"level": name, "m": m, "u": u, "weight": weights[l]})
                     })
                     .collect();
                 json!({

@@ -399,19 +399,7 @@ fn main() {
             );
             let txn = Txn::new(&store);
             let params = fuzzy::model::current(&txn, f).expect("params");
-            for field in &f.fields {
-                let w: Vec<String> = params.m[&field.name]
-                    .iter()
-                    .zip(&params.u[&field.name])
-                    .map(|(m, u)| format!("{:.1}", (m / u).log2()))
-                    .collect();
-                println!(
-                    "  weights v{} {}: [{}]",
-                    params.version,
-                    field.name,
-                    w.join(", ")
-                );
-            }
+            print_weights(f, &params);
             println!("  state on disk: {} MiB", store.size_bytes() / (1 << 20));
         }
     }
@@ -528,14 +516,7 @@ fn linkage(rules: &Rules, store: &RocksStore, input: &std::path::Path, explain: 
     );
     if explain {
         let acc = fuzzy::model::accumulators(&txn).expect("accumulators");
-        for field in &f.fields {
-            let w: Vec<String> = params.m[&field.name]
-                .iter()
-                .zip(&params.u[&field.name])
-                .map(|(m, u)| format!("{:.1}", (m / u).log2()))
-                .collect();
-            println!("  weights {}: [{}]", field.name, w.join(", "));
-        }
+        print_weights(f, &params);
         let mut shown = (0, 0);
         for members in by_entity.values() {
             for (x, &a) in members.iter().enumerate() {
@@ -580,5 +561,22 @@ fn linkage(rules: &Rules, store: &RocksStore, input: &std::path::Path, explain: 
                 }
             }
         }
+    }
+}
+
+/// Each field's learned weight per level, in bits.
+fn print_weights(f: &tessera_identity::rules::Fuzzy, params: &fuzzy::model::Params) {
+    for field in &f.fields {
+        let w: Vec<String> = params
+            .weights(&field.name)
+            .iter()
+            .map(|w| format!("{w:.1}"))
+            .collect();
+        println!(
+            "  weights v{} {}: [{}]",
+            params.version,
+            field.name,
+            w.join(", ")
+        );
     }
 }

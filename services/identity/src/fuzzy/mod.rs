@@ -285,7 +285,8 @@ pub fn upsert_and_match(
             continue;
         }
         let threshold = f.threshold_for(&rec.source, &other.source);
-        let e = model::score(txn, f, &params, &acc, &rec.fields, &other.fields, threshold)?;
+        let pair = model::levels(f, &rec.fields, &other.fields);
+        let e = model::score_levels(txn, f, &params, &acc, &rec.fields, &pair, threshold)?;
         if new && f.learn {
             let p = if linked(txn, &rec.anchor, &other.anchor)? {
                 1.0
@@ -295,7 +296,7 @@ pub fn upsert_and_match(
             // Only pairs more likely than not to match teach m: millions of unlikely
             // pairs, each a little overconfident, would otherwise drag m towards u.
             if p >= 0.5 {
-                model::learn_candidate(f, &mut acc, &rec.fields, &other.fields, p);
+                model::learn_candidate(f, &mut acc, &pair.0, p);
             }
             acc.candidate_pairs += 1;
             acc.since_refresh += 1;
@@ -605,20 +606,13 @@ mod tests {
             "agreeing on a common name says less"
         );
     }
-}
-
-#[cfg(test)]
-mod changed_rules {
-    use super::*;
-    use crate::rules::{DEFAULT_RULES, Rules};
-    use tessera_common::store::MemStore;
 
     /// Parameters learned under one rules file stay in the store when an operator adds a
     /// field or changes how one is compared: the new rules must score with them (the
     /// missing field from its priors), not panic on every event.
     #[test]
     fn parameters_learned_under_other_rules_still_score() {
-        let mut old = Rules::parse(DEFAULT_RULES, "t").unwrap().fuzzy.unwrap();
+        let mut old = embedded();
         old.refresh_every = 1;
         old.fields.retain(|f| f.name != "national_id");
         old.fields
@@ -628,43 +622,31 @@ mod changed_rules {
             .compare = compare::Compare::Postcode;
         let s = MemStore::default();
         let mut txn = Txn::new(&s);
-        let no = |_: &Txn<'_>, _: &Identifier, _: &Identifier| Ok(false);
+        let ann = |id: &str, t: i64, birthday: &str| {
+            record(
+                id,
+                t,
+                &[
+                    ("first_name", "ann"),
+                    ("last_name", "lee"),
+                    ("birthday", birthday),
+                    ("city", "paris"),
+                    ("national_id", "123"),
+                ],
+            )
+        };
         for n in 0..4 {
-            let anchor = Identifier {
-                kind: "crm_id".into(),
-                value: format!("c{n}"),
-            };
-            let fields: BTreeMap<String, String> = [
-                ("first_name", "ann"),
-                ("last_name", "lee"),
-                ("birthday", "1990-01-01"),
-                ("city", "paris"),
-                ("national_id", "123"),
-            ]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-            let rec = FuzzyRecord::new(&anchor, fields, n, &format!("m{n}"), "crm");
-            upsert_and_match(&mut txn, &old, rec, &no).unwrap();
+            upsert_and_match(
+                &mut txn,
+                &old,
+                ann(&format!("c{n}"), n, "1990-01-01"),
+                &unlinked,
+            )
+            .unwrap();
         }
         assert!(model::current(&txn, &old).unwrap().version > 0);
-        let new = Rules::parse(DEFAULT_RULES, "t").unwrap().fuzzy.unwrap();
-        let anchor = Identifier {
-            kind: "crm_id".into(),
-            value: "c9".into(),
-        };
-        let fields: BTreeMap<String, String> = [
-            ("first_name", "ann"),
-            ("last_name", "lee"),
-            ("birthday", "1975-09-30"),
-            ("city", "paris"),
-            ("national_id", "123"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let rec = FuzzyRecord::new(&anchor, fields, 9, "m9", "crm");
-        let (_, o) = upsert_and_match(&mut txn, &new, rec, &no).unwrap();
+        let (_, o) =
+            upsert_and_match(&mut txn, &embedded(), ann("c9", 9, "1975-09-30"), &unlinked).unwrap();
         assert!(o.compared > 0);
     }
 }

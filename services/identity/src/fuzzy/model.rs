@@ -89,6 +89,17 @@ pub struct Params {
     pub random_pairs: u64,
 }
 
+impl Params {
+    /// A field's weight at each level, log2(m / u) in bits (before term frequencies).
+    pub fn weights(&self, field: &str) -> Vec<f64> {
+        self.m[field]
+            .iter()
+            .zip(&self.u[field])
+            .map(|(m, u)| round((m / u).log2()))
+            .collect()
+    }
+}
+
 /// What is being learned, summed since the start.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Accumulators {
@@ -184,9 +195,8 @@ fn fitted(f: &Fuzzy, mut p: Params) -> Params {
     for field in &f.fields {
         let (m, u) = priors(field.compare);
         for (learned, prior) in [(&mut p.m, m), (&mut p.u, u)] {
-            let v = learned.entry(field.name.clone()).or_default();
-            if v.len() != prior.len() {
-                *v = prior.to_vec();
+            if learned.get(&field.name).map(Vec::len) != Some(prior.len()) {
+                learned.insert(field.name.clone(), prior.to_vec());
             }
         }
     }
@@ -274,21 +284,35 @@ pub fn score(
     b: &BTreeMap<String, String>,
     threshold: f64,
 ) -> Result<Explanation> {
-    let (levels, names_swapped) = levels(f, a, b);
+    score_levels(txn, f, params, acc, a, &levels(f, a, b), threshold)
+}
+
+/// [`score`] of a pair whose [`levels`] are known (`a`: one side, for its values'
+/// frequencies).
+pub fn score_levels(
+    txn: &Txn<'_>,
+    f: &Fuzzy,
+    params: &Params,
+    acc: &Accumulators,
+    a: &BTreeMap<String, String>,
+    pair: &(Vec<(usize, usize)>, bool),
+    threshold: f64,
+) -> Result<Explanation> {
+    let (levels, names_swapped) = (pair.0.iter().copied(), pair.1);
     let population = if f.learn {
         (acc.records as f64).max(f.prior_population as f64)
     } else {
         f.prior_population as f64
     };
     let mut weight = -(population - 1.0).max(1.0).log2();
-    let mut fields = Vec::with_capacity(levels.len());
+    let mut fields = Vec::with_capacity(pair.0.len());
     let mut discriminating = false;
     // One household: the same house (street and number). Fields are not independent
     // there: its postcode and city follow from the street, its people share a family
     // name, and only a first name tells them apart.
     let household = levels
-        .iter()
-        .any(|(i, l)| f.fields[*i].compare == Compare::Street && *l <= 1);
+        .clone()
+        .any(|(i, l)| f.fields[i].compare == Compare::Street && l <= 1);
     let (mut first_differs, mut personal) = (false, false);
     for (i, level) in levels {
         let field = &f.fields[i];
@@ -357,15 +381,14 @@ fn round(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-/// Adds `weight` to each level a pair showed, per field, in `into`.
+/// Adds `weight` to each level a pair showed (its [`levels`]), per field, in `into`.
 fn add_levels(
     f: &Fuzzy,
     into: &mut BTreeMap<String, Vec<f64>>,
-    a: &BTreeMap<String, String>,
-    b: &BTreeMap<String, String>,
+    levels: &[(usize, usize)],
     weight: f64,
 ) {
-    for (i, level) in levels(f, a, b).0 {
+    for &(i, level) in levels {
         let field = &f.fields[i];
         let n = field.compare.levels().len();
         let v = into.entry(field.name.clone()).or_default();
@@ -384,21 +407,15 @@ pub fn learn_random(
     a: &BTreeMap<String, String>,
     b: &BTreeMap<String, String>,
 ) {
-    add_levels(f, &mut acc.u, a, b, 1.0);
+    add_levels(f, &mut acc.u, &levels(f, a, b).0, 1.0);
     acc.random_pairs += 1;
 }
 
 /// Learns from a likely match among the candidate pairs (the E step): each level it
 /// showed gains its match probability `p` (1 for a pair already linked by an
 /// identifier).
-pub fn learn_candidate(
-    f: &Fuzzy,
-    acc: &mut Accumulators,
-    a: &BTreeMap<String, String>,
-    b: &BTreeMap<String, String>,
-    p: f64,
-) {
-    add_levels(f, &mut acc.m, a, b, p);
+pub fn learn_candidate(f: &Fuzzy, acc: &mut Accumulators, levels: &[(usize, usize)], p: f64) {
+    add_levels(f, &mut acc.m, levels, p);
 }
 
 /// The M step, when due: a new version of the parameters from the priors and what was
