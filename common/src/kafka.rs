@@ -345,19 +345,45 @@ async fn admin_client(kafka: &KafkaConfig) -> Result<Arc<AdminClient<DefaultClie
 /// only (no `delete` in `cleanup.policy`), have at least `topics.replication_factor`
 /// replicas, and with several replicas need at least two in sync for a write. A topic
 /// that does not is refused with what to change.
+///
+/// A topic just created reaches the brokers one after another, and the broker asked for
+/// its settings may not know it yet: that answer is waited out (up to 30 s), never read
+/// as a setting.
 async fn check_compacted(
     admin: &Arc<AdminClient<DefaultClientContext>>,
     cfg: &TopicsConfig,
     names: &[(String, TopicKind)],
 ) -> Result<()> {
-    use rdkafka::admin::ResourceSpecifier;
     let compacted: Vec<&str> = names
         .iter()
         .filter(|(_, k)| matches!(k, TopicKind::Table | TopicKind::Erasable))
         .map(|(n, _)| n.as_str())
         .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let unknown = check_compacted_once(admin, cfg, &compacted).await?;
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Error::Invalid(format!(
+                "the brokers did not describe the settings of topics {unknown:?} within 30 s"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// One pass of [`check_compacted`]: the topics whose settings the answering broker did
+/// not know yet, or the refusal.
+async fn check_compacted_once(
+    admin: &Arc<AdminClient<DefaultClientContext>>,
+    cfg: &TopicsConfig,
+    compacted: &[&str],
+) -> Result<Vec<String>> {
+    use rdkafka::admin::ResourceSpecifier;
     if compacted.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let md = {
         let a = admin.clone();
@@ -371,32 +397,52 @@ async fn check_compacted(
         .map(|n| ResourceSpecifier::Topic(n))
         .collect();
     if specs.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let mut unknown = Vec::new();
     for described in admin.describe_configs(specs.iter(), &opts).await? {
         let resource = described
             .map_err(|code| Error::Invalid(format!("reading a topic's settings: {code}")))?;
         let rdkafka::admin::OwnedResourceSpecifier::Topic(name) = &resource.specifier else {
             continue;
         };
-        let value = |key: &str| resource.get(key).and_then(|e| e.value.clone());
+        let Some((policy, min_isr)) = described_settings(&resource) else {
+            unknown.push(name.clone());
+            continue;
+        };
         let replicas = md
             .topics()
             .iter()
             .find(|t| t.name() == name)
             .and_then(|t| t.partitions().iter().map(|p| p.replicas().len()).min())
             .unwrap_or(0);
-        let min_isr = value("min.insync.replicas").and_then(|v| v.parse::<usize>().ok());
         problem_of_compacted(
             name,
-            value("cleanup.policy").as_deref(),
+            policy.as_deref(),
             replicas,
             min_isr,
             cfg.replication_factor.max(1) as usize,
         )?;
     }
-    Ok(())
+    Ok(unknown)
+}
+
+/// A topic's `cleanup.policy` and `min.insync.replicas` as a broker described them, or
+/// `None` when it described nothing: a broker that does not know the topic (yet)
+/// answers "unknown topic", which librdkafka hands over as a description without
+/// entries rather than as an error. Read as settings, it looked like `delete`.
+fn described_settings(
+    resource: &rdkafka::admin::ConfigResource,
+) -> Option<(Option<String>, Option<usize>)> {
+    if resource.entries.is_empty() {
+        return None;
+    }
+    let value = |key: &str| resource.get(key).and_then(|e| e.value.clone());
+    Some((
+        value("cleanup.policy"),
+        value("min.insync.replicas").and_then(|v| v.parse::<usize>().ok()),
+    ))
 }
 
 /// What is wrong with a compacted topic's settings, as the refusal to start.
@@ -567,6 +613,36 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    /// CI's failover run: a broker that did not know the just-created definitions
+    /// topic yet answered with no settings, and start-up refused the topic as
+    /// `cleanup.policy = "delete"`. No settings is "ask again", not a setting.
+    #[test]
+    fn a_description_without_settings_is_not_read_as_a_policy() {
+        use rdkafka::admin::{ConfigEntry, ConfigResource, ConfigSource, OwnedResourceSpecifier};
+        let described = |entries: Vec<(&str, &str)>| ConfigResource {
+            specifier: OwnedResourceSpecifier::Topic("t.profiles.definitions".into()),
+            entries: entries
+                .into_iter()
+                .map(|(name, value)| ConfigEntry {
+                    name: name.into(),
+                    value: Some(value.into()),
+                    source: ConfigSource::DynamicTopic,
+                    is_read_only: false,
+                    is_default: false,
+                    is_sensitive: false,
+                })
+                .collect(),
+        };
+        assert_eq!(described_settings(&described(vec![])), None);
+        assert_eq!(
+            described_settings(&described(vec![
+                ("cleanup.policy", "delete"),
+                ("min.insync.replicas", "2"),
+            ])),
+            Some((Some("delete".to_string()), Some(2)))
+        );
     }
     use rdkafka::mocking::MockCluster;
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
