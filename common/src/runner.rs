@@ -59,6 +59,9 @@ pub struct Message {
     pub payload: Option<Vec<u8>>,
     /// The record's Kafka timestamp (create or append time), when it has one.
     pub timestamp_ms: Option<i64>,
+    /// Replayed to rebuild state: its outputs were produced before (the runner drops
+    /// them). A processor that keeps a log of its own decisions takes them from it.
+    pub replayed: bool,
 }
 
 /// A record to produce. With a subject, the runner seals the payload with that
@@ -748,7 +751,7 @@ pub async fn run<P: Processor>(
             ready: spec.ready.as_deref(),
             skip_missing: spec.skip_missing_keys,
         };
-        let Some(batch) = open_all(&opening, batch, &shutdown).await else {
+        let Some(mut batch) = open_all(&opening, batch, &shutdown).await else {
             break;
         };
 
@@ -763,7 +766,10 @@ pub async fn run<P: Processor>(
             let mut txn = Txn::new(st.as_ref());
             let mut out = Vec::new();
             let r = (|| {
-                for (m, subject) in &batch {
+                for (m, subject) in &mut batch {
+                    m.replayed = replayed
+                        .get(&(m.topic.clone(), m.partition))
+                        .is_some_and(|done| m.offset < *done);
                     let (savepoint, produced) = (txn.savepoint(), out.len());
                     let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         processor.process(m, &mut txn, &mut out)
@@ -774,7 +780,7 @@ pub async fn run<P: Processor>(
                             // What a sealed record's processing dead-letters stays sealed.
                             seal_dead_letters(&mut out[produced..], &dead_letter_topic, subject);
                             // A record replayed to rebuild state: its outputs exist already.
-                            if replayed.get(&(m.topic.clone(), m.partition)).is_some_and(|done| m.offset < *done) {
+                            if m.replayed {
                                 suppressed.inc_by((out.len() - produced) as u64);
                                 out.truncate(produced);
                             }
@@ -955,6 +961,7 @@ pub(crate) fn owned(m: rdkafka::message::BorrowedMessage<'_>) -> Message {
         key: m.key().map(<[u8]>::to_vec),
         payload: m.payload().map(<[u8]>::to_vec),
         timestamp_ms: m.timestamp().to_millis(),
+        replayed: false,
     }
 }
 

@@ -118,6 +118,7 @@ mod tests {
             key: Some(key.as_bytes().to_vec()),
             payload,
             timestamp_ms: None,
+            replayed: false,
         }
     }
 

@@ -1,5 +1,7 @@
 //! Every topic name, in one place. Names are `<prefix><name>`; the prefix comes from
-//! configuration (default `tessera.`). `schemas/<default name>.avsc` describes each.
+//! configuration (default `tessera.`). `schemas/<default name>.avsc` describes each, but
+//! `identity.matches`: identity's own log of its fuzzy decisions (JSON,
+//! `services/identity/src/fuzzy/log.rs`).
 
 use crate::config::TopicsConfig;
 
@@ -10,6 +12,7 @@ pub const EVENTS_RESOLVED: &str = "events.resolved";
 pub const IDENTITY_MERGES: &str = "identity.merges";
 pub const IDENTITY_SPLITS: &str = "identity.splits";
 pub const IDENTITY_COMMANDS: &str = "identity.commands";
+pub const IDENTITY_MATCHES: &str = "identity.matches";
 pub const PROFILES_TRANSFERS: &str = "profiles.transfers";
 pub const SEGMENTS_MEMBERSHIP: &str = "segments.membership";
 pub const PROFILES_DEFINITIONS: &str = "profiles.definitions";
@@ -54,6 +57,9 @@ impl Topics {
     }
     pub fn splits(&self) -> String {
         self.name(IDENTITY_SPLITS)
+    }
+    pub fn matches(&self) -> String {
+        self.name(IDENTITY_MATCHES)
     }
     pub fn commands(&self) -> String {
         self.name(IDENTITY_COMMANDS)

@@ -549,6 +549,7 @@ mod tests {
             key: None,
             payload: Some(m.to_avro().unwrap()),
             timestamp_ms: None,
+            replayed: false,
         }
     }
 
@@ -716,6 +717,7 @@ mod tests {
             key: None,
             payload: Some(t.to_avro().unwrap()),
             timestamp_ms: None,
+            replayed: false,
         }
     }
 
@@ -802,6 +804,7 @@ mod tests {
                 key: None,
                 payload: Some(m.to_avro().unwrap()),
                 timestamp_ms: None,
+                replayed: false,
             }
         };
         let out = step(&mut p, &s, &legacy("r1", "buyers", "enter"));

@@ -261,6 +261,9 @@ pub struct Erased {
     /// Its identifiers, for the suppression that may follow.
     #[serde(skip)]
     pub erased_identifiers: Vec<Identifier>,
+    /// Its fuzzy records' keys, for the matcher's log.
+    #[serde(skip)]
+    pub fuzzy_keys: Vec<String>,
 }
 
 pub fn profile_id_of(anchor: &Identifier) -> String {
@@ -1017,7 +1020,9 @@ impl<'r> Graph<'r> {
                 }
                 txn.delete(k);
             }
-            e.fuzzy_records += crate::fuzzy::erase(txn, self.rules.fuzzy.as_ref(), i)?;
+            let records = crate::fuzzy::erase(txn, self.rules.fuzzy.as_ref(), i)?;
+            e.fuzzy_records += records.len();
+            e.fuzzy_keys.extend(records);
         }
         txn.delete(node_key(&live));
         e.erased_identifiers = node.identifiers;

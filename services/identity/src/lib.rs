@@ -28,12 +28,13 @@ use tracing::{info, warn};
 use tessera_common::admin::{self, Admin};
 use tessera_common::config::Config;
 use tessera_common::ids::deterministic_id;
+use tessera_common::kafka::{self, TopicKind};
 use tessera_common::records::{
     Assignment, AvroRecord, Identifier, IdentityCommand, IngestedEvent, ProfileSplit, ResolvedEvent,
 };
 use tessera_common::runner::{self, Message, Output, Processor, RunnerSpec};
 use tessera_common::service;
-use tessera_common::store::Txn;
+use tessera_common::store::{SharedStore, Txn};
 use tessera_common::suppressions::Suppressions;
 use tessera_common::topics::Topics;
 use tessera_common::vault::{Vault, subject_hash};
@@ -75,6 +76,13 @@ pub async fn run_with_listener(
         &shutdown,
     )
     .await?;
+    kafka::ensure_topics(
+        &config.kafka,
+        &config.topics,
+        &[(topics.matches(), TopicKind::Erasable)],
+    )
+    .await?;
+    load_matcher_log(&config, &topics, &parts.store, &shutdown).await?;
     // Identity runs one instance: it sweeps the deployment's expired subject keys.
     service::sweep_expired_keys(parts.vault.clone(), shutdown.clone());
     let mut processor = IdentityProcessor::new(topics.clone(), rules.clone(), &parts.admin);
@@ -118,6 +126,50 @@ pub async fn run_with_listener(
     service::run(&config, parts, listener, routes, spec, processor, shutdown).await
 }
 
+/// Seeds a new store from the fuzzy matcher's log (`identity.matches`), once, before its
+/// first event: a store rebuilt by replay then decides as the original run did
+/// ([`fuzzy::log`]).
+async fn load_matcher_log(
+    config: &Config,
+    topics: &Topics,
+    store: &SharedStore,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    if fuzzy::log::is_loaded(store.as_ref())? {
+        return Ok(());
+    }
+    let failed: Arc<std::sync::Mutex<Option<Error>>> = Arc::default();
+    let (st, fail) = (store.clone(), failed.clone());
+    let done = shutdown.child_token();
+    tessera_common::table::follow(
+        &config.kafka,
+        &topics.matches(),
+        "tessera-identity-matches",
+        move |m| {
+            if let Err(e) = fuzzy::log::stage(
+                st.as_ref(),
+                m.key.as_deref().unwrap_or_default(),
+                m.payload.as_deref(),
+            ) {
+                fail.lock().expect("load errors").get_or_insert(e);
+            }
+        },
+        done.clone(),
+    )
+    .await?;
+    done.cancel();
+    if let Some(e) = failed.lock().expect("load errors").take() {
+        return Err(e);
+    }
+    let counts = fuzzy::log::finish_load(store.as_ref())?;
+    info!(
+        records = counts.records,
+        versions = counts.versions,
+        "fuzzy matcher's log loaded into a new store"
+    );
+    Ok(())
+}
+
 /// What resolving one event did.
 #[derive(Debug, Default)]
 pub struct Resolution {
@@ -129,6 +181,8 @@ pub struct Resolution {
     pub fuzzy_compared: usize,
     pub fuzzy_oversized_blocks: usize,
     pub fuzzy_names_only: usize,
+    /// Records for the fuzzy matcher's log (`identity.matches`).
+    pub fuzzy_log: Vec<fuzzy::log::LogRecord>,
 }
 
 /// Resolves one event: records its fact (and fuzzy facts), updates the graph, and
@@ -140,7 +194,7 @@ pub fn resolve_event(
     payload: &Value,
 ) -> Result<Resolution> {
     let (ids, blocked) = event_identifiers(rules, event, payload);
-    resolve_identifiers(rules, txn, event, payload, ids, blocked)
+    resolve_identifiers(rules, txn, event, payload, ids, blocked, false)
 }
 
 /// An event's identifiers as the rules extract them (with an alias's previousId), and
@@ -173,7 +227,8 @@ pub fn event_identifiers(
     (ids, blocked)
 }
 
-/// [`resolve_event`] with the event's identifiers already extracted.
+/// [`resolve_event`] with the event's identifiers already extracted; `replayed`: the
+/// event is replayed to rebuild the state (fuzzy decisions come from the matcher's log).
 pub fn resolve_identifiers(
     rules: &Rules,
     txn: &mut Txn<'_>,
@@ -181,6 +236,7 @@ pub fn resolve_identifiers(
     payload: &Value,
     ids: Vec<Identifier>,
     blocked: Vec<String>,
+    replayed: bool,
 ) -> Result<Resolution> {
     let g = Graph::new(rules, event.received_at);
     let mut res = Resolution {
@@ -216,7 +272,8 @@ pub fn resolve_identifiers(
                     graph::lookup(txn, b).ok().flatten().as_deref() == Some(p.as_str())
                 }))
             };
-            let (rec, outcome) = fuzzy::upsert_and_match(txn, f, rec, &linked)?;
+            let (rec, outcome) = fuzzy::upsert_and_match(txn, f, rec, &linked, replayed)?;
+            res.fuzzy_log = outcome.log;
             res.fuzzy_compared = outcome.compared;
             res.fuzzy_oversized_blocks = outcome.oversized_blocks;
             res.fuzzy_names_only = outcome.names_only;
@@ -376,6 +433,13 @@ impl IdentityProcessor {
         }
     }
 
+    /// The fuzzy matcher's log records (record keys, levels and weights: nobody's data).
+    pub(crate) fn log_decisions(&self, records: Vec<fuzzy::log::LogRecord>, out: &mut Vec<Output>) {
+        for (key, value) in records {
+            out.push(Output::plain(self.topics.matches(), key, value));
+        }
+    }
+
     fn emit_changes(
         &self,
         changes: &Changes,
@@ -438,6 +502,7 @@ impl IdentityProcessor {
         &self,
         event: IngestedEvent,
         subject: Option<&str>,
+        replayed: bool,
         txn: &mut Txn<'_>,
         out: &mut Vec<Output>,
     ) -> Result<()> {
@@ -467,7 +532,7 @@ impl IdentityProcessor {
             }
             return Ok(());
         }
-        let res = resolve_identifiers(&self.rules, txn, &event, &payload, ids, blocked)?;
+        let res = resolve_identifiers(&self.rules, txn, &event, &payload, ids, blocked, replayed)?;
         if let Some(s) = subject
             && !res.profile_id.is_empty()
         {
@@ -481,6 +546,7 @@ impl IdentityProcessor {
         self.fuzzy_oversized
             .inc_by(res.fuzzy_oversized_blocks as u64);
         self.fuzzy_names_only.inc_by(res.fuzzy_names_only as u64);
+        self.log_decisions(res.fuzzy_log, out);
         self.emit_changes(
             &res.changes,
             &event.message_id,
@@ -562,7 +628,8 @@ impl Processor for IdentityProcessor {
             })
         } else if msg.topic == self.topics.ingested() {
             let key = msg.key.as_deref().map(String::from_utf8_lossy);
-            IngestedEvent::from_avro(bytes).map(|e| self.on_event(e, key.as_deref(), txn, out))
+            IngestedEvent::from_avro(bytes)
+                .map(|e| self.on_event(e, key.as_deref(), msg.replayed, txn, out))
         } else {
             Err(Error::Invalid(format!("unexpected topic {}", msg.topic)))
         };

@@ -100,6 +100,9 @@ impl IdentityProcessor {
                     Some(p) => Graph::new(&self.rules, cmd.requested_at).erase(txn, p)?,
                     None => None,
                 };
+                if let Some(e) = &erased {
+                    self.log_decisions(crate::fuzzy::log::forget(txn, &e.fuzzy_keys)?, out);
+                }
                 let suppressed = if cmd.suppress {
                     let ids = erased
                         .as_ref()

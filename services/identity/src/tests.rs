@@ -317,6 +317,7 @@ fn a_delete_request_is_applied_once_and_suppresses_the_person() {
         key: Some(key.as_bytes().to_vec()),
         payload: Some(payload),
         timestamp_ms: None,
+        replayed: false,
     };
     let mut step = |m: &Message| {
         let mut txn = Txn::new(&s);

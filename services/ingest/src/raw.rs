@@ -189,6 +189,7 @@ mod tests {
             key: None,
             payload: Some(payload.to_vec()),
             timestamp_ms: Some(1_000),
+            replayed: false,
         }
     }
 

@@ -1526,6 +1526,7 @@ mod tests {
             key: None,
             payload: Some(r.to_avro().unwrap()),
             timestamp_ms: None,
+            replayed: false,
         }
     }
 
@@ -1592,6 +1593,7 @@ mod tests {
             key: None,
             payload: Some(delete.to_avro().unwrap()),
             timestamp_ms: None,
+            replayed: false,
         };
         let out = step(&mut p, &s, &msg);
         assert!(load(&s, "p1").is_none());
@@ -1715,6 +1717,7 @@ mod tests {
             key: None,
             payload: Some(merge.to_avro().unwrap()),
             timestamp_ms: None,
+            replayed: false,
         }
     }
 
@@ -1730,6 +1733,7 @@ mod tests {
             key: None,
             payload: Some(t.payload.clone()),
             timestamp_ms: None,
+            replayed: false,
         }
     }
 

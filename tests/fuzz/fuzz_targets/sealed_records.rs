@@ -17,6 +17,7 @@ fn keys_record(key: &[u8], payload: Option<Vec<u8>>) -> Message {
         key: Some(key.to_vec()),
         payload,
         timestamp_ms: None,
+        replayed: false,
     }
 }
 

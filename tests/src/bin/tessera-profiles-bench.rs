@@ -164,6 +164,7 @@ fn event(i: usize, profile: usize, rng: &mut Rng, now: i64) -> Message {
         key: None,
         payload: Some(r.to_avro().expect("avro")),
         timestamp_ms: None,
+        replayed: false,
     }
 }
 

@@ -22,6 +22,7 @@
 //! for erasure); the model's own under `fzm/`.
 
 pub mod compare;
+pub mod log;
 pub mod model;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -69,6 +70,8 @@ pub struct Outcome {
     pub oversized_blocks: usize,
     /// Pairs that scored above the threshold but had no discriminating field in common.
     pub names_only: usize,
+    /// Records for the matcher's log ([`log`]): this record's decisions, a new version.
+    pub log: Vec<log::LogRecord>,
 }
 
 impl FuzzyRecord {
@@ -120,11 +123,11 @@ fn index(txn: &mut Txn<'_>, f: &Fuzzy, rec: &FuzzyRecord, add: bool) {
 }
 
 /// Removes every record anchored on `anchor` with its index entries and counts;
-/// returns how many. Without fuzzy rules the blocking entries cannot be named; they
+/// returns their keys (for the matcher's log, [`log::forget`]). Without fuzzy rules the blocking entries cannot be named; they
 /// hold only hashes.
-pub fn erase(txn: &mut Txn<'_>, f: Option<&Fuzzy>, anchor: &Identifier) -> Result<usize> {
+pub fn erase(txn: &mut Txn<'_>, f: Option<&Fuzzy>, anchor: &Identifier) -> Result<Vec<String>> {
     let prefix = anchor_prefix(anchor);
-    let mut n = 0;
+    let mut erased = Vec::new();
     let mut acc = model::accumulators(txn)?;
     for (k, _) in txn.scan(prefix.as_bytes(), usize::MAX)? {
         let key = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
@@ -136,14 +139,14 @@ pub fn erase(txn: &mut Txn<'_>, f: Option<&Fuzzy>, anchor: &Identifier) -> Resul
                 }
             }
             txn.delete(record_key(&key));
-            n += 1;
+            erased.push(key);
         }
         txn.delete(k);
     }
-    if n > 0 {
+    if !erased.is_empty() {
         model::save(txn, &acc)?;
     }
-    Ok(n)
+    Ok(erased)
 }
 
 /// The blocking values of a record: one per key whose fields it has.
@@ -200,12 +203,15 @@ pub fn rule_match(
 
 /// Stores a record (keeping its earliest sighting), learns from it when it is new, and
 /// finds the stored records it matches. `linked` tells whether two anchors already
-/// share a profile (such a pair teaches the model what a match looks like).
+/// share a profile (such a pair teaches the model what a match looks like). A
+/// `replayed` record (a rebuild) whose decisions are logged takes its links from the
+/// log ([`log`]) and learns nothing.
 pub fn upsert_and_match(
     txn: &mut Txn<'_>,
     f: &Fuzzy,
     mut rec: FuzzyRecord,
     linked: &dyn Fn(&Txn<'_>, &Identifier, &Identifier) -> Result<bool>,
+    replayed: bool,
 ) -> Result<(FuzzyRecord, Outcome)> {
     let mut out = Outcome::default();
     let blocks = blocking_values(f, &rec.fields);
@@ -233,6 +239,13 @@ pub fn upsert_and_match(
             txn.put_json(record_key(&rec.key), &rec)?;
             index(txn, f, &rec, true);
         }
+    }
+    if replayed && log::is_logged(txn, &rec.key)? {
+        out.matches = log::logged_matches(txn, &rec)?;
+        if new && probabilistic {
+            model::save(txn, &acc)?;
+        }
+        return Ok((rec, out));
     }
     if new && probabilistic && f.learn {
         // A random pair, to learn how often different people agree.
@@ -312,8 +325,13 @@ pub fn upsert_and_match(
             out.names_only += 1;
         }
     }
+    let decided: Vec<&Match> = out.matches.iter().collect();
+    out.log
+        .extend(log::decided(txn, &rec.key, &decided, replayed)?);
     if new && probabilistic {
-        model::refresh(txn, f, &mut acc)?;
+        if let Some(p) = model::refresh(txn, f, &mut acc)? {
+            out.log.extend(log::version_records(&p, &acc)?);
+        }
         model::save(txn, &acc)?;
     }
     Ok((rec, out))
@@ -350,7 +368,7 @@ mod tests {
         let mut out = Vec::new();
         for r in records {
             let mut txn = Txn::new(&s);
-            let (_, o) = upsert_and_match(&mut txn, f, r.clone(), &unlinked).unwrap();
+            let (_, o) = upsert_and_match(&mut txn, f, r.clone(), &unlinked, false).unwrap();
             out.push(
                 o.matches
                     .iter()
@@ -374,6 +392,149 @@ mod tests {
         ("postcode", "90210"),
         ("city", "springfield"),
     ];
+
+    /// Links as (record, record, explanation) triples, whichever side made them.
+    type Links = BTreeSet<(String, String, String)>;
+
+    /// Stores the records in order, replayed or not; the links made and the log records.
+    fn run(
+        f: &Fuzzy,
+        s: &MemStore,
+        records: &[FuzzyRecord],
+        replayed: bool,
+    ) -> (Links, Vec<log::LogRecord>) {
+        let (mut links, mut logged) = (Links::new(), Vec::new());
+        for r in records {
+            let mut txn = Txn::new(s);
+            let (rec, o) = upsert_and_match(&mut txn, f, r.clone(), &unlinked, replayed).unwrap();
+            for m in &o.matches {
+                let (a, b) = (
+                    rec.key.clone().min(m.other.key.clone()),
+                    rec.key.clone().max(m.other.key.clone()),
+                );
+                links.insert((a, b, serde_json::to_string(&m.explain).unwrap()));
+            }
+            logged.extend(o.log);
+            s.write(txn.into_batch()).unwrap();
+        }
+        (links, logged)
+    }
+
+    /// A rebuild replays the events in another order, and parameters learned in that
+    /// order (here: a matcher that would decide otherwise) must not change what was
+    /// decided: a replayed record takes its links, with their explanations, from the
+    /// log. Seen failing before the log: the replay re-decided every pair.
+    #[test]
+    fn a_replay_decides_as_the_original_run_did_whatever_its_parameters() {
+        let f = Fuzzy {
+            refresh_every: 1,
+            ..embedded()
+        };
+        let mut records = vec![record("crm", 1, KATHERINE)];
+        records.push(record(
+            "shop",
+            2,
+            &[
+                ("first_name", "katharine"),
+                ("last_name", "jonson"),
+                ("birthday", "1981-04-12"),
+                ("street", "12 oak st 3"),
+                ("postcode", "90210"),
+            ],
+        ));
+        records.push(record(
+            "web",
+            3,
+            &[
+                ("first_name", "kathy"),
+                ("last_name", "johnson"),
+                ("birthday", "1981-04-21"),
+                ("postcode", "90210"),
+            ],
+        ));
+        let original_store = MemStore::default();
+        let (original, logged) = run(&f, &original_store, &records, false);
+        assert!(
+            !original.is_empty(),
+            "the original run links the typo'd record"
+        );
+        assert!(
+            logged.iter().any(|(k, _)| k.starts_with(b"version/")),
+            "versions are logged"
+        );
+        let strict = Fuzzy {
+            threshold: 1.0,
+            ..f.clone()
+        };
+        let reversed: Vec<FuzzyRecord> = records.iter().rev().cloned().collect();
+        // Without the log the replay decides again, otherwise.
+        let (redecided, _) = run(&strict, &MemStore::default(), &reversed, true);
+        assert_ne!(redecided, original);
+        // With it, it decides as the original run did.
+        let replay_store = MemStore::default();
+        let loaded = log::load(
+            &replay_store,
+            logged.iter().map(|(k, v)| (k.clone(), Some(v.clone()))),
+        )
+        .unwrap();
+        assert_eq!(loaded.records, records.len());
+        let (replayed, again) = run(&strict, &replay_store, &reversed, true);
+        assert_eq!(replayed, original);
+        assert!(again.is_empty(), "a replay logs nothing again: {again:?}");
+        let txn = (Txn::new(&original_store), Txn::new(&replay_store));
+        assert_eq!(
+            model::current(&txn.1, &f).unwrap(),
+            model::current(&txn.0, &f).unwrap(),
+            "the parameters are restored from the log"
+        );
+        // A store seeded once is not seeded again.
+        assert!(log::load(&replay_store, Vec::new()).unwrap().already);
+    }
+
+    /// An erased record leaves the log: its entry is tombstoned, and the entry of the
+    /// record it was linked with is written again without it.
+    #[test]
+    fn an_erased_record_leaves_the_log() {
+        let f = embedded();
+        let s = MemStore::default();
+        let shop = record(
+            "shop",
+            2,
+            &[
+                ("first_name", "katharine"),
+                ("last_name", "jonson"),
+                ("birthday", "1981-04-12"),
+                ("street", "12 oak st 3"),
+                ("postcode", "90210"),
+            ],
+        );
+        let (links, _) = run(&f, &s, &[record("crm", 1, KATHERINE), shop.clone()], false);
+        assert_eq!(links.len(), 1);
+        let mut txn = Txn::new(&s);
+        let erased = erase(&mut txn, Some(&f), &shop.anchor).unwrap();
+        assert_eq!(erased, vec![shop.key.clone()]);
+        let records = log::forget(&mut txn, &erased).unwrap();
+        s.write(txn.into_batch()).unwrap();
+        let shop_entry = format!("record/{}", shop.key).into_bytes();
+        assert!(
+            records
+                .iter()
+                .any(|(k, v)| *k == shop_entry && v.is_empty()),
+            "the erased record's entry is tombstoned: {records:?}"
+        );
+        assert!(
+            !Txn::new(&s)
+                .scan(b"fzd/", usize::MAX)
+                .unwrap()
+                .iter()
+                .any(|(k, _)| contains(k, shop.key.as_bytes())),
+            "no link of the erased record is left"
+        );
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
 
     #[test]
     fn the_same_person_with_typos_links_and_her_household_does_not() {
@@ -473,7 +634,7 @@ mod tests {
         let f = embedded();
         let s = MemStore::default();
         let mut txn = Txn::new(&s);
-        upsert_and_match(&mut txn, &f, record("crm", 1, KATHERINE), &unlinked).unwrap();
+        upsert_and_match(&mut txn, &f, record("crm", 1, KATHERINE), &unlinked, false).unwrap();
         let swapped = record(
             "shop",
             2,
@@ -484,7 +645,7 @@ mod tests {
                 ("street", "12 oak st"),
             ],
         );
-        let (_, o) = upsert_and_match(&mut txn, &f, swapped, &unlinked).unwrap();
+        let (_, o) = upsert_and_match(&mut txn, &f, swapped, &unlinked, false).unwrap();
         assert_eq!(o.matches.len(), 1);
         let e = o.matches[0].explain.as_ref().unwrap();
         assert!(e.names_swapped && e.discriminating, "{e:?}");
@@ -516,11 +677,11 @@ mod tests {
         );
         let s = MemStore::default();
         let mut txn = Txn::new(&s);
-        let (_, o) = upsert_and_match(&mut txn, &f, record("1", 1, ann), &unlinked).unwrap();
+        let (_, o) = upsert_and_match(&mut txn, &f, record("1", 1, ann), &unlinked, false).unwrap();
         assert_eq!(o.compared, 0);
-        let (_, o) = upsert_and_match(&mut txn, &f, far, &unlinked).unwrap();
+        let (_, o) = upsert_and_match(&mut txn, &f, far, &unlinked, false).unwrap();
         assert_eq!(o.compared, 0, "nothing shares a block with it");
-        let (_, o) = upsert_and_match(&mut txn, &f, record("9", 3, ann), &unlinked).unwrap();
+        let (_, o) = upsert_and_match(&mut txn, &f, record("9", 3, ann), &unlinked, false).unwrap();
         assert_eq!(o.compared, 1);
         assert_eq!(o.matches.len(), 1);
         assert_eq!(o.matches[0].other.anchor.value, "1");
@@ -583,7 +744,7 @@ mod tests {
                     ("postcode", "10001"),
                 ],
             );
-            upsert_and_match(&mut txn, &f, r, &unlinked).unwrap();
+            upsert_and_match(&mut txn, &f, r, &unlinked, false).unwrap();
         }
         let p = model::current(&txn, &f).unwrap();
         assert!(p.version >= 1, "{p:?}");
@@ -641,12 +802,19 @@ mod tests {
                 &old,
                 ann(&format!("c{n}"), n, "1990-01-01"),
                 &unlinked,
+                false,
             )
             .unwrap();
         }
         assert!(model::current(&txn, &old).unwrap().version > 0);
-        let (_, o) =
-            upsert_and_match(&mut txn, &embedded(), ann("c9", 9, "1975-09-30"), &unlinked).unwrap();
+        let (_, o) = upsert_and_match(
+            &mut txn,
+            &embedded(),
+            ann("c9", 9, "1975-09-30"),
+            &unlinked,
+            false,
+        )
+        .unwrap();
         assert!(o.compared > 0);
     }
 }

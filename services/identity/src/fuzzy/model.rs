@@ -464,6 +464,24 @@ pub fn refresh(txn: &mut Txn<'_>, f: &Fuzzy, acc: &mut Accumulators) -> Result<O
     Ok(Some(p))
 }
 
+/// Keeps a version read from the matcher's log ([`super::log`]), for the API.
+pub fn keep_version(txn: &mut Txn<'_>, p: &Params) -> Result<()> {
+    txn.put_json(version_key(p.version), p)
+}
+
+/// Makes a version read from the log the current one, with what it was learned from.
+/// The record counts stay the store's own: the replay counts the records again.
+pub fn restore(txn: &mut Txn<'_>, p: &Params, learned: &Accumulators) -> Result<()> {
+    txn.put_json(PARAMS.to_vec(), p)?;
+    let mut acc = accumulators(txn)?;
+    acc.m = learned.m.clone();
+    acc.u = learned.u.clone();
+    acc.candidate_pairs = learned.candidate_pairs;
+    acc.random_pairs = learned.random_pairs;
+    acc.since_refresh = 0;
+    save(txn, &acc)
+}
+
 pub fn save(txn: &mut Txn<'_>, acc: &Accumulators) -> Result<()> {
     txn.put_json(ACC.to_vec(), acc)
 }
