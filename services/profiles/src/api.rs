@@ -33,10 +33,8 @@ use tessera_common::topics::Topics;
 
 use crate::catalog::{self, COMPUTED_TRAIT, Catalog, Definition, SEGMENT, TRIGGER};
 use crate::profile::Profile;
-use crate::state::{
-    self, Backfill, META_BACKFILL, Placement, index_key, live_id, member_key_prefix, member_prefix,
-    profile_key, segment_size_key, sum_partitions,
-};
+use crate::state::Placement;
+use crate::state::queries::{self, Loaded};
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -201,15 +199,6 @@ fn properties(payload: &str) -> Value {
         .unwrap_or_else(|| json!({}))
 }
 
-/// A profile as this instance knows it.
-pub(crate) enum Loaded {
-    Found(Box<Profile>, Vec<ResolvedEvent>),
-    /// Not here (or not at all, if this instance serves its partition).
-    Missing,
-    /// Merged into this profile, whose partition another instance serves.
-    Elsewhere(String),
-}
-
 /// The answer that sends a peer's gatherer on to the profile a merge moved to.
 pub(crate) fn elsewhere(live: &str) -> Response {
     let mut r = error(
@@ -223,8 +212,7 @@ pub(crate) fn elsewhere(live: &str) -> Response {
     r
 }
 
-/// The live profile (following merges) and its newest `recent` kept events, for
-/// profiles of the partitions this instance serves.
+/// [`queries::load_live`] on the blocking pool.
 pub(crate) async fn load_live(
     store: &SharedStore,
     placement: &Placement,
@@ -233,22 +221,7 @@ pub(crate) async fn load_live(
 ) -> Result<Loaded, String> {
     let (store, placement) = (store.clone(), placement.clone());
     tokio::task::spawn_blocking(move || {
-        if !placement.serves(&id) {
-            return Ok(Loaded::Missing);
-        }
-        let live = live_id(|k| store.get(k), &id).map_err(|e| e.to_string())?;
-        if !placement.serves(&live) {
-            return Ok(Loaded::Elsewhere(live));
-        }
-        let Some(b) = store.get(&profile_key(&live)).map_err(|e| e.to_string())? else {
-            return Ok(Loaded::Missing);
-        };
-        let p: Profile = serde_json::from_slice(&b).map_err(|e| e.to_string())?;
-        let events = match recent {
-            0 => Vec::new(),
-            n => state::recent_events(store.as_ref(), &live, n).map_err(|e| e.to_string())?,
-        };
-        Ok(Loaded::Found(Box::new(p), events))
+        queries::load_live(store.as_ref(), &placement, &id, recent).map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| e.to_string())?
@@ -325,19 +298,13 @@ async fn lookup(State(st): State<ApiState>, Query(q): Query<HashMap<String, Stri
     } else {
         value.clone()
     };
-    let store = st.store.clone();
-    let key = index_key(kind, &value);
-    let placement = st.placement.clone();
-    // An index entry left behind by a partition that moved counts as none.
-    let found = blocking(move || {
-        Ok(store
-            .get(&key)?
-            .map(|b| String::from_utf8_lossy(&b).into_owned()))
-    })
-    .await;
+    let (store, placement) = (st.store.clone(), st.placement.clone());
+    let kind = kind.clone();
+    let found =
+        blocking(move || queries::profile_of(store.as_ref(), &placement, &kind, &value)).await;
     let id = match found {
-        Ok(Some(id)) if placement.serves(&id) => id,
-        Ok(_) => {
+        Ok(Some(id)) => id,
+        Ok(None) => {
             return error(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -384,12 +351,7 @@ async fn blocking<T: Send + 'static>(
 
 /// A segment's members in the partitions this instance serves.
 fn segment_size(store: &SharedStore, placement: &Placement, id: &str) -> i64 {
-    sum_partitions(
-        |k| store.get(k),
-        &placement.serving(),
-        |p| segment_size_key(id, p),
-    )
-    .unwrap_or(0)
+    queries::segment_size(store.as_ref(), placement, id).unwrap_or(0)
 }
 
 /// A definition as the API shows it: the document, its version, where it came from
@@ -626,7 +588,7 @@ async fn dry_run(
     let now = tessera_common::now_ms();
     let history = st.history_limit;
     match blocking(move || {
-        state::dry_run(store.as_ref(), &set, &id, history, now, limit, &placement)
+        queries::dry_run(store.as_ref(), &set, &id, history, now, limit, &placement)
     })
     .await
     {
@@ -672,35 +634,16 @@ async fn members_of_segment(
             );
         }
     };
-    let prefix = member_key_prefix(&id);
-    let start = match q.get("after") {
-        Some(after) => format!("{prefix}{after}\0"),
-        None => prefix.clone(),
-    };
-    let placement = st.placement.clone();
-    let (store, serving) = (st.store.clone(), placement.serving());
-    let prefix_len = prefix.len();
-    // Members of the partitions this instance serves (others' are left behind here).
+    let (store, placement) = (st.store.clone(), st.placement.clone());
+    let (segment, after) = (id.clone(), q.get("after").cloned());
     let rows = match blocking(move || {
-        let mut rows = Vec::new();
-        let mut start = start.into_bytes();
-        loop {
-            let page = store.scan_from(prefix.as_bytes(), &start, 1000)?;
-            for (k, v) in &page {
-                start = k.clone();
-                start.push(0);
-                let id = String::from_utf8_lossy(&k[prefix_len..]);
-                if serving.contains(&placement.partition(&id)) {
-                    rows.push((k.clone(), v.clone()));
-                    if rows.len() > limit {
-                        return Ok(rows);
-                    }
-                }
-            }
-            if page.len() < 1000 {
-                return Ok(rows);
-            }
-        }
+        queries::segment_members(
+            store.as_ref(),
+            &placement,
+            &segment,
+            after.as_deref(),
+            limit,
+        )
     })
     .await
     {
@@ -710,10 +653,7 @@ async fn members_of_segment(
     let members: Vec<Value> = rows
         .iter()
         .take(limit)
-        .map(|(k, v)| {
-            let entered: i64 = String::from_utf8_lossy(v).parse().unwrap_or(0);
-            json!({"profile_id": String::from_utf8_lossy(&k[prefix_len..]), "entered_at": iso(entered)})
-        })
+        .map(|(id, entered)| json!({"profile_id": id, "entered_at": iso(*entered)}))
         .collect();
     let next = (rows.len() > limit)
         .then(|| members.last().map(|m| m["profile_id"].clone()))
@@ -726,12 +666,7 @@ async fn members_of_segment(
 
 async fn backfill(State(st): State<ApiState>) -> Response {
     let store = st.store.clone();
-    let job = blocking(move || {
-        Ok(store
-            .get(META_BACKFILL)?
-            .and_then(|b| serde_json::from_slice::<Backfill>(&b).ok()))
-    })
-    .await;
+    let job = blocking(move || queries::backfill_job(store.as_ref())).await;
     match job {
         Ok(None) => axum::Json(json!({"state": "none"})).into_response(),
         Ok(Some(j)) => {
@@ -754,18 +689,9 @@ async fn backfill(State(st): State<ApiState>) -> Response {
 
 /// Profile ids of a household or an account (at most 1000).
 async fn members(st: ApiState, kind: &'static str, id: String) -> Response {
-    let (store, placement) = (st.store.clone(), st.placement.clone());
-    let serving = placement.serving();
-    let prefix = member_prefix(kind, &id);
-    let found = blocking(move || {
-        store.scan_prefix(prefix.as_bytes(), 1000).map(|rows| {
-            rows.into_iter()
-                .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
-                .filter(|id| serving.contains(&placement.partition(id)))
-                .collect::<Vec<_>>()
-        })
-    })
-    .await;
+    let (store, placement, group) = (st.store.clone(), st.placement.clone(), id.clone());
+    let found =
+        blocking(move || queries::group_members(store.as_ref(), &placement, kind, &group)).await;
     match found {
         Ok(ids) if ids.is_empty() => error(
             StatusCode::NOT_FOUND,

@@ -1,0 +1,105 @@
+//! The profiles store's key layout, in one place:
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `p/<id>` | the profile (JSON) |
+//! | `redirect/<id>` | the survivor of a merge |
+//! | `idx/<identifier hash>` | the profile id (lookups) |
+//! | `segsize/<segment>/<partition>` | members per partition |
+//! | `sm/<segment>/<id>` | entry time (the members) |
+//! | `hh/<hash>/<id>`, `acct/<hash>/<id>` | household and account members |
+//! | `tm/<partition>/<due>/<id>` | a profile's next window edge or waiting trigger |
+//! | `log/<id>/<time>/<message>`, `logn/<id>` | the kept events and their count |
+//! | `seen/<id>`, `seenexp/<expiry>/<id>` | message, merge and transfer ids seen within the window |
+//! | `meta/applied` | the definition versions in force |
+//! | `meta/backfill` | the back-fill in progress or last done |
+//! | `meta/profiles/<partition>` | profiles per partition |
+
+use super::*;
+
+pub fn profile_key(id: &str) -> Vec<u8> {
+    format!("p/{id}").into_bytes()
+}
+
+pub(crate) fn redirect_key(id: &str) -> Vec<u8> {
+    format!("redirect/{id}").into_bytes()
+}
+
+/// By the identifier's hash, never its value: a value in a key would outlive the
+/// person's erasure in RocksDB's MANIFEST (it keeps every table file's first and last key).
+pub fn index_key(kind: &str, value: &str) -> Vec<u8> {
+    format!(
+        "idx/{}",
+        tessera_common::suppressions::identifier_hash(kind, value)
+    )
+    .into_bytes()
+}
+
+/// A segment's members in one partition (the API adds up the partitions it serves).
+pub fn segment_size_key(segment: &str, partition: i32) -> Vec<u8> {
+    format!("segsize/{segment}/{partition:05}").into_bytes()
+}
+
+/// Profiles in one partition.
+pub fn profiles_count_key(partition: i32) -> Vec<u8> {
+    format!("meta/profiles/{partition:05}").into_bytes()
+}
+
+/// Members of a segment: `sm/<segment>/<profile>` → entry time.
+pub fn member_key_prefix(segment: &str) -> String {
+    format!("sm/{segment}/")
+}
+
+/// A profile's next window edge or trigger, under its partition: an instance fires the
+/// timers of the partitions it serves, and those a moved partition left here wait for
+/// it to come back (by then replaying its records has brought them up to date).
+pub(crate) fn timer_key(partition: i32, due: i64, id: &str) -> Vec<u8> {
+    format!("{}{:020}/{id}", timer_prefix(partition), due.max(0)).into_bytes()
+}
+
+pub(crate) fn timer_prefix(partition: i32) -> String {
+    format!("tm/{partition:05}/")
+}
+
+pub const META_BACKFILL: &[u8] = b"meta/backfill";
+
+pub(crate) const META_APPLIED: &[u8] = b"meta/applied";
+
+/// Events of a profile in event-time order (the sign bit flipped so that the decimal
+/// order is the numeric order).
+pub(crate) fn log_key(profile: &str, t: i64, msg: &str) -> Vec<u8> {
+    format!("log/{profile}/{:020}/{msg}", (t ^ i64::MIN) as u64).into_bytes()
+}
+
+pub(crate) fn log_prefix(profile: &str) -> String {
+    format!("log/{profile}/")
+}
+
+pub(crate) fn log_count_key(profile: &str) -> Vec<u8> {
+    format!("logn/{profile}").into_bytes()
+}
+
+/// Members of a household (`hh`) or an account (`acct`): `<kind>/<hash>/<profile>`.
+pub fn member_prefix(kind: &str, group: &str) -> String {
+    format!("{kind}/{}/", deterministic_id(kind, &[group]))
+}
+
+pub(crate) fn seen_key(id: &str) -> Vec<u8> {
+    format!("seen/{id}").into_bytes()
+}
+
+pub(crate) const SEEN_EXP_PREFIX: &str = "seenexp/";
+
+/// Follows merge redirects to the live profile id (bounded: chains are short).
+pub fn live_id(get: impl Fn(&[u8]) -> Result<Option<Vec<u8>>>, id: &str) -> Result<String> {
+    let mut cur = id.to_string();
+    for _ in 0..32 {
+        match get(&redirect_key(&cur))? {
+            Some(next) => cur = String::from_utf8_lossy(&next).into_owned(),
+            None => return Ok(cur),
+        }
+    }
+    Err(Error::Invalid(format!(
+        "redirect chain from profile {id} is too long"
+    )))
+}

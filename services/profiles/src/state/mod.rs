@@ -1,0 +1,126 @@
+//! The profiles processor: applies resolved events, merges and transfers to profiles in
+//! RocksDB, evaluates segments on every change and emits membership changes.
+//!
+//! By concern: `keys` (the key layout), `placement` (which profiles this instance
+//! acts on), `metrics`, `events` (an event applied), `history` (the kept events),
+//! `merges` (merges, splits, transfers), `tick` (definitions, timers, back-fill) and
+//! [`queries`] (the API's reads); the processor's tests are in `tests.rs`.
+//!
+//! Definitions change at run time (see `catalog`): the processor notices a new catalog
+//! generation, records the versions it now applies and starts a back-fill, a pass over
+//! every profile on the tick that rebuilds stale computed traits from the kept history
+//! and re-evaluates the segments, emitting enter and exit records.
+//!
+//! Merges across partitions: a merge record arrives keyed by the merged profile, where
+//! its state lives. That state leaves as a transfer keyed by the survivor and is
+//! absorbed there; the merged id becomes a redirect, and events still in flight for it
+//! are forwarded the same way.
+
+mod events;
+mod history;
+mod keys;
+mod merges;
+mod metrics;
+mod placement;
+pub mod queries;
+mod tick;
+
+use events::*;
+use history::*;
+pub use keys::*;
+pub use metrics::*;
+pub use placement::*;
+pub use queries::*;
+pub use tick::*;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts};
+use tracing::debug;
+
+use tessera_common::admin::Admin;
+use tessera_common::ids::deterministic_id;
+use tessera_common::records::{
+    AvroRecord, Identifier, MembershipChange, PrivacyAction, ProfileMerge, ProfileSplit,
+    ProfileTransfer, ResolvedEvent, TriggerFired,
+};
+use tessera_common::runner::{self, Message, Output, Ownership, Processor};
+use tessera_common::store::{Store, Txn};
+use tessera_common::topics::Topics;
+use tessera_common::{Error, Result};
+
+use crate::catalog::{Catalog, DefinitionSet};
+use crate::profile::{ApplyRules, Membership, Profile};
+use crate::segments::Touched;
+use crate::triggers;
+
+pub struct ProfilesProcessor {
+    pub topics: Topics,
+    /// Definitions as the table reader last saw them; installed into `rules.defs`.
+    pub catalog: Catalog,
+    /// Timeline length, trait strategies and the definitions in force.
+    pub rules: ApplyRules,
+    /// Whether `rules.defs` was checked against the stored versions since start.
+    pub synced: bool,
+    /// The wall clock (windows are relative to it); a fixed one in tests.
+    pub clock: fn() -> i64,
+    /// Events kept per profile to re-derive it after a split.
+    pub history_limit: usize,
+    pub dedup_window_ms: i64,
+    pub metrics: ProfilesMetrics,
+    /// Profiles changed by the batch, announced to live readers after commit.
+    pub changes: crate::live::Changes,
+    /// Which profiles are this instance's to act on.
+    pub placement: Placement,
+}
+
+impl Processor for ProfilesProcessor {
+    fn process(&mut self, msg: &Message, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
+        self.sync_definitions(txn)?;
+        let bytes = msg.payload.as_deref().unwrap_or_default();
+        let decoded = if msg.topic == self.topics.resolved() {
+            ResolvedEvent::from_avro(bytes).map(|r| self.on_event(r, txn, out))
+        } else if msg.topic == self.topics.merges() {
+            ProfileMerge::from_avro(bytes).map(|m| self.on_merge(m, txn, out))
+        } else if msg.topic == self.topics.splits() {
+            ProfileSplit::from_avro(bytes).map(|s| self.on_split(s, txn, out))
+        } else if msg.topic == self.topics.transfers() {
+            ProfileTransfer::from_avro(bytes).map(|t| self.on_transfer(t, txn, out))
+        } else if msg.topic == self.topics.privacy_actions() {
+            PrivacyAction::from_avro(bytes).map(|a| self.on_privacy(a, txn, out))
+        } else {
+            Err(Error::Invalid(format!("unexpected topic {}", msg.topic)))
+        };
+        runner::handled_or_dead_letter(&self.topics.deadletter(), msg, decoded, out)?;
+        Ok(())
+    }
+
+    /// Fires due timers, moves the back-fill on and forgets de-duplication entries
+    /// past their window.
+    fn tick(&mut self, now_ms: i64, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
+        self.sync_definitions(txn)?;
+        let deadline = Instant::now() + TICK_BUDGET;
+        self.fire_timers(now_ms, deadline, txn, out)?;
+        self.backfill(now_ms, deadline, txn, out)?;
+        for (k, _) in txn.scan_committed(SEEN_EXP_PREFIX.as_bytes(), 10_000)? {
+            let rest = String::from_utf8_lossy(&k[SEEN_EXP_PREFIX.len()..]).into_owned();
+            let Some((expiry, id)) = rest.split_once('/') else {
+                continue;
+            };
+            if expiry.parse::<i64>().unwrap_or(i64::MAX) > now_ms {
+                break;
+            }
+            txn.delete(seen_key(id));
+            txn.delete(k);
+        }
+        Ok(())
+    }
+
+    fn committed(&mut self) {
+        self.changes.committed();
+    }
+}
+
+#[cfg(test)]
+mod tests;
