@@ -73,6 +73,18 @@ pub fn secret_fingerprint() -> String {
         .collect()
 }
 
+/// A subject's name on the keys topic and in sealed records.
+pub type SubjectHash = [u8; 16];
+
+/// A keyed hash ([`keyed_hash`]): the keys topic's record keys and a sealed
+/// record's header name the subject, and nobody without the pseudonym secret can tell
+/// whose key it is by hashing a list of ids.
+pub fn subject_hash(subject: &str) -> SubjectHash {
+    keyed_hash("subject-key", &[subject])[..16]
+        .try_into()
+        .expect("16 bytes")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,7 @@ pub mod erasure;
 pub mod error;
 pub mod ids;
 pub mod kafka;
+pub mod message;
 pub mod records;
 pub mod runner;
 pub mod service;

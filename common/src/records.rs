@@ -366,8 +366,8 @@ impl PrivacyReport {
 
     /// The record for `topic`: an export's report holds the person's data, so it is
     /// sealed with their profile's key; the others hold counts and ids.
-    pub fn output(&self, topic: String) -> Result<crate::runner::Output> {
-        use crate::runner::Output;
+    pub fn output(&self, topic: String) -> Result<crate::message::Output> {
+        use crate::message::Output;
         let (key, payload) = (self.key().into_bytes(), self.to_avro()?);
         Ok(match &self.profile_id {
             // The report stays on its compacted topic: its key must not expire.

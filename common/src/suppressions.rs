@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use crate::Result;
 use crate::config::KafkaConfig;
 use crate::ids::deterministic_id;
+use crate::message::Message;
 use crate::records::{AvroRecord, Suppression};
-use crate::runner::Message;
 
 /// The hash an identifier is suppressed under.
 pub fn identifier_hash(kind: &str, value: &str) -> String {

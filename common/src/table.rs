@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use crate::config::KafkaConfig;
 use crate::kafka::consumer_config;
-use crate::runner::{Message, owned};
+use crate::message::{Message, owned};
 use crate::{Error, Result};
 
 /// Reads `topic` from the beginning, calling `apply` for each record in order. Returns

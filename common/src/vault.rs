@@ -29,9 +29,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
+use crate::ids::SubjectHash;
 use crate::kafka::{Producer, consumer_config};
+use crate::message::Message;
 use crate::records::{AvroRecord, SubjectKey};
-use crate::runner::Message;
 use crate::store::{MemStore, SharedStore};
 use crate::{Error, Result};
 
@@ -41,18 +42,6 @@ use keyring::{KeyId, Keyring};
 
 pub const SEAL_MARKER: [u8; 2] = [0xC3, 0x5E];
 const HEADER_LEN: usize = 2 + 16 + 8 + 12;
-
-/// A subject's name on the keys topic and in sealed records.
-pub type SubjectHash = [u8; 16];
-
-/// A keyed hash ([`crate::ids::keyed_hash`]): the keys topic's record keys and a sealed
-/// record's header name the subject, and nobody without the pseudonym secret can tell
-/// whose key it is by hashing a list of ids.
-pub fn subject_hash(subject: &str) -> SubjectHash {
-    crate::ids::keyed_hash("subject-key", &[subject])[..16]
-        .try_into()
-        .expect("16 bytes")
-}
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -480,6 +469,7 @@ impl Vault {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::subject_hash;
 
     fn msg(key: &str, payload: Option<Vec<u8>>) -> Message {
         Message {

@@ -944,7 +944,8 @@ async fn runner_commits_state_and_offsets_together_across_a_crash() {
 
     use rdkafka::producer::{FutureProducer, FutureRecord};
     use tessera_common::kafka::{Producer, TopicKind, ensure_topics};
-    use tessera_common::runner::{self, Message, OffsetStorage, Output, Processor, RunnerSpec};
+    use tessera_common::message::{Message, Output};
+    use tessera_common::runner::{self, OffsetStorage, Processor, RunnerSpec};
     use tessera_common::store::{RocksStore, SharedStore, Txn};
 
     /// Counts records per key. Fails (the service cannot go on) at `crash_at` of
@@ -1160,7 +1161,8 @@ async fn a_state_behind_the_retention_counts_the_records_it_never_read() {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     use rdkafka::{Offset, TopicPartitionList};
     use tessera_common::kafka::{Producer, TopicKind, ensure_topics};
-    use tessera_common::runner::{self, Message, Output, Processor, RunnerSpec};
+    use tessera_common::message::{Message, Output};
+    use tessera_common::runner::{self, Processor, RunnerSpec};
     use tessera_common::store::{RocksStore, SharedStore, Txn};
 
     struct Count;

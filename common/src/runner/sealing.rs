@@ -10,7 +10,8 @@ use tracing::{error, info, warn};
 
 use super::{Message, Output, RunnerMetrics};
 use crate::admin::Health;
-use crate::vault::{self, Opened, SubjectHash, Vault};
+use crate::ids::SubjectHash;
+use crate::vault::{self, Opened, Vault};
 use crate::{Error, Result};
 
 /// What opening a batch's sealed records needs.

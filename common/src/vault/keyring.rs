@@ -22,8 +22,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::Result;
+use crate::message::Message;
 use crate::records::{AvroRecord, SubjectKey};
-use crate::runner::Message;
 use crate::store::{SharedStore, WriteBatch};
 
 use super::{SubjectHash, parse_record_key};

@@ -32,10 +32,11 @@ use tessera_common::config::{
     ActivationConfig, Config, DestinationKind, PayloadFormat, PrivacyConfig,
 };
 use tessera_common::ids::deterministic_id;
+use tessera_common::message::{Message, Output};
 use tessera_common::records::{
     Activation, AvroRecord, MembershipChange, PrivacyAction, TriggerFired,
 };
-use tessera_common::runner::{self, Message, Output, Processor, RunnerSpec};
+use tessera_common::runner::{self, Processor, RunnerSpec};
 use tessera_common::store::Txn;
 use tessera_common::topics::Topics;
 use tessera_common::{Error, Result, service};

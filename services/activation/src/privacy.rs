@@ -20,8 +20,8 @@ use tracing::info;
 use tessera_common::Result;
 use tessera_common::erasure;
 use tessera_common::ids::deterministic_id;
+use tessera_common::message::Output;
 use tessera_common::records::{PrivacyAction, PrivacyReport};
-use tessera_common::runner::Output;
 use tessera_common::store::Txn;
 
 use crate::policy::Outcome;

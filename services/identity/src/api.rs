@@ -33,7 +33,8 @@ use tessera_common::store::{SharedStore, Txn};
 use crate::graph::{self, MergeInfo, Node};
 use crate::privacy_api::Reports;
 use crate::rules::Rules;
-use tessera_common::vault::{Vault, subject_hash};
+use tessera_common::ids::subject_hash;
+use tessera_common::vault::Vault;
 
 #[derive(Clone)]
 pub struct ApiState {

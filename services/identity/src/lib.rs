@@ -28,16 +28,18 @@ use tracing::{info, warn};
 use tessera_common::admin::{self, Admin};
 use tessera_common::config::Config;
 use tessera_common::ids::deterministic_id;
+use tessera_common::ids::subject_hash;
 use tessera_common::kafka::{self, TopicKind};
+use tessera_common::message::{Message, Output};
 use tessera_common::records::{
     Assignment, AvroRecord, Identifier, IdentityCommand, IngestedEvent, ProfileSplit, ResolvedEvent,
 };
-use tessera_common::runner::{self, Message, Output, Processor, RunnerSpec};
+use tessera_common::runner::{self, Processor, RunnerSpec};
 use tessera_common::service;
 use tessera_common::store::{SharedStore, Txn};
 use tessera_common::suppressions::Suppressions;
 use tessera_common::topics::Topics;
-use tessera_common::vault::{Vault, subject_hash};
+use tessera_common::vault::Vault;
 use tessera_common::{Error, Result};
 
 use crate::graph::{Changes, Fact, Graph};

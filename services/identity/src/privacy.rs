@@ -16,12 +16,13 @@ use serde_json::{Value, json};
 use tracing::info;
 
 use tessera_common::Result;
+use tessera_common::ids::{SubjectHash, subject_hash};
+use tessera_common::message::Output;
 use tessera_common::records::{
     AvroRecord, Identifier, IdentityCommand, PrivacyAction, PrivacyReport, Suppression,
 };
-use tessera_common::runner::Output;
 use tessera_common::store::Txn;
-use tessera_common::vault::{SubjectHash, Vault, subject_hash};
+use tessera_common::vault::Vault;
 
 use crate::IdentityProcessor;
 use crate::graph::{self, Graph};

@@ -25,10 +25,11 @@ use tokio_util::sync::CancellationToken;
 
 use tessera_common::admin::Caller;
 use tessera_common::config::{KafkaConfig, PrivacyConfig};
+use tessera_common::ids::subject_hash;
+use tessera_common::message::Message;
 use tessera_common::records::{AvroRecord, IdentityCommand, PrivacyReport};
-use tessera_common::runner::Message;
 use tessera_common::store::Txn;
-use tessera_common::vault::{Opened, subject_hash};
+use tessera_common::vault::Opened;
 
 use crate::api::{ApiState, error, identifier, read, unavailable};
 use crate::graph;

@@ -300,8 +300,9 @@ fn blocked_values_resolve_to_nobody_in_particular() {
 #[test]
 fn a_delete_request_is_applied_once_and_suppresses_the_person() {
     use tessera_common::config::Config;
+    use tessera_common::message::Message;
     use tessera_common::records::{AvroRecord, IdentityCommand, PrivacyAction, PrivacyReport};
-    use tessera_common::runner::{Message, Processor};
+    use tessera_common::runner::Processor;
     let cfg = Config::demo();
     let topics = Topics::new(&cfg.topics);
     let mut p = IdentityProcessor::new(

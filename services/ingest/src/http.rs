@@ -23,11 +23,12 @@ use tower_http::cors::{Any, CorsLayer};
 use tracing::{debug, warn};
 
 use tessera_common::config::SourceConfig;
+use tessera_common::ids::subject_hash;
 use tessera_common::kafka::{ProduceError, Producer};
 use tessera_common::records::{AvroRecord, DeadLetter, IngestedEvent};
 use tessera_common::suppressions::Suppressions;
 use tessera_common::topics::Topics;
-use tessera_common::vault::{Vault, subject_hash};
+use tessera_common::vault::Vault;
 
 use crate::metrics::IngestMetrics;
 use crate::validate::{self, Envelope, Limits, Reject};

@@ -6,8 +6,9 @@
 
 use serde_json::Value;
 
+use tessera_common::message::{Message, Output};
 use tessera_common::records::{AvroRecord, DeadLetter};
-use tessera_common::runner::{Message, Output, Processor};
+use tessera_common::runner::Processor;
 use tessera_common::store::Txn;
 use tessera_common::suppressions::Suppressions;
 use tessera_common::topics::Topics;

@@ -18,8 +18,8 @@ use tracing::info;
 
 use tessera_common::Result;
 use tessera_common::erasure;
+use tessera_common::message::Output;
 use tessera_common::records::{AvroRecord, PrivacyAction, PrivacyReport};
-use tessera_common::runner::Output;
 use tessera_common::store::Txn;
 
 use crate::profile::Profile;

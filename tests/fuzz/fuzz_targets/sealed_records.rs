@@ -6,8 +6,9 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use tessera_common::records::{AvroRecord, SubjectKey};
-use tessera_common::runner::Message;
-use tessera_common::vault::{Opened, Vault, is_sealed, subject_hash};
+use tessera_common::message::Message;
+use tessera_common::ids::subject_hash;
+use tessera_common::vault::{Opened, Vault, is_sealed};
 
 fn keys_record(key: &[u8], payload: Option<Vec<u8>>) -> Message {
     Message {

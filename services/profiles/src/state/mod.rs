@@ -41,11 +41,12 @@ use tracing::debug;
 
 use tessera_common::admin::Admin;
 use tessera_common::ids::deterministic_id;
+use tessera_common::message::{Message, Output};
 use tessera_common::records::{
     AvroRecord, Identifier, MembershipChange, PrivacyAction, ProfileMerge, ProfileSplit,
     ProfileTransfer, ResolvedEvent, TriggerFired,
 };
-use tessera_common::runner::{self, Message, Output, Ownership, Processor};
+use tessera_common::runner::{self, Ownership, Processor};
 use tessera_common::store::{Store, Txn};
 use tessera_common::topics::Topics;
 use tessera_common::{Error, Result};
