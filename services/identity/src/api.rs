@@ -31,7 +31,7 @@ use tessera_common::records::{AvroRecord, Identifier, IdentityCommand};
 use tessera_common::store::{SharedStore, Txn};
 
 use crate::graph::{self, MergeInfo, Node};
-use crate::privacy_api::Reports;
+use crate::reports::Reports;
 use crate::rules::Rules;
 use tessera_common::ids::subject_hash;
 use tessera_common::vault::Vault;

@@ -15,6 +15,7 @@ pub mod fuzzy;
 pub mod graph;
 pub mod privacy;
 pub mod privacy_api;
+pub mod reports;
 pub mod rules;
 
 use std::sync::Arc;
@@ -112,7 +113,7 @@ pub async fn run_with_listener(
         commands_topic: topics.commands(),
         audit: tessera_common::audit::Audit::new(parts.producer.clone(), &topics, "identity"),
         vault: parts.vault.clone(),
-        reports: privacy_api::Reports::follow(
+        reports: reports::Reports::follow(
             &config.kafka,
             &topics.privacy_reports(),
             shutdown.clone(),

@@ -11,8 +11,7 @@
 //! - `GET /v1/privacy/requests/{id}`: the request's status and what each service did
 //!   (counts and ids); an export's answer holds the person's data.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::collections::BTreeMap;
 
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
@@ -21,12 +20,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 use tessera_common::admin::Caller;
-use tessera_common::config::{KafkaConfig, PrivacyConfig};
+use tessera_common::config::PrivacyConfig;
 use tessera_common::ids::subject_hash;
-use tessera_common::message::Message;
 use tessera_common::records::{AvroRecord, IdentityCommand, PrivacyReport};
 use tessera_common::store::Txn;
 use tessera_common::vault::Opened;
@@ -37,69 +34,6 @@ use crate::graph;
 const ACTIONS: [&str; 4] = ["delete", "suppress", "unsuppress", "export"];
 /// The services that report on a request found in the graph, in order.
 const STAGES: [&str; 3] = ["identity", "profiles", "activation"];
-
-/// The reports on `privacy.reports`, by request and service (as stored: an export's
-/// are sealed).
-#[derive(Clone, Default)]
-pub struct Reports(Arc<RwLock<HashMap<String, ByService>>>);
-
-/// One request's reports: service → the stored record.
-type ByService = BTreeMap<String, Vec<u8>>;
-
-impl Reports {
-    pub async fn follow(
-        kafka: &KafkaConfig,
-        topic: &str,
-        shutdown: CancellationToken,
-    ) -> tessera_common::Result<Reports> {
-        let r = Reports::default();
-        let applied = r.clone();
-        tessera_common::table::follow(
-            kafka,
-            topic,
-            "tessera-identity-privacy-reports",
-            move |m: &Message| applied.apply(m),
-            shutdown,
-        )
-        .await?;
-        Ok(r)
-    }
-
-    fn apply(&self, m: &Message) {
-        let Some(key) = m.key.as_deref().map(String::from_utf8_lossy) else {
-            return;
-        };
-        let Some((request, service)) = key.rsplit_once('/') else {
-            return;
-        };
-        let mut all = self.0.write().expect("reports lock");
-        match m.payload.as_deref() {
-            None | Some([]) => {
-                if let Some(r) = all.get_mut(request) {
-                    r.remove(service);
-                }
-            }
-            Some(bytes) => {
-                all.entry(request.to_string())
-                    .or_default()
-                    .insert(service.to_string(), bytes.to_vec());
-            }
-        }
-    }
-
-    fn insert(&self, r: &PrivacyReport, bytes: Vec<u8>) {
-        self.0
-            .write()
-            .expect("reports lock")
-            .entry(r.request_id.clone())
-            .or_default()
-            .insert(r.service.clone(), bytes);
-    }
-
-    fn get(&self, request: &str) -> Option<ByService> {
-        self.0.read().expect("reports lock").get(request).cloned()
-    }
-}
 
 pub fn router(state: ApiState) -> Router {
     Router::new()

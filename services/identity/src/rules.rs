@@ -14,8 +14,6 @@ use serde_json::Value;
 use tessera_common::records::Identifier;
 use tessera_common::{Error, Result, text};
 
-use crate::fuzzy::compare::Compare;
-
 pub const DEFAULT_RULES: &str = include_str!("../rules.toml");
 
 #[derive(Debug, Clone, Deserialize)]
@@ -113,6 +111,44 @@ struct FieldFile {
     compare: Option<Compare>,
     #[serde(default)]
     discriminating: Option<bool>,
+}
+
+/// How a field's values are compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compare {
+    /// Given or family names: exact, Jaro–Winkler ≥ 0.92, sounds alike (Double Metaphone)
+    /// or Jaro–Winkler ≥ 0.85, an initial against its name, different.
+    Name,
+    /// Dates as YYYY-MM-DD: exact, one character off, day and month swapped, two
+    /// characters off, different.
+    Date,
+    /// A street address: the house number is compared exactly as a token (two numbers
+    /// that differ are different addresses), the street by similarity.
+    Street,
+    /// Postcodes: exact, one character off, different.
+    Postcode,
+    /// Phone numbers (E.164): exact, one digit off, different.
+    Phone,
+    /// Emails: exact, the same local part, different.
+    Email,
+    /// Identifiers typed by people (a national id, a member number): exact, one edit or
+    /// two characters swapped, different.
+    Id,
+    /// Free text such as a city: exact, Jaro–Winkler ≥ 0.88, different.
+    Text,
+}
+
+impl Compare {
+    /// Whether agreeing on this field tells people apart on its own (a birth date, an
+    /// address with its number, a phone, an email, an id) rather than naming them (a
+    /// name) or placing them among thousands (a postcode, a city).
+    pub fn discriminating(self) -> bool {
+        matches!(
+            self,
+            Compare::Date | Compare::Street | Compare::Phone | Compare::Email | Compare::Id
+        )
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -122,7 +122,7 @@ pub async fn run_with_listener(
         computed_traits = defs.computed.len(),
         "definitions loaded"
     );
-    let changes = live::Changes::default();
+    let changes = state::Changes::default();
     let ownership = tessera_common::runner::Ownership::default();
     let placement = state::Placement {
         partitions: kafka::partition_count(&config.kafka, &topics.resolved()).await?,

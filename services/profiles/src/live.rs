@@ -8,9 +8,8 @@
 //! changed ids; a stream that falls behind is told `changed` once (it reads the profile
 //! anyway).
 
-use std::collections::BTreeSet;
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
@@ -24,46 +23,7 @@ use tokio::sync::broadcast;
 use tessera_common::admin::error;
 use tessera_common::store::SharedStore;
 
-use crate::state::live_id;
-
-/// Changed profile ids, announced after commit.
-#[derive(Clone)]
-pub struct Changes {
-    tx: broadcast::Sender<Arc<str>>,
-    pending: Arc<Mutex<BTreeSet<String>>>,
-}
-
-impl Default for Changes {
-    fn default() -> Self {
-        Changes {
-            // Room for a few batches of changes; a slower stream is told "changed".
-            tx: broadcast::channel(8192).0,
-            pending: Arc::default(),
-        }
-    }
-}
-
-impl Changes {
-    /// The batch being processed changed profile `id`.
-    pub fn touch(&self, id: &str) {
-        if self.tx.receiver_count() > 0 {
-            self.pending.lock().expect("changes").insert(id.to_string());
-        }
-    }
-
-    /// The batch is committed: announce what it changed.
-    pub fn committed(&self) {
-        let ids = std::mem::take(&mut *self.pending.lock().expect("changes"));
-        for id in ids {
-            // No receiver left: nobody to tell.
-            let _ = self.tx.send(id.into());
-        }
-    }
-
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
-        self.tx.subscribe()
-    }
-}
+use crate::state::{Changes, live_id};
 
 #[derive(Clone)]
 pub struct LiveState {

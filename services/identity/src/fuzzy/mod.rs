@@ -103,7 +103,11 @@ fn record_key(key: &str) -> Vec<u8> {
 }
 
 fn anchor_prefix(anchor: &Identifier) -> String {
-    format!("fza/{}/", crate::graph::ident_hash(anchor))
+    // The graph's hash of an identifier (`graph::ident_hash`), named without it.
+    format!(
+        "fza/{}/",
+        tessera_common::suppressions::identifier_hash(&anchor.kind, &anchor.value)
+    )
 }
 
 /// A record's entry in a block: ordered by event time, then record key.
@@ -780,7 +784,7 @@ mod tests {
             .iter_mut()
             .find(|f| f.name == "birthday")
             .unwrap()
-            .compare = compare::Compare::Postcode;
+            .compare = crate::rules::Compare::Postcode;
         let s = MemStore::default();
         let mut txn = Txn::new(&s);
         let ann = |id: &str, t: i64, birthday: &str| {

@@ -41,8 +41,7 @@ use tessera_common::Result;
 use tessera_common::ids::deterministic_id;
 use tessera_common::store::Txn;
 
-use super::compare::Compare;
-use crate::rules::Fuzzy;
+use crate::rules::{Compare, Fuzzy};
 
 /// Pseudo-counts of the priors: how many pairs' worth of evidence they are.
 const M_PRIOR_PAIRS: f64 = 200.0;

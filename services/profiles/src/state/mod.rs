@@ -4,7 +4,8 @@
 //! By concern: `keys` (the key layout), `placement` (which profiles this instance
 //! acts on), `metrics`, `events` (an event applied), `history` (the kept events),
 //! `merges` (merges, splits, transfers), `tick` (definitions, timers, back-fill) and
-//! [`queries`] (the API's reads); the processor's tests are in `tests.rs`.
+//! `queries` (the API's reads), `changes` (what a batch changed, for the live stream);
+//! the processor's tests are in `tests.rs`.
 //!
 //! Definitions change at run time (see `catalog`): the processor notices a new catalog
 //! generation, records the versions it now applies and starts a back-fill, a pass over
@@ -16,6 +17,7 @@
 //! absorbed there; the merged id becomes a redirect, and events still in flight for it
 //! are forwarded the same way.
 
+mod changes;
 mod events;
 mod history;
 mod keys;
@@ -25,6 +27,7 @@ mod placement;
 pub mod queries;
 mod tick;
 
+pub use changes::Changes;
 use events::*;
 use history::*;
 pub use keys::*;
@@ -71,7 +74,7 @@ pub struct ProfilesProcessor {
     pub dedup_window_ms: i64,
     pub metrics: ProfilesMetrics,
     /// Profiles changed by the batch, announced to live readers after commit.
-    pub changes: crate::live::Changes,
+    pub changes: Changes,
     /// Which profiles are this instance's to act on.
     pub placement: Placement,
 }
