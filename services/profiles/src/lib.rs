@@ -10,6 +10,7 @@
 //! definitions API ([`api`]).
 
 pub mod api;
+pub mod apply;
 pub mod catalog;
 pub mod computed;
 pub mod live;
@@ -132,7 +133,7 @@ pub async fn run_with_listener(
     let processor = state::ProfilesProcessor {
         topics: topics.clone(),
         catalog: catalog.clone(),
-        rules: profile::ApplyRules {
+        rules: apply::ApplyRules {
             strategies: config.profiles.trait_strategies.clone(),
             defs,
         },

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::computed::{Test, lookup, valid_id, validate_tests};
-use crate::profile::Profile;
+use crate::profile::{Pending, Profile};
 
 /// The longest wait: a leap year.
 const MAX_WAIT_MS: i64 = 366 * 24 * 3600 * 1000;
@@ -155,20 +155,6 @@ impl Trigger {
             _ => start,
         }
     }
-}
-
-/// A started trigger waiting for its deadline, kept in the profile.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Pending {
-    pub version: i32,
-    pub started_at: i64,
-    pub due: i64,
-    /// What started it (a message id, or a segment change's cause).
-    pub cause: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub event: String,
-    #[serde(default, skip_serializing_if = "Value::is_null")]
-    pub properties: Value,
 }
 
 /// A firing, for the processor to publish with the profile's snapshot.

@@ -22,8 +22,8 @@ use tessera_common::records::{AvroRecord, Identifier, IngestedEvent, ResolvedEve
 use tessera_common::runner::Processor;
 use tessera_common::store::{RocksStore, SharedStore, Store, Txn};
 use tessera_common::topics::Topics;
+use tessera_profiles::apply::ApplyRules;
 use tessera_profiles::catalog::{Catalog, Definition};
-use tessera_profiles::profile::ApplyRules;
 use tessera_profiles::state::{ProfilesMetrics, ProfilesProcessor};
 
 #[derive(Parser)]

@@ -54,8 +54,9 @@ use tessera_common::store::{Store, Txn};
 use tessera_common::topics::Topics;
 use tessera_common::{Error, Result};
 
+use crate::apply::ApplyRules;
 use crate::catalog::{Catalog, DefinitionSet};
-use crate::profile::{ApplyRules, Membership, Profile};
+use crate::profile::{Membership, Profile};
 use crate::segments::Touched;
 use crate::triggers;
 
