@@ -13,17 +13,18 @@
 //! same outputs with the same deterministic ids: at-least-once output, exactly-once state.
 //! On partition assignment the consumer starts from the offsets stored with the state.
 //!
-//! Opening and sealing records is in `runner/sealing.rs`, the state commit and the
-//! purge an erasure owes in `runner/purge.rs`. What is left here (~850 lines of code:
-//! the spec, metrics, the rebalance callback and the loop) is still one file; splitting
-//! it into a pure, unit-tested core is issue 21.
+//! Processing a batch (savepoints, panics dead-lettered, rebuild suppression) is the
+//! pure, unit-tested core in `runner/core.rs`; opening and sealing records is in
+//! `runner/sealing.rs`, producing in `runner/producing.rs`, the state commit and the
+//! purge an erasure owes in `runner/purge.rs`. Here: the spec, metrics, the rebalance
+//! callback and the loop.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounterVec, IntGaugeVec, Registry};
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::statistics::Statistics;
@@ -39,14 +40,17 @@ use crate::store::{SharedStore, Txn};
 use crate::vault::Vault;
 use crate::{Error, Result};
 
+mod core;
+mod metrics;
 mod producing;
 mod purge;
 mod sealing;
 
+use metrics::RunnerMetrics;
 use producing::produce_all;
 use purge::commit_state;
 pub use purge::resume_purge;
-use sealing::{Opening, open_all, seal_all, seal_dead_letters};
+use sealing::{Opening, open_all, seal_all};
 
 use crate::message::owned;
 use crate::message::{Message, Output};
@@ -209,171 +213,6 @@ pub fn stored_offset(store: &SharedStore, topic: &str, partition: i32) -> Result
             })?;
             Ok(Some(i64::from_be_bytes(bytes)))
         }
-    }
-}
-
-#[derive(Clone)]
-struct RunnerMetrics {
-    consumed: IntCounterVec,
-    produced: IntCounterVec,
-    produce_retries: IntCounterVec,
-    batch_seconds: Histogram,
-    lag: IntGaugeVec,
-    panics: prometheus::IntCounter,
-    suppressed: prometheus::IntCounter,
-    shredded: IntCounterVec,
-    erased_outputs: IntCounterVec,
-    state_bytes: prometheus::IntGauge,
-    retention_gap: IntCounterVec,
-    /// 1 while the runner holds on a record whose subject key is missing.
-    missing_key_hold: prometheus::IntGauge,
-    missing_key_skipped: IntCounterVec,
-}
-
-impl RunnerMetrics {
-    fn new(registry: &Registry, service: &str) -> Result<Self> {
-        let reg = |e: prometheus::Error| Error::Invalid(format!("metrics: {e}"));
-        let consumed = IntCounterVec::new(
-            Opts::new(
-                format!("tessera_{service}_consumed_records_total"),
-                "Records consumed from Kafka",
-            ),
-            &["topic"],
-        )
-        .map_err(reg)?;
-        let produced = IntCounterVec::new(
-            Opts::new(
-                format!("tessera_{service}_produced_records_total"),
-                "Records produced and acknowledged",
-            ),
-            &["topic"],
-        )
-        .map_err(reg)?;
-        let produce_retries = IntCounterVec::new(
-            Opts::new(
-                format!("tessera_{service}_produce_retries_total"),
-                "Produce attempts that failed and were retried",
-            ),
-            &["topic"],
-        )
-        .map_err(reg)?;
-        let batch_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                format!("tessera_{service}_batch_duration_seconds"),
-                "Time to process, produce and commit one consumed batch",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ]),
-        )
-        .map_err(reg)?;
-        let lag = IntGaugeVec::new(
-            Opts::new(
-                format!("tessera_{service}_consumer_lag_records"),
-                "Records behind the partition's end",
-            ),
-            &["topic", "partition"],
-        )
-        .map_err(reg)?;
-        registry.register(Box::new(consumed.clone())).map_err(reg)?;
-        registry.register(Box::new(produced.clone())).map_err(reg)?;
-        registry
-            .register(Box::new(produce_retries.clone()))
-            .map_err(reg)?;
-        registry
-            .register(Box::new(batch_seconds.clone()))
-            .map_err(reg)?;
-        registry.register(Box::new(lag.clone())).map_err(reg)?;
-        let panics = prometheus::IntCounter::new(
-            format!("tessera_{service}_processor_panics_total"),
-            "Records dead-lettered because the processor panicked on them",
-        )
-        .map_err(reg)?;
-        registry.register(Box::new(panics.clone())).map_err(reg)?;
-        let suppressed = prometheus::IntCounter::new(
-            format!("tessera_{service}_rebuild_suppressed_outputs_total"),
-            "Outputs not produced again while state was rebuilt by replaying input",
-        )
-        .map_err(reg)?;
-        registry
-            .register(Box::new(suppressed.clone()))
-            .map_err(reg)?;
-        let shredded = IntCounterVec::new(
-            Opts::new(
-                format!("tessera_{service}_shredded_records_total"),
-                "Input records skipped because their subject was erased (their key is gone)",
-            ),
-            &["topic"],
-        )
-        .map_err(reg)?;
-        registry.register(Box::new(shredded.clone())).map_err(reg)?;
-        let erased_outputs = IntCounterVec::new(
-            Opts::new(
-                format!("tessera_{service}_erased_outputs_dropped_total"),
-                "Records not produced because their subject had just been erased",
-            ),
-            &["topic"],
-        )
-        .map_err(reg)?;
-        registry
-            .register(Box::new(erased_outputs.clone()))
-            .map_err(reg)?;
-        let state_bytes = prometheus::IntGauge::new(
-            format!("tessera_{service}_state_size_bytes"),
-            "Live SST bytes of this instance's RocksDB state (read after each batch)",
-        )
-        .map_err(reg)?;
-        registry
-            .register(Box::new(state_bytes.clone()))
-            .map_err(reg)?;
-        let retention_gap = IntCounterVec::new(
-            Opts::new(
-                format!("tessera_{service}_retention_gap_records_total"),
-                "Input records deleted by the topic's retention before this instance's state \
-                 read them (its stored offset was below the partition's first offset)",
-            ),
-            &["topic"],
-        )
-        .map_err(reg)?;
-        registry
-            .register(Box::new(retention_gap.clone()))
-            .map_err(reg)?;
-        let missing_key_hold = prometheus::IntGauge::new(
-            format!("tessera_{service}_missing_key_hold"),
-            "1 while consumption is held on a record sealed with a subject key that the keys \
-             topic does not hold and that was never erased (the keys topic lost records)",
-        )
-        .map_err(reg)?;
-        registry
-            .register(Box::new(missing_key_hold.clone()))
-            .map_err(reg)?;
-        let missing_key_skipped = IntCounterVec::new(
-            Opts::new(
-                format!("tessera_{service}_missing_key_records_skipped_total"),
-                "Records skipped because their subject key is missing, by the operator's \
-                 choice (privacy.skip_missing_keys): their data is lost",
-            ),
-            &["topic"],
-        )
-        .map_err(reg)?;
-        registry
-            .register(Box::new(missing_key_skipped.clone()))
-            .map_err(reg)?;
-        Ok(RunnerMetrics {
-            retention_gap,
-            missing_key_hold,
-            missing_key_skipped,
-            consumed,
-            produced,
-            produce_retries,
-            batch_seconds,
-            lag,
-            panics,
-            suppressed,
-            shredded,
-            erased_outputs,
-            state_bytes,
-        })
     }
 }
 
@@ -697,60 +536,30 @@ pub async fn run<P: Processor>(
 
         // 1. Process (RocksDB reads and CPU work) off the async threads.
         let st = store.clone();
-        let (dead_letter_topic, panics) = (spec.dead_letter_topic.clone(), metrics.panics.clone());
+        let dead_letter_topic = spec.dead_letter_topic.clone();
         // Partitions being rebuilt, as of this batch (pruned once the batch is committed).
         let replaying = ownership.rebuilding();
         let was_rebuilding = !replaying.is_empty();
-        let (suppressed, replayed) = (metrics.suppressed.clone(), replaying.clone());
+        let rebuilding = replaying.clone();
+        let tick_at = tick_now.then(crate::now_ms);
         let (p, result) = tokio::task::spawn_blocking(move || {
-            let mut txn = Txn::new(st.as_ref());
-            let mut out = Vec::new();
-            let r = (|| {
-                for (m, subject) in &mut batch {
-                    m.replayed = replayed
-                        .get(&(m.topic.clone(), m.partition))
-                        .is_some_and(|done| m.offset < *done);
-                    let (savepoint, produced) = (txn.savepoint(), out.len());
-                    let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        processor.process(m, &mut txn, &mut out)
-                    }));
-                    match attempt {
-                        Ok(r) => {
-                            r?;
-                            // What a sealed record's processing dead-letters stays sealed.
-                            seal_dead_letters(&mut out[produced..], &dead_letter_topic, subject);
-                            // A record replayed to rebuild state: its outputs exist already.
-                            if m.replayed {
-                                suppressed.inc_by((out.len() - produced) as u64);
-                                out.truncate(produced);
-                            }
-                        }
-                        Err(panic) => {
-                            // A record that makes the processor panic would do so on every
-                            // replay: undo what it did and dead-letter it, so the service
-                            // does not crash-loop on it.
-                            txn.rollback_to(savepoint);
-                            out.truncate(produced);
-                            let what = panic_message(&panic);
-                            error!(topic = %m.topic, partition = m.partition, offset = m.offset, panic = %what, "record dead-lettered: the processor panicked");
-                            panics.inc();
-                            out.push(dead_letter(&dead_letter_topic, m, &format!("processor panicked: {what}"))?);
-                            seal_dead_letters(&mut out[produced..], &dead_letter_topic, subject);
-                        }
-                    }
-                }
-                if tick_now {
-                    processor.tick(crate::now_ms(), &mut txn, &mut out)?;
-                }
-                Ok::<_, Error>(())
-            })();
-            let r = r.map(|()| (txn.into_batch(), out));
+            let r = core::process_batch(
+                &mut processor,
+                st.as_ref(),
+                &mut batch,
+                &rebuilding,
+                tick_at,
+                &dead_letter_topic,
+            );
             (processor, r)
         })
         .await
         .map_err(|e| Error::Invalid(format!("processor panicked: {e}")))?;
         processor = p;
-        let (mut write, outputs) = result?;
+        let processed = result?;
+        metrics.suppressed.inc_by(processed.suppressed);
+        metrics.panics.inc_by(processed.panicked);
+        let (mut write, outputs) = (processed.write, processed.outputs);
         let Some(outputs) = seal_all(
             spec.vault.as_deref(),
             outputs,
@@ -807,19 +616,10 @@ pub async fn run<P: Processor>(
         processor.committed();
         done.extend(next_offsets.iter().map(|(k, v)| (k.clone(), *v)));
         if was_rebuilding {
-            // A rebuild is over once the partition passed the committed offset.
-            ownership
-                .lock()
-                .rebuilding
-                .retain(|(topic, partition), committed| {
-                    let over = next_offsets
-                        .get(&(topic.clone(), *partition))
-                        .is_some_and(|next| next >= committed);
-                    if over {
-                        info!(%topic, partition, "state rebuilt");
-                    }
-                    !over
-                });
+            let over = core::finished_rebuilds(&mut ownership.lock().rebuilding, &next_offsets);
+            for (topic, partition) in over {
+                info!(%topic, partition, "state rebuilt");
+            }
         }
         if !next_offsets.is_empty() || !outputs.is_empty() {
             metrics
@@ -883,14 +683,6 @@ pub fn dead_letter(topic: &str, msg: &Message, reason: &str) -> Result<Output> {
         msg.topic.clone().into_bytes(),
         d.to_avro()?,
     ))
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }
 
 fn commit_kafka(
