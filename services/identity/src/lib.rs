@@ -8,7 +8,7 @@
 //! the same RocksDB write batch as the graph changes.
 //!
 //! Runs as one active consumer (a merge can touch any two identifiers); the scale-out
-//! design is in ARCHITECTURE.md.
+//! design is in docs/design.md.
 
 pub mod api;
 pub mod fuzzy;
