@@ -89,6 +89,27 @@ pub fn error(status: StatusCode, code: &str, reason: impl Into<String>) -> Respo
         .into_response()
 }
 
+/// A 503 `unavailable`: the state could not be read (or the read panicked).
+pub fn unavailable(e: impl std::fmt::Display) -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        e.to_string(),
+    )
+}
+
+/// Runs a blocking read (RocksDB) on the blocking pool, for a handler; a failed read is
+/// a 503 [`unavailable`].
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> crate::Result<T> + Send + 'static,
+) -> Result<T, Response> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(unavailable(e)),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
 /// Every unknown path, on every service: a JSON refusal like all the others.
 async fn not_found(uri: axum::http::Uri) -> Response {
     error(

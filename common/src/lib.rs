@@ -24,6 +24,7 @@ pub mod suppressions;
 pub mod table;
 pub mod telemetry;
 pub mod text;
+pub mod time;
 pub mod topics;
 pub mod vault;
 

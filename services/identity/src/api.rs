@@ -62,22 +62,10 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-pub(crate) use tessera_common::admin::error;
-
-pub(crate) fn unavailable(e: impl std::fmt::Display) -> Response {
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        e.to_string(),
-    )
-}
+pub(crate) use tessera_common::admin::{error, unavailable};
 
 fn iso(ms: i64) -> Value {
-    use chrono::{SecondsFormat, TimeZone, Utc};
-    match Utc.timestamp_millis_opt(ms).single() {
-        Some(t) => Value::String(t.to_rfc3339_opts(SecondsFormat::Millis, true)),
-        None => Value::Null,
-    }
+    tessera_common::time::iso_millis(ms).map_or(Value::Null, Value::String)
 }
 
 /// The profile's view, or `None` when there is no such profile.
@@ -147,11 +135,7 @@ pub(crate) async fn read<T: Send + 'static>(
     f: impl FnOnce(&SharedStore) -> tessera_common::Result<T> + Send + 'static,
 ) -> Result<T, Response> {
     let store = st.store.clone();
-    match tokio::task::spawn_blocking(move || f(&store)).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(unavailable(e)),
-        Err(e) => Err(unavailable(e)),
-    }
+    tessera_common::admin::blocking(move || f(&store)).await
 }
 
 /// The JSON found, or a 404 with the reason.

@@ -14,7 +14,7 @@
 //!   receive time. An event time further than `future_tolerance_ms` in the future is
 //!   replaced by the receive time (the client value stays in `originalTimestamp`).
 
-use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use tessera_common::suppressions::{Suppressions, identifier_hash};
 
@@ -135,11 +135,9 @@ fn time_value(v: Option<&Value>, name: &str) -> Result<Option<DateTime<Utc>>, Re
     }
 }
 
+/// An out-of-calendar time (refused before it gets here) would show as the epoch.
 fn iso(ms: i64) -> String {
-    Utc.timestamp_millis_opt(ms)
-        .single()
-        .unwrap_or_default()
-        .to_rfc3339_opts(SecondsFormat::Millis, true)
+    tessera_common::time::iso_millis(ms).unwrap_or_else(|| "1970-01-01T00:00:00.000Z".into())
 }
 
 /// Validates one message and turns it into the record for `events.ingested`.

@@ -20,7 +20,6 @@ use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use chrono::{SecondsFormat, TimeZone, Utc};
 use serde_json::{Value, json};
 
 use tessera_common::admin::Caller;
@@ -98,15 +97,10 @@ fn definition_routes(router: Router<ApiState>, base: &str, kind: &'static str) -
         )
 }
 
-use tessera_common::admin::error;
+use tessera_common::admin::{blocking, error};
 
 fn iso(ms: i64) -> Value {
-    match Utc.timestamp_millis_opt(ms).single() {
-        Some(t) if ms != i64::MIN && ms != i64::MAX => {
-            Value::String(t.to_rfc3339_opts(SecondsFormat::Millis, true))
-        }
-        _ => Value::Null,
-    }
+    tessera_common::time::iso_millis(ms).map_or(Value::Null, Value::String)
 }
 
 /// The 360 view of a profile. With `explain`, each trait carries its provenance and
@@ -327,25 +321,6 @@ async fn profile_segments(State(st): State<ApiState>, Path(id): Path<String>) ->
         .into_response(),
         Ok(Loaded::Missing) => error(StatusCode::NOT_FOUND, "not_found", "no such profile"),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
-    }
-}
-
-/// Runs a blocking read on the blocking pool; an error is a 503.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> tessera_common::Result<T> + Send + 'static,
-) -> Result<T, Response> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            e.to_string(),
-        )),
-        Err(e) => Err(error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            e.to_string(),
-        )),
     }
 }
 
