@@ -100,3 +100,43 @@ impl Topics {
         format!("{}{}{}", self.prefix, ACTIVATION_PREFIX, destination)
     }
 }
+
+/// A processor's input topics, resolved once at start: which of its inputs a record came
+/// from, as the processor's own kind, without building topic names per record.
+#[derive(Debug, Clone)]
+pub struct Routes<K: Copy>(Vec<(String, K)>);
+
+impl<K: Copy> Routes<K> {
+    pub fn new(routes: impl IntoIterator<Item = (String, K)>) -> Self {
+        Routes(routes.into_iter().collect())
+    }
+
+    /// The kind of input `topic` is, if it is one.
+    pub fn of(&self, topic: &str) -> Option<K> {
+        self.0.iter().find(|(t, _)| t == topic).map(|(_, k)| *k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_is_routed_by_its_topic() {
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        enum Input {
+            Events,
+            Commands,
+        }
+        let t = Topics {
+            prefix: "t.".into(),
+        };
+        let routes = Routes::new([
+            (t.ingested(), Input::Events),
+            (t.commands(), Input::Commands),
+        ]);
+        assert_eq!(routes.of("t.identity.commands"), Some(Input::Commands));
+        assert_eq!(routes.of("t.events.ingested"), Some(Input::Events));
+        assert_eq!(routes.of("t.events.raw"), None);
+    }
+}

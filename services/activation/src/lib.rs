@@ -38,7 +38,7 @@ use tessera_common::records::{
 };
 use tessera_common::runner::{self, Processor, RunnerSpec};
 use tessera_common::store::Txn;
-use tessera_common::topics::Topics;
+use tessera_common::topics::{Routes, Topics};
 use tessera_common::{Error, Result, service};
 
 use hashing::Platform;
@@ -93,8 +93,18 @@ pub async fn run_with_listener(
 /// Sends are remembered at least this long, to recognise a firing seen twice.
 const REPEAT_WINDOW_MS: i64 = 24 * 3600 * 1000;
 
+/// What a record activation consumes is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Input {
+    Membership,
+    Triggers,
+    PrivacyActions,
+}
+
 pub struct ActivationProcessor {
     topics: Topics,
+    /// The input topics, resolved once.
+    inputs: Routes<Input>,
     pub(crate) destinations: Vec<Destination>,
     /// Data classification: what each destination may receive of event properties.
     pub labels: PrivacyConfig,
@@ -129,6 +139,11 @@ impl ActivationProcessor {
             ))
         })?;
         Ok(ActivationProcessor {
+            inputs: Routes::new([
+                (topics.membership(), Input::Membership),
+                (topics.triggers(), Input::Triggers),
+                (topics.privacy_actions(), Input::PrivacyActions),
+            ]),
             topics,
             destinations,
             labels: PrivacyConfig::default(),
@@ -460,8 +475,8 @@ impl Processor for ActivationProcessor {
     fn process(&mut self, msg: &Message, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
         let bytes = msg.payload.as_deref().unwrap_or_default();
         // Undecodable or unreadable records go to the dead-letter topic with the reason.
-        let handled = if msg.topic == self.topics.membership() {
-            MembershipChange::from_avro(bytes)
+        let handled = match self.inputs.of(&msg.topic) {
+            Some(Input::Membership) => MembershipChange::from_avro(bytes)
                 .and_then(|m| {
                     if !matches!(m.change.as_str(), "enter" | "exit" | "update") {
                         return Err(Error::Invalid(format!(
@@ -475,18 +490,17 @@ impl Processor for ActivationProcessor {
                     }
                     Ok((m, view))
                 })
-                .map(|x| self.on_membership(x, txn, out))
-        } else if msg.topic == self.topics.triggers() {
-            TriggerFired::from_avro(bytes)
+                .map(|x| self.on_membership(x, txn, out)),
+            Some(Input::Triggers) => TriggerFired::from_avro(bytes)
                 .and_then(|t| {
                     let view = View::parse(&t.traits, &t.consent, &t.segments)?;
                     Ok((t, view))
                 })
-                .map(|x| self.on_trigger(x, txn, out))
-        } else if msg.topic == self.topics.privacy_actions() {
-            PrivacyAction::from_avro(bytes).map(|a| self.on_privacy(a, txn, out))
-        } else {
-            Err(Error::Invalid(format!("unexpected topic {}", msg.topic)))
+                .map(|x| self.on_trigger(x, txn, out)),
+            Some(Input::PrivacyActions) => {
+                PrivacyAction::from_avro(bytes).map(|a| self.on_privacy(a, txn, out))
+            }
+            None => Err(Error::Invalid(format!("unexpected topic {}", msg.topic))),
         };
         runner::handled_or_dead_letter(&self.topics.deadletter(), msg, handled, out)?;
         Ok(())

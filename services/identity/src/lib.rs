@@ -39,7 +39,7 @@ use tessera_common::runner::{self, Processor, RunnerSpec};
 use tessera_common::service;
 use tessera_common::store::{SharedStore, Txn};
 use tessera_common::suppressions::Suppressions;
-use tessera_common::topics::Topics;
+use tessera_common::topics::{Routes, Topics};
 use tessera_common::vault::Vault;
 use tessera_common::{Error, Result};
 
@@ -307,8 +307,17 @@ pub fn resolve_identifiers(
     Ok(res)
 }
 
+/// What a record identity consumes is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Input {
+    Events,
+    Commands,
+}
+
 pub struct IdentityProcessor {
     topics: Topics,
+    /// The input topics, resolved once.
+    inputs: Routes<Input>,
     rules: Arc<Rules>,
     /// The subject keys, to name the keys an erasure destroys.
     pub vault: Option<Arc<Vault>>,
@@ -341,6 +350,10 @@ fn counter_vec(admin: &Admin, name: &str, help: &str, labels: &[&str]) -> IntCou
 impl IdentityProcessor {
     pub fn new(topics: Topics, rules: Arc<Rules>, admin: &Admin) -> Self {
         IdentityProcessor {
+            inputs: Routes::new([
+                (topics.ingested(), Input::Events),
+                (topics.commands(), Input::Commands),
+            ]),
             topics,
             rules,
             vault: None,
@@ -621,20 +634,19 @@ impl IdentityProcessor {
 impl Processor for IdentityProcessor {
     fn process(&mut self, msg: &Message, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
         let bytes = msg.payload.as_deref().unwrap_or_default();
-        let applied = if msg.topic == self.topics.commands() {
-            let key = msg.key.as_deref().map(String::from_utf8_lossy);
-            IdentityCommand::from_avro(bytes).map(|c| match c.action.as_str() {
-                "delete" | "suppress" | "unsuppress" | "export" => {
-                    self.on_privacy(&c, key.as_deref().unwrap_or(&c.command_id), txn, out)
-                }
-                _ => self.on_command(c, txn, out),
-            })
-        } else if msg.topic == self.topics.ingested() {
-            let key = msg.key.as_deref().map(String::from_utf8_lossy);
-            IngestedEvent::from_avro(bytes)
-                .map(|e| self.on_event(e, key.as_deref(), msg.replayed, txn, out))
-        } else {
-            Err(Error::Invalid(format!("unexpected topic {}", msg.topic)))
+        let key = msg.key.as_deref().map(String::from_utf8_lossy);
+        let applied = match self.inputs.of(&msg.topic) {
+            Some(Input::Commands) => {
+                IdentityCommand::from_avro(bytes).map(|c| match c.action.as_str() {
+                    "delete" | "suppress" | "unsuppress" | "export" => {
+                        self.on_privacy(&c, key.as_deref().unwrap_or(&c.command_id), txn, out)
+                    }
+                    _ => self.on_command(c, txn, out),
+                })
+            }
+            Some(Input::Events) => IngestedEvent::from_avro(bytes)
+                .map(|e| self.on_event(e, key.as_deref(), msg.replayed, txn, out)),
+            None => Err(Error::Invalid(format!("unexpected topic {}", msg.topic))),
         };
         if runner::handled_or_dead_letter(&self.topics.deadletter(), msg, applied, out)? {
             self.undecodable

@@ -131,6 +131,7 @@ pub async fn run_with_listener(
         ownership: Some(ownership.clone()),
     };
     let processor = state::ProfilesProcessor {
+        inputs: state::Input::routes(&topics),
         topics: topics.clone(),
         catalog: catalog.clone(),
         rules: apply::ApplyRules {

@@ -212,6 +212,7 @@ fn main() {
     );
     let defs = catalog.current();
     let mut p = ProfilesProcessor {
+        inputs: tessera_profiles::state::Input::routes(&topics),
         topics: topics.clone(),
         catalog: catalog.clone(),
         rules: ApplyRules {

@@ -51,7 +51,7 @@ use tessera_common::records::{
 };
 use tessera_common::runner::{self, Ownership, Processor};
 use tessera_common::store::{Store, Txn};
-use tessera_common::topics::Topics;
+use tessera_common::topics::{Routes, Topics};
 use tessera_common::{Error, Result};
 
 use crate::apply::ApplyRules;
@@ -60,8 +60,33 @@ use crate::profile::{Membership, Profile};
 use crate::segments::Touched;
 use crate::triggers;
 
+/// What a record the processor consumes is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Input {
+    Resolved,
+    Merges,
+    Splits,
+    Transfers,
+    PrivacyActions,
+}
+
+impl Input {
+    /// The processor's input topics.
+    pub fn routes(topics: &Topics) -> Routes<Input> {
+        Routes::new([
+            (topics.resolved(), Input::Resolved),
+            (topics.merges(), Input::Merges),
+            (topics.splits(), Input::Splits),
+            (topics.transfers(), Input::Transfers),
+            (topics.privacy_actions(), Input::PrivacyActions),
+        ])
+    }
+}
+
 pub struct ProfilesProcessor {
     pub topics: Topics,
+    /// The input topics, resolved once ([`Input::routes`]).
+    pub inputs: Routes<Input>,
     /// Definitions as the table reader last saw them; installed into `rules.defs`.
     pub catalog: Catalog,
     /// Timeline length, trait strategies and the definitions in force.
@@ -84,18 +109,23 @@ impl Processor for ProfilesProcessor {
     fn process(&mut self, msg: &Message, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
         self.sync_definitions(txn)?;
         let bytes = msg.payload.as_deref().unwrap_or_default();
-        let decoded = if msg.topic == self.topics.resolved() {
-            ResolvedEvent::from_avro(bytes).map(|r| self.on_event(r, txn, out))
-        } else if msg.topic == self.topics.merges() {
-            ProfileMerge::from_avro(bytes).map(|m| self.on_merge(m, txn, out))
-        } else if msg.topic == self.topics.splits() {
-            ProfileSplit::from_avro(bytes).map(|s| self.on_split(s, txn, out))
-        } else if msg.topic == self.topics.transfers() {
-            ProfileTransfer::from_avro(bytes).map(|t| self.on_transfer(t, txn, out))
-        } else if msg.topic == self.topics.privacy_actions() {
-            PrivacyAction::from_avro(bytes).map(|a| self.on_privacy(a, txn, out))
-        } else {
-            Err(Error::Invalid(format!("unexpected topic {}", msg.topic)))
+        let decoded = match self.inputs.of(&msg.topic) {
+            Some(Input::Resolved) => {
+                ResolvedEvent::from_avro(bytes).map(|r| self.on_event(r, txn, out))
+            }
+            Some(Input::Merges) => {
+                ProfileMerge::from_avro(bytes).map(|m| self.on_merge(m, txn, out))
+            }
+            Some(Input::Splits) => {
+                ProfileSplit::from_avro(bytes).map(|s| self.on_split(s, txn, out))
+            }
+            Some(Input::Transfers) => {
+                ProfileTransfer::from_avro(bytes).map(|t| self.on_transfer(t, txn, out))
+            }
+            Some(Input::PrivacyActions) => {
+                PrivacyAction::from_avro(bytes).map(|a| self.on_privacy(a, txn, out))
+            }
+            None => Err(Error::Invalid(format!("unexpected topic {}", msg.topic))),
         };
         runner::handled_or_dead_letter(&self.topics.deadletter(), msg, decoded, out)?;
         Ok(())

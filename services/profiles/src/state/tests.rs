@@ -39,6 +39,7 @@ fn processor_with(docs: &[&str]) -> ProfilesProcessor {
     let catalog = Catalog::default();
     define(&catalog, docs);
     ProfilesProcessor {
+        inputs: Input::routes(&Topics::new(&cfg.topics)),
         topics: Topics::new(&cfg.topics),
         rules: ApplyRules::default(),
         catalog,
