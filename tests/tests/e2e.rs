@@ -754,7 +754,12 @@ async fn health_readiness_and_metrics_are_served_by_every_service() {
     for url in [&p.ingest, &p.identity, &p.profiles, &p.activation] {
         exposed.push_str(&metrics_text(url).await);
     }
-    let runner_source = std::fs::read_to_string(repo_root().join("common/src/runner.rs")).unwrap();
+    // The runner's source: runner.rs and its modules (its metrics are in runner/metrics.rs).
+    let mut runner_source =
+        std::fs::read_to_string(repo_root().join("common/src/runner.rs")).unwrap();
+    for f in std::fs::read_dir(repo_root().join("common/src/runner")).unwrap() {
+        runner_source.push_str(&std::fs::read_to_string(f.unwrap().path()).unwrap());
+    }
     for file in [
         "deploy/monitoring/alerts.yaml",
         "deploy/monitoring/grafana-dashboard.json",

@@ -10,17 +10,7 @@ use tessera_tests::*;
 
 /// The identity API's view of the profile an identifier belongs to.
 async fn identity_lookup(p: &Platform, kind: &str, value: &str) -> Option<Value> {
-    let r = http()
-        .get(format!("{}/v1/identity/lookup", p.identity))
-        .query(&[("type", kind), ("value", value)])
-        .send()
-        .await
-        .ok()?;
-    if r.status().is_success() {
-        r.json().await.ok()
-    } else {
-        None
-    }
+    lookup_at(&p.identity, kind, value).await
 }
 
 async fn wait_identity(

@@ -388,6 +388,21 @@ mod tests {
         Rules::parse(DEFAULT_RULES, "t").unwrap().fuzzy.unwrap()
     }
 
+    /// Katherine (below) as a shop knows her: typos, a flat number, no city.
+    fn katherine_at_the_shop() -> FuzzyRecord {
+        record(
+            "shop",
+            2,
+            &[
+                ("first_name", "katharine"),
+                ("last_name", "jonson"),
+                ("birthday", "1981-04-12"),
+                ("street", "12 oak st 3"),
+                ("postcode", "90210"),
+            ],
+        )
+    }
+
     const KATHERINE: &[(&str, &str)] = &[
         ("first_name", "katherine"),
         ("last_name", "johnson"),
@@ -435,17 +450,7 @@ mod tests {
             ..embedded()
         };
         let mut records = vec![record("crm", 1, KATHERINE)];
-        records.push(record(
-            "shop",
-            2,
-            &[
-                ("first_name", "katharine"),
-                ("last_name", "jonson"),
-                ("birthday", "1981-04-12"),
-                ("street", "12 oak st 3"),
-                ("postcode", "90210"),
-            ],
-        ));
+        records.push(katherine_at_the_shop());
         records.push(record(
             "web",
             3,
@@ -501,17 +506,7 @@ mod tests {
     fn an_erased_record_leaves_the_log() {
         let f = embedded();
         let s = MemStore::default();
-        let shop = record(
-            "shop",
-            2,
-            &[
-                ("first_name", "katharine"),
-                ("last_name", "jonson"),
-                ("birthday", "1981-04-12"),
-                ("street", "12 oak st 3"),
-                ("postcode", "90210"),
-            ],
-        );
+        let shop = katherine_at_the_shop();
         let (links, _) = run(&f, &s, &[record("crm", 1, KATHERINE), shop.clone()], false);
         assert_eq!(links.len(), 1);
         let mut txn = Txn::new(&s);
@@ -543,17 +538,7 @@ mod tests {
     #[test]
     fn the_same_person_with_typos_links_and_her_household_does_not() {
         let f = embedded();
-        let shop = record(
-            "shop",
-            2,
-            &[
-                ("first_name", "katharine"),
-                ("last_name", "jonson"),
-                ("birthday", "1981-04-12"),
-                ("street", "12 oak st 3"),
-                ("postcode", "90210"),
-            ],
-        );
+        let shop = katherine_at_the_shop();
         let got = link(&f, &[record("crm", 1, KATHERINE), shop]);
         assert_eq!(got[1], vec!["crm"], "a typo'd record of the same person");
         let spouse = record(
