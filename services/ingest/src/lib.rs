@@ -5,9 +5,11 @@
 //! `events.ingested`; refused input goes to `events.deadletter` with its reason.
 //! Stateless: scale it as a Deployment.
 
+pub mod body;
 pub mod http;
 pub mod metrics;
 pub mod raw;
+pub mod refusal;
 pub mod validate;
 
 use std::sync::{Arc, OnceLock};

@@ -11,7 +11,7 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use tessera_common::records::AvroRecord;
 use tessera_common::records::{DeadLetter, IngestedEvent};
-use tessera_ingest::http::{Decoding, decode_body, events_of, parse_object};
+use tessera_ingest::body::{Decoding, decode_body, events_of, parse_object};
 use tessera_ingest::validate::{Limits, partition_key};
 
 const ENDPOINTS: [&str; 7] = ["identify", "track", "page", "screen", "group", "alias", "batch"];
