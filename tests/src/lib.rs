@@ -627,3 +627,11 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// `bytes` gzip-compressed (a `Content-Encoding: gzip` body).
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(bytes).unwrap();
+    enc.finish().unwrap()
+}
