@@ -17,7 +17,8 @@
 //!
 //! In RocksDB: `fzd/<a>/<b>` → [`Stored`] for both orders of each linked pair; `fzl/<record
 //! key>`: the record's decisions are logged; `fzm/log-loaded`: the store was seeded from
-//! the log (once, before it processed its first event, [`load`]); `fzm/log-staged/`: the
+//! the log (once, before it processed its first event, [`stage`] then [`finish_load`]);
+//! `fzm/log-staged/`: the
 //! log's records while seeding.
 //!
 //! A replayed record whose decisions are logged applies its logged links whose other
@@ -228,12 +229,12 @@ pub fn forget(txn: &mut Txn<'_>, erased: &[String]) -> Result<Vec<LogRecord>> {
     Ok(out)
 }
 
-/// Whether the store was seeded from the log already ([`load`] does nothing then).
+/// Whether the store was seeded from the log already (it is seeded once in its life).
 pub fn is_loaded(store: &dyn Store) -> Result<bool> {
     Ok(Txn::new(store).get(LOADED)?.is_some())
 }
 
-/// Takes in one record of the log, in the topic's order, while seeding ([`load`]): kept
+/// Takes in one record of the log, in the topic's order, while seeding: kept
 /// aside as it is, a later record of the same key replacing it, so the log's latest
 /// state is what [`finish_load`] expands, however long the log.
 pub fn stage(store: &dyn Store, key: &[u8], value: Option<&[u8]>) -> Result<()> {
@@ -302,29 +303,9 @@ pub fn finish_load(store: &dyn Store) -> Result<LoadCounts> {
     Ok(counts)
 }
 
-/// Seeds a store from the log's records, once in its life (before its first event): a
-/// store rebuilt by replay then takes each logged record's links from it.
-pub fn load(
-    store: &dyn Store,
-    records: impl IntoIterator<Item = (Vec<u8>, Option<Vec<u8>>)>,
-) -> Result<LoadCounts> {
-    if is_loaded(store)? {
-        return Ok(LoadCounts {
-            already: true,
-            ..Default::default()
-        });
-    }
-    for (k, v) in records {
-        stage(store, &k, v.as_deref())?;
-    }
-    finish_load(store)
-}
-
-/// What [`load`] took from the log.
+/// What [`finish_load`] took from the log.
 #[derive(Debug, Default, PartialEq)]
 pub struct LoadCounts {
-    /// The store had been seeded before: nothing read into it.
-    pub already: bool,
     pub records: usize,
     pub versions: usize,
 }
