@@ -70,6 +70,26 @@ pub struct Consent {
     pub via: String,
 }
 
+/// How a profile's membership in a segment moved. The records carry it as text
+/// ([`Transition::as_str`]); a trigger's `when.change` names `enter` or `exit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Enter,
+    Exit,
+    /// Still a member, but the profile's fields changed (activation re-sends them).
+    Update,
+}
+
+impl Transition {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transition::Enter => "enter",
+            Transition::Exit => "exit",
+            Transition::Update => "update",
+        }
+    }
+}
+
 /// Stored as `[version, entered_at]`: a profile holds many, and is read on every event.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(from = "(i32, i64)", into = "(i32, i64)")]

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::computed::{Test, lookup, valid_id, validate_tests};
-use crate::profile::{Pending, Profile};
+use crate::profile::{Pending, Profile, Transition};
 
 /// The longest wait: a leap year.
 const MAX_WAIT_MS: i64 = 366 * 24 * 3600 * 1000;
@@ -135,9 +135,9 @@ impl Trigger {
         self.when.segment.as_deref()
     }
 
-    fn starts_on(&self, segment: &str, change: &str) -> bool {
+    fn starts_on(&self, segment: &str, change: Transition) -> bool {
         self.when.segment.as_deref() == Some(segment)
-            && self.when.change.as_deref().unwrap_or("enter") == change
+            && self.when.change.as_deref().unwrap_or("enter") == change.as_str()
     }
 
     pub fn describe(&self) -> String {
@@ -176,7 +176,7 @@ pub struct Step<'a> {
     /// A track or other call: kind, name, properties, event time, message id, received at.
     pub event: Option<EventSeen<'a>>,
     /// Segment enters and exits of this change: (segment, `enter`|`exit`).
-    pub segment_changes: Vec<(&'a str, &'a str)>,
+    pub segment_changes: Vec<(&'a str, Transition)>,
     /// The cause's id, event time and ingest time (for segment starts).
     pub cause: &'a str,
     pub cause_time: i64,
@@ -242,8 +242,8 @@ pub fn step(triggers: &[Trigger], p: &mut Profile, s: &Step<'_>, fired: &mut Vec
         }
     }
     for (segment, change) in &s.segment_changes {
-        for t in triggers.iter().filter(|t| t.starts_on(segment, change)) {
-            let reason = format!("segment {segment} {change}");
+        for t in triggers.iter().filter(|t| t.starts_on(segment, *change)) {
+            let reason = format!("segment {segment} {}", change.as_str());
             start(
                 t,
                 p,
@@ -475,10 +475,10 @@ mod tests {
         assert_eq!(fired.len(), 1);
         assert_eq!(fired[0].trigger, "big-order");
         let mut s = tick(3);
-        s.segment_changes = vec![("vip", "exit")];
+        s.segment_changes = vec![("vip", Transition::Exit)];
         step(&ts, &mut p, &s, &mut fired);
         assert_eq!(fired.len(), 1, "an exit does not start an enter trigger");
-        s.segment_changes = vec![("vip", "enter")];
+        s.segment_changes = vec![("vip", Transition::Enter)];
         step(&ts, &mut p, &s, &mut fired);
         assert_eq!(fired.len(), 2);
         assert_eq!(fired[1].trigger, "welcome-vip");

@@ -33,11 +33,37 @@ pub(crate) fn index_groups(
     }
 }
 
+/// Why a profile is being re-evaluated: the first word of a membership change's reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Why {
+    Event,
+    Merge,
+    Split,
+    /// A timer: a window's edge or a pending trigger's deadline.
+    Window,
+    /// A back-fill after a definition changed; it starts no segment trigger.
+    Definition,
+    /// A segment's size estimated before it is saved (nothing is written or sent).
+    DryRun,
+}
+
+impl Why {
+    fn as_str(self) -> &'static str {
+        match self {
+            Why::Event => "event",
+            Why::Merge => "merge",
+            Why::Split => "split",
+            Why::Window => "window",
+            Why::Definition => "definition",
+            Why::DryRun => "dry run",
+        }
+    }
+}
+
 /// What caused a change, for deterministic record ids, reasons and timing.
 pub(crate) struct Cause<'a> {
     pub(crate) id: &'a str,
-    /// `event`, `merge`, `split`, `window` (a timer), `definition` (a back-fill).
-    pub(crate) why: &'static str,
+    pub(crate) why: Why,
     pub(crate) event_time: i64,
     pub(crate) received_at: i64,
     /// The event being applied, with its parsed payload (event triggers start and
@@ -63,8 +89,30 @@ impl Snapshot {
     }
 }
 
-/// One membership change: segment, version, `enter`/`exit`/`update`, reason.
-pub type Change = (String, i32, &'static str, String);
+/// One membership change, with its reason (`<why>: <condition>`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub segment: String,
+    pub version: i32,
+    pub transition: Transition,
+    pub reason: String,
+}
+
+impl Change {
+    pub(crate) fn new(
+        segment: &str,
+        version: i32,
+        transition: Transition,
+        reason: String,
+    ) -> Change {
+        Change {
+            segment: segment.to_string(),
+            version,
+            transition,
+            reason,
+        }
+    }
+}
 
 /// Evaluates every segment in dependency order (so `in_segment` sees this evaluation's
 /// result) and updates the profile's memberships; returns the enters and exits, each
@@ -73,7 +121,7 @@ pub fn transitions(
     defs: &DefinitionSet,
     p: &mut Profile,
     at: i64,
-    why: &str,
+    why: Why,
     touched: &Touched,
 ) -> Vec<Change> {
     let mut changes: Vec<Change> = Vec::new();
@@ -93,14 +141,14 @@ pub fn transitions(
                         entered_at: at,
                     },
                 );
-                let reason = format!("{why}: {}", seg.condition.describe());
-                changes.push((seg.id.clone(), seg.version, "enter", reason));
+                let reason = format!("{}: {}", why.as_str(), seg.condition.describe());
+                changes.push(Change::new(&seg.id, seg.version, Transition::Enter, reason));
                 moved.insert(seg.id.clone());
             }
             (Some(_), false) => {
                 p.segments.remove(&seg.id);
-                let reason = format!("{why}: {}", seg.condition.describe());
-                changes.push((seg.id.clone(), seg.version, "exit", reason));
+                let reason = format!("{}: {}", why.as_str(), seg.condition.describe());
+                changes.push(Change::new(&seg.id, seg.version, Transition::Exit, reason));
                 moved.insert(seg.id.clone());
             }
             (Some(m), true) if m.version != seg.version => {
@@ -126,7 +174,12 @@ pub fn transitions(
         .collect();
     for (id, version) in gone {
         p.segments.remove(&id);
-        changes.push((id, version, "exit", "definition removed".into()));
+        changes.push(Change::new(
+            &id,
+            version,
+            Transition::Exit,
+            "definition removed".into(),
+        ));
     }
     changes
 }
@@ -233,11 +286,11 @@ impl ProfilesProcessor {
             message_id: &r.event.message_id,
         });
         let segment_changes = match cause.why {
-            "definition" => Vec::new(),
+            Why::Definition => Vec::new(),
             _ => changes
                 .iter()
-                .filter(|c| c.2 != "update")
-                .map(|c| (c.0.as_str(), c.2))
+                .filter(|c| c.transition != Transition::Update)
+                .map(|c| (c.segment.as_str(), c.transition))
                 .collect(),
         };
         let step = triggers::Step {
@@ -333,11 +386,11 @@ impl ProfilesProcessor {
         let mut changes = transitions(&self.rules.defs, p, cause.event_time, cause.why, touched);
         if fields_changed {
             for (id, m) in &p.segments {
-                if !changes.iter().any(|c| &c.0 == id) {
-                    changes.push((
-                        id.clone(),
+                if !changes.iter().any(|c| &c.segment == id) {
+                    changes.push(Change::new(
+                        id,
                         m.version,
-                        "update",
+                        Transition::Update,
                         "profile fields changed".into(),
                     ));
                 }
@@ -351,7 +404,7 @@ impl ProfilesProcessor {
         &self,
         txn: &mut Txn<'_>,
         p: &Profile,
-        changes: &[(String, i32, &'static str, String)],
+        changes: &[Change],
         cause: &Cause<'_>,
         out: &mut Vec<Output>,
     ) -> Result<()> {
@@ -359,11 +412,12 @@ impl ProfilesProcessor {
             return Ok(());
         }
         let snap = Snapshot::of(p)?;
-        for (segment, version, change, reason) in changes {
-            let delta = match *change {
-                "enter" => 1,
-                "exit" => -1,
-                _ => 0,
+        for c in changes {
+            let (segment, version, change) = (&c.segment, &c.version, c.transition.as_str());
+            let delta = match c.transition {
+                Transition::Enter => 1,
+                Transition::Exit => -1,
+                Transition::Update => 0,
             };
             if delta != 0 {
                 self.count_member(txn, segment, &p.id, delta)?;
@@ -387,7 +441,7 @@ impl ProfilesProcessor {
                 segment_id: segment.clone(),
                 segment_version: *version,
                 change: change.to_string(),
-                reason: reason.clone(),
+                reason: c.reason.clone(),
                 event_time: cause.event_time,
                 received_at: cause.received_at,
                 traits: snap.traits.clone(),
@@ -422,7 +476,7 @@ impl ProfilesProcessor {
         let payload = r.payload();
         let cause = Cause {
             id: &e.message_id,
-            why: "event",
+            why: Why::Event,
             event_time: e.event_time,
             received_at: e.received_at,
             event: Some((&r, &payload)),

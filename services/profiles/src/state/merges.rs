@@ -91,10 +91,10 @@ impl ProfilesProcessor {
         cause: &Cause<'_>,
         out: &mut Vec<Output>,
     ) -> Result<()> {
-        let exits: Vec<(String, i32, &'static str, String)> = p
+        let exits: Vec<Change> = p
             .segments
             .iter()
-            .map(|(id, mem)| (id.clone(), mem.version, "exit", reason.to_string()))
+            .map(|(id, mem)| Change::new(id, mem.version, Transition::Exit, reason.to_string()))
             .collect();
         // The records carry the profile as it is after: in no segment.
         let gone = Profile {
@@ -118,7 +118,7 @@ impl ProfilesProcessor {
         }
         let cause = Cause {
             id: &m.merge_id,
-            why: "merge",
+            why: Why::Merge,
             event_time: m.event_time,
             received_at: m.received_at,
             event: None,
@@ -169,7 +169,7 @@ impl ProfilesProcessor {
         }
         let cause = Cause {
             id: &s.split_id,
-            why: "split",
+            why: Why::Split,
             event_time: s.event_time,
             received_at: s.received_at,
             event: None,
@@ -288,7 +288,7 @@ impl ProfilesProcessor {
         } = serde_json::from_str(&t.state)?;
         let cause = Cause {
             id: &t.transfer_id,
-            why: "merge",
+            why: Why::Merge,
             event_time: moved.last_seen.max(0),
             received_at: t.received_at,
             event: None,

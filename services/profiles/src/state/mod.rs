@@ -56,7 +56,7 @@ use tessera_common::{Error, Result};
 
 use crate::apply::ApplyRules;
 use crate::catalog::{Catalog, DefinitionSet};
-use crate::profile::{Membership, Profile};
+use crate::profile::{Membership, Profile, Transition};
 use crate::segments::Touched;
 use crate::triggers;
 

@@ -182,7 +182,7 @@ pub fn dry_run(
             let mut p: Profile = serde_json::from_slice(v)?;
             ensure_computed(&txn, &mut p, defs, history_limit)?;
             p.refresh_computed(defs, now, &mut Touched::default());
-            transitions(defs, &mut p, now, "dry run", &Touched::all());
+            transitions(defs, &mut p, now, Why::DryRun, &Touched::all());
             res.scanned += 1;
             if p.segments.contains_key(segment) {
                 res.size += 1;

@@ -836,7 +836,7 @@ fn evaluating_the_touched_segments_equals_evaluating_all() {
         };
         step(&mut p, &s, &msg);
         let mut stored = load(&s, &profile).unwrap();
-        let missed = transitions(&p.rules.defs, &mut stored, 0, "check", &Touched::all());
+        let missed = transitions(&p.rules.defs, &mut stored, 0, Why::DryRun, &Touched::all());
         assert!(missed.is_empty(), "after event {i}: {missed:?}");
     }
 }

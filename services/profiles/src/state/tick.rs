@@ -127,7 +127,7 @@ impl ProfilesProcessor {
                 // Stamped with when it was due, not when it fired: the same in a replay.
                 let cause = Cause {
                     id: &cause_id,
-                    why: "window",
+                    why: Why::Window,
                     event_time: due,
                     received_at: due,
                     event: None,
@@ -157,7 +157,7 @@ impl ProfilesProcessor {
         };
         let cause = Cause {
             id: &job.id.clone(),
-            why: "definition",
+            why: Why::Definition,
             event_time: job.started_at,
             received_at: job.started_at,
             event: None,
