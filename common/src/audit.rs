@@ -43,7 +43,7 @@ impl Audit {
         self.producer
             .send(&self.topic, target.as_bytes(), &entry.to_avro()?)
             .await
-            .map_err(|e| crate::Error::Invalid(format!("audit record not written: {e}")))?;
+            .map_err(|e| crate::Error::Broker(format!("audit record not written: {e}")))?;
         Ok(())
     }
 }

@@ -48,17 +48,39 @@ where
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let shutdown = crate::shutdown::on_signals();
         tracing::info!(
             service = name,
             version = env!("CARGO_PKG_VERSION"),
             "starting"
         );
-        run(config, shutdown).await?;
-        tracing::info!(service = name, "stopped");
-        Ok(())
-    })
+        run(config, shutdown).await
+    });
+    drop(runtime);
+    match result {
+        Ok(()) => {
+            tracing::info!(service = name, "stopped");
+            Ok(())
+        }
+        Err(e) => {
+            let retryable = e.is_retryable();
+            tracing::error!(service = name, error = %e, retryable, "stopped by an error");
+            eprintln!("{name}: {e}");
+            std::process::exit(exit_code(&e))
+        }
+    }
+}
+
+/// How a service that stopped by an error exits: 75 (`EX_TEMPFAIL`) when starting it
+/// again later can succeed by itself (the broker was unreachable, a store was busy), 78
+/// (`EX_CONFIG`) for a configuration to fix, 1 for anything else (corrupt state, a bug).
+pub fn exit_code(e: &crate::Error) -> i32 {
+    match e {
+        e if e.is_retryable() => 75,
+        crate::Error::Config(_) => 78,
+        _ => 1,
+    }
 }
 
 /// librdkafka properties that hold a secret without saying so in their name (librdkafka
@@ -109,6 +131,13 @@ fn toml_summary(config: &Config) -> String {
 mod tests {
     use super::*;
     use crate::config::DEMO_SECRETS;
+
+    #[test]
+    fn the_exit_code_says_whether_a_restart_can_help() {
+        assert_eq!(exit_code(&crate::Error::Broker("unreachable".into())), 75);
+        assert_eq!(exit_code(&crate::Error::Config("bad".into())), 78);
+        assert_eq!(exit_code(&crate::Error::Internal("corrupt".into())), 1);
+    }
 
     /// The audit's finding: `--check-config` printed `ssl.key.pem` and
     /// `sasl.oauthbearer.config`, whose names mention no password.

@@ -85,11 +85,11 @@ pub async fn partition_count(cfg: &KafkaConfig, topic: &str) -> Result<i32> {
         let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
         match md.topics().first().map(|t| t.partitions().len()) {
             Some(n) if n > 0 => Ok(n as i32),
-            _ => Err(Error::Invalid(format!("topic {topic} has no partitions"))),
+            _ => Err(Error::Broker(format!("topic {topic} has no partitions"))),
         }
     })
     .await
-    .map_err(|e| Error::Invalid(format!("metadata: {e}")))?
+    .map_err(|e| Error::Broker(format!("metadata: {e}")))?
 }
 
 /// Why a produce did not succeed.
@@ -132,10 +132,10 @@ impl Producer {
             format!("tessera_{service}_producer_rebuilds_total"),
             "Kafka producers rebuilt after a fatal error",
         )
-        .map_err(|e| Error::Invalid(format!("metrics: {e}")))?;
+        .map_err(|e| Error::Internal(format!("metrics: {e}")))?;
         registry
             .register(Box::new(counter.clone()))
-            .map_err(|e| Error::Invalid(format!("metrics: {e}")))?;
+            .map_err(|e| Error::Internal(format!("metrics: {e}")))?;
         let _ = self.rebuilds_metric.set(counter);
         Ok(())
     }
@@ -302,7 +302,7 @@ async fn check_login(kafka: &KafkaConfig) -> Result<()> {
         Ok(())
     })
     .await
-    .map_err(|e| Error::Invalid(format!("login check: {e}")))?
+    .map_err(|e| Error::Broker(format!("login check: {e}")))?
 }
 
 /// With `topics.create`: creates the topics that do not exist yet (partitions,
@@ -366,7 +366,7 @@ async fn check_compacted(
             return Ok(());
         }
         if std::time::Instant::now() > deadline {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Broker(format!(
                 "the brokers did not describe the settings of topics {unknown:?} within 30 s"
             )));
         }
@@ -389,7 +389,7 @@ async fn check_compacted_once(
         let a = admin.clone();
         tokio::task::spawn_blocking(move || a.inner().fetch_metadata(None, Duration::from_secs(10)))
             .await
-            .map_err(|e| Error::Invalid(format!("reading the topics' metadata: {e}")))??
+            .map_err(|e| Error::Broker(format!("reading the topics' metadata: {e}")))??
     };
     let specs: Vec<ResourceSpecifier<'_>> = compacted
         .iter()
@@ -403,7 +403,7 @@ async fn check_compacted_once(
     let mut unknown = Vec::new();
     for described in admin.describe_configs(specs.iter(), &opts).await? {
         let resource = described
-            .map_err(|code| Error::Invalid(format!("reading a topic's settings: {code}")))?;
+            .map_err(|code| Error::Broker(format!("reading a topic's settings: {code}")))?;
         let rdkafka::admin::OwnedResourceSpecifier::Topic(name) = &resource.specifier else {
             continue;
         };
@@ -535,7 +535,7 @@ async fn create_topics(
                         Ok(name) => info!(topic = %name, "created topic"),
                         Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                         Err((name, code)) => {
-                            return Err(Error::Invalid(format!("creating topic {name}: {code}")));
+                            return Err(Error::Broker(format!("creating topic {name}: {code}")));
                         }
                     }
                 }
@@ -584,7 +584,7 @@ async fn wait_for_metadata(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    Err(Error::Invalid(format!(
+    Err(Error::Broker(format!(
         "topics {names:?} did not appear in the brokers' metadata within 30 s"
     )))
 }

@@ -57,7 +57,8 @@ use crate::message::{Message, Output};
 
 /// A service's logic. It must be deterministic in its inputs and state: a replayed batch
 /// must give the same outputs. A record it cannot use (undecodable, invalid) is its own
-/// business (dead-letter it, count it); an `Err` means the service cannot go on.
+/// business: dead-letter it itself, or return [`Error::Data`] and the runner does (the
+/// record's effects undone); any other `Err` means the service cannot go on.
 pub trait Processor: Send + 'static {
     fn process(&mut self, msg: &Message, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()>;
 
@@ -206,7 +207,7 @@ pub fn stored_offset(store: &SharedStore, topic: &str, partition: i32) -> Result
         None => Ok(None),
         Some(v) => {
             let bytes: [u8; 8] = v.as_slice().try_into().map_err(|_| {
-                Error::Invalid(format!(
+                Error::Internal(format!(
                     "stored offset of {topic}/{partition} is corrupt ({} bytes)",
                     v.len()
                 ))
@@ -446,7 +447,7 @@ pub async fn run<P: Processor>(
         let st = store.clone();
         tokio::task::spawn_blocking(move || resume_purge(&st))
             .await
-            .map_err(|e| Error::Invalid(format!("purge panicked: {e}")))??;
+            .map_err(|e| Error::Internal(format!("purge panicked: {e}")))??;
     }
     let ownership = spec.ownership.clone();
     let paused = match spec.sole_consumer {
@@ -457,10 +458,10 @@ pub async fn run<P: Processor>(
                 "Assigned partitions held paused because another instance shares the group \
                  of a service that must be its only consumer",
             )
-            .map_err(|e| Error::Invalid(format!("metrics: {e}")))?;
+            .map_err(|e| Error::Internal(format!("metrics: {e}")))?;
             registry
                 .register(Box::new(g.clone()))
-                .map_err(|e| Error::Invalid(format!("metrics: {e}")))?;
+                .map_err(|e| Error::Internal(format!("metrics: {e}")))?;
             Some(g)
         }
     };
@@ -554,11 +555,12 @@ pub async fn run<P: Processor>(
             (processor, r)
         })
         .await
-        .map_err(|e| Error::Invalid(format!("processor panicked: {e}")))?;
+        .map_err(|e| Error::Internal(format!("processor panicked: {e}")))?;
         processor = p;
         let processed = result?;
         metrics.suppressed.inc_by(processed.suppressed);
         metrics.panics.inc_by(processed.panicked);
+        metrics.unusable.inc_by(processed.unusable);
         let (mut write, outputs) = (processed.write, processed.outputs);
         let Some(outputs) = seal_all(
             spec.vault.as_deref(),

@@ -57,7 +57,7 @@ pub async fn follow_from(
                     .flat_map(|t| t.partitions().iter().map(|p| p.id()))
                     .collect();
                 if partitions.is_empty() {
-                    return Err(Error::Invalid(format!("topic {topic} has no partitions")));
+                    return Err(Error::Broker(format!("topic {topic} has no partitions")));
                 }
                 let mut tpl = TopicPartitionList::new();
                 let mut ends = Vec::new();
@@ -133,11 +133,11 @@ pub async fn follow_from(
                 }
             }
         })
-        .map_err(|e| Error::Invalid(format!("cannot start the table reader: {e}")))?;
+        .map_err(|e| Error::Internal(format!("cannot start the table reader: {e}")))?;
     match tokio::time::timeout(Duration::from_secs(120), ready).await {
         Ok(Ok(r)) => r,
-        Ok(Err(_)) => Err(Error::Invalid("the table reader stopped".into())),
-        Err(_) => Err(Error::Invalid(
+        Ok(Err(_)) => Err(Error::Internal("the table reader stopped".into())),
+        Err(_) => Err(Error::Broker(
             "the table was not read within 120 s (is the broker reachable?)".into(),
         )),
     }

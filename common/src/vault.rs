@@ -199,7 +199,7 @@ impl Vault {
                 .send(&self.topic, SECRET_RECORD_KEY.as_bytes(), mine.as_bytes())
                 .await
                 .map_err(|e| {
-                    Error::Invalid(format!("the secret's fingerprint was not stored: {e}"))
+                    Error::Broker(format!("the secret's fingerprint was not stored: {e}"))
                 })?;
             // Read it back: of instances starting at once with different secrets, the
             // last record wins and the others refuse to start. A cluster still electing
@@ -227,7 +227,7 @@ impl Vault {
 
     fn producer(&self) -> Result<&Producer> {
         self.producer.as_deref().ok_or_else(|| {
-            Error::Invalid("this vault only opens records: it has no producer".into())
+            Error::Internal("this vault only opens records: it has no producer".into())
         })
     }
 
@@ -300,7 +300,7 @@ impl Vault {
                 &record.to_avro()?,
             )
             .await
-            .map_err(|e| Error::Invalid(format!("the subject key was not stored: {e}")))?;
+            .map_err(|e| Error::Broker(format!("the subject key was not stored: {e}")))?;
         self.keyring.add(s, &key_id, &key)
     }
 
@@ -311,7 +311,7 @@ impl Vault {
         let nonce: [u8; 12] = rand::random();
         let ct = cipher(&key)
             .encrypt(Nonce::from_slice(&nonce), plain)
-            .map_err(|e| Error::Invalid(format!("sealing failed: {e}")))?;
+            .map_err(|e| Error::Internal(format!("sealing failed: {e}")))?;
         let mut out = Vec::with_capacity(HEADER_LEN + ct.len());
         out.extend_from_slice(&SEAL_MARKER);
         out.extend_from_slice(s);
@@ -395,7 +395,7 @@ impl Vault {
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.applied.load(Ordering::Acquire).max(low) < high {
             if Instant::now() > deadline {
-                return Err(Error::Invalid(
+                return Err(Error::Broker(
                     "the keys topic was not read to its end within 10 s".into(),
                 ));
             }
@@ -410,7 +410,7 @@ impl Vault {
     /// tells an erased key from a missing one.
     pub fn erasure_record(record_key: &str) -> Result<Vec<u8>> {
         let (s, id) = parse_record_key(record_key.as_bytes())
-            .ok_or_else(|| Error::Invalid("not a subject key's record key".into()))?;
+            .ok_or_else(|| Error::Data("not a subject key's record key".into()))?;
         SubjectKey {
             subject: hex(&s),
             key_id: hex(&id),
@@ -455,7 +455,7 @@ impl Vault {
         )
         .await;
         for r in sent {
-            r.map_err(|e| Error::Invalid(format!("an expired key was not swept: {e}")))?;
+            r.map_err(|e| Error::Broker(format!("an expired key was not swept: {e}")))?;
         }
         Ok(expired.len())
     }

@@ -149,7 +149,7 @@ async fn runner_commits_state_and_offsets_together_across_a_crash() {
             out: &mut Vec<Output>,
         ) -> tessera_common::Result<()> {
             if self.crash_at == Some(msg.offset) && msg.partition == 0 {
-                return Err(tessera_common::Error::Invalid("simulated crash".into()));
+                return Err(tessera_common::Error::Internal("simulated crash".into()));
             }
             if msg.offset == POISON && msg.partition == 1 {
                 txn.put(b"poison/written".to_vec(), b"x".to_vec());

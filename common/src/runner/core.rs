@@ -5,7 +5,9 @@
 //! - Each record is processed in order on one [`Txn`]; a record whose processing
 //!   panics is undone (the transaction rolls back to before it, its outputs dropped) and
 //!   dead-lettered with the panic's message, so a poison record cannot crash-loop the
-//!   service. An `Err` from the processor fails the whole batch (it is retried).
+//!   service. A record the processor cannot use ([`Error::Data`]) is undone and
+//!   dead-lettered the same way, with its reason; any other `Err` fails the whole batch
+//!   (the service stops with it, and the batch is processed again after a restart).
 //! - A record below the committed offset of a partition being rebuilt is replayed: it
 //!   is marked ([`Message::replayed`]) and its outputs are dropped (downstream has them).
 //! - What a sealed record's processing dead-letters stays sealed with its subject.
@@ -13,10 +15,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::Result;
 use crate::ids::SubjectHash;
 use crate::message::{Message, Output};
 use crate::store::{Store, Txn, WriteBatch};
+use crate::{Error, Result};
 
 use super::sealing::seal_dead_letters;
 use super::{Processor, dead_letter};
@@ -29,6 +31,8 @@ pub(super) struct Processed {
     pub suppressed: u64,
     /// Records whose processing panicked, dead-lettered.
     pub panicked: u64,
+    /// Records the processor could not use ([`crate::Error::Data`]), dead-lettered.
+    pub unusable: u64,
 }
 
 /// Processes `batch` (opened records with the subject they were sealed for) on one
@@ -45,7 +49,7 @@ pub(super) fn process_batch<P: Processor>(
 ) -> Result<Processed> {
     let mut txn = Txn::new(store);
     let mut out = Vec::new();
-    let (mut suppressed, mut panicked) = (0, 0);
+    let (mut suppressed, mut panicked, mut unusable) = (0, 0, 0);
     for (m, subject) in batch.iter_mut() {
         m.replayed = rebuilding
             .get(&(m.topic.clone(), m.partition))
@@ -54,29 +58,32 @@ pub(super) fn process_batch<P: Processor>(
         let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             processor.process(m, &mut txn, &mut out)
         }));
-        match attempt {
-            Ok(r) => {
-                r?;
+        let refused = match attempt {
+            Ok(Ok(())) => {
                 seal_dead_letters(&mut out[produced..], dead_letter_topic, subject);
                 if m.replayed {
                     suppressed += (out.len() - produced) as u64;
                     out.truncate(produced);
                 }
+                continue;
             }
+            Ok(Err(Error::Data(why))) => {
+                tracing::warn!(topic = %m.topic, partition = m.partition, offset = m.offset, reason = %why, "record dead-lettered: the processor cannot use it");
+                unusable += 1;
+                why
+            }
+            Ok(Err(e)) => return Err(e),
             Err(panic) => {
-                txn.rollback_to(savepoint);
-                out.truncate(produced);
                 let what = panic_message(&panic);
                 tracing::error!(topic = %m.topic, partition = m.partition, offset = m.offset, panic = %what, "record dead-lettered: the processor panicked");
                 panicked += 1;
-                out.push(dead_letter(
-                    dead_letter_topic,
-                    m,
-                    &format!("processor panicked: {what}"),
-                )?);
-                seal_dead_letters(&mut out[produced..], dead_letter_topic, subject);
+                format!("processor panicked: {what}")
             }
-        }
+        };
+        txn.rollback_to(savepoint);
+        out.truncate(produced);
+        out.push(dead_letter(dead_letter_topic, m, &refused)?);
+        seal_dead_letters(&mut out[produced..], dead_letter_topic, subject);
     }
     if let Some(now) = tick_at {
         processor.tick(now, &mut txn, &mut out)?;
@@ -86,6 +93,7 @@ pub(super) fn process_batch<P: Processor>(
         outputs: out,
         suppressed,
         panicked,
+        unusable,
     })
 }
 
@@ -141,7 +149,8 @@ mod tests {
             ));
             match body.as_str() {
                 "boom" => panic!("boom at {}", msg.offset),
-                "fail" => Err(crate::Error::Invalid("failed".into())),
+                "fail" => Err(crate::Error::Internal("failed".into())),
+                "unusable" => Err(crate::Error::Data(format!("unusable at {}", msg.offset))),
                 _ => Ok(()),
             }
         }
@@ -207,8 +216,28 @@ mod tests {
         assert_eq!(p.panicked, 1);
     }
 
+    /// A record the processor says it cannot use (`Error::Data`) was a failed batch: the
+    /// service stopped, restarted and met the same record again, for ever.
     #[test]
-    fn an_error_fails_the_whole_batch() {
+    fn an_unusable_record_is_undone_and_dead_lettered_with_its_reason() {
+        let mut batch = vec![
+            record(0, 1, "a"),
+            record(0, 2, "unusable"),
+            record(0, 3, "b"),
+        ];
+        let (s, r) = run(&mut batch, &HashMap::new(), None);
+        let p = r.expect("the batch goes on");
+        s.write(p.write).unwrap();
+        assert_eq!(keys(&s), ["seen/a", "seen/b"], "its write is undone");
+        let topics: Vec<&str> = p.outputs.iter().map(|o| o.topic.as_str()).collect();
+        assert_eq!(topics, ["echo", "dead", "echo"]);
+        let d = DeadLetter::from_avro(&p.outputs[1].payload).unwrap();
+        assert!(d.reason.contains("unusable at 2"), "{}", d.reason);
+        assert_eq!((p.unusable, p.panicked), (1, 0));
+    }
+
+    #[test]
+    fn any_other_error_fails_the_whole_batch() {
         let mut batch = vec![record(0, 1, "a"), record(0, 2, "fail")];
         assert!(run(&mut batch, &HashMap::new(), None).1.is_err());
     }

@@ -13,6 +13,7 @@ pub(super) struct RunnerMetrics {
     pub(super) batch_seconds: Histogram,
     pub(super) lag: IntGaugeVec,
     pub(super) panics: prometheus::IntCounter,
+    pub(super) unusable: prometheus::IntCounter,
     pub(super) suppressed: prometheus::IntCounter,
     pub(super) shredded: IntCounterVec,
     pub(super) erased_outputs: IntCounterVec,
@@ -25,7 +26,7 @@ pub(super) struct RunnerMetrics {
 
 impl RunnerMetrics {
     pub(super) fn new(registry: &Registry, service: &str) -> Result<Self> {
-        let reg = |e: prometheus::Error| Error::Invalid(format!("metrics: {e}"));
+        let reg = |e: prometheus::Error| Error::Internal(format!("metrics: {e}"));
         let consumed = IntCounterVec::new(
             Opts::new(
                 format!("tessera_{service}_consumed_records_total"),
@@ -83,6 +84,12 @@ impl RunnerMetrics {
         )
         .map_err(reg)?;
         registry.register(Box::new(panics.clone())).map_err(reg)?;
+        let unusable = prometheus::IntCounter::new(
+            format!("tessera_{service}_unusable_records_total"),
+            "Records dead-lettered because the processor could not use them",
+        )
+        .map_err(reg)?;
+        registry.register(Box::new(unusable.clone())).map_err(reg)?;
         let suppressed = prometheus::IntCounter::new(
             format!("tessera_{service}_rebuild_suppressed_outputs_total"),
             "Outputs not produced again while state was rebuilt by replaying input",
@@ -162,6 +169,7 @@ impl RunnerMetrics {
             batch_seconds,
             lag,
             panics,
+            unusable,
             suppressed,
             shredded,
             erased_outputs,

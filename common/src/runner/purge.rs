@@ -36,7 +36,7 @@ pub(super) async fn commit_state(store: &SharedStore, mut write: WriteBatch) -> 
         Ok(())
     })
     .await
-    .map_err(|e| Error::Invalid(format!("state write panicked: {e}")))?
+    .map_err(|e| Error::Internal(format!("state write panicked: {e}")))?
 }
 
 fn purged(store: &SharedStore) -> Result<()> {
@@ -106,7 +106,7 @@ mod tests {
                 .failures_left
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             {
-                Ok(_) => Err(Error::Invalid("disk full".into())),
+                Ok(_) => Err(Error::Io(std::io::Error::other("disk full"))),
                 Err(_) => Ok(()),
             }
         }

@@ -127,7 +127,7 @@ pub(super) async fn seal_all(
         return Ok(Some(outputs));
     }
     let Some(v) = vault else {
-        return Err(Error::Invalid(
+        return Err(Error::Internal(
             "records must be sealed, and this runner has no vault".into(),
         ));
     };

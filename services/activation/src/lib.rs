@@ -479,7 +479,7 @@ impl Processor for ActivationProcessor {
             Some(Input::Membership) => MembershipChange::from_avro(bytes)
                 .and_then(|m| {
                     if !matches!(m.change.as_str(), "enter" | "exit" | "update") {
-                        return Err(Error::Invalid(format!(
+                        return Err(Error::Data(format!(
                             "unknown membership change {:?}",
                             m.change
                         )));
@@ -500,7 +500,7 @@ impl Processor for ActivationProcessor {
             Some(Input::PrivacyActions) => {
                 PrivacyAction::from_avro(bytes).map(|a| self.on_privacy(a, txn, out))
             }
-            None => Err(Error::Invalid(format!("unexpected topic {}", msg.topic))),
+            None => Err(Error::Internal(format!("unexpected topic {}", msg.topic))),
         };
         runner::handled_or_dead_letter(&self.topics.deadletter(), msg, handled, out)?;
         Ok(())

@@ -62,11 +62,11 @@ pub struct View {
 impl View {
     pub fn parse(traits: &str, consent: &str, segments: &[String]) -> Result<View> {
         let fields: Map<String, Value> = serde_json::from_str(traits)
-            .map_err(|e| Error::Invalid(format!("traits are not a JSON object: {e}")))?;
+            .map_err(|e| Error::Data(format!("traits are not a JSON object: {e}")))?;
         // Empty: a record that carries no consent (none is known).
         let consent = if consent.is_empty() { "{}" } else { consent };
         let raw: BTreeMap<String, Decision> = serde_json::from_str(consent)
-            .map_err(|e| Error::Invalid(format!("consent is not readable: {e}")))?;
+            .map_err(|e| Error::Data(format!("consent is not readable: {e}")))?;
         let mut consent: BTreeMap<String, Decision> = BTreeMap::new();
         for (k, d) in raw {
             let k = k.to_lowercase();

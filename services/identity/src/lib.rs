@@ -646,7 +646,7 @@ impl Processor for IdentityProcessor {
             }
             Some(Input::Events) => IngestedEvent::from_avro(bytes)
                 .map(|e| self.on_event(e, key.as_deref(), msg.replayed, txn, out)),
-            None => Err(Error::Invalid(format!("unexpected topic {}", msg.topic))),
+            None => Err(Error::Internal(format!("unexpected topic {}", msg.topic))),
         };
         if runner::handled_or_dead_letter(&self.topics.deadletter(), msg, applied, out)? {
             self.undecodable

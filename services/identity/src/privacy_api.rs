@@ -160,13 +160,11 @@ async fn create(
         let sealed = st.vault.seal(&subject_hash(&key), &cmd.to_avro()?).await?;
         st.producer
             .send(&st.commands_topic, key.as_bytes(), &sealed)
-            .await
-            .map_err(|e| tessera_common::Error::Invalid(e.to_string()))?;
+            .await?;
         let report = accepted.to_avro()?;
         st.producer
             .send(&st.reports_topic, accepted.key().as_bytes(), &report)
-            .await
-            .map_err(|e| tessera_common::Error::Invalid(e.to_string()))?;
+            .await?;
         st.reports.insert(&accepted, report);
         Ok::<_, tessera_common::Error>(())
     };

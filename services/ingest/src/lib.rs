@@ -201,7 +201,7 @@ pub async fn run_with_listener(
     admin::serve(listener, router, &config.http, shutdown.clone()).await?;
     background
         .await
-        .map_err(|e| tessera_common::Error::Invalid(format!("raw consumer task: {e}")))??;
+        .map_err(|e| tessera_common::Error::Internal(format!("raw consumer task: {e}")))??;
     producer.flush(tessera_common::shutdown::GRACE);
     Ok(())
 }

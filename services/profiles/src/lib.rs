@@ -53,8 +53,7 @@ pub async fn publish(
     let key = format!("{}/{}", change.kind, change.id);
     producer
         .send(&topics.definitions(), key.as_bytes(), &change.to_avro()?)
-        .await
-        .map_err(|e| Error::Invalid(e.to_string()))?;
+        .await?;
     for _ in 0..200 {
         if catalog
             .record(&change.kind, &change.id)

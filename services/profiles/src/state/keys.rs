@@ -99,7 +99,7 @@ pub fn live_id(get: impl Fn(&[u8]) -> Result<Option<Vec<u8>>>, id: &str) -> Resu
             None => return Ok(cur),
         }
     }
-    Err(Error::Invalid(format!(
+    Err(Error::Internal(format!(
         "redirect chain from profile {id} is too long"
     )))
 }

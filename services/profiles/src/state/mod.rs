@@ -125,7 +125,7 @@ impl Processor for ProfilesProcessor {
             Some(Input::PrivacyActions) => {
                 PrivacyAction::from_avro(bytes).map(|a| self.on_privacy(a, txn, out))
             }
-            None => Err(Error::Invalid(format!("unexpected topic {}", msg.topic))),
+            None => Err(Error::Internal(format!("unexpected topic {}", msg.topic))),
         };
         runner::handled_or_dead_letter(&self.topics.deadletter(), msg, decoded, out)?;
         Ok(())
