@@ -21,7 +21,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aes_gcm::aead::{Aead, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
@@ -128,8 +128,10 @@ pub struct Vault {
     producer: Option<Arc<Producer>>,
     keyring: Arc<Keyring>,
     lifetime: Lifetime,
-    /// The next offset of the keys topic not applied yet.
+    /// The next offset of the keys topic not applied yet...
     applied: Arc<AtomicI64>,
+    /// ...announced to [`Vault::catch_up`] each time it moves.
+    arrived: Arc<tokio::sync::Notify>,
     /// Asks the broker where the keys topic ends (`None`: a vault of fixed keys).
     watermarks: Option<std::sync::Mutex<BaseConsumer>>,
 }
@@ -160,7 +162,8 @@ impl Vault {
             }
         }
         let applied = Arc::new(AtomicI64::new(from));
-        let (k, a) = (keyring.clone(), applied.clone());
+        let arrived = Arc::new(tokio::sync::Notify::new());
+        let (k, a, n) = (keyring.clone(), applied.clone(), arrived.clone());
         crate::table::follow_from(
             kafka,
             &topic,
@@ -174,6 +177,7 @@ impl Vault {
                     return;
                 }
                 a.store(m.offset + 1, Ordering::Release);
+                n.notify_waiters();
             },
             shutdown,
         )
@@ -184,6 +188,7 @@ impl Vault {
             keyring,
             lifetime: keeping.lifetime,
             applied,
+            arrived,
             watermarks: Some(std::sync::Mutex::new(watermarks)),
         }))
     }
@@ -331,6 +336,7 @@ impl Vault {
             keyring: Arc::new(Keyring::new(keeping.store, keeping.cache_subjects)),
             lifetime: keeping.lifetime,
             applied: Arc::default(),
+            arrived: Arc::default(),
             watermarks: None,
         }
     }
@@ -392,16 +398,22 @@ impl Vault {
         };
         // Records below the first offset are gone (deleted or truncated): there is
         // nothing to wait for there.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.applied.load(Ordering::Acquire).max(low) < high {
-            if Instant::now() > deadline {
+        // Woken as each keys record is applied (it was a 10 ms poll: a new visitor's
+        // first record, which usually arrives just before its key, waited for it).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if self.applied.load(Ordering::Acquire).max(low) >= high {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
                 return Err(Error::Broker(
                     "the keys topic was not read to its end within 10 s".into(),
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Ok(())
     }
 
     /// The record that erases one key (named by its record key on the keys topic, as

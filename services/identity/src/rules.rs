@@ -648,7 +648,10 @@ pub fn normalise(how: Normalise, raw: &str, region: phonenumber::country::Id) ->
             let reads_back = |r: Option<phonenumber::country::Id>| -> Option<bool> {
                 Some(e164(&phonenumber::parse(r, &stored).ok()?)? == stored)
             };
-            (reads_back(None)? && reads_back(Some(region))?).then_some(stored.clone())?
+            // Typed as stored already (the usual E.164 input): read back with the region
+            // is the parse just done.
+            let with_region = stored == t || reads_back(Some(region))?;
+            (reads_back(None)? && with_region).then_some(stored.clone())?
         }
         Normalise::Name => text::fold(t, false),
         Normalise::Text => t

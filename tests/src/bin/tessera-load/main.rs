@@ -26,6 +26,8 @@
 //! Both pipeline and null first send `--warmup` seconds of traffic that is not measured (page views, which
 //! cause no activation; records the null reader ignores).
 
+mod bench;
+
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
@@ -104,7 +106,13 @@ enum Mode {
         warmup: u64,
         #[arg(long, default_value_t = 4)]
         hops: usize,
+        /// Relays tuned for latency (linger 0, fetch wait 2 ms) that go on consuming
+        /// while their sends are acknowledged.
+        #[arg(long)]
+        pipelined: bool,
     },
+    /// A running platform's CPU per event and latency, measured from outside.
+    Bench(bench::Bench),
 }
 
 fn now_us() -> i64 {
@@ -139,7 +147,9 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             warmup,
             hops,
-        } => null(rate, seconds, warmup, hops).await,
+            pipelined,
+        } => null(rate, seconds, warmup, hops, pipelined).await,
+        Mode::Bench(b) => bench::bench(b).await,
         Mode::Live { people, events } => live(people, events).await,
         Mode::Overload {
             concurrency,
@@ -228,7 +238,7 @@ async fn pipeline(rate: u64, seconds: u64, warmup: u64, batch: usize) -> anyhow:
         platform.topics().activation("email-demo"),
         total,
         Duration::from_secs(seconds + 30),
-        |payload| {
+        |payload, _| {
             Activation::decode(payload)
                 .ok()
                 .map(|a| now_us() - a.received_at * 1000)
@@ -312,7 +322,7 @@ async fn read_latencies(
     topic: String,
     expected: u64,
     timeout: Duration,
-    latency_us: impl Fn(&[u8]) -> Option<i64> + Send + 'static,
+    latency_us: impl Fn(&[u8], Option<i64>) -> Option<i64> + Send + 'static,
 ) -> anyhow::Result<(Histogram<u64>, Duration)> {
     let consumer = reader()?;
     consumer.subscribe(&[&topic])?;
@@ -320,7 +330,7 @@ async fn read_latencies(
     let started = Instant::now();
     while h.len() < expected && started.elapsed() < timeout {
         if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await
-            && let Some(us) = latency_us(m.payload().unwrap_or_default())
+            && let Some(us) = latency_us(m.payload().unwrap_or_default(), m.timestamp().to_millis())
         {
             h.record(us.max(0) as u64)?;
         }
@@ -328,10 +338,55 @@ async fn read_latencies(
     Ok((h, started.elapsed()))
 }
 
-async fn null(rate: u64, seconds: u64, warmup: u64, hops: usize) -> anyhow::Result<()> {
-    let cfg = Config::demo();
-    let mut kafka = cfg.kafka.clone();
+async fn null(
+    rate: u64,
+    seconds: u64,
+    warmup: u64,
+    hops: usize,
+    pipelined: bool,
+) -> anyhow::Result<()> {
+    let (h, wall) = relays(rate, seconds, warmup, hops, pipelined).await?;
+    let kafka = relay_settings(pipelined);
+    println!(
+        "null pipeline: {rate} records/s for {seconds} s after {warmup} s of warm-up, {hops} consume→produce hops, linger {} ms, fetch wait {} ms, {}",
+        kafka.linger_ms,
+        kafka.fetch_wait_max_ms,
+        if pipelined {
+            "sends pipelined"
+        } else {
+            "each batch's acknowledgements awaited"
+        }
+    );
+    report("produce → last hop consumed", &h, rate * seconds, wall);
+    Ok(())
+}
+
+/// The services' Kafka settings, or (`pipelined`) those of a relay tuned for latency:
+/// linger 0, fetch wait 2 ms.
+fn relay_settings(pipelined: bool) -> tessera_common::config::KafkaConfig {
+    let mut kafka = Config::demo().kafka;
     kafka.bootstrap = bootstrap().to_string();
+    if pipelined {
+        kafka.linger_ms = 0;
+        kafka.fetch_wait_max_ms = 2;
+    }
+    kafka
+}
+
+/// A chain of `hops` plain rdkafka consume → produce relays on fresh topics, `rate`
+/// records a second for `seconds` (after `warmup`): the latency from producing to
+/// reading the last hop. A relay takes what is ready and sends it; `pipelined`, it goes
+/// on consuming while the acknowledgements come (acks=all and idempotence keep order and
+/// durability); otherwise it waits for them, as the services do.
+pub(crate) async fn relays(
+    rate: u64,
+    seconds: u64,
+    warmup: u64,
+    hops: usize,
+    pipelined: bool,
+) -> anyhow::Result<(Histogram<u64>, Duration)> {
+    let cfg = Config::demo();
+    let kafka = relay_settings(pipelined);
     let prefix = format!("null-{}.", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let topics: Vec<String> = (0..=hops).map(|i| format!("{prefix}hop{i}")).collect();
     let topics_cfg = tessera_common::config::TopicsConfig {
@@ -364,13 +419,21 @@ async fn null(rate: u64, seconds: u64, warmup: u64, hops: usize) -> anyhow::Resu
                         _ => break,
                     }
                 }
-                let sends = batch.iter().map(|m| {
-                    let rec = FutureRecord::to(&out)
-                        .key(m.key().unwrap_or_default())
-                        .payload(m.payload().unwrap_or_default());
-                    producer.send(rec, Duration::from_secs(10))
-                });
-                futures::future::join_all(sends).await;
+                let sends: Vec<_> = batch
+                    .iter()
+                    .map(|m| {
+                        let rec = FutureRecord::to(&out)
+                            .key(m.key().unwrap_or_default())
+                            .payload(m.payload().unwrap_or_default());
+                        producer.send_result(rec).map_err(|(e, _)| e)
+                    })
+                    .collect();
+                let acks = futures::future::join_all(sends.into_iter().flatten());
+                if pipelined {
+                    tokio::spawn(acks);
+                } else {
+                    acks.await;
+                }
             }
         });
     }
@@ -408,22 +471,14 @@ async fn null(rate: u64, seconds: u64, warmup: u64, hops: usize) -> anyhow::Resu
         topics[hops].clone(),
         total,
         Duration::from_secs(seconds + 30),
-        |p| {
-            std::str::from_utf8(p)
-                .ok()?
-                .parse::<i64>()
-                .ok()
-                .map(|sent| now_us() - sent)
+        // To the last record's create time, as the platform's latency is measured.
+        |p, created_ms| {
+            let sent = std::str::from_utf8(p).ok()?.parse::<i64>().ok()?;
+            Some(created_ms? * 1000 - sent)
         },
     ));
     produce_paced(seconds, true).await;
-    let (h, wall) = reader.await??;
-    println!(
-        "null pipeline: {rate} records/s for {seconds} s after {warmup} s of warm-up, {hops} consume→produce hops, linger {} ms, fetch wait {} ms",
-        kafka.linger_ms, kafka.fetch_wait_max_ms
-    );
-    report("produce → last hop consumed", &h, total, wall);
-    Ok(())
+    Ok(reader.await??)
 }
 
 /// A consumer in a fresh group that reads a topic from its beginning.
