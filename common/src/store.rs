@@ -385,6 +385,16 @@ impl<'a> Txn<'a> {
         self.store.scan_prefix(prefix, limit)
     }
 
+    /// The same from `start` on (a key at or after it).
+    pub fn scan_committed_from(
+        &self,
+        prefix: &[u8],
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.store.scan_from(prefix, start.max(prefix), limit)
+    }
+
     fn set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
         let before = self.pending.insert(key.clone(), value);
         self.undo.push((key, before));

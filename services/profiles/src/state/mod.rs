@@ -138,22 +138,44 @@ impl Processor for ProfilesProcessor {
         let deadline = Instant::now() + TICK_BUDGET;
         self.fire_timers(now_ms, deadline, txn, out)?;
         self.backfill(now_ms, deadline, txn, out)?;
-        for (k, _) in txn.scan_committed(SEEN_EXP_PREFIX.as_bytes(), 10_000)? {
-            let rest = String::from_utf8_lossy(&k[SEEN_EXP_PREFIX.len()..]).into_owned();
-            let Some((expiry, id)) = rest.split_once('/') else {
-                continue;
-            };
-            if expiry.parse::<i64>().unwrap_or(i64::MAX) > now_ms {
-                break;
-            }
-            txn.delete(seen_key(id));
-            txn.delete(k);
-        }
-        Ok(())
+        self.forget_expired_messages(now_ms, txn)
     }
 
     fn committed(&mut self) {
         self.changes.committed();
+    }
+}
+
+impl ProfilesProcessor {
+    /// Drops the de-duplication entries whose window is over, at most 10,000 per tick.
+    /// They are kept in expiry order; pages grow from a few rows, so a tick with nothing
+    /// expired (most ticks) reads one small page, where it read 10,000 rows.
+    fn forget_expired_messages(&self, now_ms: i64, txn: &mut Txn<'_>) -> Result<()> {
+        let prefix = SEEN_EXP_PREFIX.as_bytes();
+        let (mut start, mut page, mut left) = (prefix.to_vec(), 4, 10_000usize);
+        while left > 0 {
+            let rows = txn.scan_committed_from(prefix, &start, page.min(left))?;
+            let last_page = rows.len() < page.min(left);
+            for (k, _) in rows {
+                left -= 1;
+                start.clone_from(&k);
+                start.push(0);
+                let rest = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                let Some((expiry, id)) = rest.split_once('/') else {
+                    continue;
+                };
+                if expiry.parse::<i64>().unwrap_or(i64::MAX) > now_ms {
+                    return Ok(());
+                }
+                txn.delete(seen_key(id));
+                txn.delete(k);
+            }
+            if last_page {
+                break;
+            }
+            page = (page * 4).min(1000);
+        }
+        Ok(())
     }
 }
 

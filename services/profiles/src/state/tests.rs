@@ -897,3 +897,40 @@ fn a_waiting_trigger_fires_from_the_durable_timer_and_a_purchase_cancels_another
     assert!(fired(&tick_at(&mut restarted, &s, t0 + 2 * hour)).is_empty());
     assert_eq!(load(&s, "a").unwrap().timer, None);
 }
+
+/// A tick reads due timers and expired de-duplication entries in pages that grow from a
+/// few rows (it read a thousand timers per partition and 10,000 entries every 250 ms,
+/// due or not): every one due is still handled in one tick, over many pages, and
+/// nothing not due is.
+#[test]
+fn a_tick_handles_every_due_timer_and_expired_entry_across_pages() {
+    let _clock = hold_clock();
+    let (hour, t0) = (3_600_000, 1_000_000);
+    CLOCK.store(t0, Ordering::SeqCst);
+    let mut p = processor_with(&[
+        r#"{"id":"recent","condition":{"event_count":{"event":"Order Completed","min":1,"within":"1h"}}}"#,
+    ]);
+    let s = MemStore::default();
+    let people = 300;
+    for i in 0..people {
+        step(
+            &mut p,
+            &s,
+            &order(&format!("p{i}"), &format!("m{i}"), t0, 10),
+        );
+    }
+    // One later order: its timer and its entry are not due at the tick.
+    step(&mut p, &s, &order("late", "m-late", t0 + hour, 10));
+    assert!(changes(&tick_at(&mut p, &s, t0 + hour - 1)).is_empty());
+    let out = tick_at(&mut p, &s, t0 + hour);
+    let exits = changes(&out).iter().filter(|c| c.1 == "exit").count();
+    assert_eq!(exits, people, "every due timer fired in one tick");
+    for i in 0..people {
+        assert!(s.get(&seen_key(&format!("m{i}"))).unwrap().is_none());
+    }
+    assert!(
+        s.get(&seen_key("m-late")).unwrap().is_some(),
+        "not expired yet"
+    );
+    assert!(load(&s, "late").unwrap().segments.contains_key("recent"));
+}

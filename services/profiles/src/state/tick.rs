@@ -9,8 +9,10 @@ use super::*;
 /// waits for the next tick. Due timers go first.
 pub(crate) const TICK_BUDGET: Duration = Duration::from_millis(100);
 
-/// Timers read per scan, profiles per back-fill chunk.
+/// Timers read per scan at most (the first scan of a tick reads a few), profiles per
+/// back-fill chunk.
 pub(crate) const TIMERS_PER_SCAN: usize = 1000;
+const FIRST_TIMER_PAGE: usize = 4;
 
 pub(crate) const BACKFILL_CHUNK: usize = 200;
 
@@ -101,15 +103,24 @@ impl ProfilesProcessor {
         out: &mut Vec<Output>,
     ) -> Result<()> {
         let prefix = timer_prefix(partition);
-        // A profile is evaluated at each edge in turn (a firing may set a timer that is
-        // due already): what a replay or a late tick gives is what firing on time gave.
-        let mut fired = true;
-        while fired {
-            fired = false;
-            for (k, _) in txn.scan(prefix.as_bytes(), TIMERS_PER_SCAN)? {
+        // Timers in due order, from the first on, in pages that grow from a few rows: a
+        // tick with nothing due (the usual case) reads one small page, not a thousand
+        // timers. A firing may set a timer that is due already; it sorts after the one
+        // that fired (a later edge), so the pages after the cursor find it, and a profile
+        // is evaluated at each edge in turn: what a replay or a late tick gives is what
+        // firing on time gave.
+        let mut start = prefix.clone().into_bytes();
+        let mut page = FIRST_TIMER_PAGE;
+        loop {
+            let rows = txn.scan_from(prefix.as_bytes(), &start, page)?;
+            // The page ended the timers, unless a firing set a timer after it.
+            let mut last_page = rows.len() < page;
+            for (k, _) in rows {
                 if Instant::now() >= deadline {
-                    break;
+                    return Ok(());
                 }
+                start.clone_from(&k);
+                start.push(0);
                 let rest = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
                 let Some((due, id)) = rest.split_once('/') else {
                     txn.delete(k);
@@ -117,7 +128,7 @@ impl ProfilesProcessor {
                 };
                 let due: i64 = due.parse().unwrap_or(0);
                 if due > now {
-                    break;
+                    return Ok(());
                 }
                 txn.delete(k);
                 if txn.get(&profile_key(id))?.is_none() {
@@ -133,12 +144,15 @@ impl ProfilesProcessor {
                     event: None,
                 };
                 self.metrics.timers.inc();
-                fired = true;
                 // Only what left a window is re-evaluated.
                 self.update(txn, id, &cause, out, |_, _| false)?;
+                last_page = false;
             }
+            if last_page {
+                return Ok(());
+            }
+            page = (page * 4).min(TIMERS_PER_SCAN);
         }
-        Ok(())
     }
 
     /// Moves the back-fill on by chunks of profiles, for a bounded time.

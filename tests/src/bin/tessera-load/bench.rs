@@ -97,7 +97,7 @@ pub async fn bench(b: Bench) -> anyhow::Result<()> {
     println!("| process | CPU s | µs per event | cores busy |");
     println!("| --- | ---: | ---: | ---: |");
     let mut summed = 0.0;
-    for (name, _) in &pids {
+    for name in pids.keys() {
         let secs = after[name] - before[name];
         let per_event = secs * 1e6 / sent.accepted.max(1) as f64;
         if SERVICES.contains(&name.as_str()) {

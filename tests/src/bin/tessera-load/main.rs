@@ -478,7 +478,7 @@ pub(crate) async fn relays(
         },
     ));
     produce_paced(seconds, true).await;
-    Ok(reader.await??)
+    reader.await?
 }
 
 /// A consumer in a fresh group that reads a topic from its beginning.
