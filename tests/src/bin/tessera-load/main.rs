@@ -23,6 +23,11 @@
 //! `changed` event on the profile's change stream (`/v1/profiles/{id}/changes`), one
 //! event at a time, each for one of `--people` followed profiles.
 //!
+//! `tessera-load bench --rate 3000 --seconds 30` measures a platform started by
+//! `deploy/run.sh` (the services as separate processes) from outside: the CPU each
+//! process spent per event of a realistic mix, and with `--latency` the time from accept
+//! to activation of new buyers beside four pipelined relays (`bench.rs`).
+//!
 //! Both pipeline and null first send `--warmup` seconds of traffic that is not measured (page views, which
 //! cause no activation; records the null reader ignores).
 
