@@ -9,6 +9,11 @@
 //!    ([`OffsetStorage::State`]), or the offsets are committed to Kafka
 //!    ([`OffsetStorage::Kafka`], for stateless processors).
 //!
+//! One batch is in flight at a time: while its outputs are acknowledged the loop takes
+//! and processes the next one, against the state with the batch in flight on top; that
+//! batch is committed (step 3) before the next one's outputs are produced
+//! (`runner/in_flight.rs`).
+//!
 //! A crash anywhere before step 3 replays the batch against the old state, producing the
 //! same outputs with the same deterministic ids: at-least-once output, exactly-once state.
 //! On partition assignment the consumer starts from the offsets stored with the state.
@@ -41,14 +46,15 @@ use crate::vault::Vault;
 use crate::{Error, Result};
 
 mod core;
+mod in_flight;
 mod metrics;
 mod producing;
 mod purge;
 mod sealing;
 
+pub use in_flight::AfterCommit;
+use in_flight::{Committing, InFlight, PendingOffsets};
 use metrics::RunnerMetrics;
-use producing::produce_all;
-use purge::commit_state;
 pub use purge::resume_purge;
 use sealing::{Opening, open_all, seal_all};
 
@@ -67,8 +73,12 @@ pub trait Processor: Send + 'static {
         Ok(())
     }
 
-    /// Called once a batch's state is committed (readers now see it).
-    fn committed(&mut self) {}
+    /// Called after each batch is processed: what to do once that batch's state is
+    /// committed (readers then see it). Committing comes later, after the batch's
+    /// outputs are acknowledged, and the next batch may be processed meanwhile.
+    fn processed(&mut self) -> Option<AfterCommit> {
+        None
+    }
 }
 
 /// Where consumed offsets live.
@@ -227,6 +237,8 @@ struct RunnerContext {
     /// With [`RunnerSpec::sole_consumer`]: the assigned partitions held paused.
     paused: Option<prometheus::IntGauge>,
     retention_gap: IntCounterVec,
+    /// The next offsets of the batch being acknowledged, not stored yet.
+    pending: PendingOffsets,
 }
 
 impl ClientContext for RunnerContext {
@@ -303,18 +315,23 @@ impl ConsumerContext for RunnerContext {
                         .map_err(|e| warn!(error = %e, "cannot read the group's committed offsets"))
                         .ok();
                     for (topic, partition) in parts {
-                        let (start, from) = match stored_offset(store, &topic, partition) {
-                            Ok(Some(next)) => {
+                        let stored = match stored_offset(store, &topic, partition) {
+                            // A batch in flight is committed before the next one: it
+                            // holds the partition's next offset.
+                            Ok(s) => s.max(self.pending.get(&topic, partition)),
+                            Err(e) => {
+                                error!(%topic, partition, error = %e, "cannot read the stored offset");
+                                continue;
+                            }
+                        };
+                        let (start, from) = match stored {
+                            Some(next) => {
                                 self.check_retention(consumer, &topic, partition, next);
                                 (Offset::Offset(next), next)
                             }
                             // No local state for this partition (a new node, a lost disk):
                             // rebuild it by replaying the topic from its start.
-                            Ok(None) => (Offset::Beginning, 0),
-                            Err(e) => {
-                                error!(%topic, partition, error = %e, "cannot read the stored offset");
-                                continue;
-                            }
+                            None => (Offset::Beginning, 0),
                         };
                         // The group commits only after outputs are acknowledged, so outputs
                         // of records below its committed offset exist already; replays are
@@ -336,6 +353,22 @@ impl ConsumerContext for RunnerContext {
                                 .insert((topic.clone(), partition), done);
                         }
                         if let Err(e) = tpl.set_partition_offset(&topic, partition, start) {
+                            error!(%topic, partition, error = %e, "cannot set the start offset");
+                        }
+                    }
+                } else {
+                    // Offsets committed to the group: a batch in flight commits its own
+                    // after this assignment, so its partitions start after it.
+                    let parts: Vec<(String, i32)> = tpl
+                        .elements()
+                        .iter()
+                        .map(|e| (e.topic().to_string(), e.partition()))
+                        .collect();
+                    for (topic, partition) in parts {
+                        if let Some(next) = self.pending.get(&topic, partition)
+                            && let Err(e) =
+                                tpl.set_partition_offset(&topic, partition, Offset::Offset(next))
+                        {
                             error!(%topic, partition, error = %e, "cannot set the start offset");
                         }
                     }
@@ -465,7 +498,9 @@ pub async fn run<P: Processor>(
             Some(g)
         }
     };
+    let pending = PendingOffsets::default();
     let context = RunnerContext {
+        pending: pending.clone(),
         store: matches!(spec.offsets, OffsetStorage::State).then(|| store.clone()),
         lag: metrics.lag.clone(),
         ready: spec.ready.clone(),
@@ -483,12 +518,33 @@ pub async fn run<P: Processor>(
     let mut ticker = spec.tick_every.map(tokio::time::interval);
     // Offsets of work that is durable, for a final synchronous commit in Kafka mode.
     let mut done: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    let committing = Committing {
+        service: spec.service,
+        store: &store,
+        offsets: &spec.offsets,
+        consumer: &consumer,
+        ownership: &ownership,
+        pending: &pending,
+        metrics: &metrics,
+    };
+    // The batch whose outputs are being acknowledged while the next one is processed
+    // (runner/in_flight.rs).
+    let mut in_flight: Option<InFlight> = None;
     loop {
         let mut batch: Vec<Message> = Vec::new();
         let mut tick_now = false;
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            acked = async { in_flight.as_mut().expect("a batch in flight").acknowledged().await }, if in_flight.is_some() => {
+                let f = in_flight.take().expect("a batch in flight");
+                if !acked {
+                    warn!(service = spec.service, "shutdown while producing: the batch will be replayed");
+                    break;
+                }
+                committing.commit(f, &mut done).await?;
+                continue;
+            }
             _ = async { ticker.as_mut().unwrap().tick().await }, if ticker.is_some() => tick_now = true,
             msg = consumer.recv() => {
                 match msg {
@@ -535,12 +591,15 @@ pub async fn run<P: Processor>(
             break;
         };
 
-        // 1. Process (RocksDB reads and CPU work) off the async threads.
-        let st = store.clone();
+        // 1. Process (RocksDB reads and CPU work) off the async threads, against the
+        //    state as it will be once the batch in flight is committed.
+        let st = match &in_flight {
+            Some(f) => f.view(&store),
+            None => store.clone(),
+        };
         let dead_letter_topic = spec.dead_letter_topic.clone();
         // Partitions being rebuilt, as of this batch (pruned once the batch is committed).
         let replaying = ownership.rebuilding();
-        let was_rebuilding = !replaying.is_empty();
         let rebuilding = replaying.clone();
         let tick_at = tick_now.then(crate::now_ms);
         let (p, result) = tokio::task::spawn_blocking(move || {
@@ -557,7 +616,15 @@ pub async fn run<P: Processor>(
         .await
         .map_err(|e| Error::Internal(format!("processor panicked: {e}")))?;
         processor = p;
-        let processed = result?;
+        let processed = match result {
+            Ok(processed) => processed,
+            Err(e) => {
+                // The batch before is not at fault: commit it before stopping.
+                committing.settle(&mut in_flight, &mut done).await?;
+                return Err(e);
+            }
+        };
+        let after_commit = processor.processed();
         metrics.suppressed.inc_by(processed.suppressed);
         metrics.panics.inc_by(processed.panicked);
         metrics.unusable.inc_by(processed.unusable);
@@ -577,64 +644,35 @@ pub async fn run<P: Processor>(
             break;
         };
 
-        // 2. Produce and wait for every acknowledgement.
-        if !produce_all(producer.as_ref(), &outputs, &metrics, &shutdown).await {
-            warn!(
-                service = spec.service,
-                "shutdown while producing: the batch will be replayed"
-            );
+        // 2. The batch before is acknowledged and committed first: state and offsets in
+        //    batch order, and each key's records in order on their topic.
+        if !committing.settle(&mut in_flight, &mut done).await? {
             break;
         }
 
-        // 3. Commit state and offsets together (or offsets to Kafka).
-        match spec.offsets {
-            OffsetStorage::State => {
-                for ((topic, partition), next) in &next_offsets {
-                    write.put(offset_key(topic, *partition), next.to_be_bytes().to_vec());
-                }
-                commit_state(&store, write).await?;
-                // Also tell the group, so external lag tools see progress (best effort:
-                // the offsets in the store are the truth), but never move it back while
-                // a partition is being rebuilt: its committed offset marks what
-                // downstream already has.
-                let mut forward = next_offsets.clone();
-                forward.retain(|tp, next| {
-                    replaying
-                        .get(tp)
-                        .is_none_or(|committed| *next >= *committed)
-                });
-                ownership.retain_owned(&mut forward);
-                commit_kafka(&consumer, &forward, CommitMode::Async);
-            }
-            OffsetStorage::Kafka => {
-                if !write.is_empty() {
-                    commit_state(&store, write).await?;
-                }
-                let mut owned = next_offsets.clone();
-                ownership.retain_owned(&mut owned);
-                commit_kafka(&consumer, &owned, CommitMode::Async);
+        // 3. Produce, and commit once acknowledged (above, or when the acknowledgements
+        //    arrive while waiting for records).
+        if matches!(spec.offsets, OffsetStorage::State) {
+            for ((topic, partition), next) in &next_offsets {
+                write.put(offset_key(topic, *partition), next.to_be_bytes().to_vec());
             }
         }
-        processor.committed();
-        done.extend(next_offsets.iter().map(|(k, v)| (k.clone(), *v)));
-        if was_rebuilding {
-            let over = core::finished_rebuilds(&mut ownership.lock().rebuilding, &next_offsets);
-            for (topic, partition) in over {
-                info!(%topic, partition, "state rebuilt");
-            }
-        }
-        if !next_offsets.is_empty() || !outputs.is_empty() {
-            metrics
-                .batch_seconds
-                .observe(started.elapsed().as_secs_f64());
-            metrics.state_bytes.set(store.size_bytes() as i64);
-            debug!(
-                records = next_offsets.len(),
-                outputs = outputs.len(),
-                "batch committed"
-            );
-        }
+        pending.set(&next_offsets);
+        in_flight = Some(InFlight::start(
+            &producer,
+            outputs,
+            &metrics,
+            &shutdown,
+            write,
+            next_offsets,
+            replaying,
+            started,
+            after_commit,
+        ));
     }
+    // A batch being acknowledged at shutdown is committed once it is (a shutdown during
+    // its retries leaves it to be replayed).
+    committing.settle(&mut in_flight, &mut done).await?;
     if matches!(spec.offsets, OffsetStorage::Kafka) {
         // Make sure the last processed offsets land before leaving the group (never the
         // consumer's position: it may be ahead of what was processed), for the

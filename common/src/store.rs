@@ -1,7 +1,9 @@
 //! State behind a narrow batch interface: point reads, prefix scans and atomic write
 //! batches. [`RocksStore`] is the real one; [`MemStore`] is its in-memory twin for unit
 //! tests. A [`Txn`] buffers a batch's writes over a store, so a processor sees its own
-//! writes before they are committed together with the consumed offsets.
+//! writes before they are committed together with the consumed offsets; a [`Layered`]
+//! store shows the writes of a batch not committed yet (its outputs are being
+//! acknowledged) over the store, so the next batch is processed meanwhile.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,20 +11,22 @@ use std::sync::{Arc, Mutex};
 
 use crate::Result;
 
-/// One atomic write: every put and delete lands together, or none does.
+/// One atomic write: every put and delete lands together, or none does. The last write
+/// of a key is the one that counts; they are kept in key order (RocksDB inserts keys that
+/// follow each other into its memtable faster: each insert starts where the last ended).
 #[derive(Debug, Default, Clone)]
 pub struct WriteBatch {
-    pub(crate) ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    pub(crate) ops: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// Its deletions erase a person: once written they must leave the disk too.
     pub(crate) purge: bool,
 }
 
 impl WriteBatch {
     pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
-        self.ops.push((key.into(), Some(value.into())));
+        self.ops.insert(key.into(), Some(value.into()));
     }
     pub fn delete(&mut self, key: impl Into<Vec<u8>>) {
-        self.ops.push((key.into(), None));
+        self.ops.insert(key.into(), None);
     }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
@@ -169,7 +173,7 @@ impl Store for RocksStore {
 
     fn write(&self, batch: WriteBatch) -> Result<()> {
         let mut wb = rocksdb::WriteBatch::default();
-        for (k, v) in batch.ops {
+        for (k, v) in &batch.ops {
             match v {
                 Some(v) => wb.put(k, v),
                 None => wb.delete(k),
@@ -354,30 +358,7 @@ impl<'a> Txn<'a> {
         start: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let from = start.max(prefix);
-        let own: Vec<_> = self
-            .pending
-            .range(from.to_vec()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .collect();
-        // Each of this transaction's deletes in the range can hide one stored row, so the
-        // store gives `limit` rows more than deletes: at least `limit` of them are live,
-        // and every row after them sorts after the page.
-        let deletes = own.iter().filter(|(_, v)| v.is_none()).count();
-        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = self
-            .store
-            .scan_from(prefix, from, limit.saturating_add(deletes))?
-            .into_iter()
-            .map(|(k, v)| (k, Some(v)))
-            .collect();
-        for (k, v) in own {
-            merged.insert(k.clone(), v.clone());
-        }
-        Ok(merged
-            .into_iter()
-            .filter_map(|(k, v)| v.map(|v| (k, v)))
-            .take(limit)
-            .collect())
+        merged_scan_from(self.store, &self.pending, prefix, start, limit)
     }
 
     /// Scans committed state only (not this transaction's own writes).
@@ -420,15 +401,115 @@ impl<'a> Txn<'a> {
         }
     }
 
-    /// The buffered writes as one batch, in key order: RocksDB inserts keys that follow
-    /// each other into its memtable faster (each insert starts from where the last one
-    /// ended), and a batch is atomic, so the order of its keys means nothing else.
+    /// The buffered writes as one batch.
     pub fn into_batch(self) -> WriteBatch {
         WriteBatch {
-            ops: self.pending.into_iter().collect(),
+            ops: self.pending,
             purge: self.purge,
         }
     }
+}
+
+/// `base` as it will be once `top` (a batch not committed yet) is written: what the
+/// runner processes the next batch against while `top`'s outputs are acknowledged. Read
+/// only: writes go to the base store, `top` first.
+pub struct Layered {
+    base: SharedStore,
+    top: Arc<WriteBatch>,
+}
+
+impl Layered {
+    pub fn new(base: SharedStore, top: Arc<WriteBatch>) -> Self {
+        Layered { base, top }
+    }
+}
+
+impl Store for Layered {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.top.ops.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => self.base.get(key),
+        }
+    }
+
+    fn scan_from(
+        &self,
+        prefix: &[u8],
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        merged_scan_from(self.base.as_ref(), &self.top.ops, prefix, start, limit)
+    }
+
+    fn scan_last(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let own: Vec<_> = self
+            .top
+            .ops
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .collect();
+        // As in `merged_scan_from`, from the end: at least `limit` of the stored rows are
+        // live, and every row before them sorts before the page.
+        let deletes = own.iter().filter(|(_, v)| v.is_none()).count();
+        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = self
+            .base
+            .scan_last(prefix, limit.saturating_add(deletes))?
+            .into_iter()
+            .map(|(k, v)| (k, Some(v)))
+            .collect();
+        for (k, v) in own {
+            merged.insert(k.clone(), v.clone());
+        }
+        Ok(merged
+            .into_iter()
+            .rev()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .take(limit)
+            .collect())
+    }
+
+    fn write(&self, _batch: WriteBatch) -> Result<()> {
+        Err(crate::Error::Internal(
+            "a layered store is read only: write to its base".into(),
+        ))
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.base.size_bytes()
+    }
+}
+
+/// Up to `limit` live rows under `prefix` from `start` on, of `store` with `over`'s
+/// writes (a value, or `None` for a delete) on top.
+fn merged_scan_from(
+    store: &dyn Store,
+    over: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    prefix: &[u8],
+    start: &[u8],
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let from = start.max(prefix);
+    let own: Vec<_> = over
+        .range(from.to_vec()..)
+        .take_while(|(k, _)| k.starts_with(prefix))
+        .collect();
+    // Each delete on top in the range can hide one stored row, so the store gives
+    // `limit` rows more than deletes: at least `limit` of them are live, and every row
+    // after them sorts after the page.
+    let deletes = own.iter().filter(|(_, v)| v.is_none()).count();
+    let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = store
+        .scan_from(prefix, from, limit.saturating_add(deletes))?
+        .into_iter()
+        .map(|(k, v)| (k, Some(v)))
+        .collect();
+    for (k, v) in own {
+        merged.insert(k.clone(), v.clone());
+    }
+    Ok(merged
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .take(limit)
+        .collect())
 }
 
 #[cfg(test)]
@@ -582,6 +663,91 @@ mod tests {
                 }
             }
             store.write(txn.into_batch()).unwrap();
+            let all: Vec<_> = model.into_iter().collect();
+            let mut stored = store.scan_prefix(b"a/", usize::MAX).unwrap();
+            stored.extend(store.scan_prefix(b"b/", usize::MAX).unwrap());
+            proptest::prop_assert_eq!(stored, all);
+        }
+    }
+
+    proptest::proptest! {
+        /// The next batch, processed while the previous one is in flight, sees exactly
+        /// what it would see once the previous one is written: reads, scans from a key,
+        /// scans from the end, and its own writes on top; writing both in order gives
+        /// the same store.
+        #[test]
+        fn a_layered_store_reads_as_the_store_after_its_top_batch(
+            committed in proptest::collection::vec((0u8..40, proptest::prelude::any::<u8>()), 0..40),
+            in_flight in proptest::collection::vec(op(), 0..40),
+            ops in proptest::collection::vec(op(), 1..60),
+        ) {
+            let store: SharedStore = Arc::new(MemStore::default());
+            let mut model = BTreeMap::new();
+            let mut batch = WriteBatch::default();
+            for (k, v) in committed {
+                batch.put(key(k), vec![v]);
+                model.insert(key(k), vec![v]);
+            }
+            store.write(batch).unwrap();
+            let mut top = WriteBatch::default();
+            for op in in_flight {
+                match op {
+                    Op::Put(k, v) => {
+                        top.put(key(k), vec![v]);
+                        model.insert(key(k), vec![v]);
+                    }
+                    Op::Delete(k) => {
+                        top.delete(key(k));
+                        model.remove(&key(k));
+                    }
+                    Op::Scan { .. } => {}
+                }
+            }
+            let top = Arc::new(top);
+            let after_top = model.clone();
+            let layered = Layered::new(store.clone(), top.clone());
+            let mut txn = Txn::new(&layered);
+            for op in ops {
+                match op {
+                    Op::Put(k, v) => {
+                        txn.put(key(k), vec![v]);
+                        model.insert(key(k), vec![v]);
+                    }
+                    Op::Delete(k) => {
+                        proptest::prop_assert_eq!(txn.get(&key(k)).unwrap(), model.get(&key(k)).cloned());
+                        txn.delete(key(k));
+                        model.remove(&key(k));
+                    }
+                    Op::Scan { prefix, start, limit } => {
+                        let prefix = if prefix == 0 { b"a/".to_vec() } else { b"b/".to_vec() };
+                        let start = key(start);
+                        let want: Vec<_> = model
+                            .range(start.clone().max(prefix.clone())..)
+                            .filter(|(k, _)| k.starts_with(&prefix))
+                            .take(limit)
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect();
+                        proptest::prop_assert_eq!(txn.scan_from(&prefix, &start, limit).unwrap(), want);
+                    }
+                }
+            }
+            // From the end, on the layered store itself.
+            for p in [b"a/".to_vec(), b"b/".to_vec()] {
+                for limit in 0..6 {
+                    let want: Vec<_> = after_top
+                        .iter()
+                        .rev()
+                        .filter(|(k, _)| k.starts_with(&p))
+                        .take(limit)
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    proptest::prop_assert_eq!(layered.scan_last(&p, limit).unwrap(), want);
+                }
+            }
+            let write = txn.into_batch();
+            drop(layered);
+            store.write(Arc::try_unwrap(top).unwrap()).unwrap();
+            store.write(write).unwrap();
             let all: Vec<_> = model.into_iter().collect();
             let mut stored = store.scan_prefix(b"a/", usize::MAX).unwrap();
             stored.extend(store.scan_prefix(b"b/", usize::MAX).unwrap());

@@ -129,16 +129,21 @@ mod tests {
     fn changes_are_announced_only_after_commit_and_only_when_someone_listens() {
         let c = Changes::default();
         c.touch("p-1");
-        c.committed();
+        c.take()();
         let mut rx = c.subscribe();
         c.touch("p-2");
         c.touch("p-2");
+        let first = c.take();
+        // The next batch is processed while the first one's outputs are acknowledged.
+        c.touch("p-3");
         assert!(rx.try_recv().is_err(), "nothing before the commit");
-        c.committed();
+        first();
         assert_eq!(&*rx.try_recv().unwrap(), "p-2");
         assert!(
             rx.try_recv().is_err(),
-            "one announcement per profile per batch"
+            "one announcement per profile per batch, and the next batch's only at its commit"
         );
+        c.take()();
+        assert_eq!(&*rx.try_recv().unwrap(), "p-3");
     }
 }

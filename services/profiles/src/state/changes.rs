@@ -1,5 +1,7 @@
 //! The profiles a batch changed, announced once the batch is committed: what the live
-//! change stream (`live.rs`) tells its readers.
+//! change stream (`live.rs`) tells its readers. The next batch may be processed before
+//! (the runner keeps one batch in flight), so each batch's changes are taken when it is
+//! processed and announced when it is committed.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -31,12 +33,15 @@ impl Changes {
         }
     }
 
-    /// The batch is committed: announce what it changed.
-    pub fn committed(&self) {
+    /// The batch is processed: what it changed, to announce once it is committed.
+    pub fn take(&self) -> impl FnOnce() + Send + 'static {
         let ids = std::mem::take(&mut *self.pending.lock().expect("changes"));
-        for id in ids {
-            // No receiver left: nobody to tell.
-            let _ = self.tx.send(id.into());
+        let tx = self.tx.clone();
+        move || {
+            for id in ids {
+                // No receiver left: nobody to tell.
+                let _ = tx.send(id.into());
+            }
         }
     }
 

@@ -141,8 +141,8 @@ impl Processor for ProfilesProcessor {
         self.forget_expired_messages(now_ms, txn)
     }
 
-    fn committed(&mut self) {
-        self.changes.committed();
+    fn processed(&mut self) -> Option<runner::AfterCommit> {
+        Some(Box::new(self.changes.take()))
     }
 }
 
