@@ -637,21 +637,18 @@ pub fn normalise(how: Normalise, raw: &str, region: phonenumber::country::Id) ->
             e
         }
         Normalise::Phone => {
-            let e164 = |n: &phonenumber::PhoneNumber| {
-                phonenumber::is_valid(n)
-                    .then(|| n.format().mode(phonenumber::Mode::E164).to_string())
-            };
-            let stored = e164(&phonenumber::parse(Some(region), t).ok()?)?;
-            // Only a number whose stored form reads back as itself, with or without the
-            // region: an odd input (letters, national prefixes) can be valid as typed but
-            // not as stored, and could then never be looked up again.
-            let reads_back = |r: Option<phonenumber::country::Id>| -> Option<bool> {
-                Some(e164(&phonenumber::parse(r, &stored).ok()?)? == stored)
-            };
-            // Typed as stored already (the usual E.164 input): read back with the region
-            // is the parse just done.
-            let with_region = stored == t || reads_back(Some(region))?;
-            (reads_back(None)? && with_region).then_some(stored.clone())?
+            // An event's phone is read for its identifier and again for the fuzzy field:
+            // parsing it (up to three times, below) is the costly part of an identify.
+            if let Some(known) = LAST_PHONE.with_borrow(|last| {
+                last.as_ref()
+                    .filter(|(r, raw, _)| *r == region && raw == t)
+                    .map(|(_, _, v)| v.clone())
+            }) {
+                return known;
+            }
+            let v = normalise_phone(t, region);
+            LAST_PHONE.set(Some((region, t.to_string(), v.clone())));
+            return v;
         }
         Normalise::Name => text::fold(t, false),
         Normalise::Text => t
@@ -664,6 +661,30 @@ pub fn normalise(how: Normalise, raw: &str, region: phonenumber::country::Id) ->
         Normalise::Address => text::normalise_address(t),
     };
     (!v.is_empty()).then_some(v)
+}
+
+thread_local! {
+    /// The last phone number normalised on this thread, with its region and result.
+    static LAST_PHONE: std::cell::RefCell<Option<(phonenumber::country::Id, String, Option<String>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A phone number in E.164, if it is valid and its stored form reads back as itself.
+fn normalise_phone(t: &str, region: phonenumber::country::Id) -> Option<String> {
+    let e164 = |n: &phonenumber::PhoneNumber| {
+        phonenumber::is_valid(n).then(|| n.format().mode(phonenumber::Mode::E164).to_string())
+    };
+    let stored = e164(&phonenumber::parse(Some(region), t).ok()?)?;
+    // Only a number whose stored form reads back as itself, with or without the
+    // region: an odd input (letters, national prefixes) can be valid as typed but
+    // not as stored, and could then never be looked up again.
+    let reads_back = |r: Option<phonenumber::country::Id>| -> Option<bool> {
+        Some(e164(&phonenumber::parse(r, &stored).ok()?)? == stored)
+    };
+    // Typed as stored already (the usual E.164 input): read back with the region
+    // is the parse just done.
+    let with_region = stored == t || reads_back(Some(region))?;
+    (reads_back(None)? && with_region).then_some(stored.clone())
 }
 
 /// A birth date as YYYY-MM-DD from ISO dates and timestamps, YYYYMMDD, or D/M/Y (the
@@ -730,6 +751,24 @@ mod tests {
             normalise(Normalise::Name, " José ", region).as_deref(),
             Some("jose")
         );
+    }
+
+    /// The last phone number is remembered (an identify reads it twice); the memory is
+    /// the input's and the region's, so another region reads it afresh.
+    #[test]
+    fn a_remembered_phone_number_is_reread_under_another_region() {
+        use phonenumber::country::Id;
+        for _ in 0..2 {
+            assert_eq!(
+                normalise(Normalise::Phone, "020 7946 0958", Id::GB).as_deref(),
+                Some("+442079460958")
+            );
+            assert_eq!(normalise(Normalise::Phone, "020 7946 0958", Id::US), None);
+            assert_eq!(
+                normalise(Normalise::Phone, " 020 7946 0958 ", Id::GB).as_deref(),
+                Some("+442079460958")
+            );
+        }
     }
 
     #[test]
