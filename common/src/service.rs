@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::admin::{self, Admin};
-use crate::config::Config;
+use crate::config::{Config, KafkaConfig};
 use crate::kafka::{self, Producer, TopicKind};
 use crate::runner::{self, Processor, RunnerSpec};
 use crate::store::{RocksStore, SharedStore, Store, WriteBatch};
@@ -62,7 +62,15 @@ pub async fn prepare(
         kafka::check_topic_settings(&config.kafka, &config.topics, &needed).await?;
     }
     let admin = Admin::new();
-    let producer = Arc::new(Producer::new(&config.kafka, &format!("tessera-{service}"))?);
+    // The runner produces a whole batch at once and then waits for its acknowledgements
+    // (and a new subject's key is awaited before the records sealed with it): lingering
+    // would only delay each hop. `kafka.linger_ms` is for ingest's HTTP requests, which
+    // share produce requests.
+    let unlingered = KafkaConfig {
+        linger_ms: 0,
+        ..config.kafka.clone()
+    };
+    let producer = Arc::new(Producer::new(&unlingered, &format!("tessera-{service}"))?);
     producer.register_metrics(&admin.registry, service)?;
     let store: SharedStore = Arc::new(RocksStore::open(state_dir)?);
     check_state_format(store.as_ref(), service, state_dir)?;
