@@ -133,7 +133,7 @@ pub struct Vault {
     /// ...announced to [`Vault::catch_up`] each time it moves.
     arrived: Arc<tokio::sync::Notify>,
     /// Asks the broker where the keys topic ends (`None`: a vault of fixed keys).
-    watermarks: Option<Arc<std::sync::Mutex<BaseConsumer>>>,
+    watermarks: Option<std::sync::Mutex<BaseConsumer>>,
 }
 
 impl Vault {
@@ -189,7 +189,7 @@ impl Vault {
             lifetime: keeping.lifetime,
             applied,
             arrived,
-            watermarks: Some(Arc::new(std::sync::Mutex::new(watermarks))),
+            watermarks: Some(std::sync::Mutex::new(watermarks)),
         }))
     }
 
@@ -376,67 +376,42 @@ impl Vault {
     }
 
     /// Opens a record. A key not seen yet may be on its way (it is stored before any
-    /// record sealed with it): the vault reads the keys topic until the key is there or
-    /// the topic's end is reached; a key neither held nor erased then is missing. An error
-    /// means the keys topic (or the store) could not be read: try again.
+    /// record sealed with it): the vault first reads the keys topic up to its end; a key
+    /// neither held nor erased then is missing. An error means the keys topic (or the
+    /// store) could not be read: try again.
     pub async fn open(&self, bytes: &[u8]) -> Result<Opened> {
         if let Some(o) = self.try_open(bytes)? {
             return Ok(o);
         }
-        self.catch_up_until(|| Ok(self.try_open(bytes)?.is_some()))
-            .await?;
+        self.catch_up().await?;
         Ok(self.try_open(bytes)?.unwrap_or(Opened::Missing))
     }
 
     /// Waits until every key stored so far has been read.
     pub async fn catch_up(&self) -> Result<()> {
-        self.catch_up_until(|| Ok(false)).await
-    }
-
-    /// Waits until `found` (checked as each keys record is applied) or every key stored
-    /// so far has been read. Where the keys topic ends is a round trip to the broker,
-    /// asked off the async threads; a new subject's key usually arrives sooner (it was
-    /// stored before the record that needs it), and then nobody waits for the answer.
-    async fn catch_up_until(&self, found: impl Fn() -> Result<bool>) -> Result<()> {
         let Some(watermarks) = &self.watermarks else {
             return Ok(());
         };
-        let (consumer, topic) = (watermarks.clone(), self.topic.clone());
-        let mut end = tokio::task::spawn_blocking(move || {
-            let c = consumer.lock().expect("watermarks lock");
-            c.fetch_watermarks(&topic, 0, Duration::from_secs(10))
-        });
-        let mut known: Option<(i64, i64)> = None;
+        let (low, high) = {
+            let c = watermarks.lock().expect("watermarks lock");
+            c.fetch_watermarks(&self.topic, 0, Duration::from_secs(10))?
+        };
+        // Records below the first offset are gone (deleted or truncated): there is
+        // nothing to wait for there.
+        // Woken as each keys record is applied (it was a 10 ms poll: a new visitor's
+        // first record, which usually arrives just before its key, waited for it).
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            // Woken as each keys record is applied (registered before looking, so none
-            // is missed in between).
             let arrived = self.arrived.notified();
             tokio::pin!(arrived);
             arrived.as_mut().enable();
-            if found()? {
+            if self.applied.load(Ordering::Acquire).max(low) >= high {
                 return Ok(());
             }
-            // Records below the first offset are gone (deleted or truncated): there is
-            // nothing to wait for there.
-            if let Some((low, high)) = known
-                && self.applied.load(Ordering::Acquire).max(low) >= high
-            {
-                return Ok(());
-            }
-            tokio::select! {
-                r = &mut end, if known.is_none() => {
-                    known = Some(
-                        r.map_err(|e| Error::Internal(format!("reading the keys topic's end: {e}")))??,
-                    );
-                }
-                r = tokio::time::timeout_at(deadline, arrived) => {
-                    if r.is_err() {
-                        return Err(Error::Broker(
-                            "the keys topic was not read to its end within 10 s".into(),
-                        ));
-                    }
-                }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return Err(Error::Broker(
+                    "the keys topic was not read to its end within 10 s".into(),
+                ));
             }
         }
     }
