@@ -621,6 +621,73 @@ mod tests {
         ]
     }
 
+    type Model = BTreeMap<Vec<u8>, Vec<u8>>;
+
+    /// A store holding `committed`, and the same rows in a plain map.
+    fn seeded(committed: Vec<(u8, u8)>) -> (SharedStore, Model) {
+        let store: SharedStore = Arc::new(MemStore::default());
+        let mut model = BTreeMap::new();
+        let mut batch = WriteBatch::default();
+        for (k, v) in committed {
+            batch.put(key(k), vec![v]);
+            model.insert(key(k), vec![v]);
+        }
+        store.write(batch).unwrap();
+        (store, model)
+    }
+
+    /// Runs `ops` on `txn` and on `model`: every read and scan of the transaction must
+    /// answer as the map does.
+    fn run(
+        txn: &mut Txn<'_>,
+        model: &mut Model,
+        ops: Vec<Op>,
+    ) -> std::result::Result<(), proptest::test_runner::TestCaseError> {
+        for op in ops {
+            match op {
+                Op::Put(k, v) => {
+                    txn.put(key(k), vec![v]);
+                    model.insert(key(k), vec![v]);
+                }
+                Op::Delete(k) => {
+                    proptest::prop_assert_eq!(
+                        txn.get(&key(k)).unwrap(),
+                        model.get(&key(k)).cloned()
+                    );
+                    txn.delete(key(k));
+                    model.remove(&key(k));
+                }
+                Op::Scan {
+                    prefix,
+                    start,
+                    limit,
+                } => {
+                    let prefix = if prefix == 0 {
+                        b"a/".to_vec()
+                    } else {
+                        b"b/".to_vec()
+                    };
+                    let start = key(start);
+                    let want: Vec<_> = model
+                        .range(start.clone().max(prefix.clone())..)
+                        .filter(|(k, _)| k.starts_with(&prefix))
+                        .take(limit)
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    proptest::prop_assert_eq!(txn.scan_from(&prefix, &start, limit).unwrap(), want);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every row of the store, in key order.
+    fn everything(store: &SharedStore) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut stored = store.scan_prefix(b"a/", usize::MAX).unwrap();
+        stored.extend(store.scan_prefix(b"b/", usize::MAX).unwrap());
+        stored
+    }
+
     proptest::proptest! {
         /// A transaction's scans answer exactly as a plain map holding the committed
         /// rows and the transaction's own writes would, whatever the mix of puts and
@@ -630,47 +697,13 @@ mod tests {
             committed in proptest::collection::vec((0u8..40, proptest::prelude::any::<u8>()), 0..40),
             ops in proptest::collection::vec(op(), 1..60),
         ) {
-            let store = MemStore::default();
-            let mut model = BTreeMap::new();
-            let mut batch = WriteBatch::default();
-            for (k, v) in committed {
-                batch.put(key(k), vec![v]);
-                model.insert(key(k), vec![v]);
-            }
-            store.write(batch).unwrap();
-            let mut txn = Txn::new(&store);
-            for op in ops {
-                match op {
-                    Op::Put(k, v) => {
-                        txn.put(key(k), vec![v]);
-                        model.insert(key(k), vec![v]);
-                    }
-                    Op::Delete(k) => {
-                        txn.delete(key(k));
-                        model.remove(&key(k));
-                    }
-                    Op::Scan { prefix, start, limit } => {
-                        let prefix = if prefix == 0 { b"a/".to_vec() } else { b"b/".to_vec() };
-                        let start = key(start);
-                        let want: Vec<_> = model
-                            .range(start.clone().max(prefix.clone())..)
-                            .filter(|(k, _)| k.starts_with(&prefix))
-                            .take(limit)
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .collect();
-                        proptest::prop_assert_eq!(txn.scan_from(&prefix, &start, limit).unwrap(), want);
-                    }
-                }
-            }
+            let (store, mut model) = seeded(committed);
+            let mut txn = Txn::new(store.as_ref());
+            run(&mut txn, &mut model, ops)?;
             store.write(txn.into_batch()).unwrap();
-            let all: Vec<_> = model.into_iter().collect();
-            let mut stored = store.scan_prefix(b"a/", usize::MAX).unwrap();
-            stored.extend(store.scan_prefix(b"b/", usize::MAX).unwrap());
-            proptest::prop_assert_eq!(stored, all);
+            proptest::prop_assert_eq!(everything(&store), model.into_iter().collect::<Vec<_>>());
         }
-    }
 
-    proptest::proptest! {
         /// The next batch, processed while the previous one is in flight, sees exactly
         /// what it would see once the previous one is written: reads, scans from a key,
         /// scans from the end, and its own writes on top; writing both in order gives
@@ -681,14 +714,7 @@ mod tests {
             in_flight in proptest::collection::vec(op(), 0..40),
             ops in proptest::collection::vec(op(), 1..60),
         ) {
-            let store: SharedStore = Arc::new(MemStore::default());
-            let mut model = BTreeMap::new();
-            let mut batch = WriteBatch::default();
-            for (k, v) in committed {
-                batch.put(key(k), vec![v]);
-                model.insert(key(k), vec![v]);
-            }
-            store.write(batch).unwrap();
+            let (store, mut model) = seeded(committed);
             let mut top = WriteBatch::default();
             for op in in_flight {
                 match op {
@@ -706,31 +732,6 @@ mod tests {
             let top = Arc::new(top);
             let after_top = model.clone();
             let layered = Layered::new(store.clone(), top.clone());
-            let mut txn = Txn::new(&layered);
-            for op in ops {
-                match op {
-                    Op::Put(k, v) => {
-                        txn.put(key(k), vec![v]);
-                        model.insert(key(k), vec![v]);
-                    }
-                    Op::Delete(k) => {
-                        proptest::prop_assert_eq!(txn.get(&key(k)).unwrap(), model.get(&key(k)).cloned());
-                        txn.delete(key(k));
-                        model.remove(&key(k));
-                    }
-                    Op::Scan { prefix, start, limit } => {
-                        let prefix = if prefix == 0 { b"a/".to_vec() } else { b"b/".to_vec() };
-                        let start = key(start);
-                        let want: Vec<_> = model
-                            .range(start.clone().max(prefix.clone())..)
-                            .filter(|(k, _)| k.starts_with(&prefix))
-                            .take(limit)
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .collect();
-                        proptest::prop_assert_eq!(txn.scan_from(&prefix, &start, limit).unwrap(), want);
-                    }
-                }
-            }
             // From the end, on the layered store itself.
             for p in [b"a/".to_vec(), b"b/".to_vec()] {
                 for limit in 0..6 {
@@ -744,14 +745,13 @@ mod tests {
                     proptest::prop_assert_eq!(layered.scan_last(&p, limit).unwrap(), want);
                 }
             }
+            let mut txn = Txn::new(&layered);
+            run(&mut txn, &mut model, ops)?;
             let write = txn.into_batch();
             drop(layered);
             store.write(Arc::try_unwrap(top).unwrap()).unwrap();
             store.write(write).unwrap();
-            let all: Vec<_> = model.into_iter().collect();
-            let mut stored = store.scan_prefix(b"a/", usize::MAX).unwrap();
-            stored.extend(store.scan_prefix(b"b/", usize::MAX).unwrap());
-            proptest::prop_assert_eq!(stored, all);
+            proptest::prop_assert_eq!(everything(&store), model.into_iter().collect::<Vec<_>>());
         }
     }
 
