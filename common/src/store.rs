@@ -442,30 +442,11 @@ impl Store for Layered {
     }
 
     fn scan_last(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let own: Vec<_> = self
-            .top
-            .ops
-            .range(prefix.to_vec()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .collect();
         // As in `merged_scan_from`, from the end: at least `limit` of the stored rows are
         // live, and every row before them sorts before the page.
-        let deletes = own.iter().filter(|(_, v)| v.is_none()).count();
-        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = self
-            .base
-            .scan_last(prefix, limit.saturating_add(deletes))?
-            .into_iter()
-            .map(|(k, v)| (k, Some(v)))
-            .collect();
-        for (k, v) in own {
-            merged.insert(k.clone(), v.clone());
-        }
-        Ok(merged
-            .into_iter()
-            .rev()
-            .filter_map(|(k, v)| v.map(|v| (k, v)))
-            .take(limit)
-            .collect())
+        let (own, deletes) = writes_under(&self.top.ops, prefix, prefix);
+        let stored = self.base.scan_last(prefix, limit.saturating_add(deletes))?;
+        Ok(overlaid(stored, own).rev().take(limit).collect())
     }
 
     fn write(&self, _batch: WriteBatch) -> Result<()> {
@@ -489,27 +470,41 @@ fn merged_scan_from(
     limit: usize,
 ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let from = start.max(prefix);
-    let own: Vec<_> = over
-        .range(from.to_vec()..)
-        .take_while(|(k, _)| k.starts_with(prefix))
-        .collect();
     // Each delete on top in the range can hide one stored row, so the store gives
     // `limit` rows more than deletes: at least `limit` of them are live, and every row
     // after them sorts after the page.
-    let deletes = own.iter().filter(|(_, v)| v.is_none()).count();
-    let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = store
-        .scan_from(prefix, from, limit.saturating_add(deletes))?
-        .into_iter()
-        .map(|(k, v)| (k, Some(v)))
+    let (own, deletes) = writes_under(over, prefix, from);
+    let stored = store.scan_from(prefix, from, limit.saturating_add(deletes))?;
+    Ok(overlaid(stored, own).take(limit).collect())
+}
+
+type Writes<'a> = Vec<(&'a Vec<u8>, &'a Option<Vec<u8>>)>;
+
+/// The writes of `over` under `prefix` from `from` on, and how many are deletes.
+fn writes_under<'a>(
+    over: &'a BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    prefix: &[u8],
+    from: &[u8],
+) -> (Writes<'a>, usize) {
+    let own: Writes<'a> = over
+        .range(from.to_vec()..)
+        .take_while(|(k, _)| k.starts_with(prefix))
         .collect();
+    let deletes = own.iter().filter(|(_, v)| v.is_none()).count();
+    (own, deletes)
+}
+
+/// `stored` rows with `own` writes on top, the live ones in key order.
+fn overlaid(
+    stored: Vec<(Vec<u8>, Vec<u8>)>,
+    own: Writes<'_>,
+) -> impl DoubleEndedIterator<Item = (Vec<u8>, Vec<u8>)> {
+    let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> =
+        stored.into_iter().map(|(k, v)| (k, Some(v))).collect();
     for (k, v) in own {
         merged.insert(k.clone(), v.clone());
     }
-    Ok(merged
-        .into_iter()
-        .filter_map(|(k, v)| v.map(|v| (k, v)))
-        .take(limit)
-        .collect())
+    merged.into_iter().filter_map(|(k, v)| v.map(|v| (k, v)))
 }
 
 #[cfg(test)]
