@@ -536,13 +536,11 @@ pub async fn run<P: Processor>(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            acked = async { in_flight.as_mut().expect("a batch in flight").acknowledged().await }, if in_flight.is_some() => {
-                let f = in_flight.take().expect("a batch in flight");
-                if !acked {
-                    warn!(service = spec.service, "shutdown while producing: the batch will be replayed");
+            // Acknowledged while waiting for records: commit it now (settle finds it done).
+            _ = async { in_flight.as_mut().expect("a batch in flight").acknowledged().await }, if in_flight.is_some() => {
+                if !committing.settle(&mut in_flight, &mut done).await? {
                     break;
                 }
-                committing.commit(f, &mut done).await?;
                 continue;
             }
             _ = async { ticker.as_mut().unwrap().tick().await }, if ticker.is_some() => tick_now = true,
