@@ -16,11 +16,15 @@
 //! personal value. Several instances may create keys for one subject at once; each key
 //! has its own id, so none is lost.
 //!
-//! A sealed record: `C3 5E` | subject hash (16 bytes) | key id (8) | nonce (12) |
-//! AES-256-GCM ciphertext and tag of the plain record. Anything else is plain.
+//! A sealed record: `C3 5F` | subject hash (16 bytes) | key id (8) | keys-topic offset
+//! (8, big-endian) | nonce (12) | AES-256-GCM ciphertext and tag of the plain record.
+//! The offset is how far the keys topic must be read to hold the key: a reader that
+//! has not seen the key yet waits for its own reading to pass that offset, which asks
+//! the broker nothing. Records sealed before it was added (`C3 5E`, no offset) still
+//! open: the reader then reads the keys topic to its end. Anything else is plain.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use aes_gcm::aead::{Aead, KeyInit};
@@ -40,8 +44,15 @@ mod keyring;
 pub use keyring::Lifetime;
 use keyring::{KeyId, Keyring};
 
-pub const SEAL_MARKER: [u8; 2] = [0xC3, 0x5E];
-const HEADER_LEN: usize = 2 + 16 + 8 + 12;
+/// The first two bytes of a sealed record that names its key's offset.
+pub const SEAL_MARKER: [u8; 2] = [0xC3, 0x5F];
+/// ...and of one sealed before offsets were named.
+const SEAL_MARKER_V1: [u8; 2] = [0xC3, 0x5E];
+const HEADER_LEN: usize = 2 + 16 + 8 + 8 + 12;
+const HEADER_LEN_V1: usize = 2 + 16 + 8 + 12;
+/// How long a reader waits for its reading of the keys topic to pass a record's named
+/// offset before it asks the broker where the topic ends (a topic replaced under it).
+const NAMED_OFFSET_WAIT: Duration = Duration::from_secs(2);
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -68,8 +79,25 @@ fn parse_record_key(k: &[u8]) -> Option<(SubjectHash, [u8; 8])> {
     Some((unhex(a)?.try_into().ok()?, unhex(b)?.try_into().ok()?))
 }
 
+/// The length of a sealed record's header (`None`: the record is not sealed).
+fn header_len(bytes: &[u8]) -> Option<usize> {
+    let len = match bytes.get(..2)? {
+        m if m == SEAL_MARKER => HEADER_LEN,
+        m if m == SEAL_MARKER_V1 => HEADER_LEN_V1,
+        _ => return None,
+    };
+    (bytes.len() > len).then_some(len)
+}
+
 pub fn is_sealed(bytes: &[u8]) -> bool {
-    bytes.len() > HEADER_LEN && bytes[..2] == SEAL_MARKER
+    header_len(bytes).is_some()
+}
+
+/// How far the keys topic must be read to hold the key of a sealed record (`None` for
+/// a record sealed before records named it).
+fn key_offset(bytes: &[u8]) -> Option<i64> {
+    (header_len(bytes)? == HEADER_LEN)
+        .then(|| i64::from_be_bytes(bytes[26..34].try_into().expect("8 bytes")))
 }
 
 /// The subject a sealed record was sealed for.
@@ -132,8 +160,13 @@ pub struct Vault {
     applied: Arc<AtomicI64>,
     /// ...announced to [`Vault::catch_up`] each time it moves.
     arrived: Arc<tokio::sync::Notify>,
+    /// The offset after the last key this vault stored: with `applied`, how far a
+    /// reader must read the keys topic to hold every key this vault seals with.
+    stored: AtomicI64,
     /// Asks the broker where the keys topic ends (`None`: a vault of fixed keys).
-    watermarks: Option<std::sync::Mutex<BaseConsumer>>,
+    watermarks: Option<Arc<std::sync::Mutex<BaseConsumer>>>,
+    /// How many times it asked.
+    end_questions: AtomicU64,
 }
 
 impl Vault {
@@ -189,7 +222,9 @@ impl Vault {
             lifetime: keeping.lifetime,
             applied,
             arrived,
-            watermarks: Some(std::sync::Mutex::new(watermarks)),
+            stored: AtomicI64::new(0),
+            watermarks: Some(Arc::new(std::sync::Mutex::new(watermarks))),
+            end_questions: AtomicU64::new(0),
         }))
     }
 
@@ -298,7 +333,7 @@ impl Vault {
             key: key.to_vec(),
             created_at: crate::now_ms(),
         };
-        producer
+        let (_, offset) = producer
             .send(
                 &self.topic,
                 record_key(s, &key_id).as_bytes(),
@@ -306,13 +341,21 @@ impl Vault {
             )
             .await
             .map_err(|e| Error::Broker(format!("the subject key was not stored: {e}")))?;
-        self.keyring.add(s, &key_id, &key)
+        self.keyring.add(s, &key_id, &key)?;
+        self.stored.fetch_max(offset + 1, Ordering::AcqRel);
+        Ok(())
     }
 
     fn seal_known(&self, s: &SubjectHash, plain: &[u8], lasting: bool) -> Result<Option<Vec<u8>>> {
         let Some((key_id, key)) = self.sealing_key(s, lasting)? else {
             return Ok(None);
         };
+        // The key came from the keys topic (read up to `applied`) or was stored by this
+        // vault (up to `stored`): a reader that has read past both holds it.
+        let key_offset = self
+            .applied
+            .load(Ordering::Acquire)
+            .max(self.stored.load(Ordering::Acquire));
         let nonce: [u8; 12] = rand::random();
         let ct = cipher(&key)
             .encrypt(Nonce::from_slice(&nonce), plain)
@@ -321,6 +364,7 @@ impl Vault {
         out.extend_from_slice(&SEAL_MARKER);
         out.extend_from_slice(s);
         out.extend_from_slice(&key_id);
+        out.extend_from_slice(&key_offset.to_be_bytes());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&ct);
         Ok(Some(out))
@@ -337,7 +381,9 @@ impl Vault {
             lifetime: keeping.lifetime,
             applied: Arc::default(),
             arrived: Arc::default(),
+            stored: AtomicI64::new(0),
             watermarks: None,
+            end_questions: AtomicU64::new(0),
         }
     }
 
@@ -352,9 +398,9 @@ impl Vault {
     /// Opens a record without waiting: `None` when it is sealed with a key this vault
     /// has not seen (yet, or any more).
     fn try_open(&self, bytes: &[u8]) -> Result<Option<Opened>> {
-        if !is_sealed(bytes) {
+        let Some(header) = header_len(bytes) else {
             return Ok(Some(Opened::Plain(bytes.to_vec())));
-        }
+        };
         let s: SubjectHash = bytes[2..18].try_into().expect("16 bytes");
         let id: KeyId = bytes[18..26].try_into().expect("8 bytes");
         let Some(key) = self.keyring.get(&s, &id)? else {
@@ -366,8 +412,8 @@ impl Vault {
         };
         Ok(Some(
             match cipher(&key).decrypt(
-                Nonce::from_slice(&bytes[26..HEADER_LEN]),
-                &bytes[HEADER_LEN..],
+                Nonce::from_slice(&bytes[header - 12..header]),
+                &bytes[header..],
             ) {
                 Ok(p) => Opened::Plain(p),
                 Err(_) => Opened::Corrupt,
@@ -376,12 +422,23 @@ impl Vault {
     }
 
     /// Opens a record. A key not seen yet may be on its way (it is stored before any
-    /// record sealed with it): the vault first reads the keys topic up to its end; a key
-    /// neither held nor erased then is missing. An error means the keys topic (or the
-    /// store) could not be read: try again.
+    /// record sealed with it): the vault first reads the keys topic as far as the
+    /// record names, else up to its end; a key neither held nor erased then is missing.
+    /// An error means the keys topic (or the store) could not be read: try again.
     pub async fn open(&self, bytes: &[u8]) -> Result<Opened> {
         if let Some(o) = self.try_open(bytes)? {
             return Ok(o);
+        }
+        // Usually the key is just behind the record. If it is still not held there
+        // (compacted away, its erasure marker further on, a topic replaced), the end
+        // decides.
+        if let Some(offset) = key_offset(bytes).filter(|_| self.watermarks.is_some()) {
+            let deadline = tokio::time::Instant::now() + NAMED_OFFSET_WAIT;
+            if self.read_up_to(offset, 0, deadline).await
+                && let Some(o) = self.try_open(bytes)?
+            {
+                return Ok(o);
+            }
         }
         self.catch_up().await?;
         Ok(self.try_open(bytes)?.unwrap_or(Opened::Missing))
@@ -389,31 +446,49 @@ impl Vault {
 
     /// Waits until every key stored so far has been read.
     pub async fn catch_up(&self) -> Result<()> {
-        let Some(watermarks) = &self.watermarks else {
+        let Some(watermarks) = self.watermarks.clone() else {
             return Ok(());
         };
-        let (low, high) = {
+        self.end_questions.fetch_add(1, Ordering::Relaxed);
+        let topic = self.topic.clone();
+        // A broker call that blocks (up to its timeout): off the async threads.
+        let (low, high) = tokio::task::spawn_blocking(move || {
             let c = watermarks.lock().expect("watermarks lock");
-            c.fetch_watermarks(&self.topic, 0, Duration::from_secs(10))?
-        };
+            c.fetch_watermarks(&topic, 0, Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("asking where the keys topic ends: {e}")))??;
         // Records below the first offset are gone (deleted or truncated): there is
         // nothing to wait for there.
-        // Woken as each keys record is applied (it was a 10 ms poll: a new visitor's
-        // first record, which usually arrives just before its key, waited for it).
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        if self.read_up_to(high, low, deadline).await {
+            Ok(())
+        } else {
+            Err(Error::Broker(
+                "the keys topic was not read to its end within 10 s".into(),
+            ))
+        }
+    }
+
+    /// Waits until the keys topic is applied up to `offset` (records below `low` are
+    /// gone), woken as each keys record is applied; false at `deadline`.
+    async fn read_up_to(&self, offset: i64, low: i64, deadline: tokio::time::Instant) -> bool {
         loop {
             let arrived = self.arrived.notified();
             tokio::pin!(arrived);
             arrived.as_mut().enable();
-            if self.applied.load(Ordering::Acquire).max(low) >= high {
-                return Ok(());
+            if self.applied.load(Ordering::Acquire).max(low) >= offset {
+                return true;
             }
             if tokio::time::timeout_at(deadline, arrived).await.is_err() {
-                return Err(Error::Broker(
-                    "the keys topic was not read to its end within 10 s".into(),
-                ));
+                return false;
             }
         }
+    }
+
+    /// How many times this vault asked the broker where the keys topic ends.
+    pub fn end_questions(&self) -> u64 {
+        self.end_questions.load(Ordering::Relaxed)
     }
 
     /// The record that erases one key (named by its record key on the keys topic, as
@@ -580,6 +655,34 @@ mod tests {
         compacted.apply(&msg(&k1, Some(key_record("profile-1", live(1)).1)));
         assert_eq!(compacted.open(&one).await.unwrap(), Opened::Shredded);
         assert!(Vault::erasure_record("not-a-key").is_err());
+    }
+
+    /// A record names how far the keys topic must be read to hold its key; a record of
+    /// the format before (no offset, marker `C3 5E`) opens as it did.
+    #[tokio::test]
+    async fn a_record_names_its_keys_offset_and_the_earlier_format_still_opens() {
+        let v = Vault::detached();
+        let (k, rec) = key_record("profile-1", live(1));
+        v.apply(&msg(&k, Some(rec)));
+        v.applied.store(41, Ordering::Release);
+        v.stored.store(40, Ordering::Release);
+        let sealed = v.seal(&subject_hash("profile-1"), b"x").await.unwrap();
+        assert_eq!(sealed[..2], SEAL_MARKER);
+        assert_eq!(sealed_subject(&sealed), Some(subject_hash("profile-1")));
+        assert_eq!(key_offset(&sealed), Some(41));
+        v.stored.store(57, Ordering::Release);
+        let later = v.seal(&subject_hash("profile-1"), b"x").await.unwrap();
+        assert_eq!(key_offset(&later), Some(57));
+
+        let mut older = SEAL_MARKER_V1.to_vec();
+        older.extend_from_slice(&sealed[2..26]);
+        older.extend_from_slice(&sealed[34..]);
+        assert_eq!(sealed_subject(&older), Some(subject_hash("profile-1")));
+        assert_eq!(key_offset(&older), None);
+        assert_eq!(v.open(&older).await.unwrap(), Opened::Plain(b"x".to_vec()));
+        assert_eq!(v.open(&sealed).await.unwrap(), Opened::Plain(b"x".to_vec()));
+        // Too short to hold a header and a tag: plain.
+        assert!(!is_sealed(&sealed[..HEADER_LEN]));
     }
 
     #[tokio::test]

@@ -917,3 +917,60 @@ async fn a_service_with_another_pseudonym_secret_refuses_to_start() {
     same.kill().unwrap();
     same.wait().unwrap();
 }
+
+/// A record sealed with a key made a moment ago names how far the keys topic must be
+/// read to hold it: another service's vault opens it by reading that far, without
+/// asking the broker where the keys topic ends (a round trip on every new person's
+/// first record at each hop, issue 26). A record of the earlier format, which names
+/// nothing, still opens by reading to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_subjects_record_opens_elsewhere_without_asking_where_the_keys_end() {
+    use std::sync::Arc;
+    use tessera_common::ids::subject_hash;
+    use tessera_common::kafka::Producer;
+    use tessera_common::vault::{Keeping, Opened, Vault};
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = test_config(dir.path());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let topics = Topics::new(&cfg.topics);
+    tessera_common::kafka::ensure_topics(
+        &cfg.kafka,
+        &cfg.topics,
+        &tessera_common::service::shared_topics(&topics),
+    )
+    .await
+    .unwrap();
+    let follow = |name: &'static str, producer: Option<Arc<Producer>>| {
+        let (kafka, keys, shutdown) = (cfg.kafka.clone(), topics.keys(), shutdown.clone());
+        async move { Vault::follow(&kafka, keys, name, producer, Keeping::in_memory(), shutdown).await }
+    };
+    let producer = Arc::new(Producer::new(&cfg.kafka, "sealer").unwrap());
+    let sealer = follow("sealer", Some(producer)).await.unwrap();
+    let reader = follow("reader", None).await.unwrap();
+    let asked = reader.end_questions();
+
+    for n in 0..20 {
+        let subject = subject_hash(&format!("new-visitor-{n}"));
+        let plain = format!("event {n}").into_bytes();
+        let sealed = sealer.seal(&subject, &plain).await.unwrap();
+        assert_eq!(reader.open(&sealed).await.unwrap(), Opened::Plain(plain));
+    }
+    assert_eq!(
+        reader.end_questions(),
+        asked,
+        "the reader asked the broker where the keys topic ends"
+    );
+
+    // The earlier format: the same record without the offset, under its own marker.
+    let subject = subject_hash("older-visitor");
+    let sealed = sealer.seal(&subject, b"older").await.unwrap();
+    let mut older = vec![0xC3, 0x5E];
+    older.extend_from_slice(&sealed[2..26]);
+    older.extend_from_slice(&sealed[34..]);
+    assert_eq!(
+        reader.open(&older).await.unwrap(),
+        Opened::Plain(b"older".to_vec())
+    );
+    shutdown.cancel();
+}
