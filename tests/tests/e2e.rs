@@ -310,6 +310,17 @@ async fn health_readiness_and_metrics_are_served_by_every_service() {
             text.lines().any(|l| l.starts_with(&series)),
             "{name} has no {series}"
         );
+        // ... and the time its batches spent opening sealed records (all of its input
+        // here is sealed).
+        let opened = format!("tessera_{name}_sealing_seconds_count{{step=\"open\"}} ");
+        let batches = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&opened))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        assert!(
+            batches.is_some_and(|n| n > 0.0),
+            "{name}: {opened}{batches:?}"
+        );
     }
     // Every metric the alert rules and the dashboard name exists (a refusal first, so
     // the rejection counter has a series).

@@ -1,7 +1,9 @@
 //! The runner's metrics (`tessera_<service>_...`): consumed and produced records, retries,
 //! batch time, lag, panics, rebuild suppression, erased subjects, state size.
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
 
 use crate::{Error, Result};
 
@@ -11,6 +13,8 @@ pub(super) struct RunnerMetrics {
     pub(super) produced: IntCounterVec,
     pub(super) produce_retries: IntCounterVec,
     pub(super) batch_seconds: Histogram,
+    /// Per batch: opening sealed input (`open`) and sealing output (`seal`).
+    pub(super) sealing_seconds: HistogramVec,
     pub(super) lag: IntGaugeVec,
     pub(super) panics: prometheus::IntCounter,
     pub(super) unusable: prometheus::IntCounter,
@@ -61,6 +65,22 @@ impl RunnerMetrics {
             ]),
         )
         .map_err(reg)?;
+        let sealing_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                format!("tessera_{service}_sealing_seconds"),
+                "Time a batch spent opening its sealed records (step=open: waiting for subject \
+                 keys not read yet) or sealing its outputs (step=seal: storing new subjects' \
+                 keys first)",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
+            &["step"],
+        )
+        .map_err(reg)?;
+        registry
+            .register(Box::new(sealing_seconds.clone()))
+            .map_err(reg)?;
         let lag = IntGaugeVec::new(
             Opts::new(
                 format!("tessera_{service}_consumer_lag_records"),
@@ -167,6 +187,7 @@ impl RunnerMetrics {
             produced,
             produce_retries,
             batch_seconds,
+            sealing_seconds,
             lag,
             panics,
             unusable,
