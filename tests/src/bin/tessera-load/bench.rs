@@ -12,6 +12,9 @@
 //! `--latency`: instead of the mix, one `Order Completed` for a new person per event
 //! (each enters `buyers` and makes an `add` record for `email-demo`), and the time from
 //! ingest accepting it (its `received_at`) to the activation record's Kafka create time.
+//! With `--known`, each buyer was seen before (a `page` with the same userId and email,
+//! consumed by every service before the orders are sent): the order still makes them
+//! enter `buyers`, but no subject key is made on its way.
 //! Then the same rate through a chain of four plain librdkafka relays on the same broker
 //! (`acks=all`, idempotent, linger 0, fetch wait 2 ms, sends pipelined): Kafka's own
 //! floor for four hops.
@@ -57,6 +60,10 @@ pub struct Bench {
     /// Measure the latency of new buyers instead of the mix's cost.
     #[arg(long)]
     latency: bool,
+    /// With `--latency`: buyers seen before (a page view each, sent and consumed before
+    /// the measured orders), so no subject key is made on the measured path.
+    #[arg(long, requires = "latency")]
+    known: bool,
 }
 
 const SERVICES: [&str; 4] = ["ingest", "identity", "profiles", "activation"];
@@ -362,6 +369,16 @@ async fn drained(prefix: &str, within: Duration) -> anyhow::Result<Duration> {
 /// New buyers at `b.rate` for `b.seconds`: accept → activation record (Kafka create
 /// time), then Kafka's own floor on the same broker.
 async fn latency(b: &Bench) -> anyhow::Result<()> {
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    if b.known {
+        let visitor = |n: u64| {
+            let user = format!("bench-{run}-{n}");
+            json!({"type": "page", "userId": user, "name": "Home",
+                   "context": {"traits": {"email": format!("{user}@example.com")}}})
+        };
+        send(b, b.seconds, &mut |n| visitor(n)).await?;
+        drained(&b.prefix, Duration::from_secs(300)).await?;
+    }
     let topic = format!("{}activation.email-demo", b.prefix);
     let reader: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", tessera_tests::bootstrap())
@@ -374,7 +391,6 @@ async fn latency(b: &Bench) -> anyhow::Result<()> {
         tpl.add_partition_offset(&topic, p.id(), Offset::End)?;
     }
     reader.assign(&tpl)?;
-    let run = uuid::Uuid::new_v4().simple().to_string();
     let buyer = |n: u64| {
         let user = format!("bench-{run}-{n}");
         json!({"type": "track", "userId": user, "event": "Order Completed",
@@ -404,8 +420,13 @@ async fn latency(b: &Bench) -> anyhow::Result<()> {
     let sent = send(b, b.seconds, &mut |n| buyer(n)).await?;
     let h = read.await??;
     println!(
-        "latency: {} new buyers/s for {} s, {} per request; {} accepted, {} requests refused",
-        b.rate, b.seconds, b.batch, sent.accepted, sent.refused
+        "latency: {} {} buyers/s for {} s, {} per request; {} accepted, {} requests refused",
+        b.rate,
+        if b.known { "known" } else { "new" },
+        b.seconds,
+        b.batch,
+        sent.accepted,
+        sent.refused
     );
     report(
         "HTTP accept → activation record (Kafka create time, ms resolution)",
