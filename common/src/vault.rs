@@ -17,7 +17,8 @@
 //! has its own id, so none is lost.
 //!
 //! A sealed record: `C3 5F` | subject hash (16 bytes) | key id (8) | keys-topic offset
-//! (8, big-endian) | nonce (12) | AES-256-GCM ciphertext and tag of the plain record.
+//! (8, big-endian) | nonce (12) | AES-256-GCM ciphertext and tag of the plain record,
+//! with the bytes before the nonce as associated data.
 //! The offset is how far the keys topic must be read to hold the key: a reader that
 //! has not seen the key yet waits for its own reading to pass that offset, which asks
 //! the broker nothing. Records sealed before it was added (`C3 5E`, no offset) still
@@ -27,7 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use aes_gcm::aead::{Aead, KeyInit};
+use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio_util::sync::CancellationToken;
@@ -357,14 +358,22 @@ impl Vault {
             .load(Ordering::Acquire)
             .max(self.stored.load(Ordering::Acquire));
         let nonce: [u8; 12] = rand::random();
-        let ct = cipher(&key)
-            .encrypt(Nonce::from_slice(&nonce), plain)
-            .map_err(|e| Error::Internal(format!("sealing failed: {e}")))?;
-        let mut out = Vec::with_capacity(HEADER_LEN + ct.len());
+        let mut out = Vec::with_capacity(HEADER_LEN + plain.len() + 16);
         out.extend_from_slice(&SEAL_MARKER);
         out.extend_from_slice(s);
         out.extend_from_slice(&key_id);
         out.extend_from_slice(&key_offset.to_be_bytes());
+        // What comes before the nonce is authenticated with the text: a changed offset
+        // makes the record corrupt, never a readable one.
+        let ct = cipher(&key)
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plain,
+                    aad: &out,
+                },
+            )
+            .map_err(|e| Error::Internal(format!("sealing failed: {e}")))?;
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&ct);
         Ok(Some(out))
@@ -413,7 +422,15 @@ impl Vault {
         Ok(Some(
             match cipher(&key).decrypt(
                 Nonce::from_slice(&bytes[header - 12..header]),
-                &bytes[header..],
+                Payload {
+                    msg: &bytes[header..],
+                    // The earlier format authenticated no header.
+                    aad: if header == HEADER_LEN {
+                        &bytes[..header - 12]
+                    } else {
+                        &[]
+                    },
+                },
             ) {
                 Ok(p) => Opened::Plain(p),
                 Err(_) => Opened::Corrupt,
@@ -674,15 +691,32 @@ mod tests {
         let later = v.seal(&subject_hash("profile-1"), b"x").await.unwrap();
         assert_eq!(key_offset(&later), Some(57));
 
+        // A record of the earlier format: no offset, no header authenticated.
+        let key = v
+            .keyring
+            .get(&subject_hash("profile-1"), &live(1))
+            .unwrap()
+            .unwrap();
+        let nonce = [5u8; 12];
         let mut older = SEAL_MARKER_V1.to_vec();
         older.extend_from_slice(&sealed[2..26]);
-        older.extend_from_slice(&sealed[34..]);
+        older.extend_from_slice(&nonce);
+        older.extend(
+            cipher(&key)
+                .encrypt(Nonce::from_slice(&nonce), &b"x"[..])
+                .unwrap(),
+        );
         assert_eq!(sealed_subject(&older), Some(subject_hash("profile-1")));
         assert_eq!(key_offset(&older), None);
         assert_eq!(v.open(&older).await.unwrap(), Opened::Plain(b"x".to_vec()));
         assert_eq!(v.open(&sealed).await.unwrap(), Opened::Plain(b"x".to_vec()));
         // Too short to hold a header and a tag: plain.
         assert!(!is_sealed(&sealed[..HEADER_LEN]));
+        // The header is authenticated: a record whose named offset was changed does not
+        // open (the fuzzer found it opening to its plain text).
+        let mut moved = sealed.clone();
+        moved[30] ^= 1;
+        assert_eq!(v.open(&moved).await.unwrap(), Opened::Corrupt);
     }
 
     #[tokio::test]

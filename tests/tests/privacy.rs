@@ -921,8 +921,7 @@ async fn a_service_with_another_pseudonym_secret_refuses_to_start() {
 /// A record sealed with a key made a moment ago names how far the keys topic must be
 /// read to hold it: another service's vault opens it by reading that far, without
 /// asking the broker where the keys topic ends (a round trip on every new person's
-/// first record at each hop, issue 26). A record of the earlier format, which names
-/// nothing, still opens by reading to the end.
+/// first record at each hop, issue 26).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_subjects_record_opens_elsewhere_without_asking_where_the_keys_end() {
     use std::sync::Arc;
@@ -962,15 +961,5 @@ async fn a_new_subjects_record_opens_elsewhere_without_asking_where_the_keys_end
         "the reader asked the broker where the keys topic ends"
     );
 
-    // The earlier format: the same record without the offset, under its own marker.
-    let subject = subject_hash("older-visitor");
-    let sealed = sealer.seal(&subject, b"older").await.unwrap();
-    let mut older = vec![0xC3, 0x5E];
-    older.extend_from_slice(&sealed[2..26]);
-    older.extend_from_slice(&sealed[34..]);
-    assert_eq!(
-        reader.open(&older).await.unwrap(),
-        Opened::Plain(b"older".to_vec())
-    );
     shutdown.cancel();
 }
