@@ -342,9 +342,9 @@ impl Vault {
             )
             .await
             .map_err(|e| Error::Broker(format!("the subject key was not stored: {e}")))?;
-        self.keyring.add(s, &key_id, &key)?;
+        // Before the key is held: whoever seals with it names an offset past it.
         self.stored.fetch_max(offset + 1, Ordering::AcqRel);
-        Ok(())
+        self.keyring.add(s, &key_id, &key)
     }
 
     fn seal_known(&self, s: &SubjectHash, plain: &[u8], lasting: bool) -> Result<Option<Vec<u8>>> {
