@@ -585,16 +585,9 @@ pub async fn run<P: Processor>(
             ready: spec.ready.as_deref(),
             skip_missing: spec.skip_missing_keys,
         };
-        let opened_in = Instant::now();
         let Some(mut batch) = open_all(&opening, batch, &shutdown).await else {
             break;
         };
-        if spec.vault.is_some() {
-            metrics
-                .sealing_seconds
-                .with_label_values(&["open"])
-                .observe(opened_in.elapsed().as_secs_f64());
-        }
 
         // 1. Process (RocksDB reads and CPU work) off the async threads, against the
         //    state as it will be once the batch in flight is committed.
@@ -634,14 +627,7 @@ pub async fn run<P: Processor>(
         metrics.panics.inc_by(processed.panicked);
         metrics.unusable.inc_by(processed.unusable);
         let (mut write, outputs) = (processed.write, processed.outputs);
-        let sealed_in = Instant::now();
-        let Some(outputs) = seal_all(
-            spec.vault.as_deref(),
-            outputs,
-            &metrics.erased_outputs,
-            &shutdown,
-        )
-        .await?
+        let Some(outputs) = seal_all(spec.vault.as_deref(), outputs, &metrics, &shutdown).await?
         else {
             warn!(
                 service = spec.service,
@@ -649,12 +635,6 @@ pub async fn run<P: Processor>(
             );
             break;
         };
-        if spec.vault.is_some() {
-            metrics
-                .sealing_seconds
-                .with_label_values(&["seal"])
-                .observe(sealed_in.elapsed().as_secs_f64());
-        }
 
         // 2. The batch before is acknowledged and committed first: state and offsets in
         //    batch order, and each key's records in order on their topic.

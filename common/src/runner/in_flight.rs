@@ -160,11 +160,7 @@ impl Committing<'_> {
 
     /// Commits an acknowledged batch: its state and offsets together (or its offsets
     /// to Kafka), then tells the group and the processor's readers.
-    pub async fn commit(
-        &self,
-        mut f: InFlight,
-        done: &mut BTreeMap<(String, i32), i64>,
-    ) -> Result<()> {
+    async fn commit(&self, mut f: InFlight, done: &mut BTreeMap<(String, i32), i64>) -> Result<()> {
         let write = f.take_write();
         match self.offsets {
             OffsetStorage::State => {

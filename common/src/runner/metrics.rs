@@ -13,8 +13,9 @@ pub(super) struct RunnerMetrics {
     pub(super) produced: IntCounterVec,
     pub(super) produce_retries: IntCounterVec,
     pub(super) batch_seconds: Histogram,
-    /// Per batch: opening sealed input (`open`) and sealing output (`seal`).
-    pub(super) sealing_seconds: HistogramVec,
+    /// Per batch: opening sealed input, and sealing output (`sealing_seconds{step}`).
+    pub(super) open_seconds: Histogram,
+    pub(super) seal_seconds: Histogram,
     pub(super) lag: IntGaugeVec,
     pub(super) panics: prometheus::IntCounter,
     pub(super) unusable: prometheus::IntCounter,
@@ -187,7 +188,8 @@ impl RunnerMetrics {
             produced,
             produce_retries,
             batch_seconds,
-            sealing_seconds,
+            open_seconds: sealing_seconds.with_label_values(&["open"]),
+            seal_seconds: sealing_seconds.with_label_values(&["seal"]),
             lag,
             panics,
             unusable,

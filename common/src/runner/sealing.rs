@@ -2,7 +2,7 @@
 //! are skipped, a record whose key is missing holds the runner (never taken for an
 //! erasure), outputs naming a subject are sealed with its key.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus::IntCounterVec;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,21 @@ pub(super) struct Opening<'a> {
 /// until the key is back or the operator chooses to skip such records. `None` if
 /// shutdown came meanwhile.
 pub(super) async fn open_all(
+    o: &Opening<'_>,
+    batch: Vec<Message>,
+    shutdown: &CancellationToken,
+) -> Option<Vec<(Message, Option<SubjectHash>)>> {
+    let started = Instant::now();
+    let opened = open_each(o, batch, shutdown).await;
+    if o.vault.is_some() {
+        o.metrics
+            .open_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+    opened
+}
+
+async fn open_each(
     o: &Opening<'_>,
     batch: Vec<Message>,
     shutdown: &CancellationToken,
@@ -116,8 +131,24 @@ pub(super) fn seal_dead_letters(out: &mut [Output], topic: &str, subject: &Optio
 
 /// Seals the outputs that name a subject; the subjects new to the vault get their keys
 /// first, together. Outputs about a subject erased a moment ago are dropped (counted in
-/// `erased`). `None` if shutdown came while new keys could not be stored.
+/// `erased_outputs`). `None` if shutdown came while new keys could not be stored.
 pub(super) async fn seal_all(
+    vault: Option<&Vault>,
+    outputs: Vec<Output>,
+    metrics: &RunnerMetrics,
+    shutdown: &CancellationToken,
+) -> Result<Option<Vec<Output>>> {
+    let started = Instant::now();
+    let sealed = seal_each(vault, outputs, &metrics.erased_outputs, shutdown).await;
+    if vault.is_some() {
+        metrics
+            .seal_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+    sealed
+}
+
+async fn seal_each(
     vault: Option<&Vault>,
     outputs: Vec<Output>,
     erased: &IntCounterVec,
