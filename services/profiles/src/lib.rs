@@ -15,6 +15,7 @@ pub mod catalog;
 pub mod computed;
 pub mod live;
 pub mod peers;
+pub mod predict;
 pub mod privacy;
 pub mod profile;
 pub mod segments;
