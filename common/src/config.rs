@@ -275,6 +275,10 @@ pub struct ProfilesConfig {
     /// rest. Empty: one instance, which answers for everyone.
     #[serde(default)]
     pub peers: Vec<String>,
+    /// How often the predictive traits' models are fitted (ms).
+    pub predict_refit_ms: i64,
+    /// Customers with a purchase a model needs before it is fitted.
+    pub predict_min_customers: u64,
 }
 
 /// How a trait's value is chosen. Each is independent of arrival order: ties go to the
@@ -628,6 +632,9 @@ impl Config {
                     "profiles.peers: {peer:?} is not an http:// or https:// base URL"
                 ));
             }
+        }
+        if self.profiles.predict_refit_ms < 60_000 || self.profiles.predict_min_customers < 10 {
+            return bad("profiles.predict_refit_ms must be at least 60000 (a minute) and profiles.predict_min_customers at least 10".into());
         }
         if self.http.max_header_bytes < 8192 || self.http.header_read_timeout_ms == 0 {
             return bad("http.max_header_bytes must be at least 8192 and http.header_read_timeout_ms above 0".into());

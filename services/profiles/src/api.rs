@@ -7,7 +7,9 @@
 //! - `GET|POST /v1/computed-traits`, `GET|PUT|DELETE /v1/computed-traits/{id}`;
 //! - `GET|POST /v1/triggers`, `GET|PUT|DELETE /v1/triggers/{id}`;
 //! - `GET /v1/definitions/backfill`: the back-fill after the last definition change;
-//! - `GET /v1/households/{id}`, `GET /v1/accounts/{id}`: member profile ids.
+//! - `GET /v1/households/{id}`, `GET /v1/accounts/{id}`: member profile ids;
+//! - `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/models/fit`: the predictive
+//!   traits' fitted models (`model_api`).
 //!
 //! Definitions are JSON, or YAML with a `Content-Type` of `application/yaml`.
 
@@ -51,6 +53,9 @@ pub struct ApiState {
     pub recent_events: usize,
     /// Which profiles this instance answers for (see [`crate::peers`]).
     pub placement: Placement,
+    /// A fit of the predictive models asked for, and how fitting goes.
+    pub fit_requests: Arc<std::sync::atomic::AtomicBool>,
+    pub fit_status: Arc<std::sync::Mutex<crate::state::FitStatus>>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -65,6 +70,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/definitions/backfill", get(backfill))
         .route("/v1/households/{id}", get(household))
         .route("/v1/accounts/{id}", get(account))
+        .merge(crate::model_api::routes())
         .with_state(state)
 }
 
@@ -141,7 +147,23 @@ pub fn view(
         .iter()
         // Segment counters are internal.
         .filter(|(id, _)| !id.starts_with("_seg_"))
-        .map(|(id, c)| (id.clone(), c.value.clone()))
+        .map(|(id, c)| {
+            let shown = match (&c.purchases, c.day) {
+                // A prediction explains itself: the customer's summary on the day it was
+                // evaluated for, and the model version (its parameters: /v1/models/{id}).
+                (Some(purchases), Some(day)) if explain => {
+                    let s = purchases.summary(day, false);
+                    json!({
+                        "value": c.value, "model_version": c.model,
+                        "as_of": iso(day * crate::predict::DAY_MS),
+                        "frequency": s.map(|s| s.x), "recency_days": s.map(|s| s.t_x),
+                        "age_days": s.map(|s| s.t), "approximate": purchases.approximate(),
+                    })
+                }
+                _ => c.value.clone(),
+            };
+            (id.clone(), shown)
+        })
         .collect();
     let consent: serde_json::Map<String, Value> = p
         .consent

@@ -220,7 +220,7 @@ impl Profile {
                 .computed
                 .entry(def.id.clone())
                 .or_insert_with(|| ComputedState::new(def));
-            let (c, n) = state.refresh(def, now);
+            let (c, n) = state.refresh(def, now, defs.model(&def.id));
             if c {
                 touched.parts.computed.insert(def.id.clone());
             }

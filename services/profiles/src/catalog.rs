@@ -20,12 +20,16 @@ use tracing::warn;
 use tessera_common::records::DefinitionChange;
 
 use crate::computed::ComputedTrait;
+use crate::predict::ModelHistory;
 use crate::segments::Segment;
 use crate::triggers::Trigger;
 
 pub const SEGMENT: &str = "segment";
 pub const COMPUTED_TRAIT: &str = "computed_trait";
 pub const TRIGGER: &str = "trigger";
+/// A predictive trait's fitted model versions (`model/<trait id>`), written by the
+/// profiles instance that fits it; not a definition a user edits.
+pub const MODEL: &str = "model";
 /// Limits of a definition's `name` and `description` (they are shown, not evaluated).
 const MAX_NAME_CHARS: usize = 200;
 const MAX_DESCRIPTION_CHARS: usize = 2000;
@@ -156,8 +160,12 @@ pub struct DefinitionSet {
     pub segments: Vec<Segment>,
     pub computed: Vec<ComputedTrait>,
     pub triggers: Vec<Trigger>,
-    /// `<kind>/<id>` → version of every definition in force (counters excluded).
+    /// `<kind>/<id>` → version of every definition in force (counters excluded), and
+    /// `model/<id>` → the latest model version of each predictive trait: a new model
+    /// re-evaluates every profile, as a changed definition does.
     pub versions: BTreeMap<String, i32>,
+    /// The fitted models of the predictive traits, by trait id.
+    pub models: BTreeMap<String, ModelHistory>,
     /// Positions in `segments` and `computed` by id.
     segment_at: HashMap<String, usize>,
     computed_at: HashMap<String, usize>,
@@ -257,6 +265,7 @@ impl DefinitionSet {
                 computed,
                 triggers,
                 versions,
+                models: BTreeMap::new(),
                 segment_at,
                 computed_at,
             },
@@ -271,6 +280,26 @@ impl DefinitionSet {
     pub fn computed_trait(&self, id: &str) -> Option<&ComputedTrait> {
         self.computed_at.get(id).map(|i| &self.computed[*i])
     }
+
+    /// The fitted versions of a predictive trait's model.
+    pub fn model(&self, id: &str) -> Option<&ModelHistory> {
+        self.models.get(id)
+    }
+
+    /// Installs the models of the predictive traits in force.
+    fn with_models(mut self, models: &BTreeMap<String, ModelHistory>) -> DefinitionSet {
+        for def in self.computed.iter().filter(|d| d.aggregate.predictive()) {
+            let Some(h) = models.get(&def.id) else {
+                continue;
+            };
+            if let Some(latest) = h.latest() {
+                let version = i32::try_from(latest.version).unwrap_or(i32::MAX);
+                self.versions.insert(format!("{MODEL}/{}", def.id), version);
+                self.models.insert(def.id.clone(), h.clone());
+            }
+        }
+        self
+    }
 }
 
 #[derive(Default)]
@@ -279,6 +308,8 @@ struct Inner {
     records: BTreeMap<String, DefinitionChange>,
     /// The definitions in force, parsed once when their record arrives.
     live: BTreeMap<String, Definition>,
+    /// The latest model record of each predictive trait.
+    models: BTreeMap<String, ModelHistory>,
     set: Arc<DefinitionSet>,
 }
 
@@ -335,19 +366,45 @@ impl Catalog {
     /// Applies a record read from the topic.
     pub fn apply(&self, rec: DefinitionChange) {
         let mut inner = self.inner.write().expect("catalog lock");
-        let k = key(&rec.kind, &rec.id);
-        match Self::parsed(&rec) {
-            Some(d) => inner.live.insert(k.clone(), d),
-            None => inner.live.remove(&k),
-        };
-        inner.records.insert(k, rec);
+        if rec.kind == MODEL {
+            match serde_json::from_str::<ModelHistory>(&rec.definition) {
+                Ok(_) if rec.deleted => inner.models.remove(&rec.id),
+                Ok(h) => inner.models.insert(rec.id.clone(), h),
+                Err(e) => {
+                    warn!(id = %rec.id, error = %e, "model on the topic ignored");
+                    return;
+                }
+            };
+        } else {
+            let k = key(&rec.kind, &rec.id);
+            match Self::parsed(&rec) {
+                Some(d) => inner.live.insert(k.clone(), d),
+                None => inner.live.remove(&k),
+            };
+            inner.records.insert(k, rec);
+        }
         let generation = inner.set.generation + 1;
         let (set, problems) =
             DefinitionSet::build(inner.live.values().cloned().collect(), generation);
         for p in problems {
             warn!(problem = %p, "definition left out");
         }
-        inner.set = Arc::new(set);
+        inner.set = Arc::new(set.with_models(&inner.models));
+    }
+
+    /// The record that publishes a trait's model versions.
+    pub fn model_record(id: &str, history: &ModelHistory) -> DefinitionChange {
+        DefinitionChange {
+            kind: MODEL.to_string(),
+            id: id.to_string(),
+            version: history
+                .latest()
+                .map_or(0, |l| i32::try_from(l.version).unwrap_or(i32::MAX)),
+            definition: serde_json::to_string(history).unwrap_or_default(),
+            deleted: false,
+            origin: "fit".to_string(),
+            changed_at: tessera_common::now_ms(),
+        }
     }
 
     /// The definitions as they would be with these records applied, or what would be

@@ -11,11 +11,21 @@
 //! the window when its time plus the window has passed. The profile's next expiry is a
 //! durable timer in RocksDB (see `state`), so the value changes on time even when no
 //! event arrives. All-time traits keep a running accumulator.
+//!
+//! Predictive traits (`p_alive`, `predicted_purchases`, `expected_value`) keep the
+//! profile's purchase days and apply the population's fitted model (see `predict`):
+//!
+//! ```json
+//! {"id": "clv_90d", "event": "Order Completed", "aggregate": "expected_value",
+//!  "property": "total", "horizon": "90d"}
+//! ```
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+
+use crate::predict::{DAY_MS, Fitted, ModelHistory, Purchases, day_of};
 
 /// At most this many contributions are kept per windowed trait and profile (the oldest
 /// go first; the value is then approximate and says so), and at most this many distinct
@@ -192,6 +202,23 @@ pub enum Aggregate {
     MostFrequent,
     UniqueList,
     UniqueCount,
+    /// The probability the customer is still active (BG/NBD).
+    PAlive,
+    /// The purchases expected within `horizon` (BG/NBD).
+    PredictedPurchases,
+    /// The value expected within `horizon`: expected purchases times the expected
+    /// order value of `property` (Gamma–Gamma).
+    ExpectedValue,
+}
+
+impl Aggregate {
+    /// Whether the value comes from the population's fitted model.
+    pub fn predictive(self) -> bool {
+        matches!(
+            self,
+            Aggregate::PAlive | Aggregate::PredictedPurchases | Aggregate::ExpectedValue
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -221,6 +248,13 @@ pub struct ComputedTrait {
     /// Parsed `window`.
     #[serde(skip)]
     pub window_ms: Option<i64>,
+    /// How far a prediction looks ahead (`90d`); for `predicted_purchases` and
+    /// `expected_value`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub horizon: Option<String>,
+    /// Parsed `horizon`, in days.
+    #[serde(skip)]
+    pub horizon_days: Option<f64>,
 }
 
 /// Letters, digits, `-` and `_`: ids appear in keys and URLs.
@@ -248,6 +282,14 @@ impl ComputedTrait {
             ));
         }
         validate_tests(&self.filter, &format!("{what}: where"))?;
+        if self.aggregate.predictive() {
+            return self.validate_predictive(&what);
+        }
+        if self.horizon.is_some() {
+            return Err(format!(
+                "{what}: horizon is for p_alive, predicted_purchases and expected_value"
+            ));
+        }
         match (&self.aggregate, &self.property) {
             (Aggregate::Count, Some(_)) => {
                 return Err(format!("{what}: count takes no property"));
@@ -266,6 +308,54 @@ impl ComputedTrait {
         Ok(())
     }
 
+    /// A predictive trait names its purchase event; `expected_value` its value
+    /// property; the two counts look `horizon` ahead; none has a window (the model sees
+    /// all of a customer's purchases).
+    fn validate_predictive(&mut self, what: &str) -> Result<(), String> {
+        let agg = self.aggregate;
+        if self.event.is_none() {
+            return Err(format!(
+                "{what}: a prediction needs the purchase event (event: Order Completed)"
+            ));
+        }
+        if self.window.is_some() {
+            return Err(format!(
+                "{what}: a prediction takes no window (use horizon for how far it looks ahead)"
+            ));
+        }
+        match (agg, &self.property) {
+            (Aggregate::ExpectedValue, None) => {
+                return Err(format!(
+                    "{what}: expected_value needs the order's value property (property: total)"
+                ));
+            }
+            (Aggregate::ExpectedValue, Some(p)) if p.trim().is_empty() => {
+                return Err(format!("{what}: property is empty"));
+            }
+            (Aggregate::PAlive | Aggregate::PredictedPurchases, Some(_)) => {
+                return Err(format!("{what}: {agg:?} takes no property"));
+            }
+            _ => {}
+        }
+        self.horizon_days = match (agg, &self.horizon) {
+            (Aggregate::PAlive, Some(_)) => {
+                return Err(format!("{what}: p_alive takes no horizon"));
+            }
+            (Aggregate::PAlive, None) => None,
+            (_, None) => {
+                return Err(format!("{what}: {agg:?} needs a horizon (like 90d)"));
+            }
+            (_, Some(h)) => {
+                let ms = parse_window(h).map_err(|e| format!("{what}: horizon: {e}"))?;
+                if ms % crate::predict::DAY_MS != 0 {
+                    return Err(format!("{what}: the horizon is whole days (like 90d)"));
+                }
+                Some((ms / crate::predict::DAY_MS) as f64)
+            }
+        };
+        Ok(())
+    }
+
     /// The value this event contributes, if it counts (`Null` for `count`).
     pub fn contribution(&self, kind: &str, event: Option<&str>, props: &Value) -> Option<Value> {
         if kind != "track" || self.event.as_deref().is_some_and(|e| Some(e) != event) {
@@ -276,6 +366,10 @@ impl ComputedTrait {
         }
         match &self.property {
             None => Some(Value::Null),
+            // A purchase counts without its value (it adds nothing to the value).
+            Some(p) if self.aggregate.predictive() => {
+                Some(lookup(props, p).cloned().unwrap_or(Value::Null))
+            }
             Some(p) => lookup(props, p).filter(|v| !v.is_null()).cloned(),
         }
     }
@@ -313,7 +407,11 @@ impl Acc {
     pub fn add(&mut self, agg: Aggregate, t: i64, v: &Value, times: u64) {
         self.count += times;
         match agg {
-            Aggregate::Count => {}
+            // Predictive traits keep purchases, not an accumulator.
+            Aggregate::Count
+            | Aggregate::PAlive
+            | Aggregate::PredictedPurchases
+            | Aggregate::ExpectedValue => {}
             Aggregate::Sum | Aggregate::Average => {
                 if let Some(n) = as_number(v) {
                     *self.sum.get_or_insert(0.0) += n * times as f64;
@@ -356,7 +454,10 @@ impl Acc {
     pub fn absorb(&mut self, agg: Aggregate, other: &Acc) {
         let extra = other.count;
         match agg {
-            Aggregate::Count => self.count += extra,
+            Aggregate::Count
+            | Aggregate::PAlive
+            | Aggregate::PredictedPurchases
+            | Aggregate::ExpectedValue => self.count += extra,
             Aggregate::Sum | Aggregate::Average => {
                 self.count += extra;
                 if let Some(s) = other.sum {
@@ -407,6 +508,9 @@ impl Acc {
                     .collect(),
             ),
             Aggregate::UniqueCount => json!(self.counts.len()),
+            Aggregate::PAlive | Aggregate::PredictedPurchases | Aggregate::ExpectedValue => {
+                Value::Null
+            }
         }
     }
 }
@@ -426,6 +530,15 @@ pub struct ComputedState {
     /// Contributions were dropped beyond [`MAX_WINDOW_ENTRIES`]: the value is approximate.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
+    /// Predictive: the purchase days.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purchases: Option<Purchases>,
+    /// Predictive: the model version and the day the value was evaluated with and for
+    /// (so a replay with the same versions gives the same value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub day: Option<i64>,
     /// A contribution came in since the value was last computed (not stored: a stored
     /// value is always current).
     #[serde(skip)]
@@ -434,9 +547,11 @@ pub struct ComputedState {
 
 impl ComputedState {
     pub fn new(def: &ComputedTrait) -> ComputedState {
+        let predictive = def.aggregate.predictive();
         let mut s = ComputedState {
             version: def.version,
-            acc: def.window_ms.is_none().then(Acc::default),
+            acc: (def.window_ms.is_none() && !predictive).then(Acc::default),
+            purchases: predictive.then(Purchases::default),
             ..Default::default()
         };
         s.value = Acc::default().value(def.aggregate);
@@ -445,6 +560,10 @@ impl ComputedState {
 
     pub fn add(&mut self, def: &ComputedTrait, t: i64, v: Value) {
         self.dirty = true;
+        if let Some(p) = &mut self.purchases {
+            p.add(t, as_number(&v).unwrap_or(0.0));
+            return;
+        }
         match &mut self.acc {
             Some(acc) => acc.add(def.aggregate, t, &v, 1),
             None => {
@@ -460,6 +579,10 @@ impl ComputedState {
 
     pub fn absorb(&mut self, def: &ComputedTrait, other: &ComputedState) {
         self.dirty = true;
+        if let (Some(mine), Some(theirs)) = (&mut self.purchases, &other.purchases) {
+            mine.absorb(theirs);
+            return;
+        }
         match (&mut self.acc, &other.acc) {
             (Some(a), Some(b)) => a.absorb(def.aggregate, b),
             _ => {
@@ -472,8 +595,32 @@ impl ComputedState {
     }
 
     /// Drops contributions that left the window by `now` and recomputes the value.
-    /// Returns whether the value changed and when the next contribution leaves.
-    pub fn refresh(&mut self, def: &ComputedTrait, now: i64) -> (bool, Option<i64>) {
+    /// Returns whether the value changed and when the next contribution leaves (for a
+    /// prediction: the next midnight, when the customer's age moves on). `model`: the
+    /// trait's fitted versions, for a prediction.
+    pub fn refresh(
+        &mut self,
+        def: &ComputedTrait,
+        now: i64,
+        model: Option<&ModelHistory>,
+    ) -> (bool, Option<i64>) {
+        if let Some(purchases) = &self.purchases {
+            let today = day_of(now);
+            let fitted = model.and_then(|m| m.in_force(now));
+            let version = fitted.map(|f| f.version);
+            let next =
+                (fitted.is_some() && !purchases.days.is_empty()).then_some((today + 1) * DAY_MS);
+            if !self.dirty && self.day == Some(today) && self.model == version {
+                return (false, next);
+            }
+            let value = fitted
+                .and_then(|f| predicted(def, f, purchases, today))
+                .map_or(Value::Null, |v| json!(v));
+            let changed = value != self.value;
+            self.value = value;
+            (self.model, self.day, self.dirty) = (version, Some(today), false);
+            return (changed, next);
+        }
         let (value, next) = match (&self.acc, def.window_ms) {
             (Some(_), _) if !self.dirty => return (false, None),
             (Some(acc), _) => (acc.value(def.aggregate), None),
@@ -500,6 +647,24 @@ impl ComputedState {
         self.dirty = false;
         (changed, next)
     }
+}
+
+/// A predictive trait's value for a customer on `today`, rounded to six significant
+/// decimals (a probability, a count, an amount); None before the first purchase or
+/// without a model for the value.
+pub fn predicted(def: &ComputedTrait, f: &Fitted, p: &Purchases, today: i64) -> Option<f64> {
+    let valued = def.aggregate == Aggregate::ExpectedValue;
+    let s = p.summary(today, valued)?;
+    let horizon = def.horizon_days.unwrap_or(0.0);
+    let v = match def.aggregate {
+        Aggregate::PAlive => f.bgnbd.p_alive(&s),
+        Aggregate::PredictedPurchases => f.bgnbd.expected_purchases(&s, horizon),
+        Aggregate::ExpectedValue => {
+            f.bgnbd.expected_purchases(&s, horizon) * f.gamma_gamma?.expected_order_value(&s)?
+        }
+        _ => return None,
+    };
+    v.is_finite().then(|| (v * 1e6).round() / 1e6)
 }
 
 #[cfg(test)]
@@ -562,9 +727,9 @@ mod tests {
                 let half = if i % 2 == 0 { &mut left } else { &mut right };
                 half.add(&d, i as i64, v.clone());
             }
-            whole.refresh(&d, 0);
+            whole.refresh(&d, 0, None);
             left.absorb(&d, &right);
-            left.refresh(&d, 0);
+            left.refresh(&d, 0, None);
             assert_eq!(whole.value, want, "{agg:?}");
             assert_eq!(left.value, want, "{agg:?} after a merge");
         }
@@ -589,13 +754,16 @@ mod tests {
         let mut s = ComputedState::new(&d);
         s.add(&d, 1000, Value::Null);
         s.add(&d, 5000, Value::Null);
-        assert_eq!(s.refresh(&d, 2000), (true, Some(1000 + hour)));
+        assert_eq!(s.refresh(&d, 2000, None), (true, Some(1000 + hour)));
         assert_eq!(s.value, json!(2));
         // One millisecond before the edge it counts; at the edge it is gone.
-        assert_eq!(s.refresh(&d, 1000 + hour - 1), (false, Some(1000 + hour)));
-        assert_eq!(s.refresh(&d, 1000 + hour), (true, Some(5000 + hour)));
+        assert_eq!(
+            s.refresh(&d, 1000 + hour - 1, None),
+            (false, Some(1000 + hour))
+        );
+        assert_eq!(s.refresh(&d, 1000 + hour, None), (true, Some(5000 + hour)));
         assert_eq!(s.value, json!(1));
-        assert_eq!(s.refresh(&d, 5000 + hour), (true, None));
+        assert_eq!(s.refresh(&d, 5000 + hour, None), (true, None));
         assert_eq!(s.value, json!(0));
     }
 

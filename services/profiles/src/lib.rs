@@ -14,6 +14,7 @@ pub mod apply;
 pub mod catalog;
 pub mod computed;
 pub mod live;
+pub mod model_api;
 pub mod peers;
 pub mod predict;
 pub mod privacy;
@@ -145,7 +146,10 @@ pub async fn run_with_listener(
         metrics: state::ProfilesMetrics::new(&parts.admin),
         changes: changes.clone(),
         placement: placement.clone(),
+        fitting: state::Fitting::new((&config.profiles).into()),
     };
+    let fit_requests = processor.fitting.requested.clone();
+    let fit_status = processor.fitting.status.clone();
     let inputs = vec![
         topics.resolved(),
         topics.merges(),
@@ -169,6 +173,8 @@ pub async fn run_with_listener(
         history_limit: config.profiles.history_events,
         recent_events: config.profiles.recent_events,
         placement: placement.clone(),
+        fit_requests,
+        fit_status,
     })
     .merge(live::routes(live::LiveState {
         store: parts.store.clone(),

@@ -206,6 +206,8 @@ impl Condition {
                         property: None,
                         window: c.within.clone(),
                         window_ms: None,
+                        horizon: None,
+                        horizon_days: None,
                     };
                     counter
                         .validate()

@@ -226,6 +226,7 @@ fn main() {
         metrics: ProfilesMetrics::new(&Admin::new()),
         changes: Default::default(),
         placement: tessera_profiles::state::Placement::everything(),
+        fitting: tessera_profiles::state::Fitting::new((&cfg.profiles).into()),
     };
     let now = tessera_common::now_ms();
     let mut rng = Rng(0x5eed);
@@ -297,6 +298,8 @@ fn main() {
             history_limit: cfg.profiles.history_events,
             recent_events: cfg.profiles.recent_events,
             placement: tessera_profiles::state::Placement::everything(),
+            fit_requests: p.fitting.requested.clone(),
+            fit_status: p.fitting.status.clone(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");

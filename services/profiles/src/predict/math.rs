@@ -170,8 +170,8 @@ fn nelder_mead(
                 // Shrink every point toward the best.
                 let best = simplex[0].0.clone();
                 for s in simplex.iter_mut().skip(1) {
-                    for j in 0..n {
-                        s.0[j] = best[j] + 0.5 * (s.0[j] - best[j]);
+                    for (x, b) in s.0.iter_mut().zip(&best) {
+                        *x = b + 0.5 * (*x - b);
                     }
                     s.1 = eval(&s.0, &mut evaluations);
                 }
@@ -209,17 +209,13 @@ mod tests {
     #[test]
     fn hyp2f1_matches_closed_forms() {
         // ₂F₁(1, 1; 2; z) = −ln(1 − z)/z; ₂F₁(a, b; b; z) = (1 − z)^−a.
-        for z in [0.0, 0.1, 0.5, 0.9, 0.99] {
-            let want = if z == 0.0 {
-                1.0
-            } else {
-                -(1.0 - z as f64).ln() / z
-            };
+        for z in [0.0f64, 0.1, 0.5, 0.9, 0.99] {
+            let want = if z == 0.0 { 1.0 } else { -(1.0 - z).ln() / z };
             assert!(
                 (hyp2f1(1.0, 1.0, 2.0, z) - want).abs() < 1e-10 * want,
                 "{z}"
             );
-            let want = (1.0 - z as f64).powf(-0.3);
+            let want = (1.0 - z).powf(-0.3);
             assert!(
                 (hyp2f1(0.3, 2.5, 2.5, z) - want).abs() < 1e-10 * want,
                 "{z}"

@@ -17,6 +17,9 @@
 
 use super::*;
 
+/// Where the profiles are, in id order.
+pub(crate) const PROFILE_PREFIX: &[u8] = b"p/";
+
 pub fn profile_key(id: &str) -> Vec<u8> {
     format!("p/{id}").into_bytes()
 }

@@ -7,6 +7,7 @@ pub struct ProfilesMetrics {
     pub applied: IntCounter,
     pub timers: IntCounter,
     pub backfilled: IntCounter,
+    pub model_fits: IntCounter,
     pub splits: IntCounterVec,
     pub duplicates: IntCounterVec,
     pub membership: IntCounterVec,
@@ -48,6 +49,13 @@ impl ProfilesMetrics {
                 &IntCounter::new(
                     "tessera_profiles_timers_fired_total",
                     "Profiles re-evaluated because a windowed value left its window",
+                )
+                .unwrap(),
+            ),
+            model_fits: admin.register(
+                &IntCounter::new(
+                    "tessera_profiles_model_fits_total",
+                    "Predictive models fitted and published (one per trait and fit)",
                 )
                 .unwrap(),
             ),

@@ -3,7 +3,8 @@
 //!
 //! By concern: `keys` (the key layout), `placement` (which profiles this instance
 //! acts on), `metrics`, `events` (an event applied), `history` (the kept events),
-//! `merges` (merges, splits, transfers), `tick` (definitions, timers, back-fill) and
+//! `merges` (merges, splits, transfers), `tick` (definitions, timers, back-fill), `fit`
+//! (the predictive models, fitted on the tick) and
 //! `queries` (the API's reads), `changes` (what a batch changed, for the live stream);
 //! the processor's tests are in `tests.rs`.
 //!
@@ -19,6 +20,7 @@
 
 mod changes;
 mod events;
+mod fit;
 mod history;
 mod keys;
 mod merges;
@@ -29,6 +31,7 @@ mod tick;
 
 pub use changes::Changes;
 use events::*;
+pub use fit::{FitPolicy, FitStatus, Fitting};
 use history::*;
 pub use keys::*;
 pub use metrics::*;
@@ -103,6 +106,8 @@ pub struct ProfilesProcessor {
     pub changes: Changes,
     /// Which profiles are this instance's to act on.
     pub placement: Placement,
+    /// The predictive traits' model fits.
+    pub fitting: Fitting,
 }
 
 impl Processor for ProfilesProcessor {
@@ -131,13 +136,14 @@ impl Processor for ProfilesProcessor {
         Ok(())
     }
 
-    /// Fires due timers, moves the back-fill on and forgets de-duplication entries
-    /// past their window.
+    /// Fires due timers, moves the back-fill and the model fits on and forgets
+    /// de-duplication entries past their window.
     fn tick(&mut self, now_ms: i64, txn: &mut Txn<'_>, out: &mut Vec<Output>) -> Result<()> {
         self.sync_definitions(txn)?;
         let deadline = Instant::now() + TICK_BUDGET;
         self.fire_timers(now_ms, deadline, txn, out)?;
         self.backfill(now_ms, deadline, txn, out)?;
+        self.fit_models(now_ms, txn, out)?;
         self.forget_expired_messages(now_ms, txn)
     }
 
@@ -179,5 +185,7 @@ impl ProfilesProcessor {
     }
 }
 
+#[cfg(test)]
+mod predict_tests;
 #[cfg(test)]
 mod tests;

@@ -8,11 +8,11 @@ use tessera_common::store::MemStore;
 
 use crate::catalog::Definition;
 
-static CLOCK: AtomicI64 = AtomicI64::new(100);
+pub(super) static CLOCK: AtomicI64 = AtomicI64::new(100);
 /// Tests that set the clock hold this, so they do not move each other's time.
 static CLOCK_HELD: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn hold_clock() -> std::sync::MutexGuard<'static, ()> {
+pub(super) fn hold_clock() -> std::sync::MutexGuard<'static, ()> {
     CLOCK_HELD.lock().unwrap_or_else(|e| e.into_inner())
 }
 fn test_clock() -> i64 {
@@ -34,7 +34,7 @@ fn processor() -> ProfilesProcessor {
     ])
 }
 
-fn processor_with(docs: &[&str]) -> ProfilesProcessor {
+pub(super) fn processor_with(docs: &[&str]) -> ProfilesProcessor {
     let cfg = Config::demo();
     let catalog = Catalog::default();
     define(&catalog, docs);
@@ -50,6 +50,7 @@ fn processor_with(docs: &[&str]) -> ProfilesProcessor {
         metrics: ProfilesMetrics::new(&Admin::new()),
         changes: Default::default(),
         placement: Placement::everything(),
+        fitting: Fitting::new((&cfg.profiles).into()),
     }
 }
 
@@ -83,7 +84,7 @@ fn resolved(profile: &str, mid: &str, name: &str) -> Message {
     }
 }
 
-fn step(p: &mut ProfilesProcessor, s: &MemStore, m: &Message) -> Vec<Output> {
+pub(super) fn step(p: &mut ProfilesProcessor, s: &MemStore, m: &Message) -> Vec<Output> {
     let mut out = Vec::new();
     let mut txn = Txn::new(s);
     p.process(m, &mut txn, &mut out).unwrap();
@@ -91,7 +92,7 @@ fn step(p: &mut ProfilesProcessor, s: &MemStore, m: &Message) -> Vec<Output> {
     out
 }
 
-fn load(s: &MemStore, id: &str) -> Option<Profile> {
+pub(super) fn load(s: &MemStore, id: &str) -> Option<Profile> {
     s.get(&profile_key(id))
         .unwrap()
         .map(|b| serde_json::from_slice(&b).unwrap())
@@ -472,7 +473,7 @@ fn a_split_re_derives_each_profile_from_its_own_events() {
     );
 }
 
-fn tick_at(p: &mut ProfilesProcessor, s: &MemStore, now: i64) -> Vec<Output> {
+pub(super) fn tick_at(p: &mut ProfilesProcessor, s: &MemStore, now: i64) -> Vec<Output> {
     CLOCK.store(now, Ordering::SeqCst);
     let mut out = Vec::new();
     let mut txn = Txn::new(s);
@@ -481,7 +482,7 @@ fn tick_at(p: &mut ProfilesProcessor, s: &MemStore, now: i64) -> Vec<Output> {
     out
 }
 
-fn changes(out: &[Output]) -> Vec<(String, String, String)> {
+pub(super) fn changes(out: &[Output]) -> Vec<(String, String, String)> {
     out.iter()
         .filter(|o| o.topic == "tessera.segments.membership")
         .map(|o| {
@@ -491,7 +492,7 @@ fn changes(out: &[Output]) -> Vec<(String, String, String)> {
         .collect()
 }
 
-fn order(profile: &str, mid: &str, t: i64, total: i64) -> Message {
+pub(super) fn order(profile: &str, mid: &str, t: i64, total: i64) -> Message {
     let mut r = ResolvedEvent::from_avro(
         resolved(profile, mid, "Order Completed")
             .payload
