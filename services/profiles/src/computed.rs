@@ -346,10 +346,12 @@ impl ComputedTrait {
                 return Err(format!("{what}: {agg:?} needs a horizon (like 90d)"));
             }
             (_, Some(h)) => {
-                let ms = parse_window(h).map_err(|e| format!("{what}: horizon: {e}"))?;
-                if ms % crate::predict::DAY_MS != 0 {
-                    return Err(format!("{what}: the horizon is whole days (like 90d)"));
+                if !(h.trim_end().ends_with('d') || h.trim_end().ends_with('w')) {
+                    return Err(format!(
+                        "{what}: the horizon is in days or weeks (like 90d or 12w)"
+                    ));
                 }
+                let ms = parse_window(h).map_err(|e| format!("{what}: horizon: {e}"))?;
                 Some((ms / crate::predict::DAY_MS) as f64)
             }
         };

@@ -162,8 +162,8 @@ fn predictive_definitions_are_checked() {
             "no window",
         ),
         (
-            r#"{"id":"x","event":"Order Completed","aggregate":"predicted_purchases","horizon":"90m"}"#,
-            "whole days",
+            r#"{"id":"x","event":"Order Completed","aggregate":"predicted_purchases","horizon":"48h"}"#,
+            "days or weeks",
         ),
         (
             r#"{"id":"x","event":"Order Completed","aggregate":"count","horizon":"90d"}"#,
