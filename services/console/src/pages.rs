@@ -204,7 +204,36 @@ pub fn profile_panel(view: &Value, identity: Option<&Value>) -> Markup {
             section.card {
                 h2 { "Computed traits" }
                 @if computed.is_empty() { p.none { "None." } }
-                table { tbody { @for (name, v) in computed { tr { th { (name) } td { (text(v)) } } } } }
+                table.traits { tbody { @for (name, v) in computed { tr {
+                    th { (name) }
+                    td {
+                        @if v.get("model_version").is_some() {
+                            // A prediction: its value, and why (the customer's history
+                            // and the model it was evaluated with).
+                            span.value { (text(&v["value"])) }
+                            details.why {
+                                summary { "why" }
+                                dl {
+                                    dt { "Repeat purchases" } dd { (text(&v["frequency"])) }
+                                    dt { "Last purchase" } dd { (text(&v["recency_days"])) " days after the first" }
+                                    dt { "Customer for" } dd { (text(&v["age_days"])) " days" }
+                                    dt { "As of" } dd { (when(&v["as_of"])) }
+                                    dt { "Model" } dd { "v" (text(&v["model_version"])) }
+                                    @let b = &v["parameters"]["bgnbd"];
+                                    @if b.is_object() {
+                                        dt { "BG/NBD" } dd { "r " (text(&b["r"])) ", α " (text(&b["alpha"])) " (days), a " (text(&b["a"])) ", b " (text(&b["b"])) }
+                                    }
+                                    @let g = &v["parameters"]["gamma_gamma"];
+                                    @if g.is_object() {
+                                        dt { "Gamma–Gamma" } dd { "p " (text(&g["p"])) ", q " (text(&g["q"])) ", γ " (text(&g["gamma"])) }
+                                    }
+                                }
+                            }
+                        } @else {
+                            (text(v))
+                        }
+                    }
+                } } } }
             }
             section.card {
                 h2 { "Segments" }
@@ -400,7 +429,9 @@ mod tests {
         let view = json!({
             "profile_id": "p-1",
             "traits": {evil: {"value": evil, "source": evil, "message_id": evil, "strategy": {"strategy": "most_recent"}}},
-            "computed_traits": {"c": evil},
+            "computed_traits": {"c": evil, "p_active": {"value": 0.42, "model_version": 3,
+                "frequency": 4, "recency_days": 120.0, "age_days": 300.0, "as_of": evil,
+                "parameters": {"bgnbd": {"r": 0.24, "alpha": 30.9, "a": 0.79, "b": evil}}}},
             "segments": [{"id": evil, "entered_at": "2026-01-01T00:00:00.000Z"}],
             "consent": {evil: {"granted": true, "source": evil}},
             "recent_events": [{"type": "track", "event": evil, "source": evil, "message_id": evil, "properties": {"x": evil}}],
@@ -422,6 +453,13 @@ mod tests {
         // A fuzzy merge says why: each field's level and weight.
         assert!(
             html.contains("match probability 0.9999") && html.contains("13.2 bits"),
+            "{html}"
+        );
+        // A prediction says why: the customer's history and the model's parameters.
+        assert!(
+            html.contains("0.42")
+                && html.contains("Repeat purchases")
+                && html.contains("r 0.24, α 30.9"),
             "{html}"
         );
         let seg = segments(&[json!({"id": evil, "definition": {"name": evil}})]).into_string();

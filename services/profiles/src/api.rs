@@ -116,6 +116,7 @@ pub fn view(
     recent: &[ResolvedEvent],
     explain: bool,
     strategies: &BTreeMap<String, TraitStrategy>,
+    defs: &crate::catalog::DefinitionSet,
 ) -> Value {
     let traits: serde_json::Map<String, Value> = p
         .traits
@@ -153,11 +154,18 @@ pub fn view(
                 // evaluated for, and the model version (its parameters: /v1/models/{id}).
                 (Some(purchases), Some(day)) if explain => {
                     let s = purchases.summary(day, false);
+                    let fitted = defs
+                        .model(id)
+                        .and_then(|h| h.versions.iter().find(|f| Some(f.version) == c.model));
                     json!({
                         "value": c.value, "model_version": c.model,
                         "as_of": iso(day * crate::predict::DAY_MS),
                         "frequency": s.map(|s| s.x), "recency_days": s.map(|s| s.t_x),
                         "age_days": s.map(|s| s.t), "approximate": purchases.approximate(),
+                        "parameters": fitted.map(|f| json!({
+                            "bgnbd": f.bgnbd, "gamma_gamma": f.gamma_gamma,
+                            "fitted_at": iso(f.fitted_at), "customers": f.customers,
+                        })),
                     })
                 }
                 _ => c.value.clone(),
@@ -286,7 +294,8 @@ async fn profile_response(
     };
     match load_live(&st.store, &st.placement, id, events).await {
         Ok(Loaded::Found(p, recent)) => {
-            axum::Json(view(&p, &recent, explain, &st.strategies)).into_response()
+            let defs = st.catalog.current();
+            axum::Json(view(&p, &recent, explain, &st.strategies, &defs)).into_response()
         }
         Ok(Loaded::Missing) => error(StatusCode::NOT_FOUND, "not_found", missing),
         Ok(Loaded::Elsewhere(live)) => elsewhere(&live),

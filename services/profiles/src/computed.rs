@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::predict::{DAY_MS, Fitted, ModelHistory, Purchases, day_of};
+use crate::predict::{Activity, DAY_MS, Fitted, ModelHistory, Purchases, day_of};
 
 /// At most this many contributions are kept per windowed trait and profile (the oldest
 /// go first; the value is then approximate and says so), and at most this many distinct
@@ -209,11 +209,19 @@ pub enum Aggregate {
     /// The value expected within `horizon`: expected purchases times the expected
     /// order value of `property` (Gamma–Gamma).
     ExpectedValue,
+    /// The probability of the event within `horizon` (a logistic regression on recent
+    /// activity, trained on the outcomes the stream reveals).
+    Propensity,
 }
 
 impl Aggregate {
     /// Whether the value comes from the population's fitted model.
     pub fn predictive(self) -> bool {
+        self.customer_model() || self == Aggregate::Propensity
+    }
+
+    /// Whether the model is the customer-base one (BG/NBD, Gamma–Gamma).
+    pub fn customer_model(self) -> bool {
         matches!(
             self,
             Aggregate::PAlive | Aggregate::PredictedPurchases | Aggregate::ExpectedValue
@@ -332,7 +340,10 @@ impl ComputedTrait {
             (Aggregate::ExpectedValue, Some(p)) if p.trim().is_empty() => {
                 return Err(format!("{what}: property is empty"));
             }
-            (Aggregate::PAlive | Aggregate::PredictedPurchases, Some(_)) => {
+            (
+                Aggregate::PAlive | Aggregate::PredictedPurchases | Aggregate::Propensity,
+                Some(_),
+            ) => {
                 return Err(format!("{what}: {agg:?} takes no property"));
             }
             _ => {}
@@ -352,14 +363,28 @@ impl ComputedTrait {
                     ));
                 }
                 let ms = parse_window(h).map_err(|e| format!("{what}: horizon: {e}"))?;
+                if agg == Aggregate::Propensity && ms > crate::predict::propensity::LOOKBACK_MS {
+                    return Err(format!("{what}: a propensity's horizon is at most 30d"));
+                }
                 Some((ms / crate::predict::DAY_MS) as f64)
             }
         };
         Ok(())
     }
 
-    /// The value this event contributes, if it counts (`Null` for `count`).
+    /// The value this event contributes, if it counts (`Null` for `count`; for a
+    /// propensity, every track, page and screen event counts, with whether it is the
+    /// target).
     pub fn contribution(&self, kind: &str, event: Option<&str>, props: &Value) -> Option<Value> {
+        if self.aggregate == Aggregate::Propensity {
+            if !matches!(kind, "track" | "page" | "screen") {
+                return None;
+            }
+            let hit = kind == "track"
+                && self.event.as_deref() == event
+                && self.filter.iter().all(|t| t.passes(lookup(props, &t.name)));
+            return Some(Value::Bool(hit));
+        }
         if kind != "track" || self.event.as_deref().is_some_and(|e| Some(e) != event) {
             return None;
         }
@@ -413,7 +438,8 @@ impl Acc {
             Aggregate::Count
             | Aggregate::PAlive
             | Aggregate::PredictedPurchases
-            | Aggregate::ExpectedValue => {}
+            | Aggregate::ExpectedValue
+            | Aggregate::Propensity => {}
             Aggregate::Sum | Aggregate::Average => {
                 if let Some(n) = as_number(v) {
                     *self.sum.get_or_insert(0.0) += n * times as f64;
@@ -459,7 +485,8 @@ impl Acc {
             Aggregate::Count
             | Aggregate::PAlive
             | Aggregate::PredictedPurchases
-            | Aggregate::ExpectedValue => self.count += extra,
+            | Aggregate::ExpectedValue
+            | Aggregate::Propensity => self.count += extra,
             Aggregate::Sum | Aggregate::Average => {
                 self.count += extra;
                 if let Some(s) = other.sum {
@@ -510,9 +537,10 @@ impl Acc {
                     .collect(),
             ),
             Aggregate::UniqueCount => json!(self.counts.len()),
-            Aggregate::PAlive | Aggregate::PredictedPurchases | Aggregate::ExpectedValue => {
-                Value::Null
-            }
+            Aggregate::PAlive
+            | Aggregate::PredictedPurchases
+            | Aggregate::ExpectedValue
+            | Aggregate::Propensity => Value::Null,
         }
     }
 }
@@ -535,6 +563,9 @@ pub struct ComputedState {
     /// Predictive: the purchase days.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub purchases: Option<Purchases>,
+    /// Propensity: recent activity, snapshots awaiting their outcome and examples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activity: Option<Activity>,
     /// Predictive: the model version and the day the value was evaluated with and for
     /// (so a replay with the same versions gives the same value).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -553,7 +584,8 @@ impl ComputedState {
         let mut s = ComputedState {
             version: def.version,
             acc: (def.window_ms.is_none() && !predictive).then(Acc::default),
-            purchases: predictive.then(Purchases::default),
+            purchases: def.aggregate.customer_model().then(Purchases::default),
+            activity: (def.aggregate == Aggregate::Propensity).then(Activity::default),
             ..Default::default()
         };
         s.value = Acc::default().value(def.aggregate);
@@ -564,6 +596,10 @@ impl ComputedState {
         self.dirty = true;
         if let Some(p) = &mut self.purchases {
             p.add(t, as_number(&v).unwrap_or(0.0));
+            return;
+        }
+        if let Some(a) = &mut self.activity {
+            a.add(t, v == Value::Bool(true));
             return;
         }
         match &mut self.acc {
@@ -582,6 +618,10 @@ impl ComputedState {
     pub fn absorb(&mut self, def: &ComputedTrait, other: &ComputedState) {
         self.dirty = true;
         if let (Some(mine), Some(theirs)) = (&mut self.purchases, &other.purchases) {
+            mine.absorb(theirs);
+            return;
+        }
+        if let (Some(mine), Some(theirs)) = (&mut self.activity, &other.activity) {
             mine.absorb(theirs);
             return;
         }
@@ -606,6 +646,25 @@ impl ComputedState {
         now: i64,
         model: Option<&ModelHistory>,
     ) -> (bool, Option<i64>) {
+        if let Some(activity) = &mut self.activity {
+            // Outcomes resolve and today's snapshot is taken whatever the model; the
+            // value needs the model in force.
+            let horizon = def.horizon_days.unwrap_or(1.0) as i64 * DAY_MS;
+            let deadline = activity.settle(now, horizon);
+            let fitted = model.and_then(|m| m.in_force(now));
+            let value = fitted
+                .and_then(|f| f.propensity.as_ref())
+                .map(|l| l.predict(&activity.features(now)))
+                .filter(|v| v.is_finite())
+                .map_or(Value::Null, |v| json!((v * 1e6).round() / 1e6));
+            let midnight = (day_of(now) + 1) * DAY_MS;
+            let next = Some(deadline.map_or(midnight, |d| d.min(midnight)));
+            let changed = value != self.value;
+            self.value = value;
+            (self.model, self.day, self.dirty) =
+                (fitted.map(|f| f.version), Some(day_of(now)), false);
+            return (changed, next);
+        }
         if let Some(purchases) = &self.purchases {
             let today = day_of(now);
             let fitted = model.and_then(|m| m.in_force(now));
@@ -658,11 +717,12 @@ pub fn predicted(def: &ComputedTrait, f: &Fitted, p: &Purchases, today: i64) -> 
     let valued = def.aggregate == Aggregate::ExpectedValue;
     let s = p.summary(today, valued)?;
     let horizon = def.horizon_days.unwrap_or(0.0);
+    let bgnbd = f.bgnbd?;
     let v = match def.aggregate {
-        Aggregate::PAlive => f.bgnbd.p_alive(&s),
-        Aggregate::PredictedPurchases => f.bgnbd.expected_purchases(&s, horizon),
+        Aggregate::PAlive => bgnbd.p_alive(&s),
+        Aggregate::PredictedPurchases => bgnbd.expected_purchases(&s, horizon),
         Aggregate::ExpectedValue => {
-            f.bgnbd.expected_purchases(&s, horizon) * f.gamma_gamma?.expected_order_value(&s)?
+            bgnbd.expected_purchases(&s, horizon) * f.gamma_gamma?.expected_order_value(&s)?
         }
         _ => return None,
     };

@@ -32,7 +32,9 @@ pub fn routes() -> Router<ApiState> {
 
 fn version(f: &Fitted) -> Value {
     let mut v = serde_json::to_value(f).unwrap_or(Value::Null);
-    v["alpha_weeks"] = json!(f.bgnbd.alpha / 7.0);
+    if let Some(b) = f.bgnbd {
+        v["alpha_weeks"] = json!(b.alpha / 7.0);
+    }
     v["fitted_at"] =
         tessera_common::time::iso_millis(f.fitted_at).map_or(Value::Null, Value::String);
     v

@@ -38,6 +38,11 @@ struct Args {
     /// Skip the back-fill measurement.
     #[arg(long)]
     no_backfill: bool,
+    /// Add four predictive traits (p_alive, predicted_purchases, expected_value and a
+    /// propensity on Order Completed) and a segment on one, and measure a model fit over
+    /// the profiles before the measured events.
+    #[arg(long)]
+    predictive: bool,
 }
 
 const EVENTS: [&str; 6] = [
@@ -50,9 +55,22 @@ const EVENTS: [&str; 6] = [
 ];
 const DAY: i64 = 86_400_000;
 
-/// 10 computed traits and 100 segments of every kind of condition.
-fn definitions() -> Vec<String> {
+/// 10 computed traits and 100 segments of every kind of condition (and, with
+/// `predictive`, three predictions and a segment on one).
+fn definitions(predictive: bool) -> Vec<String> {
     let mut d = Vec::new();
+    if predictive {
+        d.extend(
+            [
+                r#"{"id":"p_active","event":"Order Completed","aggregate":"p_alive"}"#,
+                r#"{"id":"purchases_90d","event":"Order Completed","aggregate":"predicted_purchases","horizon":"90d"}"#,
+                r#"{"id":"value_90d","event":"Order Completed","aggregate":"expected_value","property":"total","horizon":"90d"}"#,
+                r#"{"id":"order_7d","event":"Order Completed","aggregate":"propensity","horizon":"7d"}"#,
+                r#"{"id":"likely_churn","condition":{"computed":{"name":"p_active","lt":0.3}}}"#,
+            ]
+            .map(String::from),
+        );
+    }
     let windows = ["7d", "30d", "90d"];
     for (i, (agg, prop)) in [
         ("count", None),
@@ -204,7 +222,7 @@ fn main() {
     let store = Arc::new(RocksStore::open(dir.path()).expect("rocksdb"));
     let cfg = Config::demo();
     let topics = Topics::new(&cfg.topics);
-    let docs = definitions();
+    let docs = definitions(args.predictive);
     let catalog = Catalog::default();
     define(
         &catalog,
@@ -236,12 +254,13 @@ fn main() {
     let fill = (0..args.profiles).map(|i| event(i, i, &mut Rng(i as u64 * 7919 + 1), now));
     let records = run(&mut p, &store, fill, |_| {});
     let fill_took = started.elapsed();
+    let own = if args.predictive { 14 } else { 10 };
     println!(
         "profiles bench: {} profiles, {} segments, {} computed traits (and {} segment counters)",
         args.profiles,
         catalog.current().segments.len(),
-        10,
-        catalog.current().computed.len() - 10
+        own,
+        catalog.current().computed.len() - own
     );
     println!(
         "  fill: {} events in {:.1} s ({:.0} events/s), {records} membership records",
@@ -249,6 +268,10 @@ fn main() {
         fill_took.as_secs_f64(),
         args.profiles as f64 / fill_took.as_secs_f64()
     );
+    if args.predictive {
+        // Fitted before the measured events, so they are evaluated with the models.
+        fit_models(&mut p, &store, &catalog);
+    }
     let mut hist = Histogram::<u64>::new(3).expect("histogram");
     let base = args.profiles;
     let profiles = args.profiles as u64;
@@ -348,9 +371,21 @@ fn main() {
         ],
     );
     let started = Instant::now();
+    let records = backfill(&mut p, &store);
+    let took = started.elapsed();
+    println!(
+        "  back-fill of a new computed trait (from the kept history) and a segment on it: {} profiles in {:.1} s = {:.0} profiles/s, {records} membership records",
+        args.profiles,
+        took.as_secs_f64(),
+        args.profiles as f64 / took.as_secs_f64()
+    );
+}
+
+/// Ticks back to back until the back-fill in progress is done; the records it sent.
+fn backfill(p: &mut ProfilesProcessor, store: &RocksStore) -> usize {
     let mut records = 0;
     loop {
-        let mut txn = Txn::new(store.as_ref());
+        let mut txn = Txn::new(store);
         let mut out = Vec::new();
         p.tick(tessera_common::now_ms(), &mut txn, &mut out)
             .expect("tick");
@@ -362,15 +397,71 @@ fn main() {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or(Value::Null);
         if !job["finished_at"].is_null() {
-            break;
+            return records;
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// A fit asked for, with ticks back to back: the profiles read (a bounded share of each
+/// tick in the service), the fit on its thread, the model published; then every
+/// profile re-evaluated with it.
+fn fit_models(p: &mut ProfilesProcessor, store: &RocksStore, catalog: &Catalog) {
+    use std::sync::atomic::Ordering;
+    use tessera_common::records::DefinitionChange;
+    p.fitting.requested.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let mut ticks = 0;
+    let published = loop {
+        let mut txn = Txn::new(store);
+        let mut out = Vec::new();
+        p.tick(tessera_common::now_ms(), &mut txn, &mut out)
+            .expect("tick");
+        store.write(txn.into_batch()).expect("commit");
+        ticks += 1;
+        let models: Vec<DefinitionChange> = out
+            .iter()
+            .filter(|o| o.key.starts_with(b"model/"))
+            .map(|o| DefinitionChange::from_avro(&o.payload).expect("a model record"))
+            .collect();
+        if !models.is_empty() {
+            break models;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let took = started.elapsed();
+    for m in &published {
+        let h: tessera_profiles::predict::ModelHistory =
+            serde_json::from_str(&m.definition).expect("a model");
+        let f = h.latest().expect("a version");
+        if let Some(l) = &f.propensity {
+            let q = &l.quality;
+            println!(
+                "  model fit {}: {} examples, fit {} ms, AUC {:.3} on {} held back",
+                m.id, f.customers, f.fit_ms, q.auc, q.examples
+            );
+            catalog.apply(m.clone());
+            continue;
+        }
+        let (b, fit) = (
+            f.bgnbd.expect("BG/NBD"),
+            f.bgnbd_fit.clone().expect("a report"),
+        );
+        println!(
+            "  model fit {}: {} customers ({} with repeat purchases), fit {} ms, converged {}; r {:.3} alpha {:.1} d a {:.3} b {:.3}",
+            m.id, f.customers, f.repeat_customers, f.fit_ms, fit.converged, b.r, b.alpha, b.a, b.b
+        );
+        catalog.apply(m.clone());
+    }
+    println!(
+        "  model fits asked for -> published: {:.1} s over {ticks} ticks back to back (reading every profile, then the fits on their thread)",
+        took.as_secs_f64()
+    );
+    let started = Instant::now();
+    let records = backfill(p, store);
     let took = started.elapsed();
     println!(
-        "  back-fill of a new computed trait (from the kept history) and a segment on it: {} profiles in {:.1} s = {:.0} profiles/s, {records} membership records",
-        args.profiles,
-        took.as_secs_f64(),
-        args.profiles as f64 / took.as_secs_f64()
+        "  every profile re-evaluated with the new models: {:.1} s, {records} membership records",
+        took.as_secs_f64()
     );
 }

@@ -10,8 +10,10 @@
 
 pub mod math;
 pub mod models;
+pub mod propensity;
 
 pub use models::{BgNbd, FitReport, GammaGamma, Summary};
+pub use propensity::{Activity, Example, Logistic};
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +25,9 @@ pub const MAX_PURCHASE_DAYS: usize = 2000;
 /// Model versions kept on the topic per trait: values evaluated in the past name the
 /// version they used, and a replay picks the version in force at each record's time.
 pub const VERSIONS_KEPT: usize = 8;
+
+/// Repeat customers a Gamma–Gamma fit reads at most.
+pub const GAMMA_GAMMA_ROWS: usize = 100_000;
 
 /// The UTC day of a time in ms.
 pub fn day_of(ms: i64) -> i64 {
@@ -112,8 +117,11 @@ pub struct Fitted {
     pub fitted_at: i64,
     /// The day the customers' ages were measured to.
     pub as_of_day: i64,
-    pub bgnbd: BgNbd,
-    pub bgnbd_fit: FitReport,
+    /// The customer-base model (p_alive, predicted_purchases, expected_value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgnbd: Option<BgNbd>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgnbd_fit: Option<FitReport>,
     /// Fitted when at least 10 customers have repeat purchases with a value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gamma_gamma: Option<GammaGamma>,
@@ -126,6 +134,10 @@ pub struct Fitted {
     pub fit_ms: u64,
     /// Which instance's profiles it was fitted on (every instance's when one runs).
     pub partitions: Vec<i32>,
+    /// The propensity model, for a propensity trait (with its quality on held-back
+    /// people).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub propensity: Option<Logistic>,
 }
 
 /// The versions of one trait's model, oldest first (at most [`VERSIONS_KEPT`]).
@@ -178,25 +190,59 @@ pub fn fit(summaries: &[Summary], fitted_at: i64, as_of_day: i64, partitions: Ve
         })
         .collect();
     let (bgnbd, bgnbd_fit) = BgNbd::fit(&rows);
+    // Order values are continuous (no two rows alike): at most a sample of
+    // GAMMA_GAMMA_ROWS, every k-th, so a fit stays seconds at millions of buyers.
     let valued: Vec<(Summary, u64)> = summaries
         .iter()
         .filter(|s| s.m.is_some())
+        .collect::<Vec<_>>()
+        .into_iter()
         .map(|s| (*s, 1))
         .collect();
+    let every = valued.len().div_ceil(GAMMA_GAMMA_ROWS).max(1);
+    let valued: Vec<(Summary, u64)> = valued.into_iter().step_by(every).collect();
     let gg = GammaGamma::fit(&valued);
     Fitted {
         version: 0,
         fitted_at,
         as_of_day,
-        bgnbd,
-        bgnbd_fit,
+        bgnbd: Some(bgnbd),
+        bgnbd_fit: Some(bgnbd_fit),
         gamma_gamma: gg.as_ref().map(|g| g.0),
         gamma_gamma_fit: gg.map(|g| g.1),
         customers: summaries.len() as u64,
         repeat_customers: summaries.iter().filter(|s| s.x > 0).count() as u64,
         fit_ms: started.elapsed().as_millis() as u64,
         partitions,
+        propensity: None,
     }
+}
+
+/// Fits a propensity model on resolved examples (each with whether its person is held
+/// back); None without both outcomes among the fitted ones.
+pub fn fit_propensity(
+    examples: &[(Example, bool)],
+    fitted_at: i64,
+    as_of_day: i64,
+    partitions: Vec<i32>,
+) -> Option<Fitted> {
+    let started = std::time::Instant::now();
+    let refs: Vec<(&Example, bool)> = examples.iter().map(|(e, h)| (e, *h)).collect();
+    let model = Logistic::fit(&refs)?;
+    Some(Fitted {
+        version: 0,
+        fitted_at,
+        as_of_day,
+        bgnbd: None,
+        bgnbd_fit: None,
+        gamma_gamma: None,
+        gamma_gamma_fit: None,
+        customers: examples.len() as u64,
+        repeat_customers: 0,
+        fit_ms: started.elapsed().as_millis() as u64,
+        partitions,
+        propensity: Some(model),
+    })
 }
 
 #[cfg(test)]

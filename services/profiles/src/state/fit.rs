@@ -16,8 +16,9 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use super::*;
+use crate::computed::Aggregate;
 use crate::computed::ComputedTrait;
-use crate::predict::{self, Fitted, Purchases, Summary, day_of};
+use crate::predict::{self, Example, Fitted, Purchases, Summary, day_of};
 
 /// Reading profiles for a fit takes at most this much of a tick.
 const READ_BUDGET: Duration = Duration::from_millis(20);
@@ -63,7 +64,7 @@ enum Phase {
         cursor: Vec<u8>,
         today: i64,
         started_at: i64,
-        rows: BTreeMap<String, Vec<Summary>>,
+        rows: BTreeMap<String, Population>,
     },
     Fitting {
         done: mpsc::Receiver<Vec<(String, Option<Fitted>, u64)>>,
@@ -102,6 +103,14 @@ impl Fitting {
     }
 }
 
+/// What a fit reads of the profiles, per trait: customers' summaries, or propensity
+/// examples with whether their person is held back.
+#[derive(Default)]
+struct Population {
+    customers: Vec<Summary>,
+    examples: Vec<(Example, bool)>,
+}
+
 /// Only the fields a fit reads of a stored profile.
 #[derive(Deserialize)]
 struct PurchasesOnly {
@@ -113,6 +122,14 @@ struct PurchasesOnly {
 struct PurchasesOf {
     #[serde(default)]
     purchases: Option<Purchases>,
+    #[serde(default)]
+    activity: Option<ExamplesOf>,
+}
+
+#[derive(Deserialize)]
+struct ExamplesOf {
+    #[serde(default)]
+    examples: Vec<Example>,
 }
 
 impl ProfilesProcessor {
@@ -201,7 +218,7 @@ impl ProfilesProcessor {
         mut cursor: Vec<u8>,
         today: i64,
         started_at: i64,
-        mut rows: BTreeMap<String, Vec<Summary>>,
+        mut rows: BTreeMap<String, Population>,
         txn: &mut Txn<'_>,
     ) -> Result<()> {
         let deadline = Instant::now() + READ_BUDGET;
@@ -218,14 +235,27 @@ impl ProfilesProcessor {
                     continue;
                 }
                 read += 1;
-                let Ok(p) = serde_json::from_slice::<PurchasesOnly>(v) else {
+                let Ok(mut p) = serde_json::from_slice::<PurchasesOnly>(v) else {
                     continue;
                 };
+                let held = predict::propensity::held_back(&id);
                 for t in &traits {
-                    let purchases = p.computed.get(&t.id).and_then(|c| c.purchases.as_ref());
+                    let Some(state) = p.computed.get_mut(&t.id) else {
+                        continue;
+                    };
+                    let population = rows.entry(t.id.clone()).or_default();
                     let valued = t.property.is_some();
-                    if let Some(s) = purchases.and_then(|p| p.summary(today, valued)) {
-                        rows.entry(t.id.clone()).or_default().push(s);
+                    if let Some(s) = state
+                        .purchases
+                        .as_ref()
+                        .and_then(|p| p.summary(today, valued))
+                    {
+                        population.customers.push(s);
+                    }
+                    if let Some(a) = state.activity.as_mut() {
+                        population
+                            .examples
+                            .extend(a.examples.drain(..).map(|e| (e, held)));
                     }
                 }
             }
@@ -256,9 +286,28 @@ impl ProfilesProcessor {
                     .iter()
                     .map(|t| {
                         let population = rows.remove(&t.id).unwrap_or_default();
-                        let n = population.len() as u64;
+                        if t.aggregate == Aggregate::Propensity {
+                            let n = population.examples.len() as u64;
+                            let fitted = (n >= min)
+                                .then(|| {
+                                    predict::fit_propensity(
+                                        &population.examples,
+                                        started_at,
+                                        today,
+                                        partitions.clone(),
+                                    )
+                                })
+                                .flatten();
+                            return (t.id.clone(), fitted, n);
+                        }
+                        let n = population.customers.len() as u64;
                         let fitted = (n >= min).then(|| {
-                            predict::fit(&population, started_at, today, partitions.clone())
+                            predict::fit(
+                                &population.customers,
+                                started_at,
+                                today,
+                                partitions.clone(),
+                            )
                         });
                         (t.id.clone(), fitted, n)
                     })
@@ -287,7 +336,9 @@ impl ProfilesProcessor {
             let Some(fitted) = fitted else {
                 skipped.insert(
                     id,
-                    format!("{customers} customers with a purchase; a fit needs {min}"),
+                    format!(
+                        "{customers} customers with a purchase (propensity: resolved examples); a fit needs {min}, and a propensity both outcomes"
+                    ),
                 );
                 continue;
             };

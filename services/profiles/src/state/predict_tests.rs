@@ -75,7 +75,7 @@ fn a_fitted_model_scores_every_buyer_and_a_silent_one_leaves_active_at_midnight(
     let defs = p.catalog.current();
     let fitted = defs.model("p_active").unwrap().latest().unwrap().clone();
     assert_eq!((fitted.version, fitted.customers), (1, 120));
-    assert!(fitted.bgnbd_fit.converged, "{fitted:?}");
+    assert!(fitted.bgnbd_fit.as_ref().unwrap().converged, "{fitted:?}");
     assert_eq!(fitted.as_of_day, day0);
     // The new model is a new version in force: the back-fill re-evaluates everyone.
     for _ in 0..20 {
@@ -173,5 +173,76 @@ fn predictive_definitions_are_checked() {
     for (doc, says) in bad {
         let e = crate::catalog::Definition::parse(doc, false, None).unwrap_err();
         assert!(e.contains(says), "{doc}: {e}");
+    }
+}
+
+/// A propensity trait learns from the outcomes the stream reveals: shoppers who browse
+/// daily and order every few days, and browsers who come weekly and never order.
+#[test]
+fn a_propensity_model_learns_from_revealed_outcomes_and_ranks_shoppers_first() {
+    let _clock = hold_clock();
+    let day0 = 20_000;
+    let mut p = processor_with(&[
+        r#"{"id":"order_7d","event":"Order Completed","aggregate":"propensity","horizon":"7d"}"#,
+    ]);
+    p.fitting.policy.min_customers = 20;
+    let s = tessera_common::store::MemStore::default();
+    let mut mid = 0;
+    let at = |d: i64, hour: i64| d * DAY_MS + hour * 3_600_000;
+    let mut send = |p: &mut ProfilesProcessor, who: &str, name: &str, t: i64| {
+        mid += 1;
+        let mut m = order(who, &format!("m{mid}"), t, 10);
+        let mut r = ResolvedEvent::from_avro(m.payload.as_ref().unwrap()).unwrap();
+        r.event.event = Some(name.into());
+        m.payload = Some(r.to_avro().unwrap());
+        step(p, &s, &m);
+    };
+    for d in day0..day0 + 20 {
+        for i in 0..100 {
+            let shopper = format!("s{i}");
+            send(&mut p, &shopper, "Product Viewed", at(d, 9));
+            if (d + i) % 3 == 0 {
+                send(&mut p, &shopper, "Order Completed", at(d, 10));
+            }
+            if (d + i) % 7 == 0 {
+                send(&mut p, &format!("b{i}"), "Product Viewed", at(d, 11));
+            }
+        }
+        tick_at(&mut p, &s, (d + 1) * DAY_MS);
+    }
+    let snapshot = load(&s, "s1").unwrap().computed["order_7d"].clone();
+    let activity = snapshot.activity.as_ref().unwrap();
+    assert!(!activity.examples.is_empty() && !activity.pending.is_empty());
+    assert_eq!(snapshot.value, serde_json::Value::Null, "no model yet");
+    let now = (day0 + 20) * DAY_MS;
+    fit_and_publish(&mut p, &s, now);
+    let fitted = p
+        .catalog
+        .current()
+        .model("order_7d")
+        .unwrap()
+        .latest()
+        .unwrap()
+        .clone();
+    let model = fitted.propensity.as_ref().expect("a propensity model");
+    assert!(model.converged, "{model:?}");
+    assert!(model.quality.auc > 0.9, "{:?}", model.quality);
+    // The back-fill evaluates everyone with it.
+    for _ in 0..20 {
+        tick_at(&mut p, &s, now + 1);
+    }
+    let value = |who: &str| {
+        load(&s, who).unwrap().computed["order_7d"]
+            .value
+            .as_f64()
+            .unwrap()
+    };
+    for i in 0..100 {
+        assert!(
+            value(&format!("s{i}")) > 0.5 && value(&format!("b{i}")) < 0.2,
+            "s{i} {} b{i} {}",
+            value(&format!("s{i}")),
+            value(&format!("b{i}"))
+        );
     }
 }
