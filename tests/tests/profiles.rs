@@ -498,3 +498,163 @@ async fn a_profile_s_changes_stream_as_server_sent_events() {
     }
     p.stop().await;
 }
+
+/// Predictive traits live: defined through the API, a fit asked for through the API,
+/// the model published with its diagnostics, every buyer evaluated with it, the 360 view
+/// explaining a prediction, and a segment on P(alive) holding the lapsed buyers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn predictions_are_fitted_explained_and_segmented_through_the_api() {
+    let p = Platform::start_with(|c| c.profiles.predict_min_customers = 10).await;
+    let day = 86_400_000i64;
+    let now = tessera_common::now_ms();
+    for (kind, body) in [
+        (
+            "computed-traits",
+            json!({"id": "p_active", "event": "Order Completed", "aggregate": "p_alive"}),
+        ),
+        (
+            "computed-traits",
+            json!({"id": "value_90d", "event": "Order Completed", "aggregate": "expected_value", "property": "total", "horizon": "90d"}),
+        ),
+        (
+            "computed-traits",
+            json!({"id": "order_7d", "event": "Order Completed", "aggregate": "propensity", "horizon": "7d"}),
+        ),
+        (
+            "segments",
+            json!({"id": "likely_churn", "condition": {"computed": {"name": "p_active", "lt": 0.3}}}),
+        ),
+    ] {
+        let id = body["id"].as_str().unwrap().to_string();
+        let (status, answer) = send(
+            reqwest::Method::PUT,
+            format!("{}/v1/{kind}/{id}", p.profiles),
+            Some(("application/json", body.to_string())),
+        )
+        .await;
+        // p_active is one of the example definitions too (200: changed).
+        assert!(
+            [200, 201, 202].contains(&status),
+            "{kind} {id}: {status} {answer}"
+        );
+    }
+    let (status, _) = send(
+        reqwest::Method::PUT,
+        format!("{}/v1/computed-traits/bad", p.profiles),
+        Some((
+            "application/json",
+            json!({"id": "bad", "aggregate": "p_alive"}).to_string(),
+        )),
+    )
+    .await;
+    assert_eq!(status, 400, "a prediction names its purchase event");
+    // Steady buyers (every 10 days up to yesterday), lapsed ones (every 5 days, then
+    // silent for 200 days) and one-time buyers.
+    let tag = uid("pred");
+    let mut expected = Vec::new();
+    for i in 0..40 {
+        let user = format!("{tag}-{i}");
+        let times: Vec<i64> = match i % 3 {
+            0 => (1..=12).map(|k| now - k * 10 * day).collect(),
+            1 => (0..8).map(|k| now - 260 * day + k * 5 * day).collect(),
+            _ => vec![now - (30 + i) * day],
+        };
+        let batch: Vec<Value> = times
+            .iter()
+            .map(|t| {
+                json!({"type": "track", "userId": user, "event": "Order Completed",
+                "properties": {"total": 20 + i}, "timestamp": iso(*t)})
+            })
+            .collect();
+        let (status, _) = post(&p.ingest, "/v1/batch", &json!({"batch": batch})).await;
+        assert_eq!(status, 200);
+        expected.push((user, times.len() as u64, i % 3));
+    }
+    for (user, n, _) in &expected {
+        p.wait_profile("user_id", user, "its orders", |v| {
+            v["event_counts"]["Order Completed"] == *n
+        })
+        .await;
+    }
+    let (status, answer) = send(
+        reqwest::Method::POST,
+        format!("{}/v1/models/fit", p.profiles),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{answer}");
+    let mut models = Value::Null;
+    for _ in 0..240 {
+        models = get_json(&format!("{}/v1/models", p.profiles)).await;
+        let fitted = |id: &str| {
+            models["models"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["id"] == id && m["latest"]["customers"].as_u64() >= Some(40))
+        };
+        if fitted("p_active") && fitted("value_90d") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let latest = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "p_active")
+        .map(|m| m["latest"].clone())
+        .unwrap_or(Value::Null);
+    assert_eq!(latest["customers"], 40, "{models}");
+    assert_eq!(latest["bgnbd_fit"]["converged"], true, "{latest}");
+    assert!(latest["alpha_weeks"].as_f64().is_some(), "{latest}");
+    // No outcome is known yet for the propensity: no model, and the status says why.
+    let skipped = &models["fitting"]["skipped"]["order_7d"];
+    assert!(
+        skipped
+            .as_str()
+            .is_some_and(|s| s.contains("both outcomes")),
+        "{models}"
+    );
+    let version = latest["version"].clone();
+    // Every buyer is evaluated with the new model; the 360 view says why.
+    let mut lapsed = Vec::new();
+    for (user, n, kind) in &expected {
+        let v = p
+            .wait_profile("user_id", user, "evaluated with the model", |v| {
+                v["computed_traits"]["p_active"].is_number()
+                    && v["computed_traits"]["value_90d"].is_number()
+            })
+            .await;
+        let id = v["profile_id"].as_str().unwrap();
+        let why = get_json(&format!("{}/v1/profiles/{id}?explain=true", p.profiles)).await;
+        let pa = &why["computed_traits"]["p_active"];
+        assert_eq!(pa["model_version"], version, "{pa}");
+        assert_eq!(pa["frequency"], n - 1, "repeat purchase days: {pa}");
+        assert!(pa["parameters"]["bgnbd"]["r"].is_number(), "{pa}");
+        let alive = pa["value"].as_f64().unwrap();
+        match kind {
+            0 => assert!(alive > 0.8, "a steady buyer: {pa}"),
+            1 => {
+                assert!(alive < 0.3, "a lapsed buyer: {pa}");
+                lapsed.push(id.to_string());
+            }
+            _ => assert_eq!(alive, 1.0, "no repeat purchase: active by the model"),
+        }
+        assert!(
+            why["computed_traits"]["order_7d"]["features"].is_object(),
+            "{why}"
+        );
+    }
+    // The lapsed buyers entered the segment (by the back-fill the new model started).
+    for id in &lapsed {
+        let changes = memberships(&p, id, |c| c.iter().any(|m| m.0 == "likely_churn")).await;
+        assert!(
+            changes.iter().any(|(s, c, why)| s == "likely_churn"
+                && c == "enter"
+                && why.starts_with("definition")),
+            "{changes:?}"
+        );
+    }
+    p.stop().await;
+}

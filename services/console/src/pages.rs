@@ -207,7 +207,18 @@ pub fn profile_panel(view: &Value, identity: Option<&Value>) -> Markup {
                 table.traits { tbody { @for (name, v) in computed { tr {
                     th { (name) }
                     td {
-                        @if v.get("model_version").is_some() {
+                        @if let Some(features) = v.get("features").and_then(Value::as_object) {
+                            // A propensity: its value, and the activity it was read from.
+                            span.value { (text(&v["value"])) }
+                            details.why {
+                                summary { "why" }
+                                dl {
+                                    dt { "As of" } dd { (when(&v["as_of"])) }
+                                    dt { "Model" } dd { "v" (text(&v["model_version"])) }
+                                    @for (f, x) in features { dt { (f) } dd { (text(x)) } }
+                                }
+                            }
+                        } @else if v.get("model_version").is_some() {
                             // A prediction: its value, and why (the customer's history
                             // and the model it was evaluated with).
                             span.value { (text(&v["value"])) }
@@ -431,7 +442,9 @@ mod tests {
             "traits": {evil: {"value": evil, "source": evil, "message_id": evil, "strategy": {"strategy": "most_recent"}}},
             "computed_traits": {"c": evil, "p_active": {"value": 0.42, "model_version": 3,
                 "frequency": 4, "recency_days": 120.0, "age_days": 300.0, "as_of": evil,
-                "parameters": {"bgnbd": {"r": 0.24, "alpha": 30.9, "a": 0.79, "b": evil}}}},
+                "parameters": {"bgnbd": {"r": 0.24, "alpha": 30.9, "a": 0.79, "b": evil}}},
+                "order_7d": {"value": 0.31, "model_version": 2, "as_of": evil,
+                    "features": {"ln1p_target_7d": 0.69, evil: evil}}},
             "segments": [{"id": evil, "entered_at": "2026-01-01T00:00:00.000Z"}],
             "consent": {evil: {"granted": true, "source": evil}},
             "recent_events": [{"type": "track", "event": evil, "source": evil, "message_id": evil, "properties": {"x": evil}}],

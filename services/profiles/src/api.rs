@@ -168,6 +168,21 @@ pub fn view(
                         })),
                     })
                 }
+                // A propensity: the features it was evaluated on, and the weights.
+                (None, Some(_)) if explain && c.activity.is_some() => {
+                    let activity = c.activity.as_ref().expect("checked above");
+                    let x = activity.features(p.evaluated_at);
+                    let fitted = defs.model(id).and_then(|h| {
+                        h.versions.iter().find(|f| Some(f.version) == c.model)
+                    });
+                    let names = crate::predict::propensity::FEATURES;
+                    json!({
+                        "value": c.value, "model_version": c.model, "as_of": iso(p.evaluated_at),
+                        "features": names.iter().zip(&x).map(|(n, v)| (n.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+                        "weights": fitted.and_then(|f| f.propensity.as_ref()).map(|l| l.weights.clone()),
+                        "waiting_snapshots": activity.pending.len(), "examples": activity.examples.len(),
+                    })
+                }
                 _ => c.value.clone(),
             };
             (id.clone(), shown)

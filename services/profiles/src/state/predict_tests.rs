@@ -11,10 +11,11 @@ use tessera_common::records::DefinitionChange;
 use crate::computed::predicted;
 use crate::predict::{DAY_MS, day_of};
 
-const DEFS: [&str; 3] = [
+const DEFS: [&str; 4] = [
     r#"{"id":"p_active","event":"Order Completed","aggregate":"p_alive"}"#,
     r#"{"id":"value_90d","event":"Order Completed","aggregate":"expected_value","property":"total","horizon":"90d"}"#,
     r#"{"id":"likely_churn","condition":{"computed":{"name":"p_active","lt":0.5}}}"#,
+    r#"{"id":"winback","when":{"segment":"likely_churn","change":"enter"}}"#,
 ];
 
 /// Ticks at `now` until the fit's model record comes out (the fit runs on a thread),
@@ -122,8 +123,14 @@ fn a_fitted_model_scores_every_buyer_and_a_silent_one_leaves_active_at_midnight(
     assert!(!load(&s, &id).unwrap().segments.contains_key("likely_churn"));
     // Each midnight moves every buyer on (their age grows by a day); walk there.
     let mut entered = None;
+    let mut fired = Vec::new();
     for d in day0 + 1..=when {
         let out = tick_at(&mut p, &s, d * DAY_MS);
+        fired.extend(
+            out.iter()
+                .filter(|o| o.key == id.as_bytes() && o.topic == p.topics.triggers())
+                .map(|o| TriggerFired::from_avro(&o.payload).unwrap()),
+        );
         let mine: Vec<_> = out
             .iter()
             .filter(|o| o.key == id.as_bytes())
@@ -139,6 +146,12 @@ fn a_fitted_model_scores_every_buyer_and_a_silent_one_leaves_active_at_midnight(
         entered,
         Some((when, "enter".to_string(), when * DAY_MS)),
         "{id} enters likely_churn at the midnight its P(alive) falls below 0.5"
+    );
+    // A trigger on entering the segment fires then too (a back-fill would not start it).
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert_eq!(
+        (fired[0].trigger_id.as_str(), fired[0].event_time),
+        ("winback", when * DAY_MS)
     );
     let prof = load(&s, &id).unwrap();
     assert_eq!(prof.computed["p_active"].day, Some(day_of(when * DAY_MS)));
