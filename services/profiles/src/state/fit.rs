@@ -23,8 +23,12 @@ use crate::predict::{self, Example, Fitted, Purchases, Summary, day_of};
 /// Reading profiles for a fit takes at most this much of a tick.
 const READ_BUDGET: Duration = Duration::from_millis(20);
 const READ_CHUNK: usize = 500;
-/// A trait with too few customers is tried again after this long (not a whole period).
-const RETRY_MS: i64 = 10 * 60 * 1000;
+/// Customers with a repeat purchase a customer-base model needs.
+const MIN_REPEAT: usize = 10;
+/// A trait with too few customers is tried again after this long (not a whole period;
+/// each try reads every profile), and a fitted one is not fitted again before the
+/// catalog has its new version back.
+const RETRY_MS: i64 = 60 * 60 * 1000;
 
 /// How often the models are fitted, and on how many customers at least.
 #[derive(Debug, Clone)]
@@ -300,8 +304,11 @@ impl ProfilesProcessor {
                                 .flatten();
                             return (t.id.clone(), fitted, n);
                         }
+                        // Without repeat purchases the likelihood has no maximum (the
+                        // rates run off to zero): MIN_REPEAT customers need one.
                         let n = population.customers.len() as u64;
-                        let fitted = (n >= min).then(|| {
+                        let repeat = population.customers.iter().filter(|s| s.x > 0).count();
+                        let fitted = (n >= min && repeat >= MIN_REPEAT).then(|| {
                             predict::fit(
                                 &population.customers,
                                 started_at,
@@ -337,7 +344,7 @@ impl ProfilesProcessor {
                 skipped.insert(
                     id,
                     format!(
-                        "{customers} customers with a purchase (propensity: resolved examples); a fit needs {min}, and a propensity both outcomes"
+                        "{customers} customers with a purchase (propensity: resolved examples); a fit needs {min}, {MIN_REPEAT} of them with a repeat purchase (a propensity: both outcomes)"
                     ),
                 );
                 continue;
