@@ -13,7 +13,8 @@
 //! event arrives. All-time traits keep a running accumulator.
 //!
 //! Predictive traits (`p_alive`, `predicted_purchases`, `expected_value`) keep the
-//! profile's purchase days and apply the population's fitted model (see `predict`):
+//! profile's purchase days, and `propensity` its recent activity; each applies the
+//! population's fitted model (see `predict`):
 //!
 //! ```json
 //! {"id": "clv_90d", "event": "Order Completed", "aggregate": "expected_value",
@@ -220,6 +221,14 @@ impl Aggregate {
         self.customer_model() || self == Aggregate::Propensity
     }
 
+    /// The name definitions use (`p_alive`).
+    pub fn name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default()
+    }
+
     /// Whether the model is the customer-base one (BG/NBD, Gamma–Gamma).
     pub fn customer_model(self) -> bool {
         matches!(
@@ -256,8 +265,8 @@ pub struct ComputedTrait {
     /// Parsed `window`.
     #[serde(skip)]
     pub window_ms: Option<i64>,
-    /// How far a prediction looks ahead (`90d`); for `predicted_purchases` and
-    /// `expected_value`.
+    /// How far a prediction looks ahead (`90d`); for `predicted_purchases`,
+    /// `expected_value` and `propensity`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub horizon: Option<String>,
     /// Parsed `horizon`, in days.
@@ -295,7 +304,7 @@ impl ComputedTrait {
         }
         if self.horizon.is_some() {
             return Err(format!(
-                "{what}: horizon is for p_alive, predicted_purchases and expected_value"
+                "{what}: horizon is for predicted_purchases, expected_value and propensity"
             ));
         }
         match (&self.aggregate, &self.property) {
@@ -303,7 +312,7 @@ impl ComputedTrait {
                 return Err(format!("{what}: count takes no property"));
             }
             (Aggregate::Count, None) => {}
-            (a, None) => return Err(format!("{what}: {a:?} needs a property")),
+            (a, None) => return Err(format!("{what}: {} needs a property", a.name())),
             (_, Some(p)) if p.trim().is_empty() => {
                 return Err(format!("{what}: property is empty"));
             }
@@ -316,9 +325,9 @@ impl ComputedTrait {
         Ok(())
     }
 
-    /// A predictive trait names its purchase event; `expected_value` its value
-    /// property; the two counts look `horizon` ahead; none has a window (the model sees
-    /// all of a customer's purchases).
+    /// A predictive trait names its purchase (or target) event; `expected_value` its
+    /// value property; all but `p_alive` look `horizon` ahead; none has a window (the
+    /// model sees all of a customer's purchases, a propensity the last 30 days).
     fn validate_predictive(&mut self, what: &str) -> Result<(), String> {
         let agg = self.aggregate;
         if self.event.is_none() {
@@ -344,7 +353,7 @@ impl ComputedTrait {
                 Aggregate::PAlive | Aggregate::PredictedPurchases | Aggregate::Propensity,
                 Some(_),
             ) => {
-                return Err(format!("{what}: {agg:?} takes no property"));
+                return Err(format!("{what}: {} takes no property", agg.name()));
             }
             _ => {}
         }
@@ -354,7 +363,7 @@ impl ComputedTrait {
             }
             (Aggregate::PAlive, None) => None,
             (_, None) => {
-                return Err(format!("{what}: {agg:?} needs a horizon (like 90d)"));
+                return Err(format!("{what}: {} needs a horizon (like 90d)", agg.name()));
             }
             (_, Some(h)) => {
                 if !(h.trim_end().ends_with('d') || h.trim_end().ends_with('w')) {

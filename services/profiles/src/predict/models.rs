@@ -209,9 +209,9 @@ mod tests {
     /// (2,357 customers, weeks; MIT licence): ID, frequency, recency, T.
     const CDNOW: &str = include_str!("../../tests/data/cdnow_customers_summary.csv");
 
-    fn cdnow() -> Vec<(Summary, u64)> {
-        CDNOW
-            .lines()
+    /// The rows of a CDNOW summary file (ID, x, t_x, T[, mean value]), each once.
+    fn rows(text: &str) -> Vec<(Summary, u64)> {
+        text.lines()
             .skip(1)
             .map(|l| {
                 let f: Vec<f64> = l.split(',').map(|v| v.parse().unwrap()).collect();
@@ -219,7 +219,7 @@ mod tests {
                     x: f[1] as u32,
                     t_x: f[2],
                     t: f[3],
-                    m: None,
+                    m: f.get(4).copied(),
                 };
                 (s, 1)
             })
@@ -231,7 +231,7 @@ mod tests {
     /// α = 4.413532, a = 0.792886, b = 2.425752.
     #[test]
     fn bgnbd_fits_the_cdnow_sample_as_the_paper_does() {
-        let rows = cdnow();
+        let rows = rows(CDNOW);
         assert_eq!(rows.len(), 2357);
         let (m, report) = BgNbd::fit(&rows);
         assert!(report.converged, "{report:?}");
@@ -285,20 +285,7 @@ mod tests {
     fn gamma_gamma_fits_the_cdnow_sample_as_lifetimes_does() {
         const VALUED: &str =
             include_str!("../../tests/data/cdnow_customers_summary_with_transactions.csv");
-        let rows: Vec<(Summary, u64)> = VALUED
-            .lines()
-            .skip(1)
-            .map(|l| {
-                let f: Vec<f64> = l.split(',').map(|v| v.parse().unwrap()).collect();
-                let s = Summary {
-                    x: f[1] as u32,
-                    t_x: f[2],
-                    t: f[3],
-                    m: Some(f[4]),
-                };
-                (s, 1)
-            })
-            .collect();
+        let rows = rows(VALUED);
         let (g, report) = GammaGamma::fit(&rows).unwrap();
         assert!(report.converged, "{report:?}");
         assert_eq!(report.customers, 946);
