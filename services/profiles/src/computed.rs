@@ -666,8 +666,12 @@ impl ComputedState {
                 .map(|l| l.predict(&activity.features(now)))
                 .filter(|v| v.is_finite())
                 .map_or(Value::Null, |v| json!((v * 1e6).round() / 1e6));
-            let midnight = (day_of(now) + 1) * DAY_MS;
-            let next = Some(deadline.map_or(midnight, |d| d.min(midnight)));
+            // Each midnight moves the features on, until a year of silence stops them.
+            let midnight = (!activity.dormant(now)).then_some((day_of(now) + 1) * DAY_MS);
+            let next = match (deadline, midnight) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let changed = value != self.value;
             self.value = value;
             (self.model, self.day, self.dirty) =

@@ -88,6 +88,9 @@ pub struct Activity {
     pub hits: Vec<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first: Option<i64>,
+    /// The last event and target event, also once they left the 30 days.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_hit: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -115,6 +118,7 @@ impl Activity {
     /// An event at `t`; `hit`: it is a target event.
     pub fn add(&mut self, t: i64, hit: bool) {
         insert_sorted(&mut self.events, t, MAX_EVENTS);
+        self.last_event = Some(self.last_event.map_or(t, |l| l.max(t)));
         if hit {
             insert_sorted(&mut self.hits, t, MAX_HITS);
             self.last_hit = Some(self.last_hit.map_or(t, |l| l.max(t)));
@@ -135,6 +139,7 @@ impl Activity {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        self.last_event = self.last_event.max(other.last_event);
         self.last_hit = self.last_hit.max(other.last_hit);
         self.pending.extend(other.pending.iter().cloned());
         self.pending.sort_by_key(|s| s.at);
@@ -152,7 +157,8 @@ impl Activity {
         let hours = |ms: i64| (ms / 3_600_000).clamp(0, FAR_DAYS as i64 * 24) as u32;
         let last_event = self.events[..self.events.partition_point(|x| *x <= now)]
             .last()
-            .copied();
+            .copied()
+            .or(self.last_event.filter(|t| *t <= now));
         let last_hit = self.hits[..self.hits.partition_point(|x| *x <= now)]
             .last()
             .copied()
@@ -175,9 +181,17 @@ impl Activity {
         features(&self.raw(now)).expect("raw has its length")
     }
 
+    /// Whether nothing happened for a year: the features no longer change, so neither
+    /// snapshots nor a midnight evaluation are needed until the next event.
+    pub fn dormant(&self, now: i64) -> bool {
+        let long_ago = |t: Option<i64>| t.is_none_or(|t| now - t >= FAR_DAYS as i64 * DAY_MS);
+        self.pending.is_empty() && long_ago(self.last_event) && long_ago(self.last_hit)
+    }
+
     /// At `now`: resolves the snapshots whose outcome is known, takes today's snapshot
-    /// (one a day, at most [`MAX_PENDING`] waiting) and forgets activity older than the
-    /// look-back. Returns the next deadline of a waiting snapshot.
+    /// (one a day, at most [`MAX_PENDING`] waiting, none while dormant) and forgets
+    /// activity older than the look-back. Returns the next deadline of a waiting
+    /// snapshot.
     pub fn settle(&mut self, now: i64, horizon_ms: i64) -> Option<i64> {
         let hits = &self.hits;
         let mut resolved = Vec::new();
@@ -206,7 +220,10 @@ impl Activity {
         let extra = self.examples.len().saturating_sub(MAX_EXAMPLES);
         self.examples.drain(..extra);
         let today = now.div_euclid(DAY_MS);
-        if self.snapshot_day != Some(today) && self.pending.len() < MAX_PENDING {
+        if self.snapshot_day != Some(today)
+            && self.pending.len() < MAX_PENDING
+            && !self.dormant(now)
+        {
             self.pending.push(Snapshot {
                 at: now,
                 raw: self.raw(now),
@@ -489,6 +506,24 @@ mod tests {
         a.settle(40 * day, 7 * day);
         assert!(a.events.is_empty() && a.hits.is_empty());
         assert_eq!(a.features(40 * day)[8], 1.0);
+    }
+
+    /// Time since the last event keeps counting after the event leaves the 30 days of
+    /// kept activity (it jumped to "long ago").
+    #[test]
+    fn time_since_the_last_event_counts_past_the_look_back() {
+        let day = DAY_MS;
+        let mut a = Activity::default();
+        a.add(0, false);
+        a.settle(40 * day, 7 * day);
+        assert!(a.events.is_empty(), "forgotten after 30 days");
+        assert_eq!(a.raw(40 * day)[5], 40 * 24, "hours since the last event");
+        // A year on, nothing changes any more: no snapshot, and (see `computed`) no
+        // midnight timer.
+        a.pending.clear();
+        assert!(!a.dormant(364 * day) && a.dormant(365 * day));
+        a.settle(400 * day, 7 * day);
+        assert!(a.pending.is_empty());
     }
 
     #[test]
