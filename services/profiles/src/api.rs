@@ -154,9 +154,7 @@ pub fn view(
                 // evaluated for, and the model version (its parameters: /v1/models/{id}).
                 (Some(purchases), Some(day)) if explain => {
                     let s = purchases.summary(day, false);
-                    let fitted = defs
-                        .model(id)
-                        .and_then(|h| h.versions.iter().find(|f| Some(f.version) == c.model));
+                    let fitted = defs.model(id).and_then(|h| h.version(c.model));
                     json!({
                         "value": c.value, "model_version": c.model,
                         "as_of": iso(day * crate::predict::DAY_MS),
@@ -172,9 +170,7 @@ pub fn view(
                 (None, Some(_)) if explain && c.activity.is_some() => {
                     let activity = c.activity.as_ref().expect("checked above");
                     let x = activity.features(p.evaluated_at);
-                    let fitted = defs.model(id).and_then(|h| {
-                        h.versions.iter().find(|f| Some(f.version) == c.model)
-                    });
+                    let fitted = defs.model(id).and_then(|h| h.version(c.model));
                     let names = crate::predict::propensity::FEATURES;
                     json!({
                         "value": c.value, "model_version": c.model, "as_of": iso(p.evaluated_at),

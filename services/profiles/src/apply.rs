@@ -224,10 +224,7 @@ impl Profile {
             if c {
                 touched.parts.computed.insert(def.id.clone());
             }
-            next = match (next, n) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            next = crate::computed::earliest(next, n);
         }
         next
     }

@@ -665,13 +665,10 @@ impl ComputedState {
                 .and_then(|f| f.propensity.as_ref())
                 .map(|l| l.predict(&activity.features(now)))
                 .filter(|v| v.is_finite())
-                .map_or(Value::Null, |v| json!((v * 1e6).round() / 1e6));
+                .map_or(Value::Null, |v| json!(rounded(v)));
             // Each midnight moves the features on, until a year of silence stops them.
             let midnight = (!activity.dormant(now)).then_some((day_of(now) + 1) * DAY_MS);
-            let next = match (deadline, midnight) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let next = earliest(deadline, midnight);
             let changed = value != self.value;
             self.value = value;
             (self.model, self.day, self.dirty) =
@@ -739,7 +736,20 @@ pub fn predicted(def: &ComputedTrait, f: &Fitted, p: &Purchases, today: i64) -> 
         }
         _ => return None,
     };
-    v.is_finite().then(|| (v * 1e6).round() / 1e6)
+    v.is_finite().then(|| rounded(v))
+}
+
+/// A prediction to six decimals: what a replay gives back exactly.
+fn rounded(v: f64) -> f64 {
+    (v * 1e6).round() / 1e6
+}
+
+/// The earlier of two times, either of which may be absent (the next timer).
+pub fn earliest(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 #[cfg(test)]

@@ -151,6 +151,11 @@ impl ModelHistory {
         self.versions.last()
     }
 
+    /// A version by its number (the one a value records).
+    pub fn version(&self, version: Option<u32>) -> Option<&Fitted> {
+        self.versions.iter().find(|f| Some(f.version) == version)
+    }
+
     /// The version in force at `at` (ms): the latest fitted at or before it.
     pub fn in_force(&self, at: i64) -> Option<&Fitted> {
         self.versions.iter().rev().find(|f| f.fitted_at <= at)

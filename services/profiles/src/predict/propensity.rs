@@ -86,8 +86,6 @@ pub struct Activity {
     pub events: Vec<i64>,
     #[serde(default)]
     pub hits: Vec<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub first: Option<i64>,
     /// The last event and target event, also once they left the 30 days.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_event: Option<i64>,
@@ -123,7 +121,6 @@ impl Activity {
             insert_sorted(&mut self.hits, t, MAX_HITS);
             self.last_hit = Some(self.last_hit.map_or(t, |l| l.max(t)));
         }
-        self.first = Some(self.first.map_or(t, |f| f.min(t)));
     }
 
     /// Another profile's activity (a merge): times are a union, snapshots and examples
@@ -135,10 +132,6 @@ impl Activity {
         for t in &other.hits {
             insert_sorted(&mut self.hits, *t, MAX_HITS);
         }
-        self.first = match (self.first, other.first) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
         self.last_event = self.last_event.max(other.last_event);
         self.last_hit = self.last_hit.max(other.last_hit);
         self.pending.extend(other.pending.iter().cloned());
@@ -535,7 +528,7 @@ mod tests {
         b.add(20, false);
         a.absorb(&b);
         assert_eq!(a.events, vec![5, 10, 20]);
-        assert_eq!((a.first, a.last_hit), (Some(5), Some(5)));
+        assert_eq!((a.last_event, a.last_hit), (Some(20), Some(5)));
     }
 
     /// A model fitted on examples drawn from a known logistic model recovers it, and

@@ -245,10 +245,7 @@ impl ProfilesProcessor {
         index_groups(txn, id, groups_before, &p);
         let changes = self.evaluate(txn, &mut p, fields_changed, &touched, cause, out)?;
         self.run_triggers(&mut p, cause, &changes, now, out)?;
-        let next = match (next_edge, triggers::next_due(&p)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let next = crate::computed::earliest(next_edge, triggers::next_due(&p));
         if next != p.timer {
             let partition = self.placement.partition(id);
             if let Some(old) = p.timer {
