@@ -526,6 +526,7 @@ pub async fn run<P: Processor>(
         ownership: &ownership,
         pending: &pending,
         metrics: &metrics,
+        group: Default::default(),
     };
     // The batch whose outputs are being acknowledged while the next one is processed
     // (runner/in_flight.rs).
@@ -544,6 +545,11 @@ pub async fn run<P: Processor>(
                 continue;
             }
             _ = async { ticker.as_mut().unwrap().tick().await }, if ticker.is_some() => tick_now = true,
+            // Offsets committed with the state, told to the group a moment later.
+            _ = tokio::time::sleep_until(committing.group_due().unwrap_or_else(tokio::time::Instant::now)), if committing.group_due().is_some() => {
+                committing.tell_group(CommitMode::Async);
+                continue;
+            }
             msg = consumer.recv() => {
                 match msg {
                     Ok(m) => batch.push(owned(m)),
@@ -665,6 +671,9 @@ pub async fn run<P: Processor>(
     // A batch being acknowledged at shutdown is committed once it is (a shutdown during
     // its retries leaves it to be replayed).
     committing.settle(&mut in_flight, &mut done).await?;
+    if committing.group_due().is_some() {
+        committing.tell_group(CommitMode::Sync);
+    }
     if matches!(spec.offsets, OffsetStorage::Kafka) {
         // Make sure the last processed offsets land before leaving the group (never the
         // consumer's position: it may be ahead of what was processed), for the

@@ -9,10 +9,15 @@
 //!   the previous batch's are acknowledged (retries included) and its state committed;
 //! - a partition assigned while a batch is in flight starts after that batch, not at
 //!   the offset stored before it ([`PendingOffsets`]): the batch will be committed.
+//!
+//! A service that keeps its offsets with its state also tells the group where it is,
+//! for lag tools and for a rebuild (which does not produce again below it). That is a
+//! request to the broker and a write to `__consumer_offsets`: it is sent at most every
+//! [`GROUP_COMMIT_EVERY`] ([`GroupCommits`]), not once per batch.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, StreamConsumer};
 use tokio::task::JoinHandle;
@@ -125,6 +130,27 @@ impl InFlight {
     }
 }
 
+/// How often a service whose offsets live in its state tells the group how far it got.
+/// At most this much of a partition's output is produced again by a rebuild (a lost
+/// disk): duplicates with the same ids, which readers drop.
+pub(super) const GROUP_COMMIT_EVERY: Duration = Duration::from_millis(500);
+
+/// Offsets committed with the state but not yet told to the group, and when the group
+/// was last told.
+pub(super) struct GroupCommits {
+    unsent: BTreeMap<(String, i32), i64>,
+    last: Instant,
+}
+
+impl Default for GroupCommits {
+    fn default() -> Self {
+        GroupCommits {
+            unsent: BTreeMap::new(),
+            last: Instant::now(),
+        }
+    }
+}
+
 /// What committing a batch needs.
 pub(super) struct Committing<'a> {
     pub service: &'static str,
@@ -134,6 +160,7 @@ pub(super) struct Committing<'a> {
     pub ownership: &'a Ownership,
     pub pending: &'a PendingOffsets,
     pub metrics: &'a RunnerMetrics,
+    pub group: Mutex<GroupCommits>,
 }
 
 impl Committing<'_> {
@@ -175,8 +202,12 @@ impl Committing<'_> {
                         .get(tp)
                         .is_none_or(|committed| *next >= *committed)
                 });
-                self.ownership.retain_owned(&mut forward);
-                commit_kafka(self.consumer, &forward, CommitMode::Async);
+                let mut group = self.group.lock().expect("group commits");
+                group.unsent.extend(forward);
+                if group.last.elapsed() >= GROUP_COMMIT_EVERY {
+                    drop(group);
+                    self.tell_group(CommitMode::Async);
+                }
             }
             OffsetStorage::Kafka => {
                 if !write.is_empty() {
@@ -211,5 +242,23 @@ impl Committing<'_> {
             );
         }
         Ok(())
+    }
+
+    /// When the group is next due to hear of offsets committed with the state (`None`:
+    /// there are none it has not heard of).
+    pub fn group_due(&self) -> Option<tokio::time::Instant> {
+        let group = self.group.lock().expect("group commits");
+        (!group.unsent.is_empty()).then(|| (group.last + GROUP_COMMIT_EVERY).into())
+    }
+
+    /// Tells the group the offsets committed with the state since it last heard, for the
+    /// partitions still assigned here.
+    pub fn tell_group(&self, mode: CommitMode) {
+        let mut group = self.group.lock().expect("group commits");
+        let mut unsent = std::mem::take(&mut group.unsent);
+        group.last = Instant::now();
+        drop(group);
+        self.ownership.retain_owned(&mut unsent);
+        commit_kafka(self.consumer, &unsent, mode);
     }
 }
