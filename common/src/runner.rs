@@ -606,7 +606,8 @@ pub async fn run<P: Processor>(
         let replaying = ownership.rebuilding();
         let rebuilding = replaying.clone();
         let tick_at = tick_now.then(crate::now_ms);
-        let (p, result) = tokio::task::spawn_blocking(move || {
+        let small = tick_at.is_none() && batch.len() <= INLINE_RECORDS;
+        let (p, result) = blocking(small, move || {
             let r = core::process_batch(
                 &mut processor,
                 st.as_ref(),
@@ -617,8 +618,7 @@ pub async fn run<P: Processor>(
             );
             (processor, r)
         })
-        .await
-        .map_err(|e| Error::Internal(format!("processor panicked: {e}")))?;
+        .await?;
         processor = p;
         let processed = match result {
             Ok(processed) => processed,
@@ -683,6 +683,24 @@ pub async fn run<P: Processor>(
     }
     info!(service = spec.service, "consumer stopped");
     Ok(())
+}
+
+/// Up to this many records are processed on the runner's own thread; a larger batch (or
+/// a tick) goes to a blocking thread. The hand-off to the blocking pool and back wakes
+/// two threads, which costs more than processing a few records.
+const INLINE_RECORDS: usize = 8;
+
+/// Runs `f` here (`inline`: short work) or on a blocking thread.
+pub(crate) async fn blocking<T: Send + 'static>(
+    inline: bool,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    if inline {
+        return Ok(f());
+    }
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("a blocking task panicked: {e}")))
 }
 
 /// The result of handling a record that may not have decoded: a decoding error sends

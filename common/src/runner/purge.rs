@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use tracing::{info, warn};
 
+use crate::Result;
 use crate::store::{SharedStore, WriteBatch};
-use crate::{Error, Result};
 
 /// Written with an erasure's deletions and removed once they are purged from disk: a
 /// purge that failed, or a crash before it ended, is done again at the next start
@@ -17,7 +17,9 @@ const PURGE_OWED: &[u8] = b"~purge-owed";
 /// runner goes on (erasures are rare, and the report says it is done).
 pub(super) async fn commit_state(store: &SharedStore, mut write: WriteBatch) -> Result<()> {
     let st = store.clone();
-    tokio::task::spawn_blocking(move || {
+    // A small write without a purge takes microseconds: written here, not handed off.
+    let small = write.len() <= INLINE_WRITES && !write.purge;
+    super::blocking(small, move || {
         let purge = write.purged_keys();
         if purge.is_some() {
             write.put(PURGE_OWED, Vec::new());
@@ -35,9 +37,11 @@ pub(super) async fn commit_state(store: &SharedStore, mut write: WriteBatch) -> 
         }
         Ok(())
     })
-    .await
-    .map_err(|e| Error::Internal(format!("state write panicked: {e}")))?
+    .await?
 }
+
+/// Up to this many writes are committed on the runner's own thread.
+const INLINE_WRITES: usize = 128;
 
 fn purged(store: &SharedStore) -> Result<()> {
     let mut done = WriteBatch::default();
@@ -62,6 +66,7 @@ pub fn resume_purge(store: &SharedStore) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Error;
     use crate::store::{MemStore, Store};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
