@@ -11,7 +11,7 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer as _, ProducerContext};
 use tracing::{info, warn};
 
 use crate::config::{KafkaConfig, TopicsConfig};
@@ -109,15 +109,71 @@ pub enum ProduceError {
 /// answer 503 or retry: never reported as delivered.
 pub struct Producer {
     config: ClientConfig,
-    inner: RwLock<FutureProducer>,
+    inner: RwLock<Arc<Client>>,
     rebuilds: AtomicU64,
     rebuilds_metric: OnceLock<IntCounter>,
+}
+
+/// What a record's acknowledgement (or its failure) is sent on.
+type Acknowledgement = tokio::sync::oneshot::Sender<std::result::Result<(i32, i64), KafkaError>>;
+
+/// Hands each delivery report to the record's waiting future.
+struct Deliveries;
+
+impl rdkafka::ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = Box<Acknowledgement>;
+    fn delivery(&self, report: &DeliveryResult<'_>, ack: Box<Acknowledgement>) {
+        use rdkafka::Message as _;
+        let _ = ack.send(match report {
+            Ok(m) => Ok((m.partition(), m.offset())),
+            Err((e, _)) => Err(e.clone()),
+        });
+    }
+}
+
+/// How long one poll of the delivery reports lasts. rust-rdkafka's own polling thread
+/// (`FutureProducer`) polls in windows of 100 ms and spins for the last millisecond of
+/// each (the time left is rounded down to 0 ms): about 1 % of a core per producer, busy
+/// or idle. A longer window spins as long, ten times less often; a report still wakes
+/// the poll at once.
+const POLL_WINDOW: Duration = Duration::from_secs(1);
+
+/// One librdkafka producer and the thread that serves its delivery reports (it stops
+/// within [`POLL_WINDOW`] once the client is dropped).
+struct Client {
+    producer: Arc<BaseProducer<Deliveries>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Client {
+    fn create(config: &ClientConfig) -> Result<Client> {
+        let producer: Arc<BaseProducer<Deliveries>> =
+            Arc::new(config.create_with_context(Deliveries)?);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p, s) = (producer.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("kafka-deliveries".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    p.poll(POLL_WINDOW);
+                }
+            })?;
+        Ok(Client { producer, stop })
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Producer {
     pub fn new(cfg: &KafkaConfig, client_id: &str) -> Result<Producer> {
         let config = producer_config(cfg, client_id);
-        let inner = RwLock::new(config.create()?);
+        let inner = RwLock::new(Arc::new(Client::create(&config)?));
         Ok(Producer {
             config,
             inner,
@@ -140,7 +196,7 @@ impl Producer {
         Ok(())
     }
 
-    fn current(&self) -> FutureProducer {
+    fn current(&self) -> Arc<Client> {
         self.inner.read().expect("producer lock").clone()
     }
 
@@ -165,46 +221,47 @@ impl Producer {
         payload: &[u8],
     ) -> Result<impl Future<Output = Result<(i32, i64), ProduceError>> + Send + '_, ProduceError>
     {
-        let producer = self.current();
-        let mut record = FutureRecord::to(topic).key(key);
+        let client = self.current();
+        let (ack, delivery) = tokio::sync::oneshot::channel();
+        let mut record = BaseRecord::with_opaque_to(topic, Box::new(ack)).key(key);
         if !payload.is_empty() {
             record = record.payload(payload);
         }
-        let delivery = match producer.send_result(record) {
-            Ok(d) => d,
+        match client.producer.send(record) {
+            Ok(()) => {}
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 return Err(ProduceError::QueueFull);
             }
             Err((e, _)) => {
-                self.rebuild_if_fatal(&producer);
+                self.rebuild_if_fatal(&client);
                 return Err(ProduceError::Unavailable(e.to_string()));
             }
-        };
+        }
         Ok(async move {
             match delivery.await {
-                Ok(Ok(d)) => Ok((d.partition, d.offset)),
-                Ok(Err((e, _))) => {
-                    self.rebuild_if_fatal(&producer);
+                Ok(Ok(at)) => Ok(at),
+                Ok(Err(e)) => {
+                    self.rebuild_if_fatal(&client);
                     Err(ProduceError::Unavailable(e.to_string()))
                 }
-                Err(_canceled) => Err(ProduceError::Unavailable("producer was dropped".into())),
+                Err(_dropped) => Err(ProduceError::Unavailable("producer was dropped".into())),
             }
         })
     }
 
-    fn rebuild_if_fatal(&self, failed: &FutureProducer) {
-        let Some((code, reason)) = failed.client().fatal_error() else {
+    fn rebuild_if_fatal(&self, failed: &Client) {
+        let Some((code, reason)) = failed.producer.client().fatal_error() else {
             return;
         };
         let mut guard = self.inner.write().expect("producer lock");
         // Another caller may have rebuilt it already.
-        if guard.client().fatal_error().is_none() {
+        if guard.producer.client().fatal_error().is_none() {
             return;
         }
         warn!(?code, %reason, "kafka producer hit a fatal error, building a new one");
-        match self.config.create::<FutureProducer>() {
+        match Client::create(&self.config) {
             Ok(p) => {
-                *guard = p;
+                *guard = Arc::new(p);
                 self.rebuilds.fetch_add(1, Ordering::Relaxed);
                 if let Some(c) = self.rebuilds_metric.get() {
                     c.inc();
@@ -221,7 +278,7 @@ impl Producer {
 
     /// Waits for queued records to be delivered (used at shutdown).
     pub fn flush(&self, timeout: Duration) {
-        if let Err(e) = self.current().flush(timeout) {
+        if let Err(e) = self.current().producer.flush(timeout) {
             warn!(error = %e, "kafka producer flush at shutdown did not complete");
         }
     }
@@ -229,6 +286,7 @@ impl Producer {
     /// True when the brokers answer a metadata request.
     pub fn broker_reachable(&self, timeout: Duration) -> bool {
         self.current()
+            .producer
             .client()
             .fetch_metadata(None, timeout)
             .is_ok()
@@ -708,7 +766,7 @@ mod tests {
             1,
             "the fatal error made it build a new producer"
         );
-        assert!(producer.current().client().fatal_error().is_none());
+        assert!(producer.current().producer.client().fatal_error().is_none());
         let exported = registry
             .gather()
             .iter()

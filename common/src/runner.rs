@@ -690,17 +690,20 @@ pub async fn run<P: Processor>(
 /// two threads, which costs more than processing a few records.
 const INLINE_RECORDS: usize = 8;
 
-/// Runs `f` here (`inline`: short work) or on a blocking thread.
+/// Runs `f` here (`inline`: short work) or on a blocking thread. A panic is an error
+/// either way (the service stops and says why, as for any internal error).
 pub(crate) async fn blocking<T: Send + 'static>(
     inline: bool,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T> {
+    let panicked = |what: String| Error::Internal(format!("a blocking task panicked: {what}"));
     if inline {
-        return Ok(f());
+        return std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+            .map_err(|p| panicked(core::panic_message(&p)));
     }
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| Error::Internal(format!("a blocking task panicked: {e}")))
+        .map_err(|e| panicked(e.to_string()))
 }
 
 /// The result of handling a record that may not have decoded: a decoding error sends
@@ -767,6 +770,20 @@ fn commit_kafka(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Work done on the runner's thread reports a panic as an error, as the blocking pool
+    /// does, instead of unwinding through the runner.
+    #[tokio::test]
+    async fn a_panic_is_an_error_on_the_runners_thread_as_on_a_blocking_one() {
+        for inline in [true, false] {
+            let r = blocking(inline, || -> u8 { panic!("poisoned") }).await;
+            let Err(Error::Internal(why)) = r else {
+                panic!("inline {inline}: {r:?}");
+            };
+            assert!(why.contains("panicked"), "{why}");
+            assert_eq!(blocking(inline, || 7).await.unwrap(), 7);
+        }
+    }
 
     /// The audit's finding: a batch's offsets were committed to the group for every
     /// partition in it, revoked ones included, which could move back what their new

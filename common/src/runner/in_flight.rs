@@ -132,7 +132,7 @@ impl InFlight {
 
 /// How often a service whose offsets live in its state tells the group how far it got.
 /// At most this much of a partition's output is produced again by a rebuild (a lost
-/// disk): duplicates with the same ids, which readers drop.
+/// disk): the same records with the same ids, as after any crash.
 pub(super) const GROUP_COMMIT_EVERY: Duration = Duration::from_millis(500);
 
 /// Offsets committed with the state but not yet told to the group, and when the group
