@@ -478,9 +478,7 @@ pub async fn run<P: Processor>(
     let metrics = RunnerMetrics::new(registry, spec.service)?;
     {
         let st = store.clone();
-        tokio::task::spawn_blocking(move || resume_purge(&st))
-            .await
-            .map_err(|e| Error::Internal(format!("purge panicked: {e}")))??;
+        blocking(false, move || resume_purge(&st)).await??;
     }
     let ownership = spec.ownership.clone();
     let paused = match spec.sole_consumer {
@@ -534,6 +532,7 @@ pub async fn run<P: Processor>(
     loop {
         let mut batch: Vec<Message> = Vec::new();
         let mut tick_now = false;
+        let group_due = committing.group_due();
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -546,7 +545,7 @@ pub async fn run<P: Processor>(
             }
             _ = async { ticker.as_mut().unwrap().tick().await }, if ticker.is_some() => tick_now = true,
             // Offsets committed with the state, told to the group a moment later.
-            _ = tokio::time::sleep_until(committing.group_due().unwrap_or_else(tokio::time::Instant::now)), if committing.group_due().is_some() => {
+            _ = tokio::time::sleep_until(group_due.unwrap_or_else(tokio::time::Instant::now)), if group_due.is_some() => {
                 committing.tell_group(CommitMode::Async);
                 continue;
             }
