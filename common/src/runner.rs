@@ -9,9 +9,9 @@
 //!    ([`OffsetStorage::State`]), or the offsets are committed to Kafka
 //!    ([`OffsetStorage::Kafka`], for stateless processors).
 //!
-//! One batch is in flight at a time: while its outputs are acknowledged the loop takes
-//! and processes the next one, against the state with the batch in flight on top; that
-//! batch is committed (step 3) before the next one's outputs are produced
+//! Up to two batches are in flight: while their outputs are acknowledged the loop takes
+//! and processes the next one, against the state with the batches in flight on top, and
+//! produces its outputs at once; batches are committed (step 3) in order
 //! (`runner/in_flight.rs`).
 //!
 //! A crash anywhere before step 3 replays the batch against the old state, producing the
@@ -24,7 +24,7 @@
 //! purge an erasure owes in `runner/purge.rs`. Here: the spec, metrics, the rebalance
 //! callback and the loop.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,7 +53,7 @@ mod purge;
 mod sealing;
 
 pub use in_flight::AfterCommit;
-use in_flight::{Committing, InFlight, PendingOffsets};
+use in_flight::{Committing, InFlight, MAX_IN_FLIGHT, PendingOffsets};
 use metrics::RunnerMetrics;
 pub use purge::resume_purge;
 use sealing::{Opening, open_all, seal_all};
@@ -526,9 +526,10 @@ pub async fn run<P: Processor>(
         metrics: &metrics,
         group: Default::default(),
     };
-    // The batch whose outputs are being acknowledged while the next one is processed
-    // (runner/in_flight.rs).
-    let mut in_flight: Option<InFlight> = None;
+    // The batches whose outputs are being acknowledged while the next one is processed,
+    // oldest first (runner/in_flight.rs).
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    let sink: Arc<dyn producing::Sink + Send + Sync> = producer.clone();
     loop {
         let mut batch: Vec<Message> = Vec::new();
         let mut tick_now = false;
@@ -537,7 +538,7 @@ pub async fn run<P: Processor>(
             biased;
             _ = shutdown.cancelled() => break,
             // Acknowledged while waiting for records: commit it now (settle finds it done).
-            _ = async { in_flight.as_mut().expect("a batch in flight").acknowledged().await }, if in_flight.is_some() => {
+            _ = async { in_flight.front_mut().expect("a batch in flight").acknowledged().await }, if !in_flight.is_empty() => {
                 if !committing.settle(&mut in_flight, &mut done).await? {
                     break;
                 }
@@ -595,11 +596,8 @@ pub async fn run<P: Processor>(
         };
 
         // 1. Process (RocksDB reads and CPU work) off the async threads, against the
-        //    state as it will be once the batch in flight is committed.
-        let st = match &in_flight {
-            Some(f) => f.view(&store),
-            None => store.clone(),
-        };
+        //    state as it will be once the batches in flight are committed.
+        let st = in_flight::view(&store, &in_flight);
         let dead_letter_topic = spec.dead_letter_topic.clone();
         // Partitions being rebuilt, as of this batch (pruned once the batch is committed).
         let replaying = ownership.rebuilding();
@@ -622,8 +620,8 @@ pub async fn run<P: Processor>(
         let processed = match result {
             Ok(processed) => processed,
             Err(e) => {
-                // The batch before is not at fault: commit it before stopping.
-                committing.settle(&mut in_flight, &mut done).await?;
+                // The batches before are not at fault: commit them before stopping.
+                committing.settle_all(&mut in_flight, &mut done).await?;
                 return Err(e);
             }
         };
@@ -641,22 +639,24 @@ pub async fn run<P: Processor>(
             break;
         };
 
-        // 2. The batch before is acknowledged and committed first: state and offsets in
-        //    batch order, and each key's records in order on their topic.
-        if !committing.settle(&mut in_flight, &mut done).await? {
+        // 2. With as many batches in flight as there may be, the first is acknowledged
+        //    and committed first: state and offsets are committed in batch order.
+        if in_flight.len() >= MAX_IN_FLIGHT && !committing.settle(&mut in_flight, &mut done).await?
+        {
             break;
         }
 
-        // 3. Produce, and commit once acknowledged (above, or when the acknowledgements
+        // 3. Produce (after the batches in flight have queued theirs: each key's records
+        //    in order), and commit once acknowledged (above, or when the acknowledgements
         //    arrive while waiting for records).
         if matches!(spec.offsets, OffsetStorage::State) {
             for ((topic, partition), next) in &next_offsets {
                 write.put(offset_key(topic, *partition), next.to_be_bytes().to_vec());
             }
         }
-        pending.set(&next_offsets);
-        in_flight = Some(InFlight::start(
-            &producer,
+        let started_batch = InFlight::start(
+            sink.clone(),
+            in_flight.back_mut(),
             outputs,
             &metrics,
             &shutdown,
@@ -665,11 +665,13 @@ pub async fn run<P: Processor>(
             replaying,
             started,
             after_commit,
-        ));
+        );
+        in_flight.push_back(started_batch);
+        pending.set(in_flight.iter().map(|f| &f.next_offsets));
     }
-    // A batch being acknowledged at shutdown is committed once it is (a shutdown during
-    // its retries leaves it to be replayed).
-    committing.settle(&mut in_flight, &mut done).await?;
+    // Batches being acknowledged at shutdown are committed once they are (a shutdown
+    // during their retries leaves them to be replayed).
+    committing.settle_all(&mut in_flight, &mut done).await?;
     if committing.group_due().is_some() {
         committing.tell_group(CommitMode::Sync);
     }

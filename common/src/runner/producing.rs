@@ -8,12 +8,18 @@
 //! - a record that was queued but not acknowledged while a later one of its key was:
 //!   the later ones are produced again after it, so the last record of every key on the
 //!   topic is the batch's last (what a consumer of latest states ends with).
+//!
+//! Batches in flight at once keep the same order between them: a batch queues its
+//! records only once the batch before has queued its own ([`Turn`]), and the keys a
+//! batch had to send again are sent again by each later batch in flight
+//! (`in_flight.rs`), so the last record of every key is still the latest batch's.
 
 use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -36,19 +42,41 @@ impl Sink for Producer {
     }
 }
 
+/// Keys (topic and Kafka key) whose records were sent more than once.
+pub(super) type Keys = HashSet<(String, Vec<u8>)>;
+
+/// A batch's turn to queue its records: after the batch before has queued its own
+/// (`wait`), and saying so to the batch after (`done`).
+#[derive(Default)]
+pub(super) struct Turn {
+    pub wait: Option<oneshot::Receiver<()>>,
+    pub done: Option<oneshot::Sender<()>>,
+}
+
 /// Produces every output and waits for every acknowledgement, retrying with a backoff
-/// and keeping each key's order. `false` if shutdown came first (the batch is then
-/// replayed).
+/// and keeping each key's order. The keys whose records were sent again (a record failed),
+/// or `None` if shutdown came first (the batch is then replayed).
 pub(super) async fn produce_all(
-    sink: &impl Sink,
+    sink: &(impl Sink + ?Sized),
     outputs: &[Output],
     metrics: &RunnerMetrics,
     shutdown: &CancellationToken,
-) -> bool {
+    mut turn: Turn,
+) -> Option<Keys> {
+    if let Some(before) = turn.wait.take() {
+        // An error: the batch before stopped (shutdown); nothing to wait for then.
+        let _ = before.await;
+    }
     let mut pending: BTreeSet<usize> = (0..outputs.len()).collect();
+    let mut again = Keys::new();
     let mut backoff = Duration::from_millis(50);
     while !pending.is_empty() {
-        let (delivered, failed) = one_round(sink, outputs, &pending).await;
+        let (queued, mut failed) = enqueue(sink, outputs, &pending);
+        if let Some(done) = turn.done.take() {
+            let _ = done.send(());
+        }
+        let (delivered, undelivered) = delivered(queued).await;
+        failed.extend(undelivered);
         for &i in &delivered {
             metrics
                 .produced
@@ -64,16 +92,21 @@ pub(super) async fn produce_all(
                 warn!(topic = %outputs[*i].topic, error = %e, "produce failed, retrying");
             }
         }
+        again.extend(
+            failed
+                .iter()
+                .map(|(i, _)| (outputs[*i].topic.clone(), outputs[*i].key.clone())),
+        );
         pending = next_round(outputs, &delivered, &failed);
         if !pending.is_empty() {
             tokio::select! {
-                _ = shutdown.cancelled() => return false,
+                _ = shutdown.cancelled() => return None,
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
-    true
+    Some(again)
 }
 
 type Chain<'a> = (&'a str, &'a [u8]);
@@ -82,13 +115,15 @@ fn chain(o: &Output) -> Chain<'_> {
     (o.topic.as_str(), o.key.as_slice())
 }
 
+type Queued<'a> = Vec<(usize, Delivery<'a>)>;
+
 /// Queues the pending records in order (none after a record of its key that could not
-/// be queued) and waits for them: what was delivered, and what failed.
-async fn one_round(
-    sink: &impl Sink,
-    outputs: &[Output],
+/// be queued): what was queued, and what could not be.
+fn enqueue<'a>(
+    sink: &'a (impl Sink + ?Sized),
+    outputs: &'a [Output],
     pending: &BTreeSet<usize>,
-) -> (Vec<usize>, Vec<(usize, ProduceError)>) {
+) -> (Queued<'a>, Vec<(usize, ProduceError)>) {
     let mut held: HashSet<Chain<'_>> = HashSet::new();
     let mut queued = Vec::new();
     let mut failed = Vec::new();
@@ -105,6 +140,12 @@ async fn one_round(
             }
         }
     }
+    (queued, failed)
+}
+
+/// Waits for the queued records: what was delivered, and what failed.
+async fn delivered(queued: Queued<'_>) -> (Vec<usize>, Vec<(usize, ProduceError)>) {
+    let mut failed = Vec::new();
     let (indexes, deliveries): (Vec<usize>, Vec<Delivery<'_>>) = queued.into_iter().unzip();
     let results = futures::future::join_all(deliveries).await;
     let mut delivered = Vec::new();
@@ -146,17 +187,17 @@ fn next_round(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::sync::Mutex;
 
     /// A sink that follows a script: which records fail to queue or to be delivered in
-    /// which round, and what the topic got, in order.
+    /// which round, and what the topic got, in order. A record's payload is its number.
     #[derive(Default)]
-    struct Script {
-        queue_full: Mutex<Vec<usize>>,
-        undelivered: Mutex<Vec<usize>>,
-        topic: Mutex<Vec<String>>,
+    pub(crate) struct Script {
+        pub queue_full: Mutex<Vec<usize>>,
+        pub undelivered: Mutex<Vec<usize>>,
+        pub topic: Mutex<Vec<String>>,
     }
 
     impl Sink for Script {
@@ -182,9 +223,11 @@ mod tests {
         }
     }
 
-    fn outputs(keys: &[&str]) -> Vec<Output> {
+    /// Records of the given keys, numbered from `first`.
+    pub(crate) fn numbered(first: usize, keys: &[&str]) -> Vec<Output> {
         keys.iter()
             .enumerate()
+            .map(|(n, k)| (first + n, k))
             .map(|(n, k)| {
                 Output::plain(
                     "t".into(),
@@ -195,12 +238,16 @@ mod tests {
             .collect()
     }
 
-    fn metrics() -> RunnerMetrics {
+    fn outputs(keys: &[&str]) -> Vec<Output> {
+        numbered(0, keys)
+    }
+
+    pub(crate) fn metrics() -> RunnerMetrics {
         RunnerMetrics::new(&prometheus::Registry::new(), "test").unwrap()
     }
 
     /// The last record of each key on the topic, in the order they last appear.
-    fn last_of_each_key(topic: &[String]) -> Vec<String> {
+    pub(crate) fn last_of_each_key(topic: &[String]) -> Vec<String> {
         let mut last: Vec<String> = Vec::new();
         for r in topic {
             let key = r.split(':').next().unwrap();
@@ -224,7 +271,8 @@ mod tests {
             queue_full: Mutex::new(vec![0]),
             ..Default::default()
         };
-        assert!(produce_all(&s, &outs, &metrics(), &stop).await);
+        let again = produce_all(&s, &outs, &metrics(), &stop, Turn::default()).await;
+        assert_eq!(again, Some(Keys::from([("t".to_string(), b"a".to_vec())])));
         assert_eq!(
             *s.topic.lock().unwrap(),
             ["b:2", "b:4", "a:0", "a:1", "a:3"]
@@ -235,7 +283,8 @@ mod tests {
             undelivered: Mutex::new(vec![1]),
             ..Default::default()
         };
-        assert!(produce_all(&s, &outs, &metrics(), &stop).await);
+        let again = produce_all(&s, &outs, &metrics(), &stop, Turn::default()).await;
+        assert_eq!(again, Some(Keys::from([("t".to_string(), b"a".to_vec())])));
         let topic = s.topic.lock().unwrap().clone();
         assert_eq!(topic, ["a:0", "b:2", "a:3", "b:4", "a:1", "a:3"]);
         assert_eq!(last_of_each_key(&topic), ["b:4", "a:3"]);
