@@ -17,6 +17,11 @@
 //! - a partition assigned while batches are in flight starts after the last of them,
 //!   not at the offset stored before them ([`PendingOffsets`]): they will be committed.
 //!
+//! A service that keeps its offsets with its state also tells the group where it is,
+//! for lag tools and for a rebuild (which does not produce again below it). That is a
+//! request to the broker and a write to `__consumer_offsets`: it is sent at most every
+//! [`GROUP_COMMIT_EVERY`] ([`GroupCommits`]), not once per batch.
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
