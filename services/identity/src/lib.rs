@@ -552,7 +552,7 @@ impl IdentityProcessor {
         if let Some(s) = subject
             && !res.profile_id.is_empty()
         {
-            graph::note_subject(txn, &res.profile_id, s);
+            graph::note_subject(txn, &res.profile_id, s)?;
         }
         self.latency.observe(started.elapsed().as_secs_f64());
         for kind in &res.blocked {

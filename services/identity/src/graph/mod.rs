@@ -247,12 +247,15 @@ fn subjects_prefix(profile: &str) -> String {
     format!("sj/{profile}/")
 }
 
-/// Notes that an event of `profile` came in under the ingest subject `subject`.
-pub fn note_subject(txn: &mut Txn<'_>, profile: &str, subject: &str) {
-    txn.put(
-        format!("{}{subject}", subjects_prefix(profile)).into_bytes(),
-        Vec::new(),
-    );
+/// Notes that an event of `profile` came in under the ingest subject `subject`. Most
+/// events come under a subject already noted: reading the key costs less than writing
+/// it again (a memtable insert, the write-ahead log, compaction of the copies).
+pub fn note_subject(txn: &mut Txn<'_>, profile: &str, subject: &str) -> Result<()> {
+    let key = format!("{}{subject}", subjects_prefix(profile)).into_bytes();
+    if txn.get(&key)?.is_none() {
+        txn.put(key, Vec::new());
+    }
+    Ok(())
 }
 
 pub fn profile_id_of(anchor: &Identifier) -> String {

@@ -47,7 +47,7 @@ fn erasing_a_person_leaves_no_key_or_value_of_theirs_and_spares_others() {
     );
     let ann = profile(&s, &email);
     let mut txn = Txn::new(&s);
-    note_subject(&mut txn, &ann, "subject-of-ann-device");
+    note_subject(&mut txn, &ann, "subject-of-ann-device").unwrap();
     let erased = Graph::new(&r, 1).erase(&mut txn, &ann).unwrap().unwrap();
     s.write(txn.into_batch()).unwrap();
     assert_eq!(erased.identifiers, 3);
