@@ -13,7 +13,8 @@
 //!   partition's order. A record that fails is sent again after later ones: within its
 //!   batch the later records of its key go again after it (`producing.rs`), and each
 //!   later batch in flight sends its records of that key again before it is committed
-//!   ([`Committing::settle`]), so the last record of every key is still the latest;
+//!   ([`Committing::settle`]); what a batch sends again this way is passed on in turn to
+//!   the batches that started since. So the last record of every key is still the latest;
 //! - a partition assigned while batches are in flight starts after the last of them,
 //!   not at the offset stored before them ([`PendingOffsets`]): they will be committed.
 //!
@@ -90,7 +91,8 @@ pub(super) struct InFlight {
     queued: Option<oneshot::Receiver<()>>,
     /// `false` once shutdown came before every output was acknowledged.
     acked: bool,
-    /// Keys whose records this batch sent again: later batches send theirs again.
+    /// Keys whose records this batch sent again (after a failure, or overtaken): later
+    /// batches send theirs again.
     sent_again: Keys,
     /// Keys an earlier batch sent again after this batch's records went out.
     overtaken: Keys,
@@ -183,6 +185,10 @@ impl InFlight {
             .await
             {
                 Some(more) => {
+                    // What went again may overtake a batch that started since: it
+                    // hears of these keys too when this batch is committed.
+                    self.sent_again
+                        .extend(again.iter().map(|o| (o.topic.clone(), o.key.clone())));
                     self.sent_again.extend(more);
                     self.overtaken.clear();
                 }
@@ -435,6 +441,36 @@ mod tests {
         let topic = sink.topic.lock().unwrap().clone();
         assert!(topic.contains(&"a:0".to_string()), "{topic:?}");
         assert_eq!(last_of_each_key(&topic), ["b:1", "a:2"], "{topic:?}");
+    }
+
+    /// With two in flight, a batch starts once the first is committed: here the third
+    /// starts after the first passed its overtaken key on. The second batch's record of
+    /// `a`, sent again, then overtakes the third's, which must go again too.
+    #[tokio::test]
+    async fn a_record_sent_again_for_an_older_batch_is_passed_on_to_a_newer_one() {
+        let sink = Arc::new(Script {
+            undelivered: std::sync::Mutex::new(vec![0]),
+            ..Default::default()
+        });
+        let m = metrics();
+        let mut first = start(&sink, None, numbered(0, &["a", "b"]), &m);
+        let second = start(&sink, Some(&mut first), numbered(2, &["a"]), &m);
+        let mut later = VecDeque::from([second]);
+        assert!(first.acknowledged().await);
+        first.pass_on(&mut later);
+
+        let mut third = start(&sink, later.back_mut(), numbered(3, &["a"]), &m);
+        // As with the runtime's other threads: the third batch's record goes out first.
+        third.queued.take().unwrap().await.unwrap();
+        later.push_back(third);
+        let mut second = later.pop_front().unwrap();
+        assert!(second.acknowledged().await);
+        second.pass_on(&mut later);
+        let mut third = later.pop_front().unwrap();
+        assert!(third.acknowledged().await);
+
+        let topic = sink.topic.lock().unwrap().clone();
+        assert_eq!(last_of_each_key(&topic), ["b:1", "a:3"], "{topic:?}");
     }
 
     /// The state a batch is processed against: every batch in flight on top of the
