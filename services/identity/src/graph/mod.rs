@@ -40,6 +40,7 @@
 mod clusters;
 mod corrections;
 mod recompute;
+pub mod shards;
 
 use clusters::*;
 pub use corrections::Erased;
@@ -438,5 +439,7 @@ impl<'r> Graph<'r> {
     }
 }
 
+#[cfg(test)]
+mod shards_tests;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,371 @@
+//! The graph partitioned into shards against one instance's: the same facts, with
+//! duplicates, in any order and any interleaving of the shards' messages, end in the
+//! same graph on 1, 2 and 4 shards as on one instance.
+
+use std::collections::VecDeque;
+
+use proptest::prelude::*;
+use tessera_common::store::{MemStore, Store};
+
+use super::shards::*;
+use super::*;
+
+fn rules() -> Rules {
+    Rules::parse(crate::rules::DEFAULT_RULES, "test").unwrap()
+}
+fn id(kind: &str, value: &str) -> Identifier {
+    Identifier {
+        kind: kind.into(),
+        value: value.into(),
+    }
+}
+
+const PEOPLE: usize = 4;
+
+/// A small world: four people, each with a user id, three devices, an email and a CRM
+/// id; a kiosk device and a family email shared by all. An event carries some of one
+/// person's identifiers.
+fn world_ids(person: usize, pick: u8, shared: u8) -> Vec<Identifier> {
+    let mut ids = Vec::new();
+    if pick & 1 != 0 {
+        ids.push(id("user_id", &format!("user-{person}")));
+    }
+    if pick & 2 != 0 {
+        ids.push(id("anonymous_id", &format!("anon-{person}-{}", pick % 3)));
+    }
+    if pick & 4 != 0 {
+        ids.push(id("email", &format!("p{person}@mail.test")));
+    }
+    if pick & 8 != 0 {
+        ids.push(id("crm_id", &format!("crm-{person}")));
+    }
+    if pick & 16 != 0 {
+        ids.push(id(
+            "anonymous_id",
+            &format!("anon-{person}-{}", (pick / 3) % 3),
+        ));
+    }
+    match shared {
+        1 => ids.push(id("anonymous_id", "kiosk")),
+        2 => ids.push(id("email", "family@home.test")),
+        _ => {}
+    }
+    ids
+}
+
+fn all_ids() -> Vec<Identifier> {
+    let mut out = vec![id("anonymous_id", "kiosk"), id("email", "family@home.test")];
+    for p in 0..PEOPLE {
+        out.push(id("user_id", &format!("user-{p}")));
+        out.push(id("email", &format!("p{p}@mail.test")));
+        out.push(id("crm_id", &format!("crm-{p}")));
+        for k in 0..3 {
+            out.push(id("anonymous_id", &format!("anon-{p}-{k}")));
+        }
+    }
+    out
+}
+
+/// One instance: every fact applied in arrival order to one store.
+fn one_instance(rules: &Rules, facts: &[Fact]) -> MemStore {
+    let s = MemStore::default();
+    for f in facts {
+        let mut txn = Txn::new(&s);
+        Graph::new(rules, 1).add_fact(&mut txn, f.clone()).unwrap();
+        s.write(txn.into_batch()).unwrap();
+    }
+    s
+}
+
+/// `n` shards, each over its own store, exchanging serialised links through one FIFO
+/// channel per pair of shards (a producer and a partition: Kafka keeps their order), the
+/// channels and the shards' event queues drained in an order drawn from `seed`.
+struct Sim<'r> {
+    rules: &'r Rules,
+    n: u32,
+    stores: Vec<MemStore>,
+    events: Vec<VecDeque<Fact>>,
+    channels: BTreeMap<(u32, u32), VecDeque<Vec<u8>>>,
+    resolved: Vec<(String, String)>,
+    links: usize,
+    state: u64,
+    mode: u64,
+    /// What each shard consumed since its last commit, and its state at that commit: a
+    /// crash restores the state and consumes those inputs again (the runner's contract).
+    consumed: Vec<Vec<Consumed>>,
+    committed: Vec<Vec<(Vec<u8>, Vec<u8>)>>,
+    crashes: usize,
+    max_crashes: usize,
+}
+
+#[derive(Clone)]
+enum Consumed {
+    Event(Box<Fact>),
+    Link((u32, u32), Vec<u8>),
+}
+
+impl<'r> Sim<'r> {
+    fn new(rules: &'r Rules, n: u32, facts: &[Fact], seed: u64) -> Self {
+        let mut events = vec![VecDeque::new(); n as usize];
+        for f in facts {
+            events[owner(&f.ids[0], n) as usize].push_back(f.clone());
+        }
+        Sim {
+            rules,
+            n,
+            stores: (0..n).map(|_| MemStore::default()).collect(),
+            events,
+            channels: BTreeMap::new(),
+            resolved: Vec::new(),
+            links: 0,
+            state: seed | 1,
+            mode: seed >> 32,
+            consumed: vec![Vec::new(); n as usize],
+            committed: vec![Vec::new(); n as usize],
+            crashes: 0,
+            max_crashes: 0,
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state
+    }
+
+    fn handle(&mut self, at: u32, input: Result<Fact, Link>) {
+        let shard = Shard {
+            graph: Graph::new(self.rules, 1),
+            me: at,
+            n: self.n,
+        };
+        let store = &self.stores[at as usize];
+        let mut txn = Txn::new(store);
+        let h = match input {
+            Ok(f) => shard.on_event(&mut txn, f),
+            Err(l) => shard.on_link(&mut txn, l),
+        }
+        .unwrap();
+        store.write(txn.into_batch()).unwrap();
+        self.resolved.extend(h.resolved);
+        for (to, link) in h.links {
+            assert_ne!(to, at, "a shard never messages itself");
+            self.links += 1;
+            self.channels
+                .entry((at, to))
+                .or_default()
+                .push_back(serde_json::to_vec(&link).unwrap());
+        }
+    }
+
+    /// Runs until every queue is empty.
+    fn run(&mut self) {
+        for _ in 0..1_000_000 {
+            let mut sources: Vec<(u32, Option<(u32, u32)>)> = Vec::new();
+            for (s, q) in self.events.iter().enumerate() {
+                if !q.is_empty() {
+                    sources.push((s as u32, None));
+                }
+            }
+            for (k, q) in &self.channels {
+                if !q.is_empty() {
+                    sources.push((k.1, Some(*k)));
+                }
+            }
+            if sources.is_empty() {
+                return;
+            }
+            // A third of the runs take events first while any is left, so that
+            // gatherings overlap as much as they can; a third hold back what is sent to
+            // one shard while anything else can go, so that its answers and decisions
+            // come late; the rest pick any queue.
+            let eligible: Vec<usize> = match self.mode % 3 {
+                0 if sources[0].1.is_none() => (0..sources.len())
+                    .filter(|&k| sources[k].1.is_none())
+                    .collect(),
+                1 => {
+                    let slow = (self.mode / 3 % u64::from(self.n)) as u32;
+                    let k: Vec<usize> = (0..sources.len())
+                        .filter(|&k| sources[k].1.is_none() || sources[k].0 != slow)
+                        .collect();
+                    if k.is_empty() {
+                        (0..sources.len()).collect()
+                    } else {
+                        k
+                    }
+                }
+                _ => (0..sources.len()).collect(),
+            };
+            let pick = eligible[(self.next() % eligible.len() as u64) as usize];
+            match sources[pick] {
+                (s, None) => {
+                    let f = self.events[s as usize].pop_front().unwrap();
+                    self.consumed[s as usize].push(Consumed::Event(Box::new(f.clone())));
+                    self.handle(s, Ok(f));
+                }
+                (s, Some(k)) => {
+                    let bytes = self.channels.get_mut(&k).unwrap().pop_front().unwrap();
+                    self.consumed[s as usize].push(Consumed::Link(k, bytes.clone()));
+                    self.handle(s, Err(serde_json::from_slice(&bytes).unwrap()));
+                }
+            }
+            let (roll, s) = (self.next() % 64, (self.next() % u64::from(self.n)) as usize);
+            if roll < 8 {
+                self.commit(s);
+            } else if roll == 8 && self.crashes < self.max_crashes {
+                self.crash(s);
+            }
+        }
+        panic!("the shards kept messaging each other");
+    }
+
+    fn commit(&mut self, s: usize) {
+        self.committed[s] = self.stores[s].scan_prefix(b"", usize::MAX).unwrap();
+        self.consumed[s].clear();
+    }
+
+    /// The shard stops: its state goes back to its last commit and what it consumed
+    /// since is consumed again. What it sent meanwhile stays sent.
+    fn crash(&mut self, s: usize) {
+        self.crashes += 1;
+        let restored = MemStore::default();
+        let mut batch = tessera_common::store::WriteBatch::default();
+        for (k, v) in &self.committed[s] {
+            batch.put(k.clone(), v.clone());
+        }
+        restored.write(batch).unwrap();
+        self.stores[s] = restored;
+        for c in std::mem::take(&mut self.consumed[s]).into_iter().rev() {
+            match c {
+                Consumed::Event(f) => self.events[s].push_front(*f),
+                Consumed::Link(k, bytes) => self.channels.entry(k).or_default().push_front(bytes),
+            }
+        }
+    }
+
+    fn lookup(&self, i: &Identifier) -> Option<String> {
+        lookup(&Txn::new(&self.stores[owner(i, self.n) as usize]), i).unwrap()
+    }
+
+    fn node(&self, i: &Identifier) -> Option<Node> {
+        let p = self.lookup(i)?;
+        Txn::new(&self.stores[owner(i, self.n) as usize])
+            .get_json(&node_key(&p))
+            .unwrap()
+    }
+}
+
+/// Each identifier's profile and its profile's members and anchor.
+type Graphed = BTreeMap<Identifier, Option<(String, Vec<Identifier>, Identifier)>>;
+
+fn graph_of_one(s: &MemStore) -> Graphed {
+    let txn = Txn::new(s);
+    all_ids()
+        .into_iter()
+        .map(|i| {
+            let v = lookup(&txn, &i).unwrap().map(|p| {
+                let n: Node = txn.get_json(&node_key(&p)).unwrap().unwrap();
+                (p, n.identifiers, n.anchor)
+            });
+            (i, v)
+        })
+        .collect()
+}
+
+fn graph_of_shards(sim: &Sim<'_>) -> Graphed {
+    all_ids()
+        .into_iter()
+        .map(|i| {
+            let v = sim.lookup(&i).map(|p| {
+                let n = sim.node(&i).expect("the owner holds its profile's node");
+                (p, n.identifiers, n.anchor)
+            });
+            (i, v)
+        })
+        .collect()
+}
+
+fn facts_of(rules: &Rules, specs: &[(usize, u8, u8, i64)]) -> Vec<Fact> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(n, (person, pick, shared, t))| {
+            let ids = world_ids(*person, *pick, *shared);
+            Fact::new(rules, &ids, *t, &format!("m{n}"), "src", None)
+        })
+        .collect()
+}
+
+fn shuffled(facts: &[Fact], seed: u64, dups: &[prop::sample::Index]) -> Vec<Fact> {
+    let mut out = facts.to_vec();
+    for d in dups {
+        out.push(facts[d.index(facts.len())].clone());
+    }
+    let mut state = seed | 1;
+    for i in (1..out.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.swap(i, (state % (i as u64 + 1)) as usize);
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// The property: any set of events with duplicates, in any arrival order,
+    /// gives the same graph on 1, 2 and 4 shards as on one instance (profile ids,
+    /// members, anchors), and every event is resolved, when shards stop and consume
+    /// again what they had not committed.
+    #[test]
+    fn shards_end_in_the_graph_of_one_instance(
+        specs in prop::collection::vec((0usize..PEOPLE, 1u8..32, prop::sample::select(vec![0u8, 0, 1, 2]), 0i64..40), 8..36),
+        seed in any::<u64>(),
+        dups in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+        crashes in 0usize..4,
+    ) {
+        let rules = rules();
+        let facts = facts_of(&rules, &specs);
+        let arrived = shuffled(&facts, seed, &dups);
+        let one = graph_of_one(&one_instance(&rules, &facts));
+        for n in [1u32, 2, 4] {
+            let mut sim = Sim::new(&rules, n, &arrived, seed ^ u64::from(n));
+            sim.max_crashes = crashes;
+            sim.run();
+            eprintln!("LINKS n={} events={} links={} first={}", n, arrived.len(), sim.links, seed % 2 == 0);
+            prop_assert_eq!(&graph_of_shards(&sim), &one, "{} shards", n);
+            let resolved: BTreeSet<&String> = sim.resolved.iter().map(|(m, _)| m).collect();
+            let sent: BTreeSet<&String> = arrived.iter().map(|f| &f.order.msg).collect();
+            prop_assert_eq!(resolved, sent, "every event is resolved");
+            if n == 1 {
+                prop_assert_eq!(sim.links, 0);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_fact_across_shards_is_decided_by_gathering_and_merges_once() {
+    let rules = rules();
+    // Find an anonymous id and a user id owned by different shards of two.
+    let user = id("user_id", "u-1");
+    let anon = (0..100)
+        .map(|k| id("anonymous_id", &format!("a-{k}")))
+        .find(|a| owner(a, 2) != owner(&user, 2))
+        .unwrap();
+    let facts = vec![
+        Fact::new(&rules, std::slice::from_ref(&anon), 1, "m1", "src", None),
+        Fact::new(&rules, std::slice::from_ref(&user), 2, "m2", "src", None),
+        Fact::new(&rules, &[user.clone(), anon.clone()], 3, "m3", "src", None),
+    ];
+    let mut sim = Sim::new(&rules, 2, &facts, 7);
+    sim.run();
+    let p = sim.lookup(&user).unwrap();
+    assert_eq!(sim.lookup(&anon), Some(p.clone()));
+    assert_eq!(p, profile_id_of(&user), "the user id anchors the profile");
+    assert!(sim.links >= 3, "a fact, a question and an answer at least");
+    let one = one_instance(&rules, &facts);
+    assert_eq!(graph_of_shards(&sim), graph_of_one(&one));
+}
