@@ -270,6 +270,17 @@ impl Shard<'_> {
         let Some(top) = fact.ids.first().cloned() else {
             return Ok(out);
         };
+        // A fact stored already, no later than this one, was applied or is being
+        // decided: the event takes its identifier's profile (the usual case: a known
+        // device of a known user).
+        if (fact.ids.len() > 1 || fact.rule.is_some())
+            && let Some(stored) = txn.get_json::<Fact>(&fact_key(&fact.key))?
+            && stored.order <= fact.order
+            && let Some(p) = lookup(txn, &top)?
+        {
+            out.resolved.push((fact.order.msg.clone(), p));
+            return Ok(out);
+        }
         if !self.needs_others(txn, &fact)? {
             // As one instance does; then the counters of what changed.
             let before: Vec<(Option<Seen>, bool)> = fact

@@ -210,6 +210,9 @@ impl<'r> Sim<'r> {
                     self.handle(s, Err(serde_json::from_slice(&bytes).unwrap()));
                 }
             }
+            if self.max_crashes == 0 {
+                continue;
+            }
             let (roll, s) = (self.next() % 64, (self.next() % u64::from(self.n)) as usize);
             if roll < 8 {
                 self.commit(s);
@@ -368,4 +371,73 @@ fn a_fact_across_shards_is_decided_by_gathering_and_merges_once() {
     assert!(sim.links >= 3, "a fact, a question and an answer at least");
     let one = one_instance(&rules, &facts);
     assert_eq!(graph_of_shards(&sim), graph_of_one(&one));
+}
+
+/// Not a test: what sharding costs on a shop's stream, in memory (`cargo test --release
+/// -p tessera-identity --lib shards_cost -- --ignored --nocapture`). 20,000 people with
+/// one to three devices each; 15 % identify (device, user id, email), 45 % track with the
+/// user id once the device logged in, the rest anonymous; 3 % of events arrive late.
+/// Prints, for 1, 2 and 4 shards: the messages between shards per event, the share of
+/// events that gathered, and the time per event of all shards together (one thread).
+#[test]
+#[ignore]
+fn shards_cost() {
+    let rules = rules();
+    let people = 20_000u64;
+    let events = 200_000u64;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut logged_in: BTreeSet<(u64, u64)> = BTreeSet::new();
+    let mut facts = Vec::new();
+    for n in 0..events {
+        let p = next() % people;
+        let d = next() % (1 + p % 3);
+        let anon = id("anonymous_id", &format!("a-{p}-{d}"));
+        let user = id("user_id", &format!("u-{p}"));
+        let roll = next() % 100;
+        let ids = if roll < 15 {
+            logged_in.insert((p, d));
+            vec![anon, user, id("email", &format!("p{p}@mail.test"))]
+        } else if roll < 60 && logged_in.contains(&(p, d)) {
+            vec![anon, user]
+        } else {
+            vec![anon]
+        };
+        let late = next() % 100 < 3;
+        let t = n as i64 - if late { (next() % 5_000) as i64 } else { 0 };
+        facts.push(Fact::new(&rules, &ids, t, &format!("m{n}"), "src", None));
+    }
+    let distinct: BTreeSet<&str> = facts
+        .iter()
+        .filter(|f| f.ids.len() > 1)
+        .map(|f| f.key.as_str())
+        .collect();
+    println!(
+        "{events} events, {} of them with several identifiers, {} distinct such facts",
+        facts.iter().filter(|f| f.ids.len() > 1).count(),
+        distinct.len()
+    );
+    for shards in [1u32, 2, 4] {
+        let mut sim = Sim::new(&rules, shards, &[], 1);
+        let started = std::time::Instant::now();
+        let mut gathered = 0usize;
+        for f in &facts {
+            let at = owner(&f.ids[0], shards);
+            let before = sim.links;
+            sim.events[at as usize].push_back(f.clone());
+            sim.run();
+            gathered += usize::from(sim.links > before);
+        }
+        let per_event = started.elapsed().as_secs_f64() * 1e6 / events as f64;
+        println!(
+            "{shards} shards: {:.2} messages per event, {:.1} % of events gathered, {per_event:.1} µs per event",
+            sim.links as f64 / events as f64,
+            100.0 * gathered as f64 / events as f64,
+        );
+    }
 }
