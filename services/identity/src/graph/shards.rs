@@ -42,7 +42,11 @@
 //! same id: a fact stored twice is stored once, a decision applied twice changes nothing
 //! the second time, and an answer older than the gathering it reaches can only make that
 //! gathering's decision stale, which rule 2 catches. A gathering is state in the store,
-//! so it resumes with its shard.
+//! so it resumes with its shard. Two more things keep rule 3 true across a restart: a
+//! `gen` carries the shard's epoch in its high half, so one counted again after a
+//! restart is higher than any sent before it; and a decision recomputes only what the
+//! gathered facts connect (a profile's copy may be older than the facts), so no decision
+//! holds more than a complete one.
 //!
 //! Changes (merges, splits) of a decision are reported once: by the owner of the old
 //! profile's anchor, when it applies the decision to an anchor still on that profile.
@@ -72,6 +76,13 @@ fn gathering_key(id: &str) -> Vec<u8> {
     format!("ga/{id}").into_bytes()
 }
 const GATHER_SEQ: &[u8] = b"gaseq";
+
+fn get_u128(txn: &Txn<'_>, key: &[u8]) -> Result<u128> {
+    Ok(txn
+        .get(key)?
+        .and_then(|v| String::from_utf8(v).ok()?.parse().ok())
+        .unwrap_or(0))
+}
 
 fn get_u64(txn: &Txn<'_>, key: &[u8]) -> Result<u64> {
     Ok(txn
@@ -118,7 +129,7 @@ pub struct Entry {
 pub struct Decision {
     /// The fact whose gathering made it: what merges name as their cause.
     pub cause: Fact,
-    pub version: u64,
+    pub version: u128,
     /// Each identifier of the part: the `gen` seen and its profile now.
     pub placed: Vec<(Identifier, u64, String)>,
     pub nodes: Vec<Node>,
@@ -167,6 +178,8 @@ pub struct Shard<'r> {
     pub graph: Graph<'r>,
     pub me: u32,
     pub n: u32,
+    /// How many times this shard started before; stored and committed at each start.
+    pub epoch: u64,
 }
 
 impl Shard<'_> {
@@ -174,8 +187,16 @@ impl Shard<'_> {
         owner(i, self.n) == self.me
     }
 
+    /// A `gen` only grows, across restarts too: a shard that restarts goes back to its
+    /// last commit, and a `gen` it had sent since would otherwise be counted again to a
+    /// different value. So the high half is the shard's epoch (how often it started).
     fn bump(&self, txn: &mut Txn<'_>, i: &Identifier) -> Result<()> {
-        let g = get_u64(txn, &gen_key(i))? + 1;
+        let cur = get_u64(txn, &gen_key(i))?;
+        let g = if cur >> 32 < self.epoch {
+            (self.epoch << 32) | 1
+        } else {
+            cur + 1
+        };
         txn.put(gen_key(i), g.to_string().into_bytes());
         Ok(())
     }
@@ -525,9 +546,11 @@ impl Shard<'_> {
             out.links.push((o, Link::Decide(d.clone())));
         }
         let stale = self.apply(txn, &d, out)?;
-        // The waiting events take their identifier's profile as it is now here; one
-        // whose identifier has none yet (the decision missed an input held here) waits
-        // for the gathering that follows.
+        // The waiting events take their identifier's profile as it is now here. One
+        // whose identifier has none yet waits for the gathering that follows: the one
+        // this decision's staleness starts or joins, or one from its identifier (it
+        // joined a gathering that no longer reaches it: a shard restarted in between
+        // and had not yet stored again the fact that connected them).
         let mut still = Vec::new();
         for (msg, i) in g.waiting {
             match lookup(txn, &i)? {
@@ -537,31 +560,59 @@ impl Shard<'_> {
         }
         if !stale.is_empty() {
             self.gather_again(txn, stale, d.cause.clone(), still, out)?;
-        } else if let Some((msg, _)) = still.first() {
-            return Err(tessera_common::Error::Internal(format!(
-                "event {msg} has no profile after its part was decided"
-            )));
+        } else if !still.is_empty() {
+            let start = still.iter().map(|(_, i)| i.clone()).collect();
+            self.gather(txn, start, d.cause.clone(), still, out)?;
         }
         Ok(())
     }
 
     /// Recomputes the gathered part with the graph's rules, on a scratch store.
     fn decide(&self, g: &Gathering) -> Result<Decision> {
+        // The part: what the gathered facts connect to the start. Only it goes on the
+        // scratch store, and the profiles' copies only with its identifiers: a copy older
+        // than the facts (a shard restarted and has not stored a fact again yet) must not
+        // pull in identifiers no gathered fact connects, or a decision could hold more
+        // than a complete one and outrank it.
+        let mut facts: BTreeMap<&str, &Fact> = BTreeMap::new();
+        let mut of: HashMap<&Identifier, Vec<&Fact>> = HashMap::new();
+        for f in g.entries.iter().flat_map(|e| &e.facts) {
+            if facts.insert(&f.key, f).is_none() {
+                for i in &f.ids {
+                    of.entry(i).or_default().push(f);
+                }
+            }
+        }
+        let mut part: BTreeSet<&Identifier> = g.start.iter().collect();
+        let mut queue: Vec<&Identifier> = g.start.iter().collect();
+        while let Some(i) = queue.pop() {
+            for f in of.get(i).into_iter().flatten() {
+                for x in &f.ids {
+                    if part.insert(x) {
+                        queue.push(x);
+                    }
+                }
+            }
+        }
         let scratch = MemStore::default();
         let mut t = Txn::new(&scratch);
-        for e in &g.entries {
+        for f in facts.values() {
+            if f.ids.iter().any(|i| part.contains(i)) {
+                t.put_json(fact_key(&f.key), *f)?;
+                for i in &f.ids {
+                    t.put(
+                        format!("{}{}", if_prefix(i), f.key).into_bytes(),
+                        Vec::new(),
+                    );
+                }
+            }
+        }
+        for e in g.entries.iter().filter(|e| part.contains(&e.id)) {
             if let Some(s) = &e.seen {
                 t.put_json(seen_key(&e.id), s)?;
             }
             if e.detached {
                 t.put(detached_key(&e.id), Vec::new());
-            }
-            for f in &e.facts {
-                t.put_json(fact_key(&f.key), f)?;
-                t.put(
-                    format!("{}{}", if_prefix(&e.id), f.key).into_bytes(),
-                    Vec::new(),
-                );
             }
             for s in &e.separations {
                 t.put_json(sep_key(&s.id), s)?;
@@ -574,7 +625,9 @@ impl Shard<'_> {
                 t.put(id_key(&e.id), p.as_bytes().to_vec());
             }
             if let Some(n) = &e.node {
-                t.put_json(node_key(&n.id), n)?;
+                let mut n = n.clone();
+                n.identifiers.retain(|i| part.contains(i));
+                t.put_json(node_key(&n.id), &n)?;
             }
         }
         let graph = Graph {
@@ -600,7 +653,7 @@ impl Shard<'_> {
         // An entry is part of the decision if the recomputation placed it. One gathered
         // through a copy of a profile older than the facts seen is not, when no fact seen
         // connects it: it keeps what it has.
-        let mut version = 0;
+        let mut version: u128 = 0;
         for e in &g.entries {
             let Some(p) = lookup(&t, &e.id)? else {
                 continue;
@@ -613,7 +666,7 @@ impl Shard<'_> {
             }
             nodes.entry(p.clone()).or_insert(n);
             placed.push((e.id.clone(), e.generation, p));
-            version += e.generation;
+            version += u128::from(e.generation);
         }
         let gone: Vec<String> = old
             .iter()
@@ -690,7 +743,7 @@ impl Shard<'_> {
         let nodes: BTreeMap<&str, &Node> = d.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
         let mut before: BTreeMap<&Identifier, Option<String>> = BTreeMap::new();
         for (i, _, p) in &mine {
-            if d.version < get_u64(txn, &ver_key(i))? {
+            if d.version < get_u128(txn, &ver_key(i))? {
                 continue;
             }
             before.insert(i, lookup(txn, i)?);
@@ -703,8 +756,18 @@ impl Shard<'_> {
         if before.is_empty() {
             return Ok(stale);
         }
+        // A profile gone from the part loses its copy here once none of this shard's
+        // identifiers is on it (one skipped above, on a newer decision, may still be).
         for p in &d.gone {
-            txn.delete(node_key(p));
+            if let Some(n) = txn.get_json::<Node>(&node_key(p))? {
+                let mut kept = false;
+                for i in n.identifiers.iter().filter(|i| self.owns(i)) {
+                    kept |= lookup(txn, i)?.as_deref() == Some(p.as_str());
+                }
+                if !kept {
+                    txn.delete(node_key(p));
+                }
+            }
         }
         for c in &d.changes {
             if before.get(&c.anchor) != Some(&Some(c.was.clone())) {

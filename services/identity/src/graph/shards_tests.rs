@@ -96,6 +96,7 @@ struct Sim<'r> {
     committed: Vec<Vec<(Vec<u8>, Vec<u8>)>>,
     crashes: usize,
     max_crashes: usize,
+    epochs: Vec<u64>,
 }
 
 #[derive(Clone)]
@@ -124,6 +125,7 @@ impl<'r> Sim<'r> {
             committed: vec![Vec::new(); n as usize],
             crashes: 0,
             max_crashes: 0,
+            epochs: vec![0; n as usize],
         }
     }
 
@@ -139,6 +141,7 @@ impl<'r> Sim<'r> {
             graph: Graph::new(self.rules, 1),
             me: at,
             n: self.n,
+            epoch: self.epochs[at as usize],
         };
         let store = &self.stores[at as usize];
         let mut txn = Txn::new(store);
@@ -232,6 +235,7 @@ impl<'r> Sim<'r> {
     /// since is consumed again. What it sent meanwhile stays sent.
     fn crash(&mut self, s: usize) {
         self.crashes += 1;
+        self.epochs[s] += 1;
         let restored = MemStore::default();
         let mut batch = tessera_common::store::WriteBatch::default();
         for (k, v) in &self.committed[s] {
@@ -315,6 +319,47 @@ fn shuffled(facts: &[Fact], seed: u64, dups: &[prop::sample::Index]) -> Vec<Fact
     out
 }
 
+/// One case of the property: the graph of `n` shards for 1, 2 and 4 against one
+/// instance's, and every event resolved.
+fn check(
+    specs: &[(usize, u8, u8, i64)],
+    seed: u64,
+    dups: &[prop::sample::Index],
+    crashes: usize,
+) -> Result<(), TestCaseError> {
+    let rules = rules();
+    let facts = facts_of(&rules, specs);
+    let arrived = shuffled(&facts, seed, dups);
+    let one = graph_of_one(&one_instance(&rules, &facts));
+    for n in [1u32, 2, 4] {
+        let mut sim = Sim::new(&rules, n, &arrived, seed ^ u64::from(n));
+        sim.max_crashes = crashes;
+        sim.run();
+        let got = graph_of_shards(&sim);
+        let differ: Vec<String> = one
+            .iter()
+            .filter(|(i, v)| got.get(*i) != Some(*v))
+            .map(|(i, v)| {
+                format!(
+                    "{}: {:?} on {} shards, {:?} on one",
+                    i.value,
+                    got.get(i),
+                    n,
+                    v
+                )
+            })
+            .collect();
+        prop_assert!(differ.is_empty(), "{}", differ.join("\n"));
+        let resolved: BTreeSet<&String> = sim.resolved.iter().map(|(m, _)| m).collect();
+        let sent: BTreeSet<&String> = arrived.iter().map(|f| &f.order.msg).collect();
+        prop_assert_eq!(resolved, sent, "every event is resolved");
+        if n == 1 {
+            prop_assert_eq!(sim.links, 0);
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
@@ -329,24 +374,40 @@ proptest! {
         dups in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
         crashes in 0usize..4,
     ) {
-        let rules = rules();
-        let facts = facts_of(&rules, &specs);
-        let arrived = shuffled(&facts, seed, &dups);
-        let one = graph_of_one(&one_instance(&rules, &facts));
-        for n in [1u32, 2, 4] {
-            let mut sim = Sim::new(&rules, n, &arrived, seed ^ u64::from(n));
-            sim.max_crashes = crashes;
-            sim.run();
-            eprintln!("LINKS n={} events={} links={} first={}", n, arrived.len(), sim.links, seed % 2 == 0);
-            prop_assert_eq!(&graph_of_shards(&sim), &one, "{} shards", n);
-            let resolved: BTreeSet<&String> = sim.resolved.iter().map(|(m, _)| m).collect();
-            let sent: BTreeSet<&String> = arrived.iter().map(|f| &f.order.msg).collect();
-            prop_assert_eq!(resolved, sent, "every event is resolved");
-            if n == 1 {
-                prop_assert_eq!(sim.links, 0);
-            }
-        }
+        check(&specs, seed, &dups, crashes)?;
     }
+}
+
+/// A case the property found (seen failing before each mend): after a shard restarted,
+/// an event of its waited on a gathering that no longer reached its identifier (the
+/// fact connecting them not yet stored again), and a decision widened by an older copy
+/// of a profile outranked the complete one, so an email stayed on its old profile.
+#[test]
+fn an_event_is_resolved_after_its_shard_crashed_mid_gathering() {
+    let specs = [
+        (2, 24, 0, 34),
+        (1, 6, 0, 0),
+        (1, 1, 0, 0),
+        (2, 7, 0, 0),
+        (1, 20, 0, 0),
+        (1, 10, 1, 0),
+        (1, 8, 0, 0),
+        (2, 4, 0, 0),
+        (3, 1, 0, 0),
+        (1, 4, 2, 0),
+        (0, 6, 0, 0),
+        (0, 21, 0, 0),
+        (1, 11, 0, 0),
+        (3, 1, 0, 0),
+        (2, 11, 0, 0),
+        (1, 7, 0, 0),
+        (3, 1, 0, 0),
+        (1, 4, 0, 0),
+        (1, 8, 0, 0),
+        (1, 1, 0, 0),
+        (0, 6, 0, 0),
+    ];
+    check(&specs, 6261033593323271166, &[], 1).unwrap();
 }
 
 #[test]
