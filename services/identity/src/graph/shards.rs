@@ -77,18 +77,12 @@ fn gathering_key(id: &str) -> Vec<u8> {
 }
 const GATHER_SEQ: &[u8] = b"gaseq";
 
-fn get_u128(txn: &Txn<'_>, key: &[u8]) -> Result<u128> {
+/// A counter kept as decimal text; 0 when absent.
+fn get_num<T: std::str::FromStr + Default>(txn: &Txn<'_>, key: &[u8]) -> Result<T> {
     Ok(txn
         .get(key)?
         .and_then(|v| String::from_utf8(v).ok()?.parse().ok())
-        .unwrap_or(0))
-}
-
-fn get_u64(txn: &Txn<'_>, key: &[u8]) -> Result<u64> {
-    Ok(txn
-        .get(key)?
-        .and_then(|v| String::from_utf8(v).ok()?.parse().ok())
-        .unwrap_or(0))
+        .unwrap_or_default())
 }
 
 /// A message between shards.
@@ -191,7 +185,7 @@ impl Shard<'_> {
     /// last commit, and a `gen` it had sent since would otherwise be counted again to a
     /// different value. So the high half is the shard's epoch (how often it started).
     fn bump(&self, txn: &mut Txn<'_>, i: &Identifier) -> Result<()> {
-        let cur = get_u64(txn, &gen_key(i))?;
+        let cur = get_num::<u64>(txn, &gen_key(i))?;
         let g = if cur >> 32 < self.epoch {
             (self.epoch << 32) | 1
         } else {
@@ -396,7 +390,7 @@ impl Shard<'_> {
         };
         Ok(Entry {
             id: i.clone(),
-            generation: get_u64(txn, &gen_key(i))?,
+            generation: get_num::<u64>(txn, &gen_key(i))?,
             seen: seen(txn, i)?,
             detached: txn.get(&detached_key(i))?.is_some(),
             facts,
@@ -440,7 +434,7 @@ impl Shard<'_> {
     ) -> Result<()> {
         let mut covering: Option<String> = None;
         for i in &stale {
-            let current = get_u64(txn, &gen_key(i))?;
+            let current = get_num::<u64>(txn, &gen_key(i))?;
             let read = txn
                 .get(&gat_key(i))?
                 .map(|v| String::from_utf8_lossy(&v).into_owned());
@@ -473,7 +467,7 @@ impl Shard<'_> {
         waiting: Vec<(String, Identifier)>,
         out: &mut Handled,
     ) -> Result<()> {
-        let seq = get_u64(txn, GATHER_SEQ)? + 1;
+        let seq = get_num::<u64>(txn, GATHER_SEQ)? + 1;
         txn.put(GATHER_SEQ.to_vec(), seq.to_string().into_bytes());
         let id = format!("{}-{seq}", self.me);
         let g = Gathering {
@@ -733,7 +727,7 @@ impl Shard<'_> {
             d.placed.iter().filter(|(i, _, _)| self.owns(i)).collect();
         let mut stale = Vec::new();
         for (i, seen_gen, _) in &mine {
-            if get_u64(txn, &gen_key(i))? > *seen_gen {
+            if get_num::<u64>(txn, &gen_key(i))? > *seen_gen {
                 stale.push(i.clone());
             }
         }
@@ -743,7 +737,7 @@ impl Shard<'_> {
         let nodes: BTreeMap<&str, &Node> = d.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
         let mut before: BTreeMap<&Identifier, Option<String>> = BTreeMap::new();
         for (i, _, p) in &mine {
-            if d.version < get_u128(txn, &ver_key(i))? {
+            if d.version < get_num::<u128>(txn, &ver_key(i))? {
                 continue;
             }
             before.insert(i, lookup(txn, i)?);

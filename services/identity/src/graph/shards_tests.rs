@@ -8,17 +8,8 @@ use proptest::prelude::*;
 use tessera_common::store::{MemStore, Store};
 
 use super::shards::*;
+use super::tests::{id, rules};
 use super::*;
-
-fn rules() -> Rules {
-    Rules::parse(crate::rules::DEFAULT_RULES, "test").unwrap()
-}
-fn id(kind: &str, value: &str) -> Identifier {
-    Identifier {
-        kind: kind.into(),
-        value: value.into(),
-    }
-}
 
 const PEOPLE: usize = 4;
 

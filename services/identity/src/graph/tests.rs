@@ -3,10 +3,10 @@
 use super::*;
 use tessera_common::store::{MemStore, Store};
 
-fn rules() -> Rules {
+pub(super) fn rules() -> Rules {
     Rules::parse(crate::rules::DEFAULT_RULES, "test").unwrap()
 }
-fn id(kind: &str, value: &str) -> Identifier {
+pub(super) fn id(kind: &str, value: &str) -> Identifier {
     Identifier {
         kind: kind.into(),
         value: value.into(),
