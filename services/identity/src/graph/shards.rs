@@ -768,7 +768,7 @@ impl Shard<'_> {
                 continue;
             }
             if let Some(m) = &c.merge {
-                txn.put(merged_key(&m.merged), m.survivor.as_bytes().to_vec());
+                // Its `mergedinto/` comes with the decision's `merged_into` below.
                 if let Some(info) = d.merge_infos.iter().find(|x| x.merge_id == m.merge_id) {
                     txn.put_json(merge_info_key(&m.merge_id), info)?;
                     txn.put(
