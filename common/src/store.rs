@@ -295,6 +295,8 @@ pub struct Txn<'a> {
     /// Each write's key and what `pending` held for it before, for [`Txn::rollback_to`].
     undo: Vec<(Vec<u8>, Option<Pending>)>,
     purge: bool,
+    /// Put before every key read or written ([`Txn::in_keyspace`]); empty outside one.
+    space: Vec<u8>,
 }
 
 impl<'a> Txn<'a> {
@@ -304,7 +306,37 @@ impl<'a> Txn<'a> {
             pending: BTreeMap::new(),
             undo: Vec::new(),
             purge: false,
+            space: Vec::new(),
         }
+    }
+
+    /// Runs `f` with every key it reads, writes or scans under `space`: a part of the
+    /// state kept apart from the rest of the store (one shard of identity's graph
+    /// among the shards an instance holds). `f` sees its keys without `space`.
+    pub fn in_keyspace<R>(&mut self, space: &[u8], f: impl FnOnce(&mut Self) -> R) -> R {
+        assert!(self.space.is_empty(), "keyspaces do not nest");
+        self.space = space.to_vec();
+        let r = f(self);
+        self.space.clear();
+        r
+    }
+
+    fn full<'k>(&self, key: &'k [u8]) -> std::borrow::Cow<'k, [u8]> {
+        if self.space.is_empty() {
+            std::borrow::Cow::Borrowed(key)
+        } else {
+            std::borrow::Cow::Owned([self.space.as_slice(), key].concat())
+        }
+    }
+
+    /// Scanned rows with the keyspace taken off their keys.
+    fn unspaced(&self, mut rows: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(Vec<u8>, Vec<u8>)> {
+        if !self.space.is_empty() {
+            for (k, _) in &mut rows {
+                k.drain(..self.space.len());
+            }
+        }
+        rows
     }
 
     /// This transaction erases a person: once committed, its deleted keys are purged
@@ -314,9 +346,10 @@ impl<'a> Txn<'a> {
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        match self.pending.get(key) {
+        let key = self.full(key);
+        match self.pending.get(key.as_ref()) {
             Some(v) => Ok(v.clone()),
-            None => self.store.get(key),
+            None => self.store.get(&key),
         }
     }
 
@@ -358,12 +391,15 @@ impl<'a> Txn<'a> {
         start: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        merged_scan_from(self.store, &self.pending, prefix, start, limit)
+        let (prefix, start) = (self.full(prefix), self.full(start));
+        let rows = merged_scan_from(self.store, &self.pending, &prefix, &start, limit)?;
+        Ok(self.unspaced(rows))
     }
 
     /// Scans committed state only (not this transaction's own writes).
     pub fn scan_committed(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        self.store.scan_prefix(prefix, limit)
+        let rows = self.store.scan_prefix(&self.full(prefix), limit)?;
+        Ok(self.unspaced(rows))
     }
 
     /// The same from `start` on (a key at or after it).
@@ -373,10 +409,17 @@ impl<'a> Txn<'a> {
         start: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        self.store.scan_from(prefix, start.max(prefix), limit)
+        let (prefix, start) = (self.full(prefix), self.full(start));
+        let rows = self
+            .store
+            .scan_from(&prefix, start.as_ref().max(prefix.as_ref()), limit)?;
+        Ok(self.unspaced(rows))
     }
 
-    fn set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+    fn set(&mut self, mut key: Vec<u8>, value: Option<Vec<u8>>) {
+        if !self.space.is_empty() {
+            key.splice(0..0, self.space.iter().copied());
+        }
         let before = self.pending.insert(key.clone(), value);
         self.undo.push((key, before));
     }
@@ -777,6 +820,50 @@ mod tests {
             vec![3, 4, 5, 6, 7],
             "the three oldest go, the new rows stay"
         );
+    }
+
+    #[test]
+    fn keyspaces_keep_the_same_keys_apart() {
+        let store = MemStore::default();
+        let mut b = WriteBatch::default();
+        b.put(b"a/1".to_vec(), b"outside".to_vec());
+        b.put(b"s/1/a/1".to_vec(), b"one".to_vec());
+        store.write(b).unwrap();
+        let mut txn = Txn::new(&store);
+        txn.in_keyspace(b"s/2/", |t| {
+            assert_eq!(t.get(b"a/1").unwrap(), None, "another keyspace's key");
+            t.put(b"a/1".to_vec(), b"two".to_vec());
+            t.put(b"a/2".to_vec(), b"two".to_vec());
+        });
+        let (got, scanned, from) = txn.in_keyspace(b"s/1/", |t| {
+            t.put(b"a/3".to_vec(), b"one".to_vec());
+            t.delete(b"a/3".to_vec());
+            t.put(b"a/4".to_vec(), b"one".to_vec());
+            let keys = |rows: Vec<(Vec<u8>, Vec<u8>)>| -> Vec<Vec<u8>> {
+                rows.into_iter().map(|(k, _)| k).collect()
+            };
+            (
+                t.get(b"a/1").unwrap(),
+                keys(t.scan(b"a/", 10).unwrap()),
+                keys(t.scan_committed_from(b"a/", b"a/0", 10).unwrap()),
+            )
+        });
+        assert_eq!(got, Some(b"one".to_vec()));
+        assert_eq!(
+            scanned,
+            vec![b"a/1".to_vec(), b"a/4".to_vec()],
+            "keys without the space"
+        );
+        assert_eq!(
+            from,
+            vec![b"a/1".to_vec()],
+            "committed rows of its space only"
+        );
+        assert_eq!(txn.get(b"a/1").unwrap(), Some(b"outside".to_vec()));
+        store.write(txn.into_batch()).unwrap();
+        assert_eq!(store.get(b"s/2/a/1").unwrap(), Some(b"two".to_vec()));
+        assert_eq!(store.get(b"s/1/a/4").unwrap(), Some(b"one".to_vec()));
+        assert_eq!(store.get(b"a/4").unwrap(), None);
     }
 
     #[test]
