@@ -440,6 +440,4 @@ impl<'r> Graph<'r> {
 }
 
 #[cfg(test)]
-mod shards_tests;
-#[cfg(test)]
 mod tests;

@@ -7,9 +7,8 @@ use std::collections::VecDeque;
 use proptest::prelude::*;
 use tessera_common::store::{MemStore, Store};
 
-use super::shards::*;
-use super::tests::{id, rules};
 use super::*;
+use crate::graph::tests::{id, rules};
 
 const PEOPLE: usize = 4;
 

@@ -1,0 +1,243 @@
+//! Deciding a gathered part with the graph's own rules, and applying a decision to a
+//! shard's identifiers.
+
+use tessera_common::store::MemStore;
+
+use super::*;
+
+impl Shard<'_> {
+    /// Recomputes the gathered part with the graph's rules, on a scratch store.
+    pub(super) fn decide(&self, g: &Gathering) -> Result<Decision> {
+        // The part: what the gathered facts connect to the start. Only it goes on the
+        // scratch store, and the profiles' copies only with its identifiers: a copy older
+        // than the facts (a shard restarted and has not stored a fact again yet) must not
+        // pull in identifiers no gathered fact connects, or a decision could hold more
+        // than a complete one and outrank it.
+        let mut facts: BTreeMap<&str, &Fact> = BTreeMap::new();
+        let mut of: HashMap<&Identifier, Vec<&Fact>> = HashMap::new();
+        for f in g.entries.iter().flat_map(|e| &e.facts) {
+            if facts.insert(&f.key, f).is_none() {
+                for i in &f.ids {
+                    of.entry(i).or_default().push(f);
+                }
+            }
+        }
+        let mut part: BTreeSet<&Identifier> = g.start.iter().collect();
+        let mut queue: Vec<&Identifier> = g.start.iter().collect();
+        while let Some(i) = queue.pop() {
+            for f in of.get(i).into_iter().flatten() {
+                for x in &f.ids {
+                    if part.insert(x) {
+                        queue.push(x);
+                    }
+                }
+            }
+        }
+        let scratch = MemStore::default();
+        let mut t = Txn::new(&scratch);
+        for f in facts.values() {
+            if f.ids.iter().any(|i| part.contains(i)) {
+                t.put_json(fact_key(&f.key), *f)?;
+                for i in &f.ids {
+                    t.put(
+                        format!("{}{}", if_prefix(i), f.key).into_bytes(),
+                        Vec::new(),
+                    );
+                }
+            }
+        }
+        for e in g.entries.iter().filter(|e| part.contains(&e.id)) {
+            if let Some(s) = &e.seen {
+                t.put_json(seen_key(&e.id), s)?;
+            }
+            if e.detached {
+                t.put(detached_key(&e.id), Vec::new());
+            }
+            for s in &e.separations {
+                t.put_json(sep_key(&s.id), s)?;
+                t.put(
+                    format!("{}{}", sepidx_prefix(&e.id), s.id).into_bytes(),
+                    Vec::new(),
+                );
+            }
+            if let Some(p) = &e.profile {
+                t.put(id_key(&e.id), p.as_bytes().to_vec());
+            }
+            if let Some(n) = &e.node {
+                let mut n = n.clone();
+                n.identifiers.retain(|i| part.contains(i));
+                t.put_json(node_key(&n.id), &n)?;
+            }
+        }
+        let graph = Graph {
+            rules: self.graph.rules,
+            max_component_facts: 1_000_000,
+            received_at: self.graph.received_at,
+        };
+        let cause = g.cause.clone().expect("a gathering has a cause");
+        let old: BTreeMap<Identifier, String> = g
+            .entries
+            .iter()
+            .filter_map(|e| Some((e.id.clone(), e.profile.clone()?)))
+            .collect();
+        let old_nodes: BTreeMap<String, Node> = g
+            .entries
+            .iter()
+            .filter_map(|e| e.node.clone())
+            .map(|n| (n.id.clone(), n))
+            .collect();
+        let changes = graph.recompute(&mut t, &g.start, &cause)?;
+        let mut placed = Vec::new();
+        let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
+        // An entry is part of the decision if the recomputation placed it. One gathered
+        // through a copy of a profile older than the facts seen is not, when no fact seen
+        // connects it: it keeps what it has.
+        let mut version: u128 = 0;
+        for e in &g.entries {
+            let Some(p) = lookup(&t, &e.id)? else {
+                continue;
+            };
+            let Some(n) = t.get_json::<Node>(&node_key(&p))? else {
+                continue;
+            };
+            if !n.identifiers.contains(&e.id) {
+                continue;
+            }
+            nodes.entry(p.clone()).or_insert(n);
+            placed.push((e.id.clone(), e.generation, p));
+            version += u128::from(e.generation);
+        }
+        let gone: Vec<String> = old
+            .iter()
+            .filter(|(i, _)| placed.iter().any(|(x, _, _)| x == *i))
+            .map(|(_, p)| p)
+            .filter(|p| !nodes.contains_key(*p))
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let anchor_of = |p: &str| old_nodes.get(p).map(|n| n.anchor.clone());
+        let mut out_changes = Vec::new();
+        for m in changes.merges {
+            if let Some(anchor) = anchor_of(&m.merged) {
+                out_changes.push(Change {
+                    anchor,
+                    was: m.merged.clone(),
+                    merge: Some(m),
+                    split: None,
+                });
+            }
+        }
+        for s in changes.splits {
+            if let Some(anchor) = anchor_of(&s.profile) {
+                out_changes.push(Change {
+                    anchor,
+                    was: s.profile.clone(),
+                    merge: None,
+                    split: Some((s.profile, s.assignments)),
+                });
+            }
+        }
+        let mut merged_into = Vec::new();
+        for p in &gone {
+            if let Some(to) = t.get(&merged_key(p))? {
+                merged_into.push((p.clone(), String::from_utf8_lossy(&to).into_owned()));
+            }
+        }
+        let mut merge_infos = Vec::new();
+        for c in &out_changes {
+            if let Some(m) = &c.merge
+                && let Some(info) = t.get_json::<MergeInfo>(&merge_info_key(&m.merge_id))?
+            {
+                merge_infos.push(info);
+            }
+        }
+        Ok(Decision {
+            cause,
+            version,
+            placed,
+            nodes: nodes.into_values().collect(),
+            gone,
+            changes: out_changes,
+            merged_into,
+            merge_infos,
+        })
+    }
+
+    /// Applies a decision to this shard's identifiers. A decision that missed an input
+    /// held here is not applied: the identifiers whose inputs it missed are returned, to
+    /// be gathered again.
+    pub(super) fn apply(
+        &self,
+        txn: &mut Txn<'_>,
+        d: &Decision,
+        out: &mut Handled,
+    ) -> Result<Vec<Identifier>> {
+        let mine: Vec<&(Identifier, u64, String)> =
+            d.placed.iter().filter(|(i, _, _)| self.owns(i)).collect();
+        let mut stale = Vec::new();
+        for (i, seen_gen, _) in &mine {
+            if get_num::<u64>(txn, &gen_key(i))? > *seen_gen {
+                stale.push(i.clone());
+            }
+        }
+        if !stale.is_empty() {
+            return Ok(stale);
+        }
+        let nodes: BTreeMap<&str, &Node> = d.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
+        let mut before: BTreeMap<&Identifier, Option<String>> = BTreeMap::new();
+        for (i, _, p) in &mine {
+            if d.version < get_num::<u128>(txn, &ver_key(i))? {
+                continue;
+            }
+            before.insert(i, lookup(txn, i)?);
+            txn.put(id_key(i), p.as_bytes().to_vec());
+            txn.put(ver_key(i), d.version.to_string().into_bytes());
+            if let Some(n) = nodes.get(p.as_str()) {
+                txn.put_json(node_key(p), *n)?;
+            }
+        }
+        if before.is_empty() {
+            return Ok(stale);
+        }
+        // A profile gone from the part loses its copy here once none of this shard's
+        // identifiers is on it (one skipped above, on a newer decision, may still be).
+        for p in &d.gone {
+            if let Some(n) = txn.get_json::<Node>(&node_key(p))? {
+                let mut kept = false;
+                for i in n.identifiers.iter().filter(|i| self.owns(i)) {
+                    kept |= lookup(txn, i)?.as_deref() == Some(p.as_str());
+                }
+                if !kept {
+                    txn.delete(node_key(p));
+                }
+            }
+        }
+        for c in &d.changes {
+            if before.get(&c.anchor) != Some(&Some(c.was.clone())) {
+                continue;
+            }
+            if let Some(m) = &c.merge {
+                // Its `mergedinto/` comes with the decision's `merged_into` below.
+                if let Some(info) = d.merge_infos.iter().find(|x| x.merge_id == m.merge_id) {
+                    txn.put_json(merge_info_key(&m.merge_id), info)?;
+                    txn.put(
+                        format!("{}{}", history_prefix(&m.survivor), m.merge_id).into_bytes(),
+                        Vec::new(),
+                    );
+                }
+                out.changes.merges.push(m.clone());
+            }
+            if let Some((profile, assignments)) = &c.split {
+                out.changes.splits.push(Split {
+                    profile: profile.clone(),
+                    assignments: assignments.clone(),
+                });
+            }
+        }
+        for (p, to) in &d.merged_into {
+            txn.put(merged_key(p), to.as_bytes().to_vec());
+        }
+        Ok(stale)
+    }
+}

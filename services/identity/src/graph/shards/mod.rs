@@ -1,0 +1,373 @@
+//! The graph partitioned by identifier: each of `n` shards owns the identifiers that hash
+//! to it, and shards talk only through [`Link`] messages (in the service, records of
+//! `identity.links` keyed to the owner's partition). Built and proven in memory here
+//! (`tests.rs`; gathering in `gather.rs`, deciding and applying in `decide.rs`); not yet wired into the service (issue 22).
+//!
+//! **What a shard holds.** For each identifier it owns: its facts (`fact/`, `if/`), its
+//! first sighting (`seen/`), its profile (`id/`) and a copy of that profile's node
+//! (`pr/`), and two counters: `gen/<h>`, bumped whenever something the graph is computed
+//! from changes for it (a new fact, an earlier sighting), and `ver/<h>`, the version of
+//! the last decision applied to it.
+//!
+//! **How a fact is applied.** An event goes to the shard of its highest-priority
+//! identifier. If every identifier the fact needs is owned there (its identifiers and,
+//! for a fact in order, the members of the profiles it touches; for a late fact, its
+//! whole connected part), the shard applies it as one instance does ([`Graph::add_fact`]).
+//! Otherwise the shard stores what it owns of the fact, sends the fact to the owners of
+//! its other identifiers, and **gathers** the connected part: it asks each owner for
+//! everything about its identifiers ([`Entry`]), follows the facts to identifiers not yet
+//! gathered, and when nothing is left unanswered recomputes the part with the graph's own
+//! rules ([`Graph::recompute`] on a scratch store). The result, a [`Decision`], goes to
+//! every owner of the part.
+//!
+//! **The invariants that make it converge.**
+//! 1. The graph is a function of the set of facts and sightings (graph/mod.rs), so a
+//!    decision computed from a part's complete inputs is the one instance's result.
+//! 2. An owner applies a decision only if it saw every input the owner holds for the
+//!    owner's identifiers (`gen` no higher than the decision's); otherwise it gathers the
+//!    part again itself. A fact sent to an owner reaches it before the sender's question
+//!    about it (one producer, one partition: Kafka keeps the order).
+//! 3. Inputs only grow, so a decision's version (the sum of the `gen`s it saw) is largest
+//!    for a complete gathering, and an identifier never takes a decision older than the
+//!    one it holds. The last gathering started after the last input reads every input;
+//!    the owner that holds an input a decision lacks starts one. So once inputs stop, every
+//!    identifier ends on a complete decision: the graph of one instance.
+//!
+//! In between, a reader may see an identifier on a decision made without a fact still in
+//! flight, as one instance shows a late event's part before its recomputation.
+//!
+//! **A shard that stops** goes back to its last commit and consumes again what it had
+//! consumed since (the runner's contract); what it sent meanwhile stays sent. Every
+//! message may so arrive twice, and an answer may reach a later gathering that took the
+//! same id: a fact stored twice is stored once, a decision applied twice changes nothing
+//! the second time, and an answer older than the gathering it reaches can only make that
+//! gathering's decision stale, which rule 2 catches. A gathering is state in the store,
+//! so it resumes with its shard. Two more things keep rule 3 true across a restart: a
+//! `gen` carries the shard's epoch in its high half, so one counted again after a
+//! restart is higher than any sent before it; and a decision recomputes only what the
+//! gathered facts connect (a profile's copy may be older than the facts), so no decision
+//! holds more than a complete one.
+//!
+//! Changes (merges, splits) of a decision are reported once: by the owner of the old
+//! profile's anchor, when it applies the decision to an anchor still on that profile.
+
+mod decide;
+mod gather;
+#[cfg(test)]
+mod tests;
+
+use super::*;
+
+/// Which of `n` shards owns an identifier.
+pub fn owner(i: &Identifier, n: u32) -> u32 {
+    let h = ident_hash(i);
+    let head = u32::from_str_radix(h.get(..8).unwrap_or("0"), 16).unwrap_or(0);
+    head % n.max(1)
+}
+
+fn gen_key(i: &Identifier) -> Vec<u8> {
+    format!("gen/{}", ident_hash(i)).into_bytes()
+}
+fn ver_key(i: &Identifier) -> Vec<u8> {
+    format!("ver/{}", ident_hash(i)).into_bytes()
+}
+/// The latest gathering of this shard that read an identifier, and the `gen` it read.
+fn gat_key(i: &Identifier) -> Vec<u8> {
+    format!("gat/{}", ident_hash(i)).into_bytes()
+}
+fn gathering_key(id: &str) -> Vec<u8> {
+    format!("ga/{id}").into_bytes()
+}
+const GATHER_SEQ: &[u8] = b"gaseq";
+
+/// A counter kept as decimal text; 0 when absent.
+fn get_num<T: std::str::FromStr + Default>(txn: &Txn<'_>, key: &[u8]) -> Result<T> {
+    Ok(txn
+        .get(key)?
+        .and_then(|v| String::from_utf8(v).ok()?.parse().ok())
+        .unwrap_or_default())
+}
+
+/// A message between shards.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Link {
+    /// A fact, for the owner of some of its identifiers.
+    Fact(Fact),
+    /// Everything about these identifiers, for gathering `gathering` of shard `from`.
+    Ask {
+        gathering: String,
+        from: u32,
+        ids: Vec<Identifier>,
+    },
+    /// The answer.
+    Tell {
+        gathering: String,
+        entries: Vec<Entry>,
+    },
+    /// A recomputed part, for every owner of its identifiers.
+    Decide(Decision),
+}
+
+/// What an owner holds about one of its identifiers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub id: Identifier,
+    pub generation: u64,
+    pub seen: Option<Seen>,
+    pub detached: bool,
+    pub facts: Vec<Fact>,
+    pub separations: Vec<Separation>,
+    pub profile: Option<String>,
+    pub node: Option<Node>,
+}
+
+/// A part of the graph recomputed from the inputs a gathering saw.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// The fact whose gathering made it: what merges name as their cause.
+    pub cause: Fact,
+    pub version: u128,
+    /// Each identifier of the part: the `gen` seen and its profile now.
+    pub placed: Vec<(Identifier, u64, String)>,
+    pub nodes: Vec<Node>,
+    /// Profiles of the part that no longer exist.
+    pub gone: Vec<String>,
+    pub changes: Vec<Change>,
+    /// The profile each merged-away profile now follows (`mergedinto/`).
+    pub merged_into: Vec<(String, String)>,
+    pub merge_infos: Vec<MergeInfo>,
+}
+
+/// A merge or split of `was`, reported by the owner of `anchor`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    pub anchor: Identifier,
+    pub was: String,
+    pub merge: Option<ProfileMerge>,
+    pub split: Option<(String, Vec<(Identifier, String)>)>,
+}
+
+/// A gathering in progress, kept in the gatherer's store.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Gathering {
+    cause: Option<Fact>,
+    start: Vec<Identifier>,
+    entries: Vec<Entry>,
+    /// Identifiers asked for and not answered yet.
+    asked: Vec<Identifier>,
+    /// Message ids of events waiting for this gathering's decision, with the identifier
+    /// whose profile they take.
+    waiting: Vec<(String, Identifier)>,
+}
+
+/// What handling one input gave.
+#[derive(Debug, Default)]
+pub struct Handled {
+    /// Messages for other shards (or this one), by shard.
+    pub links: Vec<(u32, Link)>,
+    /// Events resolved: message id and profile.
+    pub resolved: Vec<(String, String)>,
+    pub changes: Changes,
+}
+
+/// One shard of the graph, over its own store.
+pub struct Shard<'r> {
+    pub graph: Graph<'r>,
+    pub me: u32,
+    pub n: u32,
+    /// How many times this shard started before; stored and committed at each start.
+    pub epoch: u64,
+}
+
+impl Shard<'_> {
+    fn owns(&self, i: &Identifier) -> bool {
+        owner(i, self.n) == self.me
+    }
+
+    /// A `gen` only grows, across restarts too: a shard that restarts goes back to its
+    /// last commit, and a `gen` it had sent since would otherwise be counted again to a
+    /// different value. So the high half is the shard's epoch (how often it started).
+    fn bump(&self, txn: &mut Txn<'_>, i: &Identifier) -> Result<()> {
+        let cur = get_num::<u64>(txn, &gen_key(i))?;
+        let g = if cur >> 32 < self.epoch {
+            (self.epoch << 32) | 1
+        } else {
+            cur + 1
+        };
+        txn.put(gen_key(i), g.to_string().into_bytes());
+        Ok(())
+    }
+
+    /// Stores what this shard owns of `fact`: the fact, its index entries and sightings;
+    /// bumps the `gen` of each owned identifier whose inputs changed.
+    fn store_owned(&self, txn: &mut Txn<'_>, fact: &Fact) -> Result<()> {
+        let multi = fact.ids.len() > 1 || fact.rule.is_some();
+        let new_fact = multi
+            && txn
+                .get_json::<Fact>(&fact_key(&fact.key))?
+                .is_none_or(|old| fact.order < old.order);
+        if new_fact {
+            txn.put_json(fact_key(&fact.key), fact)?;
+        }
+        for i in fact.ids.iter().filter(|i| self.owns(i)) {
+            let mut changed = note_sighting(txn, i, fact)?;
+            if new_fact {
+                let k = format!("{}{}", if_prefix(i), fact.key).into_bytes();
+                if txn.get(&k)?.is_none() {
+                    txn.put(k, Vec::new());
+                }
+                changed = true;
+            }
+            if changed {
+                self.bump(txn, i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether applying `fact` needs identifiers owned elsewhere: its own, the members of
+    /// the profiles it touches or, for a late fact, anything in its connected part.
+    fn needs_others(&self, txn: &Txn<'_>, fact: &Fact) -> Result<bool> {
+        if fact.ids.iter().any(|i| !self.owns(i)) {
+            return Ok(true);
+        }
+        let mut late = false;
+        let mut any_facts = false;
+        for i in &fact.ids {
+            if let Some(p) = lookup(txn, i)?
+                && let Some(n) = txn.get_json::<Node>(&node_key(&p))?
+            {
+                if n.identifiers.iter().any(|x| !self.owns(x)) {
+                    return Ok(true);
+                }
+                late |= n.max_order > fact.order;
+            }
+            let has_facts = !txn.scan(if_prefix(i).as_bytes(), 1)?.is_empty();
+            // Facts but no profile: a decision about it is on its way.
+            late |= has_facts && lookup(txn, i)?.is_none();
+            any_facts |= has_facts;
+        }
+        let stored = txn.get_json::<Fact>(&fact_key(&fact.key))?;
+        late |= stored.is_some_and(|s| s.order > fact.order);
+        // A one-identifier event on an identifier that has facts but no profile yet
+        // (their decision is on its way) or moving a sighting earlier recomputes too.
+        if fact.ids.len() == 1 {
+            let i = &fact.ids[0];
+            let earlier = seen(txn, i)?
+                .is_none_or(|s| (fact.order.t, &fact.order.msg) < (s.event_time, &s.message_id));
+            late |= any_facts && (earlier || lookup(txn, i)?.is_none());
+        }
+        if !late {
+            return Ok(false);
+        }
+        // The connected part, as a recomputation would load it.
+        let mut ids: BTreeSet<Identifier> = fact.ids.iter().cloned().collect();
+        let mut queue: Vec<Identifier> = fact.ids.clone();
+        while let Some(i) = queue.pop() {
+            if !self.owns(&i) {
+                return Ok(true);
+            }
+            let prefix = if_prefix(&i);
+            for (k, _) in txn.scan(prefix.as_bytes(), usize::MAX)? {
+                let key = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                if let Some(f) = txn.get_json::<Fact>(&fact_key(&key))? {
+                    for x in f.ids {
+                        if ids.insert(x.clone()) {
+                            queue.push(x);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// An event's fact, at the shard of its highest-priority identifier.
+    pub fn on_event(&self, txn: &mut Txn<'_>, fact: Fact) -> Result<Handled> {
+        let mut out = Handled::default();
+        let Some(top) = fact.ids.first().cloned() else {
+            return Ok(out);
+        };
+        // A fact stored already, no later than this one, was applied or is being
+        // decided: the event takes its identifier's profile (the usual case: a known
+        // device of a known user).
+        if (fact.ids.len() > 1 || fact.rule.is_some())
+            && let Some(stored) = txn.get_json::<Fact>(&fact_key(&fact.key))?
+            && stored.order <= fact.order
+            && let Some(p) = lookup(txn, &top)?
+        {
+            out.resolved.push((fact.order.msg.clone(), p));
+            return Ok(out);
+        }
+        if !self.needs_others(txn, &fact)? {
+            // As one instance does; then the counters of what changed.
+            let before: Vec<(Option<Seen>, bool)> = fact
+                .ids
+                .iter()
+                .map(|i| {
+                    let k = format!("{}{}", if_prefix(i), fact.key).into_bytes();
+                    Ok((seen(txn, i)?, txn.get(&k)?.is_some()))
+                })
+                .collect::<Result<_>>()?;
+            out.changes = self.graph.add_fact(txn, fact.clone())?;
+            for (i, (s, indexed)) in fact.ids.iter().zip(before) {
+                let k = format!("{}{}", if_prefix(i), fact.key).into_bytes();
+                if seen(txn, i)? != s || txn.get(&k)?.is_some() != indexed {
+                    self.bump(txn, i)?;
+                }
+            }
+            let Some(p) = lookup(txn, &top)? else {
+                return Err(tessera_common::Error::Internal(format!(
+                    "event {} has no profile after it was applied",
+                    fact.order.msg
+                )));
+            };
+            out.resolved.push((fact.order.msg.clone(), p));
+            return Ok(out);
+        }
+        self.store_owned(txn, &fact)?;
+        let mut others: BTreeSet<u32> = fact.ids.iter().map(|i| owner(i, self.n)).collect();
+        others.remove(&self.me);
+        for o in others {
+            out.links.push((o, Link::Fact(fact.clone())));
+        }
+        let waiting = vec![(fact.order.msg.clone(), top)];
+        self.gather(txn, fact.ids.clone(), fact, waiting, &mut out)?;
+        Ok(out)
+    }
+
+    /// A message from a shard.
+    pub fn on_link(&self, txn: &mut Txn<'_>, link: Link) -> Result<Handled> {
+        let mut out = Handled::default();
+        match link {
+            Link::Fact(f) => self.store_owned(txn, &f)?,
+            Link::Ask {
+                gathering,
+                from,
+                ids,
+            } => {
+                let entries = self.closure(txn, &ids)?;
+                out.links.push((from, Link::Tell { gathering, entries }));
+            }
+            Link::Tell { gathering, entries } => {
+                let Some(mut g) = txn.get_json::<Gathering>(&gathering_key(&gathering))? else {
+                    return Ok(out); // answered twice (a replay): already decided
+                };
+                for e in entries {
+                    g.asked.retain(|i| i != &e.id);
+                    if !g.entries.iter().any(|x| x.id == e.id) {
+                        g.entries.push(e);
+                    }
+                }
+                self.follow(txn, &gathering, g, &mut out)?;
+            }
+            Link::Decide(d) => {
+                let stale = self.apply(txn, &d, &mut out)?;
+                if !stale.is_empty() {
+                    self.gather_again(txn, stale, d.cause, Vec::new(), &mut out)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
