@@ -1,24 +1,27 @@
-//! The graph partitioned by identifier: each of `n` shards owns the identifiers that hash
-//! to it, and shards talk only through [`Link`] messages (in the service, records of
-//! `identity.links` keyed to the owner's partition). Built and proven in memory here
-//! (`tests.rs`; gathering in `gather.rs`, deciding and applying in `decide.rs`); not yet wired into the service (issue 22).
+//! The graph partitioned by identifier: each of `n` shards owns the identifiers that
+//! hash to it, and shards talk only through [`Link`] messages (in the service, records
+//! of `identity.links` keyed to the owner's partition). Built and proven in memory here
+//! (`tests.rs`; gathering in `gather.rs`, deciding and applying in `decide.rs`); not
+//! yet wired into the service (issue 22).
 //!
-//! **What a shard holds.** For each identifier it owns: its facts (`fact/`, `if/`), its
-//! first sighting (`seen/`), its profile (`id/`) and a copy of that profile's node
-//! (`pr/`), and two counters: `gen/<h>`, bumped whenever something the graph is computed
-//! from changes for it (a new fact, an earlier sighting), and `ver/<h>`, the version of
-//! the last decision applied to it.
+//! **What a shard holds**, in its own keyspace of its instance's store ([`keyspace`]:
+//! an instance holds several shards, one per partition). For each identifier it owns:
+//! its facts (`fact/`, `if/`), its first sighting (`seen/`), its profile (`id/`) and a
+//! copy of that profile's node (`pr/`), and two counters: `gen/<h>`, bumped whenever
+//! something the graph is computed from changes for it (a new fact, an earlier
+//! sighting), and `ver/<h>`, the version of the last decision applied to it.
 //!
-//! **How a fact is applied.** An event goes to the shard of its highest-priority
-//! identifier. If every identifier the fact needs is owned there (its identifiers and,
-//! for a fact in order, the members of the profiles it touches; for a late fact, its
-//! whole connected part), the shard applies it as one instance does ([`Graph::add_fact`]).
-//! Otherwise the shard stores what it owns of the fact, sends the fact to the owners of
-//! its other identifiers, and **gathers** the connected part: it asks each owner for
-//! everything about its identifiers ([`Entry`]), follows the facts to identifiers not yet
-//! gathered, and when nothing is left unanswered recomputes the part with the graph's own
-//! rules ([`Graph::recompute`] on a scratch store). The result, a [`Decision`], goes to
-//! every owner of the part.
+//! **How a fact is applied.** An event is resolved by the shard of its highest-priority
+//! identifier; one that arrives elsewhere (ingest keys events by device) is forwarded
+//! there whole ([`Handled::forward`]). If every identifier the fact needs is owned
+//! there (its identifiers and, for a fact in order, the members of the profiles it
+//! touches; for a late fact, its whole connected part), the shard applies it as one
+//! instance does ([`Graph::add_fact`]). Otherwise the shard stores what it owns of the
+//! fact, sends the fact to the owners of its other identifiers, and **gathers** the
+//! connected part: it asks each owner for everything about its identifiers ([`Entry`]),
+//! follows the facts to identifiers not yet gathered, and when nothing is left
+//! unanswered recomputes the part with the graph's own rules ([`Graph::recompute`] on a
+//! scratch store). The result, a [`Decision`], goes to every owner of the part.
 //!
 //! **The invariants that make it converge.**
 //! 1. The graph is a function of the set of facts and sightings (graph/mod.rs), so a
@@ -27,26 +30,27 @@
 //!    owner's identifiers (`gen` no higher than the decision's); otherwise it gathers the
 //!    part again itself. A fact sent to an owner reaches it before the sender's question
 //!    about it (one producer, one partition: Kafka keeps the order).
-//! 3. Inputs only grow, so a decision's version (the sum of the `gen`s it saw) is largest
-//!    for a complete gathering, and an identifier never takes a decision older than the
-//!    one it holds. The last gathering started after the last input reads every input;
-//!    the owner that holds an input a decision lacks starts one. So once inputs stop, every
-//!    identifier ends on a complete decision: the graph of one instance.
+//! 3. Inputs only grow, so a decision's version (the sum of the `gen`s it saw) is
+//!    largest for a complete gathering, and an identifier never takes a decision older
+//!    than the one it holds. The last gathering started after the last input reads every
+//!    input; the owner that holds an input a decision lacks starts one. So once inputs
+//!    stop, every identifier ends on a complete decision: the graph of one instance.
 //!
-//! In between, a reader may see an identifier on a decision made without a fact still in
-//! flight, as one instance shows a late event's part before its recomputation.
+//! In between, a reader may see an identifier on a decision made without a fact still
+//! in flight, as one instance shows a late event's part before its recomputation.
 //!
 //! **A shard that stops** goes back to its last commit and consumes again what it had
 //! consumed since (the runner's contract); what it sent meanwhile stays sent. Every
 //! message may so arrive twice, and an answer may reach a later gathering that took the
-//! same id: a fact stored twice is stored once, a decision applied twice changes nothing
-//! the second time, and an answer older than the gathering it reaches can only make that
-//! gathering's decision stale, which rule 2 catches. A gathering is state in the store,
-//! so it resumes with its shard. Two more things keep rule 3 true across a restart: a
-//! `gen` carries the shard's epoch in its high half, so one counted again after a
-//! restart is higher than any sent before it; and a decision recomputes only what the
-//! gathered facts connect (a profile's copy may be older than the facts), so no decision
-//! holds more than a complete one.
+//! same id: a fact stored twice is stored once, a decision applied twice changes
+//! nothing the second time, and an answer older than the gathering it reaches can only
+//! make that gathering's decision stale, which rule 2 catches. A gathering is state in
+//! the store, so it resumes with its shard. Two more things keep rule 3 true across a
+//! restart: a `gen` carries the shard's epoch in its high half, so one counted again
+//! after a restart is higher than any sent before it ([`Shard::start`] raises and
+//! stores the epoch, committed before the shard handles anything); and a decision
+//! recomputes only what the gathered facts connect (a profile's copy may be older than
+//! the facts), so no decision holds more than a complete one.
 //!
 //! Changes (merges, splits) of a decision are reported once: by the owner of the old
 //! profile's anchor, when it applies the decision to an anchor still on that profile.
@@ -168,15 +172,76 @@ pub struct Handled {
     /// Events resolved: message id and profile.
     pub resolved: Vec<(String, String)>,
     pub changes: Changes,
+    /// The shard an event arrived at does not own its highest-priority identifier: the
+    /// event goes whole to this shard, which resolves it.
+    pub forward: Option<u32>,
 }
 
-/// One shard of the graph, over its own store.
+/// Where shard `me` keeps its state in its instance's store: an instance holds several
+/// shards (a partition each) in one store, and each shard's keys are its own (its copies
+/// of profiles are not another shard's).
+pub fn keyspace(me: u32) -> Vec<u8> {
+    format!("shard/{me}/").into_bytes()
+}
+const EPOCH: &[u8] = b"epoch";
+
+/// One shard of the graph, in its keyspace of its instance's store.
 pub struct Shard<'r> {
     pub graph: Graph<'r>,
     pub me: u32,
     pub n: u32,
-    /// How many times this shard started before; stored and committed at each start.
+    /// How many times this shard started; raised and committed at each start.
     pub epoch: u64,
+}
+
+impl<'r> Shard<'r> {
+    /// Shard `me` of `n`, at the epoch its last start stored.
+    pub fn open(graph: Graph<'r>, me: u32, n: u32, txn: &mut Txn<'_>) -> Result<Self> {
+        let epoch = txn.in_keyspace(&keyspace(me), |t| get_num::<u64>(t, EPOCH))?;
+        Ok(Shard {
+            graph,
+            me,
+            n,
+            epoch,
+        })
+    }
+
+    /// Shard `me` of `n` starting (a restart, or its partition assigned here): its epoch
+    /// is raised, and the caller commits that before the shard handles anything. Every
+    /// `gen` the shard counts from then on is higher than any it sent before.
+    pub fn start(graph: Graph<'r>, me: u32, n: u32, txn: &mut Txn<'_>) -> Result<Self> {
+        let epoch = txn.in_keyspace(&keyspace(me), |t| {
+            let e = get_num::<u64>(t, EPOCH)? + 1;
+            t.put(EPOCH.to_vec(), e.to_string().into_bytes());
+            Ok::<_, tessera_common::Error>(e)
+        })?;
+        Ok(Shard {
+            graph,
+            me,
+            n,
+            epoch,
+        })
+    }
+
+    /// An event that arrived at this shard (its partition). It is resolved by the
+    /// owner of its highest-priority identifier: if that is another shard,
+    /// [`Handled::forward`] names it, and the event goes there whole.
+    pub fn on_event(&self, txn: &mut Txn<'_>, fact: Fact) -> Result<Handled> {
+        if let Some(top) = fact.ids.first()
+            && !self.owns(top)
+        {
+            return Ok(Handled {
+                forward: Some(owner(top, self.n)),
+                ..Handled::default()
+            });
+        }
+        txn.in_keyspace(&keyspace(self.me), |t| self.resolve(t, fact))
+    }
+
+    /// A message from a shard.
+    pub fn on_link(&self, txn: &mut Txn<'_>, link: Link) -> Result<Handled> {
+        txn.in_keyspace(&keyspace(self.me), |t| self.on_link_here(t, link))
+    }
 }
 
 impl Shard<'_> {
@@ -283,7 +348,7 @@ impl Shard<'_> {
     }
 
     /// An event's fact, at the shard of its highest-priority identifier.
-    pub fn on_event(&self, txn: &mut Txn<'_>, fact: Fact) -> Result<Handled> {
+    fn resolve(&self, txn: &mut Txn<'_>, fact: Fact) -> Result<Handled> {
         let mut out = Handled::default();
         let Some(top) = fact.ids.first().cloned() else {
             return Ok(out);
@@ -310,6 +375,10 @@ impl Shard<'_> {
                 })
                 .collect::<Result<_>>()?;
             out.changes = self.graph.add_fact(txn, fact.clone())?;
+            // A known fact stored again with an earlier order changes no index here,
+            // and needs no bump: a gathering places an identifier only through a fact
+            // that reaches it, which its owner holds, so a part any gathering read
+            // crosses shards and takes the gathering path below.
             for (i, (s, indexed)) in fact.ids.iter().zip(before) {
                 let k = format!("{}{}", if_prefix(i), fact.key).into_bytes();
                 if seen(txn, i)? != s || txn.get(&k)?.is_some() != indexed {
@@ -336,8 +405,7 @@ impl Shard<'_> {
         Ok(out)
     }
 
-    /// A message from a shard.
-    pub fn on_link(&self, txn: &mut Txn<'_>, link: Link) -> Result<Handled> {
+    fn on_link_here(&self, txn: &mut Txn<'_>, link: Link) -> Result<Handled> {
         let mut out = Handled::default();
         match link {
             Link::Fact(f) => self.store_owned(txn, &f)?,
