@@ -80,12 +80,6 @@ impl Shard<'_> {
             .iter()
             .filter_map(|e| Some((e.id.clone(), e.profile.clone()?)))
             .collect();
-        let old_nodes: BTreeMap<String, Node> = g
-            .entries
-            .iter()
-            .filter_map(|e| e.node.clone())
-            .map(|n| (n.id.clone(), n))
-            .collect();
         let changes = graph.recompute(&mut t, &g.start, &cause)?;
         let mut placed = Vec::new();
         let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
@@ -116,28 +110,6 @@ impl Shard<'_> {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let anchor_of = |p: &str| old_nodes.get(p).map(|n| n.anchor.clone());
-        let mut out_changes = Vec::new();
-        for m in changes.merges {
-            if let Some(anchor) = anchor_of(&m.merged) {
-                out_changes.push(Change {
-                    anchor,
-                    was: m.merged.clone(),
-                    merge: Some(m),
-                    split: None,
-                });
-            }
-        }
-        for s in changes.splits {
-            if let Some(anchor) = anchor_of(&s.profile) {
-                out_changes.push(Change {
-                    anchor,
-                    was: s.profile.clone(),
-                    merge: None,
-                    split: Some((s.profile, s.assignments)),
-                });
-            }
-        }
         let mut merged_into = Vec::new();
         for p in &gone {
             if let Some(to) = t.get(&merged_key(p))? {
@@ -145,10 +117,8 @@ impl Shard<'_> {
             }
         }
         let mut merge_infos = Vec::new();
-        for c in &out_changes {
-            if let Some(m) = &c.merge
-                && let Some(info) = t.get_json::<MergeInfo>(&merge_info_key(&m.merge_id))?
-            {
+        for m in &changes.merges {
+            if let Some(info) = t.get_json::<MergeInfo>(&merge_info_key(&m.merge_id))? {
                 merge_infos.push(info);
             }
         }
@@ -158,7 +128,12 @@ impl Shard<'_> {
             placed,
             nodes: nodes.into_values().collect(),
             gone,
-            changes: out_changes,
+            merges: changes.merges,
+            splits: changes
+                .splits
+                .into_iter()
+                .map(|s| (s.profile, s.assignments))
+                .collect(),
             merged_into,
             merge_infos,
         })
@@ -186,11 +161,19 @@ impl Shard<'_> {
         }
         let nodes: BTreeMap<&str, &Node> = d.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
         let mut before: BTreeMap<&Identifier, Option<String>> = BTreeMap::new();
+        let mut old_nodes: BTreeMap<String, Node> = BTreeMap::new();
         for (i, _, p) in &mine {
             if d.version < get_num::<u128>(txn, &ver_key(i))? {
                 continue;
             }
-            before.insert(i, lookup(txn, i)?);
+            let was = lookup(txn, i)?;
+            if let Some(w) = &was
+                && !old_nodes.contains_key(w)
+                && let Some(n) = txn.get_json::<Node>(&node_key(w))?
+            {
+                old_nodes.insert(w.clone(), n);
+            }
+            before.insert(i, was);
             txn.put(id_key(i), p.as_bytes().to_vec());
             txn.put(ver_key(i), d.version.to_string().into_bytes());
             if let Some(n) = nodes.get(p.as_str()) {
@@ -213,31 +196,98 @@ impl Shard<'_> {
                 }
             }
         }
-        for c in &d.changes {
-            if before.get(&c.anchor) != Some(&Some(c.was.clone())) {
-                continue;
+        // A shard that moves one of its identifiers off a profile reports what became of
+        // that profile: events may have gone out on it from here. Several shards may so
+        // report one change; each reports the same record (its id is the decision's).
+        let left = |p: &str| before.values().any(|w| w.as_deref() == Some(p));
+        for m in d.merges.iter().filter(|m| left(&m.merged)) {
+            // Its `mergedinto/` comes with the decision's `merged_into` below.
+            if let Some(info) = d.merge_infos.iter().find(|x| x.merge_id == m.merge_id) {
+                txn.put_json(merge_info_key(&m.merge_id), info)?;
+                txn.put(
+                    format!("{}{}", history_prefix(&m.survivor), m.merge_id).into_bytes(),
+                    Vec::new(),
+                );
             }
-            if let Some(m) = &c.merge {
-                // Its `mergedinto/` comes with the decision's `merged_into` below.
-                if let Some(info) = d.merge_infos.iter().find(|x| x.merge_id == m.merge_id) {
-                    txn.put_json(merge_info_key(&m.merge_id), info)?;
-                    txn.put(
-                        format!("{}{}", history_prefix(&m.survivor), m.merge_id).into_bytes(),
-                        Vec::new(),
-                    );
-                }
-                out.changes.merges.push(m.clone());
-            }
-            if let Some((profile, assignments)) = &c.split {
-                out.changes.splits.push(Split {
-                    profile: profile.clone(),
-                    assignments: assignments.clone(),
-                });
-            }
+            out.changes.merges.push(m.clone());
+        }
+        for (profile, assignments) in d.splits.iter().filter(|(p, _)| left(p)) {
+            out.changes.splits.push(Split {
+                profile: profile.clone(),
+                assignments: assignments.clone(),
+            });
         }
         for (p, to) in &d.merged_into {
             txn.put(merged_key(p), to.as_bytes().to_vec());
         }
+        self.report_unseen(txn, d, &before, &old_nodes, out)?;
         Ok(stale)
+    }
+
+    /// Reports the profiles this decision takes identifiers of this shard from that its
+    /// gathering did not see: a decision applied here after the gathering read them had
+    /// put them there (and its anchor's owner may never have applied it). Events went
+    /// out on such a profile, so it is merged into where its members go, or split among
+    /// them.
+    fn report_unseen(
+        &self,
+        txn: &mut Txn<'_>,
+        d: &Decision,
+        before: &BTreeMap<&Identifier, Option<String>>,
+        old_nodes: &BTreeMap<String, Node>,
+        out: &mut Handled,
+    ) -> Result<()> {
+        let placed: BTreeMap<&Identifier, &String> =
+            d.placed.iter().map(|(i, _, p)| (i, p)).collect();
+        let nodes: BTreeMap<&str, &Node> = d.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
+        let mut reported: BTreeSet<&String> = BTreeSet::new();
+        for (i, was) in before {
+            let Some(was) = was else { continue };
+            let Some(old) = old_nodes.get(was) else {
+                continue;
+            };
+            let now = placed.get(i).copied();
+            let seen =
+                d.merges.iter().any(|m| &m.merged == was) || d.splits.iter().any(|(p, _)| p == was);
+            if now == Some(was) || nodes.contains_key(was.as_str()) || seen || !reported.insert(was)
+            {
+                continue;
+            }
+            let moved: Vec<(Identifier, String)> = old
+                .identifiers
+                .iter()
+                .filter_map(|m| Some((m.clone(), (*placed.get(m)?).clone())))
+                .collect();
+            let to: BTreeSet<&String> = moved.iter().map(|(_, p)| p).collect();
+            if to.len() == 1 && moved.len() == old.identifiers.len() {
+                let survivor = moved[0].1.clone();
+                let survivor_ids = nodes
+                    .get(survivor.as_str())
+                    .map(|n| n.identifiers.clone())
+                    .unwrap_or_default();
+                self.graph.record_merge(
+                    txn,
+                    was,
+                    &survivor,
+                    old.identifiers.clone(),
+                    survivor_ids,
+                    &d.cause,
+                    &mut out.changes,
+                )?;
+            } else {
+                out.changes.splits.push(Split {
+                    profile: was.clone(),
+                    assignments: moved,
+                });
+            }
+            let mut kept = false;
+            for m in old.identifiers.iter().filter(|m| self.owns(m)) {
+                kept |= lookup(txn, m)?.as_deref() == Some(was.as_str());
+            }
+            if !kept {
+                txn.delete(node_key(was));
+            }
+        }
+        Ok(())
     }
 }

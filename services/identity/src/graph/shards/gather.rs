@@ -58,8 +58,10 @@ impl Shard<'_> {
     }
 
     /// Gathers a part again after a decision missed inputs held here, unless a gathering
-    /// of this shard still in progress read each of those identifiers as it is now (its
-    /// decision will hold them). Waiting events join that gathering.
+    /// of this shard still in progress read each of those identifiers as it is now.
+    /// They then join that gathering, and so do waiting events. Its decision places only
+    /// what its start's facts connect: a joined identifier it read through a profile's
+    /// copy alone is gathered again from itself once that decision is applied.
     pub(super) fn gather_again(
         &self,
         txn: &mut Txn<'_>,
@@ -86,11 +88,14 @@ impl Shard<'_> {
             }
         }
         let id = covering.expect("stale is not empty");
-        if !waiting.is_empty() {
-            let mut g: Gathering = txn.get_json(&gathering_key(&id))?.expect("in progress");
-            g.waiting.extend(waiting);
-            txn.put_json(gathering_key(&id), &g)?;
+        let mut g: Gathering = txn.get_json(&gathering_key(&id))?.expect("in progress");
+        g.waiting.extend(waiting);
+        for i in stale {
+            if !g.joined.contains(&i) {
+                g.joined.push(i);
+            }
         }
+        txn.put_json(gathering_key(&id), &g)?;
         Ok(())
     }
 
@@ -188,11 +193,23 @@ impl Shard<'_> {
                 None => still.push((msg, i)),
             }
         }
+        // Joined identifiers this decision does not place are gathered from themselves.
+        let unplaced: Vec<Identifier> = g
+            .joined
+            .into_iter()
+            .filter(|i| !d.placed.iter().any(|(x, _, _)| x == i))
+            .collect();
         if !stale.is_empty() {
             self.gather_again(txn, stale, d.cause.clone(), still, out)?;
-        } else if !still.is_empty() {
-            let start = still.iter().map(|(_, i)| i.clone()).collect();
-            self.gather(txn, start, d.cause.clone(), still, out)?;
+            if !unplaced.is_empty() {
+                self.gather(txn, unplaced, d.cause.clone(), Vec::new(), out)?;
+            }
+        } else {
+            let mut start = unplaced;
+            start.extend(still.iter().map(|(_, i)| i.clone()));
+            if !start.is_empty() {
+                self.gather(txn, start, d.cause.clone(), still, out)?;
+            }
         }
         Ok(())
     }

@@ -28,8 +28,9 @@
 //!    decision computed from a part's complete inputs is the one instance's result.
 //! 2. An owner applies a decision only if it saw every input the owner holds for the
 //!    owner's identifiers (`gen` no higher than the decision's); otherwise it gathers the
-//!    part again itself. A fact sent to an owner reaches it before the sender's question
-//!    about it (one producer, one partition: Kafka keeps the order).
+//!    part again itself (or joins a gathering of its own still running that read those
+//!    identifiers as they are now). A fact sent to an owner reaches it before the
+//!    sender's question about it (one producer, one partition: Kafka keeps the order).
 //! 3. Inputs only grow, so a decision's version (the sum of the `gen`s it saw) is
 //!    largest for a complete gathering, and an identifier never takes a decision older
 //!    than the one it holds. The last gathering started after the last input reads every
@@ -52,8 +53,13 @@
 //! recomputes only what the gathered facts connect (a profile's copy may be older than
 //! the facts), so no decision holds more than a complete one.
 //!
-//! Changes (merges, splits) of a decision are reported once: by the owner of the old
-//! profile's anchor, when it applies the decision to an anchor still on that profile.
+//! **What goes downstream.** An event goes out on its identifier's profile as its owner
+//! holds it. So a shard that moves one of its identifiers off a profile reports what
+//! became of that profile (merged, split), from the decision's changes or, for a profile
+//! the decision's gathering did not see, from where the decision puts its members:
+//! otherwise a profile that events went out on could vanish unreported. Several shards
+//! may report one change; they report the same record (its id comes from the
+//! decision), which downstream applies once.
 
 mod decide;
 mod gather;
@@ -136,19 +142,12 @@ pub struct Decision {
     pub nodes: Vec<Node>,
     /// Profiles of the part that no longer exist.
     pub gone: Vec<String>,
-    pub changes: Vec<Change>,
+    /// Merges and splits (profile, where its identifiers went) of the part's profiles.
+    pub merges: Vec<ProfileMerge>,
+    pub splits: Vec<(String, Vec<(Identifier, String)>)>,
     /// The profile each merged-away profile now follows (`mergedinto/`).
     pub merged_into: Vec<(String, String)>,
     pub merge_infos: Vec<MergeInfo>,
-}
-
-/// A merge or split of `was`, reported by the owner of `anchor`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Change {
-    pub anchor: Identifier,
-    pub was: String,
-    pub merge: Option<ProfileMerge>,
-    pub split: Option<(String, Vec<(Identifier, String)>)>,
 }
 
 /// A gathering in progress, kept in the gatherer's store.
@@ -162,6 +161,10 @@ struct Gathering {
     /// Message ids of events waiting for this gathering's decision, with the identifier
     /// whose profile they take.
     waiting: Vec<(String, Identifier)>,
+    /// Identifiers a decision found stale that joined this gathering, which had read
+    /// them as they are ([`Shard::gather_again`]).
+    #[serde(default)]
+    joined: Vec<Identifier>,
 }
 
 /// What handling one input gave.
