@@ -228,7 +228,8 @@ impl Shard<'_> {
     /// gathering did not see: a decision applied here after the gathering read them had
     /// put them there (and its anchor's owner may never have applied it). Events went
     /// out on such a profile, so it is merged into where its members go, or split among
-    /// them.
+    /// them; one the decision keeps is reported split by what left it from here (its
+    /// other members' owners may skip the decision, and then nobody holds it).
     fn report_unseen(
         &self,
         txn: &mut Txn<'_>,
@@ -249,8 +250,24 @@ impl Shard<'_> {
             let now = placed.get(i).copied();
             let seen =
                 d.merges.iter().any(|m| &m.merged == was) || d.splits.iter().any(|(p, _)| p == was);
-            if now == Some(was) || nodes.contains_key(was.as_str()) || seen || !reported.insert(was)
-            {
+            if now == Some(was) || seen || !reported.insert(was) {
+                continue;
+            }
+            if nodes.contains_key(was.as_str()) {
+                // The decision keeps the profile, for identifiers whose owners may skip
+                // it: what left it from here is reported split off.
+                let left: Vec<(Identifier, String)> = before
+                    .iter()
+                    .filter(|(_, w)| w.as_ref() == Some(was))
+                    .filter_map(|(x, _)| {
+                        let p = *placed.get(x)?;
+                        (p != was).then(|| ((*x).clone(), p.clone()))
+                    })
+                    .collect();
+                out.changes.splits.push(Split {
+                    profile: was.clone(),
+                    assignments: left,
+                });
                 continue;
             }
             let moved: Vec<(Identifier, String)> = old
