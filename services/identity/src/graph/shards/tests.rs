@@ -467,6 +467,30 @@ fn check(
     Ok(())
 }
 
+/// A case of the property: the events' specs, the arrival seed, the duplicates
+/// (positions), how many crashes and whether events arrive by device.
+type Case = (Vec<(usize, u8, u8, i64)>, u64, Vec<usize>, usize, bool);
+
+fn cases() -> impl Strategy<Value = Case> {
+    let spec = (
+        0usize..PEOPLE,
+        1u8..32,
+        prop::sample::select(vec![0u8, 0, 1, 2]),
+        0i64..40,
+    );
+    (
+        prop::collection::vec(spec, 8..36),
+        any::<u64>(),
+        prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+        0usize..4,
+        any::<bool>(),
+    )
+        .prop_map(|(specs, seed, dups, crashes, by_device)| {
+            let dups = dups.iter().map(|d| d.index(specs.len())).collect();
+            (specs, seed, dups, crashes, by_device)
+        })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
@@ -476,13 +500,8 @@ proptest! {
     /// again what they had not committed.
     #[test]
     fn shards_end_in_the_graph_of_one_instance(
-        specs in prop::collection::vec((0usize..PEOPLE, 1u8..32, prop::sample::select(vec![0u8, 0, 1, 2]), 0i64..40), 8..36),
-        seed in any::<u64>(),
-        dups in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
-        crashes in 0usize..4,
-        by_device in any::<bool>(),
+        (specs, seed, dups, crashes, by_device) in cases()
     ) {
-        let dups: Vec<usize> = dups.iter().map(|d| d.index(specs.len())).collect();
         check(&specs, seed, &dups, crashes, by_device, false)?;
     }
 
@@ -496,13 +515,8 @@ proptest! {
     #[test]
     #[ignore = "finds a known gap of the protocol, not wired yet (issue 22)"]
     fn shards_and_what_went_downstream(
-        specs in prop::collection::vec((0usize..PEOPLE, 1u8..32, prop::sample::select(vec![0u8, 0, 1, 2]), 0i64..40), 8..36),
-        seed in any::<u64>(),
-        dups in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
-        crashes in 0usize..4,
-        by_device in any::<bool>(),
+        (specs, seed, dups, crashes, by_device) in cases()
     ) {
-        let dups: Vec<usize> = dups.iter().map(|d| d.index(specs.len())).collect();
         check(&specs, seed, &dups, crashes, by_device, true)?;
     }
 }
