@@ -113,8 +113,17 @@ pub struct ProfileMerge {
     pub rule: Option<String>,
     #[serde(default)]
     pub score: Option<f64>,
+    /// Larger for a later decision about the same profiles (identity's merge clock): a
+    /// profile merged away and later merged back into is live again, whichever of the
+    /// two merges profiles reads first. 0 in records of the first schema.
+    #[serde(default)]
+    pub version: i64,
 }
-avro_record!(ProfileMerge, "tessera.identity.merges.avsc");
+avro_record!(
+    ProfileMerge,
+    "tessera.identity.merges.avsc",
+    previous: ["tessera.identity.merges.1.avsc"]
+);
 
 /// One identifier's new profile in a [`ProfileSplit`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -484,6 +493,7 @@ mod tests {
             received_at: 6,
             rule: Some("name+birthday".into()),
             score: Some(31.5),
+            version: 7,
         });
         roundtrip(ProfileSplit {
             split_id: "s".into(),
@@ -620,6 +630,38 @@ mod tests {
                 "{f} is not used by any record type"
             );
         }
+    }
+
+    /// Merges written before they carried a version still read (a rolling upgrade), as
+    /// the oldest.
+    #[test]
+    fn merges_of_the_first_schema_still_read() {
+        let old = include_str!("../../schemas/previous/tessera.identity.merges.1.avsc");
+        #[derive(Serialize)]
+        struct Old<'a> {
+            merge_id: &'a str,
+            survivor: &'a str,
+            merged: &'a str,
+            cause_message_id: &'a str,
+            event_time: i64,
+            received_at: i64,
+            rule: Option<&'a str>,
+            score: Option<f64>,
+        }
+        let bytes = Codec::new("old", old)
+            .encode(&Old {
+                merge_id: "g",
+                survivor: "a",
+                merged: "b",
+                cause_message_id: "m",
+                event_time: 1,
+                received_at: 2,
+                rule: None,
+                score: None,
+            })
+            .unwrap();
+        let m = ProfileMerge::from_avro(&bytes).unwrap();
+        assert_eq!((m.survivor.as_str(), m.version), ("a", 0));
     }
 
     /// Membership records written before they carried consent and segments still read

@@ -291,6 +291,36 @@ fn note_sighting(txn: &mut Txn<'_>, i: &Identifier, fact: &Fact) -> Result<bool>
     Ok(earlier)
 }
 
+const MERGE_CLOCK: &[u8] = b"mergeclock";
+
+/// The version of the last merge decided here (see [`next_merge_version`]).
+pub(crate) fn merge_clock(txn: &Txn<'_>) -> Result<i64> {
+    Ok(txn
+        .get(MERGE_CLOCK)?
+        .and_then(|v| String::from_utf8(v).ok()?.parse().ok())
+        .unwrap_or(0))
+}
+
+/// Raises the merge clock to `v`: a merge decided here later carries a larger version
+/// than one decided elsewhere that this store has seen (a shard applying another's
+/// decision).
+pub(crate) fn observe_merge_clock(txn: &mut Txn<'_>, v: i64) -> Result<()> {
+    if v > merge_clock(txn)? {
+        txn.put(MERGE_CLOCK.to_vec(), v.to_string().into_bytes());
+    }
+    Ok(())
+}
+
+/// The version a merge decided now carries: one more than the last merge's, and at least
+/// the input's `received_at` in microseconds, so a store rebuilt from a topic whose
+/// oldest records are gone still stamps new merges above those sent before. Profiles
+/// reads a profile merged away and later merged back into as live by these versions.
+pub(crate) fn next_merge_version(txn: &mut Txn<'_>, received_at: i64) -> Result<i64> {
+    let v = (merge_clock(txn)? + 1).max(received_at.saturating_mul(1000));
+    txn.put(MERGE_CLOCK.to_vec(), v.to_string().into_bytes());
+    Ok(v)
+}
+
 /// Follows merges to the live profile id.
 pub fn live_profile(txn: &Txn<'_>, id: &str) -> Result<String> {
     let mut cur = id.to_string();

@@ -221,6 +221,7 @@ impl Graph<'_> {
         changes: &mut Changes,
     ) -> Result<()> {
         let merge_id = deterministic_id("merge", &[survivor, merged, &cause.order.msg, &cause.key]);
+        let version = next_merge_version(txn, self.received_at)?;
         txn.put(merged_key(merged), survivor.as_bytes().to_vec());
         let info = MergeInfo {
             merge_id: merge_id.clone(),
@@ -249,6 +250,7 @@ impl Graph<'_> {
             received_at: self.received_at,
             rule: cause.rule.clone(),
             score: cause.score,
+            version,
         });
         Ok(())
     }

@@ -162,6 +162,40 @@ fn a_late_event_recomputes_to_the_same_graph_as_in_order() {
     );
 }
 
+/// Two late events move a part's anchor away and back: X is merged into Y, then Y back
+/// into X. The second merge carries the larger version, which is how profiles knows X
+/// is live again whichever merge it reads first.
+#[test]
+fn a_merge_back_carries_a_later_version_than_the_merge_away() {
+    let (s, r) = (MemStore::default(), rules());
+    let family = id("email", "family@home.test");
+    let mine = id("email", "p0@mail.test");
+    let device = id("anonymous_id", "anon-0-0");
+    add(
+        &s,
+        &r,
+        &[family.clone(), mine.clone(), device.clone()],
+        1,
+        "m17",
+    );
+    let x = profile(&s, &family);
+    let away = add(&s, &r, &[mine.clone(), device], 1, "m12").merges;
+    let y = profile(&s, &mine);
+    let back = add(
+        &s,
+        &r,
+        &[family.clone(), id("anonymous_id", "kiosk")],
+        0,
+        "m3",
+    )
+    .merges;
+    assert_eq!((away.len(), back.len()), (1, 1), "{away:?} then {back:?}");
+    assert_eq!((&away[0].merged, &away[0].survivor), (&x, &y));
+    assert_eq!((&back[0].merged, &back[0].survivor), (&y, &x));
+    assert!(back[0].version > away[0].version, "{away:?} then {back:?}");
+    assert_eq!(profile(&s, &mine), x);
+}
+
 #[test]
 fn a_late_link_older_than_a_lone_sighting_gives_the_in_order_graph() {
     // One-identifier events are not stored as facts; a link older than an

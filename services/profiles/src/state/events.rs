@@ -483,7 +483,7 @@ impl ProfilesProcessor {
             // The profile was merged away while this event was in flight.
             let mut alone = Profile::new(&r.profile_id);
             alone.apply(&r, &self.rules);
-            out.push(self.transfer(&live, &alone, vec![r.clone()], false, &cause)?);
+            out.push(self.transfer(&live, &alone, vec![r.clone()], false, 0, &cause)?);
             return Ok(());
         }
         self.update(txn, &live, &cause, out, |p, t| {

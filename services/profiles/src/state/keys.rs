@@ -93,14 +93,58 @@ pub(crate) fn seen_key(id: &str) -> Vec<u8> {
 
 pub(crate) const SEEN_EXP_PREFIX: &str = "seenexp/";
 
-/// Follows merge redirects to the live profile id (bounded: chains are short).
+/// Where a merged-away profile went, and the version of the merge that sent it there
+/// (0 for a split's, and for merges of the first schema).
+pub(crate) fn redirect_value(survivor: &str, version: i64) -> Vec<u8> {
+    format!("{survivor} {version}").into_bytes()
+}
+
+fn parse_redirect(v: &[u8]) -> (String, i64) {
+    let s = String::from_utf8_lossy(v);
+    match s.split_once(' ') {
+        Some((to, version)) => (to.to_string(), version.parse().unwrap_or(0)),
+        None => (s.into_owned(), 0),
+    }
+}
+
+/// Follows merge redirects to the live profile id.
 pub fn live_id(get: impl Fn(&[u8]) -> Result<Option<Vec<u8>>>, id: &str) -> Result<String> {
+    Ok(live_since(get, id, 0)?.0)
+}
+
+/// Follows the redirects of merges of version `since` or later to the profile that is
+/// live for a merge of version `since`; also returns that profile's own redirect if it
+/// has one (an older merge's: a later merge named it survivor, so it is live again).
+///
+/// Identity may merge X into Y and later Y back into X (a late event moved the anchor
+/// twice), and profiles may read the two merges in either order: the redirects then
+/// form a cycle, broken at its oldest redirect, whose profile is the live one.
+pub(crate) fn live_since(
+    get: impl Fn(&[u8]) -> Result<Option<Vec<u8>>>,
+    id: &str,
+    since: i64,
+) -> Result<(String, Option<i64>)> {
+    // The profiles passed and the version of each one's redirect.
+    let mut path: Vec<(String, i64)> = Vec::new();
     let mut cur = id.to_string();
     for _ in 0..32 {
-        match get(&redirect_key(&cur))? {
-            Some(next) => cur = String::from_utf8_lossy(&next).into_owned(),
-            None => return Ok(cur),
+        let Some(v) = get(&redirect_key(&cur))? else {
+            return Ok((cur, None));
+        };
+        let (next, version) = parse_redirect(&v);
+        if version < since {
+            return Ok((cur, Some(version)));
         }
+        path.push((cur, version));
+        if let Some(at) = path.iter().position(|(p, _)| *p == next) {
+            let (live, version) = path[at..]
+                .iter()
+                .min_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)))
+                .cloned()
+                .expect("a cycle has a redirect");
+            return Ok((live, Some(version)));
+        }
+        cur = next;
     }
     Err(Error::Internal(format!(
         "redirect chain from profile {id} is too long"

@@ -13,6 +13,10 @@ pub(crate) struct Moved {
     /// Set by a split: the survivor id is live again (its redirect goes).
     #[serde(default)]
     pub(crate) revive: bool,
+    /// The version of the merge that sent it (0 for a split's or a late event's): a
+    /// survivor merged away by an older merge is live again for it.
+    #[serde(default)]
+    pub(crate) version: i64,
 }
 
 impl ProfilesProcessor {
@@ -22,12 +26,14 @@ impl ProfilesProcessor {
         state: &Profile,
         history: Vec<ResolvedEvent>,
         revive: bool,
+        version: i64,
         cause: &Cause<'_>,
     ) -> Result<Output> {
         let moved = Moved {
             profile: state.clone(),
             history,
             revive,
+            version,
         };
         let t = ProfileTransfer {
             transfer_id: deterministic_id("transfer", &[survivor, &state.id, cause.id]),
@@ -123,7 +129,10 @@ impl ProfilesProcessor {
             received_at: m.received_at,
             event: None,
         };
-        txn.put(redirect_key(&m.merged), m.survivor.as_bytes().to_vec());
+        txn.put(
+            redirect_key(&m.merged),
+            redirect_value(&m.survivor, m.version),
+        );
         self.changes.touch(&m.merged);
         let Some(mut merged) = txn.get_json::<Profile>(&profile_key(&m.merged))? else {
             return Ok(());
@@ -148,7 +157,7 @@ impl ProfilesProcessor {
             }
         }
         let history = self.take_log(txn, &m.merged)?;
-        out.push(self.transfer(&m.survivor, &merged, history, false, &cause)?);
+        out.push(self.transfer(&m.survivor, &merged, history, false, m.version, &cause)?);
         Ok(())
     }
 
@@ -239,7 +248,7 @@ impl ProfilesProcessor {
                 r.id = s.profile_id.clone();
                 r
             };
-            out.push(self.transfer(t, &state, events.clone(), true, &cause)?);
+            out.push(self.transfer(t, &state, events.clone(), true, 0, &cause)?);
         }
         if survives {
             let events = by_target.remove(&s.profile_id).unwrap_or_default();
@@ -264,7 +273,7 @@ impl ProfilesProcessor {
             self.remove(txn, &old, "profile split", &cause, out)?;
             txn.put(
                 redirect_key(&s.profile_id),
-                default_target.as_bytes().to_vec(),
+                redirect_value(&default_target, 0),
             );
         }
         Ok(())
@@ -285,6 +294,7 @@ impl ProfilesProcessor {
             profile: moved,
             history,
             revive,
+            version,
         } = serde_json::from_str(&t.state)?;
         let cause = Cause {
             id: &t.transfer_id,
@@ -297,10 +307,14 @@ impl ProfilesProcessor {
             // A split brings a merged-away profile back.
             txn.delete(redirect_key(&t.survivor));
         }
-        let live = live_id(|k| txn.get(k), &t.survivor)?;
+        let (live, stale) = live_since(|k| txn.get(k), &t.survivor, version)?;
         if live != t.survivor {
-            out.push(self.transfer(&live, &moved, history, false, &cause)?);
+            out.push(self.transfer(&live, &moved, history, false, version, &cause)?);
             return Ok(());
+        }
+        if stale.is_some() {
+            // Merged away by an older merge than this one, which names it survivor.
+            txn.delete(redirect_key(&live));
         }
         self.update(txn, &live, &cause, out, |p, t| {
             *t = Touched::all();

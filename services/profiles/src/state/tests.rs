@@ -253,6 +253,11 @@ fn merge_moves_state_through_a_transfer_and_redirects_late_events() {
 }
 
 fn merge_of(survivor: &str, merged: &str) -> Message {
+    merge_at(survivor, merged, 1)
+}
+
+/// A merge of identity's `version` (larger for a later decision).
+fn merge_at(survivor: &str, merged: &str, version: i64) -> Message {
     let merge = ProfileMerge {
         merge_id: format!("mg-{merged}"),
         survivor: survivor.into(),
@@ -262,6 +267,7 @@ fn merge_of(survivor: &str, merged: &str) -> Message {
         received_at: 200,
         rule: None,
         score: None,
+        version,
     };
     Message {
         topic: "tessera.identity.merges".into(),
@@ -934,4 +940,45 @@ fn a_tick_handles_every_due_timer_and_expired_entry_across_pages() {
         "not expired yet"
     );
     assert!(load(&s, "late").unwrap().segments.contains_key("recent"));
+}
+
+/// Identity's anchor can move back: a late event merges X into Y, and an earlier one
+/// then merges Y back into X (one instance's graph does so when the earliest identifier
+/// changes twice). Whichever merge profiles reads first, X ends live with every event,
+/// Y redirects to it, and events on either id land on X. Seen failing before merges
+/// carried a version: "redirect chain from profile x is too long".
+#[test]
+fn a_profile_merged_away_and_merged_back_into_lives_again() {
+    for later_first in [false, true] {
+        let mut p = processor();
+        let s = MemStore::default();
+        step(&mut p, &s, &resolved("x", "m1", "Order Completed"));
+        step(&mut p, &s, &resolved("y", "m2", "Page Viewed"));
+        let (away, back) = (merge_at("y", "x", 1), merge_at("x", "y", 2));
+        let merges = if later_first {
+            [back, away]
+        } else {
+            [away, back]
+        };
+        // Each merge's transfer is read after both merges (the slower order).
+        let outs: Vec<Vec<Output>> = merges.iter().map(|m| step(&mut p, &s, m)).collect();
+        let mut pending: Vec<Message> = outs.iter().map(|o| transfer_of(o)).collect();
+        for _ in 0..8 {
+            let Some(t) = pending.pop() else { break };
+            let out = step(&mut p, &s, &t);
+            pending.extend(
+                out.iter()
+                    .any(|o| o.topic == "tessera.profiles.transfers")
+                    .then(|| transfer_of(&out)),
+            );
+        }
+        assert!(pending.is_empty(), "transfers settle ({later_first})");
+        let x = load(&s, "x").expect("x lives again");
+        assert_eq!(x.events_total, 2, "{later_first}");
+        assert!(load(&s, "y").is_none(), "{later_first}");
+        step(&mut p, &s, &resolved("x", "m3", "Page Viewed"));
+        let out = step(&mut p, &s, &resolved("y", "m4", "Page Viewed"));
+        step(&mut p, &s, &transfer_of(&out));
+        assert_eq!(load(&s, "x").unwrap().events_total, 4, "{later_first}");
+    }
 }
