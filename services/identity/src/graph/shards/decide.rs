@@ -7,7 +7,7 @@ use super::*;
 
 impl Shard<'_> {
     /// Recomputes the gathered part with the graph's rules, on a scratch store.
-    pub(super) fn decide(&self, g: &Gathering) -> Result<Decision> {
+    pub(super) fn decide(&self, txn: &Txn<'_>, g: &Gathering) -> Result<Decision> {
         // The part: what the gathered facts connect to the start. Only it goes on the
         // scratch store, and the profiles' copies only with its identifiers: a copy older
         // than the facts (a shard restarted and has not stored a fact again yet) must not
@@ -35,6 +35,8 @@ impl Shard<'_> {
         }
         let scratch = MemStore::default();
         let mut t = Txn::new(&scratch);
+        // Merges decided here come after every merge the owners had seen.
+        observe_merge_clock(&mut t, merge_clock(txn)?.max(g.clock))?;
         for f in facts.values() {
             if f.ids.iter().any(|i| part.contains(i)) {
                 t.put_json(fact_key(&f.key), *f)?;
@@ -123,6 +125,7 @@ impl Shard<'_> {
             }
         }
         Ok(Decision {
+            clock: merge_clock(&t)?,
             cause,
             version,
             placed,
@@ -148,6 +151,7 @@ impl Shard<'_> {
         d: &Decision,
         out: &mut Handled,
     ) -> Result<Vec<Identifier>> {
+        observe_merge_clock(txn, d.clock)?;
         let mine: Vec<&(Identifier, u64, String)> =
             d.placed.iter().filter(|(i, _, _)| self.owns(i)).collect();
         let mut stale = Vec::new();

@@ -174,7 +174,7 @@ impl Shard<'_> {
             return Ok(());
         }
         txn.delete(gathering_key(id));
-        let d = self.decide(&g)?;
+        let d = self.decide(txn, &g)?;
         let mut owners: BTreeSet<u32> = d.placed.iter().map(|(i, _, _)| owner(i, self.n)).collect();
         owners.remove(&self.me);
         for o in owners {

@@ -59,7 +59,11 @@
 //! the decision's gathering did not see, from where the decision puts its members:
 //! otherwise a profile that events went out on could vanish unreported. Several shards
 //! may report one change; they report the same record (its id comes from the
-//! decision), which downstream applies once.
+//! decision), which downstream applies once. A merge's version comes from the merge
+//! clock of the shard that decides it; answers ([`Link::Tell`]) and decisions carry
+//! their sender's clock and raise the receiver's, so a later merge of the same profiles
+//! (one back into a profile merged away) has a larger version wherever it is decided,
+//! which is how profiles knows which of them is live.
 
 mod decide;
 mod gather;
@@ -109,10 +113,12 @@ pub enum Link {
         from: u32,
         ids: Vec<Identifier>,
     },
-    /// The answer.
+    /// The answer, with the owner's merge clock.
     Tell {
         gathering: String,
         entries: Vec<Entry>,
+        #[serde(default)]
+        clock: i64,
     },
     /// A recomputed part, for every owner of its identifiers.
     Decide(Decision),
@@ -148,6 +154,10 @@ pub struct Decision {
     /// The profile each merged-away profile now follows (`mergedinto/`).
     pub merged_into: Vec<(String, String)>,
     pub merge_infos: Vec<MergeInfo>,
+    /// The gatherer's merge clock after deciding: owners that apply it raise theirs, so
+    /// a later merge of the part carries a larger version wherever it is decided.
+    #[serde(default)]
+    pub clock: i64,
 }
 
 /// A gathering in progress, kept in the gatherer's store.
@@ -165,6 +175,9 @@ struct Gathering {
     /// them as they are ([`Shard::gather_again`]).
     #[serde(default)]
     joined: Vec<Identifier>,
+    /// The largest merge clock of the owners that answered.
+    #[serde(default)]
+    clock: i64,
 }
 
 /// What handling one input gave.
@@ -418,12 +431,25 @@ impl Shard<'_> {
                 ids,
             } => {
                 let entries = self.closure(txn, &ids)?;
-                out.links.push((from, Link::Tell { gathering, entries }));
+                let clock = merge_clock(txn)?;
+                out.links.push((
+                    from,
+                    Link::Tell {
+                        gathering,
+                        entries,
+                        clock,
+                    },
+                ));
             }
-            Link::Tell { gathering, entries } => {
+            Link::Tell {
+                gathering,
+                entries,
+                clock,
+            } => {
                 let Some(mut g) = txn.get_json::<Gathering>(&gathering_key(&gathering))? else {
                     return Ok(out); // answered twice (a replay): already decided
                 };
+                g.clock = g.clock.max(clock);
                 for e in entries {
                     g.asked.retain(|i| i != &e.id);
                     if !g.entries.iter().any(|x| x.id == e.id) {
