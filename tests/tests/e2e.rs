@@ -1,6 +1,7 @@
 //! End-to-end tests: a real Apache Kafka broker and the real services. Each test starts
 //! its own platform under a unique topic prefix, so they run in parallel on one broker.
-//! Here: the SDKs, health and metrics, an anonymous profile merging into a known one;
+//! Here: the SDKs, health and metrics, an anonymous profile merging into a known one,
+//! a profile merged away and back by late events;
 //! ingest's refusals and outages are in `ingest.rs`, crashes and rebuilds in
 //! `recovery.rs`.
 
@@ -544,5 +545,61 @@ async fn an_anonymous_profile_merges_into_the_known_one() {
             .any(|a| a.profile_id == anon_id && a.action == "remove"),
         "the merged profile is removed: {acts:?}"
     );
+    p.stop().await;
+}
+
+/// Two late events move a person's anchor away and back: identity merges X into Y, then
+/// Y back into X, and profiles reads the two merges and their transfers. X ends live with
+/// every event and Y redirects to it (before merges carried a version, profiles looped on
+/// the redirects and dead-lettered the second transfer: the state was lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_profile_merged_away_and_back_by_late_events_keeps_every_event() {
+    let p = Platform::start().await;
+    let device = uid("device");
+    let (first, second) = (uid("first"), uid("second"));
+    let email = |who: &str| format!("{who}@mail.test");
+    let at = |s: u32| format!("2026-01-01T00:00:{s:02}.000Z");
+    let track = |who: &str, s: u32| {
+        json!({"anonymousId": device, "event": "Page Viewed", "timestamp": at(s),
+               "context": {"traits": {"email": email(who)}}})
+    };
+    let total = |n: u64| move |v: &Value| v["events_total"] == n;
+    let (s, _) = post(&p.ingest, "/v1/track", &track(&first, 30)).await;
+    assert_eq!(s, 200);
+    let x = p
+        .wait_profile("email", &email(&first), "the first event", total(1))
+        .await["profile_id"]
+        .clone();
+    // Earlier than the first: the second email is now the part's first seen.
+    let (s, _) = post(&p.ingest, "/v1/track", &track(&second, 20)).await;
+    assert_eq!(s, 200);
+    let y = p
+        .wait_profile("email", &email(&first), "merged away", |v| {
+            v["profile_id"] != x && v["events_total"] == 2
+        })
+        .await["profile_id"]
+        .clone();
+    // Earlier still, with the first email: the anchor moves back, and so does the profile.
+    let (s, _) = post(&p.ingest, "/v1/track", &track(&first, 10)).await;
+    assert_eq!(s, 200);
+    let back = p
+        .wait_profile("email", &email(&second), "merged back", |v| {
+            v["profile_id"] == x && v["events_total"] == 3
+        })
+        .await;
+    assert_eq!(back["event_counts"]["Page Viewed"], 3);
+    let old: Value = http()
+        .get(format!(
+            "{}/v1/profiles/{}",
+            p.profiles,
+            y.as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(old["profile_id"], x, "the merged-back id redirects to X");
     p.stop().await;
 }
