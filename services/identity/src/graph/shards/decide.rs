@@ -22,8 +22,17 @@ impl Shard<'_> {
                 }
             }
         }
-        let mut part: BTreeSet<&Identifier> = g.start.iter().collect();
-        let mut queue: Vec<&Identifier> = g.start.iter().collect();
+        // The start, and the sides of the un-merges gathered: one instance's un-merge
+        // places every identifier it names, one no event carried too, and a decision
+        // gathered again after a stale one must still do so.
+        let mut start: BTreeSet<&Identifier> = g.start.iter().collect();
+        for e in &g.entries {
+            for s in &e.separations {
+                start.extend(s.left.iter().chain(&s.right));
+            }
+        }
+        let mut part: BTreeSet<&Identifier> = start.clone();
+        let mut queue: Vec<&Identifier> = start.iter().copied().collect();
         while let Some(i) = queue.pop() {
             for f in of.get(i).into_iter().flatten() {
                 for x in &f.ids {
@@ -82,7 +91,8 @@ impl Shard<'_> {
             .iter()
             .filter_map(|e| Some((e.id.clone(), e.profile.clone()?)))
             .collect();
-        let changes = graph.recompute(&mut t, &g.start, &cause)?;
+        let start: Vec<Identifier> = start.into_iter().cloned().collect();
+        let changes = graph.recompute(&mut t, &start, &cause)?;
         let mut placed = Vec::new();
         let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
         // An entry is part of the decision if the recomputation placed it. One gathered

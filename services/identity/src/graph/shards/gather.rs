@@ -137,6 +137,10 @@ impl Shard<'_> {
                 if let Some(n) = &e.node {
                     reached.extend(n.identifiers.iter().cloned());
                 }
+                // An un-merge's sides: it placed them all (see `decide`).
+                for s in &e.separations {
+                    reached.extend(s.left.iter().chain(&s.right).cloned());
+                }
             }
             let new: Vec<Identifier> = reached
                 .into_iter()

@@ -40,6 +40,13 @@
 //! In between, a reader may see an identifier on a decision made without a fact still
 //! in flight, as one instance shows a late event's part before its recomputation.
 //!
+//! **Corrections** ([`Correction`]: un-merge, detach) are inputs too: the owner of the
+//! first identifier stores what it owns (a separation, a detached flag) and sends a
+//! separation to the other sides' owners ([`Link::Separate`]), each bumping its
+//! identifiers' `gen`; then it gathers the part around them. A gathering follows an
+//! un-merge's sides as it follows facts, and its decision places them all, as one
+//! instance's un-merge does.
+//!
 //! **A shard that stops** goes back to its last commit and consumes again what it had
 //! consumed since (the runner's contract); what it sent meanwhile stays sent. Every
 //! message may so arrive twice, and an answer may reach a later gathering that took the
@@ -122,6 +129,35 @@ pub enum Link {
     },
     /// A recomputed part, for every owner of its identifiers.
     Decide(Decision),
+    /// An un-merge's separation, for the owner of some of its identifiers.
+    Separate(Separation),
+}
+
+/// A correction (graph/corrections.rs), handled at the owner of its first identifier as
+/// a new input: the owners of its identifiers store it, and the part around them is
+/// gathered and decided as for a fact.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Correction {
+    /// Un-merge: no profile holds identifiers of both sides from now on. The sides come
+    /// with the command (a shard holds a merge's record only if it reported it).
+    Unmerge {
+        merge_id: String,
+        left: Vec<Identifier>,
+        right: Vec<Identifier>,
+        at: (i64, String),
+    },
+    /// An identifier taken out of its profile: it never links to anything again.
+    Detach { id: Identifier, at: (i64, String) },
+}
+
+impl Correction {
+    /// The identifier whose owner handles it.
+    pub fn first(&self) -> Option<&Identifier> {
+        match self {
+            Correction::Unmerge { left, right, .. } => left.first().or(right.first()),
+            Correction::Detach { id, .. } => Some(id),
+        }
+    }
 }
 
 /// What an owner holds about one of its identifiers.
@@ -252,6 +288,21 @@ impl<'r> Shard<'r> {
             });
         }
         txn.in_keyspace(&keyspace(self.me), |t| self.resolve(t, fact))
+    }
+
+    /// A correction that arrived at this shard; one whose first identifier another
+    /// shard owns goes there whole ([`Handled::forward`]).
+    pub fn on_correction(&self, txn: &mut Txn<'_>, c: Correction) -> Result<Handled> {
+        let Some(first) = c.first() else {
+            return Ok(Handled::default());
+        };
+        if !self.owns(first) {
+            return Ok(Handled {
+                forward: Some(owner(first, self.n)),
+                ..Handled::default()
+            });
+        }
+        txn.in_keyspace(&keyspace(self.me), |t| self.correct(t, c))
     }
 
     /// A message from a shard.
@@ -421,10 +472,77 @@ impl Shard<'_> {
         Ok(out)
     }
 
+    /// Stores what this shard owns of a separation; bumps the `gen` of each owned
+    /// identifier it is new to.
+    fn store_separation(&self, txn: &mut Txn<'_>, sep: &Separation) -> Result<()> {
+        let mine: Vec<&Identifier> = sep
+            .left
+            .iter()
+            .chain(&sep.right)
+            .filter(|i| self.owns(i))
+            .collect();
+        if mine.is_empty() {
+            return Ok(());
+        }
+        txn.put_json(sep_key(&sep.id), sep)?;
+        for i in mine {
+            let k = format!("{}{}", sepidx_prefix(i), sep.id).into_bytes();
+            if txn.get(&k)?.is_none() {
+                txn.put(k, Vec::new());
+                self.bump(txn, i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A correction at the owner of its first identifier: stored as an input where its
+    /// identifiers are owned, and the part around them gathered.
+    fn correct(&self, txn: &mut Txn<'_>, c: Correction) -> Result<Handled> {
+        let mut out = Handled::default();
+        let (start, cause) = match c {
+            Correction::Unmerge {
+                merge_id,
+                left,
+                right,
+                at,
+            } => {
+                let sep = Separation {
+                    id: deterministic_id("separation", &[&merge_id]),
+                    left,
+                    right,
+                };
+                self.store_separation(txn, &sep)?;
+                let ids: Vec<Identifier> = sep.left.iter().chain(&sep.right).cloned().collect();
+                let mut others: BTreeSet<u32> = ids.iter().map(|i| owner(i, self.n)).collect();
+                others.remove(&self.me);
+                for o in others {
+                    out.links.push((o, Link::Separate(sep.clone())));
+                }
+                (
+                    ids,
+                    Fact::new(self.graph.rules, &[], at.0, &at.1, "unmerge", None),
+                )
+            }
+            Correction::Detach { id, at } => {
+                if txn.get(&detached_key(&id))?.is_none() {
+                    txn.put(detached_key(&id), Vec::new());
+                    self.bump(txn, &id)?;
+                }
+                (
+                    vec![id],
+                    Fact::new(self.graph.rules, &[], at.0, &at.1, "detach", None),
+                )
+            }
+        };
+        self.gather(txn, start, cause, Vec::new(), &mut out)?;
+        Ok(out)
+    }
+
     fn on_link_here(&self, txn: &mut Txn<'_>, link: Link) -> Result<Handled> {
         let mut out = Handled::default();
         match link {
             Link::Fact(f) => self.store_owned(txn, &f)?,
+            Link::Separate(sep) => self.store_separation(txn, &sep)?,
             Link::Ask {
                 gathering,
                 from,

@@ -56,9 +56,14 @@ fn all_ids() -> Vec<Identifier> {
     out
 }
 
-/// One instance: every fact applied in arrival order to one store.
-fn one_instance(rules: &Rules, facts: &[Fact]) -> MemStore {
-    one_instance_reporting(rules, facts).0
+/// One instance: every input applied in arrival order to one store.
+fn one_instance(rules: &Rules, inputs: &[Carried]) -> MemStore {
+    one_instance_reporting(rules, inputs).0
+}
+
+/// Each event's fact.
+fn events(facts: &[Fact]) -> Vec<Carried> {
+    facts.iter().cloned().map(Carried::Event).collect()
 }
 
 /// What went downstream: each event's profile, the merges (merged → survivor and the
@@ -122,14 +127,34 @@ impl Reported {
     }
 }
 
-fn one_instance_reporting(rules: &Rules, facts: &[Fact]) -> (MemStore, Reported) {
+fn one_instance_reporting(rules: &Rules, inputs: &[Carried]) -> (MemStore, Reported) {
     let s = MemStore::default();
     let mut reported = Reported::default();
-    for f in facts {
+    for input in inputs {
         let mut txn = Txn::new(&s);
-        let changes = Graph::new(rules, 1).add_fact(&mut txn, f.clone()).unwrap();
-        let p = lookup(&txn, &f.ids[0]).unwrap().unwrap();
-        reported.add(vec![(f.order.msg.clone(), p)], changes);
+        let g = Graph::new(rules, 1);
+        match input {
+            Carried::Event(f) => {
+                let changes = g.add_fact(&mut txn, f.clone()).unwrap();
+                let p = lookup(&txn, &f.ids[0]).unwrap().unwrap();
+                reported.add(vec![(f.order.msg.clone(), p)], changes);
+            }
+            Carried::Correct(Correction::Unmerge {
+                merge_id,
+                left,
+                right,
+                at,
+            }) => {
+                let at = (at.0, at.1.as_str());
+                let changes = g.unmerge(&mut txn, merge_id, (left, right), at).unwrap();
+                reported.add(Vec::new(), changes.expect("the sides are given"));
+            }
+            Carried::Correct(Correction::Detach { id, at }) => {
+                let changes = g.detach(&mut txn, id, (at.0, at.1.as_str())).unwrap();
+                reported.add(Vec::new(), changes);
+            }
+            Carried::Link(_) => unreachable!("one instance has no links"),
+        }
         s.write(txn.into_batch()).unwrap();
     }
     (s, reported)
@@ -138,16 +163,24 @@ fn one_instance_reporting(rules: &Rules, facts: &[Fact]) -> (MemStore, Reported)
 /// The shard an event arrives at: `by_device`, as ingest keys it, by its device (the
 /// anonymous id) else its user id; otherwise at the owner of its highest-priority
 /// identifier, where it is resolved.
-fn arrival(f: &Fact, n: u32, by_device: bool) -> u32 {
-    let device = f.ids.iter().find(|i| i.kind == "anonymous_id");
-    owner(device.filter(|_| by_device).unwrap_or(&f.ids[0]), n)
+fn arrival(input: &Carried, n: u32, by_device: bool) -> u32 {
+    match input {
+        Carried::Event(f) => {
+            let device = f.ids.iter().find(|i| i.kind == "anonymous_id");
+            owner(device.filter(|_| by_device).unwrap_or(&f.ids[0]), n)
+        }
+        // Commands are keyed by their first identifier.
+        Carried::Correct(c) => c.first().map_or(0, |i| owner(i, n)),
+        Carried::Link(_) => unreachable!("links are not inputs"),
+    }
 }
 
-/// What travels between shards: a link, or an event forwarded to the owner of its
-/// highest-priority identifier.
-#[derive(Serialize, Deserialize)]
+/// What a shard consumes: an event or a correction (its inputs, and forwarded to the
+/// owner of their identifier), or a link.
+#[derive(Clone, Serialize, Deserialize)]
 enum Carried {
     Event(Fact),
+    Correct(Correction),
     Link(Link),
 }
 
@@ -159,7 +192,7 @@ struct Sim<'r> {
     rules: &'r Rules,
     n: u32,
     store: MemStore,
-    events: Vec<VecDeque<Fact>>,
+    events: Vec<VecDeque<Carried>>,
     channels: BTreeMap<(u32, u32), VecDeque<Vec<u8>>>,
     /// What every shard sent downstream and then committed, and what each sent since its
     /// last commit. A crash before the commit re-processes those inputs, which may
@@ -182,15 +215,15 @@ struct Sim<'r> {
 
 #[derive(Clone)]
 enum Consumed {
-    Event(Box<Fact>),
+    Input(Box<Carried>),
     Link((u32, u32), Vec<u8>),
 }
 
 impl<'r> Sim<'r> {
-    fn new(rules: &'r Rules, n: u32, facts: &[Fact], seed: u64, by_device: bool) -> Self {
+    fn new(rules: &'r Rules, n: u32, inputs: &[Carried], seed: u64, by_device: bool) -> Self {
         let mut events = vec![VecDeque::new(); n as usize];
-        for f in facts {
-            events[arrival(f, n, by_device) as usize].push_back(f.clone());
+        for input in inputs {
+            events[arrival(input, n, by_device) as usize].push_back(input.clone());
         }
         let sim = Sim {
             rules,
@@ -231,16 +264,15 @@ impl<'r> Sim<'r> {
     fn handle(&mut self, at: u32, input: Carried) {
         let mut txn = Txn::new(&self.store);
         let shard = Shard::open(Graph::new(self.rules, 1), at, self.n, &mut txn).unwrap();
-        let (h, event) = match input {
-            Carried::Event(f) => (shard.on_event(&mut txn, f.clone()).unwrap(), Some(f)),
-            Carried::Link(l) => (shard.on_link(&mut txn, l).unwrap(), None),
+        let h = match input.clone() {
+            Carried::Event(f) => shard.on_event(&mut txn, f).unwrap(),
+            Carried::Correct(c) => shard.on_correction(&mut txn, c).unwrap(),
+            Carried::Link(l) => shard.on_link(&mut txn, l).unwrap(),
         };
         self.store.write(txn.into_batch()).unwrap();
         self.pending[at as usize].add(h.resolved, h.changes);
         self.forwarded += usize::from(h.forward.is_some());
-        let forwarded = h
-            .forward
-            .map(|to| (to, Carried::Event(event.expect("an event"))));
+        let forwarded = h.forward.map(|to| (to, input));
         let sent = h.links.into_iter().map(|(to, l)| (to, Carried::Link(l)));
         for (to, c) in sent.chain(forwarded) {
             assert_ne!(to, at, "a shard never messages itself");
@@ -296,9 +328,9 @@ impl<'r> Sim<'r> {
             let pick = eligible[(self.next() % eligible.len() as u64) as usize];
             match sources[pick] {
                 (s, None) => {
-                    let f = self.events[s as usize].pop_front().unwrap();
-                    self.consumed[s as usize].push(Consumed::Event(Box::new(f.clone())));
-                    self.handle(s, Carried::Event(f));
+                    let input = self.events[s as usize].pop_front().unwrap();
+                    self.consumed[s as usize].push(Consumed::Input(Box::new(input.clone())));
+                    self.handle(s, input);
                 }
                 (s, Some(k)) => {
                     let bytes = self.channels.get_mut(&k).unwrap().pop_front().unwrap();
@@ -350,7 +382,7 @@ impl<'r> Sim<'r> {
         self.start(s as u32);
         for c in std::mem::take(&mut self.consumed[s]).into_iter().rev() {
             match c {
-                Consumed::Event(f) => self.events[s].push_front(*f),
+                Consumed::Input(input) => self.events[s].push_front(*input),
                 Consumed::Link(k, bytes) => self.channels.entry(k).or_default().push_front(bytes),
             }
         }
@@ -416,12 +448,37 @@ fn facts_of(rules: &Rules, specs: &[(usize, u8, u8, i64)]) -> Vec<Fact> {
         .collect()
 }
 
-/// The facts with the duplicates at `dups` (positions in `facts`), in an order drawn
+/// Corrections from their specs: (0, a, _) detaches identifier `a` of [`all_ids`],
+/// (1, a, b) un-merges `a` from `b`.
+fn corrections_of(specs: &[(u8, usize, usize)]) -> Vec<Carried> {
+    let ids = all_ids();
+    specs
+        .iter()
+        .enumerate()
+        .filter_map(|(k, (kind, a, b))| {
+            let at = (45, format!("c{k}"));
+            let (a, b) = (ids[a % ids.len()].clone(), ids[b % ids.len()].clone());
+            let c = match kind {
+                0 => Correction::Detach { id: a, at },
+                _ if a != b => Correction::Unmerge {
+                    merge_id: format!("mg-{k}"),
+                    left: vec![a],
+                    right: vec![b],
+                    at,
+                },
+                _ => return None,
+            };
+            Some(Carried::Correct(c))
+        })
+        .collect()
+}
+
+/// The inputs with the duplicates at `dups` (positions in `inputs`), in an order drawn
 /// from `seed`.
-fn shuffled(facts: &[Fact], seed: u64, dups: &[usize]) -> Vec<Fact> {
-    let mut out = facts.to_vec();
+fn shuffled(inputs: &[Carried], seed: u64, dups: &[usize]) -> Vec<Carried> {
+    let mut out = inputs.to_vec();
     for &d in dups {
-        out.push(facts[d].clone());
+        out.push(inputs[d].clone());
     }
     let mut state = seed | 1;
     for i in (1..out.len()).rev() {
@@ -444,12 +501,25 @@ fn check(
     crashes: usize,
     by_device: bool,
 ) -> Result<(), TestCaseError> {
+    check_with(specs, &[], seed, dups, crashes, by_device)
+}
+
+/// [`check`] with corrections ([`corrections_of`]) among the inputs.
+fn check_with(
+    specs: &[(usize, u8, u8, i64)],
+    corrections: &[(u8, usize, usize)],
+    seed: u64,
+    dups: &[usize],
+    crashes: usize,
+    by_device: bool,
+) -> Result<(), TestCaseError> {
     let rules = rules();
-    let facts = facts_of(&rules, specs);
-    let arrived = shuffled(&facts, seed, dups);
+    let mut inputs = events(&facts_of(&rules, specs));
+    inputs.extend(corrections_of(corrections));
+    let arrived = shuffled(&inputs, seed, dups);
     let (store, reported) = one_instance_reporting(&rules, &arrived);
     prop_assert_eq!(reported.orphan(&graph_of_one(&store)), None, "one instance");
-    let one = graph_of_one(&one_instance(&rules, &facts));
+    let one = graph_of_one(&one_instance(&rules, &inputs));
     for n in [1u32, 2, 4] {
         let mut sim = Sim::new(&rules, n, &arrived, seed ^ u64::from(n), by_device);
         sim.max_crashes = crashes;
@@ -470,7 +540,13 @@ fn check(
             .collect();
         prop_assert!(differ.is_empty(), "{}", differ.join("\n"));
         let resolved: BTreeSet<&String> = sim.reported.resolved.iter().map(|(m, _)| m).collect();
-        let sent: BTreeSet<&String> = arrived.iter().map(|f| &f.order.msg).collect();
+        let sent: BTreeSet<&String> = arrived
+            .iter()
+            .filter_map(|i| match i {
+                Carried::Event(f) => Some(&f.order.msg),
+                _ => None,
+            })
+            .collect();
         prop_assert_eq!(resolved, sent, "every event is resolved");
         if let Some(o) = sim.reported.orphan(&got) {
             prop_assert!(false, "on {} shards: {}", n, o);
@@ -483,8 +559,15 @@ fn check(
 }
 
 /// A case of the property: the events' specs, the arrival seed, the duplicates
-/// (positions), how many crashes and whether events arrive by device.
-type Case = (Vec<(usize, u8, u8, i64)>, u64, Vec<usize>, usize, bool);
+/// (positions), how many crashes, whether events arrive by device, and corrections.
+type Case = (
+    Vec<(usize, u8, u8, i64)>,
+    u64,
+    Vec<usize>,
+    usize,
+    bool,
+    Vec<(u8, usize, usize)>,
+);
 
 fn cases() -> impl Strategy<Value = Case> {
     let spec = (
@@ -499,26 +582,27 @@ fn cases() -> impl Strategy<Value = Case> {
         prop::collection::vec(any::<prop::sample::Index>(), 0..6),
         0usize..4,
         any::<bool>(),
+        prop::collection::vec((0u8..2, 0usize..64, 0usize..64), 0..3),
     )
-        .prop_map(|(specs, seed, dups, crashes, by_device)| {
+        .prop_map(|(specs, seed, dups, crashes, by_device, corrections)| {
             let dups = dups.iter().map(|d| d.index(specs.len())).collect();
-            (specs, seed, dups, crashes, by_device)
+            (specs, seed, dups, crashes, by_device, corrections)
         })
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
-    /// The property: any set of events with duplicates, in any arrival order,
-    /// gives the same graph on 1, 2 and 4 shards as on one instance (profile ids,
-    /// members, anchors), every event is resolved, and none is left downstream on a
-    /// profile that ends neither existing nor reported merged or split, when shards stop
-    /// and consume again what they had not committed.
+    /// The property: any set of events with duplicates, and un-merges and
+    /// detaches, in any arrival order, gives the same graph on 1, 2 and 4 shards as on
+    /// one instance (profile ids, members, anchors), every event is resolved, and none
+    /// is left downstream on a profile that ends neither existing nor reported merged or
+    /// split, when shards stop and consume again what they had not committed.
     #[test]
     fn shards_end_in_the_graph_of_one_instance(
-        (specs, seed, dups, crashes, by_device) in cases()
+        (specs, seed, dups, crashes, by_device, corrections) in cases()
     ) {
-        check(&specs, seed, &dups, crashes, by_device)?;
+        check_with(&specs, &corrections, seed, &dups, crashes, by_device)?;
     }
 }
 
@@ -627,13 +711,13 @@ fn a_fact_across_shards_is_decided_by_gathering_and_merges_once() {
         Fact::new(&rules, std::slice::from_ref(&user), 2, "m2", "src", None),
         Fact::new(&rules, &[user.clone(), anon.clone()], 3, "m3", "src", None),
     ];
-    let mut sim = Sim::new(&rules, 2, &facts, 7, true);
+    let mut sim = Sim::new(&rules, 2, &events(&facts), 7, true);
     sim.run();
     let p = sim.lookup(&user).unwrap();
     assert_eq!(sim.lookup(&anon), Some(p.clone()));
     assert_eq!(p, profile_id_of(&user), "the user id anchors the profile");
     assert!(sim.links >= 3, "a fact, a question and an answer at least");
-    let one = one_instance(&rules, &facts);
+    let one = one_instance(&rules, &events(&facts));
     assert_eq!(graph_of_shards(&sim), graph_of_one(&one));
 }
 
@@ -654,7 +738,7 @@ fn a_merge_decided_by_one_shard_comes_after_the_merges_its_owners_saw() {
         Fact::new(&rules, std::slice::from_ref(&user), 2, "m2", "src", None),
         Fact::new(&rules, &[user.clone(), anon.clone()], 3, "m3", "src", None),
     ];
-    let mut sim = Sim::new(&rules, 2, &facts, 7, true);
+    let mut sim = Sim::new(&rules, 2, &events(&facts), 7, true);
     // The anonymous id's owner has decided merges up to 5,000,000.
     let mut txn = Txn::new(&sim.store);
     txn.in_keyspace(&keyspace(owner(&anon, 2)), |t| {
@@ -723,10 +807,10 @@ fn shards_cost() {
         let mut sim = Sim::new(&rules, shards, &[], 1, true);
         let started = std::time::Instant::now();
         let mut gathered = 0usize;
-        for f in &facts {
-            let at = arrival(f, shards, true);
+        for f in facts.iter().cloned().map(Carried::Event) {
+            let at = arrival(&f, shards, true);
             let before = sim.links - sim.forwarded;
-            sim.events[at as usize].push_back(f.clone());
+            sim.events[at as usize].push_back(f);
             sim.run();
             gathered += usize::from(sim.links - sim.forwarded > before);
         }
@@ -852,4 +936,40 @@ fn an_event_on_a_profile_merged_away_and_back_is_followed_to_where_it_lives() {
         (1, 9, 0, 0),
     ];
     check(&specs, 16912361263159680940, &[12, 0, 0], 0, false).unwrap();
+}
+
+/// An un-merge naming an identifier no event carried (here the family email): one
+/// instance gives it a profile of its own, with the separation.
+#[test]
+fn an_unmerge_naming_an_identifier_never_seen_places_it_as_one_instance_does() {
+    let specs = [
+        (0, 1, 0, 0),
+        (1, 4, 0, 0),
+        (0, 3, 0, 0),
+        (0, 1, 0, 0),
+        (0, 1, 0, 0),
+        (0, 1, 0, 0),
+        (0, 1, 0, 0),
+        (0, 1, 0, 0),
+        (0, 11, 0, 0),
+        (0, 1, 0, 0),
+        (0, 1, 0, 0),
+        (0, 1, 0, 0),
+        (0, 1, 0, 0),
+        (2, 17, 0, 0),
+        (0, 1, 0, 0),
+        (0, 1, 0, 0),
+        (0, 1, 0, 0),
+        (0, 1, 0, 0),
+        (0, 18, 1, 0),
+    ];
+    check_with(
+        &specs,
+        &[(1, 1, 5)],
+        10098161647709116162,
+        &[0, 0, 0, 0, 0],
+        0,
+        false,
+    )
+    .unwrap();
 }
