@@ -1,7 +1,7 @@
 //! The graph partitioned by identifier: each of `n` shards owns the identifiers that
 //! hash to it, and shards talk only through [`Link`] messages (in the service, records
 //! of `identity.links` keyed to the owner's partition). Built and proven in memory here
-//! (`tests.rs`; gathering in `gather.rs`, deciding and applying in `decide.rs`); not
+//! (`tests/`; gathering in `gather.rs`, deciding and applying in `decide.rs`); not
 //! yet wired into the service (issue 22).
 //!
 //! **What a shard holds**, in its own keyspace of its instance's store ([`keyspace`]:
