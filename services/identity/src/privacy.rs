@@ -103,6 +103,9 @@ impl IdentityProcessor {
                 };
                 if let Some(e) = &erased {
                     self.log_decisions(crate::fuzzy::log::forget(txn, &e.fuzzy_keys)?, out);
+                    // Other people's parts recomputed without the person's facts.
+                    let t = cmd.requested_at;
+                    self.emit_changes(&e.changes, &cmd.command_id, t, t, out)?;
                 }
                 let suppressed = if cmd.suppress {
                     let ids = erased

@@ -23,7 +23,14 @@ pub struct Erased {
     /// Its fuzzy records' keys, for the matcher's log.
     #[serde(skip)]
     pub fuzzy_keys: Vec<String>,
+    /// Other people's parts recomputed without the erased facts (a link only the
+    /// person's events made is gone): merges and splits to report.
+    #[serde(skip)]
+    pub changes: Changes,
 }
+
+/// The source an erasure's recomputation names as its cause's.
+pub(crate) const ERASE_SOURCE: &str = "erase";
 
 impl Graph<'_> {
     /// Undoes a merge: from now on no profile holds identifiers of both sides, and the
@@ -70,7 +77,9 @@ impl Graph<'_> {
     /// Erases a person: the profile `profile` (or the one it was merged into), every
     /// identifier, sighting, fact, fuzzy record, merge, separation side and ingest
     /// subject of it and of the profiles it absorbed. `None` when there is no such
-    /// profile. Facts shared with identifiers of other profiles go too.
+    /// profile. Facts shared with identifiers of other profiles go too, and those
+    /// identifiers' parts are recomputed without them, so the graph stays a function of
+    /// the facts it keeps.
     pub fn erase(&self, txn: &mut Txn<'_>, profile: &str) -> Result<Option<Erased>> {
         let live = live_profile(txn, profile)?;
         let Some(node) = txn.get_json::<Node>(&node_key(&live))? else {
@@ -81,6 +90,8 @@ impl Graph<'_> {
             identifiers: node.identifiers.len(),
             ..Default::default()
         };
+        // Identifiers of other profiles whose facts with the person's go.
+        let mut others: Vec<Identifier> = Vec::new();
         // The profiles it absorbed, through the merge history.
         let mut queue = vec![live.clone()];
         let mut profiles = Vec::new();
@@ -92,7 +103,7 @@ impl Graph<'_> {
                     if !profiles.contains(&m.merged) && m.merged != live {
                         queue.push(m.merged.clone());
                     }
-                    txn.delete(merge_info_key(&merge_id));
+                    forget_merge(txn, &m);
                     e.merges += 1;
                 }
                 txn.delete(k);
@@ -113,6 +124,12 @@ impl Graph<'_> {
             }
         }
         for i in &node.identifiers {
+            // Merges naming them, kept with any profile (one later split may be
+            // another person's now).
+            for m in merges_naming(txn, i)? {
+                forget_merge(txn, &m);
+                e.merges += 1;
+            }
             txn.delete(id_key(i));
             txn.delete(seen_key(i));
             txn.delete(detached_key(i));
@@ -122,6 +139,9 @@ impl Graph<'_> {
                 if let Some(f) = txn.get_json::<Fact>(&fact_key(&key))? {
                     for j in &f.ids {
                         txn.delete(format!("{}{key}", if_prefix(j)).into_bytes());
+                        if !node.identifiers.contains(j) && !others.contains(j) {
+                            others.push(j.clone());
+                        }
                     }
                     txn.delete(fact_key(&key));
                     e.facts += 1;
@@ -152,8 +172,23 @@ impl Graph<'_> {
             e.fuzzy_keys.extend(records);
         }
         txn.delete(node_key(&live));
+        if !others.is_empty() {
+            e.changes = self.recompute(txn, &others, &self.erasure_cause(&live))?;
+        }
         e.erased_identifiers = node.identifiers;
         Ok(Some(e))
+    }
+
+    /// The cause an erasure's recomputation names (no identifiers: a command).
+    pub(crate) fn erasure_cause(&self, profile: &str) -> Fact {
+        Fact::new(
+            self.rules,
+            &[],
+            self.received_at,
+            &format!("erase-{profile}"),
+            ERASE_SOURCE,
+            None,
+        )
     }
 
     /// Takes an identifier out of its profile: it never links to anything again.

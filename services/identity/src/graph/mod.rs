@@ -43,6 +43,7 @@ mod recompute;
 pub mod shards;
 
 use clusters::*;
+use corrections::ERASE_SOURCE;
 pub use corrections::Erased;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -234,6 +235,59 @@ pub fn merge_info_key(merge_id: &str) -> Vec<u8> {
 pub fn history_prefix(survivor: &str) -> String {
     format!("mh/{survivor}/")
 }
+/// A merge record by an identifier it names, so that an erasure finds every record
+/// naming the person, those kept with another profile too (a merge later split).
+fn merge_ref_prefix(i: &Identifier) -> String {
+    format!("mref/{}/", ident_hash(i))
+}
+
+/// Stores a merge's record with its history entry and its references by identifier.
+pub(crate) fn keep_merge(txn: &mut Txn<'_>, info: &MergeInfo) -> Result<()> {
+    txn.put_json(merge_info_key(&info.merge_id), info)?;
+    txn.put(
+        format!("{}{}", history_prefix(&info.survivor), info.merge_id).into_bytes(),
+        Vec::new(),
+    );
+    for i in info
+        .survivor_identifiers
+        .iter()
+        .chain(&info.merged_identifiers)
+    {
+        txn.put(
+            format!("{}{}", merge_ref_prefix(i), info.merge_id).into_bytes(),
+            Vec::new(),
+        );
+    }
+    Ok(())
+}
+
+/// Removes a merge's record with its history entry and its references.
+pub(crate) fn forget_merge(txn: &mut Txn<'_>, info: &MergeInfo) {
+    txn.delete(merge_info_key(&info.merge_id));
+    txn.delete(format!("{}{}", history_prefix(&info.survivor), info.merge_id).into_bytes());
+    for i in info
+        .survivor_identifiers
+        .iter()
+        .chain(&info.merged_identifiers)
+    {
+        txn.delete(format!("{}{}", merge_ref_prefix(i), info.merge_id).into_bytes());
+    }
+}
+
+/// The records of the merges that name `i` (see [`keep_merge`]).
+pub(crate) fn merges_naming(txn: &Txn<'_>, i: &Identifier) -> Result<Vec<MergeInfo>> {
+    let prefix = merge_ref_prefix(i);
+    let mut out = Vec::new();
+    for (k, _) in txn.scan(prefix.as_bytes(), usize::MAX)? {
+        let merge_id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+        if let Some(m) = txn.get_json::<MergeInfo>(&merge_info_key(&merge_id))? {
+            out.push(m);
+        }
+    }
+    Ok(out)
+}
+
+const SEP_PREFIX: &[u8] = b"sep/";
 fn sep_key(id: &str) -> Vec<u8> {
     format!("sep/{id}").into_bytes()
 }
@@ -436,20 +490,36 @@ impl<'r> Graph<'r> {
     }
 
     fn apply_in_order(&self, txn: &mut Txn<'_>, fact: &Fact, nodes: Vec<Node>) -> Result<Changes> {
-        let node_ids: Vec<Identifier> = nodes
+        let mut node_ids: Vec<Identifier> = nodes
             .iter()
             .flat_map(|n| n.identifiers.iter().cloned())
             .collect();
-        let separations = if nodes.iter().any(|n| !n.separations.is_empty()) {
-            self.load_separations(txn, &node_ids)?
-        } else {
-            BTreeMap::new()
-        };
-        let detached: BTreeSet<Identifier> = nodes
+        let mut detached: BTreeSet<Identifier> = nodes
             .iter()
             .filter(|n| n.detached)
             .map(|n| n.anchor.clone())
             .collect();
+        // An identifier new to the graph may have been named by a command before any
+        // event carried it: an un-merge's side, a detach.
+        let mut separated = nodes.iter().any(|n| !n.separations.is_empty());
+        for i in fact
+            .ids
+            .iter()
+            .filter(|i| !node_ids.contains(i))
+            .cloned()
+            .collect::<Vec<_>>()
+        {
+            separated |= !txn.scan(sepidx_prefix(&i).as_bytes(), 1)?.is_empty();
+            if txn.get(&detached_key(&i))?.is_some() {
+                detached.insert(i.clone());
+            }
+            node_ids.push(i);
+        }
+        let separations = if separated {
+            self.load_separations(txn, &node_ids)?
+        } else {
+            BTreeMap::new()
+        };
         let ctx = Context {
             rules: self.rules,
             separations: &separations,

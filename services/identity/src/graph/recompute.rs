@@ -11,6 +11,20 @@ impl Graph<'_> {
         start: &[Identifier],
         cause: &Fact,
     ) -> Result<Changes> {
+        // An identifier no event carried (a command named it: an un-merge's side, a
+        // detach) is not part of the graph and gets no profile; what the command stored
+        // for it holds when an event brings it ([`Graph::apply_in_order`]). Otherwise
+        // the graph would depend on whether the command came first.
+        let mut known = Vec::with_capacity(start.len());
+        for i in start {
+            if seen(txn, i)?.is_some()
+                || lookup(txn, i)?.is_some()
+                || !txn.scan(if_prefix(i).as_bytes(), 1)?.is_empty()
+            {
+                known.push(i.clone());
+            }
+        }
+        let start = known.as_slice();
         let mut facts: BTreeMap<String, Fact> = BTreeMap::new();
         let mut ids: BTreeSet<Identifier> = start.iter().cloned().collect();
         let mut queue: Vec<Identifier> = start.to_vec();
@@ -236,11 +250,7 @@ impl Graph<'_> {
             event_time: cause.order.t,
             undone: false,
         };
-        txn.put_json(merge_info_key(&merge_id), &info)?;
-        txn.put(
-            format!("{}{merge_id}", history_prefix(survivor)).into_bytes(),
-            Vec::new(),
-        );
+        keep_merge(txn, &info)?;
         changes.merges.push(ProfileMerge {
             merge_id,
             survivor: survivor.to_string(),
