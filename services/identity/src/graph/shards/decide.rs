@@ -113,6 +113,9 @@ impl Shard<'_> {
             placed.push((e.id.clone(), e.generation, p));
             version += u128::from(e.generation);
         }
+        // Erasures first: a part recomputed after one outranks what came before it.
+        let erasures = g.entries.iter().map(|e| e.erasures).max().unwrap_or(0);
+        let version = (u128::from(erasures) << 96) | version;
         let gone: Vec<String> = old
             .iter()
             .filter(|(i, _)| placed.iter().any(|(x, _, _)| x == *i))
@@ -190,6 +193,13 @@ impl Shard<'_> {
             before.insert(i, was);
             txn.put(id_key(i), p.as_bytes().to_vec());
             txn.put(ver_key(i), d.version.to_string().into_bytes());
+            // A part recomputed right after an erasure still holds links of profiles'
+            // copies that the erased facts made; the decisions after it, without them,
+            // have smaller parts: they outrank it by one more erasure.
+            let erasures = (d.version >> 96) as u64 + u64::from(d.cause.source == ERASE_SOURCE);
+            if erasures > get_num::<u64>(txn, &vep_key(i))? {
+                txn.put(vep_key(i), erasures.to_string().into_bytes());
+            }
             if let Some(n) = nodes.get(p.as_str()) {
                 txn.put_json(node_key(p), *n)?;
             }
@@ -217,11 +227,7 @@ impl Shard<'_> {
         for m in d.merges.iter().filter(|m| left(&m.merged)) {
             // Its `mergedinto/` comes with the decision's `merged_into` below.
             if let Some(info) = d.merge_infos.iter().find(|x| x.merge_id == m.merge_id) {
-                txn.put_json(merge_info_key(&m.merge_id), info)?;
-                txn.put(
-                    format!("{}{}", history_prefix(&m.survivor), m.merge_id).into_bytes(),
-                    Vec::new(),
-                );
+                keep_merge(txn, info)?;
             }
             out.changes.merges.push(m.clone());
         }
@@ -233,8 +239,27 @@ impl Shard<'_> {
         }
         for (p, to) in &d.merged_into {
             txn.put(merged_key(p), to.as_bytes().to_vec());
+            txn.put(
+                format!("{}{p}", merged_from_prefix(to)).into_bytes(),
+                Vec::new(),
+            );
         }
         self.report_unseen(txn, d, &before, &old_nodes, out)?;
+        // A profile this shard's identifiers all left keeps no copy here, gone or not
+        // (it may live on with others' identifiers, and its copy would go stale, with
+        // the values of identifiers that are elsewhere now).
+        for w in old_nodes.keys() {
+            let Some(n) = txn.get_json::<Node>(&node_key(w))? else {
+                continue;
+            };
+            let mut kept = false;
+            for i in n.identifiers.iter().filter(|i| self.owns(i)) {
+                kept |= lookup(txn, i)?.as_deref() == Some(w.as_str());
+            }
+            if !kept {
+                txn.delete(node_key(w));
+            }
+        }
         Ok(stale)
     }
 

@@ -27,6 +27,7 @@ impl Shard<'_> {
         Ok(Entry {
             id: i.clone(),
             generation: get_num::<u64>(txn, &gen_key(i))?,
+            erasures: get_num::<u64>(txn, &vep_key(i))?,
             seen: seen(txn, i)?,
             detached: txn.get(&detached_key(i))?.is_some(),
             facts,
@@ -99,6 +100,16 @@ impl Shard<'_> {
         Ok(())
     }
 
+    /// A new gathering's id. It holds the shard's epoch: a shard that restarts counts
+    /// its gatherings again from its last commit, and answers to one it started before
+    /// must not reach another that took the same number (they would mix two parts in
+    /// one decision, which an owner refuses whole when one part went stale).
+    pub(super) fn next_gathering(&self, txn: &mut Txn<'_>) -> Result<String> {
+        let seq = get_num::<u64>(txn, GATHER_SEQ)? + 1;
+        txn.put(GATHER_SEQ.to_vec(), seq.to_string().into_bytes());
+        Ok(format!("{}-{}-{seq}", self.me, self.epoch))
+    }
+
     /// Starts gathering the part around `start`.
     pub(super) fn gather(
         &self,
@@ -108,9 +119,7 @@ impl Shard<'_> {
         waiting: Vec<(String, Identifier)>,
         out: &mut Handled,
     ) -> Result<()> {
-        let seq = get_num::<u64>(txn, GATHER_SEQ)? + 1;
-        txn.put(GATHER_SEQ.to_vec(), seq.to_string().into_bytes());
-        let id = format!("{}-{seq}", self.me);
+        let id = self.next_gathering(txn)?;
         let g = Gathering {
             cause: Some(cause),
             start,
@@ -178,6 +187,9 @@ impl Shard<'_> {
             return Ok(());
         }
         txn.delete(gathering_key(id));
+        if let Some(p) = g.erase.clone() {
+            return self.erase_gathered(&g, &p, out);
+        }
         let d = self.decide(txn, &g)?;
         let mut owners: BTreeSet<u32> = d.placed.iter().map(|(i, _, _)| owner(i, self.n)).collect();
         owners.remove(&self.me);

@@ -47,12 +47,16 @@
 //! un-merge's sides as it follows facts, and its decision places them all, as one
 //! instance's un-merge does.
 //!
+//! **Erasure** (`erase.rs`, [`Correction::Erase`]) removes inputs, which invariant 3
+//! does not allow for: a decision's version therefore starts with the number of
+//! erasures its part went through, so the decisions after an erasure outrank those
+//! before it.
+//!
 //! **A shard that stops** goes back to its last commit and consumes again what it had
 //! consumed since (the runner's contract); what it sent meanwhile stays sent. Every
-//! message may so arrive twice, and an answer may reach a later gathering that took the
-//! same id: a fact stored twice is stored once, a decision applied twice changes
-//! nothing the second time, and an answer older than the gathering it reaches can only
-//! make that gathering's decision stale, which rule 2 catches. A gathering is state in
+//! message may so arrive twice: a fact stored twice is stored once, a decision applied
+//! twice changes nothing the second time, and an answer to a gathering the restart
+//! undid reaches none (a gathering's id holds the epoch). A gathering is state in
 //! the store, so it resumes with its shard. Two more things keep rule 3 true across a
 //! restart: a `gen` carries the shard's epoch in its high half, so one counted again
 //! after a restart is higher than any sent before it ([`Shard::start`] raises and
@@ -73,11 +77,14 @@
 //! which is how profiles knows which of them is live.
 
 mod decide;
+mod erase;
 mod gather;
 #[cfg(test)]
 mod tests;
 
 use super::*;
+pub use erase::Erasure;
+use erase::{GEN_FLOOR, merged_from_prefix};
 
 /// Which of `n` shards owns an identifier.
 pub fn owner(i: &Identifier, n: u32) -> u32 {
@@ -91,6 +98,13 @@ fn gen_key(i: &Identifier) -> Vec<u8> {
 }
 fn ver_key(i: &Identifier) -> Vec<u8> {
     format!("ver/{}", ident_hash(i)).into_bytes()
+}
+/// How many erasures changed the part an identifier is in (as far as the decisions it
+/// took know): a decision's version starts with the largest its gathering read, so a
+/// part recomputed after an erasure (fewer inputs, a smaller sum of `gen`s) outranks
+/// every decision made before it.
+fn vep_key(i: &Identifier) -> Vec<u8> {
+    format!("vep/{}", ident_hash(i)).into_bytes()
 }
 /// The latest gathering of this shard that read an identifier, and the `gen` it read.
 fn gat_key(i: &Identifier) -> Vec<u8> {
@@ -131,6 +145,8 @@ pub enum Link {
     Decide(Decision),
     /// An un-merge's separation, for the owner of some of its identifiers.
     Separate(Separation),
+    /// A person erased, for every shard (the one that gathered it too).
+    Erase(Erasure),
 }
 
 /// A correction (graph/corrections.rs), handled at the owner of its first identifier as
@@ -148,6 +164,8 @@ pub enum Correction {
     },
     /// An identifier taken out of its profile: it never links to anything again.
     Detach { id: Identifier, at: (i64, String) },
+    /// The person whose identifier this is erased (a privacy request's delete).
+    Erase { id: Identifier, request: String },
 }
 
 impl Correction {
@@ -155,7 +173,7 @@ impl Correction {
     pub fn first(&self) -> Option<&Identifier> {
         match self {
             Correction::Unmerge { left, right, .. } => left.first().or(right.first()),
-            Correction::Detach { id, .. } => Some(id),
+            Correction::Detach { id, .. } | Correction::Erase { id, .. } => Some(id),
         }
     }
 }
@@ -165,6 +183,9 @@ impl Correction {
 pub struct Entry {
     pub id: Identifier,
     pub generation: u64,
+    /// Erasures its part went through (see `vep_key`).
+    #[serde(default)]
+    pub erasures: u64,
     pub seen: Option<Seen>,
     pub detached: bool,
     pub facts: Vec<Fact>,
@@ -214,6 +235,9 @@ struct Gathering {
     /// The largest merge clock of the owners that answered.
     #[serde(default)]
     clock: i64,
+    /// Gathered to erase this profile's person, not to decide.
+    #[serde(default)]
+    erase: Option<String>,
 }
 
 /// What handling one input gave.
@@ -320,7 +344,7 @@ impl Shard<'_> {
     /// last commit, and a `gen` it had sent since would otherwise be counted again to a
     /// different value. So the high half is the shard's epoch (how often it started).
     fn bump(&self, txn: &mut Txn<'_>, i: &Identifier) -> Result<()> {
-        let cur = get_num::<u64>(txn, &gen_key(i))?;
+        let cur = get_num::<u64>(txn, &gen_key(i))?.max(get_num(txn, GEN_FLOOR)?);
         let g = if cur >> 32 < self.epoch {
             (self.epoch << 32) | 1
         } else {
@@ -523,6 +547,10 @@ impl Shard<'_> {
                     Fact::new(self.graph.rules, &[], at.0, &at.1, "unmerge", None),
                 )
             }
+            Correction::Erase { id, request } => {
+                self.start_erasure(txn, id, &request, &mut out)?;
+                return Ok(out);
+            }
             Correction::Detach { id, at } => {
                 if txn.get(&detached_key(&id))?.is_none() {
                     txn.put(detached_key(&id), Vec::new());
@@ -543,6 +571,7 @@ impl Shard<'_> {
         match link {
             Link::Fact(f) => self.store_owned(txn, &f)?,
             Link::Separate(sep) => self.store_separation(txn, &sep)?,
+            Link::Erase(e) => self.on_erasure(txn, &e, &mut out)?,
             Link::Ask {
                 gathering,
                 from,

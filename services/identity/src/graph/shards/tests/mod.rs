@@ -154,6 +154,12 @@ fn one_instance_reporting(rules: &Rules, inputs: &[Carried]) -> (MemStore, Repor
                 let changes = g.detach(&mut txn, id, (at.0, at.1.as_str())).unwrap();
                 reported.add(Vec::new(), changes);
             }
+            Carried::Correct(Correction::Erase { id, .. }) => {
+                if let Some(p) = lookup(&txn, id).unwrap() {
+                    let p = live_profile(&txn, &p).unwrap();
+                    g.erase(&mut txn, &p).unwrap();
+                }
+            }
             Carried::Link(_) => unreachable!("one instance has no links"),
         }
         s.write(txn.into_batch()).unwrap();
@@ -243,8 +249,12 @@ impl<'r> Sim<'r> {
             crashes: 0,
             max_crashes: 0,
         };
+        let mut sim = sim;
         for s in 0..n {
             sim.start(s);
+            // The start is committed before the shard handles anything (the runner's
+            // contract): a crash goes back to it, not to before it.
+            sim.committed[s as usize] = sim.store.scan_prefix(&keyspace(s), usize::MAX).unwrap();
         }
         sim
     }
@@ -276,7 +286,11 @@ impl<'r> Sim<'r> {
         let forwarded = h.forward.map(|to| (to, input));
         let sent = h.links.into_iter().map(|(to, l)| (to, Carried::Link(l)));
         for (to, c) in sent.chain(forwarded) {
-            assert_ne!(to, at, "a shard never messages itself");
+            // Only an erasure goes to its own shard (through its partition).
+            assert!(
+                to != at || matches!(c, Carried::Link(Link::Erase(_))),
+                "a shard never messages itself otherwise"
+            );
             self.links += 1;
             self.channels
                 .entry((at, to))
@@ -439,12 +453,17 @@ fn graph_of_shards(sim: &Sim<'_>) -> Graphed {
 }
 
 fn facts_of(rules: &Rules, specs: &[(usize, u8, u8, i64)]) -> Vec<Fact> {
+    facts_named(rules, specs, "m")
+}
+
+/// Facts whose message ids are `tag` and their position.
+fn facts_named(rules: &Rules, specs: &[(usize, u8, u8, i64)], tag: &str) -> Vec<Fact> {
     specs
         .iter()
         .enumerate()
         .map(|(n, (person, pick, shared, t))| {
             let ids = world_ids(*person, *pick, *shared);
-            Fact::new(rules, &ids, *t, &format!("m{n}"), "src", None)
+            Fact::new(rules, &ids, *t, &format!("{tag}{n}"), "src", None)
         })
         .collect()
 }
@@ -559,6 +578,139 @@ fn check_with(
     Ok(())
 }
 
+/// The erasure property's case: the inputs as in [`check_with`], once every shard is
+/// done with them the person of identifier `erase` ([`all_ids`]) is erased, and once
+/// that is done the events `after` arrive; shards may crash throughout. The graph at the end is one instance's (the
+/// same three steps in order), and when the erasure is done no shard holds a key or
+/// value of the person's identifiers (their hashes, their values).
+fn check_erasure(
+    specs: &[(usize, u8, u8, i64)],
+    corrections: &[(u8, usize, usize)],
+    seed: u64,
+    erase: usize,
+    after: &[(usize, u8, u8, i64)],
+    crashes: usize,
+    by_device: bool,
+) -> Result<(), TestCaseError> {
+    let rules = rules();
+    let mut inputs = events(&facts_of(&rules, specs));
+    inputs.extend(corrections_of(corrections));
+    let arrived = shuffled(&inputs, seed, &[]);
+    let all = all_ids();
+    let target = all[erase % all.len()].clone();
+    let before = one_instance(&rules, &inputs);
+    let person: Vec<Identifier> = graph_of_one(&before)
+        .remove(&target)
+        .flatten()
+        .map(|(_, members, _)| members)
+        .unwrap_or_default();
+    let erasure = Carried::Correct(Correction::Erase {
+        id: target,
+        request: "r1".into(),
+    });
+    let later = events(&facts_named(&rules, after, "n"));
+    // One instance, the inputs in the order they arrived, then the erasure.
+    let mut sequence = arrived.clone();
+    sequence.push(erasure.clone());
+    let erased_one = one_instance(&rules, &sequence);
+    let left = leftovers(&erased_one, &person);
+    prop_assert!(left.is_empty(), "one instance keeps {:?}", left);
+    if corrections.is_empty() {
+        // One instance's graph after the erasure is the graph of the events without
+        // the person's: an event they shared with others leaves a sighting of each of
+        // the others, and no link.
+        let kept: Vec<Carried> = arrived
+            .iter()
+            .flat_map(|c| match c {
+                Carried::Event(f) if f.ids.iter().any(|i| person.contains(i)) => f
+                    .ids
+                    .iter()
+                    .filter(|i| !person.contains(i))
+                    .map(|i| {
+                        let alone = std::slice::from_ref(i);
+                        Carried::Event(Fact::new(
+                            &rules,
+                            alone,
+                            f.order.t,
+                            &f.order.msg,
+                            "src",
+                            None,
+                        ))
+                    })
+                    .collect(),
+                other => vec![other.clone()],
+            })
+            .collect();
+        let mut rebuilt = graph_of_one(&one_instance(&rules, &kept));
+        let mut now = graph_of_one(&erased_one);
+        for i in &person {
+            rebuilt.remove(i);
+            now.remove(i);
+        }
+        let differ: Vec<String> = now
+            .iter()
+            .filter(|(i, v)| rebuilt.get(*i) != Some(*v))
+            .map(|(i, v)| {
+                format!(
+                    "{}: {:?} after the erasure, {:?} rebuilt",
+                    i.value,
+                    v,
+                    rebuilt.get(i)
+                )
+            })
+            .collect();
+        prop_assert!(differ.is_empty(), "one instance: {}", differ.join("\n"));
+    }
+    let mut sequence = inputs.clone();
+    sequence.push(erasure.clone());
+    sequence.extend(later.iter().cloned());
+    let one = graph_of_one(&one_instance(&rules, &sequence));
+    for n in [1u32, 2, 4] {
+        let mut sim = Sim::new(&rules, n, &arrived, seed ^ u64::from(n), by_device);
+        sim.max_crashes = crashes;
+        sim.run();
+        sim.events[arrival(&erasure, n, by_device) as usize].push_back(erasure.clone());
+        sim.run();
+        let left = leftovers(&sim.store, &person);
+        prop_assert!(left.is_empty(), "{} shards keep {:?}", n, left);
+        for e in &later {
+            sim.events[arrival(e, n, by_device) as usize].push_back(e.clone());
+        }
+        sim.run();
+        let got = graph_of_shards(&sim);
+        let differ: Vec<String> = one
+            .iter()
+            .filter(|(i, v)| got.get(*i) != Some(*v))
+            .map(|(i, v)| {
+                format!(
+                    "{}: {:?} on {} shards, {:?} on one",
+                    i.value,
+                    got.get(i),
+                    n,
+                    v
+                )
+            })
+            .collect();
+        prop_assert!(differ.is_empty(), "{}", differ.join("\n"));
+    }
+    Ok(())
+}
+
+/// The keys and values in `store` that hold an identifier of `person` (its hash, or its
+/// value).
+fn leftovers(store: &MemStore, person: &[Identifier]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (k, v) in store.scan_prefix(b"", usize::MAX).unwrap() {
+        let (k, v) = (String::from_utf8_lossy(&k), String::from_utf8_lossy(&v));
+        for i in person {
+            if k.contains(&ident_hash(i)) || k.contains(&i.value) || v.contains(&i.value) {
+                out.push(format!("{k} ({})", i.value));
+            }
+        }
+    }
+    out
+}
+
 /// A case of the property: the events' specs, the arrival seed, the duplicates
 /// (positions), how many crashes, whether events arrive by device, and corrections.
 type Case = (
@@ -604,6 +756,21 @@ proptest! {
         (specs, seed, dups, crashes, by_device, corrections) in cases()
     ) {
         check_with(&specs, &corrections, seed, &dups, crashes, by_device)?;
+    }
+
+    /// A person erased once every shard is done with the events: no shard keeps a key
+    /// or value of their identifiers, and the graph then, and after more events, is one
+    /// instance's.
+    #[test]
+    fn an_erasure_leaves_the_shards_as_one_instance(
+        (specs, seed, _dups, crashes, by_device, corrections) in cases(),
+        erase in 0usize..64,
+        after in prop::collection::vec(
+            (0usize..PEOPLE, 1u8..32, prop::sample::select(vec![0u8, 0, 1, 2]), 0i64..40),
+            0..8,
+        ),
+    ) {
+        check_erasure(&specs, &corrections, seed, erase, &after, crashes, by_device)?;
     }
 }
 

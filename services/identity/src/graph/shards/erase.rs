@@ -1,0 +1,244 @@
+//! Erasing a person across shards: the owner of the identifier the request names
+//! gathers the part around it, and every owner of the person's identifiers, and of the
+//! other identifiers of their facts, removes what it holds of them.
+
+use super::*;
+
+/// A person erased: their profile, the identifiers on it (as their owners held them when
+/// gathered), and every fact that carried one of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Erasure {
+    pub profile: String,
+    pub ids: Vec<Identifier>,
+    pub facts: Vec<Fact>,
+    /// The rest of the part gathered: it lost inputs (a decision's version, a sum over
+    /// its part, would now be smaller than those before), so its owners count the
+    /// erasure for it (`vep_key`).
+    #[serde(default)]
+    pub part: Vec<Identifier>,
+    /// The shard that gathered it: once it applied it, it gathers the others' parts.
+    #[serde(default)]
+    pub from: u32,
+    /// What the recomputation of the others' parts names as its cause.
+    pub cause: Fact,
+}
+
+/// The highest `gen` an erased identifier had here: a `gen` counted after an erasure
+/// starts above it, so a decision made before the erasure is stale for an identifier
+/// seen again after it.
+pub(super) const GEN_FLOOR: &[u8] = b"genfloor";
+
+impl Shard<'_> {
+    /// Starts erasing the person whose identifier `id` is (at its owner).
+    pub(super) fn start_erasure(
+        &self,
+        txn: &mut Txn<'_>,
+        id: Identifier,
+        request: &str,
+        out: &mut Handled,
+    ) -> Result<()> {
+        let Some(p) = lookup(txn, &id)? else {
+            return Ok(()); // nobody to erase
+        };
+        let gathering = self.next_gathering(txn)?;
+        let g = Gathering {
+            cause: Some(Fact::new(self.graph.rules, &[], 0, request, "erase", None)),
+            start: vec![id],
+            erase: Some(p),
+            ..Gathering::default()
+        };
+        self.follow(txn, &gathering, g, out)
+    }
+
+    /// The part is gathered: the person is what its owners hold on their profile.
+    pub(super) fn erase_gathered(
+        &self,
+        g: &Gathering,
+        profile: &str,
+        out: &mut Handled,
+    ) -> Result<()> {
+        let ids: Vec<Identifier> = g
+            .entries
+            .iter()
+            .filter(|e| e.profile.as_deref() == Some(profile))
+            .map(|e| e.id.clone())
+            .collect();
+        let mut facts: BTreeMap<&str, &Fact> = BTreeMap::new();
+        for f in g.entries.iter().flat_map(|e| &e.facts) {
+            if f.ids.iter().any(|i| ids.contains(i)) {
+                facts.insert(&f.key, f);
+            }
+        }
+        let part = g
+            .entries
+            .iter()
+            .map(|e| e.id.clone())
+            .filter(|i| !ids.contains(i))
+            .collect();
+        let e = Erasure {
+            profile: profile.to_string(),
+            ids,
+            facts: facts.into_values().cloned().collect(),
+            part,
+            from: self.me,
+            cause: self.graph.erasure_cause(profile),
+        };
+        // To every shard: any may keep a merge record naming the person (it reported
+        // that merge), not only the owners of their identifiers. Erasures are rare.
+        // This one too, through its own partition: applied here in place, a restart
+        // before the commit would undo it while the others keep it, and the request,
+        // consumed again, would find less of the person.
+        for o in 0..self.n {
+            out.links.push((o, Link::Erase(e.clone())));
+        }
+        Ok(())
+    }
+
+    /// An erasure arrived: applied, and at the shard that gathered it the others'
+    /// parts are gathered, without the person's facts (as one instance recomputes them),
+    /// after every shard applied it (the questions follow the erasure on each channel).
+    pub(super) fn on_erasure(
+        &self,
+        txn: &mut Txn<'_>,
+        e: &Erasure,
+        out: &mut Handled,
+    ) -> Result<()> {
+        self.apply_erasure(txn, e)?;
+        if e.from != self.me {
+            return Ok(());
+        }
+        let mut others: Vec<Identifier> = Vec::new();
+        for i in e.facts.iter().flat_map(|f| &f.ids) {
+            if !e.ids.contains(i) && !others.contains(i) {
+                others.push(i.clone());
+            }
+        }
+        if others.is_empty() {
+            return Ok(());
+        }
+        self.gather(txn, others, e.cause.clone(), Vec::new(), out)
+    }
+
+    /// Removes what this shard holds of an erased person: their identifiers with their
+    /// sightings, facts, separations and counters, the facts' index entries of other
+    /// identifiers (whose `gen` rises: their inputs changed), and the profile with the
+    /// profiles merged into it, as far as this shard knows them.
+    pub(super) fn apply_erasure(&self, txn: &mut Txn<'_>, e: &Erasure) -> Result<()> {
+        let erased: BTreeSet<&Identifier> = e.ids.iter().collect();
+        let mut facts: BTreeMap<String, Fact> =
+            e.facts.iter().map(|f| (f.key.clone(), f.clone())).collect();
+        // Facts stored here since the gathering read them go too.
+        for i in e.ids.iter().filter(|i| self.owns(i)) {
+            let prefix = if_prefix(i);
+            for (k, _) in txn.scan(prefix.as_bytes(), usize::MAX)? {
+                let key = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                if let Some(f) = txn.get_json::<Fact>(&fact_key(&key))? {
+                    facts.entry(key).or_insert(f);
+                }
+                txn.delete(k);
+            }
+        }
+        for (key, f) in &facts {
+            txn.delete(fact_key(key));
+            for j in f.ids.iter().filter(|j| self.owns(j)) {
+                let k = format!("{}{key}", if_prefix(j)).into_bytes();
+                if txn.get(&k)?.is_some() {
+                    txn.delete(k);
+                    if !erased.contains(j) {
+                        self.bump(txn, j)?;
+                    }
+                }
+            }
+        }
+        // The part lost inputs: decisions from now on outrank those made before.
+        for j in e.part.iter().filter(|j| self.owns(j)) {
+            // Only an identifier still in the graph here (a replayed erasure may name
+            // one a first run erased).
+            if lookup(txn, j)?.is_some() {
+                let n = get_num::<u64>(txn, &vep_key(j))? + 1;
+                txn.put(vep_key(j), n.to_string().into_bytes());
+            }
+        }
+        let mut floor = get_num::<u64>(txn, GEN_FLOOR)?;
+        // Merge records naming them, wherever this shard keeps them.
+        for i in &e.ids {
+            for m in merges_naming(txn, i)? {
+                forget_merge(txn, &m);
+            }
+        }
+        for i in e.ids.iter().filter(|i| self.owns(i)) {
+            floor = floor.max(get_num::<u64>(txn, &gen_key(i))?);
+            for k in [
+                id_key(i),
+                seen_key(i),
+                detached_key(i),
+                gen_key(i),
+                ver_key(i),
+                vep_key(i),
+                gat_key(i),
+            ] {
+                txn.delete(k);
+            }
+            let prefix = sepidx_prefix(i);
+            for (k, _) in txn.scan(prefix.as_bytes(), usize::MAX)? {
+                txn.delete(k);
+            }
+        }
+        // Separations naming them, held here for either side (un-merges are rare: all
+        // of them are read).
+        for (k, v) in txn.scan(SEP_PREFIX, usize::MAX)? {
+            let Ok(mut sep) = serde_json::from_slice::<Separation>(&v) else {
+                continue;
+            };
+            let before = sep.left.len() + sep.right.len();
+            sep.left.retain(|x| !erased.contains(x));
+            sep.right.retain(|x| !erased.contains(x));
+            if sep.left.is_empty() || sep.right.is_empty() {
+                // Nothing left to keep apart.
+                for x in sep.left.iter().chain(&sep.right).filter(|x| self.owns(x)) {
+                    txn.delete(format!("{}{}", sepidx_prefix(x), sep.id).into_bytes());
+                }
+                txn.delete(k);
+            } else if sep.left.len() + sep.right.len() < before {
+                txn.put_json(sep_key(&sep.id), &sep)?;
+            }
+        }
+        txn.put(GEN_FLOOR.to_vec(), floor.to_string().into_bytes());
+        let mut queue = vec![e.profile.clone()];
+        let mut done: BTreeSet<String> = BTreeSet::new();
+        while let Some(p) = queue.pop() {
+            if !done.insert(p.clone()) {
+                continue;
+            }
+            let prefix = history_prefix(&p);
+            for (k, _) in txn.scan(prefix.as_bytes(), usize::MAX)? {
+                let merge_id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                if let Some(m) = txn.get_json::<MergeInfo>(&merge_info_key(&merge_id))? {
+                    forget_merge(txn, &m);
+                    queue.push(m.merged);
+                }
+                txn.delete(k);
+            }
+            let prefix = merged_from_prefix(&p);
+            for (k, _) in txn.scan(prefix.as_bytes(), usize::MAX)? {
+                queue.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+                txn.delete(k);
+            }
+            if p != e.profile {
+                txn.delete(merged_key(&p));
+            }
+            txn.delete(node_key(&p));
+            let prefix = subjects_prefix(&p);
+            for (k, _) in txn.scan(prefix.as_bytes(), usize::MAX)? {
+                txn.delete(k);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The profiles this shard knows merged into `survivor` (it applied the decisions that
+/// did so, whether or not it reported them), for an erasure to find.
+pub(super) fn merged_from_prefix(survivor: &str) -> String {
+    format!("mf/{survivor}/")
+}
