@@ -545,19 +545,7 @@ fn check_with(
         sim.max_crashes = crashes;
         sim.run();
         let got = graph_of_shards(&sim);
-        let differ: Vec<String> = one
-            .iter()
-            .filter(|(i, v)| got.get(*i) != Some(*v))
-            .map(|(i, v)| {
-                format!(
-                    "{}: {:?} on {} shards, {:?} on one",
-                    i.value,
-                    got.get(i),
-                    n,
-                    v
-                )
-            })
-            .collect();
+        let differ = differences(&got, &one, &format!("on {n} shards"), "on one");
         prop_assert!(differ.is_empty(), "{}", differ.join("\n"));
         let resolved: BTreeSet<&String> = sim.reported.resolved.iter().map(|(m, _)| m).collect();
         let sent: BTreeSet<&String> = arrived
@@ -647,18 +635,7 @@ fn check_erasure(
             rebuilt.remove(i);
             now.remove(i);
         }
-        let differ: Vec<String> = now
-            .iter()
-            .filter(|(i, v)| rebuilt.get(*i) != Some(*v))
-            .map(|(i, v)| {
-                format!(
-                    "{}: {:?} after the erasure, {:?} rebuilt",
-                    i.value,
-                    v,
-                    rebuilt.get(i)
-                )
-            })
-            .collect();
+        let differ = differences(&now, &rebuilt, "after the erasure", "rebuilt");
         prop_assert!(differ.is_empty(), "one instance: {}", differ.join("\n"));
     }
     let mut sequence = inputs.clone();
@@ -678,22 +655,18 @@ fn check_erasure(
         }
         sim.run();
         let got = graph_of_shards(&sim);
-        let differ: Vec<String> = one
-            .iter()
-            .filter(|(i, v)| got.get(*i) != Some(*v))
-            .map(|(i, v)| {
-                format!(
-                    "{}: {:?} on {} shards, {:?} on one",
-                    i.value,
-                    got.get(i),
-                    n,
-                    v
-                )
-            })
-            .collect();
+        let differ = differences(&got, &one, &format!("on {n} shards"), "on one");
         prop_assert!(differ.is_empty(), "{}", differ.join("\n"));
     }
     Ok(())
+}
+
+/// Each identifier whose profile differs between two graphs, with both.
+fn differences(got: &Graphed, want: &Graphed, got_is: &str, want_is: &str) -> Vec<String> {
+    want.iter()
+        .filter(|(i, v)| got.get(*i) != Some(*v))
+        .map(|(i, v)| format!("{}: {:?} {got_is}, {:?} {want_is}", i.value, got.get(i), v))
+        .collect()
 }
 
 /// The keys and values in `store` that hold an identifier of `person` (its hash, or its
