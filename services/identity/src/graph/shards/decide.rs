@@ -156,8 +156,10 @@ impl Shard<'_> {
     }
 
     /// Applies a decision to this shard's identifiers. A decision that missed an input
-    /// held here is not applied: the identifiers whose inputs it missed are returned, to
-    /// be gathered again.
+    /// held here is not applied: this shard's identifiers it places are returned, to be
+    /// gathered again. All of them, not only those whose inputs it missed: a decision
+    /// may span several parts (the others' parts after an erasure), and a part it
+    /// missed nothing of would otherwise never be decided here.
     pub(super) fn apply(
         &self,
         txn: &mut Txn<'_>,
@@ -169,12 +171,12 @@ impl Shard<'_> {
             d.placed.iter().filter(|(i, _, _)| self.owns(i)).collect();
         let mut stale = Vec::new();
         for (i, seen_gen, _) in &mine {
-            if get_num::<u64>(txn, &gen_key(i))? > *seen_gen {
+            if generation(txn, i)? > *seen_gen {
                 stale.push(i.clone());
             }
         }
         if !stale.is_empty() {
-            return Ok(stale);
+            return Ok(mine.iter().map(|(i, _, _)| i.clone()).collect());
         }
         let nodes: BTreeMap<&str, &Node> = d.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
         let mut before: BTreeMap<&Identifier, Option<String>> = BTreeMap::new();

@@ -1,6 +1,7 @@
 //! Erasing a person across shards: the owner of the identifier the request names
-//! gathers the part around it, and every owner of the person's identifiers, and of the
-//! other identifiers of their facts, removes what it holds of them.
+//! gathers the part around it and sends the erasure to every shard (itself included,
+//! through its own partition); each removes what it holds of the person, and the
+//! gatherer then has the other people's parts recomputed without the person's facts.
 
 use super::*;
 
@@ -23,9 +24,7 @@ pub struct Erasure {
     pub cause: Fact,
 }
 
-/// The highest `gen` an erased identifier had here: a `gen` counted after an erasure
-/// starts above it, so a decision made before the erasure is stale for an identifier
-/// seen again after it.
+/// Above the highest `gen` an erased identifier had here (see `generation`).
 pub(super) const GEN_FLOOR: &[u8] = b"genfloor";
 
 impl Shard<'_> {
@@ -42,7 +41,14 @@ impl Shard<'_> {
         };
         let gathering = self.next_gathering(txn)?;
         let g = Gathering {
-            cause: Some(Fact::new(self.graph.rules, &[], 0, request, "erase", None)),
+            cause: Some(Fact::new(
+                self.graph.rules,
+                &[],
+                0,
+                request,
+                ERASE_SOURCE,
+                None,
+            )),
             start: vec![id],
             erase: Some(p),
             ..Gathering::default()
@@ -167,7 +173,8 @@ impl Shard<'_> {
             }
         }
         for i in e.ids.iter().filter(|i| self.owns(i)) {
-            floor = floor.max(get_num::<u64>(txn, &gen_key(i))?);
+            // Above what any decision gathered before the erasure saw of it.
+            floor = floor.max(generation(txn, i)? + 1);
             for k in [
                 id_key(i),
                 seen_key(i),

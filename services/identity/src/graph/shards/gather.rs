@@ -26,7 +26,7 @@ impl Shard<'_> {
         };
         Ok(Entry {
             id: i.clone(),
-            generation: get_num::<u64>(txn, &gen_key(i))?,
+            generation: generation(txn, i)?,
             erasures: get_num::<u64>(txn, &vep_key(i))?,
             seen: seen(txn, i)?,
             detached: txn.get(&detached_key(i))?.is_some(),
@@ -73,7 +73,7 @@ impl Shard<'_> {
     ) -> Result<()> {
         let mut covering: Option<String> = None;
         for i in &stale {
-            let current = get_num::<u64>(txn, &gen_key(i))?;
+            let current = generation(txn, i)?;
             let read = txn
                 .get(&gat_key(i))?
                 .map(|v| String::from_utf8_lossy(&v).into_owned());
@@ -163,7 +163,17 @@ impl Shard<'_> {
             for i in new {
                 if self.owns(&i) {
                     let e = self.entry(txn, &i)?;
-                    txn.put(gat_key(&i), format!("{id} {}", e.generation).into_bytes());
+                    // An erasure's gathering decides nothing: it covers no identifier a
+                    // stale decision gathers again (`gather_again`). Nor is a mark left
+                    // for an identifier not in the graph here (an erased one, say).
+                    let known = e.seen.is_some()
+                        || e.profile.is_some()
+                        || !e.facts.is_empty()
+                        || e.detached
+                        || !e.separations.is_empty();
+                    if g.erase.is_none() && known {
+                        txn.put(gat_key(&i), format!("{id} {}", e.generation).into_bytes());
+                    }
                     local.push(e);
                 } else {
                     ask.entry(owner(&i, self.n)).or_default().push(i);

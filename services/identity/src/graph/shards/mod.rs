@@ -93,6 +93,14 @@ pub fn owner(i: &Identifier, n: u32) -> u32 {
     head % n.max(1)
 }
 
+/// An identifier's `gen`: its counter, but never below the shard's erasure floor, so a
+/// decision gathered before an erasure is stale for every identifier it erased here
+/// (an erased identifier has no counter left, and a decision would otherwise place it
+/// again) and for any seen again after it.
+fn generation(txn: &Txn<'_>, i: &Identifier) -> Result<u64> {
+    Ok(get_num::<u64>(txn, &gen_key(i))?.max(get_num(txn, GEN_FLOOR)?))
+}
+
 fn gen_key(i: &Identifier) -> Vec<u8> {
     format!("gen/{}", ident_hash(i)).into_bytes()
 }
@@ -344,7 +352,7 @@ impl Shard<'_> {
     /// last commit, and a `gen` it had sent since would otherwise be counted again to a
     /// different value. So the high half is the shard's epoch (how often it started).
     fn bump(&self, txn: &mut Txn<'_>, i: &Identifier) -> Result<()> {
-        let cur = get_num::<u64>(txn, &gen_key(i))?.max(get_num(txn, GEN_FLOOR)?);
+        let cur = generation(txn, i)?;
         let g = if cur >> 32 < self.epoch {
             (self.epoch << 32) | 1
         } else {

@@ -462,3 +462,161 @@ fn an_erasure_its_gatherer_crashed_after_sending_is_applied_there_too() {
     ];
     check_erasure(&specs, &[(0, 9, 0)], 8271537743530498386, 2, &[], 3, false).unwrap();
 }
+
+/// A decision gathered before an erasure and delivered after it must not place the
+/// erased identifier again: the erasure raises the shard's `gen` floor above what any
+/// decision saw of it, so the decision is stale there, and gathered again it places
+/// nothing (seen failing before the floor applied to reading a `gen`: the device's
+/// profile and its copy came back).
+#[test]
+fn a_decision_gathered_before_an_erasure_does_not_bring_the_person_back() {
+    let rules = rules();
+    let n = 3;
+    let find = |kind: &str, shard: u32| {
+        (0..1000)
+            .map(|k| id(kind, &format!("{kind}-{k}")))
+            .find(|i| owner(i, n) == shard)
+            .unwrap()
+    };
+    // The device is shard 0's, the email shard 1's, the user id (which decides) 2's.
+    let (device, email, user) = (
+        find("anonymous_id", 0),
+        find("email", 1),
+        find("user_id", 2),
+    );
+    let mut sim = Sim::new(&rules, n, &[], 7, false);
+    // Take every message queued from `from` to `to`, in order.
+    let deliver = |sim: &mut Sim<'_>, from: u32, to: u32| {
+        while let Some(b) = sim
+            .channels
+            .get_mut(&(from, to))
+            .and_then(|q| q.pop_front())
+        {
+            sim.handle(to, serde_json::from_slice(&b).unwrap());
+        }
+    };
+    let event =
+        |ids: &[Identifier], msg: &str| Carried::Event(Fact::new(&rules, ids, 0, msg, "src", None));
+    sim.handle(0, event(std::slice::from_ref(&device), "m1"));
+    sim.handle(1, event(std::slice::from_ref(&email), "m2"));
+    // The user's event links all three; shard 2 gathers and decides.
+    sim.handle(
+        2,
+        event(&[user.clone(), email.clone(), device.clone()], "m3"),
+    );
+    deliver(&mut sim, 2, 0);
+    deliver(&mut sim, 2, 1);
+    deliver(&mut sim, 0, 2);
+    deliver(&mut sim, 1, 2);
+    assert!(
+        sim.channels.get(&(2, 0)).is_some_and(|q| !q.is_empty()),
+        "the decision is on its way to the device's shard"
+    );
+    let held = sim.channels.remove(&(2, 0)).unwrap();
+    // The device's person is erased meanwhile (its shard still has it alone).
+    sim.handle(
+        0,
+        Carried::Correct(Correction::Erase {
+            id: device.clone(),
+            request: "r1".into(),
+        }),
+    );
+    sim.run();
+    assert_eq!(sim.lookup(&device), None, "erased");
+    // Now the old decision arrives.
+    sim.channels.insert((2, 0), held);
+    sim.run();
+    assert_eq!(sim.lookup(&device), None, "still erased");
+    let left = leftovers(&sim.store, std::slice::from_ref(&device));
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// Found by 3,000 cases of the erasure property, with crashes (seen failing): the
+/// recomputation after an erasure spans several people's parts; one shard found one
+/// part stale, refused the decision whole and gathered only that part again, so a
+/// device of another part kept a profile whose node no longer held it. A refused
+/// decision now has all of this shard's identifiers it places gathered again.
+#[test]
+fn a_refused_decision_is_gathered_again_for_every_part_it_spans() {
+    let specs = [
+        (1, 3, 0, 8),
+        (2, 10, 1, 0),
+        (0, 22, 1, 0),
+        (1, 17, 0, 0),
+        (1, 26, 0, 0),
+        (0, 16, 0, 0),
+        (1, 4, 2, 5),
+        (2, 17, 0, 0),
+        (0, 6, 0, 22),
+        (3, 1, 0, 0),
+        (1, 26, 0, 0),
+        (3, 4, 1, 0),
+        (0, 9, 0, 0),
+        (2, 3, 1, 8),
+        (0, 25, 0, 0),
+        (1, 3, 1, 5),
+        (2, 13, 2, 1),
+        (0, 9, 0, 0),
+        (0, 1, 1, 0),
+        (1, 1, 0, 0),
+        (1, 1, 0, 0),
+        (3, 1, 1, 0),
+        (1, 15, 0, 5),
+        (2, 10, 0, 0),
+        (1, 20, 1, 0),
+        (0, 20, 0, 0),
+    ];
+    check_erasure(
+        &specs,
+        &[(0, 11, 0)],
+        10134382022178376502,
+        5,
+        &[],
+        3,
+        false,
+    )
+    .unwrap();
+}
+
+/// Not mended yet (issue 22): found by 3,000 cases of the erasure property with
+/// crashes, after the mends above. After the erasure and a later event of user-0, the
+/// shards leave a device of theirs off their profile. Not diagnosed.
+#[test]
+#[ignore = "a known gap of the erasure protocol with crashes, not wired yet (issue 22)"]
+fn an_erasure_with_crashes_then_an_event_of_the_person_next_door() {
+    let specs = [
+        (1, 27, 0, 0),
+        (0, 2, 0, 0),
+        (1, 3, 0, 0),
+        (2, 1, 0, 0),
+        (3, 15, 0, 0),
+        (0, 7, 0, 0),
+        (1, 3, 0, 0),
+        (0, 5, 0, 0),
+        (1, 1, 0, 0),
+        (0, 7, 0, 0),
+        (2, 7, 0, 0),
+        (0, 1, 0, 0),
+        (2, 1, 0, 0),
+        (1, 3, 0, 0),
+        (2, 16, 0, 0),
+        (0, 18, 0, 0),
+        (1, 3, 0, 0),
+        (1, 3, 0, 0),
+        (3, 3, 0, 0),
+        (0, 10, 0, 0),
+        (0, 7, 0, 0),
+        (3, 1, 0, 0),
+        (1, 21, 1, 0),
+    ];
+    check_erasure(
+        &specs,
+        &[(0, 3, 0), (1, 34, 46)],
+        4344368734187306914,
+        13,
+        &[(0, 19, 0, 0)],
+        2,
+        true,
+    )
+    .unwrap();
+}
