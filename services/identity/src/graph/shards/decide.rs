@@ -209,19 +209,6 @@ impl Shard<'_> {
         if before.is_empty() {
             return Ok(stale);
         }
-        // A profile gone from the part loses its copy here once none of this shard's
-        // identifiers is on it (one skipped above, on a newer decision, may still be).
-        for p in &d.gone {
-            if let Some(n) = txn.get_json::<Node>(&node_key(p))? {
-                let mut kept = false;
-                for i in n.identifiers.iter().filter(|i| self.owns(i)) {
-                    kept |= lookup(txn, i)?.as_deref() == Some(p.as_str());
-                }
-                if !kept {
-                    txn.delete(node_key(p));
-                }
-            }
-        }
         // A shard that moves one of its identifiers off a profile reports what became of
         // that profile: events may have gone out on it from here. Several shards may so
         // report one change; each reports the same record (its id is the decision's).
@@ -249,8 +236,9 @@ impl Shard<'_> {
         self.report_unseen(txn, d, &before, &old_nodes, out)?;
         // A profile this shard's identifiers all left keeps no copy here, gone or not
         // (it may live on with others' identifiers, and its copy would go stale, with
-        // the values of identifiers that are elsewhere now).
-        for w in old_nodes.keys() {
+        // the values of identifiers that are elsewhere now). One skipped above, on a
+        // newer decision, may still be on it.
+        for w in d.gone.iter().chain(old_nodes.keys()) {
             let Some(n) = txn.get_json::<Node>(&node_key(w))? else {
                 continue;
             };
@@ -337,13 +325,6 @@ impl Shard<'_> {
                     profile: was.clone(),
                     assignments: moved,
                 });
-            }
-            let mut kept = false;
-            for m in old.identifiers.iter().filter(|m| self.owns(m)) {
-                kept |= lookup(txn, m)?.as_deref() == Some(was.as_str());
-            }
-            if !kept {
-                txn.delete(node_key(was));
             }
         }
         Ok(())
