@@ -141,6 +141,10 @@ struct Cache {
     hot: HashMap<SubjectHash, Vec<(KeyId, [u8; 32])>>,
     cold: HashMap<SubjectHash, Vec<(KeyId, [u8; 32])>>,
     capacity: usize,
+    /// How many times a subject was forgotten (its keys changed on disk): a list read
+    /// from disk is cached only if none was meanwhile, else it may be older than the
+    /// change and would hide a new key for good.
+    forgotten: u64,
 }
 
 impl Cache {
@@ -161,6 +165,7 @@ impl Cache {
     }
 
     fn forget(&mut self, s: &SubjectHash) {
+        self.forgotten += 1;
         self.hot.remove(s);
         self.cold.remove(s);
     }
@@ -184,15 +189,20 @@ impl Keyring {
                 hot: HashMap::new(),
                 cold: HashMap::new(),
                 capacity: capacity.max(2),
+                forgotten: 0,
             }),
         }
     }
 
     /// Every key of a subject (expired ones too, until they are swept).
     pub fn keys(&self, s: &SubjectHash) -> Result<Vec<(KeyId, [u8; 32])>> {
-        if let Some(v) = self.cache.lock().expect("key cache").get(s) {
-            return Ok(v);
-        }
+        let read_from = {
+            let mut cache = self.cache.lock().expect("key cache");
+            if let Some(v) = cache.get(s) {
+                return Ok(v);
+            }
+            cache.forgotten
+        };
         let prefix = key_of(KEYS, s, &[]);
         let keys: Vec<(KeyId, [u8; 32])> = self
             .store
@@ -200,8 +210,9 @@ impl Keyring {
             .into_iter()
             .filter_map(|(k, v)| Some((k[prefix.len()..].try_into().ok()?, v.try_into().ok()?)))
             .collect();
-        if !keys.is_empty() {
-            self.cache.lock().expect("key cache").put(*s, keys.clone());
+        let mut cache = self.cache.lock().expect("key cache");
+        if !keys.is_empty() && cache.forgotten == read_from {
+            cache.put(*s, keys.clone());
         }
         Ok(keys)
     }
@@ -419,5 +430,74 @@ impl Keyring {
         self.store
             .scan_prefix(KEYS, usize::MAX)
             .map_or(0, |v| v.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, OnceLock};
+
+    use super::*;
+    use crate::store::{MemStore, Store};
+
+    /// A store that runs a hook once, between reading a prefix and handing it back: a
+    /// key record applied by the follower while an opener reads the same subject.
+    #[derive(Default)]
+    struct Racing {
+        inner: MemStore,
+        armed: AtomicBool,
+        during_scan: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    }
+
+    impl Store for Racing {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+            self.inner.get(key)
+        }
+        fn scan_from(
+            &self,
+            prefix: &[u8],
+            start: &[u8],
+            limit: usize,
+        ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+            let read = self.inner.scan_from(prefix, start, limit);
+            if self.armed.swap(false, Ordering::SeqCst)
+                && let Some(hook) = self.during_scan.get()
+            {
+                hook();
+            }
+            read
+        }
+        fn scan_last(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+            self.inner.scan_last(prefix, limit)
+        }
+        fn write(&self, batch: WriteBatch) -> Result<()> {
+            self.inner.write(batch)
+        }
+    }
+
+    /// The second key of a subject, stored while a reader was reading the subject's
+    /// keys from disk, must not be hidden by the older list that reader then caches:
+    /// a record sealed with it would read as "missing" and hold the service for good.
+    #[test]
+    fn a_key_applied_while_its_subject_is_read_is_not_hidden_by_the_cache() {
+        let store = Arc::new(Racing::default());
+        let ring = Arc::new(Keyring::new(store.clone(), 16));
+        let s: SubjectHash = [7; 16];
+        let (first, second) = (new_key_id(today() + 30), new_key_id(today() + 31));
+        ring.add(&s, &first, &[1; 32]).unwrap();
+        let r = ring.clone();
+        let _ = store.during_scan.set(Box::new(move || {
+            r.add(&s, &second, &[2; 32]).unwrap();
+        }));
+        store.armed.store(true, Ordering::SeqCst);
+        // This read sees the first key only; the second lands meanwhile.
+        assert_eq!(ring.get(&s, &second).unwrap(), None);
+        assert_eq!(
+            ring.get(&s, &second).unwrap(),
+            Some([2; 32]),
+            "the key stored during the read is hidden by a stale cached list"
+        );
+        assert_eq!(ring.get(&s, &first).unwrap(), Some([1; 32]));
     }
 }
