@@ -92,28 +92,41 @@ impl Graph<'_> {
         };
         // Identifiers of other profiles whose facts with the person's go.
         let mut others: Vec<Identifier> = Vec::new();
-        // The profiles it absorbed, through the merge history.
+        // The profiles it absorbed, through the merge history: read whole before
+        // anything is deleted, as the chains of `mergedinto/` decide what is the person's.
         let mut queue = vec![live.clone()];
-        let mut profiles = Vec::new();
+        let mut profiles: Vec<String> = Vec::new();
+        let mut history = Vec::new();
         while let Some(p) = queue.pop() {
+            if profiles.contains(&p) {
+                continue;
+            }
             let prefix = history_prefix(&p);
             for (k, _) in txn.scan(prefix.as_bytes(), usize::MAX)? {
                 let merge_id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-                if let Some(m) = txn.get_json::<MergeInfo>(&merge_info_key(&merge_id))? {
-                    if !profiles.contains(&m.merged) && m.merged != live {
-                        queue.push(m.merged.clone());
-                    }
-                    forget_merge(txn, &m);
-                    e.merges += 1;
+                let info = txn.get_json::<MergeInfo>(&merge_info_key(&merge_id))?;
+                // A profile merged in and since split back out (an un-merge) lives
+                // again, as someone else: it is not the person's.
+                if let Some(m) = &info
+                    && live_profile(txn, &m.merged)? == live
+                {
+                    queue.push(m.merged.clone());
                 }
-                txn.delete(k);
-            }
-            if p != live {
-                txn.delete(merged_key(&p));
-                txn.delete(node_key(&p));
-                e.merged_profiles.push(p.clone());
+                history.push((k, info));
             }
             profiles.push(p);
+        }
+        for (k, info) in history {
+            if let Some(m) = info {
+                forget_merge(txn, &m);
+                e.merges += 1;
+            }
+            txn.delete(k);
+        }
+        for p in profiles.iter().filter(|p| **p != live) {
+            txn.delete(merged_key(p));
+            txn.delete(node_key(p));
+            e.merged_profiles.push(p.clone());
         }
         for p in &profiles {
             let prefix = subjects_prefix(p);

@@ -409,3 +409,53 @@ fn a_detached_identifier_stands_alone() {
     assert_eq!((c.recomputed, c.too_large), (1, 0));
     assert_ne!(profile(&big, &k), profile(&big, &id("anonymous_id", "a0")));
 }
+
+/// A visitor's profile merged into Ann's by a shared device, then split back out by an
+/// un-merge, is live again and not Ann's. Erasing Ann must leave it: its node, and the
+/// ingest subjects of its events (their keys would be destroyed with Ann's).
+#[test]
+fn erasing_a_person_spares_a_profile_once_merged_into_theirs_and_split_back_out() {
+    let (s, r) = (MemStore::default(), rules());
+    let (device, ann) = (
+        id("anonymous_id", "kiosk-visitor"),
+        id("user_id", "ann-user"),
+    );
+    add(&s, &r, std::slice::from_ref(&device), 1, "m1");
+    let visitor = profile(&s, &device);
+    let mut txn = Txn::new(&s);
+    note_subject(&mut txn, &visitor, "visitor-subject").unwrap();
+    s.write(txn.into_batch()).unwrap();
+    add(&s, &r, std::slice::from_ref(&ann), 2, "m2");
+    let merged = add(&s, &r, &[ann.clone(), device.clone()], 3, "m3");
+    assert_eq!(merged.merges.len(), 1, "{merged:?}");
+    assert_eq!(merged.merges[0].merged, visitor);
+    let g = Graph::new(&r, 1);
+    let mut txn = Txn::new(&s);
+    g.unmerge(&mut txn, &merged.merges[0].merge_id, (&[], &[]), (4, "cmd"))
+        .unwrap()
+        .unwrap();
+    s.write(txn.into_batch()).unwrap();
+    assert_eq!(
+        profile(&s, &device),
+        visitor,
+        "the visitor's profile lives again"
+    );
+
+    let mut txn = Txn::new(&s);
+    let erased = g.erase(&mut txn, &profile(&s, &ann)).unwrap().unwrap();
+    s.write(txn.into_batch()).unwrap();
+    assert!(
+        !erased.merged_profiles.contains(&visitor),
+        "{:?}",
+        erased.merged_profiles
+    );
+    assert!(
+        !erased.subjects.contains(&"visitor-subject".to_string()),
+        "the visitor's subject would lose its keys: {:?}",
+        erased.subjects
+    );
+    let t = Txn::new(&s);
+    assert_eq!(lookup(&t, &device).unwrap(), Some(visitor.clone()));
+    assert!(t.get_json::<Node>(&node_key(&visitor)).unwrap().is_some());
+    assert_eq!(live_profile(&t, &visitor).unwrap(), visitor);
+}

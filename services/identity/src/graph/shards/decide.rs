@@ -194,6 +194,13 @@ impl Shard<'_> {
             }
             before.insert(i, was);
             txn.put(id_key(i), p.as_bytes().to_vec());
+            // A profile the decision places identifiers on lives: one merged away before
+            // (an un-merge split it back out) is no longer merged.
+            if let Some(to) = txn.get(&merged_key(p))? {
+                let to = String::from_utf8_lossy(&to).into_owned();
+                txn.delete(merged_key(p));
+                txn.delete(format!("{}{p}", merged_from_prefix(&to)).into_bytes());
+            }
             txn.put(ver_key(i), d.version.to_string().into_bytes());
             // A part recomputed right after an erasure still holds links of profiles'
             // copies that the erased facts made; the decisions after it, without them,

@@ -211,31 +211,47 @@ impl Shard<'_> {
             }
         }
         txn.put(GEN_FLOOR.to_vec(), floor.to_string().into_bytes());
+        // The profiles merged into it, read whole before anything is deleted: the
+        // chains of `mergedinto/` decide what is still the person's. One merged in and
+        // since split back out (an un-merge) lives again, as someone else.
         let mut queue = vec![e.profile.clone()];
-        let mut done: BTreeSet<String> = BTreeSet::new();
+        let mut profiles: Vec<String> = Vec::new();
+        let mut found: Vec<Vec<u8>> = Vec::new();
         while let Some(p) = queue.pop() {
-            if !done.insert(p.clone()) {
+            if profiles.contains(&p) {
                 continue;
             }
+            let mut merged = Vec::new();
             let prefix = history_prefix(&p);
             for (k, _) in txn.scan(prefix.as_bytes(), usize::MAX)? {
                 let merge_id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
                 if let Some(m) = txn.get_json::<MergeInfo>(&merge_info_key(&merge_id))? {
                     forget_merge(txn, &m);
-                    queue.push(m.merged);
+                    merged.push(m.merged);
                 }
-                txn.delete(k);
+                found.push(k);
             }
             let prefix = merged_from_prefix(&p);
             for (k, _) in txn.scan(prefix.as_bytes(), usize::MAX)? {
-                queue.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
-                txn.delete(k);
+                merged.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+                found.push(k);
             }
-            if p != e.profile {
-                txn.delete(merged_key(&p));
+            for m in merged {
+                if live_profile(txn, &m)? == e.profile {
+                    queue.push(m);
+                }
             }
-            txn.delete(node_key(&p));
-            let prefix = subjects_prefix(&p);
+            profiles.push(p);
+        }
+        for k in found {
+            txn.delete(k);
+        }
+        for p in &profiles {
+            if *p != e.profile {
+                txn.delete(merged_key(p));
+            }
+            txn.delete(node_key(p));
+            let prefix = subjects_prefix(p);
             for (k, _) in txn.scan(prefix.as_bytes(), usize::MAX)? {
                 txn.delete(k);
             }

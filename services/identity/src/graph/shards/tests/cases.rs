@@ -620,3 +620,52 @@ fn an_erasure_with_crashes_then_an_event_of_the_person_next_door() {
     )
     .unwrap();
 }
+
+/// A visitor's profile merged into a user's, then split back out by an un-merge, lives
+/// again and is not the user's: erasing the user leaves it on every number of shards
+/// (its node with its device; no shard still holds it merged into the user's).
+#[test]
+fn an_erasure_spares_a_profile_merged_into_the_person_and_split_back_out() {
+    let rules = rules();
+    let (device, user) = (id("anonymous_id", "kiosk-visitor"), id("user_id", "ann"));
+    let event =
+        |ids: &[Identifier], msg: &str| Carried::Event(Fact::new(&rules, ids, 0, msg, "src", None));
+    let unmerge = Carried::Correct(Correction::Unmerge {
+        merge_id: "mg-1".into(),
+        left: vec![user.clone()],
+        right: vec![device.clone()],
+        at: (5, "c1".into()),
+    });
+    let erase = Carried::Correct(Correction::Erase {
+        id: user.clone(),
+        request: "r1".into(),
+    });
+    for n in [1u32, 2, 4] {
+        let mut sim = Sim::new(&rules, n, &[], 3, false);
+        let mut send = |sim: &mut Sim<'_>, input: Carried| {
+            sim.events[arrival(&input, n, false) as usize].push_back(input);
+            sim.run();
+        };
+        send(&mut sim, event(std::slice::from_ref(&device), "m1"));
+        let visitor = sim.lookup(&device).unwrap();
+        send(&mut sim, event(std::slice::from_ref(&user), "m2"));
+        send(&mut sim, event(&[user.clone(), device.clone()], "m3"));
+        assert_ne!(sim.lookup(&device), Some(visitor.clone()), "merged");
+        send(&mut sim, unmerge.clone());
+        assert_eq!(sim.lookup(&device), Some(visitor.clone()), "split back out");
+        send(&mut sim, erase.clone());
+        assert_eq!(sim.lookup(&user), None, "on {n} shards");
+        assert_eq!(sim.lookup(&device), Some(visitor.clone()), "on {n} shards");
+        let node = sim.node(&device);
+        assert!(
+            node.as_ref()
+                .is_some_and(|x| x.identifiers.contains(&device)),
+            "on {n} shards the visitor's node is {node:?}"
+        );
+        let mut txn = Txn::new(&sim.store);
+        for s in 0..n {
+            let merged = txn.in_keyspace(&keyspace(s), |t| t.get(&merged_key(&visitor)).unwrap());
+            assert_eq!(merged, None, "shard {s} of {n} holds the visitor merged");
+        }
+    }
+}
