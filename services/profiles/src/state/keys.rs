@@ -4,6 +4,7 @@
 //! | --- | --- |
 //! | `p/<id>` | the profile (JSON) |
 //! | `redirect/<id>` | the survivor of a merge |
+//! | `survived/<id>` | the latest merge version whose transfer it absorbed |
 //! | `idx/<identifier hash>` | the profile id (lookups) |
 //! | `segsize/<segment>/<partition>` | members per partition |
 //! | `sm/<segment>/<id>` | entry time (the members) |
@@ -26,6 +27,20 @@ pub fn profile_key(id: &str) -> Vec<u8> {
 
 pub(crate) fn redirect_key(id: &str) -> Vec<u8> {
     format!("redirect/{id}").into_bytes()
+}
+
+/// The latest version of a merge whose transfer the profile absorbed: an older merge of
+/// it read later is undone already.
+pub(crate) fn survived_key(id: &str) -> Vec<u8> {
+    format!("survived/{id}").into_bytes()
+}
+
+/// A version stored as text (0 when absent).
+pub(crate) fn get_version(txn: &Txn<'_>, key: &[u8]) -> Result<i64> {
+    Ok(txn
+        .get(key)?
+        .and_then(|v| String::from_utf8_lossy(&v).parse().ok())
+        .unwrap_or(0))
 }
 
 /// By the identifier's hash, never its value: a value in a key would outlive the

@@ -84,6 +84,7 @@ impl ProfilesProcessor {
             txn.delete(timer_key(self.placement.partition(&p.id), due, &p.id));
         }
         txn.delete(profile_key(&p.id));
+        txn.delete(survived_key(&p.id));
         self.changes.touch(&p.id);
         self.count_profiles(txn, &p.id, -1)
     }
@@ -120,6 +121,12 @@ impl ProfilesProcessor {
         if self.sent_before_erasure(txn, &[&m.survivor, &m.merged], m.received_at)?
             || self.seen_before(txn, &m.merge_id, m.received_at, "merge")?
         {
+            return Ok(());
+        }
+        // The merged profile absorbed a later merge (identity merged it away, then its
+        // survivor back into it): this older merge is undone already, and reading it
+        // would take the profile out of its segments and back in.
+        if get_version(txn, &survived_key(&m.merged))? > m.version {
             return Ok(());
         }
         let cause = Cause {
@@ -320,6 +327,9 @@ impl ProfilesProcessor {
             *t = Touched::all();
             p.absorb(&moved, &self.rules)
         })?;
+        if version > get_version(txn, &survived_key(&live))? {
+            txn.put(survived_key(&live), version.to_string().into_bytes());
+        }
         // The moved identifiers find this profile now. The merged side dropped its own
         // entries (or a late event of the merged profile pointed one back to it), so
         // they are written here even when the survivor already had them.

@@ -982,3 +982,36 @@ fn a_profile_merged_away_and_merged_back_into_lives_again() {
         assert_eq!(load(&s, "x").unwrap().events_total, 4, "{later_first}");
     }
 }
+
+/// Identity merged X into Y, then Y back into X (a later version). When profiles reads
+/// the merge back and its transfer first, the older merge read after it is already
+/// undone: X stays in its segments, with no exit and enter again (an enter trigger would
+/// send its message twice). Seen failing: the older merge took X out of "buyers".
+#[test]
+fn an_older_merge_read_after_the_merge_back_leaves_the_profile_in_its_segments() {
+    let mut p = processor();
+    let s = MemStore::default();
+    step(&mut p, &s, &resolved("x", "m1", "Order Completed"));
+    step(&mut p, &s, &resolved("y", "m2", "Page Viewed"));
+    assert!(load(&s, "x").unwrap().segments.contains_key("buyers"));
+    let out = step(&mut p, &s, &merge_at("x", "y", 2));
+    step(&mut p, &s, &transfer_of(&out));
+    let out = step(&mut p, &s, &merge_at("y", "x", 1));
+    let membership: Vec<&Output> = out
+        .iter()
+        .filter(|o| o.topic == "tessera.segments.membership")
+        .collect();
+    assert!(
+        membership.is_empty(),
+        "{} membership records",
+        membership.len()
+    );
+    assert!(
+        out.iter().all(|o| o.topic != "tessera.profiles.transfers"),
+        "x's state does not move"
+    );
+    let x = load(&s, "x").expect("x lives");
+    assert!(x.segments.contains_key("buyers"));
+    assert_eq!(x.events_total, 2);
+    assert!(load(&s, "y").is_none());
+}
