@@ -24,6 +24,7 @@
 //! the broker nothing. Records sealed before it was added (`C3 5E`, no offset) still
 //! open: the reader then reads the keys topic to its end. Anything else is plain.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
@@ -168,6 +169,9 @@ pub struct Vault {
     watermarks: Option<Arc<std::sync::Mutex<BaseConsumer>>>,
     /// How many times it asked.
     end_questions: AtomicU64,
+    /// The keys being made now, by subject and kind: a second request for one waits for
+    /// it instead of making another (a new visitor's first page sends several at once).
+    making: std::sync::Mutex<HashMap<(SubjectHash, bool), Arc<tokio::sync::OnceCell<()>>>>,
 }
 
 impl Vault {
@@ -226,6 +230,7 @@ impl Vault {
             stored: AtomicI64::new(0),
             watermarks: Some(Arc::new(std::sync::Mutex::new(watermarks))),
             end_questions: AtomicU64::new(0),
+            making: Default::default(),
         }))
     }
 
@@ -311,8 +316,34 @@ impl Vault {
             }
         }
         let created =
-            futures::future::join_all(missing.iter().map(|s| self.create_key(s, lasting))).await;
+            futures::future::join_all(missing.iter().map(|s| self.create_once(s, lasting))).await;
         created.into_iter().collect()
+    }
+
+    /// Makes a key for `s` unless one is being made: then waits for that one (which
+    /// may have failed: then this call makes it).
+    async fn create_once(&self, s: &SubjectHash, lasting: bool) -> Result<()> {
+        let cell = self
+            .making
+            .lock()
+            .expect("keys being made")
+            .entry((*s, lasting))
+            .or_default()
+            .clone();
+        let made = cell
+            .get_or_try_init(|| async {
+                if self.sealing_key(s, lasting)?.is_some() {
+                    return Ok(());
+                }
+                self.create_key(s, lasting).await
+            })
+            .await
+            .map(|_| ());
+        let mut m = self.making.lock().expect("keys being made");
+        if m.get(&(*s, lasting)).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            m.remove(&(*s, lasting));
+        }
+        made
     }
 
     fn sealing_key(&self, s: &SubjectHash, lasting: bool) -> Result<Option<(KeyId, [u8; 32])>> {
@@ -393,6 +424,7 @@ impl Vault {
             stored: AtomicI64::new(0),
             watermarks: None,
             end_questions: AtomicU64::new(0),
+            making: Default::default(),
         }
     }
 
