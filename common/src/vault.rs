@@ -171,8 +171,11 @@ pub struct Vault {
     end_questions: AtomicU64,
     /// The keys being made now, by subject and kind: a second request for one waits for
     /// it instead of making another (a new visitor's first page sends several at once).
-    making: std::sync::Mutex<HashMap<(SubjectHash, bool), Arc<tokio::sync::OnceCell<()>>>>,
+    making: std::sync::Mutex<HashMap<(SubjectHash, bool), Making>>,
 }
+
+/// A key being made: done once, whoever asks meanwhile.
+type Making = Arc<tokio::sync::OnceCell<()>>;
 
 impl Vault {
     /// Reads the keys topic from where this store left it (the whole topic the first

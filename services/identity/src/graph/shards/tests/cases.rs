@@ -642,7 +642,7 @@ fn an_erasure_spares_a_profile_merged_into_the_person_and_split_back_out() {
     });
     for n in [1u32, 2, 4] {
         let mut sim = Sim::new(&rules, n, &[], 3, false);
-        let mut send = |sim: &mut Sim<'_>, input: Carried| {
+        let send = |sim: &mut Sim<'_>, input: Carried| {
             sim.events[arrival(&input, n, false) as usize].push_back(input);
             sim.run();
         };
