@@ -93,12 +93,46 @@ impl Shard<'_> {
             .collect();
         let start: Vec<Identifier> = start.into_iter().cloned().collect();
         let changes = graph.recompute(&mut t, &start, &cause)?;
-        let mut placed = Vec::new();
-        let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
+        // Components of the part, by the facts that connect them: each has its own
+        // version (see `Placed`).
+        let mut root: HashMap<&Identifier, &Identifier> = HashMap::new();
+        fn find<'a>(
+            root: &mut HashMap<&'a Identifier, &'a Identifier>,
+            i: &'a Identifier,
+        ) -> &'a Identifier {
+            let mut r = i;
+            while let Some(&up) = root.get(r).filter(|up| **up != r) {
+                r = up;
+            }
+            root.insert(i, r);
+            r
+        }
+        for f in facts
+            .values()
+            .filter(|f| f.ids.iter().any(|i| part.contains(i)))
+        {
+            let Some((first, rest)) = f.ids.split_first() else {
+                continue;
+            };
+            let first = find(&mut root, first);
+            for i in rest {
+                let r = find(&mut root, i);
+                if r != first {
+                    root.insert(r, first);
+                }
+            }
+        }
         // An entry is part of the decision if the recomputation placed it. One gathered
         // through a copy of a profile older than the facts seen is not, when no fact seen
         // connects it: it keeps what it has.
-        let mut version: u128 = 0;
+        let mut placed = Vec::new();
+        let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
+        let mut sums: HashMap<&Identifier, (u64, u128)> = HashMap::new();
+        for e in g.entries.iter().filter(|e| part.contains(&e.id)) {
+            let c = sums.entry(find(&mut root, &e.id)).or_default();
+            // Erasures first: a part recomputed after one outranks what came before it.
+            c.0 = c.0.max(e.erasures);
+        }
         for e in &g.entries {
             let Some(p) = lookup(&t, &e.id)? else {
                 continue;
@@ -110,15 +144,21 @@ impl Shard<'_> {
                 continue;
             }
             nodes.entry(p.clone()).or_insert(n);
-            placed.push((e.id.clone(), e.generation, p));
-            version += u128::from(e.generation);
+            sums.entry(find(&mut root, &e.id)).or_default().1 += u128::from(e.generation);
+            placed.push(Placed {
+                id: e.id.clone(),
+                generation: e.generation,
+                profile: p,
+                version: 0,
+            });
         }
-        // Erasures first: a part recomputed after one outranks what came before it.
-        let erasures = g.entries.iter().map(|e| e.erasures).max().unwrap_or(0);
-        let version = (u128::from(erasures) << 96) | version;
+        for x in &mut placed {
+            let (erasures, sum) = sums[find(&mut root, &x.id)];
+            x.version = (u128::from(erasures) << 96) | sum;
+        }
         let gone: Vec<String> = old
             .iter()
-            .filter(|(i, _)| placed.iter().any(|(x, _, _)| x == *i))
+            .filter(|(i, _)| placed.iter().any(|x| x.id == **i))
             .map(|(_, p)| p)
             .filter(|p| !nodes.contains_key(*p))
             .cloned()
@@ -140,7 +180,6 @@ impl Shard<'_> {
         Ok(Decision {
             clock: merge_clock(&t)?,
             cause,
-            version,
             placed,
             nodes: nodes.into_values().collect(),
             gone,
@@ -167,22 +206,27 @@ impl Shard<'_> {
         out: &mut Handled,
     ) -> Result<Vec<Identifier>> {
         observe_merge_clock(txn, d.clock)?;
-        let mine: Vec<&(Identifier, u64, String)> =
-            d.placed.iter().filter(|(i, _, _)| self.owns(i)).collect();
+        let mine: Vec<&Placed> = d.placed.iter().filter(|x| self.owns(&x.id)).collect();
         let mut stale = Vec::new();
-        for (i, seen_gen, _) in &mine {
-            if generation(txn, i)? > *seen_gen {
-                stale.push(i.clone());
+        for x in &mine {
+            if generation(txn, &x.id)? > x.generation {
+                stale.push(x.id.clone());
             }
         }
         if !stale.is_empty() {
-            return Ok(mine.iter().map(|(i, _, _)| i.clone()).collect());
+            return Ok(mine.iter().map(|x| x.id.clone()).collect());
         }
         let nodes: BTreeMap<&str, &Node> = d.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
         let mut before: BTreeMap<&Identifier, Option<String>> = BTreeMap::new();
         let mut old_nodes: BTreeMap<String, Node> = BTreeMap::new();
-        for (i, _, p) in &mine {
-            if d.version < get_num::<u128>(txn, &ver_key(i))? {
+        for Placed {
+            id: i,
+            profile: p,
+            version,
+            ..
+        } in mine
+        {
+            if *version < get_num::<u128>(txn, &ver_key(i))? {
                 continue;
             }
             let was = lookup(txn, i)?;
@@ -201,11 +245,11 @@ impl Shard<'_> {
                 txn.delete(merged_key(p));
                 txn.delete(format!("{}{p}", merged_from_prefix(&to)).into_bytes());
             }
-            txn.put(ver_key(i), d.version.to_string().into_bytes());
+            txn.put(ver_key(i), version.to_string().into_bytes());
             // A part recomputed right after an erasure still holds links of profiles'
             // copies that the erased facts made; the decisions after it, without them,
             // have smaller parts: they outrank it by one more erasure.
-            let erasures = (d.version >> 96) as u64 + u64::from(d.cause.source == ERASE_SOURCE);
+            let erasures = (version >> 96) as u64 + u64::from(d.cause.source == ERASE_SOURCE);
             if erasures > get_num::<u64>(txn, &vep_key(i))? {
                 txn.put(vep_key(i), erasures.to_string().into_bytes());
             }
@@ -275,7 +319,7 @@ impl Shard<'_> {
         out: &mut Handled,
     ) -> Result<()> {
         let placed: BTreeMap<&Identifier, &String> =
-            d.placed.iter().map(|(i, _, p)| (i, p)).collect();
+            d.placed.iter().map(|x| (&x.id, &x.profile)).collect();
         let nodes: BTreeMap<&str, &Node> = d.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
         let mut reported: BTreeSet<&String> = BTreeSet::new();
         for (i, was) in before {

@@ -201,7 +201,7 @@ impl Shard<'_> {
             return self.erase_gathered(&g, &p, out);
         }
         let d = self.decide(txn, &g)?;
-        let mut owners: BTreeSet<u32> = d.placed.iter().map(|(i, _, _)| owner(i, self.n)).collect();
+        let mut owners: BTreeSet<u32> = d.placed.iter().map(|x| owner(&x.id, self.n)).collect();
         owners.remove(&self.me);
         for o in owners {
             out.links.push((o, Link::Decide(d.clone())));
@@ -223,7 +223,7 @@ impl Shard<'_> {
         let unplaced: Vec<Identifier> = g
             .joined
             .into_iter()
-            .filter(|i| !d.placed.iter().any(|(x, _, _)| x == i))
+            .filter(|i| !d.placed.iter().any(|x| x.id == *i))
             .collect();
         if !stale.is_empty() {
             self.gather_again(txn, stale, d.cause.clone(), still, out)?;

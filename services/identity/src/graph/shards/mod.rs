@@ -202,14 +202,28 @@ pub struct Entry {
     pub node: Option<Node>,
 }
 
+/// An identifier a decision places.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Placed {
+    pub id: Identifier,
+    /// Its `gen` as the gathering saw it.
+    pub generation: u64,
+    pub profile: String,
+    /// The version of its component in the decision: the erasures it went through
+    /// (high bits), then the sum of its identifiers' `gen`s. A component's inputs only
+    /// grow between erasures, so a later decision of it has a larger version. Versions
+    /// are per component, not per decision: a decision that spans several parts (after
+    /// an erasure) would otherwise outrank a later decision of one of them.
+    pub version: u128,
+}
+
 /// A part of the graph recomputed from the inputs a gathering saw.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Decision {
     /// The fact whose gathering made it: what merges name as their cause.
     pub cause: Fact,
-    pub version: u128,
-    /// Each identifier of the part: the `gen` seen and its profile now.
-    pub placed: Vec<(Identifier, u64, String)>,
+    /// Each identifier of the part: the `gen` seen, its profile now, its version.
+    pub placed: Vec<Placed>,
     pub nodes: Vec<Node>,
     /// Profiles of the part that no longer exist.
     pub gone: Vec<String>,
