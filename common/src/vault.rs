@@ -14,7 +14,8 @@
 //!
 //! Subjects are only ever named by a hash ([`subject_hash`]): the keys topic holds no
 //! personal value. Several instances may create keys for one subject at once; each key
-//! has its own id, so none is lost.
+//! has its own id, so none is lost. Within one instance, requests at once for a new
+//! subject wait for one key (a new visitor's first page sends several).
 //!
 //! A sealed record: `C3 5F` | subject hash (16 bytes) | key id (8) | keys-topic offset
 //! (8, big-endian) | nonce (12) | AES-256-GCM ciphertext and tag of the plain record,
