@@ -746,8 +746,7 @@ proptest! {
 
     /// A person erased once every shard is done with the events: no shard keeps a key
     /// or value of their identifiers, and the graph then, and after more events, is one
-    /// instance's. Without crashes: with them it still finds cases (the ignored
-    /// property below), so they are not in CI until mended (issue 22).
+    /// instance's. Without crashes here; with them below.
     #[test]
     fn an_erasure_leaves_the_shards_as_one_instance(
         (specs, seed, _dups, _crashes, by_device, corrections) in cases(),
@@ -757,11 +756,9 @@ proptest! {
         check_erasure(&specs, &corrections, seed, erase, &after, 0, by_device)?;
     }
 
-    /// The same with shards that crash: 3,000 cases still find some, each seen only
-    /// with crashes (the cases it found and mended are in `cases.rs`). `cargo test
-    /// --release -p tessera-identity --lib an_erasure_with_crashes -- --ignored`.
+    /// The same with shards that crash (the cases it found and mended are in
+    /// `cases.rs`; 3,000 release cases pass since versions are per component).
     #[test]
-    #[ignore = "finds cases of the erasure protocol with crashes, not mended yet (issue 22)"]
     fn an_erasure_with_crashes_leaves_the_shards_as_one_instance(
         (specs, seed, _dups, crashes, by_device, corrections) in cases(),
         erase in 0usize..64,
