@@ -417,6 +417,47 @@ pub async fn post(ingest: &str, path: &str, body: &Value) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// POSTs an event to ingest and asserts it was accepted.
+pub async fn send_ok(ingest: &str, path: &str, body: Value) {
+    let (status, answer) = post(ingest, path, &body).await;
+    assert_eq!(status, 200, "ingest refused {body}: {answer}");
+}
+
+/// A request to identity's privacy API with its own token.
+pub async fn privacy_request(identity: &str, body: &Value) -> (u16, Value) {
+    let r = http()
+        .post(format!("{identity}/v1/privacy/requests"))
+        .bearer_auth(PRIVACY_TOKEN)
+        .json(body)
+        .send()
+        .await
+        .expect("identity answers");
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+/// Polls a privacy request until it is `done` or `not_found`; returns its report.
+pub async fn privacy_finished(identity: &str, request: &str) -> Value {
+    let url = format!("{identity}/v1/privacy/requests/{request}");
+    eventually(
+        "the privacy request to finish",
+        Duration::from_secs(60),
+        || {
+            let url = url.clone();
+            async move {
+                let r = http()
+                    .get(&url)
+                    .bearer_auth(PRIVACY_TOKEN)
+                    .send()
+                    .await
+                    .ok()?;
+                let v: Value = r.json().await.ok()?;
+                matches!(v["status"].as_str(), Some("done" | "not_found")).then_some(v)
+            }
+        },
+    )
+    .await
+}
+
 /// Reads records of `topic` from the beginning (a fresh group) until `done` holds for
 /// what was read, or `timeout` passes. Returns the payloads.
 pub async fn read_topic(
