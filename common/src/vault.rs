@@ -1,7 +1,7 @@
 //! Crypto-shredding: how a person is erased from topics, which are logs.
 //!
 //! Every record that carries a person's data is **sealed** with a key of its *subject*:
-//! the ingest subject of an event (a hash of its anonymousId or userId), the profile id
+//! the ingest subject of an event (a hash of its userId or anonymousId), the profile id
 //! of everything downstream of identity, or a privacy request's id. Keys are random
 //! AES-256-GCM keys kept on `privacy.keys` (compacted, one partition, read whole by
 //! every service). Erasing a person overwrites each key of their subjects with an

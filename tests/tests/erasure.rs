@@ -423,3 +423,108 @@ async fn a_person_alone_in_the_stores_leaves_no_byte_of_hers_in_any_store_file()
     assert!(files > 10, "the stores' files were read ({files})");
     assert!(leaks.is_empty(), "her values left on disk: {leaks:#?}");
 }
+
+/// A kiosk (one anonymousId) is shared. Ann browses on it and logs in; Bob logs in on it
+/// later and buys; his app's batch holds an event ingest refuses. Erasing Ann destroys the keys of
+/// everything that was hers. Bob's records from the kiosk (his events on
+/// `events.ingested`, his dead letter) are his, not hers: they stay readable, so a
+/// rebuild of identity by replay still links them, and an export of Bob still finds
+/// them. Nothing of Ann's stays readable there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn erasing_a_person_leaves_others_records_from_her_shared_device_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    let (_services, urls) = start_processes(&mut cfg, dir.path()).await;
+    let (ingest, identity, profiles) = (urls[0].clone(), urls[1].clone(), urls[2].clone());
+    let run = uid("kiosk");
+    let kiosk = format!("{run}-kiosk");
+    let (ann, bob) = (format!("{run}-ann"), format!("{run}-bob"));
+    let (ann_email, bob_email) = (format!("{ann}@example.com"), format!("{bob}@example.com"));
+    send_ok(
+        &ingest,
+        "/v1/page",
+        json!({"anonymousId": kiosk, "name": "Home"}),
+    )
+    .await;
+    send_ok(
+        &ingest,
+        "/v1/identify",
+        json!({"anonymousId": kiosk, "userId": ann, "traits": {"email": ann_email}}),
+    )
+    .await;
+    let ann_profile = wait_profile(&profiles, "user_id", &ann, "ann", |p| {
+        p["events_total"].as_u64() >= Some(2)
+    })
+    .await;
+    send_ok(
+        &ingest,
+        "/v1/identify",
+        json!({"anonymousId": kiosk, "userId": bob, "traits": {"email": bob_email}}),
+    )
+    .await;
+    // A batch from the kiosk's app: Bob's order, and an event ingest refuses (a dead
+    // letter, sealed under the same subject as Bob's events).
+    let (status, answer) = post(
+        &ingest,
+        "/v1/batch",
+        &json!({"batch": [
+            {"type": "track", "anonymousId": kiosk, "userId": bob, "event": "Order Completed",
+             "properties": {"total": 12}},
+            {"type": "track", "anonymousId": kiosk, "userId": bob,
+             "properties": {"note": "no event name"}},
+        ]}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["accepted"].as_u64()),
+        (200, Some(1)),
+        "{answer}"
+    );
+    let bob_profile = wait_profile(&profiles, "user_id", &bob, "bob", |p| {
+        p["events_total"].as_u64() >= Some(2)
+    })
+    .await;
+    assert_ne!(
+        bob_profile["profile_id"], ann_profile["profile_id"],
+        "one userId per profile: Bob is his own person"
+    );
+
+    let (status, accepted) = privacy_request(
+        &identity,
+        &json!({"action": "delete", "identifier": {"type": "user_id", "value": ann}}),
+    )
+    .await;
+    assert_eq!(status, 202, "{accepted}");
+    let report = privacy_finished(&identity, accepted["request_id"].as_str().unwrap()).await;
+    assert_eq!(report["status"], "done", "{report}");
+
+    let topics = Topics::new(&cfg.topics);
+    keys_caught_up(&topics.keys()).await;
+    for (topic, bobs) in [(topics.ingested(), 2), (topics.deadletter(), 1)] {
+        let mut readable_of_bob = 0;
+        for record in read_stored(&topic, Duration::from_secs(3)).await {
+            let opened = open_record(&topic, &record).await;
+            assert!(
+                !contains(&opened, ann.as_bytes()),
+                "{topic}: a record of Ann's is still readable"
+            );
+            if contains(&opened, bob.as_bytes()) {
+                readable_of_bob += 1;
+            }
+        }
+        assert_eq!(
+            readable_of_bob, bobs,
+            "{topic}: Bob's records from the kiosk must stay readable after Ann's erasure"
+        );
+    }
+    let bob_after = get_json(&format!(
+        "{profiles}/v1/profiles/{}",
+        bob_profile["profile_id"].as_str().unwrap()
+    ))
+    .await;
+    assert_eq!(
+        bob_after["traits"]["email"],
+        bob_email.as_str(),
+        "{bob_after}"
+    );
+}

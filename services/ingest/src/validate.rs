@@ -291,14 +291,21 @@ pub fn normalise(
     })
 }
 
-/// The Kafka key of an event, its *subject*: a hash of its anonymousId, else userId,
-/// so one visitor's events stay in order, the key names nobody, and the record is
-/// sealed with that subject's key (erasing the person destroys it).
+/// The Kafka key of an event, its *subject*: a hash of its userId, else its
+/// anonymousId, so the key names nobody, a person's identified events stay in order
+/// across their devices, and one visitor's anonymous events stay in order. The record
+/// is sealed with the subject's key, and erasing the person destroys it.
+///
+/// The userId comes first because a device can be shared: a kiosk's anonymousId is
+/// every user's who logs in on it. Erasing one of them destroys the keys of the subjects
+/// noted under their profile; keyed by the anonymousId, the other users' events from the
+/// kiosk would be destroyed with theirs. Keyed by the userId, only the device's
+/// anonymous events share a key, and those are attributed to one profile anyway.
 pub fn partition_key(e: &IngestedEvent) -> String {
     subject_of(
-        e.anonymous_id
+        e.user_id
             .as_deref()
-            .or(e.user_id.as_deref())
+            .or(e.anonymous_id.as_deref())
             .unwrap_or(&e.message_id),
     )
 }
@@ -308,13 +315,14 @@ fn subject_of(id: &str) -> String {
 }
 
 /// The subject of an input that was refused, when it names a visitor: its dead letter
-/// is sealed with that subject's key like the visitor's events.
+/// is sealed with that subject's key like the visitor's events (the userId's, else
+/// the anonymousId's: `partition_key`).
 pub fn subject_of_input(v: &Value) -> Option<String> {
     let m = v.as_object()?;
-    let id = id_field(m, "anonymousId")
+    let id = id_field(m, "userId")
         .ok()
         .flatten()
-        .or_else(|| id_field(m, "userId").ok().flatten())?;
+        .or_else(|| id_field(m, "anonymousId").ok().flatten())?;
     Some(subject_of(&id))
 }
 
@@ -481,6 +489,30 @@ mod tests {
         let p: Value = serde_json::from_str(&e.payload).unwrap();
         assert_eq!(p["context"]["library"]["name"], "own");
         assert_eq!(p["context"]["ip"], "1.2.3.4");
+    }
+
+    /// A kiosk's anonymousId is shared by everyone who logs in on it: an event with a
+    /// userId is keyed and sealed by the userId, so erasing one of them leaves the
+    /// others' events readable. A refused input is sealed under the same subject.
+    #[test]
+    fn the_subject_is_the_user_id_else_the_anonymous_id() {
+        let ann = json!({"type":"track","event":"e","userId":"ann","anonymousId":"kiosk"});
+        let bob = json!({"type":"track","event":"e","userId":"bob","anonymousId":"kiosk"});
+        let visitor = json!({"type":"page","anonymousId":"kiosk"});
+        let keys: Vec<String> = [&ann, &bob, &visitor]
+            .iter()
+            .map(|v| partition_key(&norm((*v).clone()).unwrap()))
+            .collect();
+        assert_ne!(keys[0], keys[1], "two users of one device: two subjects");
+        assert_ne!(keys[0], keys[2]);
+        assert_eq!(
+            keys[0],
+            partition_key(&norm(json!({"type":"track","event":"e","userId":"ann"})).unwrap()),
+            "a user's events share one subject on every device"
+        );
+        for (v, key) in [&ann, &bob, &visitor].iter().zip(&keys) {
+            assert_eq!(subject_of_input(v).as_ref(), Some(key));
+        }
     }
 
     /// Any JSON value: nested objects and arrays of strings, numbers, bools and nulls,
