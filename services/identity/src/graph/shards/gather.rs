@@ -197,6 +197,17 @@ impl Shard<'_> {
             return Ok(());
         }
         txn.delete(gathering_key(id));
+        // Its marks go with it: a mark only lets a stale identifier join a gathering
+        // still in progress. One a later gathering has taken is that one's.
+        for e in g.entries.iter().filter(|e| self.owns(&e.id)) {
+            let key = gat_key(&e.id);
+            if txn
+                .get(&key)?
+                .is_some_and(|v| v.split(|b| *b == b' ').next() == Some(id.as_bytes()))
+            {
+                txn.delete(key);
+            }
+        }
         if let Some(p) = g.erase.clone() {
             return self.erase_gathered(&g, &p, out);
         }

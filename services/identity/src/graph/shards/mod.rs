@@ -12,7 +12,7 @@
 //! sighting), and `ver/<h>`, the version of the last decision applied to it.
 //!
 //! **How a fact is applied.** An event is resolved by the shard of its highest-priority
-//! identifier; one that arrives elsewhere (ingest keys events by device) is forwarded
+//! identifier; one that arrives elsewhere (ingest keys events by userId, else device) is forwarded
 //! there whole ([`Handled::forward`]). If every identifier the fact needs is owned
 //! there (its identifiers and, for a fact in order, the members of the profiles it
 //! touches; for a late fact, its whole connected part), the shard applies it as one
@@ -114,7 +114,8 @@ fn ver_key(i: &Identifier) -> Vec<u8> {
 fn vep_key(i: &Identifier) -> Vec<u8> {
     format!("vep/{}", ident_hash(i)).into_bytes()
 }
-/// The latest gathering of this shard that read an identifier, and the `gen` it read.
+/// The latest gathering of this shard that read an identifier, and the `gen` it read;
+/// removed when that gathering ends.
 fn gat_key(i: &Identifier) -> Vec<u8> {
     format!("gat/{}", ident_hash(i)).into_bytes()
 }

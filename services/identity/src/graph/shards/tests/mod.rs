@@ -167,9 +167,10 @@ fn one_instance_reporting(rules: &Rules, inputs: &[Carried]) -> (MemStore, Repor
     (s, reported)
 }
 
-/// The shard an event arrives at: `by_device`, as ingest keys it, by its device (the
-/// anonymous id) else its user id; otherwise at the owner of its highest-priority
-/// identifier, where it is resolved.
+/// The shard an event arrives at: `by_device`, by its device (the anonymous id) else
+/// its user id, which forwards more events than ingest's keying (user id, else device)
+/// does; otherwise at the owner of its highest-priority identifier, where it is
+/// resolved.
 fn arrival(input: &Carried, n: u32, by_device: bool) -> u32 {
     match input {
         Carried::Event(f) => {
@@ -413,6 +414,23 @@ impl<'r> Sim<'r> {
         })
     }
 
+    /// What a shard keeps only while it works: gatherings in progress (`ga/`), the
+    /// marks of what they read (`gat/`), the pieces of an erasure not yet reported
+    /// (`erp/`). Once every message is handled, nothing.
+    fn in_progress(&self) -> Vec<String> {
+        (0..self.n)
+            .flat_map(|s| {
+                let space = keyspace(s);
+                self.store
+                    .scan_prefix(&space, usize::MAX)
+                    .unwrap()
+                    .into_iter()
+                    .map(move |(k, _)| String::from_utf8_lossy(&k[space.len()..]).into_owned())
+            })
+            .filter(|k| ["ga/", "gat/", "erp/"].iter().any(|p| k.starts_with(p)))
+            .collect()
+    }
+
     fn lookup(&self, i: &Identifier) -> Option<String> {
         self.owned(i).map(|(p, _)| p)
     }
@@ -562,6 +580,8 @@ fn check_with(
         if n == 1 {
             prop_assert_eq!(sim.links, 0);
         }
+        let marks = sim.in_progress();
+        prop_assert!(marks.is_empty(), "on {} shards, once quiet: {:?}", n, marks);
     }
     Ok(())
 }
@@ -657,6 +677,8 @@ fn check_erasure(
         let got = graph_of_shards(&sim);
         let differ = differences(&got, &one, &format!("on {n} shards"), "on one");
         prop_assert!(differ.is_empty(), "{}", differ.join("\n"));
+        let marks = sim.in_progress();
+        prop_assert!(marks.is_empty(), "on {} shards, once quiet: {:?}", n, marks);
     }
     Ok(())
 }
