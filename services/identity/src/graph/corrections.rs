@@ -58,6 +58,7 @@ impl Graph<'_> {
             id: deterministic_id("separation", &[merge_id]),
             left,
             right,
+            merge: Some(merge_id.to_string()),
         };
         if txn.get(&sep_key(&sep.id))?.is_some() {
             return Ok(Some(Changes::default()));

@@ -174,6 +174,10 @@ pub struct Separation {
     pub id: String,
     pub left: Vec<Identifier>,
     pub right: Vec<Identifier>,
+    /// The merge it undoes: on shards, each one that keeps the merge's record marks it
+    /// undone when the separation reaches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<String>,
 }
 
 /// A profile whose identifiers now belong to several profiles.

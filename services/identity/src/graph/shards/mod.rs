@@ -522,6 +522,15 @@ impl Shard<'_> {
     /// Stores what this shard owns of a separation; bumps the `gen` of each owned
     /// identifier it is new to.
     fn store_separation(&self, txn: &mut Txn<'_>, sep: &Separation) -> Result<()> {
+        // The merge's record, where this shard keeps it (it reported the merge: it owns
+        // an identifier of the merged side, so the separation reaches it).
+        if let Some(m) = &sep.merge
+            && let Some(mut info) = txn.get_json::<MergeInfo>(&merge_info_key(m))?
+            && !info.undone
+        {
+            info.undone = true;
+            txn.put_json(merge_info_key(m), &info)?;
+        }
         let mine: Vec<&Identifier> = sep
             .left
             .iter()
@@ -557,6 +566,7 @@ impl Shard<'_> {
                     id: deterministic_id("separation", &[&merge_id]),
                     left,
                     right,
+                    merge: Some(merge_id),
                 };
                 self.store_separation(txn, &sep)?;
                 let ids: Vec<Identifier> = sep.left.iter().chain(&sep.right).cloned().collect();

@@ -670,3 +670,55 @@ fn an_erasure_spares_a_profile_merged_into_the_person_and_split_back_out() {
         }
     }
 }
+
+/// An un-merge marks its merge's record undone wherever a shard keeps one (each shard
+/// that reported the merge keeps a copy), as one instance marks its record.
+#[test]
+fn an_unmerge_marks_every_copy_of_its_merge_record_undone() {
+    let rules = rules();
+    // user-0 alone, their email alone, then both on one event: one profile merges
+    // into the other.
+    let inputs = events(&facts_of(
+        &rules,
+        &[(0, 1, 0, 0), (0, 4, 0, 1), (0, 5, 0, 2)],
+    ));
+    let copies = |store: &MemStore| -> Vec<MergeInfo> {
+        store
+            .scan_prefix(b"", usize::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|(k, _)| String::from_utf8_lossy(k).contains("merge/"))
+            .map(|(_, v)| serde_json::from_slice(&v).unwrap())
+            .collect()
+    };
+    for n in [2u32, 4] {
+        let mut sim = Sim::new(&rules, n, &inputs, 7, false);
+        sim.run();
+        let kept = copies(&sim.store);
+        let m = kept
+            .first()
+            .expect("a shard keeps the merge's record")
+            .clone();
+        assert!(kept.iter().all(|i| i.merge_id == m.merge_id && !i.undone));
+        let unmerge = Carried::Correct(Correction::Unmerge {
+            merge_id: m.merge_id.clone(),
+            left: m.survivor_identifiers.clone(),
+            right: m.merged_identifiers.clone(),
+            at: (10, "c0".into()),
+        });
+        let mut all = inputs.clone();
+        all.push(unmerge.clone());
+        let one = one_instance(&rules, &all);
+        assert!(copies(&one).iter().all(|i| i.undone), "one instance");
+        sim.events[arrival(&unmerge, n, false) as usize].push_back(unmerge);
+        sim.run();
+        let after = copies(&sim.store);
+        assert_eq!(after.len(), kept.len(), "on {n} shards");
+        assert!(
+            after.iter().all(|i| i.undone),
+            "on {n} shards, a copy of the merge's record is not marked undone: {after:?}"
+        );
+        let differ = differences(&graph_of_shards(&sim), &graph_of_one(&one), "shards", "one");
+        assert!(differ.is_empty(), "{}", differ.join("\n"));
+    }
+}
