@@ -22,6 +22,60 @@ pub struct Erasure {
     pub from: u32,
     /// What the recomputation of the others' parts names as its cause.
     pub cause: Fact,
+    /// The privacy request.
+    #[serde(default)]
+    pub request: String,
+}
+
+/// What one shard removed of an erased person. The keys of these subjects and
+/// profiles are destroyed; the shard that gathered the erasure adds up every shard's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ErasedHere {
+    pub request: String,
+    pub from: u32,
+    pub profile: String,
+    /// The person's identifiers and facts, as gathered.
+    pub identifiers: usize,
+    pub facts: usize,
+    /// Their profile and the profiles merged into it, as far as this shard knew them.
+    pub profiles: BTreeSet<String>,
+    /// The ingest subjects of the events their identifiers resolved here.
+    pub subjects: BTreeSet<String>,
+    /// The merge records naming them that this shard kept.
+    pub merges: BTreeSet<String>,
+}
+
+impl ErasedHere {
+    /// Adds what another message about the same shard's erasure found (a shard may
+    /// apply it twice: what the second time finds is added to the first's).
+    fn absorb(&mut self, other: ErasedHere) {
+        self.identifiers = self.identifiers.max(other.identifiers);
+        self.facts = self.facts.max(other.facts);
+        self.profiles.extend(other.profiles);
+        self.subjects.extend(other.subjects);
+        self.merges.extend(other.merges);
+    }
+}
+
+/// An erasure done on every shard: what the privacy report says identity removed, and
+/// every subject whose key was destroyed (for no value: they are hashes and ids).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ErasureReport {
+    pub request: String,
+    pub profile: String,
+    pub merged_profiles: BTreeSet<String>,
+    pub identifiers: usize,
+    pub facts: usize,
+    pub merges: usize,
+    pub subjects: BTreeSet<String>,
+}
+
+fn erased_piece_key(request: &str, from: u32) -> Vec<u8> {
+    format!("erp/{request}/{from}").into_bytes()
+}
+/// An erasure reported: pieces that arrive later (a shard applied it again) are dropped.
+fn erasure_reported_key(request: &str) -> Vec<u8> {
+    format!("erd/{request}").into_bytes()
 }
 
 /// Above the highest `gen` an erased identifier had here (see `generation`).
@@ -88,6 +142,11 @@ impl Shard<'_> {
             part,
             from: self.me,
             cause: self.graph.erasure_cause(profile),
+            request: g
+                .cause
+                .as_ref()
+                .map(|c| c.order.msg.clone())
+                .unwrap_or_default(),
         };
         // To every shard: any may keep a merge record naming the person (it reported
         // that merge), not only the owners of their identifiers. Erasures are rare.
@@ -109,10 +168,13 @@ impl Shard<'_> {
         e: &Erasure,
         out: &mut Handled,
     ) -> Result<()> {
-        self.apply_erasure(txn, e)?;
+        let here = self.apply_erasure(txn, e)?;
+        out.erased = Some(here.clone());
         if e.from != self.me {
+            out.links.push((e.from, Link::Erased(here)));
             return Ok(());
         }
+        self.on_erased(txn, here, out)?;
         let mut others: Vec<Identifier> = Vec::new();
         for i in e.facts.iter().flat_map(|f| &f.ids) {
             if !e.ids.contains(i) && !others.contains(i) {
@@ -129,7 +191,15 @@ impl Shard<'_> {
     /// sightings, facts, separations and counters, the facts' index entries of other
     /// identifiers (whose `gen` rises: their inputs changed), and the profile with the
     /// profiles merged into it, as far as this shard knows them.
-    pub(super) fn apply_erasure(&self, txn: &mut Txn<'_>, e: &Erasure) -> Result<()> {
+    pub(super) fn apply_erasure(&self, txn: &mut Txn<'_>, e: &Erasure) -> Result<ErasedHere> {
+        let mut here = ErasedHere {
+            request: e.request.clone(),
+            from: self.me,
+            profile: e.profile.clone(),
+            identifiers: e.ids.len(),
+            facts: e.facts.len(),
+            ..ErasedHere::default()
+        };
         let erased: BTreeSet<&Identifier> = e.ids.iter().collect();
         let mut facts: BTreeMap<String, Fact> =
             e.facts.iter().map(|f| (f.key.clone(), f.clone())).collect();
@@ -170,6 +240,7 @@ impl Shard<'_> {
         for i in &e.ids {
             for m in merges_naming(txn, i)? {
                 forget_merge(txn, &m);
+                here.merges.insert(m.merge_id);
             }
         }
         for i in e.ids.iter().filter(|i| self.owns(i)) {
@@ -188,6 +259,12 @@ impl Shard<'_> {
             }
             let prefix = sepidx_prefix(i);
             for (k, _) in txn.scan(prefix.as_bytes(), usize::MAX)? {
+                txn.delete(k);
+            }
+            let prefix = identifier_subjects_prefix(i);
+            for (k, _) in txn.scan(prefix.as_bytes(), usize::MAX)? {
+                here.subjects
+                    .insert(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
                 txn.delete(k);
             }
         }
@@ -227,6 +304,7 @@ impl Shard<'_> {
                 let merge_id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
                 if let Some(m) = txn.get_json::<MergeInfo>(&merge_info_key(&merge_id))? {
                     forget_merge(txn, &m);
+                    here.merges.insert(merge_id);
                     merged.push(m.merged);
                 }
                 found.push(k);
@@ -251,11 +329,54 @@ impl Shard<'_> {
                 txn.delete(merged_key(p));
             }
             txn.delete(node_key(p));
-            let prefix = subjects_prefix(p);
-            for (k, _) in txn.scan(prefix.as_bytes(), usize::MAX)? {
-                txn.delete(k);
-            }
         }
+        here.profiles.extend(profiles);
+        Ok(here)
+    }
+
+    /// A shard's piece of an erasure, at the shard that gathered it: kept until every
+    /// shard's is in, then reported once.
+    pub(super) fn on_erased(
+        &self,
+        txn: &mut Txn<'_>,
+        piece: ErasedHere,
+        out: &mut Handled,
+    ) -> Result<()> {
+        let request = piece.request.clone();
+        if txn.get(&erasure_reported_key(&request))?.is_some() {
+            return Ok(());
+        }
+        let key = erased_piece_key(&request, piece.from);
+        let mut kept: ErasedHere = txn.get_json(&key)?.unwrap_or_else(|| ErasedHere {
+            request: request.clone(),
+            from: piece.from,
+            profile: piece.profile.clone(),
+            ..ErasedHere::default()
+        });
+        kept.absorb(piece);
+        txn.put_json(key, &kept)?;
+        let prefix = format!("erp/{request}/");
+        let pieces = txn.scan(prefix.as_bytes(), usize::MAX)?;
+        if pieces.len() < self.n as usize {
+            return Ok(());
+        }
+        let mut all = kept.clone();
+        for (k, v) in pieces {
+            all.absorb(serde_json::from_slice(&v)?);
+            txn.delete(k);
+        }
+        txn.put(erasure_reported_key(&request), Vec::new());
+        let mut merged_profiles = all.profiles;
+        merged_profiles.remove(&all.profile);
+        out.report = Some(ErasureReport {
+            request,
+            profile: all.profile,
+            merged_profiles,
+            identifiers: all.identifiers,
+            facts: all.facts,
+            merges: all.merges.len(),
+            subjects: all.subjects,
+        });
         Ok(())
     }
 }

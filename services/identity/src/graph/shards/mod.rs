@@ -50,7 +50,11 @@
 //! **Erasure** (`erase.rs`, [`Correction::Erase`]) removes inputs, which invariant 3
 //! does not allow for: a decision's version therefore starts with the number of
 //! erasures its part went through, so the decisions after an erasure outrank those
-//! before it.
+//! before it. Each shard names what it removed ([`Handled::erased`]): the profiles it
+//! knew of the person and the ingest subjects of the events their identifiers
+//! resolved there (noted with the identifier, at its owner), whose keys the service
+//! destroys; it sends the same to the shard that gathered the erasure, which reports
+//! the request once every shard has answered ([`Handled::report`]).
 //!
 //! **A shard that stops** goes back to its last commit and consumes again what it had
 //! consumed since (the runner's contract); what it sent meanwhile stays sent. Every
@@ -83,7 +87,7 @@ mod gather;
 mod tests;
 
 use super::*;
-pub use erase::Erasure;
+pub use erase::{ErasedHere, Erasure, ErasureReport};
 use erase::{GEN_FLOOR, merged_from_prefix};
 
 /// Which of `n` shards owns an identifier.
@@ -118,6 +122,19 @@ fn vep_key(i: &Identifier) -> Vec<u8> {
 /// removed when that gathering ends.
 fn gat_key(i: &Identifier) -> Vec<u8> {
     format!("gat/{}", ident_hash(i)).into_bytes()
+}
+/// The ingest subjects of the events an identifier was the highest-priority one of
+/// (on shards an event's subject is noted with the identifier that resolves it, at its
+/// owner, not under a profile another shard may hold).
+fn identifier_subjects_prefix(i: &Identifier) -> String {
+    format!("sji/{}/", ident_hash(i))
+}
+fn note_identifier_subject(txn: &mut Txn<'_>, i: &Identifier, subject: &str) -> Result<()> {
+    let key = format!("{}{subject}", identifier_subjects_prefix(i)).into_bytes();
+    if txn.get(&key)?.is_none() {
+        txn.put(key, Vec::new());
+    }
+    Ok(())
 }
 fn gathering_key(id: &str) -> Vec<u8> {
     format!("ga/{id}").into_bytes()
@@ -156,6 +173,9 @@ pub enum Link {
     Separate(Separation),
     /// A person erased, for every shard (the one that gathered it too).
     Erase(Erasure),
+    /// What one shard removed of an erased person, for the shard that gathered the
+    /// erasure: it reports the request once every shard has answered.
+    Erased(ErasedHere),
 }
 
 /// A correction (graph/corrections.rs), handled at the owner of its first identifier as
@@ -274,6 +294,12 @@ pub struct Handled {
     /// The shard an event arrived at does not own its highest-priority identifier: the
     /// event goes whole to this shard, which resolves it.
     pub forward: Option<u32>,
+    /// What this shard removed of an erased person: the service destroys the keys of
+    /// these subjects and profiles (each shard its own; destroying a key twice is
+    /// destroying it once).
+    pub erased: Option<ErasedHere>,
+    /// An erasure done on every shard, at the shard that gathered it.
+    pub report: Option<ErasureReport>,
 }
 
 /// Where shard `me` keeps its state in its instance's store: an instance holds several
@@ -322,19 +348,32 @@ impl<'r> Shard<'r> {
         })
     }
 
-    /// An event that arrived at this shard (its partition). It is resolved by the
-    /// owner of its highest-priority identifier: if that is another shard,
-    /// [`Handled::forward`] names it, and the event goes there whole.
-    pub fn on_event(&self, txn: &mut Txn<'_>, fact: Fact) -> Result<Handled> {
-        if let Some(top) = fact.ids.first()
-            && !self.owns(top)
-        {
+    /// An event that arrived at this shard (its partition), with its ingest subject
+    /// (its record's key). It is resolved by the owner of its highest-priority
+    /// identifier: if that is another shard, [`Handled::forward`] names it, and the
+    /// event goes there whole. The owner notes the subject under that identifier: an
+    /// erasure of the person it belongs to destroys the subject's key.
+    pub fn on_event(
+        &self,
+        txn: &mut Txn<'_>,
+        fact: Fact,
+        subject: Option<&str>,
+    ) -> Result<Handled> {
+        let Some(top) = fact.ids.first().cloned() else {
+            return Ok(Handled::default());
+        };
+        if !self.owns(&top) {
             return Ok(Handled {
-                forward: Some(owner(top, self.n)),
+                forward: Some(owner(&top, self.n)),
                 ..Handled::default()
             });
         }
-        txn.in_keyspace(&keyspace(self.me), |t| self.resolve(t, fact))
+        txn.in_keyspace(&keyspace(self.me), |t| {
+            if let Some(s) = subject {
+                note_identifier_subject(t, &top, s)?;
+            }
+            self.resolve(t, fact)
+        })
     }
 
     /// A correction that arrived at this shard; one whose first identifier another
@@ -605,6 +644,7 @@ impl Shard<'_> {
             Link::Fact(f) => self.store_owned(txn, &f)?,
             Link::Separate(sep) => self.store_separation(txn, &sep)?,
             Link::Erase(e) => self.on_erasure(txn, &e, &mut out)?,
+            Link::Erased(piece) => self.on_erased(txn, piece, &mut out)?,
             Link::Ask {
                 gathering,
                 from,

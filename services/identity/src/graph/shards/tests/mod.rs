@@ -62,6 +62,16 @@ fn one_instance(rules: &Rules, inputs: &[Carried]) -> MemStore {
     one_instance_reporting(rules, inputs).0
 }
 
+/// An event's ingest subject, as ingest keys it: its user id, else its device, else its
+/// first identifier (a keyed hash, as ingest's is: it names nobody).
+fn subject_of(f: &Fact) -> String {
+    let by = |kind: &str| f.ids.iter().find(|i| i.kind == kind);
+    let i = by("user_id")
+        .or_else(|| by("anonymous_id"))
+        .unwrap_or(&f.ids[0]);
+    deterministic_id("subject", &[&i.value])
+}
+
 /// Each event's fact.
 fn events(facts: &[Fact]) -> Vec<Carried> {
     facts.iter().cloned().map(Carried::Event).collect()
@@ -74,6 +84,9 @@ struct Reported {
     resolved: Vec<(String, String)>,
     merged: BTreeMap<String, (String, i64)>,
     split: BTreeSet<String>,
+    /// The subjects and profiles whose keys erasures destroyed, and their reports.
+    destroyed: BTreeSet<String>,
+    reports: Vec<ErasureReport>,
 }
 
 impl Reported {
@@ -99,6 +112,8 @@ impl Reported {
             self.merge(merged, to);
         }
         self.split.extend(other.split);
+        self.destroyed.extend(other.destroyed);
+        self.reports.extend(other.reports);
     }
 
     /// An event that went out on a profile that at the end neither exists, nor was
@@ -277,12 +292,21 @@ impl<'r> Sim<'r> {
         let mut txn = Txn::new(&self.store);
         let shard = Shard::open(Graph::new(self.rules, 1), at, self.n, &mut txn).unwrap();
         let h = match input.clone() {
-            Carried::Event(f) => shard.on_event(&mut txn, f).unwrap(),
+            Carried::Event(f) => {
+                let subject = subject_of(&f);
+                shard.on_event(&mut txn, f, Some(&subject)).unwrap()
+            }
             Carried::Correct(c) => shard.on_correction(&mut txn, c).unwrap(),
             Carried::Link(l) => shard.on_link(&mut txn, l).unwrap(),
         };
         self.store.write(txn.into_batch()).unwrap();
-        self.pending[at as usize].add(h.resolved, h.changes);
+        let pending = &mut self.pending[at as usize];
+        pending.add(h.resolved, h.changes);
+        if let Some(e) = h.erased {
+            pending.destroyed.extend(e.subjects);
+            pending.destroyed.extend(e.profiles);
+        }
+        pending.reports.extend(h.report);
         self.forwarded += usize::from(h.forward.is_some());
         let forwarded = h.forward.map(|to| (to, input));
         let sent = h.links.into_iter().map(|(to, l)| (to, Carried::Link(l)));
@@ -612,6 +636,15 @@ fn check_erasure(
         .flatten()
         .map(|(_, members, _)| members)
         .unwrap_or_default();
+    let erased_profile = lookup(&Txn::new(&before), &target).unwrap();
+    // The subjects of the events whose highest-priority identifier was the person's.
+    let subjects: BTreeSet<String> = arrived
+        .iter()
+        .filter_map(|c| match c {
+            Carried::Event(f) if person.contains(&f.ids[0]) => Some(subject_of(f)),
+            _ => None,
+        })
+        .collect();
     let erasure = Carried::Correct(Correction::Erase {
         id: target,
         request: "r1".into(),
@@ -670,6 +703,27 @@ fn check_erasure(
         sim.run();
         let left = leftovers(&sim.store, &person);
         prop_assert!(left.is_empty(), "{} shards keep {:?}", n, left);
+        // One report, naming every subject of the person's events: each shard destroyed
+        // the keys of those it held.
+        let reports: Vec<&ErasureReport> = sim.reported.reports.iter().collect();
+        match &erased_profile {
+            None => prop_assert!(reports.is_empty(), "nobody to erase: {:?}", reports),
+            Some(profile) => {
+                prop_assert!(!reports.is_empty(), "on {} shards: no report", n);
+                prop_assert!(reports.iter().all(|r| *r == reports[0]), "{:?}", reports);
+                let r = reports[0];
+                prop_assert_eq!(&r.profile, profile);
+                prop_assert_eq!(r.identifiers, person.len());
+                prop_assert_eq!(&r.subjects, &subjects, "on {} shards", n);
+                let missed: Vec<&String> = subjects
+                    .iter()
+                    .chain([profile])
+                    .chain(&r.merged_profiles)
+                    .filter(|s| !sim.reported.destroyed.contains(*s))
+                    .collect();
+                prop_assert!(missed.is_empty(), "keys not destroyed: {:?}", missed);
+            }
+        }
         for e in &later {
             sim.events[arrival(e, n, by_device) as usize].push_back(e.clone());
         }
