@@ -12,16 +12,17 @@
 //! sighting), and `ver/<h>`, the version of the last decision applied to it.
 //!
 //! **How a fact is applied.** An event is resolved by the shard of its highest-priority
-//! identifier; one that arrives elsewhere (ingest keys events by userId, else device) is forwarded
-//! there whole ([`Handled::forward`]). If every identifier the fact needs is owned
-//! there (its identifiers and, for a fact in order, the members of the profiles it
-//! touches; for a late fact, its whole connected part), the shard applies it as one
-//! instance does ([`Graph::add_fact`]). Otherwise the shard stores what it owns of the
-//! fact, sends the fact to the owners of its other identifiers, and **gathers** the
-//! connected part: it asks each owner for everything about its identifiers ([`Entry`]),
-//! follows the facts to identifiers not yet gathered, and when nothing is left
-//! unanswered recomputes the part with the graph's own rules ([`Graph::recompute`] on a
-//! scratch store). The result, a [`Decision`], goes to every owner of the part.
+//! identifier; one that arrives elsewhere (ingest keys events by userId, else device)
+//! is forwarded there whole ([`Handled::forward`]). If every identifier the fact needs
+//! is owned there (its identifiers and, for a fact in order, the members of the
+//! profiles it touches; for a late fact, its whole connected part), the shard applies
+//! it as one instance does ([`Graph::add_fact`]). Otherwise the shard stores what it
+//! owns of the fact, sends the fact to the owners of its other identifiers, and
+//! **gathers** the connected part: it asks each owner for everything about its
+//! identifiers ([`Entry`]), follows the facts to identifiers not yet gathered, and when
+//! nothing is left unanswered recomputes the part with the graph's own rules
+//! ([`Graph::recompute`] on a scratch store). The result, a [`Decision`], goes to every
+//! owner of the part.
 //!
 //! **The invariants that make it converge.**
 //! 1. The graph is a function of the set of facts and sightings (graph/mod.rs), so a
