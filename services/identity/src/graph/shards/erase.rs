@@ -360,7 +360,11 @@ impl Shard<'_> {
         if pieces.len() < self.n as usize {
             return Ok(());
         }
-        let mut all = kept.clone();
+        // Every shard's piece, this one's as just stored among them.
+        let mut all = ErasedHere {
+            profile: kept.profile,
+            ..ErasedHere::default()
+        };
         for (k, v) in pieces {
             all.absorb(serde_json::from_slice(&v)?);
             txn.delete(k);
